@@ -1,0 +1,58 @@
+# allocsvc developer commands. `make help` lists them.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+STAMP := $(VENV)/.installed
+PYTEST_ARGS ?=
+
+.DEFAULT_GOAL := help
+
+help: ## list the targets
+	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml Cargo.toml rust_core/Cargo.toml rust_core/py/Cargo.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q -e '.[dev]'
+	touch $(STAMP)
+
+dev: $(STAMP) ## create .venv and install allocsvc (Rust extension included) with dev tools
+	$(PIP) install -q -e '.[dev]'
+
+build: $(STAMP) ## rebuild the Rust extension into .venv after Rust changes
+	$(PIP) install -q -e '.[dev]'
+
+run: $(STAMP) ## install and start the server (embedded PostgreSQL, no Redis)
+	$(VENV)/bin/allocsvc serve
+
+demo: $(STAMP) ## a short run of the Rust core from Python
+	$(PY) -m allocsvc.demo
+
+proto: $(STAMP) ## regenerate src/allocsvc/_proto from proto/
+	$(PY) scripts/gen_proto.py
+
+lint: $(STAMP) ## ruff, mypy --strict, stubtest, cargo fmt and clippy, generated-code check
+	$(VENV)/bin/ruff check src tests bench scripts
+	$(VENV)/bin/ruff format --check src tests bench scripts
+	$(VENV)/bin/mypy
+	$(PY) -m mypy.stubtest allocsvc._core --allowlist scripts/stubtest-allowlist.txt
+	$(PY) scripts/gen_proto.py --check
+	cargo fmt --all -- --check
+	cargo clippy --workspace --all-targets -- -D warnings
+
+test-rust: ## cargo test of the pure Rust core (no Python needed)
+	cargo test -p allocsvc-core --release
+
+test-py: $(STAMP) ## pytest: unit, integration (real Postgres and Redis) and end-to-end
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+test: dev lint test-rust test-py ## install everything, then lint and run every Rust and Python test
+
+bench: $(STAMP) ## benchmarks (pytest-benchmark) of the core; see bench/RESULTS.md
+	$(PY) -m pytest bench -p no:randomly --benchmark-enable --benchmark-columns=median,mean,ops,rounds -q $(PYTEST_ARGS)
+
+clean: ## remove build outputs (keeps .venv)
+	rm -rf target dist .pytest_cache .mypy_cache .ruff_cache
+
+.PHONY: help dev build run demo proto lint test-rust test-py test bench clean

@@ -1,0 +1,659 @@
+//! One allocation decision in one call: segment path → cascade → warm-started posteriors →
+//! Thompson sampling with an exploration bonus → choice, propensity and counting.
+
+use crate::beta::{beta_sample, selection_probabilities, with_thread_rng};
+use crate::cascade::{cascade_level, Tree};
+use crate::error::CoreError;
+use crate::keys::{bucket, key_hash, path_hashes_of_key, push_level, valid_dimension};
+use crate::store::{Node, NodeId, PropensityCache, Segments, Store};
+use arc_swap::ArcSwapOption;
+use parking_lot::RwLock;
+use std::collections::HashMap;
+use std::sync::Arc;
+
+/// Most segment dimensions (cascade levels below global) an experiment may have.
+pub const MAX_LEVELS: usize = 8;
+/// Most variants an experiment may have in the core (the server sets a lower configured cap).
+pub const MAX_VARIANTS: usize = 1024;
+/// Monte Carlo rounds behind one propensity estimate.
+pub const PROPENSITY_DRAWS: usize = 512;
+
+/// How variants are chosen.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Policy {
+    /// Thompson sampling over the cascade's posterior (the default).
+    Thompson,
+    /// A deterministic hash split of user ids by weight (plain A/B).
+    Uniform,
+    /// A random split by fixed weights.
+    Fixed,
+}
+
+impl Policy {
+    pub fn parse(name: &str) -> Result<Self, CoreError> {
+        match name {
+            "thompson" => Ok(Policy::Thompson),
+            "uniform" => Ok(Policy::Uniform),
+            "fixed" => Ok(Policy::Fixed),
+            other => Err(CoreError::invalid(format!(
+                "policy: {other:?} is not one of thompson, uniform, fixed"
+            ))),
+        }
+    }
+}
+
+/// An experiment's allocation settings.
+#[derive(Debug, Clone)]
+pub struct ExperimentConfig {
+    pub variants: usize,
+    /// Segment dimensions in cascade order (level 1 first).
+    pub dimensions: Vec<String>,
+    /// Minimum allocations for a node at level l (index l - 1) to be used.
+    pub min_samples: Vec<u64>,
+    pub policy: Policy,
+    /// Split weights for `uniform` and `fixed` (empty = equal).
+    pub weights: Vec<f64>,
+    /// Beta prior of every posterior.
+    pub prior_alpha: f64,
+    pub prior_beta: f64,
+    /// Equivalent sample size of the parent's posterior mean used as a node's prior.
+    pub warm_start: f64,
+    /// Scale of the additive bonus `exploration / sqrt(n_variant + 1)`.
+    pub exploration: f64,
+    /// Seed of the user-id hash for `uniform` splits.
+    pub salt: u64,
+}
+
+impl ExperimentConfig {
+    pub fn validate(&self) -> Result<(), CoreError> {
+        if self.variants < 1 || self.variants > MAX_VARIANTS {
+            return Err(CoreError::invalid(format!(
+                "variants: {} is outside 1..={MAX_VARIANTS}",
+                self.variants
+            )));
+        }
+        if self.dimensions.len() > MAX_LEVELS {
+            return Err(CoreError::invalid(format!(
+                "dimensions: {} levels, at most {MAX_LEVELS}",
+                self.dimensions.len()
+            )));
+        }
+        if let Some(d) = self.dimensions.iter().find(|d| !valid_dimension(d)) {
+            return Err(CoreError::invalid(format!(
+                "dimensions: {d:?} is not a dimension name (1-64 of a-z, 0-9, _)"
+            )));
+        }
+        if self.min_samples.len() != self.dimensions.len() {
+            return Err(CoreError::invalid(format!(
+                "min_samples: expected {} entries (one per dimension), got {}",
+                self.dimensions.len(),
+                self.min_samples.len()
+            )));
+        }
+        if !self.weights.is_empty() {
+            if self.weights.len() != self.variants {
+                return Err(CoreError::invalid(format!(
+                    "weights: expected {} weights, got {}",
+                    self.variants,
+                    self.weights.len()
+                )));
+            }
+            if self.weights.iter().any(|w| !w.is_finite() || *w < 0.0)
+                || self.weights.iter().sum::<f64>() <= 0.0
+            {
+                return Err(CoreError::invalid(
+                    "weights: must be finite, non-negative and sum to a positive number",
+                ));
+            }
+        }
+        for (name, v) in [
+            ("prior_alpha", self.prior_alpha),
+            ("prior_beta", self.prior_beta),
+        ] {
+            if !(v.is_finite() && v > 0.0) {
+                return Err(CoreError::invalid(format!(
+                    "{name}: must be positive, got {v}"
+                )));
+            }
+        }
+        for (name, v) in [
+            ("warm_start", self.warm_start),
+            ("exploration", self.exploration),
+        ] {
+            if !(v.is_finite() && v >= 0.0) {
+                return Err(CoreError::invalid(format!("{name}: must be >= 0, got {v}")));
+            }
+        }
+        Ok(())
+    }
+
+    fn cumulative_weights(&self) -> Vec<f64> {
+        let w: Vec<f64> = if self.weights.is_empty() {
+            vec![1.0; self.variants]
+        } else {
+            self.weights.clone()
+        };
+        let total: f64 = w.iter().sum();
+        let mut acc = 0.0;
+        w.iter()
+            .map(|x| {
+                acc += x / total;
+                acc
+            })
+            .collect()
+    }
+}
+
+/// What one decision returns.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Decision {
+    pub variant: usize,
+    /// Cascade level whose posterior decided (0 = global).
+    pub level: usize,
+    /// Probability that the policy picks this variant in this state.
+    pub propensity: f64,
+    /// The user's full canonical segment key.
+    pub segment_key: String,
+}
+
+struct ExperimentEntry {
+    config: ExperimentConfig,
+    cumulative: Vec<f64>,
+    tree: ArcSwapOption<Tree>,
+    segments: Arc<Segments>,
+}
+
+/// The experiment table, segment trees and posterior store; every method is thread-safe.
+#[derive(Default)]
+pub struct Engine {
+    experiments: RwLock<HashMap<u64, Arc<ExperimentEntry>>>,
+    store: Store,
+}
+
+fn pick_by_cumulative(cumulative: &[f64], u: f64) -> usize {
+    cumulative
+        .iter()
+        .position(|&c| u < c)
+        .unwrap_or(cumulative.len() - 1)
+}
+
+/// Posterior of variant `i` at the chosen level: the node's counts on top of a prior made of the
+/// parent's posterior mean with weight min(warm_start, parent's allocations of i). The global
+/// node (level 0) has only the base prior.
+#[inline]
+fn posterior(
+    nodes: &[Option<&Node>],
+    level: usize,
+    i: usize,
+    cfg: &ExperimentConfig,
+) -> (f64, f64) {
+    let (n, c) = nodes[level].map_or((0, 0), |node| node.variant(i));
+    let mut alpha = cfg.prior_alpha + c as f64;
+    let mut beta = cfg.prior_beta + n.saturating_sub(c) as f64;
+    if level > 0 && cfg.warm_start > 0.0 {
+        let (pn, pc) = nodes[level - 1].map_or((0, 0), |node| node.variant(i));
+        if pn > 0 {
+            let w = cfg.warm_start.min(pn as f64);
+            let mean =
+                (cfg.prior_alpha + pc as f64) / (cfg.prior_alpha + cfg.prior_beta + pn as f64);
+            alpha += w * mean;
+            beta += w * (1.0 - mean);
+        }
+    }
+    (alpha, beta)
+}
+
+impl Engine {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Add or replace an experiment's settings; its counters and tree are kept.
+    pub fn configure(&self, experiment: u64, config: ExperimentConfig) -> Result<(), CoreError> {
+        config.validate()?;
+        let cumulative = config.cumulative_weights();
+        let mut map = self.experiments.write();
+        let tree = map.get(&experiment).and_then(|e| e.tree.load_full());
+        map.insert(
+            experiment,
+            Arc::new(ExperimentEntry {
+                config,
+                cumulative,
+                tree: ArcSwapOption::new(tree),
+                segments: self.store.segments(experiment),
+            }),
+        );
+        Ok(())
+    }
+
+    /// Forget an experiment and its counters.
+    pub fn remove(&self, experiment: u64) {
+        self.experiments.write().remove(&experiment);
+        self.store.remove_experiment(experiment);
+    }
+
+    pub fn has_experiment(&self, experiment: u64) -> bool {
+        self.experiments.read().contains_key(&experiment)
+    }
+
+    fn entry(&self, experiment: u64) -> Result<Arc<ExperimentEntry>, CoreError> {
+        self.experiments
+            .read()
+            .get(&experiment)
+            .cloned()
+            .ok_or(CoreError::UnknownExperiment(experiment))
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    /// Swap in the experiment's tree atomically (None: every node may be used).
+    pub fn set_tree(&self, experiment: u64, tree: Option<Tree>) -> Result<(), CoreError> {
+        self.entry(experiment)?.tree.store(tree.map(Arc::new));
+        Ok(())
+    }
+
+    /// One allocation decision; with `record`, the allocation is counted at every level.
+    pub fn decide<S: AsRef<str>>(
+        &self,
+        experiment: u64,
+        user_id: &str,
+        values: &[S],
+        record: bool,
+    ) -> Result<Decision, CoreError> {
+        let entry = self.entry(experiment)?;
+        self.decide_with(&entry, user_id, values, record)
+    }
+
+    /// `decide` for many users of one experiment; each item fails or succeeds on its own.
+    pub fn decide_batch<U: AsRef<str>, S: AsRef<str>>(
+        &self,
+        experiment: u64,
+        user_ids: &[U],
+        values: &[Vec<S>],
+        record: bool,
+    ) -> Result<Vec<Result<Decision, CoreError>>, CoreError> {
+        if user_ids.len() != values.len() {
+            return Err(CoreError::invalid(format!(
+                "values: {} rows for {} user ids",
+                values.len(),
+                user_ids.len()
+            )));
+        }
+        let entry = self.entry(experiment)?;
+        Ok(user_ids
+            .iter()
+            .zip(values)
+            .map(|(u, v)| self.decide_with(&entry, u.as_ref(), v, record))
+            .collect())
+    }
+
+    fn decide_with<S: AsRef<str>>(
+        &self,
+        entry: &ExperimentEntry,
+        user_id: &str,
+        values: &[S],
+        record: bool,
+    ) -> Result<Decision, CoreError> {
+        let cfg = &entry.config;
+        let depth = cfg.dimensions.len();
+        if values.len() != depth {
+            return Err(CoreError::invalid(format!(
+                "values: expected {depth} values (one per dimension), got {}",
+                values.len()
+            )));
+        }
+        let mut key = String::with_capacity(16 * depth);
+        let mut hashes = [0u64; MAX_LEVELS + 1];
+        hashes[0] = key_hash("");
+        for (l, (d, v)) in cfg.dimensions.iter().zip(values).enumerate() {
+            push_level(&mut key, d, v.as_ref());
+            hashes[l + 1] = key_hash(&key);
+        }
+        let levels = depth + 1;
+        // One read lock for the whole path; counting under it needs no node creation.
+        let map = entry.segments.read();
+        let mut nodes: [Option<&Node>; MAX_LEVELS + 1] = [None; MAX_LEVELS + 1];
+        for l in 0..levels {
+            nodes[l] = map.get(&hashes[l]).map(|n| &**n);
+        }
+        let nodes = &nodes[..levels];
+
+        let (variant, level, propensity) = match cfg.policy {
+            Policy::Uniform => {
+                let v = pick_by_cumulative(&entry.cumulative, bucket(user_id, cfg.salt));
+                (v, 0, share(&entry.cumulative, v))
+            }
+            Policy::Fixed => {
+                let u: f64 = with_thread_rng(rand::Rng::gen);
+                let v = pick_by_cumulative(&entry.cumulative, u);
+                (v, 0, share(&entry.cumulative, v))
+            }
+            Policy::Thompson => thompson(entry, nodes, &hashes[..levels]),
+        };
+
+        if record {
+            let complete = nodes
+                .iter()
+                .all(|n| n.is_some_and(|n| n.variants() > variant));
+            if complete {
+                for node in nodes.iter().flatten() {
+                    node.add_allocation(variant);
+                }
+            } else {
+                drop(map);
+                for &h in &hashes[..levels] {
+                    entry
+                        .segments
+                        .get_or_create(h, cfg.variants)
+                        .add_allocation(variant);
+                }
+            }
+        }
+        Ok(Decision {
+            variant,
+            level,
+            propensity,
+            segment_key: key,
+        })
+    }
+
+    /// Count an allocation of `variant` at every level of the key's path.
+    pub fn record_allocation(
+        &self,
+        experiment: u64,
+        segment_key: &str,
+        variant: usize,
+    ) -> Result<(), CoreError> {
+        let n = self.checked_variant(experiment, variant)?;
+        for h in path_hashes_of_key(segment_key) {
+            self.store
+                .get_or_create(NodeId::new(experiment, h), n)
+                .add_allocation(variant);
+        }
+        Ok(())
+    }
+
+    /// Count a conversion of `variant` at every level of the key's path.
+    pub fn record_conversion(
+        &self,
+        experiment: u64,
+        segment_key: &str,
+        variant: usize,
+        value: f64,
+    ) -> Result<(), CoreError> {
+        if !value.is_finite() || value < 0.0 {
+            return Err(CoreError::invalid(format!(
+                "value: must be finite and >= 0, got {value}"
+            )));
+        }
+        let n = self.checked_variant(experiment, variant)?;
+        for h in path_hashes_of_key(segment_key) {
+            self.store
+                .get_or_create(NodeId::new(experiment, h), n)
+                .add_conversion(variant, value);
+        }
+        Ok(())
+    }
+
+    fn checked_variant(&self, experiment: u64, variant: usize) -> Result<usize, CoreError> {
+        let n = self.entry(experiment)?.config.variants;
+        if variant >= n {
+            return Err(CoreError::invalid(format!(
+                "variant: {variant} is outside 0..{n}"
+            )));
+        }
+        Ok(n)
+    }
+
+    /// Selection probabilities at one node, as the decision would compute them there.
+    pub fn propensities(&self, experiment: u64, segment_key: &str) -> Result<Vec<f64>, CoreError> {
+        let entry = self.entry(experiment)?;
+        let cfg = &entry.config;
+        if cfg.policy != Policy::Thompson {
+            return Ok((0..cfg.variants)
+                .map(|v| share(&entry.cumulative, v))
+                .collect());
+        }
+        let hashes = path_hashes_of_key(segment_key);
+        let map = entry.segments.read();
+        let nodes: Vec<Option<&Node>> = hashes.iter().map(|h| map.get(h).map(|n| &**n)).collect();
+        let level = hashes.len() - 1;
+        Ok(selection_estimate(&nodes, level, cfg))
+    }
+}
+
+/// Thompson choice at the cascade's level: (variant, level, propensity).
+fn thompson(
+    entry: &ExperimentEntry,
+    nodes: &[Option<&Node>],
+    hashes: &[u64],
+) -> (usize, usize, f64) {
+    let cfg = &entry.config;
+    let tree = entry.tree.load();
+    let mut samples = [0u64; MAX_LEVELS + 1];
+    let mut in_tree = [true; MAX_LEVELS + 1];
+    for l in 0..nodes.len() {
+        samples[l] = nodes[l].map_or(0, |n| n.allocations());
+        if let Some(t) = tree.as_ref() {
+            in_tree[l] = l == 0 || t.contains(hashes[l]);
+        }
+    }
+    let level = cascade_level(
+        &samples[..nodes.len()],
+        &in_tree[..nodes.len()],
+        &cfg.min_samples,
+    );
+    let variant = with_thread_rng(|rng| {
+        let mut best = 0;
+        let mut best_score = f64::NEG_INFINITY;
+        for i in 0..cfg.variants {
+            let (a, b) = posterior(nodes, level, i, cfg);
+            let score = beta_sample(rng, a, b) + bonus(nodes[level], i, cfg);
+            if score > best_score {
+                best_score = score;
+                best = i;
+            }
+        }
+        best
+    });
+    (
+        variant,
+        level,
+        propensity(nodes, level, hashes[level], variant, cfg),
+    )
+}
+
+/// The exploration bonus of variant `i` at a node: `exploration / sqrt(n_i + 1)`.
+#[inline]
+fn bonus(node: Option<&Node>, i: usize, cfg: &ExperimentConfig) -> f64 {
+    if cfg.exploration == 0.0 {
+        return 0.0;
+    }
+    let n = node.map_or(0, |n| n.variant(i).0);
+    cfg.exploration / ((n + 1) as f64).sqrt()
+}
+
+/// Monte Carlo selection probabilities of every variant at the given level.
+fn selection_estimate(nodes: &[Option<&Node>], level: usize, cfg: &ExperimentConfig) -> Vec<f64> {
+    let (alphas, betas): (Vec<f64>, Vec<f64>) = (0..cfg.variants)
+        .map(|i| posterior(nodes, level, i, cfg))
+        .unzip();
+    let bonuses: Vec<f64> = (0..cfg.variants)
+        .map(|i| bonus(nodes[level], i, cfg))
+        .collect();
+    with_thread_rng(|rng| {
+        selection_probabilities(rng, &alphas, &betas, Some(&bonuses), PROPENSITY_DRAWS)
+    })
+}
+
+/// The chosen variant's selection probability, cached on the node per state version.
+fn propensity(
+    nodes: &[Option<&Node>],
+    level: usize,
+    level_hash: u64,
+    variant: usize,
+    cfg: &ExperimentConfig,
+) -> f64 {
+    let Some(node) = nodes[level] else {
+        return selection_estimate(nodes, level, cfg)[variant];
+    };
+    let (a, c) = (node.allocations(), node.conversions());
+    // The cache key includes the variant count and cascade depth, which change the estimate.
+    let version_key = level_hash ^ ((cfg.variants as u64) << 32) ^ level as u64;
+    {
+        let cache = node.propensity.lock();
+        if let Some(hit) = cache.as_ref() {
+            if hit.fresh(a, c, version_key) {
+                return hit.probabilities[variant];
+            }
+        }
+    }
+    let probabilities = selection_estimate(nodes, level, cfg);
+    let p = probabilities[variant];
+    *node.propensity.lock() = Some(PropensityCache {
+        allocations: a,
+        conversions: c,
+        level_key: version_key,
+        probabilities,
+    });
+    p
+}
+
+fn share(cumulative: &[f64], v: usize) -> f64 {
+    cumulative[v] - if v == 0 { 0.0 } else { cumulative[v - 1] }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::beta::seed_thread_rng;
+
+    fn config(policy: Policy) -> ExperimentConfig {
+        ExperimentConfig {
+            variants: 2,
+            dimensions: vec!["source".into(), "device".into()],
+            min_samples: vec![100, 50],
+            policy,
+            weights: vec![],
+            prior_alpha: 1.0,
+            prior_beta: 1.0,
+            warm_start: 10.0,
+            exploration: 0.0,
+            salt: 7,
+        }
+    }
+
+    #[test]
+    fn learns_per_segment_best_variant() {
+        seed_thread_rng(11);
+        let engine = Engine::new();
+        engine.configure(1, config(Policy::Thompson)).unwrap();
+        // Variant 1 wins in instagram/mobile, variant 0 elsewhere.
+        let mut rng = rand::rngs::SmallRng::seed_from_u64(5);
+        use rand::{Rng, SeedableRng};
+        let segments = [["instagram", "mobile"], ["google", "desktop"]];
+        let rates = [[0.04, 0.12], [0.10, 0.03]];
+        let mut last = [[0usize; 2]; 2];
+        for t in 0..20_000 {
+            let s = t % 2;
+            let d = engine.decide(1, "u", &segments[s], true).unwrap();
+            if rng.gen::<f64>() < rates[s][d.variant] {
+                engine
+                    .record_conversion(1, &d.segment_key, d.variant, 1.0)
+                    .unwrap();
+            }
+            if t >= 18_000 {
+                last[s][d.variant] += 1;
+            }
+        }
+        assert!(last[0][1] > 800, "{last:?}");
+        assert!(last[1][0] > 800, "{last:?}");
+    }
+
+    #[test]
+    fn cascade_falls_back_until_a_node_has_data() {
+        seed_thread_rng(1);
+        let engine = Engine::new();
+        engine.configure(1, config(Policy::Thompson)).unwrap();
+        let d = engine.decide(1, "u", &["ads", "tablet"], true).unwrap();
+        assert_eq!(d.level, 0);
+        assert_eq!(d.segment_key, "source:ads|device:tablet");
+        for _ in 0..120 {
+            engine.decide(1, "u", &["ads", "tablet"], true).unwrap();
+        }
+        assert_eq!(
+            engine
+                .decide(1, "u", &["ads", "tablet"], false)
+                .unwrap()
+                .level,
+            2
+        );
+        // The tree can withdraw the leaf; the cascade then stops at level 1.
+        let level1 = key_hash("source:ads");
+        engine.set_tree(1, Some(Tree::new([level1]))).unwrap();
+        assert_eq!(
+            engine
+                .decide(1, "u", &["ads", "tablet"], false)
+                .unwrap()
+                .level,
+            1
+        );
+    }
+
+    #[test]
+    fn uniform_split_is_deterministic_and_weighted() {
+        let engine = Engine::new();
+        let mut cfg = config(Policy::Uniform);
+        cfg.weights = vec![0.25, 0.75];
+        engine.configure(9, cfg).unwrap();
+        let mut ones = 0;
+        for i in 0..20_000 {
+            let user = format!("user-{i}");
+            let a = engine.decide(9, &user, &["x", "y"], false).unwrap();
+            let b = engine.decide(9, &user, &["x", "y"], false).unwrap();
+            assert_eq!(a.variant, b.variant);
+            assert!((a.propensity - [0.25, 0.75][a.variant]).abs() < 1e-12);
+            ones += a.variant;
+        }
+        assert!((ones as f64 / 20_000.0 - 0.75).abs() < 0.01);
+    }
+
+    #[test]
+    fn warm_start_carries_the_parent_mean() {
+        let engine = Engine::new();
+        engine.configure(4, config(Policy::Thompson)).unwrap();
+        let s = &engine.store;
+        s.load(
+            &[
+                (4, key_hash(""), 1, 1000, 300, 0.0),
+                (4, key_hash(""), 0, 1000, 10, 0.0),
+            ],
+            false,
+        );
+        let global = s.get(NodeId::new(4, key_hash(""))).unwrap();
+        let nodes = [Some(&*global), None];
+        let (a, b) = posterior(&nodes, 1, 1, &engine.entry(4).unwrap().config);
+        // A node with no data starts at the parent's mean with 10 pseudo-samples (+ the prior).
+        assert!((a / (a + b) - (1.0 + 10.0 * 301.0 / 1002.0) / 12.0).abs() < 1e-12);
+        let p = engine.propensities(4, "").unwrap();
+        assert!(p[1] > 0.99 && (p.iter().sum::<f64>() - 1.0).abs() < 1e-9);
+    }
+
+    #[test]
+    fn bad_arguments_are_rejected() {
+        let engine = Engine::new();
+        assert!(matches!(
+            engine.decide(3, "u", &["a"], true),
+            Err(CoreError::UnknownExperiment(3))
+        ));
+        let mut cfg = config(Policy::Fixed);
+        cfg.weights = vec![0.0, 0.0];
+        assert!(engine.configure(3, cfg).is_err());
+        engine.configure(3, config(Policy::Thompson)).unwrap();
+        assert!(engine.decide(3, "u", &["a"], true).is_err());
+        assert!(engine.record_conversion(3, "", 2, 1.0).is_err());
+        assert!(engine.record_conversion(3, "", 1, f64::NAN).is_err());
+    }
+}

@@ -1,0 +1,18 @@
+//! allocsvc-core: the allocation hot path in plain Rust, with no Python in sight.
+//!
+//! - [`beta`]: Gamma/Beta sampling, Thompson selection, the per-thread generator.
+//! - [`keys`]: canonical segment keys, their stable hash, hash bucketing of users.
+//! - [`store`]: the concurrent posterior counter store.
+//! - [`cascade`]: choosing the cascade level over the segment tree.
+//! - [`decide`]: the [`decide::Engine`] that makes a whole allocation decision in one call.
+
+pub mod beta;
+pub mod cascade;
+pub mod decide;
+pub mod error;
+pub mod keys;
+pub mod store;
+
+pub use decide::{Decision, Engine, ExperimentConfig, Policy};
+pub use error::CoreError;
+pub use store::{CountRow, NodeId, Store};

@@ -1,0 +1,703 @@
+"""PostgreSQL storage over an asyncpg pool.
+
+Plain rows in, plain rows out: no allocation policy lives here. Every statement is parameterised;
+batches go through `unnest` of typed arrays in one statement. Segment hashes are unsigned 64-bit
+integers in Python and signed BIGINTs in Postgres (`to_signed64` / `to_unsigned64`). Counters are
+only ever incremented, so concurrent writers (replicas, the write-behind flusher, conversions)
+never lose each other's updates.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import date, datetime
+from types import TracebackType
+from typing import Any, TypeVar
+
+import asyncpg
+
+__all__ = [
+    "AssignmentRow",
+    "ConflictError",
+    "ConversionRow",
+    "CountRow",
+    "ExperimentRow",
+    "NotFoundError",
+    "PostgresStore",
+    "SegmentRow",
+    "SegmentationConfigRow",
+    "StoreError",
+    "TrafficRow",
+    "VariantRow",
+    "to_signed64",
+    "to_unsigned64",
+]
+
+_U64 = 1 << 64
+_I64_MIN = -(1 << 63)
+_I64_MAX = (1 << 63) - 1
+
+# (experiment id, segment hash as unsigned 64-bit, variant, allocations, conversions, value sum)
+CountRow = tuple[int, int, int, int, int, float]
+
+_T = TypeVar("_T")
+_DEADLOCK_RETRIES = 3
+
+
+def to_signed64(value: int) -> int:
+    """The BIGINT that stores an unsigned 64-bit hash (two's complement)."""
+    if not 0 <= value < _U64:
+        raise ValueError(f"not an unsigned 64-bit integer: {value}")
+    return value - _U64 if value > _I64_MAX else value
+
+
+def to_unsigned64(value: int) -> int:
+    """The unsigned 64-bit hash stored in a BIGINT."""
+    if not _I64_MIN <= value <= _I64_MAX:
+        raise ValueError(f"not a signed 64-bit integer: {value}")
+    return value + _U64 if value < 0 else value
+
+
+class StoreError(Exception):
+    """A storage operation failed for a reason the caller can act on."""
+
+
+class ConflictError(StoreError):
+    """A unique key (experiment key, variant key or index) is already taken."""
+
+
+class NotFoundError(StoreError):
+    """The row to change does not exist."""
+
+
+@dataclass(frozen=True, slots=True)
+class VariantRow:
+    index: int
+    key: str
+    name: str = ""
+    weight: float | None = None
+    payload: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class ExperimentRow:
+    """An experiment as stored. `id` and the timestamps are set by the database."""
+
+    key: str
+    name: str = ""
+    description: str = ""
+    status: str = "draft"
+    policy: str = "thompson"
+    config: dict[str, Any] = field(default_factory=dict)
+    sticky: bool = True
+    variants: list[VariantRow] = field(default_factory=list)
+    id: int | None = None
+    created_at: datetime | None = None
+    updated_at: datetime | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class SegmentationConfigRow:
+    experiment_id: int
+    mode: str = "disabled"
+    segment_by: list[str] = field(default_factory=list)
+    min_samples_per_segment: int = 100
+    auto_activation: bool = False
+    auto_activation_threshold: int = 1000
+    updated_at: datetime | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class AssignmentRow:
+    """A sticky assignment. `segment_key` is the full canonical key of the request."""
+
+    id: str
+    experiment_id: int
+    user_id: str
+    variant: int
+    segment_key: str
+    segment_hash: int  # unsigned 64-bit
+    cascade_level: int = 0
+    propensity: float | None = None
+    context: dict[str, Any] = field(default_factory=dict)
+    region: str | None = None
+    created_at: datetime | None = None  # None: the database's now()
+
+
+@dataclass(frozen=True, slots=True)
+class ConversionRow:
+    """A conversion, with the hashes of every level of its assignment's cascade path."""
+
+    assignment_id: str
+    experiment_id: int
+    variant: int
+    path_hashes: Sequence[int]  # unsigned 64-bit, global first
+    value: float = 0.0
+    idempotency_key: str = ""  # empty: one conversion per assignment
+    segment_key: str = ""
+    user_id: str | None = None
+    created_at: datetime | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class SegmentRow:
+    experiment_id: int
+    segment_hash: int  # unsigned 64-bit
+    segment_key: str
+    level: int
+    parent_hash: int | None  # unsigned 64-bit; None for the global segment
+    dimensions: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class TrafficRow:
+    experiment_id: int
+    day: date
+    visitors: int
+    allocations: int
+    conversions: int
+
+
+_UPSERT_COUNTS = """
+INSERT INTO segment_variant_state AS s
+    (experiment_id, segment_hash, variant, allocations, conversions, value_sum, updated_at)
+SELECT d.experiment_id, d.segment_hash, d.variant,
+       sum(d.allocations), sum(d.conversions), sum(d.value_sum), now()
+FROM unnest($1::bigint[], $2::bigint[], $3::smallint[], $4::bigint[], $5::bigint[],
+            $6::float8[]) AS d(experiment_id, segment_hash, variant, allocations, conversions,
+                               value_sum)
+GROUP BY d.experiment_id, d.segment_hash, d.variant
+-- one row per key (ON CONFLICT may touch a row once per statement), locked in a fixed order
+ORDER BY d.experiment_id, d.segment_hash, d.variant
+ON CONFLICT (experiment_id, segment_hash, variant) DO UPDATE
+SET allocations = s.allocations + EXCLUDED.allocations,
+    conversions = s.conversions + EXCLUDED.conversions,
+    value_sum   = s.value_sum + EXCLUDED.value_sum,
+    updated_at  = EXCLUDED.updated_at
+"""
+
+_INSERT_VARIANTS = """
+INSERT INTO variants (experiment_id, index, key, name, weight, payload)
+SELECT $1, v.index, v.key, v.name, v.weight, v.payload::jsonb
+FROM unnest($2::smallint[], $3::text[], $4::text[], $5::float8[], $6::text[])
+     AS v(index, key, name, weight, payload)
+"""
+
+_INSERT_ASSIGNMENTS = """
+INSERT INTO assignments (id, experiment_id, user_id, variant, segment_key, segment_hash,
+                         cascade_level, propensity, context, region, created_at)
+SELECT a.id, a.experiment_id, a.user_id, a.variant, a.segment_key, a.segment_hash,
+       a.cascade_level, a.propensity, a.context::jsonb, a.region, COALESCE(a.created_at, now())
+FROM unnest($1::text[], $2::bigint[], $3::text[], $4::smallint[], $5::text[], $6::bigint[],
+            $7::smallint[], $8::float8[], $9::text[], $10::text[], $11::timestamptz[])
+     AS a(id, experiment_id, user_id, variant, segment_key, segment_hash, cascade_level,
+          propensity, context, region, created_at)
+ON CONFLICT DO NOTHING
+"""
+
+_INSERT_CONVERSIONS = """
+INSERT INTO conversions (assignment_id, experiment_id, user_id, variant, segment_key, value,
+                         idempotency_key, created_at)
+SELECT c.assignment_id, c.experiment_id, c.user_id, c.variant, c.segment_key, c.value,
+       c.idempotency_key, COALESCE(c.created_at, now())
+FROM unnest($1::text[], $2::bigint[], $3::text[], $4::smallint[], $5::text[], $6::float8[],
+            $7::text[], $8::timestamptz[])
+     AS c(assignment_id, experiment_id, user_id, variant, segment_key, value, idempotency_key,
+          created_at)
+ORDER BY c.assignment_id, c.idempotency_key
+ON CONFLICT (assignment_id, idempotency_key) DO NOTHING
+RETURNING assignment_id, idempotency_key
+"""
+
+_INSERT_SEGMENTS = """
+INSERT INTO context_segments (experiment_id, segment_hash, segment_key, level, parent_hash,
+                              dimensions)
+SELECT s.experiment_id, s.segment_hash, s.segment_key, s.level, s.parent_hash,
+       s.dimensions::jsonb
+FROM unnest($1::bigint[], $2::bigint[], $3::text[], $4::smallint[], $5::bigint[], $6::text[])
+     AS s(experiment_id, segment_hash, segment_key, level, parent_hash, dimensions)
+ORDER BY s.experiment_id, s.segment_hash
+ON CONFLICT (experiment_id, segment_hash) DO NOTHING
+"""
+
+_ASSIGNMENT_COLUMNS = (
+    "id, experiment_id, user_id, variant, segment_key, segment_hash, cascade_level, propensity,"
+    " context, region, created_at"
+)
+
+
+class PostgresStore:
+    """Typed access to the allocsvc schema through an asyncpg pool."""
+
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self._pool = pool
+
+    @classmethod
+    async def connect(
+        cls,
+        dsn: str,
+        min_size: int = 1,
+        max_size: int = 10,
+        *,
+        command_timeout: float | None = None,
+    ) -> PostgresStore:
+        pool = await asyncpg.create_pool(
+            dsn,
+            min_size=min_size,
+            max_size=max_size,
+            command_timeout=command_timeout,
+            init=_init_connection,
+        )
+        return cls(pool)
+
+    @property
+    def pool(self) -> asyncpg.Pool:
+        return self._pool
+
+    async def close(self) -> None:
+        await self._pool.close()
+
+    async def __aenter__(self) -> PostgresStore:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    # experiments
+
+    async def insert_experiment(self, experiment: ExperimentRow) -> ExperimentRow:
+        """Insert an experiment and its variants; return it with id and timestamps."""
+        async with self._pool.acquire() as conn, conn.transaction():
+            try:
+                row = await conn.fetchrow(
+                    "INSERT INTO experiments (key, name, description, status, policy, config,"
+                    " sticky) VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING *",
+                    experiment.key,
+                    experiment.name,
+                    experiment.description,
+                    experiment.status,
+                    experiment.policy,
+                    experiment.config,
+                    experiment.sticky,
+                )
+                await _insert_variants(conn, int(row["id"]), experiment.variants)
+            except asyncpg.UniqueViolationError as exc:
+                raise ConflictError(f"experiment {experiment.key!r}: {exc.detail}") from exc
+        return _experiment(row, experiment.variants)
+
+    async def update_experiment(self, experiment: ExperimentRow) -> ExperimentRow:
+        """Replace an experiment's fields and variant list, found by its key."""
+        async with self._pool.acquire() as conn, conn.transaction():
+            row = await conn.fetchrow(
+                "UPDATE experiments SET name = $2, description = $3, status = $4, policy = $5,"
+                " config = $6, sticky = $7, updated_at = now() WHERE key = $1 RETURNING *",
+                experiment.key,
+                experiment.name,
+                experiment.description,
+                experiment.status,
+                experiment.policy,
+                experiment.config,
+                experiment.sticky,
+            )
+            if row is None:
+                raise NotFoundError(f"experiment {experiment.key!r}")
+            await conn.execute("DELETE FROM variants WHERE experiment_id = $1", row["id"])
+            try:
+                await _insert_variants(conn, int(row["id"]), experiment.variants)
+            except asyncpg.UniqueViolationError as exc:
+                raise ConflictError(f"experiment {experiment.key!r}: {exc.detail}") from exc
+        return _experiment(row, experiment.variants)
+
+    async def get_experiment(self, key: str) -> ExperimentRow | None:
+        found = await self._experiments("WHERE key = $1", key)
+        return found[0] if found else None
+
+    async def get_experiment_by_id(self, experiment_id: int) -> ExperimentRow | None:
+        found = await self._experiments("WHERE id = $1", experiment_id)
+        return found[0] if found else None
+
+    async def list_experiments(self, statuses: Sequence[str] | None = None) -> list[ExperimentRow]:
+        """All experiments (or those in `statuses`), oldest first."""
+        if statuses is None:
+            return await self._experiments("")
+        return await self._experiments("WHERE status = ANY($1::text[])", list(statuses))
+
+    async def _experiments(self, where: str, *args: Any) -> list[ExperimentRow]:
+        # `where` is one of the fixed clauses above, never built from input
+        async with self._pool.acquire() as conn, conn.transaction(isolation="repeatable_read"):
+            rows = await conn.fetch(f"SELECT * FROM experiments {where} ORDER BY id", *args)
+            variants = await conn.fetch(
+                "SELECT * FROM variants WHERE experiment_id = ANY($1::bigint[])"
+                " ORDER BY experiment_id, index",
+                [r["id"] for r in rows],
+            )
+        by_experiment: dict[int, list[VariantRow]] = {}
+        for v in variants:
+            by_experiment.setdefault(int(v["experiment_id"]), []).append(
+                VariantRow(
+                    index=int(v["index"]),
+                    key=str(v["key"]),
+                    name=str(v["name"]),
+                    weight=None if v["weight"] is None else float(v["weight"]),
+                    payload=dict(v["payload"]),
+                )
+            )
+        return [_experiment(r, by_experiment.get(int(r["id"]), [])) for r in rows]
+
+    # segmentation config
+
+    async def get_segmentation_config(self, experiment_id: int) -> SegmentationConfigRow | None:
+        row = await self._pool.fetchrow(
+            "SELECT * FROM segmentation_config WHERE experiment_id = $1", experiment_id
+        )
+        return None if row is None else _segmentation_config(row)
+
+    async def upsert_segmentation_config(
+        self, config: SegmentationConfigRow
+    ) -> SegmentationConfigRow:
+        row = await self._pool.fetchrow(
+            "INSERT INTO segmentation_config (experiment_id, mode, segment_by,"
+            " min_samples_per_segment, auto_activation, auto_activation_threshold, updated_at)"
+            " VALUES ($1, $2, $3, $4, $5, $6, now())"
+            " ON CONFLICT (experiment_id) DO UPDATE SET mode = EXCLUDED.mode,"
+            " segment_by = EXCLUDED.segment_by,"
+            " min_samples_per_segment = EXCLUDED.min_samples_per_segment,"
+            " auto_activation = EXCLUDED.auto_activation,"
+            " auto_activation_threshold = EXCLUDED.auto_activation_threshold,"
+            " updated_at = EXCLUDED.updated_at"
+            " RETURNING *",
+            config.experiment_id,
+            config.mode,
+            list(config.segment_by),
+            config.min_samples_per_segment,
+            config.auto_activation,
+            config.auto_activation_threshold,
+        )
+        return _segmentation_config(row)
+
+    # posterior counters
+
+    async def apply_count_deltas(self, rows: Sequence[CountRow]) -> None:
+        """Add (allocations, conversions, value sum) deltas to the counters, in one statement."""
+        if not rows:
+            return
+        args = _count_arrays(rows)
+
+        async def run(conn: Any) -> None:
+            await conn.execute(_UPSERT_COUNTS, *args)
+
+        await self._with_retry(run)
+
+    async def load_counts(self, experiment_id: int | None = None) -> list[CountRow]:
+        """Every counter row (or one experiment's), hashes as unsigned 64-bit integers."""
+        rows = await self._pool.fetch(
+            "SELECT experiment_id, segment_hash, variant, allocations, conversions, value_sum"
+            " FROM segment_variant_state WHERE $1::bigint IS NULL OR experiment_id = $1"
+            " ORDER BY experiment_id, segment_hash, variant",
+            experiment_id,
+        )
+        return [
+            (
+                int(r["experiment_id"]),
+                to_unsigned64(r["segment_hash"]),
+                int(r["variant"]),
+                int(r["allocations"]),
+                int(r["conversions"]),
+                float(r["value_sum"]),
+            )
+            for r in rows
+        ]
+
+    # assignments
+
+    async def insert_assignments(self, rows: Sequence[AssignmentRow]) -> int:
+        """Insert assignments; an existing (experiment, user) or id is kept. Returns rows added."""
+        if not rows:
+            return 0
+        status = await self._pool.execute(
+            _INSERT_ASSIGNMENTS,
+            [r.id for r in rows],
+            [r.experiment_id for r in rows],
+            [r.user_id for r in rows],
+            [r.variant for r in rows],
+            [r.segment_key for r in rows],
+            [to_signed64(r.segment_hash) for r in rows],
+            [r.cascade_level for r in rows],
+            [r.propensity for r in rows],
+            [_json(r.context) for r in rows],
+            [r.region for r in rows],
+            [r.created_at for r in rows],
+        )
+        return _affected(status)
+
+    async def get_assignment(self, experiment_id: int, user_id: str) -> AssignmentRow | None:
+        row = await self._pool.fetchrow(
+            f"SELECT {_ASSIGNMENT_COLUMNS} FROM assignments"
+            " WHERE experiment_id = $1 AND user_id = $2",
+            experiment_id,
+            user_id,
+        )
+        return None if row is None else _assignment(row)
+
+    async def get_assignment_by_id(self, assignment_id: str) -> AssignmentRow | None:
+        row = await self._pool.fetchrow(
+            f"SELECT {_ASSIGNMENT_COLUMNS} FROM assignments WHERE id = $1", assignment_id
+        )
+        return None if row is None else _assignment(row)
+
+    async def load_assignments(self, experiment_id: int) -> list[AssignmentRow]:
+        rows = await self._pool.fetch(
+            f"SELECT {_ASSIGNMENT_COLUMNS} FROM assignments WHERE experiment_id = $1"
+            " ORDER BY created_at, id",
+            experiment_id,
+        )
+        return [_assignment(r) for r in rows]
+
+    # conversions
+
+    async def insert_conversions(self, rows: Sequence[ConversionRow]) -> list[bool]:
+        """Record conversions exactly once; return, per row, whether it was new and counted.
+
+        In one transaction: insert each row unless its (assignment, idempotency key) is known,
+        then add one conversion (and its value) to the counters of every level of the path of
+        each new row. A repeat, also within the batch, is neither stored nor counted.
+        """
+        first: dict[tuple[str, str], int] = {}
+        for i, r in enumerate(rows):
+            first.setdefault((r.assignment_id, r.idempotency_key), i)
+        unique = [rows[i] for i in first.values()]
+        if not unique:
+            return []
+        args = (
+            [r.assignment_id for r in unique],
+            [r.experiment_id for r in unique],
+            [r.user_id for r in unique],
+            [r.variant for r in unique],
+            [r.segment_key for r in unique],
+            [float(r.value) for r in unique],
+            [r.idempotency_key for r in unique],
+            [r.created_at for r in unique],
+        )
+        deltas_for = {
+            (r.assignment_id, r.idempotency_key): [
+                (r.experiment_id, h, r.variant, 0, 1, float(r.value)) for h in r.path_hashes
+            ]
+            for r in unique
+        }
+        # validate hashes before touching the database
+        for deltas in deltas_for.values():
+            for d in deltas:
+                to_signed64(d[1])
+
+        async def run(conn: Any) -> set[tuple[str, str]]:
+            async with conn.transaction():
+                inserted = await conn.fetch(_INSERT_CONVERSIONS, *args)
+                new = {(str(r["assignment_id"]), str(r["idempotency_key"])) for r in inserted}
+                deltas = [d for key in new for d in deltas_for[key]]
+                if deltas:
+                    await conn.execute(_UPSERT_COUNTS, *_count_arrays(deltas))
+                return new
+
+        new = await self._with_retry(run)
+        return [
+            (r.assignment_id, r.idempotency_key) in new
+            and first[(r.assignment_id, r.idempotency_key)] == i
+            for i, r in enumerate(rows)
+        ]
+
+    # segments
+
+    async def upsert_segments(self, rows: Sequence[SegmentRow]) -> int:
+        """Register segments (known ones are kept as they are). Returns rows added."""
+        if not rows:
+            return 0
+        status = await self._pool.execute(
+            _INSERT_SEGMENTS,
+            [r.experiment_id for r in rows],
+            [to_signed64(r.segment_hash) for r in rows],
+            [r.segment_key for r in rows],
+            [r.level for r in rows],
+            [None if r.parent_hash is None else to_signed64(r.parent_hash) for r in rows],
+            [_json(r.dimensions) for r in rows],
+        )
+        return _affected(status)
+
+    async def list_segments(self, experiment_id: int) -> list[SegmentRow]:
+        rows = await self._pool.fetch(
+            "SELECT experiment_id, segment_hash, segment_key, level, parent_hash, dimensions"
+            " FROM context_segments WHERE experiment_id = $1 ORDER BY level, segment_key",
+            experiment_id,
+        )
+        return [
+            SegmentRow(
+                experiment_id=int(r["experiment_id"]),
+                segment_hash=to_unsigned64(r["segment_hash"]),
+                segment_key=str(r["segment_key"]),
+                level=int(r["level"]),
+                parent_hash=None if r["parent_hash"] is None else to_unsigned64(r["parent_hash"]),
+                dimensions=dict(r["dimensions"]),
+            )
+            for r in rows
+        ]
+
+    # traffic, audit, analytics
+
+    async def add_traffic(
+        self,
+        experiment_id: int,
+        day: date,
+        visitors: int = 0,
+        allocations: int = 0,
+        conversions: int = 0,
+    ) -> None:
+        await self._pool.execute(
+            "INSERT INTO traffic_stats AS t (experiment_id, day, visitors, allocations,"
+            " conversions) VALUES ($1, $2, $3, $4, $5)"
+            " ON CONFLICT (experiment_id, day) DO UPDATE"
+            " SET visitors = t.visitors + EXCLUDED.visitors,"
+            " allocations = t.allocations + EXCLUDED.allocations,"
+            " conversions = t.conversions + EXCLUDED.conversions",
+            experiment_id,
+            day,
+            visitors,
+            allocations,
+            conversions,
+        )
+
+    async def get_traffic(self, experiment_id: int, since: date | None = None) -> list[TrafficRow]:
+        """Daily traffic of an experiment from `since` (inclusive), oldest first."""
+        rows = await self._pool.fetch(
+            "SELECT experiment_id, day, visitors, allocations, conversions FROM traffic_stats"
+            " WHERE experiment_id = $1 AND ($2::date IS NULL OR day >= $2) ORDER BY day",
+            experiment_id,
+            since,
+        )
+        return [
+            TrafficRow(
+                experiment_id=int(r["experiment_id"]),
+                day=r["day"],
+                visitors=int(r["visitors"]),
+                allocations=int(r["allocations"]),
+                conversions=int(r["conversions"]),
+            )
+            for r in rows
+        ]
+
+    async def write_audit(
+        self, actor: str, action: str, target: str, details: Mapping[str, Any] | None = None
+    ) -> int:
+        """Append to the audit log; return the entry's id."""
+        entry_id = await self._pool.fetchval(
+            "INSERT INTO audit_log (actor, action, target, details) VALUES ($1, $2, $3, $4)"
+            " RETURNING id",
+            actor,
+            action,
+            target,
+            dict(details or {}),
+        )
+        return int(entry_id)
+
+    async def refresh_analytics(self) -> None:
+        """Refresh `mv_segment_analytics` without blocking its readers."""
+        await self._pool.execute("REFRESH MATERIALIZED VIEW CONCURRENTLY mv_segment_analytics")
+
+    async def _with_retry(self, run: Callable[[Any], Awaitable[_T]]) -> _T:
+        # A deadlock aborts the whole transaction, so running it again cannot double-count.
+        for attempt in range(_DEADLOCK_RETRIES):
+            try:
+                async with self._pool.acquire() as conn:
+                    return await run(conn)
+            except asyncpg.DeadlockDetectedError:
+                if attempt == _DEADLOCK_RETRIES - 1:
+                    raise
+        raise AssertionError("unreachable")
+
+
+async def _init_connection(conn: Any) -> None:
+    for type_name in ("json", "jsonb"):
+        await conn.set_type_codec(type_name, encoder=_json, decoder=json.loads, schema="pg_catalog")
+
+
+def _json(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"), allow_nan=False)
+
+
+def _affected(status: str) -> int:
+    # asyncpg returns the command tag, e.g. "INSERT 0 3"
+    return int(status.rsplit(" ", 1)[-1])
+
+
+def _count_arrays(rows: Sequence[CountRow]) -> tuple[list[Any], ...]:
+    return (
+        [r[0] for r in rows],
+        [to_signed64(r[1]) for r in rows],
+        [r[2] for r in rows],
+        [r[3] for r in rows],
+        [r[4] for r in rows],
+        [float(r[5]) for r in rows],
+    )
+
+
+async def _insert_variants(conn: Any, experiment_id: int, variants: Sequence[VariantRow]) -> None:
+    if not variants:
+        return
+    await conn.execute(
+        _INSERT_VARIANTS,
+        experiment_id,
+        [v.index for v in variants],
+        [v.key for v in variants],
+        [v.name for v in variants],
+        [v.weight for v in variants],
+        [_json(v.payload) for v in variants],
+    )
+
+
+def _experiment(row: Any, variants: Sequence[VariantRow]) -> ExperimentRow:
+    return ExperimentRow(
+        id=int(row["id"]),
+        key=str(row["key"]),
+        name=str(row["name"]),
+        description=str(row["description"]),
+        status=str(row["status"]),
+        policy=str(row["policy"]),
+        config=dict(row["config"]),
+        sticky=bool(row["sticky"]),
+        variants=sorted(variants, key=lambda v: v.index),
+        created_at=row["created_at"],
+        updated_at=row["updated_at"],
+    )
+
+
+def _segmentation_config(row: Any) -> SegmentationConfigRow:
+    return SegmentationConfigRow(
+        experiment_id=int(row["experiment_id"]),
+        mode=str(row["mode"]),
+        segment_by=list(row["segment_by"]),
+        min_samples_per_segment=int(row["min_samples_per_segment"]),
+        auto_activation=bool(row["auto_activation"]),
+        auto_activation_threshold=int(row["auto_activation_threshold"]),
+        updated_at=row["updated_at"],
+    )
+
+
+def _assignment(row: Any) -> AssignmentRow:
+    return AssignmentRow(
+        id=str(row["id"]),
+        experiment_id=int(row["experiment_id"]),
+        user_id=str(row["user_id"]),
+        variant=int(row["variant"]),
+        segment_key=str(row["segment_key"]),
+        segment_hash=to_unsigned64(row["segment_hash"]),
+        cascade_level=int(row["cascade_level"]),
+        propensity=None if row["propensity"] is None else float(row["propensity"]),
+        context=dict(row["context"]),
+        region=row["region"],
+        created_at=row["created_at"],
+    )

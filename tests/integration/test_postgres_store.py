@@ -1,0 +1,374 @@
+"""PostgresStore round trips, batched counters, exactly-once conversions, embedded server."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from collections.abc import AsyncIterator
+from datetime import date
+from pathlib import Path
+
+import asyncpg
+import pytest
+
+from allocsvc.store import (
+    AssignmentRow,
+    ConflictError,
+    ConversionRow,
+    EmbeddedPostgres,
+    ExperimentRow,
+    NotFoundError,
+    PostgresStore,
+    SegmentationConfigRow,
+    SegmentRow,
+    VariantRow,
+    migrate,
+    to_signed64,
+    to_unsigned64,
+)
+
+pytestmark = pytest.mark.integration
+
+EDGE_HASHES = [0, 1, 2**63 - 1, 2**63, 2**64 - 2, 2**64 - 1]
+
+
+@pytest.fixture
+async def store(migrated_db: str) -> AsyncIterator[PostgresStore]:
+    async with await PostgresStore.connect(migrated_db, min_size=1, max_size=12) as s:
+        yield s
+
+
+async def new_experiment(store: PostgresStore, key: str = "checkout-button") -> int:
+    row = await store.insert_experiment(
+        ExperimentRow(
+            key=key,
+            name="Checkout button",
+            status="running",
+            variants=[VariantRow(0, "blue"), VariantRow(1, "green"), VariantRow(2, "red")],
+        )
+    )
+    assert row.id is not None
+    return row.id
+
+
+@pytest.mark.parametrize(
+    ("unsigned", "signed"),
+    [(0, 0), (2**63 - 1, 2**63 - 1), (2**63, -(2**63)), (2**64 - 1, -1), (2**64 - 2, -2)],
+)
+def test_hash_sign_conversion_edges(unsigned: int, signed: int) -> None:
+    assert to_signed64(unsigned) == signed
+    assert to_unsigned64(signed) == unsigned
+
+
+@pytest.mark.parametrize("bad", [-1, 2**64])
+def test_to_signed64_rejects_out_of_range(bad: int) -> None:
+    with pytest.raises(ValueError, match="unsigned 64-bit"):
+        to_signed64(bad)
+
+
+@pytest.mark.parametrize("bad", [-(2**63) - 1, 2**63])
+def test_to_unsigned64_rejects_out_of_range(bad: int) -> None:
+    with pytest.raises(ValueError, match="signed 64-bit"):
+        to_unsigned64(bad)
+
+
+async def test_experiment_round_trip(store: PostgresStore) -> None:
+    inserted = await store.insert_experiment(
+        ExperimentRow(
+            key="checkout-button",
+            name="Checkout button",
+            description="colour of the pay button",
+            policy="fixed",
+            config={"hierarchy": {"levels": ["country", "device"]}, "exploration": "aggressive"},
+            sticky=False,
+            variants=[
+                VariantRow(1, "green", "Green", 0.25, {"color": "#0f0"}),
+                VariantRow(0, "blue", "Blue", 0.75, {"color": "#00f", "sizes": [1, 2]}),
+            ],
+        )
+    )
+    assert inserted.id is not None
+    assert inserted.status == "draft"
+    assert inserted.created_at is not None
+    assert [v.key for v in inserted.variants] == ["blue", "green"]
+
+    assert await store.get_experiment("checkout-button") == inserted
+    assert await store.get_experiment_by_id(inserted.id) == inserted
+    assert await store.get_experiment("nope") is None
+    assert await store.get_experiment_by_id(inserted.id + 1000) is None
+
+    other = await store.insert_experiment(ExperimentRow(key="banner", status="running"))
+    assert other.variants == []
+    assert [e.key for e in await store.list_experiments()] == ["checkout-button", "banner"]
+    assert [e.key for e in await store.list_experiments(["running", "paused"])] == ["banner"]
+    assert await store.list_experiments([]) == []
+
+
+async def test_experiment_update(store: PostgresStore) -> None:
+    eid = await new_experiment(store)
+    current = await store.get_experiment("checkout-button")
+    assert current is not None
+    changed = ExperimentRow(
+        key=current.key,
+        name="Renamed",
+        description=current.description,
+        status="paused",
+        policy="uniform",
+        config={"segmentation": {"mode": "manual"}},
+        sticky=current.sticky,
+        # keys swapped between indexes, one variant dropped, one weight set
+        variants=[VariantRow(0, "green"), VariantRow(1, "blue", weight=2.0)],
+    )
+    updated = await store.update_experiment(changed)
+    assert updated.id == eid
+    assert updated.updated_at is not None and current.updated_at is not None
+    assert updated.updated_at >= current.updated_at
+    assert await store.get_experiment("checkout-button") == updated
+    assert [(v.index, v.key, v.weight) for v in updated.variants] == [
+        (0, "green", None),
+        (1, "blue", 2.0),
+    ]
+
+    with pytest.raises(NotFoundError):
+        await store.update_experiment(ExperimentRow(key="missing"))
+
+
+async def test_duplicate_keys_conflict(store: PostgresStore) -> None:
+    await new_experiment(store)
+    with pytest.raises(ConflictError, match="checkout-button"):
+        await new_experiment(store)
+    with pytest.raises(ConflictError):
+        await store.insert_experiment(
+            ExperimentRow(key="dup-variants", variants=[VariantRow(0, "a"), VariantRow(1, "a")])
+        )
+    # the failed insert left nothing behind
+    assert await store.get_experiment("dup-variants") is None
+
+
+async def test_invalid_status_is_rejected_by_the_schema(store: PostgresStore) -> None:
+    with pytest.raises(asyncpg.CheckViolationError):
+        await store.insert_experiment(ExperimentRow(key="x", status="live"))
+
+
+async def test_segmentation_config_round_trip(store: PostgresStore) -> None:
+    eid = await new_experiment(store)
+    assert await store.get_segmentation_config(eid) is None
+    first = await store.upsert_segmentation_config(
+        SegmentationConfigRow(eid, mode="manual", segment_by=["country", "device"])
+    )
+    assert first.min_samples_per_segment == 100
+    assert await store.get_segmentation_config(eid) == first
+    second = await store.upsert_segmentation_config(
+        SegmentationConfigRow(eid, mode="auto", auto_activation=True, auto_activation_threshold=50)
+    )
+    assert (second.mode, second.segment_by, second.auto_activation_threshold) == ("auto", [], 50)
+    assert await store.get_segmentation_config(eid) == second
+
+
+async def test_count_deltas_accumulate_with_edge_hashes(store: PostgresStore) -> None:
+    eid = await new_experiment(store)
+    await store.apply_count_deltas([])
+    batch = [(eid, h, 1, 10, 2, 1.5) for h in EDGE_HASHES]
+    await store.apply_count_deltas(batch)
+    # the same key twice in one batch is summed, not an error
+    await store.apply_count_deltas([*batch, (eid, 2**64 - 1, 1, 5, 1, 0.25)])
+    counts = await store.load_counts()
+    assert counts == sorted(
+        [(eid, h, 1, 20, 4, 3.0) for h in EDGE_HASHES if h != 2**64 - 1]
+        + [(eid, 2**64 - 1, 1, 25, 5, 3.25)],
+        key=lambda r: (r[0], to_signed64(r[1]), r[2]),
+    )
+    assert await store.load_counts(eid + 1) == []
+    assert len(await store.load_counts(eid)) == len(EDGE_HASHES)
+
+    with pytest.raises(ValueError, match="unsigned 64-bit"):
+        await store.apply_count_deltas([(eid, 2**64, 0, 1, 0, 0.0)])
+
+
+async def test_concurrent_count_deltas_lose_nothing(store: PostgresStore) -> None:
+    eid = await new_experiment(store)
+    hashes = [3, 2**63 + 7, 2**64 - 1]
+
+    async def writer(i: int) -> None:
+        for _ in range(10):
+            # different orders in different writers, same rows
+            rows = [(eid, h, v, 1, i % 2, 0.5) for h in hashes for v in (0, 1, 2)]
+            await store.apply_count_deltas(rows if i % 2 else rows[::-1])
+
+    await asyncio.gather(*(writer(i) for i in range(10)))
+    counts = await store.load_counts(eid)
+    assert len(counts) == 9
+    assert {(a, c, s) for *_, a, c, s in counts} == {(100, 50, 50.0)}
+
+
+async def test_assignments_round_trip_and_stickiness(store: PostgresStore) -> None:
+    eid = await new_experiment(store)
+    first = AssignmentRow(
+        id="a-1",
+        experiment_id=eid,
+        user_id="user-1",
+        variant=2,
+        segment_key="country:us|device:mobile",
+        segment_hash=2**64 - 1,
+        cascade_level=1,
+        propensity=0.4,
+        context={"channel": "web", "pages_viewed": 3},
+        region="us-east",
+    )
+    second = AssignmentRow("a-2", eid, "user-2", 0, "", 0)
+    assert await store.insert_assignments([]) == 0
+    assert await store.insert_assignments([first, second]) == 2
+    # an existing (experiment, user) keeps its answer; a replayed id is ignored too
+    again = AssignmentRow("a-3", eid, "user-1", 1, "", 5)
+    assert await store.insert_assignments([again, first]) == 0
+
+    got = await store.get_assignment(eid, "user-1")
+    assert got is not None
+    assert got.created_at is not None
+    assert got == dataclasses.replace(first, created_at=got.created_at)
+    assert await store.get_assignment_by_id("a-2") is not None
+    assert await store.get_assignment_by_id("a-3") is None
+    assert await store.get_assignment(eid, "user-3") is None
+    assert [a.id for a in await store.load_assignments(eid)] == ["a-1", "a-2"]
+
+
+PATH = [3244421341483603138, 2**64 - 5, 2**63]  # global, level 1, level 2
+
+
+def conversion(
+    eid: int, key: str = "", assignment: str = "a-1", value: float = 2.5
+) -> ConversionRow:
+    return ConversionRow(
+        assignment_id=assignment,
+        experiment_id=eid,
+        variant=1,
+        path_hashes=PATH,
+        value=value,
+        idempotency_key=key,
+        segment_key="country:us|device:mobile",
+        user_id="user-1",
+    )
+
+
+async def test_conversion_is_counted_once_per_idempotency_key(store: PostgresStore) -> None:
+    eid = await new_experiment(store)
+    assert await store.insert_conversions([]) == []
+    assert await store.insert_conversions([conversion(eid, "k1")]) == [True]
+    assert await store.insert_conversions([conversion(eid, "k1", value=99.0)]) == [False]
+    # within one batch: first occurrence wins; other keys and assignments are separate
+    assert await store.insert_conversions(
+        [
+            conversion(eid, "k2"),
+            conversion(eid, "k2"),
+            conversion(eid, "k1"),
+            conversion(eid, "k1", assignment="a-2"),
+        ]
+    ) == [True, False, False, True]
+
+    counts = await store.load_counts(eid)
+    assert counts == sorted([(eid, h, 1, 0, 3, 7.5) for h in PATH], key=lambda r: to_signed64(r[1]))
+    async with store.pool.acquire() as conn:
+        assert await conn.fetchval("SELECT count(*) FROM conversions") == 3
+
+
+async def test_concurrent_retries_count_once(store: PostgresStore) -> None:
+    eid = await new_experiment(store)
+    # the same conversion sent by 10 tasks at once, each also carrying its own fresh one
+    results = await asyncio.gather(
+        *(
+            store.insert_conversions([conversion(eid, "retry"), conversion(eid, f"own-{i}")])
+            for i in range(10)
+        )
+    )
+    assert sum(r[0] for r in results) == 1
+    assert all(r[1] for r in results)
+    counts = await store.load_counts(eid)
+    assert {(h, c, s) for _, h, _, _, c, s in counts} == {(h, 11, 11 * 2.5) for h in PATH}
+
+
+async def test_conversion_batch_is_atomic(store: PostgresStore) -> None:
+    eid = await new_experiment(store)
+    bad = ConversionRow("a-9", eid + 1000, 0, [1])  # unknown experiment: FK violation
+    with pytest.raises(asyncpg.ForeignKeyViolationError):
+        await store.insert_conversions([conversion(eid, "k1"), bad])
+    assert await store.load_counts(eid) == []
+    # nothing was recorded, so the retry counts
+    assert await store.insert_conversions([conversion(eid, "k1")]) == [True]
+
+
+async def test_segments_round_trip(store: PostgresStore) -> None:
+    eid = await new_experiment(store)
+    rows = [
+        SegmentRow(eid, PATH[0], "", 0, None),
+        SegmentRow(eid, PATH[1], "country:us", 1, PATH[0], {"country": "us"}),
+        SegmentRow(eid, PATH[2], "country:us|device:mobile", 2, PATH[1], {"device": "mobile"}),
+    ]
+    assert await store.upsert_segments([]) == 0
+    assert await store.upsert_segments(rows) == 3
+    assert await store.upsert_segments(rows[1:]) == 0
+    assert await store.list_segments(eid) == rows
+    async with store.pool.acquire() as conn:
+        ancestors = await conn.fetch(
+            "SELECT segment_key FROM get_segment_ancestors($1, $2)", eid, to_signed64(PATH[2])
+        )
+    assert [r["segment_key"] for r in ancestors] == ["country:us", ""]
+
+
+async def test_traffic_audit_and_analytics(store: PostgresStore) -> None:
+    eid = await new_experiment(store)
+    day = date(2025, 3, 1)
+    await store.add_traffic(eid, day, visitors=10, allocations=12)
+    await store.add_traffic(eid, day, visitors=5, conversions=2)
+    await store.add_traffic(eid, date(2025, 3, 2), visitors=1)
+    traffic = await store.get_traffic(eid)
+    assert [(t.day, t.visitors, t.allocations, t.conversions) for t in traffic] == [
+        (day, 15, 12, 2),
+        (date(2025, 3, 2), 1, 0, 0),
+    ]
+    assert len(await store.get_traffic(eid, since=date(2025, 3, 2))) == 1
+
+    first = await store.write_audit("admin@example.com", "delete_user_data", "user-1", {"n": 3})
+    second = await store.write_audit("system", "auto_activation", "checkout-button")
+    assert second > first
+
+    await store.apply_count_deltas([(eid, PATH[0], 0, 10, 1, 0.0), (eid, PATH[1], 0, 4, 1, 0.0)])
+    await store.refresh_analytics()
+    await store.refresh_analytics()
+    async with store.pool.acquire() as conn:
+        audit = await conn.fetchrow("SELECT * FROM audit_log WHERE id = $1", first)
+        lift = await conn.fetchval(
+            "SELECT lift_ratio FROM mv_segment_analytics WHERE segment_hash = $1",
+            to_signed64(PATH[1]),
+        )
+    assert audit is not None
+    assert (audit["actor"], audit["target"], audit["details"]) == (
+        "admin@example.com",
+        "user-1",
+        {"n": 3},
+    )
+    assert lift == pytest.approx(0.25 / 0.1)
+
+
+async def test_embedded_postgres_keeps_data_across_restarts(tmp_path: Path) -> None:
+    server = EmbeddedPostgres(tmp_path / "pg" / "data")
+    dsn = await asyncio.to_thread(server.start)
+    try:
+        assert server.start() == dsn  # idempotent
+        assert await migrate(dsn) != []
+        async with await PostgresStore.connect(dsn, 1, 1) as store:
+            await new_experiment(store, "kept")
+    finally:
+        await asyncio.to_thread(server.stop)
+    server.stop()  # idempotent
+    assert server.dsn is None
+
+    restarted = EmbeddedPostgres(tmp_path / "pg" / "data")
+    dsn = await asyncio.to_thread(restarted.start)
+    try:
+        assert await migrate(dsn) == []
+        async with await PostgresStore.connect(dsn, 1, 1) as store:
+            kept = await store.get_experiment("kept")
+        assert kept is not None
+        assert [v.key for v in kept.variants] == ["blue", "green", "red"]
+    finally:
+        await asyncio.to_thread(restarted.stop)
