@@ -105,9 +105,10 @@ CREATE TABLE assignments (
     propensity    double precision CHECK (propensity IS NULL OR (propensity >= 0 AND propensity <= 1)),
     context       jsonb    NOT NULL DEFAULT '{}'::jsonb,
     region        text,
-    created_at    timestamptz NOT NULL DEFAULT now(),
-    UNIQUE (experiment_id, user_id)
+    created_at    timestamptz NOT NULL DEFAULT now()
 );
+-- Several assignments per user exist for non-sticky experiments; the sticky one is the latest.
+CREATE INDEX assignments_experiment_user_idx ON assignments (experiment_id, user_id, created_at);
 CREATE INDEX assignments_user_idx ON assignments (user_id);
 CREATE INDEX assignments_experiment_time_idx ON assignments (experiment_id, created_at);
 

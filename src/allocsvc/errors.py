@@ -33,3 +33,7 @@ class ResourceExhausted(AllocsvcError):
 
 class Unavailable(AllocsvcError):
     """A store is down and no safe answer exists (UNAVAILABLE)."""
+
+
+class AlreadyExists(AllocsvcError):
+    """An id that is taken already (ALREADY_EXISTS)."""

@@ -218,19 +218,20 @@ async def test_assignments_round_trip_and_stickiness(store: PostgresStore) -> No
     second = AssignmentRow("a-2", eid, "user-2", 0, "", 0)
     assert await store.insert_assignments([]) == 0
     assert await store.insert_assignments([first, second]) == 2
-    # an existing (experiment, user) keeps its answer; a replayed id is ignored too
+    # a replayed id is ignored; a new assignment of the same user (non-sticky) is kept
+    # and is the one the (experiment, user) lookup returns
     again = AssignmentRow("a-3", eid, "user-1", 1, "", 5)
-    assert await store.insert_assignments([again, first]) == 0
+    assert await store.insert_assignments([again, first]) == 1
 
-    got = await store.get_assignment(eid, "user-1")
+    latest = await store.get_assignment(eid, "user-1")
+    assert latest is not None and latest.id == "a-3"
+    got = await store.get_assignment_by_id("a-1")
     assert got is not None
     assert got.created_at is not None
     assert got == dataclasses.replace(first, created_at=got.created_at)
     assert await store.get_assignment_by_id("a-2") is not None
-    assert await store.get_assignment_by_id("a-3") is None
     assert await store.get_assignment(eid, "user-3") is None
-    assert [a.id for a in await store.load_assignments(eid)] == ["a-1", "a-2"]
-
+    assert [a.id for a in await store.load_assignments(eid)] == ["a-1", "a-2", "a-3"]
 
 PATH = [3244421341483603138, 2**64 - 5, 2**63]  # global, level 1, level 2
 

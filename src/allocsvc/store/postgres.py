@@ -418,7 +418,7 @@ class PostgresStore:
     # assignments
 
     async def insert_assignments(self, rows: Sequence[AssignmentRow]) -> int:
-        """Insert assignments; an existing (experiment, user) or id is kept. Returns rows added."""
+        """Insert assignments; an existing id is kept. Returns rows added."""
         if not rows:
             return 0
         status = await self._pool.execute(
@@ -440,7 +440,7 @@ class PostgresStore:
     async def get_assignment(self, experiment_id: int, user_id: str) -> AssignmentRow | None:
         row = await self._pool.fetchrow(
             f"SELECT {_ASSIGNMENT_COLUMNS} FROM assignments"
-            " WHERE experiment_id = $1 AND user_id = $2",
+            " WHERE experiment_id = $1 AND user_id = $2 ORDER BY created_at DESC, id DESC LIMIT 1",
             experiment_id,
             user_id,
         )

@@ -1,0 +1,5 @@
+"""`python -m allocsvc` runs the CLI."""
+
+from allocsvc.cli import main
+
+main()

@@ -1,0 +1,1 @@
+"""Allocation: experiments, the hot path, conversions (no gRPC, no SQL)."""

@@ -1,0 +1,387 @@
+"""The allocation service: experiments, sticky assignments, allocation and conversions.
+
+Allocation is synchronous and does no I/O: one Rust call decides and counts; the assignment
+goes to the journal's write-behind buffer. A conversion is acknowledged only after the journal
+says it is durable (and whether it was new: idempotency is the journal's to enforce).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import secrets
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+
+from allocsvc.allocation.experiments import (
+    Experiment,
+    Policy,
+    SegmentationMode,
+    Status,
+    Variant,
+    validate,
+)
+from allocsvc.allocation.journal import Conversion, Journal
+from allocsvc.context import Extractor
+from allocsvc.core import Engine, key_hash
+from allocsvc.errors import (
+    AllocsvcError,
+    AlreadyExists,
+    FailedPrecondition,
+    InvalidRequest,
+    NotFound,
+)
+
+# Value used for the cluster dimension until a clustering model is deployed.
+NO_CLUSTER = "none"
+_TRANSITIONS = {
+    Status.DRAFT: {Status.RUNNING, Status.ARCHIVED},
+    Status.RUNNING: {Status.PAUSED, Status.ARCHIVED},
+    Status.PAUSED: {Status.RUNNING, Status.ARCHIVED},
+    Status.ARCHIVED: set(),
+}
+UPDATABLE_FIELDS = frozenset(
+    {
+        "name",
+        "description",
+        "status",
+        "variants",
+        "policy",
+        "segmentation",
+        "hierarchy",
+        "exploration",
+        "sticky",
+    }
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    max_variants: int = 100
+    max_batch_items: int = 10_000
+    max_user_id_chars: int = 256
+
+
+@dataclass(frozen=True, slots=True)
+class AllocationRequest:
+    experiment_key: str
+    user_id: str
+    channel: str = ""
+    context: Mapping[str, str] | None = None
+    signals: Mapping[str, float] | None = None
+    timestamp_ms: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Assignment:
+    id: str
+    experiment_key: str
+    handle: int
+    user_id: str
+    variant: int
+    segment_key: str
+    cascade_level: int
+    propensity: float
+    created_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class Allocation:
+    assignment: Assignment
+    variant: Variant
+    sticky: bool
+
+
+@dataclass(frozen=True, slots=True)
+class ConversionRequest:
+    assignment_id: str = ""
+    experiment_key: str = ""
+    user_id: str = ""
+    value: float = 0.0
+    idempotency_key: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class ConversionResult:
+    assignment: Assignment
+    variant: Variant
+    counted: bool
+
+
+def _now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+class AllocationService:
+    """Experiments and the hot path. Not thread-safe: call it from one event loop."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        journal: Journal,
+        extractor: Extractor,
+        limits: Limits | None = None,
+    ) -> None:
+        self._engine = engine
+        self._journal = journal
+        self._extractor = extractor
+        self._limits = limits or Limits()
+        self._experiments: dict[str, Experiment] = {}
+        self._by_handle: dict[int, Experiment] = {}
+        # Latest assignment per (experiment handle, user id), and every assignment by id.
+        self._latest: dict[tuple[int, str], Assignment] = {}
+        self._by_id: dict[str, Assignment] = {}
+        self._ids = itertools.count(1)
+        self._id_prefix = secrets.token_hex(6)
+
+    @property
+    def limits(self) -> Limits:
+        return self._limits
+
+    # Experiments ------------------------------------------------------------------------
+
+    async def create_experiment(self, experiment: Experiment) -> Experiment:
+        validate(experiment, max_variants=self._limits.max_variants)
+        if experiment.key in self._experiments:
+            raise AlreadyExists(f"experiment {experiment.key!r} already exists")
+        now = _now_ms()
+        created = await self._journal.save_experiment(
+            experiment.with_changes(created_at_ms=now, updated_at_ms=now), new=True
+        )
+        self._install(created)
+        return created
+
+    def get_experiment(self, key: str) -> Experiment:
+        experiment = self._experiments.get(key)
+        if experiment is None:
+            raise NotFound(f"experiment {key!r} does not exist")
+        return experiment
+
+    def list_experiments(self, status: Status | None = None) -> list[Experiment]:
+        found = (e for e in self._experiments.values() if status is None or e.status is status)
+        return sorted(found, key=lambda e: e.key)
+
+    async def update_experiment(self, key: str, changes: Mapping[str, object]) -> Experiment:
+        current = self.get_experiment(key)
+        unknown = set(changes) - UPDATABLE_FIELDS
+        if unknown:
+            raise InvalidRequest("update_mask", f"cannot update {', '.join(sorted(unknown))}")
+        if "status" in changes:
+            new_status = changes["status"]
+            if new_status != current.status and new_status not in _TRANSITIONS[current.status]:
+                raise FailedPrecondition(
+                    f"experiment {key!r} cannot go from {current.status} to {new_status}"
+                )
+        if ("variants" in changes or "policy" in changes) and current.status is not Status.DRAFT:
+            raise FailedPrecondition(
+                f"experiment {key!r} is {current.status}: variants and policy change only in draft"
+            )
+        updated = current.with_changes(**changes, updated_at_ms=_now_ms())
+        validate(updated, max_variants=self._limits.max_variants)
+        saved = await self._journal.save_experiment(updated, new=False)
+        self._install(saved)
+        return saved
+
+    def load_experiments(self, experiments: Iterable[Experiment]) -> None:
+        """Install experiments read back from the store at start."""
+        for experiment in experiments:
+            self._install(experiment)
+
+    def restore(
+        self,
+        experiments: Iterable[Experiment],
+        counts: Sequence[tuple[int, int, int, int, int, float]],
+        assignments: Iterable[Assignment],
+    ) -> None:
+        """Install state read back from the store at start (assignments oldest first)."""
+        self.load_experiments(experiments)
+        self._engine.load_counts(list(counts))
+        for a in assignments:
+            self._by_id[a.id] = a
+            self._latest[(a.handle, a.user_id)] = a
+
+    def take_deltas(self) -> list[tuple[int, int, int, int, int, float]]:
+        """Counter changes since the last call (for write-behind)."""
+        return self._engine.take_deltas()
+
+    def _install(self, experiment: Experiment) -> None:
+        weights = [v.weight for v in experiment.variants]
+        self._engine.configure(
+            experiment.handle,
+            variants=len(experiment.variants),
+            dimensions=list(experiment.dimensions),
+            min_samples=list(experiment.min_samples),
+            policy=experiment.policy.value,
+            weights=None if any(w is None for w in weights) else weights,  # type: ignore[arg-type]
+            warm_start=experiment.hierarchy.warm_start_strength,
+            exploration=experiment.exploration.bonus_scale,
+            salt=key_hash(experiment.key),
+        )
+        self._experiments[experiment.key] = experiment
+        self._by_handle[experiment.handle] = experiment
+
+    def _running(self, key: str) -> Experiment:
+        if not key:
+            raise InvalidRequest("experiment_id", "must not be empty")
+        experiment = self._experiments.get(key)
+        if experiment is None:
+            if len(key) > 128:
+                raise InvalidRequest("experiment_id", "longer than 128 characters")
+            raise NotFound(f"experiment {key!r} does not exist")
+        if experiment.status is not Status.RUNNING:
+            raise FailedPrecondition(f"experiment {key!r} is {experiment.status}, not running")
+        return experiment
+
+    def _check_user(self, user_id: str) -> None:
+        if not user_id:
+            raise InvalidRequest("user_id", "must not be empty")
+        if len(user_id) > self._limits.max_user_id_chars:
+            raise InvalidRequest(
+                "user_id", f"longer than {self._limits.max_user_id_chars} characters"
+            )
+
+    # Allocation -------------------------------------------------------------------------
+
+    def allocate(self, request: AllocationRequest) -> Allocation:
+        """Which variant this user sees; sticky users get their earlier assignment."""
+        experiment = self._running(request.experiment_key)
+        self._check_user(request.user_id)
+        context = self._extractor.extract(
+            request.channel,
+            request.context or {},
+            request.signals or {},
+            request.timestamp_ms,
+        )
+        slot = (experiment.handle, request.user_id)
+        if experiment.sticky:
+            earlier = self._latest.get(slot)
+            if earlier is not None:
+                return Allocation(earlier, experiment.variants[earlier.variant], sticky=True)
+        if experiment.segmentation.mode is SegmentationMode.AUTO:
+            values: Sequence[str] = (NO_CLUSTER,)
+        else:
+            values = context.dimensions(experiment.dimensions)
+        variant, level, propensity, segment_key = self._engine.decide(
+            experiment.handle, request.user_id, values
+        )
+        assignment = Assignment(
+            id=f"{self._id_prefix}-{next(self._ids):x}",
+            experiment_key=experiment.key,
+            handle=experiment.handle,
+            user_id=request.user_id,
+            variant=variant,
+            segment_key=segment_key,
+            cascade_level=level,
+            propensity=propensity,
+            created_ms=_now_ms(),
+        )
+        self._latest[slot] = assignment
+        self._by_id[assignment.id] = assignment
+        self._journal.assignment_made(assignment)
+        return Allocation(assignment, experiment.variants[variant], sticky=False)
+
+    def allocate_many(
+        self, requests: Sequence[AllocationRequest]
+    ) -> list[Allocation | AllocsvcError]:
+        """Allocate each request on its own: one bad item does not fail the others."""
+        results: list[Allocation | AllocsvcError] = []
+        for request in requests:
+            try:
+                results.append(self.allocate(request))
+            except AllocsvcError as exc:
+                results.append(exc)
+        return results
+
+    def check_batch(self, size: int) -> None:
+        """A batch RPC's item count must be within 1..max_batch_items."""
+        if size == 0:
+            raise InvalidRequest("requests", "must not be empty")
+        if size > self._limits.max_batch_items:
+            raise InvalidRequest(
+                "requests", f"{size} items, at most {self._limits.max_batch_items}"
+            )
+
+    # Conversions ------------------------------------------------------------------------
+
+    def _assignment_for(self, request: ConversionRequest) -> Assignment:
+        if request.assignment_id:
+            if len(request.assignment_id) > 128:
+                raise InvalidRequest("assignment_id", "longer than 128 characters")
+            found = self._by_id.get(request.assignment_id)
+            if found is None:
+                raise NotFound(f"assignment {request.assignment_id!r} does not exist")
+            return found
+        if not request.experiment_key:
+            raise InvalidRequest(
+                "assignment_id", "give an assignment_id, or experiment_id and user_id"
+            )
+        experiment = self._experiments.get(request.experiment_key)
+        if experiment is None:
+            raise NotFound(f"experiment {request.experiment_key!r} does not exist")
+        self._check_user(request.user_id)
+        found = self._latest.get((experiment.handle, request.user_id))
+        if found is None:
+            raise NotFound(
+                f"user {request.user_id!r} has no assignment in {request.experiment_key!r}"
+            )
+        return found
+
+    def _conversion(self, request: ConversionRequest) -> Conversion:
+        if not math.isfinite(request.value) or request.value < 0:
+            raise InvalidRequest("value", "must be a finite number >= 0")
+        if len(request.idempotency_key) > 128:
+            raise InvalidRequest("idempotency_key", "longer than 128 characters")
+        assignment = self._assignment_for(request)
+        return Conversion(
+            assignment_id=assignment.id,
+            handle=assignment.handle,
+            variant=assignment.variant,
+            segment_key=assignment.segment_key,
+            user_id=assignment.user_id,
+            value=request.value,
+            idempotency_key=request.idempotency_key,
+        )
+
+    async def record_conversion(self, request: ConversionRequest) -> ConversionResult:
+        result = (await self.record_conversions([request]))[0]
+        if isinstance(result, AllocsvcError):
+            raise result
+        return result
+
+    async def record_conversions(
+        self, requests: Sequence[ConversionRequest]
+    ) -> list[ConversionResult | AllocsvcError]:
+        """Record conversions; answered only once the journal holds them durably.
+
+        A repeat of (assignment, idempotency key) is acknowledged with `counted=False` and
+        changes nothing. Each conversion counts at every level of its assignment's path.
+        """
+        results: list[ConversionResult | AllocsvcError] = []
+        pending: list[tuple[int, Conversion]] = []
+        for request in requests:
+            try:
+                pending.append((len(results), self._conversion(request)))
+                results.append(AllocsvcError())  # placeholder until the journal answers
+            except AllocsvcError as exc:
+                results.append(exc)
+        if not pending:
+            return results
+        counted = await self._journal.record_conversions([c for _, c in pending])
+        for (position, conversion), is_new in zip(pending, counted, strict=True):
+            if is_new:
+                self._engine.record_conversion(
+                    conversion.handle, conversion.segment_key, conversion.variant, conversion.value
+                )
+            assignment = self._by_id[conversion.assignment_id]
+            experiment = self._by_handle[assignment.handle]
+            results[position] = ConversionResult(
+                assignment, experiment.variants[assignment.variant], counted=is_new
+            )
+        return results
+
+    def assignment(self, assignment_id: str) -> Assignment | None:
+        return self._by_id.get(assignment_id)
+
+    def policy_of(self, key: str) -> Policy:
+        return self.get_experiment(key).policy

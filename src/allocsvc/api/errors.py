@@ -1,0 +1,81 @@
+"""Domain errors to gRPC status codes, in one place."""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+import grpc
+
+from allocsvc.errors import (
+    AllocsvcError,
+    AlreadyExists,
+    FailedPrecondition,
+    InvalidRequest,
+    NotFound,
+    ResourceExhausted,
+    Unavailable,
+)
+
+log = logging.getLogger(__name__)
+
+_CODES: dict[type[AllocsvcError], grpc.StatusCode] = {
+    InvalidRequest: grpc.StatusCode.INVALID_ARGUMENT,
+    NotFound: grpc.StatusCode.NOT_FOUND,
+    AlreadyExists: grpc.StatusCode.ALREADY_EXISTS,
+    FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
+    ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    Unavailable: grpc.StatusCode.UNAVAILABLE,
+}
+
+
+def status_code(exc: AllocsvcError) -> grpc.StatusCode:
+    for kind in type(exc).__mro__:
+        code = _CODES.get(kind)
+        if code is not None:
+            return code
+    return grpc.StatusCode.INTERNAL
+
+
+def status_number(exc: AllocsvcError) -> int:
+    """The numeric status code, as batch items carry it."""
+    value: tuple[int, str] = status_code(exc).value
+    return value[0]
+
+
+def field_of(exc: AllocsvcError) -> str:
+    return exc.field if isinstance(exc, InvalidRequest) else ""
+
+
+Request = TypeVar("Request")
+Response = TypeVar("Response")
+Servicer = TypeVar("Servicer")
+
+
+def maps_errors(
+    method: Callable[
+        [Servicer, Request, grpc.aio.ServicerContext[Request, Response]], Awaitable[Response]
+    ],
+) -> Callable[
+    [Servicer, Request, grpc.aio.ServicerContext[Request, Response]], Awaitable[Response]
+]:
+    """Turn domain errors into their status; anything else into INTERNAL without details."""
+
+    @functools.wraps(method)
+    async def wrapper(
+        self: Servicer, request: Request, context: grpc.aio.ServicerContext[Request, Response]
+    ) -> Response:
+        try:
+            return await method(self, request, context)
+        except AllocsvcError as exc:
+            await context.abort(status_code(exc), str(exc))
+        except (grpc.aio.AbortError, grpc.aio.UsageError):
+            raise
+        except Exception:
+            log.exception("unexpected error in %s", method.__qualname__)
+            await context.abort(grpc.StatusCode.INTERNAL, "internal error")
+        raise AssertionError("abort returned")  # pragma: no cover
+
+    return wrapper

@@ -1,0 +1,191 @@
+"""The gRPC server: wiring, health, reflection, graceful shutdown, worker processes."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import multiprocessing
+import os
+import signal
+from dataclasses import dataclass
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from allocsvc import core, logs
+from allocsvc.allocation.journal import Journal, MemoryJournal
+from allocsvc.allocation.service import AllocationService, Limits
+from allocsvc.api import SERVICE_NAMES, add_services
+from allocsvc.config import Settings
+from allocsvc.context import ContextLimits, Extractor
+from allocsvc.store import EmbeddedPostgres, PostgresStore, migrate
+from allocsvc.store.writebehind import PostgresJournal
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Stores:
+    """The journal and what backs it; closed in reverse order of opening."""
+
+    journal: Journal
+    store: PostgresStore | None = None
+    embedded: EmbeddedPostgres | None = None
+
+    async def close(self) -> None:
+        if isinstance(self.journal, PostgresJournal):
+            await self.journal.close()
+        if self.store is not None:
+            await self.store.close()
+        if self.embedded is not None:
+            await asyncio.to_thread(self.embedded.stop)
+
+
+@dataclass
+class Running:
+    """A started server and what it needs to stop cleanly."""
+
+    server: grpc.aio.Server
+    health: health.HealthServicer
+    service: AllocationService
+    stores: Stores
+    port: int
+
+
+def build_service(settings: Settings, journal: Journal) -> AllocationService:
+    extractor = Extractor(
+        ContextLimits(
+            max_context_entries=settings.max_context_entries,
+            max_key_chars=settings.max_context_key_chars,
+            max_value_chars=settings.max_context_value_chars,
+        ),
+        ua_cache_size=settings.user_agent_cache_size,
+    )
+    limits = Limits(
+        max_variants=settings.max_variants,
+        max_batch_items=settings.max_batch_items,
+        max_user_id_chars=settings.max_user_id_chars,
+    )
+    return AllocationService(core.Engine(), journal, extractor, limits)
+
+
+def start_embedded(settings: Settings) -> tuple[EmbeddedPostgres, str]:
+    """Start the embedded PostgreSQL under settings.data_dir (blocking)."""
+    embedded = EmbeddedPostgres(settings.data_dir / "postgres")
+    dsn = embedded.start()
+    log.info("embedded postgres started", extra={"data_dir": str(settings.data_dir)})
+    return embedded, dsn
+
+
+async def open_stores(settings: Settings) -> Stores:
+    if settings.in_memory:
+        return Stores(MemoryJournal())
+    embedded = None
+    if settings.postgres_dsn is None:
+        embedded, dsn = await asyncio.to_thread(start_embedded, settings)
+    else:
+        dsn = settings.postgres_dsn
+    if settings.migrate:
+        applied = await migrate(dsn)
+        if applied:
+            log.info("migrations applied", extra={"migrations": applied})
+    store = await PostgresStore.connect(dsn, min_size=2, max_size=8)
+    return Stores(PostgresJournal(store), store, embedded)
+
+
+async def start(settings: Settings) -> Running:
+    """Load state, then serve on settings.host:settings.port (port 0 picks a free port)."""
+    if settings.seed is not None:
+        core.seed_rng(settings.seed)
+    Extractor.warm_up()
+    stores = await open_stores(settings)
+    service = build_service(settings, stores.journal)
+    if isinstance(stores.journal, PostgresJournal):
+        experiments, counts, assignments = await stores.journal.load()
+        service.restore(experiments, counts, assignments)
+        stores.journal.bind_deltas(service.take_deltas)
+        stores.journal.start()
+        log.info(
+            "state loaded",
+            extra={
+                "experiments": len(experiments),
+                "counters": len(counts),
+                "assignments": len(assignments),
+            },
+        )
+    server = grpc.aio.server(
+        options=[
+            ("grpc.max_receive_message_length", settings.max_message_bytes),
+            ("grpc.max_send_message_length", settings.max_message_bytes),
+            ("grpc.so_reuseport", 1),
+        ]
+    )
+    add_services(server, service, settings.region)
+    health_servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+    )
+    port = server.add_insecure_port(f"{settings.host}:{settings.port}")
+    await server.start()
+    for name in ("", *SERVICE_NAMES):
+        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    log.info("serving", extra={"host": settings.host, "port": port, "pid": os.getpid()})
+    return Running(server, health_servicer, service, stores, port)
+
+
+async def stop(running: Running, grace: float) -> None:
+    """Health NOT_SERVING, stop accepting, finish in-flight RPCs within `grace`, flush."""
+    running.health.enter_graceful_shutdown()
+    await running.server.stop(grace)
+    await running.stores.close()
+    log.info("stopped", extra={"pid": os.getpid()})
+
+
+async def serve_until_signalled(settings: Settings) -> None:
+    running = await start(settings)
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stopping.set)
+    await stopping.wait()
+    log.info("shutting down", extra={"grace_seconds": settings.grace_seconds})
+    await stop(running, settings.grace_seconds)
+
+
+def _worker(settings: Settings) -> None:
+    logs.configure(settings.log_level)
+    asyncio.run(serve_until_signalled(settings))
+
+
+def run(settings: Settings) -> int:
+    """Serve in this process, or in `settings.workers` processes sharing the port."""
+    logs.configure(settings.log_level)
+    if settings.workers == 1:
+        asyncio.run(serve_until_signalled(settings))
+        return 0
+    if settings.port == 0:
+        raise ValueError("port: --workers > 1 needs a fixed port to share")
+    embedded = None
+    if not settings.in_memory and settings.postgres_dsn is None:
+        # One embedded PostgreSQL for all workers, owned by this parent process.
+        embedded, dsn = start_embedded(settings)
+        settings = settings.model_copy(update={"postgres_dsn": dsn})
+    ctx = multiprocessing.get_context("spawn")
+    workers = [ctx.Process(target=_worker, args=(settings,)) for _ in range(settings.workers)]
+    for w in workers:
+        w.start()
+
+    def forward(signum: int, _frame: object) -> None:
+        for w in workers:
+            if w.pid is not None and w.is_alive():
+                os.kill(w.pid, signum)
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    for w in workers:
+        w.join()
+    if embedded is not None:
+        embedded.stop()
+    return max((w.exitcode or 0) for w in workers)

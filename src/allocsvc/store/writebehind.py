@@ -1,0 +1,355 @@
+"""The durable journal: experiments written through, allocations written behind, conversions
+group-committed.
+
+- Assignments and allocation counts are buffered in memory and flushed in batches at least
+  every `flush_interval` (200 ms by default). A crash loses at most that window of them; they
+  were never promised durable.
+- A conversion is acknowledged only after the transaction that stores it (and increments its
+  counters at every level of its path) has committed. Concurrent conversions wait together on
+  one transaction a few milliseconds long (group commit). The unique (assignment, idempotency
+  key) constraint makes a retry after a crash count zero times, never twice.
+- Conversion counts reach Postgres only through that transaction, so the write-behind flush
+  writes allocation deltas only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import asyncpg
+
+from allocsvc.allocation.experiments import (
+    Experiment,
+    Exploration,
+    Hierarchy,
+    Policy,
+    Segmentation,
+    SegmentationMode,
+    Status,
+    Variant,
+)
+from allocsvc.allocation.journal import Conversion
+from allocsvc.allocation.service import Assignment
+from allocsvc.core import key_hash, parent_keys
+from allocsvc.errors import AlreadyExists, Unavailable
+from allocsvc.store.postgres import (
+    AssignmentRow,
+    ConflictError,
+    ConversionRow,
+    CountRow,
+    ExperimentRow,
+    PostgresStore,
+    VariantRow,
+)
+
+log = logging.getLogger(__name__)
+
+# Failures that mean "the database is not reachable right now".
+STORE_DOWN = (OSError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError, TimeoutError)
+
+
+def experiment_row(e: Experiment) -> ExperimentRow:
+    return ExperimentRow(
+        key=e.key,
+        name=e.name,
+        description=e.description,
+        status=e.status.value,
+        policy=e.policy.value,
+        config={
+            "segmentation": {
+                "mode": e.segmentation.mode.value,
+                "segment_by": list(e.segmentation.segment_by),
+                "min_samples_per_segment": e.segmentation.min_samples_per_segment,
+                "auto_activation": e.segmentation.auto_activation,
+                "auto_activation_threshold": e.segmentation.auto_activation_threshold,
+            },
+            "hierarchy": {
+                "min_samples_per_level": list(e.hierarchy.min_samples_per_level),
+                "max_depth": e.hierarchy.max_depth,
+                "warm_start_strength": e.hierarchy.warm_start_strength,
+            },
+            "exploration": e.exploration.value,
+        },
+        sticky=e.sticky,
+        variants=[
+            VariantRow(
+                index=i,
+                key=v.key,
+                name=v.name,
+                weight=v.weight,
+                payload={"json": v.payload_json} if v.payload_json else {},
+            )
+            for i, v in enumerate(e.variants)
+        ],
+        id=e.handle or None,
+    )
+
+
+def experiment_from_row(row: ExperimentRow) -> Experiment:
+    seg: dict[str, Any] = row.config.get("segmentation", {})
+    hier: dict[str, Any] = row.config.get("hierarchy", {})
+    return Experiment(
+        key=row.key,
+        name=row.name,
+        description=row.description,
+        status=Status(row.status),
+        policy=Policy(row.policy),
+        variants=tuple(
+            Variant(v.key, v.name, v.weight, str(v.payload.get("json", "")))
+            for v in sorted(row.variants, key=lambda v: v.index)
+        ),
+        segmentation=Segmentation(
+            mode=SegmentationMode(seg.get("mode", "disabled")),
+            segment_by=tuple(seg.get("segment_by", ())),
+            min_samples_per_segment=int(seg.get("min_samples_per_segment", 0)),
+            auto_activation=bool(seg.get("auto_activation", False)),
+            auto_activation_threshold=int(seg.get("auto_activation_threshold", 1000)),
+        ),
+        hierarchy=Hierarchy(
+            min_samples_per_level=tuple(hier.get("min_samples_per_level", ())),
+            max_depth=int(hier.get("max_depth", 0)),
+            warm_start_strength=float(hier.get("warm_start_strength", 10.0)),
+        ),
+        exploration=Exploration(row.config.get("exploration", "default")),
+        sticky=row.sticky,
+        handle=row.id or 0,
+        created_at_ms=_ms(row.created_at),
+        updated_at_ms=_ms(row.updated_at),
+    )
+
+
+def _ms(moment: Any) -> int:
+    return int(moment.timestamp() * 1000) if moment is not None else 0
+
+
+def assignment_from_row(row: AssignmentRow, experiment_key: str) -> Assignment:
+    return Assignment(
+        id=row.id,
+        experiment_key=experiment_key,
+        handle=row.experiment_id,
+        user_id=row.user_id,
+        variant=row.variant,
+        segment_key=row.segment_key,
+        cascade_level=row.cascade_level,
+        propensity=row.propensity if row.propensity is not None else 0.0,
+        created_ms=_ms(row.created_at),
+    )
+
+
+@dataclass
+class _Waiting:
+    rows: list[ConversionRow]
+    done: asyncio.Future[list[bool]]
+
+
+@dataclass
+class FlushStats:
+    """What the write-behind has done; read by tests, benchmarks and metrics."""
+
+    flushes: int = 0
+    assignments_written: int = 0
+    allocation_rows_written: int = 0
+    conversion_batches: int = 0
+    conversions_written: int = 0
+    failures: int = 0
+    last_flush_lag_ms: float = 0.0
+    pending_assignments: int = 0
+    lags_ms: list[float] = field(default_factory=list)
+
+
+class PostgresJournal:
+    """Journal over PostgreSQL. `start()` runs the flusher; `close()` flushes everything."""
+
+    def __init__(
+        self,
+        store: PostgresStore,
+        take_deltas: Callable[[], list[CountRow]] | None = None,
+        *,
+        flush_interval: float = 0.1,
+        commit_window: float = 0.002,
+        max_group: int = 2000,
+    ) -> None:
+        self._store = store
+        self._take_deltas = take_deltas
+        self._flush_interval = flush_interval
+        self._commit_window = commit_window
+        self._max_group = max_group
+        self._assignments: list[tuple[AssignmentRow, float]] = []
+        self._unwritten_counts: list[CountRow] = []
+        self._waiting: list[_Waiting] = []
+        self._wake = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._closing = False
+        self.stats = FlushStats()
+
+    def bind_deltas(self, take_deltas: Callable[[], list[CountRow]]) -> None:
+        self._take_deltas = take_deltas
+
+    def start(self) -> None:
+        self._tasks = [
+            asyncio.create_task(self._flush_loop(), name="write-behind"),
+            asyncio.create_task(self._commit_loop(), name="group-commit"),
+        ]
+
+    async def close(self) -> None:
+        """Stop the loops, then write what is buffered (conversions first)."""
+        self._closing = True
+        self._wake.set()
+        for task in self._tasks:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await self._commit_pending()
+        await self.flush()
+
+    # Experiments: written through.
+
+    async def save_experiment(self, experiment: Experiment, *, new: bool) -> Experiment:
+        try:
+            row = experiment_row(experiment)
+            saved = (
+                await self._store.insert_experiment(row)
+                if new
+                else await self._store.update_experiment(row)
+            )
+        except ConflictError:
+            raise AlreadyExists(f"experiment {experiment.key!r} already exists") from None
+        except STORE_DOWN as exc:
+            raise Unavailable(f"experiment store unavailable: {type(exc).__name__}") from None
+        return experiment_from_row(saved)
+
+    async def load(self) -> tuple[list[Experiment], list[CountRow], list[Assignment]]:
+        """Everything the service needs at start: experiments, counters, assignments."""
+        experiments = [experiment_from_row(r) for r in await self._store.list_experiments()]
+        counts = await self._store.load_counts()
+        keys = {e.handle: e.key for e in experiments}
+        assignments: list[Assignment] = []
+        for e in experiments:
+            rows = await self._store.load_assignments(e.handle)
+            assignments.extend(assignment_from_row(r, keys[e.handle]) for r in rows)
+        return experiments, counts, assignments
+
+    # Allocations: written behind.
+
+    def assignment_made(self, assignment: Assignment) -> None:
+        self._assignments.append(
+            (
+                AssignmentRow(
+                    id=assignment.id,
+                    experiment_id=assignment.handle,
+                    user_id=assignment.user_id,
+                    variant=assignment.variant,
+                    segment_key=assignment.segment_key,
+                    segment_hash=key_hash(assignment.segment_key),
+                    cascade_level=assignment.cascade_level,
+                    propensity=assignment.propensity,
+                ),
+                time.monotonic(),
+            )
+        )
+
+    async def _flush_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self._flush_interval)
+            await self.flush()
+
+    async def flush(self) -> None:
+        """Write buffered assignments and allocation deltas; keep them on failure."""
+        batch, self._assignments = self._assignments, []
+        if self._take_deltas is not None:
+            self._unwritten_counts.extend(
+                (e, s, v, a, 0, 0.0) for e, s, v, a, _, _ in self._take_deltas() if a
+            )
+        counts, self._unwritten_counts = self._unwritten_counts, []
+        if not batch and not counts:
+            return
+        try:
+            if batch:
+                await self._store.insert_assignments([row for row, _ in batch])
+            if counts:
+                await self._store.apply_count_deltas(counts)
+        except Exception as exc:
+            # Keep everything for the next attempt (assignment inserts are idempotent by id).
+            self._assignments[:0] = batch
+            self._unwritten_counts[:0] = counts
+            self.stats.failures += 1
+            log.warning("write-behind flush failed, will retry", extra={"error": repr(exc)})
+            return
+        now = time.monotonic()
+        self.stats.flushes += 1
+        self.stats.assignments_written += len(batch)
+        self.stats.allocation_rows_written += len(counts)
+        if batch:
+            lag = (now - batch[0][1]) * 1000
+            self.stats.last_flush_lag_ms = lag
+            self.stats.lags_ms.append(lag)
+            del self.stats.lags_ms[:-1000]
+        self.stats.pending_assignments = len(self._assignments)
+
+    # Conversions: group commit.
+
+    async def record_conversions(self, conversions: Sequence[Conversion]) -> list[bool]:
+        if self._closing:
+            raise Unavailable("server is shutting down")
+        rows = [
+            ConversionRow(
+                assignment_id=c.assignment_id,
+                experiment_id=c.handle,
+                variant=c.variant,
+                path_hashes=[key_hash(k) for k in parent_keys(c.segment_key)],
+                value=c.value,
+                idempotency_key=c.idempotency_key,
+                segment_key=c.segment_key,
+                user_id=c.user_id,
+            )
+            for c in conversions
+        ]
+        done: asyncio.Future[list[bool]] = asyncio.get_running_loop().create_future()
+        self._waiting.append(_Waiting(rows, done))
+        self._wake.set()
+        return await done
+
+    async def _commit_loop(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            # Let concurrent callers join this transaction.
+            await asyncio.sleep(self._commit_window)
+            await self._commit_pending()
+
+    async def _commit_pending(self) -> None:
+        while self._waiting:
+            group: list[_Waiting] = []
+            size = 0
+            while self._waiting and (
+                not group or size + len(self._waiting[0].rows) <= self._max_group
+            ):
+                w = self._waiting.pop(0)
+                group.append(w)
+                size += len(w.rows)
+            rows = [r for w in group for r in w.rows]
+            try:
+                counted = await self._store.insert_conversions(rows)
+            except Exception as exc:
+                # Not committed, so not acknowledged: the caller retries with its idempotency
+                # key, which makes the retry safe whatever happened here.
+                if not isinstance(exc, STORE_DOWN):
+                    log.exception("conversion commit failed")
+                failure = Unavailable(f"conversion store unavailable: {type(exc).__name__}")
+                for w in group:
+                    if not w.done.done():
+                        w.done.set_exception(failure)
+                continue
+            self.stats.conversion_batches += 1
+            self.stats.conversions_written += sum(counted)
+            start = 0
+            for w in group:
+                if not w.done.done():
+                    w.done.set_result(counted[start : start + len(w.rows)])
+                start += len(w.rows)
