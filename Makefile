@@ -18,7 +18,6 @@ $(STAMP): pyproject.toml Cargo.toml rust_core/Cargo.toml rust_core/py/Cargo.toml
 	touch $(STAMP)
 
 dev: $(STAMP) ## create .venv and install allocsvc (Rust extension included) with dev tools
-	$(PIP) install -q -e '.[dev]'
 
 build: $(STAMP) ## rebuild the Rust extension into .venv after Rust changes
 	$(PIP) install -q -e '.[dev]'

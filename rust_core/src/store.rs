@@ -411,6 +411,35 @@ impl Store {
         }
     }
 
+    /// Current totals of every node of one experiment (all experiments with `None`).
+    pub fn snapshot(&self, experiment: Option<u64>) -> Vec<CountRow> {
+        let experiments: Vec<(u64, Arc<Segments>)> = self
+            .experiments
+            .read()
+            .iter()
+            .filter(|(e, _)| experiment.is_none_or(|x| x == **e))
+            .map(|(e, s)| (*e, s.clone()))
+            .collect();
+        let mut out = Vec::new();
+        for (e, segments) in experiments {
+            for (segment, node) in segments.read().iter() {
+                for (i, c) in node.counts().into_iter().enumerate() {
+                    if c.allocations != 0 || c.conversions != 0 || c.value_sum != 0.0 {
+                        out.push((
+                            e,
+                            *segment,
+                            i as u32,
+                            c.allocations,
+                            c.conversions,
+                            c.value_sum,
+                        ));
+                    }
+                }
+            }
+        }
+        out
+    }
+
     /// Drop every node of an experiment.
     pub fn remove_experiment(&self, experiment: u64) {
         self.experiments.write().remove(&experiment);
@@ -474,6 +503,8 @@ mod tests {
         );
         assert_eq!(node.allocations(), 501);
         assert_eq!(store.take_deltas(), vec![(2, 99, 1, 1, 0, 0.0)]);
+        assert_eq!(store.snapshot(Some(2)), vec![(2, 99, 1, 501, 50, 25.0)]);
+        assert!(store.snapshot(Some(3)).is_empty());
     }
 
     #[test]

@@ -103,6 +103,9 @@ class Engine:
     def take_deltas(self) -> list[CountRow]:
         """Counter changes since the last call (atomically taken and reset)."""
 
+    def snapshot(self, experiment: int | None = None) -> list[CountRow]:
+        """Current totals of every node of one experiment (of all with None)."""
+
     def load_counts(self, rows: Sequence[CountRow], replace: bool = False) -> None:
         """Add rows to the totals, or with `replace` set totals to them (pending deltas kept)."""
 

@@ -20,9 +20,13 @@ from allocsvc.api import SERVICE_NAMES, add_services
 from allocsvc.config import Settings
 from allocsvc.context import ContextLimits, Extractor
 from allocsvc.store import EmbeddedPostgres, PostgresStore, migrate
+from allocsvc.store.pump import DeltaPump
+from allocsvc.store.redis import RedisShared
 from allocsvc.store.writebehind import PostgresJournal
 
 log = logging.getLogger(__name__)
+# Health service name that reports whether the shared Redis is reachable.
+REDIS_HEALTH = "allocsvc.store.redis"
 
 
 @dataclass
@@ -32,10 +36,13 @@ class Stores:
     journal: Journal
     store: PostgresStore | None = None
     embedded: EmbeddedPostgres | None = None
+    shared: RedisShared | None = None
 
     async def close(self) -> None:
         if isinstance(self.journal, PostgresJournal):
             await self.journal.close()
+        if self.shared is not None:
+            await self.shared.close()
         if self.store is not None:
             await self.store.close()
         if self.embedded is not None:
@@ -53,7 +60,7 @@ class Running:
     port: int
 
 
-def build_service(settings: Settings, journal: Journal) -> AllocationService:
+def build_service(stores: Stores, settings: Settings) -> AllocationService:
     extractor = Extractor(
         ContextLimits(
             max_context_entries=settings.max_context_entries,
@@ -67,7 +74,7 @@ def build_service(settings: Settings, journal: Journal) -> AllocationService:
         max_batch_items=settings.max_batch_items,
         max_user_id_chars=settings.max_user_id_chars,
     )
-    return AllocationService(core.Engine(), journal, extractor, limits)
+    return AllocationService(core.Engine(), stores.journal, extractor, limits, stores.shared)
 
 
 def start_embedded(settings: Settings) -> tuple[EmbeddedPostgres, str]:
@@ -79,8 +86,9 @@ def start_embedded(settings: Settings) -> tuple[EmbeddedPostgres, str]:
 
 
 async def open_stores(settings: Settings) -> Stores:
+    shared = RedisShared(settings.redis_url) if settings.redis_url else None
     if settings.in_memory:
-        return Stores(MemoryJournal())
+        return Stores(MemoryJournal(), shared=shared)
     embedded = None
     if settings.postgres_dsn is None:
         embedded, dsn = await asyncio.to_thread(start_embedded, settings)
@@ -91,7 +99,7 @@ async def open_stores(settings: Settings) -> Stores:
         if applied:
             log.info("migrations applied", extra={"migrations": applied})
     store = await PostgresStore.connect(dsn, min_size=2, max_size=8)
-    return Stores(PostgresJournal(store), store, embedded)
+    return Stores(PostgresJournal(store), store, embedded, shared)
 
 
 async def start(settings: Settings) -> Running:
@@ -100,12 +108,16 @@ async def start(settings: Settings) -> Running:
         core.seed_rng(settings.seed)
     Extractor.warm_up()
     stores = await open_stores(settings)
-    service = build_service(settings, stores.journal)
+    service = build_service(stores, settings)
+    health_servicer = health.HealthServicer()
+    # Every change of the counters goes once to each sink that persists or shares it.
+    pump = DeltaPump(service.take_deltas)
     if isinstance(stores.journal, PostgresJournal):
         experiments, counts, assignments = await stores.journal.load()
         service.restore(experiments, counts, assignments)
-        stores.journal.bind_deltas(service.take_deltas)
-        stores.journal.start()
+        pump.add_sink("postgres")
+        stores.journal.bind_deltas(lambda: pump.drain("postgres"))
+        stores.journal.start(service.load_experiments)
         log.info(
             "state loaded",
             extra={
@@ -114,6 +126,21 @@ async def start(settings: Settings) -> Running:
                 "assignments": len(assignments),
             },
         )
+    if stores.shared is not None:
+
+        def report(healthy: bool) -> None:
+            status = health_pb2.HealthCheckResponse
+            health_servicer.set(REDIS_HEALTH, status.SERVING if healthy else status.NOT_SERVING)
+
+        stores.shared.bind(
+            pump,
+            service.replace_counts,
+            service.snapshot,
+            service.experiment_handles,
+            report,
+        )
+        report(True)
+        stores.shared.start()
     server = grpc.aio.server(
         options=[
             ("grpc.max_receive_message_length", settings.max_message_bytes),
@@ -122,7 +149,6 @@ async def start(settings: Settings) -> Running:
         ]
     )
     add_services(server, service, settings.region)
-    health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
         (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server

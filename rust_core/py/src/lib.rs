@@ -257,6 +257,11 @@ impl PyEngine {
         py.allow_threads(|| self.inner.store().take_deltas())
     }
 
+    #[pyo3(signature = (experiment=None))]
+    fn snapshot(&self, py: Python<'_>, experiment: Option<u64>) -> Vec<CountRow> {
+        py.allow_threads(|| self.inner.store().snapshot(experiment))
+    }
+
     #[pyo3(signature = (rows, replace=false))]
     fn load_counts(&self, py: Python<'_>, rows: Vec<CountRow>, replace: bool) {
         py.allow_threads(|| self.inner.store().load(&rows, replace))

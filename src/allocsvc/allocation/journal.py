@@ -40,6 +40,19 @@ class Journal(Protocol):
         assignment and idempotency key)."""
 
 
+class SharedState(Protocol):
+    """Sticky assignments shared between replicas. Never raises: when the shared store is
+    down, lookups miss and claims succeed locally."""
+
+    async def sticky(self, handle: int, user_id: str) -> Assignment | None: ...
+
+    async def claim(self, assignment: Assignment) -> Assignment: ...
+
+    def assignment_made(self, assignment: Assignment) -> None: ...
+
+    async def assignment(self, assignment_id: str) -> Assignment | None: ...
+
+
 class MemoryJournal:
     """Keeps experiments' handles and conversion idempotency in the process only."""
 

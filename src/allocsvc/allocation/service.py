@@ -22,7 +22,7 @@ from allocsvc.allocation.experiments import (
     Variant,
     validate,
 )
-from allocsvc.allocation.journal import Conversion, Journal
+from allocsvc.allocation.journal import Conversion, Journal, SharedState
 from allocsvc.context import Extractor
 from allocsvc.core import Engine, key_hash
 from allocsvc.errors import (
@@ -122,8 +122,10 @@ class AllocationService:
         journal: Journal,
         extractor: Extractor,
         limits: Limits | None = None,
+        shared: SharedState | None = None,
     ) -> None:
         self._engine = engine
+        self._shared = shared
         self._journal = journal
         self._extractor = extractor
         self._limits = limits or Limits()
@@ -184,9 +186,12 @@ class AllocationService:
         return saved
 
     def load_experiments(self, experiments: Iterable[Experiment]) -> None:
-        """Install experiments read back from the store at start."""
+        """Install experiments read back from the store (at start, and as other replicas
+        create or change them); unchanged ones are left alone."""
         for experiment in experiments:
-            self._install(experiment)
+            known = self._experiments.get(experiment.key)
+            if known is None or known.updated_at_ms < experiment.updated_at_ms:
+                self._install(experiment)
 
     def restore(
         self,
@@ -204,6 +209,16 @@ class AllocationService:
     def take_deltas(self) -> list[tuple[int, int, int, int, int, float]]:
         """Counter changes since the last call (for write-behind)."""
         return self._engine.take_deltas()
+
+    def replace_counts(self, rows: list[tuple[int, int, int, int, int, float]]) -> None:
+        """Adopt merged totals from other replicas (this replica's untaken deltas stay)."""
+        self._engine.load_counts(rows, replace=True)
+
+    def snapshot(self, handle: int) -> list[tuple[int, int, int, int, int, float]]:
+        return self._engine.snapshot(handle)
+
+    def experiment_handles(self) -> list[int]:
+        return list(self._by_handle)
 
     def _install(self, experiment: Experiment) -> None:
         weights = [v.weight for v in experiment.variants]
@@ -243,8 +258,12 @@ class AllocationService:
 
     # Allocation -------------------------------------------------------------------------
 
-    def allocate(self, request: AllocationRequest) -> Allocation:
-        """Which variant this user sees; sticky users get their earlier assignment."""
+    async def allocate(self, request: AllocationRequest) -> Allocation:
+        """Which variant this user sees; sticky users get their earlier assignment.
+
+        Without shared state this does no I/O. With it, only a user this replica has not
+        seen costs a round trip (is there an assignment elsewhere? claim ours).
+        """
         experiment = self._running(request.experiment_key)
         self._check_user(request.user_id)
         context = self._extractor.extract(
@@ -256,6 +275,10 @@ class AllocationService:
         slot = (experiment.handle, request.user_id)
         if experiment.sticky:
             earlier = self._latest.get(slot)
+            if earlier is None and self._shared is not None:
+                earlier = await self._shared.sticky(experiment.handle, request.user_id)
+                if earlier is not None:
+                    self._remember(earlier)
             if earlier is not None:
                 return Allocation(earlier, experiment.variants[earlier.variant], sticky=True)
         if experiment.segmentation.mode is SegmentationMode.AUTO:
@@ -276,19 +299,31 @@ class AllocationService:
             propensity=propensity,
             created_ms=_now_ms(),
         )
-        self._latest[slot] = assignment
-        self._by_id[assignment.id] = assignment
+        if self._shared is not None:
+            if experiment.sticky:
+                standing = await self._shared.claim(assignment)
+                if standing.id != assignment.id:
+                    # Another replica answered this user first: its answer stands.
+                    self._remember(standing)
+                    return Allocation(standing, experiment.variants[standing.variant], True)
+            else:
+                self._shared.assignment_made(assignment)
+        self._remember(assignment)
         self._journal.assignment_made(assignment)
         return Allocation(assignment, experiment.variants[variant], sticky=False)
 
-    def allocate_many(
+    def _remember(self, assignment: Assignment) -> None:
+        self._latest[(assignment.handle, assignment.user_id)] = assignment
+        self._by_id[assignment.id] = assignment
+
+    async def allocate_many(
         self, requests: Sequence[AllocationRequest]
     ) -> list[Allocation | AllocsvcError]:
         """Allocate each request on its own: one bad item does not fail the others."""
         results: list[Allocation | AllocsvcError] = []
         for request in requests:
             try:
-                results.append(self.allocate(request))
+                results.append(await self.allocate(request))
             except AllocsvcError as exc:
                 results.append(exc)
         return results
@@ -304,11 +339,17 @@ class AllocationService:
 
     # Conversions ------------------------------------------------------------------------
 
-    def _assignment_for(self, request: ConversionRequest) -> Assignment:
+    async def _assignment_for(self, request: ConversionRequest) -> Assignment:
         if request.assignment_id:
             if len(request.assignment_id) > 128:
                 raise InvalidRequest("assignment_id", "longer than 128 characters")
             found = self._by_id.get(request.assignment_id)
+            if found is None and self._shared is not None:
+                found = await self._shared.assignment(request.assignment_id)
+                if found is not None and found.handle in self._by_handle:
+                    self._by_id[found.id] = found
+                else:
+                    found = None
             if found is None:
                 raise NotFound(f"assignment {request.assignment_id!r} does not exist")
             return found
@@ -321,18 +362,22 @@ class AllocationService:
             raise NotFound(f"experiment {request.experiment_key!r} does not exist")
         self._check_user(request.user_id)
         found = self._latest.get((experiment.handle, request.user_id))
+        if found is None and self._shared is not None:
+            found = await self._shared.sticky(experiment.handle, request.user_id)
+            if found is not None:
+                self._remember(found)
         if found is None:
             raise NotFound(
                 f"user {request.user_id!r} has no assignment in {request.experiment_key!r}"
             )
         return found
 
-    def _conversion(self, request: ConversionRequest) -> Conversion:
+    async def _conversion(self, request: ConversionRequest) -> Conversion:
         if not math.isfinite(request.value) or request.value < 0:
             raise InvalidRequest("value", "must be a finite number >= 0")
         if len(request.idempotency_key) > 128:
             raise InvalidRequest("idempotency_key", "longer than 128 characters")
-        assignment = self._assignment_for(request)
+        assignment = await self._assignment_for(request)
         return Conversion(
             assignment_id=assignment.id,
             handle=assignment.handle,
@@ -361,7 +406,7 @@ class AllocationService:
         pending: list[tuple[int, Conversion]] = []
         for request in requests:
             try:
-                pending.append((len(results), self._conversion(request)))
+                pending.append((len(results), await self._conversion(request)))
                 results.append(AllocsvcError())  # placeholder until the journal answers
             except AllocsvcError as exc:
                 results.append(exc)

@@ -23,7 +23,7 @@ class AllocatorServicer(pb_grpc.AllocatorServicer):
     async def Allocate(
         self, request: pb.AllocateRequest, context: Context[pb.AllocateRequest, pb.AllocateResponse]
     ) -> pb.AllocateResponse:
-        allocation = self._service.allocate(convert.allocate_request(request))
+        allocation = await self._service.allocate(convert.allocate_request(request))
         return convert.allocate_response(allocation, self._region)
 
     @maps_errors
@@ -40,7 +40,7 @@ class AllocatorServicer(pb_grpc.AllocatorServicer):
                 items.append(exc)
         valid = [i for i in items if not isinstance(i, AllocsvcError)]
         self._service.check_batch(len(items))
-        done = iter(self._service.allocate_many(valid))
+        done = iter(await self._service.allocate_many(valid))
         results = []
         for item in items:
             outcome = item if isinstance(item, AllocsvcError) else next(done)

@@ -174,7 +174,9 @@ class PostgresJournal:
         flush_interval: float = 0.1,
         commit_window: float = 0.002,
         max_group: int = 2000,
+        experiment_interval: float = 1.0,
     ) -> None:
+        self._experiment_interval = experiment_interval
         self._store = store
         self._take_deltas = take_deltas
         self._flush_interval = flush_interval
@@ -191,11 +193,25 @@ class PostgresJournal:
     def bind_deltas(self, take_deltas: Callable[[], list[CountRow]]) -> None:
         self._take_deltas = take_deltas
 
-    def start(self) -> None:
+    def start(self, on_experiments: Callable[[list[Experiment]], None] | None = None) -> None:
+        """Run the flusher and the group commit; with `on_experiments`, also hand over the
+        experiments every `experiment_interval` (other replicas create and change them)."""
         self._tasks = [
             asyncio.create_task(self._flush_loop(), name="write-behind"),
             asyncio.create_task(self._commit_loop(), name="group-commit"),
         ]
+        if on_experiments is not None:
+            self._tasks.append(
+                asyncio.create_task(self._experiment_loop(on_experiments), name="experiments")
+            )
+
+    async def _experiment_loop(self, on_experiments: Callable[[list[Experiment]], None]) -> None:
+        while True:
+            await asyncio.sleep(self._experiment_interval)
+            try:
+                on_experiments(await self.experiments())
+            except STORE_DOWN as exc:
+                log.warning("experiment refresh failed", extra={"error": repr(exc)})
 
     async def close(self) -> None:
         """Stop the loops, then write what is buffered (conversions first)."""
@@ -224,9 +240,12 @@ class PostgresJournal:
             raise Unavailable(f"experiment store unavailable: {type(exc).__name__}") from None
         return experiment_from_row(saved)
 
+    async def experiments(self) -> list[Experiment]:
+        return [experiment_from_row(r) for r in await self._store.list_experiments()]
+
     async def load(self) -> tuple[list[Experiment], list[CountRow], list[Assignment]]:
         """Everything the service needs at start: experiments, counters, assignments."""
-        experiments = [experiment_from_row(r) for r in await self._store.list_experiments()]
+        experiments = await self.experiments()
         counts = await self._store.load_counts()
         keys = {e.handle: e.key for e in experiments}
         assignments: list[Assignment] = []

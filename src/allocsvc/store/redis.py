@@ -1,0 +1,265 @@
+"""State shared between replicas through Redis: posterior counts and sticky assignments.
+
+Keys (hash tags keep one experiment's keys on one Redis Cluster slot):
+- `{ns}:{x<handle>}:counts`   hash: `<segment hash>:<variant>:a|c|v` -> totals of every replica
+- `{ns}:{x<handle>}:seeded`   set once the counts hash was seeded from a replica's totals
+- `{ns}:{x<handle>}:sticky`   hash: user id -> assignment (JSON)
+- `{ns}:asg:<assignment id>`  assignment (JSON), for conversions arriving at another replica
+
+Each replica pushes its deltas (HINCRBY / HINCRBYFLOAT in one pipeline) and replaces its view
+of the totals with the merged ones (its unpushed deltas kept on top). When Redis is down, the
+replica serves from memory, keeps its deltas, reports itself degraded, and pushes and
+re-seeds when Redis is back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from collections.abc import Callable, Iterable, Mapping, Sequence
+
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from allocsvc.allocation.service import Assignment
+from allocsvc.store.pump import CountRow, DeltaPump
+
+log = logging.getLogger(__name__)
+SINK = "redis"
+ASSIGNMENT_TTL_SECONDS = 30 * 24 * 3600
+
+
+def _encode(a: Assignment) -> str:
+    return json.dumps(
+        [
+            a.id,
+            a.experiment_key,
+            a.handle,
+            a.user_id,
+            a.variant,
+            a.segment_key,
+            a.cascade_level,
+            a.propensity,
+            a.created_ms,
+        ]
+    )
+
+
+def _decode(raw: bytes | str | None) -> Assignment | None:
+    if raw is None:
+        return None
+    f = json.loads(raw)
+    return Assignment(
+        id=f[0],
+        experiment_key=f[1],
+        handle=int(f[2]),
+        user_id=f[3],
+        variant=int(f[4]),
+        segment_key=f[5],
+        cascade_level=int(f[6]),
+        propensity=float(f[7]),
+        created_ms=int(f[8]),
+    )
+
+
+class RedisShared:
+    """Shared counts and sticky assignments. Hot-path calls never raise: a Redis failure marks
+    the replica degraded and the caller falls back to its own memory."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        namespace: str = "allocsvc",
+        push_interval: float = 0.1,
+        refresh_interval: float = 0.5,
+        timeout: float = 0.5,
+    ) -> None:
+        self._redis: aioredis.Redis = aioredis.Redis.from_url(
+            url, socket_timeout=timeout, socket_connect_timeout=timeout
+        )
+        self._ns = namespace
+        self._push_interval = push_interval
+        self._refresh_interval = refresh_interval
+        self._pump: DeltaPump | None = None
+        self._load_counts: Callable[[list[CountRow]], None] | None = None
+        self._snapshot: Callable[[int], list[CountRow]] | None = None
+        self._experiments: Callable[[], Iterable[int]] = list
+        self._on_health: Callable[[bool], None] = lambda healthy: None
+        self._task: asyncio.Task[None] | None = None
+        self._pending_assignments: list[Assignment] = []
+        self.healthy = True
+
+    def _key(self, handle: int, what: str) -> str:
+        return f"{self._ns}:{{x{handle}}}:{what}"
+
+    def bind(
+        self,
+        pump: DeltaPump,
+        load_counts: Callable[[list[CountRow]], None],
+        snapshot: Callable[[int], list[CountRow]],
+        experiments: Callable[[], Iterable[int]],
+        on_health: Callable[[bool], None],
+    ) -> None:
+        pump.add_sink(SINK)
+        self._pump = pump
+        self._load_counts = load_counts
+        self._snapshot = snapshot
+        self._experiments = experiments
+        self._on_health = on_health
+
+    def _mark(self, healthy: bool, error: BaseException | None = None) -> None:
+        if healthy != self.healthy:
+            self.healthy = healthy
+            if healthy:
+                log.info("redis is back")
+            else:
+                log.warning("redis unavailable, serving from memory", extra={"error": repr(error)})
+            self._on_health(healthy)
+
+    # Sticky assignments and lookups: a round trip only on a local miss.
+
+    async def sticky(self, handle: int, user_id: str) -> Assignment | None:
+        if not self.healthy:
+            return None
+        try:
+            return _decode(await self._redis.hget(self._key(handle, "sticky"), user_id))
+        except (RedisError, OSError) as exc:
+            self._mark(False, exc)
+            return None
+
+    async def claim(self, assignment: Assignment) -> Assignment:
+        """Make this the user's sticky assignment unless another replica was first; return the
+        one that stands."""
+        if not self.healthy:
+            return assignment
+        key = self._key(assignment.handle, "sticky")
+        encoded = _encode(assignment)
+        try:
+            async with self._redis.pipeline(transaction=False) as pipe:
+                pipe.hsetnx(key, assignment.user_id, encoded)
+                pipe.hget(key, assignment.user_id)
+                pipe.set(f"{self._ns}:asg:{assignment.id}", encoded, ex=ASSIGNMENT_TTL_SECONDS)
+                _, standing, _ = await pipe.execute()
+        except (RedisError, OSError) as exc:
+            self._mark(False, exc)
+            return assignment
+        return _decode(standing) or assignment
+
+    def assignment_made(self, assignment: Assignment) -> None:
+        """Publish a (non-sticky) assignment for lookups by id, with the next push."""
+        self._pending_assignments.append(assignment)
+
+    async def assignment(self, assignment_id: str) -> Assignment | None:
+        if not self.healthy:
+            return None
+        try:
+            return _decode(await self._redis.get(f"{self._ns}:asg:{assignment_id}"))
+        except (RedisError, OSError) as exc:
+            self._mark(False, exc)
+            return None
+
+    async def forget_users(self, handle: int, user_ids: Sequence[str]) -> None:
+        if user_ids:
+            await self._redis.hdel(self._key(handle, "sticky"), *user_ids)
+
+    # Counts: push deltas, refresh the merged view.
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._loop(), name="redis-sync")
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        with contextlib.suppress(RedisError, OSError):
+            await self.push()
+        await self._redis.aclose()
+
+    async def _loop(self) -> None:
+        since_refresh = 0.0
+        while True:
+            await asyncio.sleep(self._push_interval)
+            since_refresh += self._push_interval
+            try:
+                if not self.healthy:
+                    await self._redis.ping()
+                await self.seed_missing()
+                await self.push()
+                if since_refresh >= self._refresh_interval:
+                    since_refresh = 0.0
+                    await self.refresh()
+                self._mark(True)
+            except (RedisError, OSError) as exc:
+                self._mark(False, exc)
+
+    async def seed_missing(self) -> None:
+        """Seed each experiment's counts hash from this replica's totals if nobody has (new
+        Redis, or Redis lost its data); the first replica to get the marker writes."""
+        assert self._pump is not None and self._snapshot is not None
+        for handle in self._experiments():
+            if await self._redis.exists(self._key(handle, "seeded")):
+                continue
+            if not await self._redis.set(self._key(handle, "seeded"), "1", nx=True):
+                continue
+            # The snapshot includes every delta taken so far: drop those from the push buffer.
+            self._pump.pump()
+            self._pump.discard(SINK, handle)
+            rows = self._snapshot(handle)
+            if rows:
+                await self._redis.hset(self._key(handle, "counts"), items=_fields(rows))
+            log.info("seeded shared counts", extra={"experiment": handle, "rows": len(rows)})
+
+    async def push(self) -> None:
+        assert self._pump is not None
+        rows = self._pump.drain(SINK)
+        assignments, self._pending_assignments = self._pending_assignments, []
+        if not rows and not assignments:
+            return
+        try:
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for e, s, v, a, k, x in rows:
+                    key = self._key(e, "counts")
+                    if a:
+                        pipe.hincrby(key, f"{s}:{v}:a", a)
+                    if k:
+                        pipe.hincrby(key, f"{s}:{v}:c", k)
+                    if x:
+                        pipe.hincrbyfloat(key, f"{s}:{v}:v", x)
+                for asg in assignments:
+                    pipe.set(f"{self._ns}:asg:{asg.id}", _encode(asg), ex=ASSIGNMENT_TTL_SECONDS)
+                await pipe.execute()
+        except (RedisError, OSError):
+            # Not written (or not known to be): keep for the next push. A pipeline that failed
+            # half way may apply twice; counts are approximate across an outage, Postgres
+            # holds the exact conversion counts.
+            self._pump.restore(SINK, rows)
+            self._pending_assignments[:0] = assignments
+            raise
+
+    async def refresh(self) -> None:
+        assert self._load_counts is not None
+        for handle in self._experiments():
+            raw = await self._redis.hgetall(self._key(handle, "counts"))
+            self._load_counts(_rows(handle, raw))
+
+
+def _fields(rows: list[CountRow]) -> list[str]:
+    """Field, value, field, value, ... of the counts hash for these totals."""
+    items: list[str] = []
+    for _, s, v, a, k, x in rows:
+        items += [f"{s}:{v}:a", str(a), f"{s}:{v}:c", str(k), f"{s}:{v}:v", repr(x)]
+    return items
+
+
+def _rows(handle: int, raw: Mapping[bytes | str, bytes | str]) -> list[CountRow]:
+    merged: dict[tuple[int, int], list[float]] = {}
+    for field, value in raw.items():
+        name = field.decode() if isinstance(field, bytes) else field
+        segment, variant, kind = name.split(":")
+        acc = merged.setdefault((int(segment), int(variant)), [0, 0, 0.0])
+        acc["acv".index(kind)] = float(value) if kind == "v" else int(value)
+    return [(handle, s, v, int(a), int(c), float(x)) for (s, v), (a, c, x) in merged.items()]
