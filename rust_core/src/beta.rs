@@ -115,7 +115,9 @@ pub fn thompson_select<R: Rng + ?Sized>(
 /// Monte Carlo estimate of the probability that Thompson selection picks each variant.
 ///
 /// Uses `draws` rounds of the same selection rule; the standard error of each probability is at
-/// most 0.5 / sqrt(draws).
+/// most 0.5 / sqrt(draws). Each share is smoothed as (wins + 1/K) / (draws + 1), so no variant
+/// that can be chosen gets probability 0 (inverse-propensity weights stay finite) and the
+/// shares still sum to 1.
 pub fn selection_probabilities<R: Rng + ?Sized>(
     rng: &mut R,
     alphas: &[f64],
@@ -127,7 +129,10 @@ pub fn selection_probabilities<R: Rng + ?Sized>(
     for _ in 0..draws {
         wins[thompson_select(rng, alphas, betas, bonus)] += 1;
     }
-    wins.iter().map(|&w| w as f64 / draws as f64).collect()
+    let prior = 1.0 / alphas.len() as f64;
+    wins.iter()
+        .map(|&w| (w as f64 + prior) / (draws as f64 + 1.0))
+        .collect()
 }
 
 #[cfg(test)]

@@ -6,9 +6,10 @@ use crate::cascade::{cascade_level, Tree};
 use crate::error::CoreError;
 use crate::keys::{bucket, key_hash, path_hashes_of_key, push_level, valid_dimension};
 use crate::store::{Node, NodeId, PropensityCache, Segments, Store};
-use arc_swap::ArcSwapOption;
-use parking_lot::RwLock;
+use arc_swap::{ArcSwap, ArcSwapOption};
+use parking_lot::Mutex;
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 /// Most segment dimensions (cascade levels below global) an experiment may have.
@@ -161,12 +162,20 @@ struct ExperimentEntry {
     cumulative: Vec<f64>,
     tree: ArcSwapOption<Tree>,
     segments: Arc<Segments>,
+    /// Distinct per `configure` call: cached propensities of older settings do not match.
+    generation: u64,
 }
+
+static GENERATIONS: AtomicU64 = AtomicU64::new(1);
+
+type ExperimentMap = HashMap<u64, Arc<ExperimentEntry>>;
 
 /// The experiment table, segment trees and posterior store; every method is thread-safe.
 #[derive(Default)]
 pub struct Engine {
-    experiments: RwLock<HashMap<u64, Arc<ExperimentEntry>>>,
+    /// Read on every decision without locking; writers copy, change and swap it.
+    experiments: ArcSwap<ExperimentMap>,
+    writers: Mutex<()>,
     store: Store,
 }
 
@@ -212,7 +221,8 @@ impl Engine {
     pub fn configure(&self, experiment: u64, config: ExperimentConfig) -> Result<(), CoreError> {
         config.validate()?;
         let cumulative = config.cumulative_weights();
-        let mut map = self.experiments.write();
+        let _writer = self.writers.lock();
+        let mut map = ExperimentMap::clone(&self.experiments.load());
         let tree = map.get(&experiment).and_then(|e| e.tree.load_full());
         map.insert(
             experiment,
@@ -221,24 +231,29 @@ impl Engine {
                 cumulative,
                 tree: ArcSwapOption::new(tree),
                 segments: self.store.segments(experiment),
+                generation: GENERATIONS.fetch_add(1, Ordering::Relaxed),
             }),
         );
+        self.experiments.store(Arc::new(map));
         Ok(())
     }
 
     /// Forget an experiment and its counters.
     pub fn remove(&self, experiment: u64) {
-        self.experiments.write().remove(&experiment);
+        let _writer = self.writers.lock();
+        let mut map = ExperimentMap::clone(&self.experiments.load());
+        map.remove(&experiment);
+        self.experiments.store(Arc::new(map));
         self.store.remove_experiment(experiment);
     }
 
     pub fn has_experiment(&self, experiment: u64) -> bool {
-        self.experiments.read().contains_key(&experiment)
+        self.experiments.load().contains_key(&experiment)
     }
 
     fn entry(&self, experiment: u64) -> Result<Arc<ExperimentEntry>, CoreError> {
         self.experiments
-            .read()
+            .load()
             .get(&experiment)
             .cloned()
             .ok_or(CoreError::UnknownExperiment(experiment))
@@ -262,8 +277,11 @@ impl Engine {
         values: &[S],
         record: bool,
     ) -> Result<Decision, CoreError> {
-        let entry = self.entry(experiment)?;
-        self.decide_with(&entry, user_id, values, record)
+        let map = self.experiments.load();
+        let entry = map
+            .get(&experiment)
+            .ok_or(CoreError::UnknownExperiment(experiment))?;
+        self.decide_with(entry, user_id, values, record)
     }
 
     /// `decide` for many users of one experiment; each item fails or succeeds on its own.
@@ -282,6 +300,14 @@ impl Engine {
             )));
         }
         let entry = self.entry(experiment)?;
+        // Check every item before deciding any, so a bad batch records nothing.
+        let depth = entry.config.dimensions.len();
+        if let Some(i) = values.iter().position(|v| v.len() != depth) {
+            return Err(CoreError::invalid(format!(
+                "values[{i}]: expected {depth} values (one per dimension), got {}",
+                values[i].len()
+            )));
+        }
         Ok(user_ids
             .iter()
             .zip(values)
@@ -461,7 +487,13 @@ fn thompson(
     (
         variant,
         level,
-        propensity(nodes, level, hashes[level], variant, cfg),
+        propensity(
+            nodes,
+            level,
+            hashes[level] ^ entry.generation.wrapping_mul(0x9E37_79B9_7F4A_7C15),
+            variant,
+            cfg,
+        ),
     )
 }
 

@@ -38,6 +38,14 @@ pub fn valid_dimension(name: &str) -> bool {
 /// Append the canonical form of one value to `out`.
 pub fn push_canonical_value(value: &str, out: &mut String) {
     let value = value.trim();
+    // Fast path: plain lower-case ASCII needs no change.
+    if value
+        .bytes()
+        .all(|b| b.is_ascii() && !b.is_ascii_uppercase() && !matches!(b, b'%' | b'|' | b':'))
+    {
+        out.push_str(value);
+        return;
+    }
     for ch in value.chars() {
         match ch {
             '%' => out.push_str("%25"),

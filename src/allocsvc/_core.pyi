@@ -5,8 +5,23 @@ Segment hashes are unsigned 64-bit integers (xxh3-64 of the canonical key's UTF-
 """
 
 from collections.abc import Sequence
+from typing import final
 
 __version__: str
+__all__ = [
+    "Engine",
+    "__version__",
+    "beta_throughput",
+    "bucket",
+    "key_hash",
+    "parent_keys",
+    "path_keys",
+    "sample_beta",
+    "seed_rng",
+    "segment_key",
+    "selection_probabilities",
+    "thompson_select",
+]
 
 # (experiment, segment hash, variant, allocations, conversions, value sum)
 CountRow = tuple[int, int, int, int, int, float]
@@ -47,6 +62,7 @@ def selection_probabilities(
 ) -> list[float]:
     """Monte Carlo probability that Thompson selection picks each variant."""
 
+@final
 class Engine:
     """Posterior store, experiment table and segment trees; all methods are thread-safe."""
 
@@ -109,7 +125,7 @@ class Engine:
     def load_counts(self, rows: Sequence[CountRow], replace: bool = False) -> None:
         """Add rows to the totals, or with `replace` set totals to them (pending deltas kept)."""
 
-    def set_tree(self, experiment: int, nodes: Sequence[int] | None) -> None:
+    def set_tree(self, experiment: int, nodes: Sequence[int] | None = None) -> None:
         """Swap in the node hashes the cascade may use; None allows every node."""
 
     def propensities(self, experiment: int, segment_key: str) -> list[float]:

@@ -233,6 +233,7 @@ async def test_assignments_round_trip_and_stickiness(store: PostgresStore) -> No
     assert await store.get_assignment(eid, "user-3") is None
     assert [a.id for a in await store.load_assignments(eid)] == ["a-1", "a-2", "a-3"]
 
+
 PATH = [3244421341483603138, 2**64 - 5, 2**63]  # global, level 1, level 2
 
 
