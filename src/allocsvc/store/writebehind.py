@@ -18,8 +18,10 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
 import asyncpg
@@ -45,6 +47,7 @@ from allocsvc.store.postgres import (
     CountRow,
     ExperimentRow,
     PostgresStore,
+    SegmentRow,
     VariantRow,
 )
 
@@ -175,8 +178,11 @@ class PostgresJournal:
         commit_window: float = 0.002,
         max_group: int = 2000,
         experiment_interval: float = 1.0,
+        analytics_interval: float = 60.0,
     ) -> None:
         self._experiment_interval = experiment_interval
+        self._analytics_interval = analytics_interval
+        self._known_segments: set[tuple[int, int]] = set()
         self._store = store
         self._take_deltas = take_deltas
         self._flush_interval = flush_interval
@@ -274,9 +280,41 @@ class PostgresJournal:
         )
 
     async def _flush_loop(self) -> None:
+        since_refresh = 0.0
         while True:
             await asyncio.sleep(self._flush_interval)
             await self.flush()
+            since_refresh += self._flush_interval
+            if since_refresh >= self._analytics_interval:
+                since_refresh = 0.0
+                await self.refresh_analytics()
+
+    def _new_segments(self, rows: Iterable[AssignmentRow]) -> list[SegmentRow]:
+        """Segments (every level of each path) not registered yet by this process."""
+        out: list[SegmentRow] = []
+        for row in rows:
+            parent: int | None = None
+            for level, key in enumerate(parent_keys(row.segment_key)):
+                h = key_hash(key)
+                if (row.experiment_id, h) not in self._known_segments:
+                    self._known_segments.add((row.experiment_id, h))
+                    dims = dict(part.split(":", 1) for part in key.split("|")) if key else {}
+                    out.append(SegmentRow(row.experiment_id, h, key, level, parent, dims))
+                parent = h
+        return out
+
+    async def _add_traffic(self, rows: Iterable[AssignmentRow]) -> None:
+        """Daily visitors (new assignments) and allocations per experiment."""
+        per_experiment = Counter(r.experiment_id for r in rows)
+        today = datetime.now(UTC).date()
+        for experiment_id, n in per_experiment.items():
+            await self._store.add_traffic(experiment_id, today, visitors=n, allocations=n)
+
+    async def refresh_analytics(self) -> None:
+        try:
+            await self._store.refresh_analytics()
+        except Exception as exc:
+            log.warning("analytics refresh failed", extra={"error": repr(exc)})
 
     async def flush(self) -> None:
         """Write buffered assignments and allocation deltas; keep them on failure."""
@@ -288,12 +326,18 @@ class PostgresJournal:
         counts, self._unwritten_counts = self._unwritten_counts, []
         if not batch and not counts:
             return
+        segments = self._new_segments(row for row, _ in batch)
         try:
             if batch:
                 await self._store.insert_assignments([row for row, _ in batch])
+                await self._store.upsert_segments(segments)
+                await self._add_traffic(row for row, _ in batch)
             if counts:
                 await self._store.apply_count_deltas(counts)
         except Exception as exc:
+            self._known_segments.difference_update(
+                (s.experiment_id, s.segment_hash) for s in segments
+            )
             # Keep everything for the next attempt (assignment inserts are idempotent by id).
             self._assignments[:0] = batch
             self._unwritten_counts[:0] = counts
