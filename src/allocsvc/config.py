@@ -83,7 +83,9 @@ def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings
             return (init_settings, env_settings, InitSettingsSource(settings_cls, values))
 
     try:
-        return FileSettings(**{k: v for k, v in overrides.items() if v is not None})
+        merged = FileSettings(**{k: v for k, v in overrides.items() if v is not None})
+        # A plain Settings (the local subclass cannot be pickled to worker processes).
+        return Settings.model_construct(**merged.model_dump())
     except ValidationError as exc:
         problems = "; ".join(
             f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors()
