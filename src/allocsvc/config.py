@@ -43,6 +43,11 @@ class Settings(BaseSettings):
     max_message_bytes: int = Field(16 * 1024 * 1024, ge=1024)
     user_agent_cache_size: int = Field(4096, ge=0)
 
+    # Background jobs (seconds between runs; 0 switches a job off).
+    eligibility_interval: float = Field(600.0, ge=0)
+    eligibility_window_days: int = Field(7, ge=1, le=90)
+    tree_rebuild_interval: float = Field(300.0, ge=0)
+
     # Stores: no DSN means the embedded PostgreSQL under data_dir.
     postgres_dsn: str | None = None
     redis_url: str | None = None

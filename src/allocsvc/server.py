@@ -14,6 +14,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from allocsvc import core, logs
+from allocsvc.allocation.insights import Insights
 from allocsvc.allocation.journal import Journal, MemoryJournal
 from allocsvc.allocation.service import AllocationService, Limits
 from allocsvc.api import SERVICE_NAMES, add_services
@@ -23,6 +24,7 @@ from allocsvc.store import EmbeddedPostgres, PostgresStore, migrate
 from allocsvc.store.pump import DeltaPump
 from allocsvc.store.redis import RedisShared
 from allocsvc.store.writebehind import PostgresJournal
+from allocsvc.tasks import Scheduler
 
 log = logging.getLogger(__name__)
 # Health service name that reports whether the shared Redis is reachable.
@@ -57,6 +59,7 @@ class Running:
     health: health.HealthServicer
     service: AllocationService
     stores: Stores
+    scheduler: Scheduler
     port: int
 
 
@@ -148,7 +151,8 @@ async def start(settings: Settings) -> Running:
             ("grpc.so_reuseport", 1),
         ]
     )
-    add_services(server, service, settings.region)
+    insights = Insights(service, stores.journal, window_days=settings.eligibility_window_days)
+    add_services(server, service, insights, settings.region)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
         (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server
@@ -157,14 +161,18 @@ async def start(settings: Settings) -> Running:
     await server.start()
     for name in ("", *SERVICE_NAMES):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    scheduler = Scheduler()
+    scheduler.every("eligibility", settings.eligibility_interval, insights.run_eligibility_checks)
+    scheduler.every("tree-rebuild", settings.tree_rebuild_interval, insights.rebuild_all)
     log.info("serving", extra={"host": settings.host, "port": port, "pid": os.getpid()})
-    return Running(server, health_servicer, service, stores, port)
+    return Running(server, health_servicer, service, stores, scheduler, port)
 
 
 async def stop(running: Running, grace: float) -> None:
     """Health NOT_SERVING, stop accepting, finish in-flight RPCs within `grace`, flush."""
     running.health.enter_graceful_shutdown()
     await running.server.stop(grace)
+    await running.scheduler.stop()
     await running.stores.close()
     log.info("stopped", extra={"pid": os.getpid()})
 

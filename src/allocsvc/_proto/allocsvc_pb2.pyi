@@ -289,3 +289,353 @@ class UpdateExperimentRequest(_message.Message):
     experiment: Experiment
     update_mask: _field_mask_pb2.FieldMask
     def __init__(self, experiment: _Optional[_Union[Experiment, _Mapping]] = ..., update_mask: _Optional[_Union[_field_mask_pb2.FieldMask, _Mapping]] = ...) -> None: ...
+
+class GetSegmentationConfigRequest(_message.Message):
+    __slots__ = ("experiment_id",)
+    EXPERIMENT_ID_FIELD_NUMBER: _ClassVar[int]
+    experiment_id: str
+    def __init__(self, experiment_id: _Optional[str] = ...) -> None: ...
+
+class UpdateSegmentationConfigRequest(_message.Message):
+    __slots__ = ("experiment_id", "config")
+    EXPERIMENT_ID_FIELD_NUMBER: _ClassVar[int]
+    CONFIG_FIELD_NUMBER: _ClassVar[int]
+    experiment_id: str
+    config: SegmentationConfig
+    def __init__(self, experiment_id: _Optional[str] = ..., config: _Optional[_Union[SegmentationConfig, _Mapping]] = ...) -> None: ...
+
+class GetEligibilityRequest(_message.Message):
+    __slots__ = ("experiment_id",)
+    EXPERIMENT_ID_FIELD_NUMBER: _ClassVar[int]
+    experiment_id: str
+    def __init__(self, experiment_id: _Optional[str] = ...) -> None: ...
+
+class GetEligibilityResponse(_message.Message):
+    __slots__ = ("eligible", "average_daily_visitors", "threshold", "recommendation", "reason")
+    ELIGIBLE_FIELD_NUMBER: _ClassVar[int]
+    AVERAGE_DAILY_VISITORS_FIELD_NUMBER: _ClassVar[int]
+    THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    RECOMMENDATION_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    eligible: bool
+    average_daily_visitors: float
+    threshold: int
+    recommendation: Recommendation
+    reason: str
+    def __init__(self, eligible: _Optional[bool] = ..., average_daily_visitors: _Optional[float] = ..., threshold: _Optional[int] = ..., recommendation: _Optional[_Union[Recommendation, _Mapping]] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class ListSegmentsRequest(_message.Message):
+    __slots__ = ("experiment_id", "page_size", "page_token")
+    EXPERIMENT_ID_FIELD_NUMBER: _ClassVar[int]
+    PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    experiment_id: str
+    page_size: int
+    page_token: str
+    def __init__(self, experiment_id: _Optional[str] = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ...) -> None: ...
+
+class VariantCounts(_message.Message):
+    __slots__ = ("variant_id", "allocations", "conversions", "value_sum")
+    VARIANT_ID_FIELD_NUMBER: _ClassVar[int]
+    ALLOCATIONS_FIELD_NUMBER: _ClassVar[int]
+    CONVERSIONS_FIELD_NUMBER: _ClassVar[int]
+    VALUE_SUM_FIELD_NUMBER: _ClassVar[int]
+    variant_id: str
+    allocations: int
+    conversions: int
+    value_sum: float
+    def __init__(self, variant_id: _Optional[str] = ..., allocations: _Optional[int] = ..., conversions: _Optional[int] = ..., value_sum: _Optional[float] = ...) -> None: ...
+
+class SegmentCounts(_message.Message):
+    __slots__ = ("segment_key", "level", "variants")
+    SEGMENT_KEY_FIELD_NUMBER: _ClassVar[int]
+    LEVEL_FIELD_NUMBER: _ClassVar[int]
+    VARIANTS_FIELD_NUMBER: _ClassVar[int]
+    segment_key: str
+    level: int
+    variants: _containers.RepeatedCompositeFieldContainer[VariantCounts]
+    def __init__(self, segment_key: _Optional[str] = ..., level: _Optional[int] = ..., variants: _Optional[_Iterable[_Union[VariantCounts, _Mapping]]] = ...) -> None: ...
+
+class ListSegmentsResponse(_message.Message):
+    __slots__ = ("segments", "next_page_token")
+    SEGMENTS_FIELD_NUMBER: _ClassVar[int]
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    segments: _containers.RepeatedCompositeFieldContainer[SegmentCounts]
+    next_page_token: str
+    def __init__(self, segments: _Optional[_Iterable[_Union[SegmentCounts, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
+
+class Recommendation(_message.Message):
+    __slots__ = ("id", "experiment_id", "kind", "dimensions", "expected_benefit", "reason", "status", "created_at_unix_ms")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    EXPERIMENT_ID_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    DIMENSIONS_FIELD_NUMBER: _ClassVar[int]
+    EXPECTED_BENEFIT_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    CREATED_AT_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    experiment_id: str
+    kind: str
+    dimensions: _containers.RepeatedScalarFieldContainer[str]
+    expected_benefit: float
+    reason: str
+    status: str
+    created_at_unix_ms: int
+    def __init__(self, id: _Optional[str] = ..., experiment_id: _Optional[str] = ..., kind: _Optional[str] = ..., dimensions: _Optional[_Iterable[str]] = ..., expected_benefit: _Optional[float] = ..., reason: _Optional[str] = ..., status: _Optional[str] = ..., created_at_unix_ms: _Optional[int] = ...) -> None: ...
+
+class ListRecommendationsRequest(_message.Message):
+    __slots__ = ("experiment_id", "status")
+    EXPERIMENT_ID_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    experiment_id: str
+    status: str
+    def __init__(self, experiment_id: _Optional[str] = ..., status: _Optional[str] = ...) -> None: ...
+
+class ListRecommendationsResponse(_message.Message):
+    __slots__ = ("recommendations",)
+    RECOMMENDATIONS_FIELD_NUMBER: _ClassVar[int]
+    recommendations: _containers.RepeatedCompositeFieldContainer[Recommendation]
+    def __init__(self, recommendations: _Optional[_Iterable[_Union[Recommendation, _Mapping]]] = ...) -> None: ...
+
+class AcceptRecommendationRequest(_message.Message):
+    __slots__ = ("recommendation_id",)
+    RECOMMENDATION_ID_FIELD_NUMBER: _ClassVar[int]
+    recommendation_id: str
+    def __init__(self, recommendation_id: _Optional[str] = ...) -> None: ...
+
+class DismissRecommendationRequest(_message.Message):
+    __slots__ = ("recommendation_id",)
+    RECOMMENDATION_ID_FIELD_NUMBER: _ClassVar[int]
+    recommendation_id: str
+    def __init__(self, recommendation_id: _Optional[str] = ...) -> None: ...
+
+class RebuildTreeRequest(_message.Message):
+    __slots__ = ("experiment_id",)
+    EXPERIMENT_ID_FIELD_NUMBER: _ClassVar[int]
+    experiment_id: str
+    def __init__(self, experiment_id: _Optional[str] = ...) -> None: ...
+
+class TreeSummary(_message.Message):
+    __slots__ = ("nodes", "kept", "pruned", "leaves", "kept_per_level", "best_segment", "worst_segment")
+    NODES_FIELD_NUMBER: _ClassVar[int]
+    KEPT_FIELD_NUMBER: _ClassVar[int]
+    PRUNED_FIELD_NUMBER: _ClassVar[int]
+    LEAVES_FIELD_NUMBER: _ClassVar[int]
+    KEPT_PER_LEVEL_FIELD_NUMBER: _ClassVar[int]
+    BEST_SEGMENT_FIELD_NUMBER: _ClassVar[int]
+    WORST_SEGMENT_FIELD_NUMBER: _ClassVar[int]
+    nodes: int
+    kept: int
+    pruned: int
+    leaves: int
+    kept_per_level: _containers.RepeatedScalarFieldContainer[int]
+    best_segment: str
+    worst_segment: str
+    def __init__(self, nodes: _Optional[int] = ..., kept: _Optional[int] = ..., pruned: _Optional[int] = ..., leaves: _Optional[int] = ..., kept_per_level: _Optional[_Iterable[int]] = ..., best_segment: _Optional[str] = ..., worst_segment: _Optional[str] = ...) -> None: ...
+
+class RebuildTreeResponse(_message.Message):
+    __slots__ = ("summary", "version")
+    SUMMARY_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    summary: TreeSummary
+    version: int
+    def __init__(self, summary: _Optional[_Union[TreeSummary, _Mapping]] = ..., version: _Optional[int] = ...) -> None: ...
+
+class GetTreeRequest(_message.Message):
+    __slots__ = ("experiment_id", "format")
+    EXPERIMENT_ID_FIELD_NUMBER: _ClassVar[int]
+    FORMAT_FIELD_NUMBER: _ClassVar[int]
+    experiment_id: str
+    format: str
+    def __init__(self, experiment_id: _Optional[str] = ..., format: _Optional[str] = ...) -> None: ...
+
+class CascadeLevelUsage(_message.Message):
+    __slots__ = ("level", "allocations", "conversions", "share")
+    LEVEL_FIELD_NUMBER: _ClassVar[int]
+    ALLOCATIONS_FIELD_NUMBER: _ClassVar[int]
+    CONVERSIONS_FIELD_NUMBER: _ClassVar[int]
+    SHARE_FIELD_NUMBER: _ClassVar[int]
+    level: int
+    allocations: int
+    conversions: int
+    share: float
+    def __init__(self, level: _Optional[int] = ..., allocations: _Optional[int] = ..., conversions: _Optional[int] = ..., share: _Optional[float] = ...) -> None: ...
+
+class GetTreeResponse(_message.Message):
+    __slots__ = ("format", "content", "summary", "cascade")
+    FORMAT_FIELD_NUMBER: _ClassVar[int]
+    CONTENT_FIELD_NUMBER: _ClassVar[int]
+    SUMMARY_FIELD_NUMBER: _ClassVar[int]
+    CASCADE_FIELD_NUMBER: _ClassVar[int]
+    format: str
+    content: str
+    summary: TreeSummary
+    cascade: _containers.RepeatedCompositeFieldContainer[CascadeLevelUsage]
+    def __init__(self, format: _Optional[str] = ..., content: _Optional[str] = ..., summary: _Optional[_Union[TreeSummary, _Mapping]] = ..., cascade: _Optional[_Iterable[_Union[CascadeLevelUsage, _Mapping]]] = ...) -> None: ...
+
+class AnalyzeSegmentsRequest(_message.Message):
+    __slots__ = ("experiment_id", "min_allocations", "alpha")
+    EXPERIMENT_ID_FIELD_NUMBER: _ClassVar[int]
+    MIN_ALLOCATIONS_FIELD_NUMBER: _ClassVar[int]
+    ALPHA_FIELD_NUMBER: _ClassVar[int]
+    experiment_id: str
+    min_allocations: int
+    alpha: float
+    def __init__(self, experiment_id: _Optional[str] = ..., min_allocations: _Optional[int] = ..., alpha: _Optional[float] = ...) -> None: ...
+
+class SegmentVariantResult(_message.Message):
+    __slots__ = ("segment_key", "variant_id", "allocations", "conversions", "conversion_rate", "global_rate", "lift", "p_value", "p_adjusted", "cohens_h", "significant", "reason")
+    SEGMENT_KEY_FIELD_NUMBER: _ClassVar[int]
+    VARIANT_ID_FIELD_NUMBER: _ClassVar[int]
+    ALLOCATIONS_FIELD_NUMBER: _ClassVar[int]
+    CONVERSIONS_FIELD_NUMBER: _ClassVar[int]
+    CONVERSION_RATE_FIELD_NUMBER: _ClassVar[int]
+    GLOBAL_RATE_FIELD_NUMBER: _ClassVar[int]
+    LIFT_FIELD_NUMBER: _ClassVar[int]
+    P_VALUE_FIELD_NUMBER: _ClassVar[int]
+    P_ADJUSTED_FIELD_NUMBER: _ClassVar[int]
+    COHENS_H_FIELD_NUMBER: _ClassVar[int]
+    SIGNIFICANT_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    segment_key: str
+    variant_id: str
+    allocations: int
+    conversions: int
+    conversion_rate: float
+    global_rate: float
+    lift: float
+    p_value: float
+    p_adjusted: float
+    cohens_h: float
+    significant: bool
+    reason: str
+    def __init__(self, segment_key: _Optional[str] = ..., variant_id: _Optional[str] = ..., allocations: _Optional[int] = ..., conversions: _Optional[int] = ..., conversion_rate: _Optional[float] = ..., global_rate: _Optional[float] = ..., lift: _Optional[float] = ..., p_value: _Optional[float] = ..., p_adjusted: _Optional[float] = ..., cohens_h: _Optional[float] = ..., significant: _Optional[bool] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class AnalyzeSegmentsResponse(_message.Message):
+    __slots__ = ("results", "high_performers", "underperformers", "anomalies", "recommendations", "reason")
+    RESULTS_FIELD_NUMBER: _ClassVar[int]
+    HIGH_PERFORMERS_FIELD_NUMBER: _ClassVar[int]
+    UNDERPERFORMERS_FIELD_NUMBER: _ClassVar[int]
+    ANOMALIES_FIELD_NUMBER: _ClassVar[int]
+    RECOMMENDATIONS_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    results: _containers.RepeatedCompositeFieldContainer[SegmentVariantResult]
+    high_performers: _containers.RepeatedScalarFieldContainer[str]
+    underperformers: _containers.RepeatedScalarFieldContainer[str]
+    anomalies: _containers.RepeatedScalarFieldContainer[str]
+    recommendations: _containers.RepeatedScalarFieldContainer[str]
+    reason: str
+    def __init__(self, results: _Optional[_Iterable[_Union[SegmentVariantResult, _Mapping]]] = ..., high_performers: _Optional[_Iterable[str]] = ..., underperformers: _Optional[_Iterable[str]] = ..., anomalies: _Optional[_Iterable[str]] = ..., recommendations: _Optional[_Iterable[str]] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class CalculateSampleSizeRequest(_message.Message):
+    __slots__ = ("baseline_rate", "minimum_detectable_effect", "absolute_effect", "alpha", "power", "variants", "segments", "one_sided", "daily_traffic", "experiment_id", "horizon_days")
+    BASELINE_RATE_FIELD_NUMBER: _ClassVar[int]
+    MINIMUM_DETECTABLE_EFFECT_FIELD_NUMBER: _ClassVar[int]
+    ABSOLUTE_EFFECT_FIELD_NUMBER: _ClassVar[int]
+    ALPHA_FIELD_NUMBER: _ClassVar[int]
+    POWER_FIELD_NUMBER: _ClassVar[int]
+    VARIANTS_FIELD_NUMBER: _ClassVar[int]
+    SEGMENTS_FIELD_NUMBER: _ClassVar[int]
+    ONE_SIDED_FIELD_NUMBER: _ClassVar[int]
+    DAILY_TRAFFIC_FIELD_NUMBER: _ClassVar[int]
+    EXPERIMENT_ID_FIELD_NUMBER: _ClassVar[int]
+    HORIZON_DAYS_FIELD_NUMBER: _ClassVar[int]
+    baseline_rate: float
+    minimum_detectable_effect: float
+    absolute_effect: bool
+    alpha: float
+    power: float
+    variants: int
+    segments: int
+    one_sided: bool
+    daily_traffic: float
+    experiment_id: str
+    horizon_days: int
+    def __init__(self, baseline_rate: _Optional[float] = ..., minimum_detectable_effect: _Optional[float] = ..., absolute_effect: _Optional[bool] = ..., alpha: _Optional[float] = ..., power: _Optional[float] = ..., variants: _Optional[int] = ..., segments: _Optional[int] = ..., one_sided: _Optional[bool] = ..., daily_traffic: _Optional[float] = ..., experiment_id: _Optional[str] = ..., horizon_days: _Optional[int] = ...) -> None: ...
+
+class CalculateSampleSizeResponse(_message.Message):
+    __slots__ = ("per_variant", "total", "effect_size", "adjusted_alpha", "days_needed", "achievable", "daily_traffic", "reason")
+    PER_VARIANT_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_FIELD_NUMBER: _ClassVar[int]
+    EFFECT_SIZE_FIELD_NUMBER: _ClassVar[int]
+    ADJUSTED_ALPHA_FIELD_NUMBER: _ClassVar[int]
+    DAYS_NEEDED_FIELD_NUMBER: _ClassVar[int]
+    ACHIEVABLE_FIELD_NUMBER: _ClassVar[int]
+    DAILY_TRAFFIC_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    per_variant: int
+    total: int
+    effect_size: float
+    adjusted_alpha: float
+    days_needed: float
+    achievable: bool
+    daily_traffic: float
+    reason: str
+    def __init__(self, per_variant: _Optional[int] = ..., total: _Optional[int] = ..., effect_size: _Optional[float] = ..., adjusted_alpha: _Optional[float] = ..., days_needed: _Optional[float] = ..., achievable: _Optional[bool] = ..., daily_traffic: _Optional[float] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class ValidateExperimentRequest(_message.Message):
+    __slots__ = ("experiment_id",)
+    EXPERIMENT_ID_FIELD_NUMBER: _ClassVar[int]
+    experiment_id: str
+    def __init__(self, experiment_id: _Optional[str] = ...) -> None: ...
+
+class SampleRatioCheck(_message.Message):
+    __slots__ = ("mismatch", "statistic", "p_value", "observed", "expected", "reason")
+    MISMATCH_FIELD_NUMBER: _ClassVar[int]
+    STATISTIC_FIELD_NUMBER: _ClassVar[int]
+    P_VALUE_FIELD_NUMBER: _ClassVar[int]
+    OBSERVED_FIELD_NUMBER: _ClassVar[int]
+    EXPECTED_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    mismatch: bool
+    statistic: float
+    p_value: float
+    observed: _containers.RepeatedScalarFieldContainer[int]
+    expected: _containers.RepeatedScalarFieldContainer[float]
+    reason: str
+    def __init__(self, mismatch: _Optional[bool] = ..., statistic: _Optional[float] = ..., p_value: _Optional[float] = ..., observed: _Optional[_Iterable[int]] = ..., expected: _Optional[_Iterable[float]] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class VariantProbability(_message.Message):
+    __slots__ = ("variant_id", "probability_best", "expected_loss")
+    VARIANT_ID_FIELD_NUMBER: _ClassVar[int]
+    PROBABILITY_BEST_FIELD_NUMBER: _ClassVar[int]
+    EXPECTED_LOSS_FIELD_NUMBER: _ClassVar[int]
+    variant_id: str
+    probability_best: float
+    expected_loss: float
+    def __init__(self, variant_id: _Optional[str] = ..., probability_best: _Optional[float] = ..., expected_loss: _Optional[float] = ...) -> None: ...
+
+class EarlyStopping(_message.Message):
+    __slots__ = ("stop", "winner", "variants", "reason")
+    STOP_FIELD_NUMBER: _ClassVar[int]
+    WINNER_FIELD_NUMBER: _ClassVar[int]
+    VARIANTS_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    stop: bool
+    winner: str
+    variants: _containers.RepeatedCompositeFieldContainer[VariantProbability]
+    reason: str
+    def __init__(self, stop: _Optional[bool] = ..., winner: _Optional[str] = ..., variants: _Optional[_Iterable[_Union[VariantProbability, _Mapping]]] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class Alert(_message.Message):
+    __slots__ = ("kind", "severity", "message", "subject")
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    SEVERITY_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    SUBJECT_FIELD_NUMBER: _ClassVar[int]
+    kind: str
+    severity: str
+    message: str
+    subject: str
+    def __init__(self, kind: _Optional[str] = ..., severity: _Optional[str] = ..., message: _Optional[str] = ..., subject: _Optional[str] = ...) -> None: ...
+
+class ValidateExperimentResponse(_message.Message):
+    __slots__ = ("sample_ratio", "early_stopping", "alerts")
+    SAMPLE_RATIO_FIELD_NUMBER: _ClassVar[int]
+    EARLY_STOPPING_FIELD_NUMBER: _ClassVar[int]
+    ALERTS_FIELD_NUMBER: _ClassVar[int]
+    sample_ratio: SampleRatioCheck
+    early_stopping: EarlyStopping
+    alerts: _containers.RepeatedCompositeFieldContainer[Alert]
+    def __init__(self, sample_ratio: _Optional[_Union[SampleRatioCheck, _Mapping]] = ..., early_stopping: _Optional[_Union[EarlyStopping, _Mapping]] = ..., alerts: _Optional[_Iterable[_Union[Alert, _Mapping]]] = ...) -> None: ...

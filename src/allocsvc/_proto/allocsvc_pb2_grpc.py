@@ -272,6 +272,66 @@ class AdminStub:
                 request_serializer=allocsvc_dot_v1_dot_allocsvc__pb2.UpdateExperimentRequest.SerializeToString,
                 response_deserializer=allocsvc_dot_v1_dot_allocsvc__pb2.Experiment.FromString,
                 _registered_method=True)
+        self.GetSegmentationConfig = channel.unary_unary(
+                '/allocsvc.v1.Admin/GetSegmentationConfig',
+                request_serializer=allocsvc_dot_v1_dot_allocsvc__pb2.GetSegmentationConfigRequest.SerializeToString,
+                response_deserializer=allocsvc_dot_v1_dot_allocsvc__pb2.SegmentationConfig.FromString,
+                _registered_method=True)
+        self.UpdateSegmentationConfig = channel.unary_unary(
+                '/allocsvc.v1.Admin/UpdateSegmentationConfig',
+                request_serializer=allocsvc_dot_v1_dot_allocsvc__pb2.UpdateSegmentationConfigRequest.SerializeToString,
+                response_deserializer=allocsvc_dot_v1_dot_allocsvc__pb2.SegmentationConfig.FromString,
+                _registered_method=True)
+        self.GetEligibility = channel.unary_unary(
+                '/allocsvc.v1.Admin/GetEligibility',
+                request_serializer=allocsvc_dot_v1_dot_allocsvc__pb2.GetEligibilityRequest.SerializeToString,
+                response_deserializer=allocsvc_dot_v1_dot_allocsvc__pb2.GetEligibilityResponse.FromString,
+                _registered_method=True)
+        self.ListSegments = channel.unary_unary(
+                '/allocsvc.v1.Admin/ListSegments',
+                request_serializer=allocsvc_dot_v1_dot_allocsvc__pb2.ListSegmentsRequest.SerializeToString,
+                response_deserializer=allocsvc_dot_v1_dot_allocsvc__pb2.ListSegmentsResponse.FromString,
+                _registered_method=True)
+        self.ListRecommendations = channel.unary_unary(
+                '/allocsvc.v1.Admin/ListRecommendations',
+                request_serializer=allocsvc_dot_v1_dot_allocsvc__pb2.ListRecommendationsRequest.SerializeToString,
+                response_deserializer=allocsvc_dot_v1_dot_allocsvc__pb2.ListRecommendationsResponse.FromString,
+                _registered_method=True)
+        self.AcceptRecommendation = channel.unary_unary(
+                '/allocsvc.v1.Admin/AcceptRecommendation',
+                request_serializer=allocsvc_dot_v1_dot_allocsvc__pb2.AcceptRecommendationRequest.SerializeToString,
+                response_deserializer=allocsvc_dot_v1_dot_allocsvc__pb2.Recommendation.FromString,
+                _registered_method=True)
+        self.DismissRecommendation = channel.unary_unary(
+                '/allocsvc.v1.Admin/DismissRecommendation',
+                request_serializer=allocsvc_dot_v1_dot_allocsvc__pb2.DismissRecommendationRequest.SerializeToString,
+                response_deserializer=allocsvc_dot_v1_dot_allocsvc__pb2.Recommendation.FromString,
+                _registered_method=True)
+        self.RebuildTree = channel.unary_unary(
+                '/allocsvc.v1.Admin/RebuildTree',
+                request_serializer=allocsvc_dot_v1_dot_allocsvc__pb2.RebuildTreeRequest.SerializeToString,
+                response_deserializer=allocsvc_dot_v1_dot_allocsvc__pb2.RebuildTreeResponse.FromString,
+                _registered_method=True)
+        self.GetTree = channel.unary_unary(
+                '/allocsvc.v1.Admin/GetTree',
+                request_serializer=allocsvc_dot_v1_dot_allocsvc__pb2.GetTreeRequest.SerializeToString,
+                response_deserializer=allocsvc_dot_v1_dot_allocsvc__pb2.GetTreeResponse.FromString,
+                _registered_method=True)
+        self.AnalyzeSegments = channel.unary_unary(
+                '/allocsvc.v1.Admin/AnalyzeSegments',
+                request_serializer=allocsvc_dot_v1_dot_allocsvc__pb2.AnalyzeSegmentsRequest.SerializeToString,
+                response_deserializer=allocsvc_dot_v1_dot_allocsvc__pb2.AnalyzeSegmentsResponse.FromString,
+                _registered_method=True)
+        self.CalculateSampleSize = channel.unary_unary(
+                '/allocsvc.v1.Admin/CalculateSampleSize',
+                request_serializer=allocsvc_dot_v1_dot_allocsvc__pb2.CalculateSampleSizeRequest.SerializeToString,
+                response_deserializer=allocsvc_dot_v1_dot_allocsvc__pb2.CalculateSampleSizeResponse.FromString,
+                _registered_method=True)
+        self.ValidateExperiment = channel.unary_unary(
+                '/allocsvc.v1.Admin/ValidateExperiment',
+                request_serializer=allocsvc_dot_v1_dot_allocsvc__pb2.ValidateExperimentRequest.SerializeToString,
+                response_deserializer=allocsvc_dot_v1_dot_allocsvc__pb2.ValidateExperimentResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServicer:
@@ -309,6 +369,93 @@ class AdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetSegmentationConfig(self, request, context):
+        """Returns an experiment's segmentation settings. NOT_FOUND for an unknown id.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UpdateSegmentationConfig(self, request, context):
+        """Replaces an experiment's segmentation settings and returns them as stored.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetEligibility(self, request, context):
+        """Whether an experiment's traffic makes segmentation worthwhile, and which dimensions.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListSegments(self, request, context):
+        """The segments an experiment has seen, with per-variant counts, one page at a time.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListRecommendations(self, request, context):
+        """Segmentation recommendations written by the eligibility check.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def AcceptRecommendation(self, request, context):
+        """Applies a pending recommendation (switches segmentation on with its dimensions).
+        FAILED_PRECONDITION when it is not pending.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DismissRecommendation(self, request, context):
+        """Dismisses a pending recommendation. FAILED_PRECONDITION when it is not pending.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RebuildTree(self, request, context):
+        """Rebuilds an experiment's segment tree from its statistics while serving continues, and swaps
+        it in atomically.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetTree(self, request, context):
+        """The experiment's current segment tree rendered as ASCII, JSON, HTML or DOT, with cascade usage.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def AnalyzeSegments(self, request, context):
+        """Per segment and variant: rate, lift against global, z-test, Cohen's h, anomalies and plain
+        recommendations.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CalculateSampleSize(self, request, context):
+        """Two-proportion power analysis with Bonferroni correction and days needed at current traffic.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ValidateExperiment(self, request, context):
+        """Sample-ratio mismatch, early stopping and alerts for a running experiment.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -331,6 +478,66 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.UpdateExperiment,
                     request_deserializer=allocsvc_dot_v1_dot_allocsvc__pb2.UpdateExperimentRequest.FromString,
                     response_serializer=allocsvc_dot_v1_dot_allocsvc__pb2.Experiment.SerializeToString,
+            ),
+            'GetSegmentationConfig': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetSegmentationConfig,
+                    request_deserializer=allocsvc_dot_v1_dot_allocsvc__pb2.GetSegmentationConfigRequest.FromString,
+                    response_serializer=allocsvc_dot_v1_dot_allocsvc__pb2.SegmentationConfig.SerializeToString,
+            ),
+            'UpdateSegmentationConfig': grpc.unary_unary_rpc_method_handler(
+                    servicer.UpdateSegmentationConfig,
+                    request_deserializer=allocsvc_dot_v1_dot_allocsvc__pb2.UpdateSegmentationConfigRequest.FromString,
+                    response_serializer=allocsvc_dot_v1_dot_allocsvc__pb2.SegmentationConfig.SerializeToString,
+            ),
+            'GetEligibility': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetEligibility,
+                    request_deserializer=allocsvc_dot_v1_dot_allocsvc__pb2.GetEligibilityRequest.FromString,
+                    response_serializer=allocsvc_dot_v1_dot_allocsvc__pb2.GetEligibilityResponse.SerializeToString,
+            ),
+            'ListSegments': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListSegments,
+                    request_deserializer=allocsvc_dot_v1_dot_allocsvc__pb2.ListSegmentsRequest.FromString,
+                    response_serializer=allocsvc_dot_v1_dot_allocsvc__pb2.ListSegmentsResponse.SerializeToString,
+            ),
+            'ListRecommendations': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListRecommendations,
+                    request_deserializer=allocsvc_dot_v1_dot_allocsvc__pb2.ListRecommendationsRequest.FromString,
+                    response_serializer=allocsvc_dot_v1_dot_allocsvc__pb2.ListRecommendationsResponse.SerializeToString,
+            ),
+            'AcceptRecommendation': grpc.unary_unary_rpc_method_handler(
+                    servicer.AcceptRecommendation,
+                    request_deserializer=allocsvc_dot_v1_dot_allocsvc__pb2.AcceptRecommendationRequest.FromString,
+                    response_serializer=allocsvc_dot_v1_dot_allocsvc__pb2.Recommendation.SerializeToString,
+            ),
+            'DismissRecommendation': grpc.unary_unary_rpc_method_handler(
+                    servicer.DismissRecommendation,
+                    request_deserializer=allocsvc_dot_v1_dot_allocsvc__pb2.DismissRecommendationRequest.FromString,
+                    response_serializer=allocsvc_dot_v1_dot_allocsvc__pb2.Recommendation.SerializeToString,
+            ),
+            'RebuildTree': grpc.unary_unary_rpc_method_handler(
+                    servicer.RebuildTree,
+                    request_deserializer=allocsvc_dot_v1_dot_allocsvc__pb2.RebuildTreeRequest.FromString,
+                    response_serializer=allocsvc_dot_v1_dot_allocsvc__pb2.RebuildTreeResponse.SerializeToString,
+            ),
+            'GetTree': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetTree,
+                    request_deserializer=allocsvc_dot_v1_dot_allocsvc__pb2.GetTreeRequest.FromString,
+                    response_serializer=allocsvc_dot_v1_dot_allocsvc__pb2.GetTreeResponse.SerializeToString,
+            ),
+            'AnalyzeSegments': grpc.unary_unary_rpc_method_handler(
+                    servicer.AnalyzeSegments,
+                    request_deserializer=allocsvc_dot_v1_dot_allocsvc__pb2.AnalyzeSegmentsRequest.FromString,
+                    response_serializer=allocsvc_dot_v1_dot_allocsvc__pb2.AnalyzeSegmentsResponse.SerializeToString,
+            ),
+            'CalculateSampleSize': grpc.unary_unary_rpc_method_handler(
+                    servicer.CalculateSampleSize,
+                    request_deserializer=allocsvc_dot_v1_dot_allocsvc__pb2.CalculateSampleSizeRequest.FromString,
+                    response_serializer=allocsvc_dot_v1_dot_allocsvc__pb2.CalculateSampleSizeResponse.SerializeToString,
+            ),
+            'ValidateExperiment': grpc.unary_unary_rpc_method_handler(
+                    servicer.ValidateExperiment,
+                    request_deserializer=allocsvc_dot_v1_dot_allocsvc__pb2.ValidateExperimentRequest.FromString,
+                    response_serializer=allocsvc_dot_v1_dot_allocsvc__pb2.ValidateExperimentResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -442,6 +649,330 @@ class Admin:
             '/allocsvc.v1.Admin/UpdateExperiment',
             allocsvc_dot_v1_dot_allocsvc__pb2.UpdateExperimentRequest.SerializeToString,
             allocsvc_dot_v1_dot_allocsvc__pb2.Experiment.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetSegmentationConfig(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/allocsvc.v1.Admin/GetSegmentationConfig',
+            allocsvc_dot_v1_dot_allocsvc__pb2.GetSegmentationConfigRequest.SerializeToString,
+            allocsvc_dot_v1_dot_allocsvc__pb2.SegmentationConfig.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UpdateSegmentationConfig(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/allocsvc.v1.Admin/UpdateSegmentationConfig',
+            allocsvc_dot_v1_dot_allocsvc__pb2.UpdateSegmentationConfigRequest.SerializeToString,
+            allocsvc_dot_v1_dot_allocsvc__pb2.SegmentationConfig.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetEligibility(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/allocsvc.v1.Admin/GetEligibility',
+            allocsvc_dot_v1_dot_allocsvc__pb2.GetEligibilityRequest.SerializeToString,
+            allocsvc_dot_v1_dot_allocsvc__pb2.GetEligibilityResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListSegments(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/allocsvc.v1.Admin/ListSegments',
+            allocsvc_dot_v1_dot_allocsvc__pb2.ListSegmentsRequest.SerializeToString,
+            allocsvc_dot_v1_dot_allocsvc__pb2.ListSegmentsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListRecommendations(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/allocsvc.v1.Admin/ListRecommendations',
+            allocsvc_dot_v1_dot_allocsvc__pb2.ListRecommendationsRequest.SerializeToString,
+            allocsvc_dot_v1_dot_allocsvc__pb2.ListRecommendationsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AcceptRecommendation(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/allocsvc.v1.Admin/AcceptRecommendation',
+            allocsvc_dot_v1_dot_allocsvc__pb2.AcceptRecommendationRequest.SerializeToString,
+            allocsvc_dot_v1_dot_allocsvc__pb2.Recommendation.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DismissRecommendation(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/allocsvc.v1.Admin/DismissRecommendation',
+            allocsvc_dot_v1_dot_allocsvc__pb2.DismissRecommendationRequest.SerializeToString,
+            allocsvc_dot_v1_dot_allocsvc__pb2.Recommendation.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RebuildTree(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/allocsvc.v1.Admin/RebuildTree',
+            allocsvc_dot_v1_dot_allocsvc__pb2.RebuildTreeRequest.SerializeToString,
+            allocsvc_dot_v1_dot_allocsvc__pb2.RebuildTreeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetTree(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/allocsvc.v1.Admin/GetTree',
+            allocsvc_dot_v1_dot_allocsvc__pb2.GetTreeRequest.SerializeToString,
+            allocsvc_dot_v1_dot_allocsvc__pb2.GetTreeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AnalyzeSegments(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/allocsvc.v1.Admin/AnalyzeSegments',
+            allocsvc_dot_v1_dot_allocsvc__pb2.AnalyzeSegmentsRequest.SerializeToString,
+            allocsvc_dot_v1_dot_allocsvc__pb2.AnalyzeSegmentsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CalculateSampleSize(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/allocsvc.v1.Admin/CalculateSampleSize',
+            allocsvc_dot_v1_dot_allocsvc__pb2.CalculateSampleSizeRequest.SerializeToString,
+            allocsvc_dot_v1_dot_allocsvc__pb2.CalculateSampleSizeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ValidateExperiment(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/allocsvc.v1.Admin/ValidateExperiment',
+            allocsvc_dot_v1_dot_allocsvc__pb2.ValidateExperimentRequest.SerializeToString,
+            allocsvc_dot_v1_dot_allocsvc__pb2.ValidateExperimentResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -8,9 +8,14 @@ touches no servicer and no allocation logic.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+import time
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
+from datetime import UTC, date, datetime
+from typing import TYPE_CHECKING, Any, Protocol
+
+from allocsvc.analytics import DailyTraffic
 
 if TYPE_CHECKING:
     from allocsvc.allocation.experiments import Experiment
@@ -28,6 +33,33 @@ class Conversion:
     idempotency_key: str
 
 
+@dataclass(frozen=True, slots=True)
+class StoredRecommendation:
+    id: str
+    handle: int
+    kind: str
+    dimensions: tuple[str, ...]
+    expected_benefit: float
+    reason: str
+    status: str
+    created_ms: int
+
+    @staticmethod
+    def from_payload(
+        id: str, handle: int, kind: str, payload: Mapping[str, Any], status: str, created_ms: int
+    ) -> StoredRecommendation:
+        return StoredRecommendation(
+            id=id,
+            handle=handle,
+            kind=kind,
+            dimensions=tuple(str(d) for d in payload.get("dimensions", ())),
+            expected_benefit=float(payload.get("expected_benefit", 0.0)),
+            reason=str(payload.get("reason", "")),
+            status=status,
+            created_ms=created_ms,
+        )
+
+
 class Journal(Protocol):
     async def save_experiment(self, experiment: Experiment, *, new: bool) -> Experiment:
         """Persist an experiment; a new one gets its internal handle here."""
@@ -38,6 +70,28 @@ class Journal(Protocol):
     async def record_conversions(self, conversions: Sequence[Conversion]) -> list[bool]:
         """Store conversions durably; True for each that was new (not a repeat of its
         assignment and idempotency key)."""
+
+    async def traffic(self, handle: int) -> list[DailyTraffic]:
+        """Daily visitors, allocations and conversions of an experiment, oldest first."""
+
+    async def save_recommendation(
+        self, handle: int, kind: str, payload: Mapping[str, Any]
+    ) -> StoredRecommendation | None:
+        """Store a pending recommendation; None when one of that kind is pending already."""
+
+    async def recommendations(
+        self, handle: int | None, status: str | None
+    ) -> list[StoredRecommendation]: ...
+
+    async def get_recommendation(self, recommendation_id: str) -> StoredRecommendation | None: ...
+
+    async def decide_recommendation(
+        self, recommendation_id: str, status: str, actor: str
+    ) -> StoredRecommendation | None:
+        """Accept or dismiss a pending recommendation; None when it is not pending."""
+
+    async def audit(self, actor: str, action: str, target: str, details: Mapping[str, Any]) -> None:
+        """Append to the audit log."""
 
 
 class SharedState(Protocol):
@@ -54,12 +108,18 @@ class SharedState(Protocol):
 
 
 class MemoryJournal:
-    """Keeps experiments' handles and conversion idempotency in the process only."""
+    """Keeps experiments' handles, conversion idempotency, daily traffic, recommendations and
+    the audit log in the process only."""
 
     def __init__(self) -> None:
         self._handles = itertools.count(1)
         self._seen: set[tuple[str, str]] = set()
         self.assignments = 0
+        self._visitors: Counter[tuple[int, date]] = Counter()
+        self._conversions: Counter[tuple[int, date]] = Counter()
+        self._recommendations: dict[str, StoredRecommendation] = {}
+        self._recommendation_ids = itertools.count(1)
+        self.audit_log: list[tuple[str, str, str, dict[str, Any]]] = []
 
     async def save_experiment(self, experiment: Experiment, *, new: bool) -> Experiment:
         if new:
@@ -68,11 +128,74 @@ class MemoryJournal:
 
     def assignment_made(self, assignment: Assignment) -> None:
         self.assignments += 1
+        self._visitors[(assignment.handle, _today())] += 1
 
     async def record_conversions(self, conversions: Sequence[Conversion]) -> list[bool]:
         counted = []
         for c in conversions:
             key = (c.assignment_id, c.idempotency_key)
             counted.append(key not in self._seen)
+            if key not in self._seen:
+                self._conversions[(c.handle, _today())] += 1
             self._seen.add(key)
         return counted
+
+    async def traffic(self, handle: int) -> list[DailyTraffic]:
+        days = sorted({d for h, d in self._visitors if h == handle})
+        return [
+            DailyTraffic(
+                d,
+                self._visitors[(handle, d)],
+                self._visitors[(handle, d)],
+                self._conversions[(handle, d)],
+            )
+            for d in days
+        ]
+
+    async def save_recommendation(
+        self, handle: int, kind: str, payload: Mapping[str, Any]
+    ) -> StoredRecommendation | None:
+        if any(
+            r.handle == handle and r.kind == kind and r.status == "pending"
+            for r in self._recommendations.values()
+        ):
+            return None
+        stored = StoredRecommendation.from_payload(
+            str(next(self._recommendation_ids)), handle, kind, payload, "pending", _now_ms()
+        )
+        self._recommendations[stored.id] = stored
+        return stored
+
+    async def recommendations(
+        self, handle: int | None, status: str | None
+    ) -> list[StoredRecommendation]:
+        found = [
+            r
+            for r in self._recommendations.values()
+            if (handle is None or r.handle == handle) and (status is None or r.status == status)
+        ]
+        return sorted(found, key=lambda r: (-r.created_ms, -int(r.id)))
+
+    async def get_recommendation(self, recommendation_id: str) -> StoredRecommendation | None:
+        return self._recommendations.get(recommendation_id)
+
+    async def decide_recommendation(
+        self, recommendation_id: str, status: str, actor: str
+    ) -> StoredRecommendation | None:
+        found = self._recommendations.get(recommendation_id)
+        if found is None or found.status != "pending":
+            return None
+        decided = replace(found, status=status)
+        self._recommendations[recommendation_id] = decided
+        return decided
+
+    async def audit(self, actor: str, action: str, target: str, details: Mapping[str, Any]) -> None:
+        self.audit_log.append((actor, action, target, dict(details)))
+
+
+def _today() -> date:
+    return datetime.now(UTC).date()
+
+
+def _now_ms() -> int:
+    return time.time_ns() // 1_000_000

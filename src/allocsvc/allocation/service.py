@@ -11,6 +11,7 @@ import itertools
 import math
 import secrets
 import time
+from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -24,7 +25,7 @@ from allocsvc.allocation.experiments import (
 )
 from allocsvc.allocation.journal import Conversion, Journal, SharedState
 from allocsvc.context import Extractor
-from allocsvc.core import Engine, key_hash
+from allocsvc.core import Engine, key_hash, parent_keys
 from allocsvc.errors import (
     AllocsvcError,
     AlreadyExists,
@@ -136,6 +137,11 @@ class AllocationService:
         self._by_id: dict[str, Assignment] = {}
         self._ids = itertools.count(1)
         self._id_prefix = secrets.token_hex(6)
+        # Known segment keys per experiment (every level of every path seen), by key -> hash.
+        self._segments: dict[int, dict[str, int]] = {}
+        # Allocations and conversions per (experiment, cascade level) since start.
+        self._cascade_allocations: Counter[tuple[int, int]] = Counter()
+        self._cascade_conversions: Counter[tuple[int, int]] = Counter()
 
     @property
     def limits(self) -> Limits:
@@ -205,6 +211,7 @@ class AllocationService:
         for a in assignments:
             self._by_id[a.id] = a
             self._latest[(a.handle, a.user_id)] = a
+            self._register_segment(a.handle, a.segment_key)
 
     def take_deltas(self) -> list[tuple[int, int, int, int, int, float]]:
         """Counter changes since the last call (for write-behind)."""
@@ -285,8 +292,10 @@ class AllocationService:
             values: Sequence[str] = (NO_CLUSTER,)
         else:
             values = context.dimensions(experiment.dimensions)
+        # A shared sticky decision counts only once its claim stands (another replica may win).
+        claiming = self._shared is not None and experiment.sticky
         variant, level, propensity, segment_key = self._engine.decide(
-            experiment.handle, request.user_id, values
+            experiment.handle, request.user_id, values, record=not claiming
         )
         assignment = Assignment(
             id=f"{self._id_prefix}-{next(self._ids):x}",
@@ -306,11 +315,41 @@ class AllocationService:
                     # Another replica answered this user first: its answer stands.
                     self._remember(standing)
                     return Allocation(standing, experiment.variants[standing.variant], True)
+                self._engine.record_allocation(experiment.handle, segment_key, variant)
             else:
                 self._shared.assignment_made(assignment)
         self._remember(assignment)
+        self._register_segment(experiment.handle, segment_key)
+        self._cascade_allocations[(experiment.handle, level)] += 1
         self._journal.assignment_made(assignment)
         return Allocation(assignment, experiment.variants[variant], sticky=False)
+
+    def _register_segment(self, handle: int, segment_key: str) -> None:
+        known = self._segments.setdefault(handle, {})
+        if segment_key not in known:
+            for key in parent_keys(segment_key):
+                known.setdefault(key, key_hash(key))
+
+    def segment_keys(self, handle: int) -> list[tuple[str, int]]:
+        """(key, hash) of every segment this process has seen for the experiment."""
+        return list(self._segments.get(handle, {}).items())
+
+    def cascade_counts(self, handle: int) -> dict[int, tuple[int, int]]:
+        """Allocations and conversions per cascade level of the experiment, since start."""
+        levels = {lv for h, lv in self._cascade_allocations if h == handle}
+        return {
+            lv: (self._cascade_allocations[(handle, lv)], self._cascade_conversions[(handle, lv)])
+            for lv in sorted(levels)
+        }
+
+    def set_tree(self, handle: int, nodes: list[int] | None) -> None:
+        self._engine.set_tree(handle, nodes)
+
+    def experiment_by_handle(self, handle: int) -> Experiment:
+        experiment = self._by_handle.get(handle)
+        if experiment is None:
+            raise NotFound(f"experiment #{handle} does not exist")
+        return experiment
 
     def _remember(self, assignment: Assignment) -> None:
         self._latest[(assignment.handle, assignment.user_id)] = assignment
@@ -414,11 +453,12 @@ class AllocationService:
             return results
         counted = await self._journal.record_conversions([c for _, c in pending])
         for (position, conversion), is_new in zip(pending, counted, strict=True):
+            assignment = self._by_id[conversion.assignment_id]
             if is_new:
                 self._engine.record_conversion(
                     conversion.handle, conversion.segment_key, conversion.variant, conversion.value
                 )
-            assignment = self._by_id[conversion.assignment_id]
+                self._cascade_conversions[(assignment.handle, assignment.cascade_level)] += 1
             experiment = self._by_handle[assignment.handle]
             results[position] = ConversionResult(
                 assignment, experiment.variants[assignment.variant], counted=is_new

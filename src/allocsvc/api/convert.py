@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, TypeVar
 
 from allocsvc._proto import allocsvc_pb2 as pb
@@ -19,14 +19,25 @@ from allocsvc.allocation.experiments import (
     Status,
     Variant,
 )
+from allocsvc.allocation.insights import SegmentCounts, Validation
+from allocsvc.allocation.journal import StoredRecommendation
 from allocsvc.allocation.service import (
     Allocation,
     AllocationRequest,
     ConversionRequest,
     ConversionResult,
 )
+from allocsvc.analytics import (
+    EffectKind,
+    Recommendation,
+    SampleSize,
+    SampleSizeQuery,
+    SegmentAnalysis,
+    TrafficPlan,
+)
 from allocsvc.api.errors import field_of, status_number
 from allocsvc.errors import AllocsvcError, InvalidRequest
+from allocsvc.hierarchy import CascadeUsage, SegmentTree
 
 T = TypeVar("T")
 
@@ -233,3 +244,168 @@ def conversion_response(r: ConversionResult) -> pb.RecordConversionResponse:
 
 def item_error(exc: AllocsvcError) -> pb.ItemError:
     return pb.ItemError(code=status_number(exc), message=str(exc), field=field_of(exc))
+
+
+def segmentation_to_pb(s: Segmentation) -> pb.SegmentationConfig:
+    return pb.SegmentationConfig(
+        mode=_SEGMENTATION_PB[s.mode],
+        segment_by=s.segment_by,
+        min_samples_per_segment=s.min_samples_per_segment,
+        auto_activation=s.auto_activation,
+        auto_activation_threshold=s.auto_activation_threshold,
+    )
+
+
+def segments_to_pb(segments: Sequence[SegmentCounts]) -> list[pb.SegmentCounts]:
+    return [
+        pb.SegmentCounts(
+            segment_key=s.segment_key,
+            level=s.level,
+            variants=[
+                pb.VariantCounts(variant_id=v, allocations=a, conversions=c, value_sum=x)
+                for v, a, c, x in s.variants
+            ],
+        )
+        for s in segments
+    ]
+
+
+def stored_recommendation_to_pb(r: StoredRecommendation, experiment_key: str) -> pb.Recommendation:
+    return pb.Recommendation(
+        id=r.id,
+        experiment_id=experiment_key,
+        kind=r.kind,
+        dimensions=r.dimensions,
+        expected_benefit=r.expected_benefit,
+        reason=r.reason,
+        status=r.status,
+        created_at_unix_ms=r.created_ms,
+    )
+
+
+def recommendation_to_pb(r: Recommendation, experiment_key: str) -> pb.Recommendation:
+    return pb.Recommendation(
+        experiment_id=experiment_key,
+        kind=r.kind.value,
+        dimensions=r.dimensions,
+        expected_benefit=r.expected_benefit,
+        reason=r.reason,
+        created_at_unix_ms=int(r.created_at.timestamp() * 1000),
+    )
+
+
+def tree_summary_to_pb(tree: SegmentTree) -> pb.TreeSummary:
+    s = tree.summary
+    return pb.TreeSummary(
+        nodes=s.nodes,
+        kept=s.kept,
+        pruned=s.pruned,
+        leaves=s.kept_leaves,
+        kept_per_level=[level.kept for level in s.levels],
+        best_segment=s.best_key or "",
+        worst_segment=s.worst_key or "",
+    )
+
+
+def cascade_to_pb(usage: CascadeUsage) -> list[pb.CascadeLevelUsage]:
+    return [
+        pb.CascadeLevelUsage(
+            level=u.level, allocations=u.allocations, conversions=u.conversions, share=u.share
+        )
+        for u in usage.levels
+    ]
+
+
+def analysis_to_pb(a: SegmentAnalysis) -> pb.AnalyzeSegmentsResponse:
+    return pb.AnalyzeSegmentsResponse(
+        results=[
+            pb.SegmentVariantResult(
+                segment_key=r.segment_key,
+                variant_id=r.variant,
+                allocations=r.allocations,
+                conversions=r.conversions,
+                conversion_rate=r.conversion_rate,
+                global_rate=r.global_rate or 0.0,
+                lift=r.lift or 0.0,
+                p_value=_or_nan(r.p_value),
+                p_adjusted=_or_nan(r.p_holm),
+                cohens_h=r.cohens_h or 0.0,
+                significant=r.significant,
+                reason=r.reason or "",
+            )
+            for r in a.results
+        ],
+        high_performers=sorted({r.segment_key for r in a.high_performers}),
+        underperformers=sorted({r.segment_key for r in a.underperformers}),
+        anomalies=sorted({x.segment_key for x in a.anomalies}),
+        recommendations=a.recommendations,
+        reason=a.reason or "",
+    )
+
+
+def _or_nan(x: float | None) -> float:
+    return math.nan if x is None else x
+
+
+def sample_size_query(msg: pb.CalculateSampleSizeRequest) -> SampleSizeQuery:
+    if msg.variants == 1:
+        raise InvalidRequest("variants", "needs at least 2 variants")
+    return SampleSizeQuery(
+        baseline_rate=msg.baseline_rate,
+        minimum_detectable_effect=msg.minimum_detectable_effect,
+        effect_kind=EffectKind.ABSOLUTE if msg.absolute_effect else EffectKind.RELATIVE,
+        alpha=msg.alpha or 0.05,
+        power=msg.power or 0.8,
+        variants=msg.variants or 2,
+        segments=msg.segments or 1,
+        two_sided=not msg.one_sided,
+    )
+
+
+def sample_size_to_pb(size: SampleSize, plan: TrafficPlan | None) -> pb.CalculateSampleSizeResponse:
+    return pb.CalculateSampleSizeResponse(
+        per_variant=size.per_variant,
+        total=size.total,
+        effect_size=size.effect_size,
+        adjusted_alpha=size.adjusted_alpha,
+        days_needed=float(plan.days_needed or 0) if plan else 0.0,
+        achievable=plan.achievable if plan else False,
+        daily_traffic=plan.daily_traffic if plan else 0.0,
+        reason=plan.reason
+        if plan
+        else f"{size.per_variant} per variant; no traffic figure to estimate days from",
+    )
+
+
+def validation_to_pb(v: Validation) -> pb.ValidateExperimentResponse:
+    srm = v.sample_ratio
+    es = v.early_stopping
+    return pb.ValidateExperimentResponse(
+        sample_ratio=pb.SampleRatioCheck(
+            mismatch=srm.mismatch,
+            statistic=srm.statistic,
+            p_value=srm.p_value,
+            observed=srm.observed,
+            expected=srm.expected,
+            reason=srm.reason,
+        )
+        if srm is not None
+        else pb.SampleRatioCheck(reason=v.sample_ratio_reason),
+        early_stopping=pb.EarlyStopping(
+            stop=es.stop,
+            winner=es.winner or "",
+            variants=[
+                pb.VariantProbability(variant_id=name, probability_best=p, expected_loss=loss)
+                for name, p, loss in zip(
+                    es.variants, es.probability_best, es.expected_loss, strict=True
+                )
+            ],
+            reason=es.reason,
+        ),
+        alerts=[
+            pb.Alert(
+                kind=str(a.kind), severity=str(a.severity), message=a.message, subject=a.subject
+            )
+            for a in v.alerts
+        ],
+    )

@@ -152,6 +152,18 @@ class SegmentRow:
 
 
 @dataclass(frozen=True, slots=True)
+class RecommendationRow:
+    id: int
+    experiment_id: int
+    kind: str
+    payload: dict[str, Any]
+    status: str
+    created_at: datetime
+    decided_at: datetime | None = None
+    decided_by: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class TrafficRow:
     experiment_id: int
     day: date
@@ -590,6 +602,54 @@ class PostgresStore:
             for r in rows
         ]
 
+    # recommendations
+
+    async def insert_recommendation(
+        self, experiment_id: int, kind: str, payload: Mapping[str, Any]
+    ) -> RecommendationRow | None:
+        """Store a pending recommendation; None when one of that kind is pending already."""
+        row = await self._pool.fetchrow(
+            "INSERT INTO recommendations (experiment_id, kind, payload) VALUES ($1, $2, $3)"
+            " ON CONFLICT (experiment_id, kind) WHERE status = 'pending' DO NOTHING"
+            f" RETURNING {_RECOMMENDATION_COLUMNS}",
+            experiment_id,
+            kind,
+            dict(payload),
+        )
+        return None if row is None else _recommendation(row)
+
+    async def list_recommendations(
+        self, experiment_id: int | None = None, status: str | None = None
+    ) -> list[RecommendationRow]:
+        rows = await self._pool.fetch(
+            f"SELECT {_RECOMMENDATION_COLUMNS} FROM recommendations"
+            " WHERE ($1::bigint IS NULL OR experiment_id = $1)"
+            " AND ($2::text IS NULL OR status = $2) ORDER BY created_at DESC, id DESC",
+            experiment_id,
+            status,
+        )
+        return [_recommendation(r) for r in rows]
+
+    async def get_recommendation(self, recommendation_id: int) -> RecommendationRow | None:
+        row = await self._pool.fetchrow(
+            f"SELECT {_RECOMMENDATION_COLUMNS} FROM recommendations WHERE id = $1",
+            recommendation_id,
+        )
+        return None if row is None else _recommendation(row)
+
+    async def decide_recommendation(
+        self, recommendation_id: int, status: str, actor: str
+    ) -> RecommendationRow | None:
+        """Accept or dismiss a pending recommendation; None when it is not pending."""
+        row = await self._pool.fetchrow(
+            "UPDATE recommendations SET status = $2, decided_at = now(), decided_by = $3"
+            f" WHERE id = $1 AND status = 'pending' RETURNING {_RECOMMENDATION_COLUMNS}",
+            recommendation_id,
+            status,
+            actor,
+        )
+        return None if row is None else _recommendation(row)
+
     async def write_audit(
         self, actor: str, action: str, target: str, details: Mapping[str, Any] | None = None
     ) -> int:
@@ -684,6 +744,24 @@ def _segmentation_config(row: Any) -> SegmentationConfigRow:
         auto_activation=bool(row["auto_activation"]),
         auto_activation_threshold=int(row["auto_activation_threshold"]),
         updated_at=row["updated_at"],
+    )
+
+
+_RECOMMENDATION_COLUMNS = (
+    "id, experiment_id, kind, payload, status, created_at, decided_at, decided_by"
+)
+
+
+def _recommendation(row: Any) -> RecommendationRow:
+    return RecommendationRow(
+        id=int(row["id"]),
+        experiment_id=int(row["experiment_id"]),
+        kind=str(row["kind"]),
+        payload=dict(row["payload"]),
+        status=str(row["status"]),
+        created_at=row["created_at"],
+        decided_at=row["decided_at"],
+        decided_by=row["decided_by"],
     )
 
 

@@ -19,7 +19,7 @@ import contextlib
 import logging
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -36,8 +36,9 @@ from allocsvc.allocation.experiments import (
     Status,
     Variant,
 )
-from allocsvc.allocation.journal import Conversion
+from allocsvc.allocation.journal import Conversion, StoredRecommendation
 from allocsvc.allocation.service import Assignment
+from allocsvc.analytics import DailyTraffic
 from allocsvc.core import key_hash, parent_keys
 from allocsvc.errors import AlreadyExists, Unavailable
 from allocsvc.store.postgres import (
@@ -47,14 +48,22 @@ from allocsvc.store.postgres import (
     CountRow,
     ExperimentRow,
     PostgresStore,
+    RecommendationRow,
     SegmentRow,
     VariantRow,
 )
 
 log = logging.getLogger(__name__)
 
-# Failures that mean "the database is not reachable right now".
-STORE_DOWN = (OSError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError, TimeoutError)
+# Failures that mean "the database is not reachable right now" (57P01-03: it is shutting
+# down or starting up).
+STORE_DOWN = (
+    OSError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.InterfaceError,
+    asyncpg.OperatorInterventionError,
+    TimeoutError,
+)
 
 
 def experiment_row(e: Experiment) -> ExperimentRow:
@@ -194,6 +203,7 @@ class PostgresJournal:
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._closing = False
+        self._flush_lock = asyncio.Lock()
         self.stats = FlushStats()
 
     def bind_deltas(self, take_deltas: Callable[[], list[CountRow]]) -> None:
@@ -260,6 +270,40 @@ class PostgresJournal:
             assignments.extend(assignment_from_row(r, keys[e.handle]) for r in rows)
         return experiments, counts, assignments
 
+    # Traffic, recommendations, audit: written through.
+
+    async def traffic(self, handle: int) -> list[DailyTraffic]:
+        rows = await self._store.get_traffic(handle)
+        return [DailyTraffic(r.day, r.visitors, r.allocations, r.conversions) for r in rows]
+
+    async def save_recommendation(
+        self, handle: int, kind: str, payload: Mapping[str, Any]
+    ) -> StoredRecommendation | None:
+        row = await self._store.insert_recommendation(handle, kind, payload)
+        return None if row is None else _stored(row)
+
+    async def recommendations(
+        self, handle: int | None, status: str | None
+    ) -> list[StoredRecommendation]:
+        return [_stored(r) for r in await self._store.list_recommendations(handle, status)]
+
+    async def get_recommendation(self, recommendation_id: str) -> StoredRecommendation | None:
+        if not recommendation_id.isdigit() or len(recommendation_id) > 18:
+            return None
+        row = await self._store.get_recommendation(int(recommendation_id))
+        return None if row is None else _stored(row)
+
+    async def decide_recommendation(
+        self, recommendation_id: str, status: str, actor: str
+    ) -> StoredRecommendation | None:
+        if not recommendation_id.isdigit() or len(recommendation_id) > 18:
+            return None
+        row = await self._store.decide_recommendation(int(recommendation_id), status, actor)
+        return None if row is None else _stored(row)
+
+    async def audit(self, actor: str, action: str, target: str, details: Mapping[str, Any]) -> None:
+        await self._store.write_audit(actor, action, target, details)
+
     # Allocations: written behind.
 
     def assignment_made(self, assignment: Assignment) -> None:
@@ -283,7 +327,8 @@ class PostgresJournal:
         since_refresh = 0.0
         while True:
             await asyncio.sleep(self._flush_interval)
-            await self.flush()
+            # Shielded: cancelled half way (by close), a flush would drop the batch it took.
+            await asyncio.shield(self.flush())
             since_refresh += self._flush_interval
             if since_refresh >= self._analytics_interval:
                 since_refresh = 0.0
@@ -303,6 +348,20 @@ class PostgresJournal:
                 parent = h
         return out
 
+    async def _count_conversion_traffic(
+        self, rows: Sequence[ConversionRow], counted: Sequence[bool]
+    ) -> None:
+        """Daily conversions per experiment (best effort: the counters are already durable)."""
+        per_experiment = Counter(
+            r.experiment_id for r, new in zip(rows, counted, strict=True) if new
+        )
+        today = datetime.now(UTC).date()
+        try:
+            for experiment_id, n in per_experiment.items():
+                await self._store.add_traffic(experiment_id, today, conversions=n)
+        except Exception as exc:
+            log.warning("traffic stats not updated", extra={"error": repr(exc)})
+
     async def _add_traffic(self, rows: Iterable[AssignmentRow]) -> None:
         """Daily visitors (new assignments) and allocations per experiment."""
         per_experiment = Counter(r.experiment_id for r in rows)
@@ -318,6 +377,11 @@ class PostgresJournal:
 
     async def flush(self) -> None:
         """Write buffered assignments and allocation deltas; keep them on failure."""
+        # One at a time, so that close() waits for a flush the loop had started.
+        async with self._flush_lock:
+            await self._flush()
+
+    async def _flush(self) -> None:
         batch, self._assignments = self._assignments, []
         if self._take_deltas is not None:
             self._unwritten_counts.extend(
@@ -411,8 +475,15 @@ class PostgresJournal:
                 continue
             self.stats.conversion_batches += 1
             self.stats.conversions_written += sum(counted)
+            await self._count_conversion_traffic(rows, counted)
             start = 0
             for w in group:
                 if not w.done.done():
                     w.done.set_result(counted[start : start + len(w.rows)])
                 start += len(w.rows)
+
+
+def _stored(row: RecommendationRow) -> StoredRecommendation:
+    return StoredRecommendation.from_payload(
+        str(row.id), row.experiment_id, row.kind, row.payload, row.status, _ms(row.created_at)
+    )

@@ -1,0 +1,379 @@
+"""What operators ask about experiments: segments, analysis, power, validation, eligibility,
+recommendations and the segment tree. Composes the pure functions of `allocsvc.analytics` and
+`allocsvc.hierarchy` with the live state of the allocation service and the journal.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from allocsvc.allocation.experiments import (
+    Experiment,
+    Policy,
+    Segmentation,
+    SegmentationMode,
+    Status,
+)
+from allocsvc.allocation.journal import Journal, StoredRecommendation
+from allocsvc.allocation.service import AllocationService
+from allocsvc.analytics import (
+    ActivationConfig,
+    Alert,
+    ArmCounts,
+    DailyTraffic,
+    EarlyStoppingDecision,
+    EligibilityConfig,
+    Recommendation,
+    RecommendationKind,
+    SampleRatioCheck,
+    SampleSize,
+    SampleSizeQuery,
+    SegmentAnalysis,
+    SegmentAnalysisSettings,
+    SegmentVariantCounts,
+    TrafficPlan,
+    UnderperformanceSettings,
+    analyze_segments,
+    days_needed,
+    decide_activation,
+    early_stopping,
+    recommend_segmentation,
+    sample_ratio_mismatch,
+    sample_size,
+    traffic_window,
+    underperforming_segments,
+)
+from allocsvc.core import parent_keys
+from allocsvc.errors import FailedPrecondition, InvalidRequest, NotFound
+from allocsvc.hierarchy import (
+    CascadeUsage,
+    HierarchySettings,
+    SegmentTree,
+    build_tree,
+    cascade_usage,
+    stats_from_counts,
+)
+
+log = logging.getLogger(__name__)
+
+# Dimensions switched on by auto-activation when the experiment names none.
+DEFAULT_DIMENSIONS = ("source", "device")
+SYSTEM_ACTOR = "system:eligibility"
+
+
+@dataclass(frozen=True, slots=True)
+class SegmentCounts:
+    segment_key: str
+    level: int
+    variants: tuple[
+        tuple[str, int, int, float], ...
+    ]  # (variant id, allocations, conversions, value)
+
+
+@dataclass(frozen=True, slots=True)
+class Eligibility:
+    eligible: bool
+    average_daily_visitors: float
+    threshold: int
+    recommendation: Recommendation
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Validation:
+    sample_ratio: SampleRatioCheck | None
+    sample_ratio_reason: str
+    early_stopping: EarlyStoppingDecision
+    alerts: tuple[Alert, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class BuiltTree:
+    tree: SegmentTree
+    version: int
+
+
+class Insights:
+    def __init__(
+        self,
+        service: AllocationService,
+        journal: Journal,
+        *,
+        window_days: int = 7,
+    ) -> None:
+        self._service = service
+        self._journal = journal
+        self._window_days = window_days
+        self._trees: dict[int, BuiltTree] = {}
+        self._versions: dict[int, int] = {}
+
+    # Segments ---------------------------------------------------------------------------
+
+    def segments(self, key: str) -> list[SegmentCounts]:
+        """Every known segment of the experiment with per-variant totals, ordered by key."""
+        experiment = self._service.get_experiment(key)
+        variant_ids = [v.key for v in experiment.variants]
+        totals: dict[int, list[list[float]]] = {}
+        for _, segment_hash, variant, a, c, v in self._service.snapshot(experiment.handle):
+            if variant < len(variant_ids):
+                row = totals.setdefault(segment_hash, [[0, 0, 0.0] for _ in variant_ids])
+                row[variant] = [a, c, v]
+        out = []
+        for segment_key, segment_hash in self._service.segment_keys(experiment.handle):
+            counts = totals.get(segment_hash)
+            if counts is None:
+                continue
+            out.append(
+                SegmentCounts(
+                    segment_key,
+                    len(parent_keys(segment_key)) - 1,
+                    tuple(
+                        (vid, int(x[0]), int(x[1]), float(x[2]))
+                        for vid, x in zip(variant_ids, counts, strict=True)
+                    ),
+                )
+            )
+        return sorted(out, key=lambda s: s.segment_key)
+
+    def _variant_counts(self, key: str) -> list[SegmentVariantCounts]:
+        return [
+            SegmentVariantCounts(s.segment_key, vid, a, c)
+            for s in self.segments(key)
+            for vid, a, c, _ in s.variants
+        ]
+
+    def analyze(self, key: str, min_allocations: int = 0, alpha: float = 0.0) -> SegmentAnalysis:
+        settings = SegmentAnalysisSettings(
+            min_allocations=min_allocations or 100, alpha=alpha or 0.05
+        )
+        return analyze_segments(self._variant_counts(key), settings)
+
+    # Power ------------------------------------------------------------------------------
+
+    async def sample_size(
+        self, query: SampleSizeQuery, daily_traffic: float, experiment_key: str, horizon_days: int
+    ) -> tuple[SampleSize, TrafficPlan | None]:
+        size = sample_size(query)
+        traffic = daily_traffic
+        if traffic <= 0 and experiment_key:
+            experiment = self._service.get_experiment(experiment_key)
+            daily = await self._journal.traffic(experiment.handle)
+            traffic = traffic_window(daily, self._window_days).average_visitors
+        if traffic <= 0:
+            return size, None
+        plan = days_needed(size.total, traffic, horizon_days or None)
+        return size, plan
+
+    # Validation -------------------------------------------------------------------------
+
+    def validate(self, key: str) -> Validation:
+        experiment = self._service.get_experiment(key)
+        global_counts = {s.segment_key: s for s in self.segments(key)}.get("")
+        arms = [
+            ArmCounts(vid, a, c)
+            for vid, a, c, _ in (
+                global_counts.variants
+                if global_counts is not None
+                else tuple((v.key, 0, 0, 0.0) for v in experiment.variants)
+            )
+        ]
+        srm: SampleRatioCheck | None = None
+        if experiment.policy is Policy.THOMPSON:
+            srm_reason = "thompson allocation has no fixed split to check"
+        else:
+            weights = [v.weight if v.weight is not None else 1.0 for v in experiment.variants]
+            srm = sample_ratio_mismatch([a.allocations for a in arms], weights)
+            srm_reason = srm.reason or ""
+        stopping = early_stopping(arms)
+        alerts = underperforming_segments(
+            experiment.key, self._variant_counts(key), UnderperformanceSettings()
+        )
+        return Validation(srm, srm_reason, stopping, tuple(alerts))
+
+    # Eligibility and recommendations ----------------------------------------------------
+
+    async def eligibility(self, key: str) -> Eligibility:
+        experiment = self._service.get_experiment(key)
+        threshold = experiment.segmentation.auto_activation_threshold
+        daily = await self._journal.traffic(experiment.handle)
+        recommendation = self._recommend(experiment, daily)
+        window = traffic_window(daily, self._window_days)
+        eligible = window.complete and window.average_visitors >= threshold
+        return Eligibility(
+            eligible, window.average_visitors, threshold, recommendation, recommendation.reason
+        )
+
+    def _recommend(self, experiment: Experiment, daily: Sequence[DailyTraffic]) -> Recommendation:
+        config = EligibilityConfig(
+            min_visitors_per_day=experiment.segmentation.auto_activation_threshold,
+            window_days=self._window_days,
+        )
+        now = datetime.now(UTC)
+        recommendation = recommend_segmentation(
+            config, daily, self._variant_counts(experiment.key), now
+        )
+        if (
+            recommendation.kind is RecommendationKind.NO_SIGNAL
+            and experiment.segmentation.mode is SegmentationMode.DISABLED
+        ):
+            # With segmentation off there are no per-dimension counts to test: traffic alone
+            # qualifies, for the dimensions the experiment names (or the defaults).
+            dims = experiment.segmentation.segment_by or DEFAULT_DIMENSIONS
+            return Recommendation(
+                kind=RecommendationKind.ENABLE_SEGMENTATION,
+                dimensions=tuple(dims),
+                expected_benefit=0.0,
+                reason=(
+                    f"{recommendation.average_daily_visitors:.0f} visitors/day pass the "
+                    f"threshold of {config.min_visitors_per_day:.0f}; segmentation is off, so "
+                    f"no dimension could be tested yet: start with {', '.join(dims)}"
+                ),
+                created_at=now,
+                average_daily_visitors=recommendation.average_daily_visitors,
+                scores=(),
+            )
+        return recommendation
+
+    async def run_eligibility_checks(self) -> None:
+        """The periodic check: store recommendations and auto-activate where configured."""
+        for experiment in self._service.list_experiments(Status.RUNNING):
+            try:
+                await self._check(experiment)
+            except Exception:
+                log.exception("eligibility check failed", extra={"experiment": experiment.key})
+
+    async def _check(self, experiment: Experiment) -> None:
+        daily = await self._journal.traffic(experiment.handle)
+        recommendation = self._recommend(experiment, daily)
+        if recommendation.kind is RecommendationKind.ENABLE_SEGMENTATION:
+            await self._journal.save_recommendation(
+                experiment.handle, recommendation.kind.value, recommendation.payload()
+            )
+        seg = experiment.segmentation
+        decision = decide_activation(
+            ActivationConfig(
+                auto_activation=seg.auto_activation,
+                threshold=seg.auto_activation_threshold,
+                window_days=self._window_days,
+                already_active=seg.mode is not SegmentationMode.DISABLED,
+            ),
+            daily,
+        )
+        if not decision.activate:
+            return
+        dims = recommendation.dimensions or seg.segment_by or DEFAULT_DIMENSIONS
+        await self._service.update_experiment(
+            experiment.key,
+            {"segmentation": _manual(seg, tuple(dims))},
+        )
+        await self._journal.audit(
+            SYSTEM_ACTOR,
+            "auto_activation",
+            experiment.key,
+            {"dimensions": list(dims), "reason": decision.reason},
+        )
+        log.info(
+            "segmentation auto-activated",
+            extra={"experiment": experiment.key, "dimensions": list(dims)},
+        )
+
+    async def recommendations(
+        self, key: str | None, status: str | None
+    ) -> list[StoredRecommendation]:
+        handle = self._service.get_experiment(key).handle if key else None
+        if status and status not in ("pending", "accepted", "dismissed"):
+            raise InvalidRequest("status", "one of pending, accepted, dismissed")
+        return await self._journal.recommendations(handle, status or None)
+
+    async def decide(
+        self, recommendation_id: str, accept: bool, actor: str
+    ) -> StoredRecommendation:
+        found = await self._journal.get_recommendation(recommendation_id)
+        if found is None:
+            raise NotFound(f"recommendation {recommendation_id!r} does not exist")
+        if found.status != "pending":
+            raise FailedPrecondition(f"recommendation {recommendation_id!r} is {found.status}")
+        experiment = self._service.experiment_by_handle(found.handle)
+        if accept:
+            dims = tuple(str(d) for d in found.dimensions)
+            if not dims:
+                raise FailedPrecondition(
+                    f"recommendation {recommendation_id!r} names no dimensions"
+                )
+            await self._service.update_experiment(
+                experiment.key, {"segmentation": _manual(experiment.segmentation, dims)}
+            )
+        decided = await self._journal.decide_recommendation(
+            recommendation_id, "accepted" if accept else "dismissed", actor
+        )
+        if decided is None:
+            raise FailedPrecondition(f"recommendation {recommendation_id!r} is no longer pending")
+        await self._journal.audit(
+            actor,
+            "recommendation_accepted" if accept else "recommendation_dismissed",
+            experiment.key,
+            {"recommendation": recommendation_id},
+        )
+        return decided
+
+    # Segment tree -----------------------------------------------------------------------
+
+    async def rebuild_tree(self, key: str) -> BuiltTree:
+        """Build the tree off the event loop and swap it into the engine."""
+        experiment = self._service.get_experiment(key)
+        if not experiment.dimensions:
+            raise FailedPrecondition(f"experiment {key!r} has segmentation disabled: no levels")
+        settings = HierarchySettings.for_experiment(experiment)
+        rows = self._service.snapshot(experiment.handle)
+        keys = [k for k, _ in self._service.segment_keys(experiment.handle)]
+        names = tuple(v.key for v in experiment.variants)
+
+        def build() -> SegmentTree:
+            stats = stats_from_counts(rows, keys, variants=len(names))
+            return build_tree(stats, settings, variant_names=names)
+
+        tree = await asyncio.to_thread(build)
+        self._service.set_tree(experiment.handle, tree.kept_hashes())
+        version = self._versions.get(experiment.handle, 0) + 1
+        self._versions[experiment.handle] = version
+        built = BuiltTree(tree, version)
+        self._trees[experiment.handle] = built
+        return built
+
+    async def tree(self, key: str) -> BuiltTree:
+        """The last built tree, or a new one if none was built yet."""
+        experiment = self._service.get_experiment(key)
+        built = self._trees.get(experiment.handle)
+        return built if built is not None else await self.rebuild_tree(key)
+
+    def cascade(self, key: str) -> CascadeUsage:
+        experiment = self._service.get_experiment(key)
+        return cascade_usage(self._service.cascade_counts(experiment.handle), experiment.dimensions)
+
+    async def rebuild_all(self) -> None:
+        """The periodic rebuild of every running, segmented experiment's tree."""
+        for experiment in self._service.list_experiments(Status.RUNNING):
+            if experiment.dimensions:
+                try:
+                    await self.rebuild_tree(experiment.key)
+                except Exception:
+                    log.exception("tree rebuild failed", extra={"experiment": experiment.key})
+
+
+def _manual(seg: Segmentation, dims: tuple[str, ...]) -> Segmentation:
+    return Segmentation(
+        mode=SegmentationMode.MANUAL,
+        segment_by=dims,
+        min_samples_per_segment=seg.min_samples_per_segment,
+        auto_activation=seg.auto_activation,
+        auto_activation_threshold=seg.auto_activation_threshold,
+    )
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000

@@ -1,0 +1,396 @@
+"""Building a segment tree from segment statistics, and the test that prunes it (SPEC §7).
+
+Rules, in order, for each node below the global one (levels are processed top-down):
+
+1. Deeper than `max_depth`: pruned, `beyond_max_depth`.
+2. Fewer allocations than its level's minimum: pruned, `insufficient_data`.
+3. Otherwise the node is compared with a reference and kept (`significant`) only if it converts
+   differently; else pruned, `not_significant`.
+
+The reference. Let A be the node's nearest kept ancestor (a child of a pruned node is still
+tested, against A, and kept if it differs from it: a pruned node's subtree is not pruned with it).
+The reference is what A still serves without the node: A minus the node minus every node kept so
+far under A. Candidates under one A are selected forward: the most significant is kept first and
+taken out of A's remainder, then the others are tested again (small candidates are taken several
+per round, see `_select`). Comparing with "A minus the node" alone lets one strong segment make
+all its siblings look different: with 4% of the traffic converting 12% on variant B against 4%
+elsewhere, every other country differs from "global minus that country" at z of about 3 to 4
+although it converts exactly like the rest, and the same happens to the siblings at every level
+below.
+
+When that remainder (without the node) has less data than the node's level minimum, the node is
+nearly all A still serves, and the reference is A minus the node instead. The Rust cascade serves
+a pruned node's users from A's full counts, kept children included, so the last of two children
+that differ (mobile / desktop) must not be pruned for lack of anything left to compare with.
+
+The test itself (`difference_test`): a pooled two-proportion z-test per variant between the node
+and the reference, Bonferroni-corrected over the m variants that have allocations on both sides:
+the node differs when min_v p_v < alpha / m. Only the variants are corrected for, not the many
+nodes of a tree: of N nodes that do not differ, about alpha * N are kept by chance; an alpha of
+0.05 / (number of nodes) keeps the chance of keeping any of them under 5%.
+
+With `prune` off every node up to `max_depth` is kept, and each is tested against its parent
+minus itself, for information.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+
+from allocsvc.core import key_hash
+from allocsvc.errors import InvalidRequest
+from allocsvc.hierarchy.tree import (
+    DifferenceTest,
+    HierarchySettings,
+    NodeReason,
+    SegmentStats,
+    SegmentTree,
+    TreeNode,
+)
+
+# (experiment, segment hash, variant, allocations, conversions, value sum): `Engine.snapshot` rows
+CountRow = tuple[int, int, int, int, int, float]
+Counts = list[tuple[int, int]]
+# Share of an ancestor's remainder that one round of forward selection may take (see `_select`).
+BATCH_SHARE = 0.01
+
+
+def two_proportion_ztest(x1: int, n1: int, x2: int, n2: int) -> tuple[float, float]:
+    """Pooled two-proportion z-test of x1/n1 against x2/n2: (z, two-sided p-value).
+
+    p = (x1 + x2) / (n1 + n2), z = (x1/n1 - x2/n2) / sqrt(p (1 - p) (1/n1 + 1/n2)),
+    p-value = erfc(|z| / sqrt(2)). Same as statsmodels `proportions_ztest` (pooled variance).
+    When both samples convert all or nothing (zero variance) z = 0 and p = 1: nothing to tell apart.
+    Needs n1, n2 > 0.
+    """
+    if n1 <= 0 or n2 <= 0:
+        raise ValueError("both samples need at least one observation")
+    pooled = (x1 + x2) / (n1 + n2)
+    variance = pooled * (1.0 - pooled) * (1.0 / n1 + 1.0 / n2)
+    if variance <= 0.0:
+        return 0.0, 1.0
+    z = (x1 / n1 - x2 / n2) / math.sqrt(variance)
+    return z, math.erfc(abs(z) / math.sqrt(2.0))
+
+
+def bonferroni(p_values: Sequence[float]) -> list[float]:
+    """Bonferroni-adjusted p-values: min(1, m * p) for m tests (Dunn 1961)."""
+    m = len(p_values)
+    return [min(1.0, m * p) for p in p_values]
+
+
+def difference_test(
+    node: Sequence[tuple[int, int]],
+    reference: Sequence[tuple[int, int]],
+    *,
+    alpha: float,
+    reference_key: str = "",
+    reference_remainder: bool = False,
+) -> DifferenceTest:
+    """Does a node convert differently from a reference? (allocations, conversions) per variant.
+
+    One `two_proportion_ztest` per variant with allocations on both sides; the node differs when
+    the smallest Bonferroni-adjusted p-value is below `alpha` (the family-wise error rate over the
+    variants is at most alpha). `reference_key` and `reference_remainder` only describe the
+    reference in the result.
+    """
+    zs, ps = _per_variant(node, reference)
+    tested = [p for p in ps if p is not None]
+    return DifferenceTest(
+        reference_key=reference_key,
+        reference_hash=key_hash(reference_key),
+        reference_remainder=reference_remainder,
+        reference_rates=tuple(c / a if a else None for a, c in reference),
+        z=tuple(zs),
+        p_values=tuple(ps),
+        variants_tested=len(tested),
+        p_value=min(bonferroni(tested), default=1.0),
+        alpha=alpha,
+    )
+
+
+def _per_variant(
+    node: Sequence[tuple[int, int]], reference: Sequence[tuple[int, int]]
+) -> tuple[list[float | None], list[float | None]]:
+    """z and p per variant (None where a side has no allocations)."""
+    if len(node) != len(reference):
+        raise ValueError("node and reference need the same variants")
+    zs: list[float | None] = []
+    ps: list[float | None] = []
+    for (n1, x1), (n2, x2) in zip(node, reference, strict=True):
+        if n1 > 0 and n2 > 0:
+            z, p = two_proportion_ztest(x1, n1, x2, n2)
+            zs.append(z)
+            ps.append(p)
+        else:
+            zs.append(None)
+            ps.append(None)
+    return zs, ps
+
+
+def _screen(node: Counts, reference: Counts) -> tuple[float, float]:
+    """`difference_test`'s adjusted p-value and -max |z|, without building the record."""
+    zs, ps = _per_variant(node, reference)
+    tested = [p for p in ps if p is not None]
+    p_value = min(1.0, len(tested) * min(tested)) if tested else 1.0
+    return p_value, -max((abs(z) for z in zs if z is not None), default=0.0)
+
+
+def build_tree(
+    stats: Iterable[SegmentStats],
+    settings: HierarchySettings,
+    *,
+    variant_names: Sequence[str] | None = None,
+) -> SegmentTree:
+    """Build and prune the tree of one experiment (rules in the module docstring).
+
+    `stats` holds one entry per node, the global one (empty key) included. Keys whose dimensions
+    do not follow `settings.levels` (stale keys from an earlier segmentation) are left out and
+    listed in `SegmentTree.ignored_keys`. A missing ancestor (the global node included) is summed
+    from its children and marked `synthesized`. Variant names default to v0, v1, ...
+    """
+    levels = settings.levels
+    counts: dict[str, Counts] = {}
+    value_sums: dict[str, float] = {}
+    ignored: list[str] = []
+    seen: set[str] = set()
+    n_variants = None if variant_names is None else len(variant_names)
+    for s in stats:
+        key = s.segment_key
+        if key in seen:
+            raise InvalidRequest("segment_stats", f"duplicate segment key {key!r}")
+        seen.add(key)
+        if not _follows_levels(key, levels):
+            ignored.append(key)
+            continue
+        if n_variants is None:
+            n_variants = len(s.variant_counts)
+        if len(s.variant_counts) != n_variants:
+            raise InvalidRequest(
+                "segment_stats",
+                f"{key!r} has {len(s.variant_counts)} variants, expected {n_variants}",
+            )
+        counts[key] = list(s.variant_counts)
+        value_sums[key] = s.value_sum
+    if n_variants is None:
+        raise InvalidRequest("segment_stats", "no statistics and no variant names")
+    if n_variants < 1:
+        raise InvalidRequest("variant_names", "needs at least one variant")
+    names = tuple(variant_names) if variant_names is not None else _default_names(n_variants)
+
+    synthesized = _add_missing_ancestors(counts, value_sums, n_variants)
+    by_level: list[list[str]] = [[] for _ in range(len(levels) + 1)]
+    for key in counts:
+        by_level[_level(key)].append(key)
+
+    reasons: dict[str, NodeReason] = {"": NodeReason.ROOT}
+    tests: dict[str, DifferenceTest] = {}
+    kept_parent: dict[str, str | None] = {"": None}
+    # What each kept node still serves: its counts minus its kept children's.
+    remainder: dict[str, Counts] = {"": list(counts[""])}
+
+    for level in range(1, len(levels) + 1):
+        minimum = settings.min_samples(level)
+        groups: dict[str, list[str]] = {}
+        for key in sorted(by_level[level]):
+            ancestor = _parent(key)
+            while not reasons[ancestor].kept:
+                ancestor = _parent(ancestor)
+            kept_parent[key] = ancestor
+            if level > settings.depth:
+                reasons[key] = NodeReason.BEYOND_MAX_DEPTH
+            elif not settings.prune:
+                reasons[key] = NodeReason.PRUNING_DISABLED
+                tests[key] = difference_test(
+                    counts[key],
+                    _minus(counts[ancestor], counts[key]),
+                    alpha=settings.alpha,
+                    reference_key=ancestor,
+                )
+            elif not _enough(counts[key], minimum):
+                reasons[key] = NodeReason.INSUFFICIENT_DATA
+            else:
+                groups.setdefault(ancestor, []).append(key)
+        for ancestor, candidates in groups.items():
+            _select(
+                ancestor, candidates, minimum, counts, remainder, reasons, tests, settings.alpha
+            )
+
+    nodes = [
+        TreeNode(
+            key=key,
+            segment_hash=key_hash(key),
+            level=_level(key),
+            parent_hash=None if not key else key_hash(_parent(key)),
+            kept_parent_hash=None if (kp := kept_parent[key]) is None else key_hash(kp),
+            stats=SegmentStats(key, tuple(counts[key]), value_sums.get(key, 0.0)),
+            reason=reasons[key],
+            enough_data=_enough(counts[key], settings.min_samples(_level(key))),
+            test=tests.get(key),
+            synthesized=key in synthesized,
+        )
+        for key in counts
+    ]
+    return SegmentTree(settings, names, nodes, ignored)
+
+
+def _select(
+    ancestor: str,
+    candidates: list[str],
+    minimum: int,
+    counts: dict[str, Counts],
+    remainder: dict[str, Counts],
+    reasons: dict[str, NodeReason],
+    tests: dict[str, DifferenceTest],
+    alpha: float,
+) -> None:
+    """Forward selection of the candidates that differ from what `ancestor` still serves.
+
+    Each round keeps the most significant candidate, and after it, in order of significance, the
+    next significant ones while together they take less than `BATCH_SHARE` of the ancestor's
+    remainder: so small a change of the reference moves no test noticeably, and an ancestor with
+    thousands of candidates needs a few rounds instead of one per kept node.
+    """
+
+    def record(key: str) -> None:
+        reference, is_remainder = references[key]
+        tests[key] = difference_test(
+            counts[key],
+            reference,
+            alpha=alpha,
+            reference_key=ancestor,
+            reference_remainder=is_remainder,
+        )
+
+    remaining = list(candidates)
+    while remaining:
+        references = {
+            key: _reference(remainder[ancestor], counts[ancestor], counts[key], minimum)
+            for key in remaining
+        }
+        scores = {key: _screen(counts[key], references[key][0]) for key in remaining}
+        order = sorted(remaining, key=lambda k: (*scores[k], k))
+        budget = BATCH_SHARE * _allocations(remainder[ancestor])
+        taken = 0
+        kept = 0
+        for key in order:
+            size = _allocations(counts[key])
+            if scores[key][0] >= alpha or (kept and taken + size > budget):
+                break
+            reasons[key] = NodeReason.SIGNIFICANT
+            record(key)
+            remainder[ancestor] = _minus(remainder[ancestor], counts[key])
+            remainder[key] = list(counts[key])
+            taken += size
+            kept += 1
+        if not kept:
+            for key in remaining:
+                reasons[key] = NodeReason.NOT_SIGNIFICANT
+                record(key)
+            return
+        remaining = order[kept:]
+
+
+def _reference(served: Counts, ancestor: Counts, node: Counts, minimum: int) -> tuple[Counts, bool]:
+    """What a node is compared with: the ancestor's remainder (`served`) without the node, or
+    the whole ancestor without it when that remainder has too little data (module docstring).
+    The flag says which."""
+    rest = _minus(served, node)
+    if _allocations(rest) >= max(minimum, 1):
+        return rest, True
+    return _minus(ancestor, node), False
+
+
+def stats_from_counts(
+    rows: Iterable[CountRow], keys: Iterable[str], *, variants: int
+) -> list[SegmentStats]:
+    """`SegmentStats` of the given keys from `Engine.snapshot(experiment)` rows.
+
+    The Rust store knows hashes only; `keys` are the canonical keys to report (e.g. the
+    experiment's known segments), matched by hash. Rows of other hashes or of variants
+    >= `variants` are skipped; a key without rows gets zero counts.
+    """
+    if variants < 1:
+        raise InvalidRequest("variants", "needs at least one variant")
+    by_hash = {key_hash(k): k for k in keys}
+    table = {k: [(0, 0)] * variants for k in by_hash.values()}
+    values = dict.fromkeys(by_hash.values(), 0.0)
+    for _, segment_hash, variant, allocations, conversions, value_sum in rows:
+        key = by_hash.get(segment_hash)
+        if key is None or not 0 <= variant < variants:
+            continue
+        a, c = table[key][variant]
+        table[key][variant] = (a + allocations, c + conversions)
+        values[key] += value_sum
+    return [SegmentStats(k, tuple(v), values[k]) for k, v in table.items()]
+
+
+def _follows_levels(key: str, levels: Sequence[str]) -> bool:
+    if not key:
+        return True
+    parts = key.split("|")
+    if len(parts) > len(levels):
+        return False
+    return all(
+        sep == ":" and dim == expected
+        for (dim, sep, _), expected in zip((p.partition(":") for p in parts), levels, strict=False)
+    )
+
+
+def _add_missing_ancestors(
+    counts: dict[str, Counts], value_sums: dict[str, float], n_variants: int
+) -> set[str]:
+    """Sum every missing ancestor from its children, deepest first; return the added keys."""
+    added: set[str] = set()
+    deepest = max(map(_level, counts), default=0)
+    for level in range(deepest, 0, -1):
+        for key in [k for k in counts if _level(k) == level]:
+            parent = _parent(key)
+            if parent in counts and parent not in added:
+                continue
+            if parent not in counts:
+                counts[parent] = [(0, 0)] * n_variants
+                value_sums[parent] = 0.0
+                added.add(parent)
+            counts[parent] = _plus(counts[parent], counts[key])
+            value_sums[parent] += value_sums[key]
+    if "" not in counts:
+        counts[""] = [(0, 0)] * n_variants
+        value_sums[""] = 0.0
+        added.add("")
+    return added
+
+
+def _level(key: str) -> int:
+    return key.count("|") + 1 if key else 0
+
+
+def _parent(key: str) -> str:
+    return key.rpartition("|")[0]
+
+
+def _allocations(counts: Counts) -> int:
+    return sum(a for a, _ in counts)
+
+
+def _enough(counts: Counts, minimum: int) -> bool:
+    allocations = _allocations(counts)
+    return allocations > 0 and allocations >= minimum
+
+
+def _plus(a: Counts, b: Counts) -> Counts:
+    return [(a1 + b1, c1 + c2) for (a1, c1), (b1, c2) in zip(a, b, strict=True)]
+
+
+def _minus(a: Counts, b: Counts) -> Counts:
+    """a - b per variant, clamped so that 0 <= conversions <= allocations (racy snapshots)."""
+    out: Counts = []
+    for (a1, c1), (b1, c2) in zip(a, b, strict=True):
+        allocations = max(0, a1 - b1)
+        out.append((allocations, min(allocations, max(0, c1 - c2))))
+    return out
+
+
+def _default_names(n: int) -> tuple[str, ...]:
+    return tuple(f"v{i}" for i in range(n))

@@ -1,0 +1,5 @@
+"""Background jobs and their scheduler."""
+
+from allocsvc.tasks.scheduler import Scheduler
+
+__all__ = ["Scheduler"]
