@@ -19,7 +19,7 @@ from allocsvc.allocation.experiments import (
     SegmentationMode,
     Status,
 )
-from allocsvc.allocation.journal import Journal, StoredRecommendation
+from allocsvc.allocation.journal import Journal, StoredRecommendation, TreeNodeRecord
 from allocsvc.allocation.service import AllocationService
 from allocsvc.analytics import (
     ActivationConfig,
@@ -56,6 +56,7 @@ from allocsvc.hierarchy import (
     SegmentTree,
     build_tree,
     cascade_usage,
+    node_to_dict,
     stats_from_counts,
 )
 
@@ -339,6 +340,11 @@ class Insights:
 
         tree = await asyncio.to_thread(build)
         self._service.set_tree(experiment.handle, tree.kept_hashes())
+        try:
+            await self._journal.save_tree(experiment.handle, _records(tree))
+        except Exception:
+            # The tree serves already; only its stored copy is missing until the next rebuild.
+            log.exception("segment tree not stored", extra={"experiment": key})
         version = self._versions.get(experiment.handle, 0) + 1
         self._versions[experiment.handle] = version
         built = BuiltTree(tree, version)
@@ -363,6 +369,27 @@ class Insights:
                     await self.rebuild_tree(experiment.key)
                 except Exception:
                     log.exception("tree rebuild failed", extra={"experiment": experiment.key})
+
+
+def _records(tree: SegmentTree) -> list[TreeNodeRecord]:
+    records = []
+    for node in tree.nodes:
+        a = sum(n for n, _ in node.stats.variant_counts)
+        c = sum(k for _, k in node.stats.variant_counts)
+        records.append(
+            TreeNodeRecord(
+                segment_hash=node.segment_hash,
+                parent_hash=node.kept_parent_hash if node.kept else node.parent_hash,
+                level=node.level,
+                segment_key=node.key,
+                allocations=a,
+                conversions=c,
+                value_sum=node.stats.value_sum,
+                stats=node_to_dict(tree, node),
+                pruned=not node.kept,
+            )
+        )
+    return records
 
 
 def _manual(seg: Segmentation, dims: tuple[str, ...]) -> Segmentation:

@@ -60,6 +60,21 @@ class StoredRecommendation:
         )
 
 
+@dataclass(frozen=True, slots=True)
+class TreeNodeRecord:
+    """One node of a built tree as it is kept (parent = nearest kept ancestor for kept nodes)."""
+
+    segment_hash: int
+    parent_hash: int | None
+    level: int
+    segment_key: str
+    allocations: int
+    conversions: int
+    value_sum: float
+    stats: Mapping[str, Any]
+    pruned: bool
+
+
 class Journal(Protocol):
     async def save_experiment(self, experiment: Experiment, *, new: bool) -> Experiment:
         """Persist an experiment; a new one gets its internal handle here."""
@@ -93,6 +108,9 @@ class Journal(Protocol):
     async def audit(self, actor: str, action: str, target: str, details: Mapping[str, Any]) -> None:
         """Append to the audit log."""
 
+    async def save_tree(self, handle: int, nodes: Sequence[TreeNodeRecord]) -> None:
+        """Keep a built segment tree (parent links and node statistics) as a new version."""
+
 
 class SharedState(Protocol):
     """Sticky assignments shared between replicas. Never raises: when the shared store is
@@ -120,6 +138,7 @@ class MemoryJournal:
         self._recommendations: dict[str, StoredRecommendation] = {}
         self._recommendation_ids = itertools.count(1)
         self.audit_log: list[tuple[str, str, str, dict[str, Any]]] = []
+        self.trees: dict[int, list[Sequence[TreeNodeRecord]]] = {}
 
     async def save_experiment(self, experiment: Experiment, *, new: bool) -> Experiment:
         if new:
@@ -191,6 +210,9 @@ class MemoryJournal:
 
     async def audit(self, actor: str, action: str, target: str, details: Mapping[str, Any]) -> None:
         self.audit_log.append((actor, action, target, dict(details)))
+
+    async def save_tree(self, handle: int, nodes: Sequence[TreeNodeRecord]) -> None:
+        self.trees.setdefault(handle, []).append(list(nodes))
 
 
 def _today() -> date:

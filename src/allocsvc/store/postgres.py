@@ -152,6 +152,21 @@ class SegmentRow:
 
 
 @dataclass(frozen=True, slots=True)
+class HierarchyRow:
+    """One node of a built segment tree (hashes unsigned 64-bit)."""
+
+    node_hash: int
+    parent_hash: int | None
+    level: int
+    segment_key: str
+    allocations: int
+    conversions: int
+    value_sum: float
+    stats: dict[str, Any]
+    pruned: bool
+
+
+@dataclass(frozen=True, slots=True)
 class RecommendationRow:
     id: int
     experiment_id: int
@@ -601,6 +616,48 @@ class PostgresStore:
             )
             for r in rows
         ]
+
+    # segment hierarchy
+
+    async def save_hierarchy(self, experiment_id: int, rows: Sequence[HierarchyRow]) -> int:
+        """Store a built tree as the experiment's next version; return that version."""
+
+        async def run(conn: Any) -> int:
+            async with conn.transaction():
+                # Serialise concurrent saves of one experiment's versions.
+                await conn.execute("SELECT pg_advisory_xact_lock(7311, $1::int)", experiment_id)
+                version = int(
+                    await conn.fetchval(
+                        "SELECT COALESCE(max(version), 0) + 1 FROM segment_hierarchy"
+                        " WHERE experiment_id = $1",
+                        experiment_id,
+                    )
+                )
+                await conn.execute(
+                    "INSERT INTO segment_hierarchy (experiment_id, version, node_hash,"
+                    " parent_hash, level, segment_key, allocations, conversions, value_sum,"
+                    " stats, pruned)"
+                    " SELECT $1, $2, h.node_hash, h.parent_hash, h.level, h.segment_key,"
+                    " h.allocations, h.conversions, h.value_sum, h.stats::jsonb, h.pruned"
+                    " FROM unnest($3::bigint[], $4::bigint[], $5::smallint[], $6::text[],"
+                    " $7::bigint[], $8::bigint[], $9::float8[], $10::text[], $11::bool[])"
+                    " AS h(node_hash, parent_hash, level, segment_key, allocations,"
+                    " conversions, value_sum, stats, pruned)",
+                    experiment_id,
+                    version,
+                    [to_signed64(r.node_hash) for r in rows],
+                    [None if r.parent_hash is None else to_signed64(r.parent_hash) for r in rows],
+                    [r.level for r in rows],
+                    [r.segment_key for r in rows],
+                    [r.allocations for r in rows],
+                    [r.conversions for r in rows],
+                    [r.value_sum for r in rows],
+                    [_json(r.stats) for r in rows],
+                    [r.pruned for r in rows],
+                )
+                return version
+
+        return await self._with_retry(run)
 
     # recommendations
 

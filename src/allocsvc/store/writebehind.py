@@ -36,7 +36,7 @@ from allocsvc.allocation.experiments import (
     Status,
     Variant,
 )
-from allocsvc.allocation.journal import Conversion, StoredRecommendation
+from allocsvc.allocation.journal import Conversion, StoredRecommendation, TreeNodeRecord
 from allocsvc.allocation.service import Assignment
 from allocsvc.analytics import DailyTraffic
 from allocsvc.core import key_hash, parent_keys
@@ -47,6 +47,7 @@ from allocsvc.store.postgres import (
     ConversionRow,
     CountRow,
     ExperimentRow,
+    HierarchyRow,
     PostgresStore,
     RecommendationRow,
     SegmentRow,
@@ -303,6 +304,25 @@ class PostgresJournal:
 
     async def audit(self, actor: str, action: str, target: str, details: Mapping[str, Any]) -> None:
         await self._store.write_audit(actor, action, target, details)
+
+    async def save_tree(self, handle: int, nodes: Sequence[TreeNodeRecord]) -> None:
+        await self._store.save_hierarchy(
+            handle,
+            [
+                HierarchyRow(
+                    node_hash=n.segment_hash,
+                    parent_hash=n.parent_hash,
+                    level=n.level,
+                    segment_key=n.segment_key,
+                    allocations=n.allocations,
+                    conversions=n.conversions,
+                    value_sum=n.value_sum,
+                    stats=dict(n.stats),
+                    pruned=n.pruned,
+                )
+                for n in nodes
+            ],
+        )
 
     # Allocations: written behind.
 
