@@ -34,6 +34,7 @@ def main() -> None:
 @click.option("--data-dir", type=click.Path(path_type=Path), help="Embedded PostgreSQL home.")
 @click.option("--in-memory", is_flag=True, default=None, help="Keep all state in the process.")
 @click.option("--migrate/--no-migrate", default=None, help="Apply migrations at start (default).")
+@click.option("--metrics-port", type=int, help="Serve Prometheus metrics on this HTTP port.")
 def serve(config_file: Path | None, **flags: object) -> None:
     """Start the gRPC server (SIGTERM or Ctrl-C stops it gracefully)."""
     from allocsvc import server

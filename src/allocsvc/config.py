@@ -32,6 +32,7 @@ class Settings(BaseSettings):
     seed: int | None = Field(None, ge=0, description="seed of the sampler (reproducible runs)")
     grace_seconds: float = Field(10.0, ge=0)
     log_level: str = "INFO"
+    metrics_port: int | None = Field(None, ge=0, le=65535, description="Prometheus /metrics")
 
     # Limits on requests; each violation is INVALID_ARGUMENT naming the field.
     max_variants: int = Field(100, ge=2, le=1024)

@@ -20,6 +20,7 @@ from allocsvc.allocation.service import AllocationService, Limits
 from allocsvc.api import SERVICE_NAMES, add_services
 from allocsvc.config import Settings
 from allocsvc.context import ContextLimits, Extractor
+from allocsvc.metrics import ServiceCollector, serve_metrics
 from allocsvc.store import EmbeddedPostgres, PostgresStore, migrate
 from allocsvc.store.pump import DeltaPump
 from allocsvc.store.redis import RedisShared
@@ -161,11 +162,43 @@ async def start(settings: Settings) -> Running:
     await server.start()
     for name in ("", *SERVICE_NAMES):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    if settings.metrics_port is not None:
+        serve_metrics(
+            settings.metrics_port,
+            settings.host,
+            ServiceCollector(
+                service,
+                lambda: _store_health(stores),
+                lambda: _write_behind_stats(stores),
+                lambda: [(k, a) for k, alerts in insights.alerts.items() for a in alerts],
+            ),
+        )
     scheduler = Scheduler()
     scheduler.every("eligibility", settings.eligibility_interval, insights.run_eligibility_checks)
     scheduler.every("tree-rebuild", settings.tree_rebuild_interval, insights.rebuild_all)
     log.info("serving", extra={"host": settings.host, "port": port, "pid": os.getpid()})
     return Running(server, health_servicer, service, stores, scheduler, port)
+
+
+def _store_health(stores: Stores) -> dict[str, bool]:
+    health_of: dict[str, bool] = {}
+    if stores.shared is not None:
+        health_of["redis"] = stores.shared.healthy
+    if isinstance(stores.journal, PostgresJournal):
+        health_of["postgres"] = stores.journal.healthy
+    return health_of
+
+
+def _write_behind_stats(stores: Stores) -> dict[str, float]:
+    if not isinstance(stores.journal, PostgresJournal):
+        return {}
+    s = stores.journal.stats
+    return {
+        "pending_assignments": float(s.pending_assignments),
+        "last_flush_lag_ms": s.last_flush_lag_ms,
+        "flush_failures": float(s.failures),
+        "conversions_written": float(s.conversions_written),
+    }
 
 
 async def stop(running: Running, grace: float) -> None:
@@ -207,7 +240,18 @@ def run(settings: Settings) -> int:
         embedded, dsn = start_embedded(settings)
         settings = settings.model_copy(update={"postgres_dsn": dsn})
     ctx = multiprocessing.get_context("spawn")
-    workers = [ctx.Process(target=_worker, args=(settings,)) for _ in range(settings.workers)]
+    # Each worker serves its own metrics, on metrics_port + its index.
+    workers = [
+        ctx.Process(
+            target=_worker,
+            args=(
+                settings
+                if settings.metrics_port is None
+                else settings.model_copy(update={"metrics_port": settings.metrics_port + i}),
+            ),
+        )
+        for i in range(settings.workers)
+    ]
     for w in workers:
         w.start()
 

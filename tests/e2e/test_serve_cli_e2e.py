@@ -100,3 +100,63 @@ def test_bad_settings_exit_with_a_usage_error() -> None:
     )
     assert done.returncode == 2
     assert "port" in done.stderr
+
+
+def test_metrics_endpoint_reports_cascade_usage(tmp_path: Path) -> None:
+    import urllib.request
+
+    from allocsvc._proto import allocsvc_pb2 as pb
+    from allocsvc._proto import allocsvc_pb2_grpc as pb_grpc
+
+    port, metrics_port = _free_port(), _free_port()
+    log = tmp_path / "serve.log"
+    with log.open("w") as err:
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "allocsvc",
+                "serve",
+                "--in-memory",
+                "--port",
+                str(port),
+                "--metrics-port",
+                str(metrics_port),
+            ],
+            stderr=err,
+        )
+    try:
+        deadline = time.monotonic() + 60
+        while not any(e.get("msg") == "serving" for e in _log_lines(log)):
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.2)
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            admin = pb_grpc.AdminStub(channel)
+            allocator = pb_grpc.AllocatorStub(channel)
+            admin.CreateExperiment(
+                pb.CreateExperimentRequest(
+                    experiment=pb.Experiment(
+                        id="m1",
+                        status=pb.EXPERIMENT_STATUS_RUNNING,
+                        variants=[pb.Variant(id="a"), pb.Variant(id="b")],
+                    )
+                ),
+                timeout=10,
+            )
+            for i in range(7):
+                answer = allocator.Allocate(
+                    pb.AllocateRequest(experiment_id="m1", user_id=f"u{i}"), timeout=10
+                )
+            allocator.RecordConversion(
+                pb.RecordConversionRequest(assignment_id=answer.assignment_id), timeout=10
+            )
+        with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as r:
+            text = r.read().decode()
+        assert 'allocsvc_allocations_total{experiment="m1",level="0"} 7.0' in text
+        assert 'allocsvc_conversions_total{experiment="m1",level="0"} 1.0' in text
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

@@ -23,7 +23,9 @@ from allocsvc.allocation.journal import Journal, StoredRecommendation, TreeNodeR
 from allocsvc.allocation.service import AllocationService
 from allocsvc.analytics import (
     ActivationConfig,
+    ActivationFailure,
     Alert,
+    AlertKind,
     ArmCounts,
     DailyTraffic,
     EarlyStoppingDecision,
@@ -38,6 +40,7 @@ from allocsvc.analytics import (
     SegmentVariantCounts,
     TrafficPlan,
     UnderperformanceSettings,
+    activation_failed_alert,
     analyze_segments,
     days_needed,
     decide_activation,
@@ -111,6 +114,8 @@ class Insights:
         self._journal = journal
         self._window_days = window_days
         self._trees: dict[int, BuiltTree] = {}
+        # Alerts found by the last periodic check, per experiment key.
+        self.alerts: dict[str, tuple[Alert, ...]] = {}
         self._versions: dict[int, int] = {}
 
     # Segments ---------------------------------------------------------------------------
@@ -194,7 +199,10 @@ class Insights:
         alerts = underperforming_segments(
             experiment.key, self._variant_counts(key), UnderperformanceSettings()
         )
-        return Validation(srm, srm_reason, stopping, tuple(alerts))
+        failures = [
+            a for a in self.alerts.get(key, ()) if a.kind == AlertKind.AUTO_ACTIVATION_FAILED
+        ]
+        return Validation(srm, srm_reason, stopping, (*alerts, *failures))
 
     # Eligibility and recommendations ----------------------------------------------------
 
@@ -249,6 +257,7 @@ class Insights:
                 log.exception("eligibility check failed", extra={"experiment": experiment.key})
 
     async def _check(self, experiment: Experiment) -> None:
+        self.alerts[experiment.key] = self.validate(experiment.key).alerts
         daily = await self._journal.traffic(experiment.handle)
         recommendation = self._recommend(experiment, daily)
         if recommendation.kind is RecommendationKind.ENABLE_SEGMENTATION:
@@ -268,10 +277,21 @@ class Insights:
         if not decision.activate:
             return
         dims = recommendation.dimensions or seg.segment_by or DEFAULT_DIMENSIONS
-        await self._service.update_experiment(
-            experiment.key,
-            {"segmentation": _manual(seg, tuple(dims))},
-        )
+        try:
+            await self._service.update_experiment(
+                experiment.key,
+                {"segmentation": _manual(seg, tuple(dims))},
+            )
+        except Exception as exc:
+            failure = activation_failed_alert(
+                ActivationFailure(experiment.key, str(exc), datetime.now(UTC))
+            )
+            self.alerts[experiment.key] = (*self.alerts.get(experiment.key, ()), failure)
+            log.warning("auto-activation failed", extra={"experiment": experiment.key})
+            await self._journal.audit(
+                SYSTEM_ACTOR, "auto_activation_failed", experiment.key, {"error": str(exc)}
+            )
+            return
         await self._journal.audit(
             SYSTEM_ACTOR,
             "auto_activation",

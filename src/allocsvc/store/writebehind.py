@@ -205,6 +205,8 @@ class PostgresJournal:
         self._tasks: list[asyncio.Task[None]] = []
         self._closing = False
         self._flush_lock = asyncio.Lock()
+        # False after a failed write, True after a successful one.
+        self.healthy = True
         self.stats = FlushStats()
 
     def bind_deltas(self, take_deltas: Callable[[], list[CountRow]]) -> None:
@@ -426,8 +428,10 @@ class PostgresJournal:
             self._assignments[:0] = batch
             self._unwritten_counts[:0] = counts
             self.stats.failures += 1
+            self.healthy = False
             log.warning("write-behind flush failed, will retry", extra={"error": repr(exc)})
             return
+        self.healthy = True
         now = time.monotonic()
         self.stats.flushes += 1
         self.stats.assignments_written += len(batch)
