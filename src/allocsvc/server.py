@@ -11,13 +11,12 @@ from dataclasses import dataclass
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
 from allocsvc import core, logs
 from allocsvc.allocation.insights import Insights
 from allocsvc.allocation.journal import Journal, MemoryJournal
 from allocsvc.allocation.service import AllocationService, Limits
-from allocsvc.api import SERVICE_NAMES, add_services
+from allocsvc.api import SERVICE_NAMES, add_services, reflection
 from allocsvc.config import Settings
 from allocsvc.context import ContextLimits, Extractor
 from allocsvc.metrics import ServiceCollector, serve_metrics
@@ -117,8 +116,8 @@ async def start(settings: Settings) -> Running:
     # Every change of the counters goes once to each sink that persists or shares it.
     pump = DeltaPump(service.take_deltas)
     if isinstance(stores.journal, PostgresJournal):
-        experiments, counts, assignments = await stores.journal.load()
-        service.restore(experiments, counts, assignments)
+        experiments, counts, assignments, segments = await stores.journal.load()
+        service.restore(experiments, counts, assignments, segments)
         pump.add_sink("postgres")
         stores.journal.bind_deltas(lambda: pump.drain("postgres"))
         stores.journal.start(service.load_experiments)
@@ -155,9 +154,7 @@ async def start(settings: Settings) -> Running:
     insights = Insights(service, stores.journal, window_days=settings.eligibility_window_days)
     add_services(server, service, insights, settings.region)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection(
-        (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server
-    )
+    reflection.enable(server, (*SERVICE_NAMES, health.SERVICE_NAME))
     port = server.add_insecure_port(f"{settings.host}:{settings.port}")
     await server.start()
     for name in ("", *SERVICE_NAMES):

@@ -260,7 +260,7 @@ class Insights:
         self.alerts[experiment.key] = self.validate(experiment.key).alerts
         daily = await self._journal.traffic(experiment.handle)
         recommendation = self._recommend(experiment, daily)
-        if recommendation.kind is RecommendationKind.ENABLE_SEGMENTATION:
+        if await self._is_news(experiment, recommendation):
             await self._journal.save_recommendation(
                 experiment.handle, recommendation.kind.value, recommendation.payload()
             )
@@ -301,6 +301,22 @@ class Insights:
         log.info(
             "segmentation auto-activated",
             extra={"experiment": experiment.key, "dimensions": list(dims)},
+        )
+
+    async def _is_news(self, experiment: Experiment, recommendation: Recommendation) -> bool:
+        """Worth storing: it enables segmentation on dimensions the experiment does not use
+        already, and nobody has accepted or dismissed the same advice before."""
+        if recommendation.kind is not RecommendationKind.ENABLE_SEGMENTATION:
+            return False
+        if (
+            experiment.segmentation.mode is not SegmentationMode.DISABLED
+            and experiment.segmentation.segment_by == recommendation.dimensions
+        ):
+            return False
+        earlier = await self._journal.recommendations(experiment.handle, None)
+        return not any(
+            r.kind == recommendation.kind.value and r.dimensions == recommendation.dimensions
+            for r in earlier
         )
 
     async def recommendations(

@@ -110,6 +110,12 @@ class ConversionResult:
     counted: bool
 
 
+def _no_nul(field: str, value: str) -> None:
+    # PostgreSQL text cannot hold NUL: refuse it up front instead of failing the write-behind.
+    if "\x00" in value:
+        raise InvalidRequest(field, "must not contain NUL characters")
+
+
 def _now_ms() -> int:
     return time.time_ns() // 1_000_000
 
@@ -204,10 +210,14 @@ class AllocationService:
         experiments: Iterable[Experiment],
         counts: Sequence[tuple[int, int, int, int, int, float]],
         assignments: Iterable[Assignment],
+        segments: Iterable[tuple[int, str]] = (),
     ) -> None:
-        """Install state read back from the store at start (assignments oldest first)."""
+        """Install state read back from the store at start (assignments oldest first;
+        `segments` are the (experiment, key) pairs known to the store)."""
         self.load_experiments(experiments)
         self._engine.load_counts(list(counts))
+        for handle, key in segments:
+            self._register_segment(handle, key)
         for a in assignments:
             self._by_id[a.id] = a
             self._latest[(a.handle, a.user_id)] = a
@@ -242,6 +252,7 @@ class AllocationService:
         )
         self._experiments[experiment.key] = experiment
         self._by_handle[experiment.handle] = experiment
+        self._register_segment(experiment.handle, "")
 
     def _running(self, key: str) -> Experiment:
         if not key:
@@ -262,6 +273,7 @@ class AllocationService:
             raise InvalidRequest(
                 "user_id", f"longer than {self._limits.max_user_id_chars} characters"
             )
+        _no_nul("user_id", user_id)
 
     # Allocation -------------------------------------------------------------------------
 
@@ -416,6 +428,8 @@ class AllocationService:
             raise InvalidRequest("value", "must be a finite number >= 0")
         if len(request.idempotency_key) > 128:
             raise InvalidRequest("idempotency_key", "longer than 128 characters")
+        _no_nul("idempotency_key", request.idempotency_key)
+        _no_nul("assignment_id", request.assignment_id)
         assignment = await self._assignment_for(request)
         return Conversion(
             assignment_id=assignment.id,

@@ -181,6 +181,9 @@ def _validate(
                     _field("context", key, limits),
                     f"value is {len(value)} characters long, at most {allowed} are allowed",
                 )
+        if "\x00" in key or "\x00" in value:
+            # NUL cannot be stored in PostgreSQL text; refuse it here rather than fail later.
+            raise InvalidRequest(_field("context", key, limits), "must not contain NUL characters")
     if len(signals) > limits.max_signals:
         raise InvalidRequest(
             "signals", f"has {len(signals)} entries, at most {limits.max_signals} are allowed"
@@ -190,6 +193,8 @@ def _validate(
             raise InvalidRequest(
                 _field("signals", key, limits), f"key must be 1 to {max_key} characters long"
             )
+        if "\x00" in key:
+            raise InvalidRequest(_field("signals", key, limits), "must not contain NUL characters")
         if not math.isfinite(number):
             raise InvalidRequest(_field("signals", key, limits), f"must be finite, got {number}")
 

@@ -262,16 +262,23 @@ class PostgresJournal:
     async def experiments(self) -> list[Experiment]:
         return [experiment_from_row(r) for r in await self._store.list_experiments()]
 
-    async def load(self) -> tuple[list[Experiment], list[CountRow], list[Assignment]]:
-        """Everything the service needs at start: experiments, counters, assignments."""
+    async def load(
+        self,
+    ) -> tuple[list[Experiment], list[CountRow], list[Assignment], list[tuple[int, str]]]:
+        """Everything the service needs at start: experiments, counters, assignments and the
+        known segments."""
         experiments = await self.experiments()
         counts = await self._store.load_counts()
         keys = {e.handle: e.key for e in experiments}
         assignments: list[Assignment] = []
+        segments: list[tuple[int, str]] = []
         for e in experiments:
             rows = await self._store.load_assignments(e.handle)
             assignments.extend(assignment_from_row(r, keys[e.handle]) for r in rows)
-        return experiments, counts, assignments
+            for seg in await self._store.list_segments(e.handle):
+                self._known_segments.add((e.handle, seg.segment_hash))
+                segments.append((e.handle, seg.segment_key))
+        return experiments, counts, assignments, segments
 
     # Traffic, recommendations, audit: written through.
 
