@@ -1,0 +1,502 @@
+"""Durability against the real server process on a real PostgreSQL: a graceful restart keeps
+every counter, sticky assignment and idempotency key; a SIGKILL under load loses no
+acknowledged conversion and counts none twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from allocsvc._proto import allocsvc_pb2 as pb
+from allocsvc._proto import allocsvc_pb2_grpc as pb_grpc
+from allocsvc.core import key_hash, parent_keys
+
+pytestmark = pytest.mark.e2e
+
+START_TIMEOUT_S = 30.0
+STOP_TIMEOUT_S = 20.0
+RPC_TIMEOUT_S = 10.0
+LOG_TAIL_CHARS = 20_000
+
+IPHONE = "Mozilla/5.0 (iPhone; CPU iPhone OS 17_4 like Mac OS X) Mobile/15E148 Safari/604.1"
+DESKTOP = "Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 Chrome/124.0 Safari/537.36"
+CONTEXTS = [
+    {"utm_source": source, "user_agent": agent, "country_code": "US"}
+    for source in ("instagram", "google")
+    for agent in (IPHONE, DESKTOP)
+]
+
+
+# The server process -------------------------------------------------------------------------
+
+
+@dataclass
+class Server:
+    """A running `allocsvc serve` process with sync stubs."""
+
+    process: subprocess.Popen[bytes]
+    log: Path
+    port: int
+    channel: grpc.Channel
+    allocator: pb_grpc.AllocatorStub = field(init=False)
+    admin: pb_grpc.AdminStub = field(init=False)
+    health: health_pb2_grpc.HealthStub = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.allocator = pb_grpc.AllocatorStub(self.channel)
+        self.admin = pb_grpc.AdminStub(self.channel)
+        self.health = health_pb2_grpc.HealthStub(self.channel)
+
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+    def stop(self) -> int:
+        """SIGTERM and the exit code (bounded wait)."""
+        self.channel.close()
+        if self.alive():
+            self.process.send_signal(signal.SIGTERM)
+        try:
+            return self.process.wait(timeout=STOP_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise AssertionError(f"no exit within {STOP_TIMEOUT_S} s of SIGTERM") from None
+
+    def kill(self) -> None:
+        if self.alive():
+            self.process.kill()
+        self.process.wait()
+        self.channel.close()
+
+
+class Launcher:
+    """Starts servers; at teardown kills whatever still runs and shows the logs (pytest prints
+    them only when the test failed)."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        self._tmp = tmp_path
+        self._processes: list[tuple[subprocess.Popen[bytes], Path]] = []
+        self._servers: list[Server] = []
+
+    def start(self, *args: str) -> Server:
+        return self.start_together(1, *args)[0]
+
+    def start_together(self, count: int, *args: str) -> list[Server]:
+        """`count` processes of `allocsvc serve <args>` started at once, each SERVING."""
+        command = [sys.executable, "-m", "allocsvc", "serve", "--host", "127.0.0.1", "--port", "0"]
+        pending = []
+        for _ in range(count):
+            log = self._tmp / f"server-{len(self._processes)}.log"
+            with log.open("wb") as stderr:
+                process = subprocess.Popen(
+                    [*command, *args],
+                    stdin=subprocess.DEVNULL,
+                    stdout=subprocess.DEVNULL,
+                    stderr=stderr,
+                )
+            self._processes.append((process, log))
+            pending.append((process, log))
+        deadline = time.monotonic() + START_TIMEOUT_S
+        servers = []
+        for process, log in pending:
+            port = _serving_port(log)
+            while port is None:
+                if process.poll() is not None or time.monotonic() > deadline:
+                    pytest.fail(f"server did not start (exit {process.returncode}):\n{_tail(log)}")
+                time.sleep(0.02)
+                port = _serving_port(log)
+            server = Server(process, log, port, grpc.insecure_channel(f"127.0.0.1:{port}"))
+            while not _healthy(server, ""):
+                if not server.alive() or time.monotonic() > deadline:
+                    pytest.fail(f"server not SERVING within {START_TIMEOUT_S} s:\n{_tail(log)}")
+                time.sleep(0.02)
+            servers.append(server)
+            self._servers.append(server)
+        return servers
+
+    def close(self) -> None:
+        for server in self._servers:
+            server.channel.close()
+        for process, log in self._processes:
+            if process.poll() is None:
+                process.kill()
+            process.wait()
+            print(f"--- {log.name} (exit {process.returncode}):\n{_tail(log)}")
+
+
+def _tail(log: Path) -> str:
+    return log.read_text(errors="replace")[-LOG_TAIL_CHARS:]
+
+
+def _serving_port(log: Path) -> int | None:
+    for line in log.read_text(errors="replace").splitlines():
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(entry, dict) and entry.get("msg") == "serving":
+            return int(entry["port"])
+    return None
+
+
+def _healthy(server: Server, service: str) -> bool:
+    try:
+        reply = server.health.Check(health_pb2.HealthCheckRequest(service=service), timeout=1.0)
+    except grpc.RpcError:
+        return False
+    return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
+
+
+@pytest.fixture
+def launcher(tmp_path: Path) -> Iterator[Launcher]:
+    running = Launcher(tmp_path)
+    yield running
+    running.close()
+
+
+# Database and API helpers -------------------------------------------------------------------
+
+
+def query(dsn: str, sql: str, *args: object) -> list[asyncpg.Record]:
+    async def run() -> list[asyncpg.Record]:
+        conn = await asyncpg.connect(dsn)
+        try:
+            return list(await conn.fetch(sql, *args))
+        finally:
+            await conn.close()
+
+    return asyncio.run(run())
+
+
+def wait_for(what: str, check: Callable[[], bool], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            pytest.fail(f"{what}: not within {timeout} s")
+        time.sleep(0.05)
+
+
+State = dict[tuple[str, int, int], tuple[int, int, float]]
+
+
+def counters(dsn: str) -> State:
+    """Every segment_variant_state row: (experiment key, segment hash, variant) -> counts."""
+    rows = query(
+        dsn,
+        "SELECT e.key, s.segment_hash, s.variant, s.allocations, s.conversions, s.value_sum"
+        " FROM segment_variant_state s JOIN experiments e ON e.id = s.experiment_id",
+    )
+    return {(r[0], r[1], r[2]): (r[3], r[4], round(r[5], 6)) for r in rows}
+
+
+def signed(h: int) -> int:
+    return h - (1 << 64) if h >= 1 << 63 else h
+
+
+GLOBAL = signed(key_hash(""))
+
+
+def global_counts(state: State, experiment: str) -> dict[int, tuple[int, int, float]]:
+    """Per variant: the counters of the global segment."""
+    return {v: c for (e, s, v), c in state.items() if e == experiment and s == GLOBAL}
+
+
+def assert_conversion_counters_match_rows(dsn: str, experiment: str) -> int:
+    """The conversion counters of every level of every path equal what the `conversions` rows
+    imply; returns the number of rows."""
+    rows = query(
+        dsn,
+        "SELECT c.segment_key, c.variant, count(*), sum(c.value) FROM conversions c"
+        " JOIN experiments e ON e.id = c.experiment_id WHERE e.key = $1 GROUP BY 1, 2",
+        experiment,
+    )
+    expected: Counter[tuple[int, int]] = Counter()
+    for segment_key, variant, n, _ in rows:
+        for level_key in parent_keys(segment_key):
+            expected[(signed(key_hash(level_key)), variant)] += n
+    state = counters(dsn)
+    actual = {(s, v): c[1] for (e, s, v), c in state.items() if e == experiment and c[1]}
+    assert actual == dict(expected)
+    total = int(sum(r[2] for r in rows))
+    assert sum(c[1] for c in global_counts(state, experiment).values()) == total
+    return total
+
+
+def experiment(key: str, variants: tuple[str, ...], *, segment_by: tuple[str, ...] = ()) -> Any:
+    segmentation = (
+        pb.SegmentationConfig(
+            mode=pb.SEGMENTATION_MODE_MANUAL, segment_by=segment_by, min_samples_per_segment=10
+        )
+        if segment_by
+        else pb.SegmentationConfig(mode=pb.SEGMENTATION_MODE_DISABLED)
+    )
+    return pb.CreateExperimentRequest(
+        experiment=pb.Experiment(
+            id=key,
+            name=key,
+            status=pb.EXPERIMENT_STATUS_RUNNING,
+            variants=[pb.Variant(id=v, name=v) for v in variants],
+            segmentation=segmentation,
+        )
+    )
+
+
+def allocate(server: Server, key: str, user: str, context: dict[str, str]) -> Any:
+    return server.allocator.Allocate(
+        pb.AllocateRequest(experiment_id=key, user_id=user, channel="web", context=context),
+        timeout=RPC_TIMEOUT_S,
+    )
+
+
+def convert(server: Server, **fields: Any) -> Any:
+    return server.allocator.RecordConversion(
+        pb.RecordConversionRequest(**fields), timeout=RPC_TIMEOUT_S
+    )
+
+
+# Restart ------------------------------------------------------------------------------------
+
+
+def test_graceful_restart_keeps_counters_sticky_assignments_and_idempotency(
+    fresh_db: str, launcher: Launcher
+) -> None:
+    first = launcher.start("--postgres-dsn", fresh_db, "--seed", "11")
+    first.admin.CreateExperiment(
+        experiment("shop", ("A", "B", "C"), segment_by=("source", "device")), timeout=RPC_TIMEOUT_S
+    )
+    first.admin.CreateExperiment(experiment("flat", ("A", "B")), timeout=RPC_TIMEOUT_S)
+    first.admin.CreateExperiment(experiment("learned", ("A", "B")), timeout=RPC_TIMEOUT_S)
+
+    answers: dict[tuple[str, str], Any] = {}
+    conversions: list[dict[str, Any]] = []
+    for i in range(240):
+        user, context = f"user-{i}", CONTEXTS[i % len(CONTEXTS)]
+        for key in ("shop", "flat"):
+            answers[(key, user)] = allocate(first, key, user, context)
+        if i % 3 == 0:
+            shop_id = answers[("shop", user)].assignment_id
+            conversions.append({"assignment_id": shop_id, "value": 1.5, "idempotency_key": f"o{i}"})
+            # the same assignment converting again under another key counts again
+            conversions.append({"assignment_id": shop_id, "value": 2.0, "idempotency_key": f"p{i}"})
+        if i % 4 == 1:
+            conversions.append({"experiment_id": "flat", "user_id": user})
+    for request in conversions:
+        assert convert(first, **request).counted
+        assert not convert(first, **request).counted  # a retry before the restart
+    # "learned": variant B converts every time until it dominates.
+    for i in range(200):
+        answer = allocate(first, "learned", f"learner-{i}", CONTEXTS[0])
+        answers[("learned", f"learner-{i}")] = answer
+        if answer.variant_id == "B":
+            assert convert(first, assignment_id=answer.assignment_id, idempotency_key="k").counted
+
+    # What the clients were told, per experiment and variant: (allocations, conversions, value).
+    told: dict[str, dict[int, tuple[int, int, float]]] = {}
+    for key, names in (("shop", "ABC"), ("flat", "AB"), ("learned", "AB")):
+        made = Counter(names.index(a.variant_id) for (k, _), a in answers.items() if k == key)
+        told[key] = {v: (made[v], 0, 0.0) for v in made}
+    by_id = {a.assignment_id: (k, a.variant_id) for (k, _), a in answers.items()}
+    for request in conversions:
+        if "assignment_id" in request:
+            key, variant_id = by_id[request["assignment_id"]]
+        else:
+            key, variant_id = "flat", answers[("flat", request["user_id"])].variant_id
+        v = "ABC".index(variant_id)
+        a, c, x = told[key][v]
+        told[key][v] = (a, c + 1, x + request.get("value", 0.0))
+    for (key, _), answer in answers.items():
+        if key == "learned" and answer.variant_id == "B":
+            a, c, x = told[key][1]
+            told[key][1] = (a, c + 1, x)
+
+    def written() -> bool:
+        state = counters(fresh_db)
+        return all(global_counts(state, key) == told[key] for key in told)
+
+    wait_for("write-behind of the allocation counts", written, timeout=10)
+    before = counters(fresh_db)
+    assert first.stop() == 0
+    assert counters(fresh_db) == before  # the graceful stop flushed nothing twice
+
+    second = launcher.start("--postgres-dsn", fresh_db, "--seed", "12")
+    for (key, user), earlier in answers.items():
+        again = allocate(second, key, user, CONTEXTS[int(user.rsplit("-", 1)[1]) % 4])
+        assert (again.assignment_id, again.variant_id, again.segment_key) == (
+            earlier.assignment_id,
+            earlier.variant_id,
+            earlier.segment_key,
+        )
+        assert again.sticky
+    for request in conversions:
+        assert not convert(second, **request).counted
+    # The counters came back into memory: new users of "learned" get B.
+    fresh = [allocate(second, "learned", f"newcomer-{i}", CONTEXTS[0]) for i in range(100)]
+    assert sum(a.variant_id == "B" for a in fresh) >= 90
+    assert second.stop() == 0
+
+    after = counters(fresh_db)
+    unchanged = {k: c for k, c in before.items() if k[0] != "learned"}
+    assert {k: c for k, c in after.items() if k[0] != "learned"} == unchanged
+    learned_before = global_counts(before, "learned")
+    learned_after = global_counts(after, "learned")
+    assert sum(c[0] for c in learned_after.values()) == sum(
+        c[0] for c in learned_before.values()
+    ) + len(fresh)
+    assert {v: c[1] for v, c in learned_after.items()} == {
+        v: c[1] for v, c in learned_before.items()
+    }
+    for key in told:
+        assert_conversion_counters_match_rows(fresh_db, key)
+
+
+# Crash --------------------------------------------------------------------------------------
+
+
+CRASH_USERS = 2000
+KEYS_PER_ASSIGNMENT = 3
+CLIENT_THREADS = 8
+ACKS_BEFORE_KILL = 1500
+
+
+@dataclass
+class Ledger:
+    """What the clients sent and which answers said OK (an OK is a durable promise)."""
+
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    sent: set[tuple[str, str]] = field(default_factory=set)
+    acked: set[tuple[str, str]] = field(default_factory=set)
+    acked_at_kill: int = 0
+    errors: Counter[str] = field(default_factory=Counter)
+
+
+def test_sigkill_under_load_loses_no_acknowledged_conversion(
+    fresh_db: str, launcher: Launcher
+) -> None:
+    server = launcher.start("--postgres-dsn", fresh_db, "--seed", "21")
+    server.admin.CreateExperiment(
+        experiment("crash", ("A", "B", "C"), segment_by=("source", "device")),
+        timeout=RPC_TIMEOUT_S,
+    )
+    assignments: list[str] = []
+    for batch in range(CRASH_USERS // 500):
+        reply = server.allocator.AllocateBatch(
+            pb.AllocateBatchRequest(
+                requests=[
+                    pb.AllocateRequest(
+                        experiment_id="crash",
+                        user_id=f"u{batch}-{i}",
+                        channel="web",
+                        context=CONTEXTS[i % len(CONTEXTS)],
+                    )
+                    for i in range(500)
+                ]
+            ),
+            timeout=RPC_TIMEOUT_S,
+        )
+        assignments += [r.allocation.assignment_id for r in reply.results]
+    assert len(set(assignments)) == CRASH_USERS
+    # Conversions after the crash find their assignments only once those were written.
+    wait_for(
+        "write-behind of the assignments",
+        lambda: query(fresh_db, "SELECT count(*) FROM assignments")[0][0] == CRASH_USERS,
+        timeout=10,
+    )
+
+    work = [(a, f"key-{k}") for k in range(KEYS_PER_ASSIGNMENT) for a in assignments]
+    ledger = Ledger()
+    stop = threading.Event()
+
+    def client(share: list[tuple[str, str]]) -> None:
+        with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            stub = pb_grpc.AllocatorStub(channel)
+            for assignment_id, key in share:
+                if stop.is_set():
+                    return
+                with ledger.lock:
+                    ledger.sent.add((assignment_id, key))
+                try:
+                    reply = stub.RecordConversion(
+                        pb.RecordConversionRequest(
+                            assignment_id=assignment_id, idempotency_key=key, value=1.0
+                        ),
+                        timeout=RPC_TIMEOUT_S,
+                    )
+                except grpc.RpcError as exc:
+                    with ledger.lock:
+                        ledger.errors[exc.code().name] += 1
+                    continue
+                with ledger.lock:
+                    ledger.acked.add((assignment_id, key))
+                    if not reply.counted:
+                        ledger.errors["counted=false on a first send"] += 1
+
+    threads = [
+        threading.Thread(target=client, args=(work[t::CLIENT_THREADS],), daemon=True)
+        for t in range(CLIENT_THREADS)
+    ]
+    for thread in threads:
+        thread.start()
+    deadline = time.monotonic() + 60
+    while len(ledger.acked) < ACKS_BEFORE_KILL:
+        assert time.monotonic() < deadline, f"only {len(ledger.acked)} acks in 60 s"
+        assert server.alive()
+        time.sleep(0.005)
+    with ledger.lock:
+        ledger.acked_at_kill = len(ledger.acked)
+    server.process.send_signal(signal.SIGKILL)
+    server.process.wait(timeout=STOP_TIMEOUT_S)
+    stop.set()
+    for thread in threads:
+        thread.join(timeout=RPC_TIMEOUT_S + 5)
+        assert not thread.is_alive()
+    assert not ledger.errors.keys() - {"UNAVAILABLE"}, ledger.errors
+    # Every OK the clients saw (also the ones read just after the kill) is stored exactly once.
+    stored_rows = query(fresh_db, "SELECT assignment_id, idempotency_key FROM conversions")
+    stored = {(r[0], r[1]) for r in stored_rows}
+    assert len(stored) == len(stored_rows)
+    assert ledger.acked <= stored
+    assert stored <= ledger.sent
+    in_flight = ledger.sent - ledger.acked
+    print(
+        f"sent {len(ledger.sent)}, acked {len(ledger.acked)} ({ledger.acked_at_kill} at the kill),"
+        f" stored {len(stored)}, errors {dict(ledger.errors)}"
+    )
+    assert len(stored - ledger.acked) <= len(in_flight)
+    assert assert_conversion_counters_match_rows(fresh_db, "crash") == len(stored)
+    assert sum(c[0] for c in global_counts(counters(fresh_db), "crash").values()) == CRASH_USERS
+
+    # Clients retry everything they sent: what was stored is not counted again.
+    restarted = launcher.start("--postgres-dsn", fresh_db, "--seed", "22")
+    sent = sorted(ledger.sent)
+    for start in range(0, len(sent), 500):
+        chunk = sent[start : start + 500]
+        reply = restarted.allocator.RecordConversionBatch(
+            pb.RecordConversionBatchRequest(
+                requests=[
+                    pb.RecordConversionRequest(assignment_id=a, idempotency_key=k, value=1.0)
+                    for a, k in chunk
+                ]
+            ),
+            timeout=RPC_TIMEOUT_S,
+        )
+        for item, result in zip(chunk, reply.results, strict=True):
+            assert result.HasField("conversion"), result.error
+            assert result.conversion.counted == (item not in stored), item
+    assert assert_conversion_counters_match_rows(fresh_db, "crash") == len(ledger.sent)
+    assert restarted.stop() == 0
+    assert sum(c[0] for c in global_counts(counters(fresh_db), "crash").values()) == CRASH_USERS

@@ -1,0 +1,385 @@
+"""Two replicas (two server processes) sharing one PostgreSQL and one Redis: learning on one
+changes the allocations of the other within 2 s, sticky assignments agree, and the counts in
+PostgreSQL are the sum of what both answered.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from allocsvc._proto import allocsvc_pb2 as pb
+from allocsvc._proto import allocsvc_pb2_grpc as pb_grpc
+from allocsvc.core import key_hash, parent_keys
+
+pytestmark = pytest.mark.e2e
+
+START_TIMEOUT_S = 30.0
+STOP_TIMEOUT_S = 20.0
+RPC_TIMEOUT_S = 10.0
+LOG_TAIL_CHARS = 20_000
+# The spec's bound for a conversion on one replica to change the allocations of another.
+PROPAGATION_S = 2.0
+
+IPHONE = "Mozilla/5.0 (iPhone; CPU iPhone OS 17_4 like Mac OS X) Mobile/15E148 Safari/604.1"
+DESKTOP = "Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 Chrome/124.0 Safari/537.36"
+CONTEXTS = [
+    {"utm_source": source, "user_agent": agent, "country_code": "US"}
+    for source in ("instagram", "google")
+    for agent in (IPHONE, DESKTOP)
+]
+
+
+# The server process -------------------------------------------------------------------------
+
+
+@dataclass
+class Server:
+    """A running `allocsvc serve` process with sync stubs."""
+
+    process: subprocess.Popen[bytes]
+    log: Path
+    port: int
+    channel: grpc.Channel
+    allocator: pb_grpc.AllocatorStub = field(init=False)
+    admin: pb_grpc.AdminStub = field(init=False)
+    health: health_pb2_grpc.HealthStub = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.allocator = pb_grpc.AllocatorStub(self.channel)
+        self.admin = pb_grpc.AdminStub(self.channel)
+        self.health = health_pb2_grpc.HealthStub(self.channel)
+
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+    def stop(self) -> int:
+        """SIGTERM and the exit code (bounded wait)."""
+        self.channel.close()
+        if self.alive():
+            self.process.send_signal(signal.SIGTERM)
+        try:
+            return self.process.wait(timeout=STOP_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise AssertionError(f"no exit within {STOP_TIMEOUT_S} s of SIGTERM") from None
+
+    def kill(self) -> None:
+        if self.alive():
+            self.process.kill()
+        self.process.wait()
+        self.channel.close()
+
+
+class Launcher:
+    """Starts servers; at teardown kills whatever still runs and shows the logs (pytest prints
+    them only when the test failed)."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        self._tmp = tmp_path
+        self._processes: list[tuple[subprocess.Popen[bytes], Path]] = []
+        self._servers: list[Server] = []
+
+    def start(self, *args: str) -> Server:
+        return self.start_together(1, *args)[0]
+
+    def start_together(self, count: int, *args: str) -> list[Server]:
+        """`count` processes of `allocsvc serve <args>` started at once, each SERVING."""
+        command = [sys.executable, "-m", "allocsvc", "serve", "--host", "127.0.0.1", "--port", "0"]
+        pending = []
+        for _ in range(count):
+            log = self._tmp / f"server-{len(self._processes)}.log"
+            with log.open("wb") as stderr:
+                process = subprocess.Popen(
+                    [*command, *args],
+                    stdin=subprocess.DEVNULL,
+                    stdout=subprocess.DEVNULL,
+                    stderr=stderr,
+                )
+            self._processes.append((process, log))
+            pending.append((process, log))
+        deadline = time.monotonic() + START_TIMEOUT_S
+        servers = []
+        for process, log in pending:
+            port = _serving_port(log)
+            while port is None:
+                if process.poll() is not None or time.monotonic() > deadline:
+                    pytest.fail(f"server did not start (exit {process.returncode}):\n{_tail(log)}")
+                time.sleep(0.02)
+                port = _serving_port(log)
+            server = Server(process, log, port, grpc.insecure_channel(f"127.0.0.1:{port}"))
+            while not _healthy(server, ""):
+                if not server.alive() or time.monotonic() > deadline:
+                    pytest.fail(f"server not SERVING within {START_TIMEOUT_S} s:\n{_tail(log)}")
+                time.sleep(0.02)
+            servers.append(server)
+            self._servers.append(server)
+        return servers
+
+    def close(self) -> None:
+        for server in self._servers:
+            server.channel.close()
+        for process, log in self._processes:
+            if process.poll() is None:
+                process.kill()
+            process.wait()
+            print(f"--- {log.name} (exit {process.returncode}):\n{_tail(log)}")
+
+
+def _tail(log: Path) -> str:
+    return log.read_text(errors="replace")[-LOG_TAIL_CHARS:]
+
+
+def _serving_port(log: Path) -> int | None:
+    for line in log.read_text(errors="replace").splitlines():
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(entry, dict) and entry.get("msg") == "serving":
+            return int(entry["port"])
+    return None
+
+
+def _healthy(server: Server, service: str) -> bool:
+    try:
+        reply = server.health.Check(health_pb2.HealthCheckRequest(service=service), timeout=1.0)
+    except grpc.RpcError:
+        return False
+    return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
+
+
+@pytest.fixture
+def launcher(tmp_path: Path) -> Iterator[Launcher]:
+    running = Launcher(tmp_path)
+    yield running
+    running.close()
+
+
+# Database and API helpers -------------------------------------------------------------------
+
+
+def query(dsn: str, sql: str, *args: object) -> list[asyncpg.Record]:
+    async def run() -> list[asyncpg.Record]:
+        conn = await asyncpg.connect(dsn)
+        try:
+            return list(await conn.fetch(sql, *args))
+        finally:
+            await conn.close()
+
+    return asyncio.run(run())
+
+
+def wait_for(what: str, check: Callable[[], bool], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            pytest.fail(f"{what}: not within {timeout} s")
+        time.sleep(0.05)
+
+
+State = dict[tuple[str, int, int], tuple[int, int, float]]
+
+
+def counters(dsn: str) -> State:
+    """Every segment_variant_state row: (experiment key, segment hash, variant) -> counts."""
+    rows = query(
+        dsn,
+        "SELECT e.key, s.segment_hash, s.variant, s.allocations, s.conversions, s.value_sum"
+        " FROM segment_variant_state s JOIN experiments e ON e.id = s.experiment_id",
+    )
+    return {(r[0], r[1], r[2]): (r[3], r[4], round(r[5], 6)) for r in rows}
+
+
+def signed(h: int) -> int:
+    return h - (1 << 64) if h >= 1 << 63 else h
+
+
+GLOBAL = signed(key_hash(""))
+
+
+def global_counts(state: State, experiment: str) -> dict[int, tuple[int, int, float]]:
+    """Per variant: the counters of the global segment."""
+    return {v: c for (e, s, v), c in state.items() if e == experiment and s == GLOBAL}
+
+
+def assert_conversion_counters_match_rows(dsn: str, experiment: str) -> int:
+    """The conversion counters of every level of every path equal what the `conversions` rows
+    imply; returns the number of rows."""
+    rows = query(
+        dsn,
+        "SELECT c.segment_key, c.variant, count(*), sum(c.value) FROM conversions c"
+        " JOIN experiments e ON e.id = c.experiment_id WHERE e.key = $1 GROUP BY 1, 2",
+        experiment,
+    )
+    expected: Counter[tuple[int, int]] = Counter()
+    for segment_key, variant, n, _ in rows:
+        for level_key in parent_keys(segment_key):
+            expected[(signed(key_hash(level_key)), variant)] += n
+    state = counters(dsn)
+    actual = {(s, v): c[1] for (e, s, v), c in state.items() if e == experiment and c[1]}
+    assert actual == dict(expected)
+    total = int(sum(r[2] for r in rows))
+    assert sum(c[1] for c in global_counts(state, experiment).values()) == total
+    return total
+
+
+def experiment(key: str, variants: tuple[str, ...], *, segment_by: tuple[str, ...] = ()) -> Any:
+    segmentation = (
+        pb.SegmentationConfig(
+            mode=pb.SEGMENTATION_MODE_MANUAL, segment_by=segment_by, min_samples_per_segment=10
+        )
+        if segment_by
+        else pb.SegmentationConfig(mode=pb.SEGMENTATION_MODE_DISABLED)
+    )
+    return pb.CreateExperimentRequest(
+        experiment=pb.Experiment(
+            id=key,
+            name=key,
+            status=pb.EXPERIMENT_STATUS_RUNNING,
+            variants=[pb.Variant(id=v, name=v) for v in variants],
+            segmentation=segmentation,
+        )
+    )
+
+
+def allocate(server: Server, key: str, user: str, context: dict[str, str]) -> Any:
+    return server.allocator.Allocate(
+        pb.AllocateRequest(experiment_id=key, user_id=user, channel="web", context=context),
+        timeout=RPC_TIMEOUT_S,
+    )
+
+
+def convert(server: Server, **fields: Any) -> Any:
+    return server.allocator.RecordConversion(
+        pb.RecordConversionRequest(**fields), timeout=RPC_TIMEOUT_S
+    )
+
+
+def allocate_many(server: Server, key: str, users: list[str]) -> list[Any]:
+    reply = server.allocator.AllocateBatch(
+        pb.AllocateBatchRequest(
+            requests=[
+                pb.AllocateRequest(experiment_id=key, user_id=u, channel="web", context=CONTEXTS[0])
+                for u in users
+            ]
+        ),
+        timeout=RPC_TIMEOUT_S,
+    )
+    assert all(r.HasField("allocation") for r in reply.results), reply
+    return [r.allocation for r in reply.results]
+
+
+def knows(server: Server, key: str) -> bool:
+    try:
+        server.admin.GetExperiment(pb.GetExperimentRequest(experiment_id=key), timeout=1.0)
+    except grpc.RpcError as exc:
+        if exc.code() is grpc.StatusCode.NOT_FOUND:
+            return False
+        raise
+    return True
+
+
+def test_two_replicas_share_learning_sticky_assignments_and_counts(
+    fresh_db: str, fresh_redis: str, launcher: Launcher
+) -> None:
+    # Started together: they also race to migrate the new database.
+    one, two = launcher.start_together(2, "--postgres-dsn", fresh_db, "--redis-url", fresh_redis)
+    answers: list[Any] = []  # every Allocate answer of both replicas
+    one.admin.CreateExperiment(experiment("shared", ("A", "B")), timeout=RPC_TIMEOUT_S)
+    two.admin.CreateExperiment(
+        experiment("sticky", ("A", "B", "C"), segment_by=("source", "device")),
+        timeout=RPC_TIMEOUT_S,
+    )
+    wait_for("replica two sees 'shared'", lambda: knows(two, "shared"), timeout=3)
+    wait_for("replica one sees 'sticky'", lambda: knows(one, "sticky"), timeout=3)
+
+    # Sticky: a user first seen by one replica gets the same assignment from the other.
+    for i in range(60):
+        first, second = (one, two) if i % 2 else (two, one)
+        user, context = f"user-{i}", CONTEXTS[i % len(CONTEXTS)]
+        earlier = allocate(first, "sticky", user, context)
+        again = allocate(second, "sticky", user, context)
+        assert (again.assignment_id, again.variant_id) == (
+            earlier.assignment_id,
+            earlier.variant_id,
+        )
+        assert not earlier.sticky and again.sticky
+        answers += [earlier, again]
+
+    # Sticky also when both replicas see a new user at the same moment.
+    racers = [f"racer-{i}" for i in range(100)]
+    raced: dict[int, list[Any]] = {}
+    barrier = threading.Barrier(2)
+
+    def race(index: int, server: Server) -> None:
+        barrier.wait(timeout=RPC_TIMEOUT_S)
+        raced[index] = [allocate(server, "sticky", u, CONTEXTS[0]) for u in racers]
+
+    threads = [threading.Thread(target=race, args=(i, s)) for i, s in enumerate((one, two))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert set(raced) == {0, 1}
+    for a, b in zip(raced[0], raced[1], strict=True):
+        assert (a.assignment_id, a.variant_id) == (b.assignment_id, b.variant_id)
+    answers += raced[0] + raced[1]
+
+    # Learning: B converts every time on replica one ...
+    conversions = 0
+    learners = allocate_many(one, "shared", [f"learner-{i}" for i in range(200)])
+    answers += learners
+    for answer in learners:
+        if answer.variant_id == "B":
+            assert convert(one, assignment_id=answer.assignment_id).counted
+            conversions += 1
+    last_ack = time.monotonic()
+    assert conversions >= 60
+    # ... and within 2 s replica two gives B to at least 90% of new users. Before it learns,
+    # it splits about evenly: 45 of 50 then happens with probability ~2e-9.
+    shares = []
+    probe = 0
+    while True:
+        probes = allocate_many(two, "shared", [f"probe-{probe}-{i}" for i in range(50)])
+        answers += probes
+        probe += 1
+        shares.append(sum(a.variant_id == "B" for a in probes) / len(probes))
+        if shares[-1] >= 0.9:
+            break
+        assert time.monotonic() - last_ack < PROPAGATION_S, f"B shares on replica two: {shares}"
+        time.sleep(0.05)
+
+    assert one.stop() == 0
+    assert two.stop() == 0
+    # Every allocation answered as new was counted once, whichever replica made it.
+    state = counters(fresh_db)
+    for key, names in (("shared", "AB"), ("sticky", "ABC")):
+        new = {a.assignment_id: a for a in answers if a.experiment_id == key and not a.sticky}
+        made = Counter(names.index(a.variant_id) for a in new.values())
+        counted = {v: c[0] for v, c in global_counts(state, key).items()}
+        assert counted == dict(made), key
+        stored = query(
+            fresh_db,
+            "SELECT count(*) FROM assignments a JOIN experiments e ON e.id = a.experiment_id"
+            " WHERE e.key = $1",
+            key,
+        )[0][0]
+        assert stored == len(new)
+    assert sum(c[1] for c in global_counts(state, "shared").values()) == conversions
+    assert assert_conversion_counters_match_rows(fresh_db, "shared") == conversions

@@ -1,0 +1,641 @@
+"""Store outages under load, against real server processes: Redis killed and restarted, and
+PostgreSQL stopped and started. Allocation keeps answering from memory; a conversion is
+acknowledged only when it is durable; nothing acknowledged is lost; no process dies.
+
+Each test runs its own store (a redis-server, or a PostgreSQL from pgserver's bundled
+binaries on a TCP port), so that it can stop and restart it on the same address.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import json
+import os
+import pwd
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import Counter, deque
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import asyncpg
+import grpc
+import pytest
+import redis
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from allocsvc._proto import allocsvc_pb2 as pb
+from allocsvc._proto import allocsvc_pb2_grpc as pb_grpc
+
+pytestmark = pytest.mark.e2e
+
+START_TIMEOUT_S = 30.0
+STOP_TIMEOUT_S = 20.0
+RPC_TIMEOUT_S = 10.0
+LOG_TAIL_CHARS = 20_000
+REDIS_HEALTH = "allocsvc.store.redis"
+IPHONE = "Mozilla/5.0 (iPhone; CPU iPhone OS 17_4 like Mac OS X) Mobile/15E148 Safari/604.1"
+CONTEXT = {"utm_source": "instagram", "user_agent": IPHONE, "country_code": "US"}
+
+
+# The server process -------------------------------------------------------------------------
+
+
+@dataclass
+class Server:
+    """A running `allocsvc serve` process with sync stubs."""
+
+    process: subprocess.Popen[bytes]
+    log: Path
+    port: int
+    channel: grpc.Channel
+    allocator: pb_grpc.AllocatorStub = field(init=False)
+    admin: pb_grpc.AdminStub = field(init=False)
+    health: health_pb2_grpc.HealthStub = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.allocator = pb_grpc.AllocatorStub(self.channel)
+        self.admin = pb_grpc.AdminStub(self.channel)
+        self.health = health_pb2_grpc.HealthStub(self.channel)
+
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+    def stop(self) -> int:
+        """SIGTERM and the exit code (bounded wait)."""
+        self.channel.close()
+        if self.alive():
+            self.process.send_signal(signal.SIGTERM)
+        try:
+            return self.process.wait(timeout=STOP_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise AssertionError(f"no exit within {STOP_TIMEOUT_S} s of SIGTERM") from None
+
+    def kill(self) -> None:
+        if self.alive():
+            self.process.kill()
+        self.process.wait()
+        self.channel.close()
+
+
+class Launcher:
+    """Starts servers; at teardown kills whatever still runs and shows the logs (pytest prints
+    them only when the test failed)."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        self._tmp = tmp_path
+        self._processes: list[tuple[subprocess.Popen[bytes], Path]] = []
+        self._servers: list[Server] = []
+
+    def start(self, *args: str) -> Server:
+        return self.start_together(1, *args)[0]
+
+    def start_together(self, count: int, *args: str) -> list[Server]:
+        """`count` processes of `allocsvc serve <args>` started at once, each SERVING."""
+        command = [sys.executable, "-m", "allocsvc", "serve", "--host", "127.0.0.1", "--port", "0"]
+        pending = []
+        for _ in range(count):
+            log = self._tmp / f"server-{len(self._processes)}.log"
+            with log.open("wb") as stderr:
+                process = subprocess.Popen(
+                    [*command, *args],
+                    stdin=subprocess.DEVNULL,
+                    stdout=subprocess.DEVNULL,
+                    stderr=stderr,
+                )
+            self._processes.append((process, log))
+            pending.append((process, log))
+        deadline = time.monotonic() + START_TIMEOUT_S
+        servers = []
+        for process, log in pending:
+            port = _serving_port(log)
+            while port is None:
+                if process.poll() is not None or time.monotonic() > deadline:
+                    pytest.fail(f"server did not start (exit {process.returncode}):\n{_tail(log)}")
+                time.sleep(0.02)
+                port = _serving_port(log)
+            server = Server(process, log, port, grpc.insecure_channel(f"127.0.0.1:{port}"))
+            while not _healthy(server, ""):
+                if not server.alive() or time.monotonic() > deadline:
+                    pytest.fail(f"server not SERVING within {START_TIMEOUT_S} s:\n{_tail(log)}")
+                time.sleep(0.02)
+            servers.append(server)
+            self._servers.append(server)
+        return servers
+
+    def close(self) -> None:
+        for server in self._servers:
+            server.channel.close()
+        for process, log in self._processes:
+            if process.poll() is None:
+                process.kill()
+            process.wait()
+            print(f"--- {log.name} (exit {process.returncode}):\n{_tail(log)}")
+
+
+def _tail(log: Path) -> str:
+    return log.read_text(errors="replace")[-LOG_TAIL_CHARS:]
+
+
+def _serving_port(log: Path) -> int | None:
+    for line in log.read_text(errors="replace").splitlines():
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(entry, dict) and entry.get("msg") == "serving":
+            return int(entry["port"])
+    return None
+
+
+def _healthy(server: Server, service: str) -> bool:
+    try:
+        reply = server.health.Check(health_pb2.HealthCheckRequest(service=service), timeout=1.0)
+    except grpc.RpcError:
+        return False
+    return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
+
+
+@pytest.fixture
+def launcher(tmp_path: Path) -> Iterator[Launcher]:
+    running = Launcher(tmp_path)
+    yield running
+    running.close()
+
+
+# Database and API helpers -------------------------------------------------------------------
+
+
+def query(dsn: str, sql: str, *args: object) -> list[asyncpg.Record]:
+    async def run() -> list[asyncpg.Record]:
+        conn = await asyncpg.connect(dsn)
+        try:
+            return list(await conn.fetch(sql, *args))
+        finally:
+            await conn.close()
+
+    return asyncio.run(run())
+
+
+def wait_for(what: str, check: Callable[[], bool], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            pytest.fail(f"{what}: not within {timeout} s")
+        time.sleep(0.05)
+
+
+def health_status(server: Server, service: str) -> int | None:
+    try:
+        reply = server.health.Check(health_pb2.HealthCheckRequest(service=service), timeout=1.0)
+    except grpc.RpcError:
+        return None
+    return int(reply.status)
+
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def create_experiment(server: Server, key: str) -> None:
+    server.admin.CreateExperiment(
+        pb.CreateExperimentRequest(
+            experiment=pb.Experiment(
+                id=key,
+                name=key,
+                status=pb.EXPERIMENT_STATUS_RUNNING,
+                variants=[pb.Variant(id=v, name=v) for v in ("A", "B", "C")],
+                segmentation=pb.SegmentationConfig(
+                    mode=pb.SEGMENTATION_MODE_MANUAL, segment_by=["source", "device"]
+                ),
+            )
+        ),
+        timeout=RPC_TIMEOUT_S,
+    )
+
+
+def knows(server: Server, key: str) -> bool:
+    try:
+        server.admin.GetExperiment(pb.GetExperimentRequest(experiment_id=key), timeout=1.0)
+    except grpc.RpcError as exc:
+        if exc.code() is grpc.StatusCode.NOT_FOUND:
+            return False
+        raise
+    return True
+
+
+# Load ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class Answer:
+    """One RPC of the load: when it was sent and answered, and its status."""
+
+    sent: float
+    answered: float
+    code: str  # "OK" or the status code's name
+    assignment_id: str = ""
+    key: str = ""
+    sticky: bool = False
+    counted: bool = False
+
+
+@dataclass
+class Load:
+    """Per replica, one thread allocating (new users, and every fifth request a returning one)
+    and one converting those assignments with unique idempotency keys, until stopped."""
+
+    experiment: str
+    servers: list[Server]
+    allocations: list[list[Answer]] = field(default_factory=list)
+    conversions: list[list[Answer]] = field(default_factory=list)
+    stop: threading.Event = field(default_factory=threading.Event)
+    threads: list[threading.Thread] = field(default_factory=list)
+
+    def start(self) -> None:
+        for index, server in enumerate(self.servers):
+            made: deque[str] = deque()
+            self.allocations.append([])
+            self.conversions.append([])
+            self.threads += [
+                threading.Thread(target=self._allocate, args=(index, server, made), daemon=True),
+                threading.Thread(target=self._convert, args=(index, server, made), daemon=True),
+            ]
+        for thread in self.threads:
+            thread.start()
+
+    def finish(self) -> None:
+        self.stop.set()
+        for thread in self.threads:
+            thread.join(timeout=RPC_TIMEOUT_S + 5)
+            assert not thread.is_alive()
+
+    def _allocate(self, index: int, server: Server, made: deque[str]) -> None:
+        answers = self.allocations[index]
+        first_ids: dict[str, str] = {}
+        with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            stub = pb_grpc.AllocatorStub(channel)
+            i = 0
+            while not self.stop.is_set():
+                user = f"r{index}-u{i - 4 if i % 5 == 4 else i}"
+                i += 1
+                sent = time.monotonic()
+                try:
+                    reply = stub.Allocate(
+                        pb.AllocateRequest(
+                            experiment_id=self.experiment, user_id=user, context=CONTEXT
+                        ),
+                        timeout=RPC_TIMEOUT_S,
+                    )
+                except grpc.RpcError as exc:
+                    answers.append(Answer(sent, time.monotonic(), exc.code().name))
+                    continue
+                answers.append(
+                    Answer(sent, time.monotonic(), "OK", reply.assignment_id, sticky=reply.sticky)
+                )
+                if first_ids.setdefault(user, reply.assignment_id) != reply.assignment_id:
+                    answers[-1].code = "sticky assignment changed"
+                if not reply.sticky:
+                    made.append(reply.assignment_id)
+                time.sleep(0.002)
+
+    def _convert(self, index: int, server: Server, made: deque[str]) -> None:
+        answers = self.conversions[index]
+        with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            stub = pb_grpc.AllocatorStub(channel)
+            n = 0
+            while not self.stop.is_set():
+                if not made:
+                    time.sleep(0.005)
+                    continue
+                assignment_id, key = made.popleft(), f"order-{n}"
+                n += 1
+                sent = time.monotonic()
+                try:
+                    reply = stub.RecordConversion(
+                        pb.RecordConversionRequest(
+                            assignment_id=assignment_id, idempotency_key=key, value=2.5
+                        ),
+                        timeout=RPC_TIMEOUT_S,
+                    )
+                except grpc.RpcError as exc:
+                    answers.append(
+                        Answer(sent, time.monotonic(), exc.code().name, assignment_id, key)
+                    )
+                    continue
+                answers.append(
+                    Answer(
+                        sent,
+                        time.monotonic(),
+                        "OK",
+                        assignment_id,
+                        key,
+                        counted=reply.counted,
+                    )
+                )
+                time.sleep(0.002)
+
+    def count(self, kind: str, code: str = "OK", since: float = 0.0) -> int:
+        """Answers of one kind ("allocations"/"conversions") with this code sent after `since`,
+        over all replicas; the least of the replicas when each must have them."""
+        lists: list[list[Answer]] = getattr(self, kind)
+        return min(sum(a.code == code and a.sent >= since for a in list(x)) for x in lists)
+
+    def codes(self, kind: str) -> Counter[str]:
+        lists: list[list[Answer]] = getattr(self, kind)
+        return Counter(a.code for x in lists for a in x)
+
+    def new_assignments(self) -> set[str]:
+        return {
+            a.assignment_id for x in self.allocations for a in x if a.code == "OK" and not a.sticky
+        }
+
+    def acked(self) -> set[tuple[str, str]]:
+        return {(a.assignment_id, a.key) for x in self.conversions for a in x if a.code == "OK"}
+
+
+def assert_written_behind(dsn: str, experiment: str, assignment_ids: set[str]) -> None:
+    """Every new assignment reaches PostgreSQL, and so does its allocation count (one per
+    variant at each of the 3 levels of CONTEXT's path)."""
+
+    def written() -> tuple[set[str], int]:
+        rows = query(
+            dsn,
+            "SELECT a.id FROM assignments a JOIN experiments e ON e.id = a.experiment_id"
+            " WHERE e.key = $1",
+            experiment,
+        )
+        counted = query(
+            dsn,
+            "SELECT coalesce(sum(s.allocations), 0) FROM segment_variant_state s"
+            " JOIN experiments e ON e.id = s.experiment_id WHERE e.key = $1",
+            experiment,
+        )[0][0]
+        return {r[0] for r in rows}, int(counted)
+
+    deadline = time.monotonic() + 15
+    while written() != (assignment_ids, 3 * len(assignment_ids)):
+        if time.monotonic() > deadline:
+            stored, counted = written()
+            pytest.fail(
+                f"write-behind: {len(assignment_ids)} new assignments answered,"
+                f" {len(stored)} stored ({len(assignment_ids - stored)} missing,"
+                f" {len(stored - assignment_ids)} unexpected), {counted} allocation counts"
+            )
+        time.sleep(0.1)
+
+
+def assert_conversions_durable(dsn: str, acked: set[tuple[str, str]]) -> None:
+    stored = {
+        (r[0], r[1]) for r in query(dsn, "SELECT assignment_id, idempotency_key FROM conversions")
+    }
+    assert acked <= stored, f"{len(acked - stored)} acknowledged conversions missing"
+
+
+# Redis --------------------------------------------------------------------------------------
+
+
+class RedisProcess:
+    """A redis-server of this test's own, restartable on the same port."""
+
+    def __init__(self, workdir: Path) -> None:
+        executable = shutil.which("redis-server")
+        if executable is None:
+            pytest.skip("redis-server is not installed")
+        self._executable = executable
+        self._workdir = workdir
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        self.process = subprocess.Popen(
+            [
+                self._executable,
+                "--port", str(self.port),
+                "--bind", "127.0.0.1",
+                "--dir", str(self._workdir),
+                "--save", "",
+                "--appendonly", "no",
+                "--logfile", str(self._workdir / "redis.log"),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        client = redis.Redis.from_url(self.url, socket_connect_timeout=0.5, socket_timeout=0.5)
+        try:
+            deadline = time.monotonic() + 10
+            while True:
+                assert self.process.poll() is None, "redis-server exited"
+                assert time.monotonic() < deadline, "redis-server not answering"
+                try:
+                    if client.ping():
+                        return
+                except redis.ConnectionError:
+                    time.sleep(0.05)
+        finally:
+            client.close()
+
+    def kill(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+        if self.process is not None:
+            self.process.wait()
+
+
+@pytest.fixture
+def own_redis(tmp_path: Path) -> Iterator[RedisProcess]:
+    server = RedisProcess(tmp_path)
+    server.start()
+    yield server
+    server.kill()
+
+
+def test_redis_killed_and_restarted_under_load(
+    fresh_db: str, own_redis: RedisProcess, launcher: Launcher
+) -> None:
+    servers = launcher.start_together(2, "--postgres-dsn", fresh_db, "--redis-url", own_redis.url)
+    for server in servers:
+        assert health_status(server, REDIS_HEALTH) == SERVING
+    create_experiment(servers[0], "outage")
+    wait_for("replica two sees the experiment", lambda: knows(servers[1], "outage"), timeout=3)
+    load = Load("outage", servers)
+    load.start()
+    try:
+        wait_for("load", lambda: load.count("conversions") >= 20, timeout=15)
+        own_redis.kill()
+        down = time.monotonic()
+        for server in servers:
+            wait_for(
+                "health NOT_SERVING while Redis is down",
+                lambda s=server: health_status(s, REDIS_HEALTH) == NOT_SERVING,  # type: ignore[misc]
+                timeout=5,
+            )
+            assert health_status(server, "") == SERVING
+        wait_for(
+            "load while Redis is down",
+            lambda: (
+                load.count("allocations", since=down) >= 100
+                and load.count("conversions", since=down) >= 20
+            ),
+            timeout=15,
+        )
+        own_redis.start()
+        up = time.monotonic()
+        for server in servers:
+            wait_for(
+                "health SERVING after Redis is back",
+                lambda s=server: health_status(s, REDIS_HEALTH) == SERVING,  # type: ignore[misc]
+                timeout=10,
+            )
+        wait_for(
+            "load after Redis is back",
+            lambda: (
+                load.count("allocations", since=up) >= 50
+                and load.count("conversions", since=up) >= 10
+            ),
+            timeout=15,
+        )
+    finally:
+        load.finish()
+    assert set(load.codes("allocations")) == {"OK"}, load.codes("allocations")
+    assert set(load.codes("conversions")) == {"OK"}, load.codes("conversions")
+    assert all(a.counted for x in load.conversions for a in x)
+    assert all(server.alive() for server in servers)
+    assert_conversions_durable(fresh_db, load.acked())
+    assert_written_behind(fresh_db, "outage", load.new_assignments())
+    for server in servers:
+        assert server.stop() == 0
+
+
+# PostgreSQL ---------------------------------------------------------------------------------
+
+
+class PostgresProcess:
+    """A PostgreSQL of this test's own (pgserver's binaries) on a TCP port, stopped and started
+    with pg_ctl. As root it runs as the `pgserver` system user, as pgserver does."""
+
+    def __init__(self) -> None:
+        spec = importlib.util.find_spec("pgserver")
+        if spec is None or not spec.submodule_search_locations:
+            pytest.skip("pgserver is not installed")
+        self._bin = Path(spec.submodule_search_locations[0]) / "pginstall" / "bin"
+        self._as_user: list[str] = []
+        self.home = Path(tempfile.mkdtemp(prefix="allocsvc-pg-"))
+        if os.geteuid() == 0:
+            try:
+                owner = pwd.getpwnam("pgserver")
+            except KeyError:
+                pytest.skip("running as root without the `pgserver` system user")
+            # runuser rather than Popen(user=...): no fork of this process with threads running.
+            self._as_user = ["runuser", "-u", "pgserver", "--"]
+            os.chown(self.home, owner.pw_uid, owner.pw_gid)
+        self.data = self.home / "data"
+        self.log = self.home / "postgres.log"
+        self.port = free_port()
+        self.dsn = f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
+        self._run("initdb", "-D", str(self.data), "-U", "postgres", "--auth=trust", "-E", "utf8")
+
+    def _run(self, program: str, *args: str) -> None:
+        # Output to a file: pg_ctl's postmaster inherits the pipes otherwise, and the call hangs.
+        with (self.home / "commands.log").open("ab") as out:
+            done = subprocess.run(
+                [*self._as_user, str(self._bin / program), *args],
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=out,
+                cwd=self.home,
+                timeout=60,
+                check=False,
+            )
+        if done.returncode != 0:
+            raise AssertionError(
+                f"{program} failed ({done.returncode}):\n{(self.home / 'commands.log').read_text()}"
+                f"\n{self.log.read_text() if self.log.exists() else ''}"
+            )
+
+    def start(self) -> None:
+        options = f"-p {self.port} -k {self.home} -c listen_addresses=127.0.0.1"
+        self._run("pg_ctl", "-D", str(self.data), "-l", str(self.log), "-o", options, "-w", "start")
+
+    def stop(self) -> None:
+        self._run("pg_ctl", "-D", str(self.data), "-m", "fast", "-w", "stop")
+
+    def remove(self) -> None:
+        if (self.data / "postmaster.pid").exists():
+            self._run("pg_ctl", "-D", str(self.data), "-m", "immediate", "-w", "stop")
+        shutil.rmtree(self.home, ignore_errors=True)
+
+
+@pytest.fixture
+def own_postgres() -> Iterator[PostgresProcess]:
+    server = PostgresProcess()
+    try:
+        server.start()
+        yield server
+    finally:
+        server.remove()
+
+
+def test_postgres_stopped_and_started_under_load(
+    own_postgres: PostgresProcess, launcher: Launcher
+) -> None:
+    dsn = own_postgres.dsn
+    servers = launcher.start_together(2, "--postgres-dsn", dsn)
+    create_experiment(servers[0], "outage")
+    wait_for("replica two sees the experiment", lambda: knows(servers[1], "outage"), timeout=3)
+    load = Load("outage", servers)
+    load.start()
+    try:
+        wait_for("load", lambda: load.count("conversions") >= 20, timeout=15)
+        own_postgres.stop()
+        down = time.monotonic()
+        wait_for(
+            "load while PostgreSQL is down",
+            lambda: (
+                load.count("allocations", since=down) >= 100
+                and load.count("conversions", "UNAVAILABLE", since=down) >= 10
+            ),
+            timeout=15,
+        )
+        up = time.monotonic()
+        own_postgres.start()
+        wait_for(
+            "conversions acknowledged again after PostgreSQL is back",
+            lambda: (
+                load.count("conversions", since=up) >= 10
+                and load.count("allocations", since=up) >= 50
+            ),
+            timeout=20,
+        )
+    finally:
+        load.finish()
+    assert set(load.codes("allocations")) == {"OK"}, load.codes("allocations")
+    assert set(load.codes("conversions")) == {"OK", "UNAVAILABLE"}, load.codes("conversions")
+    # Nothing sent and answered while the database was down was acknowledged.
+    during = [a for x in load.conversions for a in x if a.sent >= down and a.answered <= up]
+    assert during and all(a.code == "UNAVAILABLE" for a in during)
+    assert all(a.counted for x in load.conversions for a in x if a.code == "OK")
+    assert all(server.alive() for server in servers)
+    assert_conversions_durable(dsn, load.acked())
+    assert_written_behind(dsn, "outage", load.new_assignments())
+    # The replicas still pick up each other's experiments.
+    create_experiment(servers[0], "after-outage")
+    wait_for("replica two sees a new experiment", lambda: knows(servers[1], "after-outage"), 3)
+    for server in servers:
+        assert server.stop() == 0
