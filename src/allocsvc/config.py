@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pydantic_settings import (
     BaseSettings,
     InitSettingsSource,
@@ -20,10 +20,20 @@ class ConfigError(Exception):
     """A setting is missing or invalid; the message names it."""
 
 
-class Settings(BaseSettings):
-    """Every setting of the server. Environment variables: ALLOCSVC_<NAME>."""
+class Section(BaseModel):
+    """A feature's own settings: a mapping under its name in the file, and
+    ALLOCSVC_<SECTION>__<NAME> in the environment."""
 
-    model_config = SettingsConfigDict(env_prefix="ALLOCSVC_", frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class Settings(BaseSettings):
+    """Every setting of the server. Environment variables: ALLOCSVC_<NAME>, and
+    ALLOCSVC_<SECTION>__<NAME> for the settings of a feature's section."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="ALLOCSVC_", env_nested_delimiter="__", frozen=True, extra="forbid"
+    )
 
     host: str = "127.0.0.1"
     port: int = Field(50051, ge=0, le=65535)
@@ -91,7 +101,9 @@ def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings
     try:
         merged = FileSettings(**{k: v for k, v in overrides.items() if v is not None})
         # A plain Settings (the local subclass cannot be pickled to worker processes).
-        return Settings.model_construct(**merged.model_dump())
+        return Settings.model_construct(
+            **{name: getattr(merged, name) for name in Settings.model_fields}
+        )
     except ValidationError as exc:
         problems = "; ".join(
             f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors()
