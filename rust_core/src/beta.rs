@@ -10,24 +10,98 @@ use rand_distr::StandardNormal;
 use std::cell::RefCell;
 
 thread_local! {
-    static THREAD_RNG: RefCell<SmallRng> = RefCell::new(SmallRng::from_entropy());
+    static THREAD_RNG: RefCell<(SmallRng, ShapeMemo)> =
+        RefCell::new((SmallRng::from_entropy(), ShapeMemo::new()));
 }
 
 /// Reseed the calling thread's generator, for reproducible runs.
 pub fn seed_thread_rng(seed: u64) {
-    THREAD_RNG.with(|rng| *rng.borrow_mut() = SmallRng::seed_from_u64(seed));
+    THREAD_RNG.with(|rng| rng.borrow_mut().0 = SmallRng::seed_from_u64(seed));
 }
 
 /// Run `f` with the calling thread's generator (xoshiro256++; not cryptographic).
 pub fn with_thread_rng<T>(f: impl FnOnce(&mut SmallRng) -> T) -> T {
-    THREAD_RNG.with(|rng| f(&mut rng.borrow_mut()))
+    THREAD_RNG.with(|rng| f(&mut rng.borrow_mut().0))
+}
+
+/// Run `f` with the calling thread's generator and its memo of Gamma shapes.
+pub fn with_thread_sampler<T>(f: impl FnOnce(&mut SmallRng, &mut ShapeMemo) -> T) -> T {
+    THREAD_RNG.with(|cell| {
+        let (rng, memo) = &mut *cell.borrow_mut();
+        f(rng, memo)
+    })
+}
+
+/// Marsaglia–Tsang constants of one shape >= 1: d = shape - 1/3, c = 1 / sqrt(9 d).
+#[derive(Debug, Clone, Copy)]
+pub struct GammaShape {
+    shape: f64,
+    d: f64,
+    c: f64,
+}
+
+impl GammaShape {
+    #[inline]
+    pub fn new(shape: f64) -> Self {
+        let d = shape - 1.0 / 3.0;
+        GammaShape {
+            shape,
+            d,
+            c: 1.0 / (9.0 * d).sqrt(),
+        }
+    }
+}
+
+const MEMO_SLOTS: usize = 64;
+
+/// Recently used shapes with their constants (direct-mapped by the shape's bits): repeated
+/// draws from an unchanged posterior skip the square root and the division. The constants are
+/// exactly those `GammaShape::new` computes, so draws are the same with or without the memo.
+#[derive(Debug, Clone)]
+pub struct ShapeMemo {
+    slots: [GammaShape; MEMO_SLOTS],
+}
+
+impl Default for ShapeMemo {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl ShapeMemo {
+    pub fn new() -> Self {
+        // NaN shapes never match a lookup.
+        ShapeMemo {
+            slots: [GammaShape {
+                shape: f64::NAN,
+                d: f64::NAN,
+                c: f64::NAN,
+            }; MEMO_SLOTS],
+        }
+    }
+
+    #[inline]
+    pub fn get(&mut self, shape: f64) -> GammaShape {
+        let bits = shape.to_bits();
+        let slot = (bits.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 58) as usize;
+        let s = &mut self.slots[slot];
+        if s.shape.to_bits() != bits {
+            *s = GammaShape::new(shape);
+        }
+        *s
+    }
 }
 
 /// A Gamma(shape, 1) draw for shape >= 1 (Marsaglia–Tsang squeeze and rejection).
 #[inline]
 fn gamma_ge1<R: Rng + ?Sized>(rng: &mut R, shape: f64) -> f64 {
-    let d = shape - 1.0 / 3.0;
-    let c = 1.0 / (9.0 * d).sqrt();
+    gamma_with(rng, GammaShape::new(shape))
+}
+
+/// `gamma_ge1` with the shape's constants computed already.
+#[inline]
+fn gamma_with<R: Rng + ?Sized>(rng: &mut R, shape: GammaShape) -> f64 {
+    let GammaShape { d, c, .. } = shape;
     loop {
         let x: f64 = rng.sample(StandardNormal);
         let v = 1.0 + c * x;
@@ -85,6 +159,24 @@ pub fn beta_sample<R: Rng + ?Sized>(rng: &mut R, alpha: f64, beta: f64) -> f64 {
     }
 }
 
+/// `beta_sample` with the Gamma constants of shapes >= 1 taken from `memo`: the same draws
+/// from the same generator state.
+#[inline]
+pub fn beta_sample_memo<R: Rng + ?Sized>(
+    rng: &mut R,
+    memo: &mut ShapeMemo,
+    alpha: f64,
+    beta: f64,
+) -> f64 {
+    if alpha >= 1.0 && beta >= 1.0 {
+        let x = gamma_with(rng, memo.get(alpha));
+        let y = gamma_with(rng, memo.get(beta));
+        x / (x + y)
+    } else {
+        beta_sample(rng, alpha, beta)
+    }
+}
+
 /// Whether (alpha, beta) are usable Beta parameters.
 pub fn valid_params(alpha: f64, beta: f64) -> bool {
     alpha.is_finite() && beta.is_finite() && alpha > 0.0 && beta > 0.0
@@ -125,9 +217,23 @@ pub fn selection_probabilities<R: Rng + ?Sized>(
     bonus: Option<&[f64]>,
     draws: usize,
 ) -> Vec<f64> {
+    // The same rounds as `thompson_select`, with the shapes' constants computed once.
+    let mut memo = ShapeMemo::new();
     let mut wins = vec![0u32; alphas.len()];
     for _ in 0..draws {
-        wins[thompson_select(rng, alphas, betas, bonus)] += 1;
+        let mut best = 0;
+        let mut best_score = f64::NEG_INFINITY;
+        for i in 0..alphas.len() {
+            let mut score = beta_sample_memo(rng, &mut memo, alphas[i], betas[i]);
+            if let Some(b) = bonus {
+                score += b[i];
+            }
+            if score > best_score {
+                best_score = score;
+                best = i;
+            }
+        }
+        wins[best] += 1;
     }
     let prior = 1.0 / alphas.len() as f64;
     wins.iter()
@@ -173,6 +279,47 @@ mod tests {
                 "variance ({a},{b}) {v} vs {tv}"
             );
         }
+    }
+
+    #[test]
+    fn memo_draws_equal_plain_draws() {
+        let mut plain = SmallRng::seed_from_u64(9);
+        let mut memoized = SmallRng::seed_from_u64(9);
+        let mut memo = ShapeMemo::new();
+        // Repeated and colliding shapes, small shapes (no memo) and huge ones.
+        let shapes = [
+            (1.0, 1.0),
+            (30.0, 970.0),
+            (30.0, 971.0),
+            (0.5, 3.0),
+            (2.0, 0.2),
+            (1e7, 3e7),
+        ];
+        for i in 0..20_000 {
+            let (a, b) = shapes[i % shapes.len()];
+            let a = a + (i % 7) as f64;
+            assert_eq!(
+                beta_sample(&mut plain, a, b).to_bits(),
+                beta_sample_memo(&mut memoized, &mut memo, a, b).to_bits()
+            );
+        }
+    }
+
+    #[test]
+    fn selection_rounds_are_thompson_selections() {
+        let (alphas, betas, bonus) = ([3.0, 40.0, 0.5], [90.0, 900.0, 20.0], [0.0, 0.01, 0.0]);
+        let mut a = SmallRng::seed_from_u64(4);
+        let mut b = SmallRng::seed_from_u64(4);
+        let p = selection_probabilities(&mut a, &alphas, &betas, Some(&bonus), 300);
+        let mut wins = [0u32; 3];
+        for _ in 0..300 {
+            wins[thompson_select(&mut b, &alphas, &betas, Some(&bonus))] += 1;
+        }
+        let expected: Vec<f64> = wins
+            .iter()
+            .map(|&w| (w as f64 + 1.0 / 3.0) / 301.0)
+            .collect();
+        assert_eq!(p, expected);
     }
 
     #[test]

@@ -1,14 +1,17 @@
 //! One allocation decision in one call: segment path → cascade → warm-started posteriors →
 //! Thompson sampling with an exploration bonus → choice, propensity and counting.
 
-use crate::beta::{beta_sample, selection_probabilities, with_thread_rng};
+use crate::beta::{
+    beta_sample_memo, selection_probabilities, with_thread_rng, with_thread_sampler,
+};
 use crate::cascade::{cascade_level, Tree};
 use crate::error::CoreError;
-use crate::keys::{bucket, key_hash, path_hashes_of_key, push_level, valid_dimension};
+use crate::keys::{bucket, key_hash, path_hashes_of_key, push_canonical_value, valid_dimension};
 use crate::store::{Node, NodeId, PropensityCache, Segments, Store};
 use arc_swap::{ArcSwap, ArcSwapOption};
 use parking_lot::Mutex;
 use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
@@ -160,15 +163,74 @@ pub struct Decision {
 struct ExperimentEntry {
     config: ExperimentConfig,
     cumulative: Vec<f64>,
+    /// What each level adds to the key before its value: `dim:` at level 1, `|dim:` below.
+    prefixes: Vec<String>,
     tree: ArcSwapOption<Tree>,
     segments: Arc<Segments>,
     /// Distinct per `configure` call: cached propensities of older settings do not match.
     generation: u64,
 }
 
+/// Decisions of a batch: per item (variant, level, propensity, index into `keys`).
+#[derive(Debug, Clone, Default)]
+pub struct BatchDecisions {
+    /// Segment keys, one per run of consecutive items with the same values.
+    pub keys: Vec<String>,
+    pub items: Vec<(usize, usize, f64, usize)>,
+}
+
+/// `key_hash("")`, the global segment's hash (checked in the tests).
+const GLOBAL_HASH: u64 = 0x2d06_8005_38d3_94c2;
+
+/// Build the segment key into `key` and the path's hashes (global first) into `hashes`;
+/// returns the number of levels, global included.
+#[inline]
+fn build_path<S: AsRef<str>>(
+    entry: &ExperimentEntry,
+    values: &[S],
+    key: &mut String,
+    hashes: &mut [u64; MAX_LEVELS + 1],
+) -> Result<usize, CoreError> {
+    let depth = entry.prefixes.len();
+    if values.len() != depth {
+        return Err(CoreError::invalid(format!(
+            "values: expected {depth} values (one per dimension), got {}",
+            values.len()
+        )));
+    }
+    key.clear();
+    key.reserve(16 * depth);
+    hashes[0] = GLOBAL_HASH;
+    for (l, (prefix, v)) in entry.prefixes.iter().zip(values).enumerate() {
+        key.push_str(prefix);
+        push_canonical_value(v.as_ref(), key);
+        hashes[l + 1] = key_hash(key);
+    }
+    Ok(depth + 1)
+}
+
 static GENERATIONS: AtomicU64 = AtomicU64::new(1);
 
-type ExperimentMap = HashMap<u64, Arc<ExperimentEntry>>;
+/// Hasher for experiment handles (small integers): one multiply, no SipHash rounds.
+#[derive(Default)]
+struct HandleHasher(u64);
+
+impl Hasher for HandleHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.write_u64(b as u64);
+        }
+    }
+    #[inline]
+    fn write_u64(&mut self, n: u64) {
+        self.0 = (self.0.rotate_left(5) ^ n).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    }
+}
+
+type ExperimentMap = HashMap<u64, Arc<ExperimentEntry>, BuildHasherDefault<HandleHasher>>;
 
 /// The experiment table, segment trees and posterior store; every method is thread-safe.
 #[derive(Default)]
@@ -221,6 +283,12 @@ impl Engine {
     pub fn configure(&self, experiment: u64, config: ExperimentConfig) -> Result<(), CoreError> {
         config.validate()?;
         let cumulative = config.cumulative_weights();
+        let prefixes = config
+            .dimensions
+            .iter()
+            .enumerate()
+            .map(|(l, d)| format!("{}{d}:", if l == 0 { "" } else { "|" }))
+            .collect();
         let _writer = self.writers.lock();
         let mut map = ExperimentMap::clone(&self.experiments.load());
         let tree = map.get(&experiment).and_then(|e| e.tree.load_full());
@@ -229,6 +297,7 @@ impl Engine {
             Arc::new(ExperimentEntry {
                 config,
                 cumulative,
+                prefixes,
                 tree: ArcSwapOption::new(tree),
                 segments: self.store.segments(experiment),
                 generation: GENERATIONS.fetch_add(1, Ordering::Relaxed),
@@ -277,11 +346,34 @@ impl Engine {
         values: &[S],
         record: bool,
     ) -> Result<Decision, CoreError> {
+        let mut key = String::new();
+        let (variant, level, propensity) =
+            self.decide_into(experiment, user_id, values, record, &mut key)?;
+        Ok(Decision {
+            variant,
+            level,
+            propensity,
+            segment_key: key,
+        })
+    }
+
+    /// `decide` that writes the segment key into `key` (cleared first) and returns
+    /// (variant, level, propensity), so a caller can reuse one key buffer.
+    pub fn decide_into<S: AsRef<str>>(
+        &self,
+        experiment: u64,
+        user_id: &str,
+        values: &[S],
+        record: bool,
+        key: &mut String,
+    ) -> Result<(usize, usize, f64), CoreError> {
         let map = self.experiments.load();
         let entry = map
             .get(&experiment)
             .ok_or(CoreError::UnknownExperiment(experiment))?;
-        self.decide_with(entry, user_id, values, record)
+        let mut hashes = [0u64; MAX_LEVELS + 1];
+        let levels = build_path(entry, values, key, &mut hashes)?;
+        Ok(self.decide_on_path(entry, user_id, &hashes[..levels], record))
     }
 
     /// `decide` for many users of one experiment; each item fails or succeeds on its own.
@@ -292,52 +384,82 @@ impl Engine {
         values: &[Vec<S>],
         record: bool,
     ) -> Result<Vec<Result<Decision, CoreError>>, CoreError> {
-        if user_ids.len() != values.len() {
+        let rows: Vec<&[S]> = values.iter().map(Vec::as_slice).collect();
+        let out = self.decide_batch_rows(experiment, user_ids, &rows, record)?;
+        Ok(out
+            .items
+            .into_iter()
+            .map(|(variant, level, propensity, k)| {
+                Ok(Decision {
+                    variant,
+                    level,
+                    propensity,
+                    segment_key: out.keys[k].clone(),
+                })
+            })
+            .collect())
+    }
+
+    /// `decide` for many users of one experiment, rows of segment values borrowed. Checks every
+    /// item before deciding any, so a bad batch records nothing. Consecutive items with the same
+    /// values share one key (built and hashed once), and so do consecutive runs with one key.
+    pub fn decide_batch_rows<U: AsRef<str>, S: AsRef<str>>(
+        &self,
+        experiment: u64,
+        user_ids: &[U],
+        rows: &[&[S]],
+        record: bool,
+    ) -> Result<BatchDecisions, CoreError> {
+        if user_ids.len() != rows.len() {
             return Err(CoreError::invalid(format!(
                 "values: {} rows for {} user ids",
-                values.len(),
+                rows.len(),
                 user_ids.len()
             )));
         }
         let entry = self.entry(experiment)?;
-        // Check every item before deciding any, so a bad batch records nothing.
         let depth = entry.config.dimensions.len();
-        if let Some(i) = values.iter().position(|v| v.len() != depth) {
+        if let Some(i) = rows.iter().position(|v| v.len() != depth) {
             return Err(CoreError::invalid(format!(
                 "values[{i}]: expected {depth} values (one per dimension), got {}",
-                values[i].len()
+                rows[i].len()
             )));
         }
-        Ok(user_ids
-            .iter()
-            .zip(values)
-            .map(|(u, v)| self.decide_with(&entry, u.as_ref(), v, record))
-            .collect())
+        let mut out = BatchDecisions {
+            keys: Vec::new(),
+            items: Vec::with_capacity(rows.len()),
+        };
+        let mut key = String::new();
+        let mut hashes = [0u64; MAX_LEVELS + 1];
+        let mut previous: Option<&[S]> = None;
+        for (user_id, &row) in user_ids.iter().zip(rows) {
+            let same =
+                previous.is_some_and(|p| p.iter().zip(row).all(|(a, b)| a.as_ref() == b.as_ref()));
+            if !same {
+                build_path(&entry, row, &mut key, &mut hashes)?;
+                if out.keys.last() != Some(&key) {
+                    out.keys.push(key.clone());
+                }
+                previous = Some(row);
+            }
+            let (variant, level, propensity) =
+                self.decide_on_path(&entry, user_id.as_ref(), &hashes[..=depth], record);
+            out.items
+                .push((variant, level, propensity, out.keys.len() - 1));
+        }
+        Ok(out)
     }
 
-    fn decide_with<S: AsRef<str>>(
+    /// The decision once the path's hashes (global first) are known.
+    fn decide_on_path(
         &self,
         entry: &ExperimentEntry,
         user_id: &str,
-        values: &[S],
+        hashes: &[u64],
         record: bool,
-    ) -> Result<Decision, CoreError> {
+    ) -> (usize, usize, f64) {
         let cfg = &entry.config;
-        let depth = cfg.dimensions.len();
-        if values.len() != depth {
-            return Err(CoreError::invalid(format!(
-                "values: expected {depth} values (one per dimension), got {}",
-                values.len()
-            )));
-        }
-        let mut key = String::with_capacity(16 * depth);
-        let mut hashes = [0u64; MAX_LEVELS + 1];
-        hashes[0] = key_hash("");
-        for (l, (d, v)) in cfg.dimensions.iter().zip(values).enumerate() {
-            push_level(&mut key, d, v.as_ref());
-            hashes[l + 1] = key_hash(&key);
-        }
-        let levels = depth + 1;
+        let levels = hashes.len();
         // One read lock for the whole path; counting under it needs no node creation.
         let map = entry.segments.read();
         let mut nodes: [Option<&Node>; MAX_LEVELS + 1] = [None; MAX_LEVELS + 1];
@@ -356,7 +478,7 @@ impl Engine {
                 let v = pick_by_cumulative(&entry.cumulative, u);
                 (v, 0, share(&entry.cumulative, v))
             }
-            Policy::Thompson => thompson(entry, nodes, &hashes[..levels]),
+            Policy::Thompson => thompson(entry, nodes, hashes),
         };
 
         if record {
@@ -369,7 +491,7 @@ impl Engine {
                 }
             } else {
                 drop(map);
-                for &h in &hashes[..levels] {
+                for &h in hashes {
                     entry
                         .segments
                         .get_or_create(h, cfg.variants)
@@ -377,12 +499,7 @@ impl Engine {
                 }
             }
         }
-        Ok(Decision {
-            variant,
-            level,
-            propensity,
-            segment_key: key,
-        })
+        (variant, level, propensity)
     }
 
     /// Count an allocation of `variant` at every level of the key's path.
@@ -471,12 +588,12 @@ fn thompson(
         &in_tree[..nodes.len()],
         &cfg.min_samples,
     );
-    let variant = with_thread_rng(|rng| {
+    let variant = with_thread_sampler(|rng, memo| {
         let mut best = 0;
         let mut best_score = f64::NEG_INFINITY;
         for i in 0..cfg.variants {
             let (a, b) = posterior(nodes, level, i, cfg);
-            let score = beta_sample(rng, a, b) + bonus(nodes[level], i, cfg);
+            let score = beta_sample_memo(rng, memo, a, b) + bonus(nodes[level], i, cfg);
             if score > best_score {
                 best_score = score;
                 best = i;
@@ -493,6 +610,7 @@ fn thompson(
             hashes[level] ^ entry.generation.wrapping_mul(0x9E37_79B9_7F4A_7C15),
             variant,
             cfg,
+            samples[level],
         ),
     )
 }
@@ -527,11 +645,13 @@ fn propensity(
     level_hash: u64,
     variant: usize,
     cfg: &ExperimentConfig,
+    allocations: u64,
 ) -> f64 {
     let Some(node) = nodes[level] else {
         return selection_estimate(nodes, level, cfg)[variant];
     };
-    let (a, c) = (node.allocations(), node.conversions());
+    // `allocations` was read for the cascade in this decision: the node's state it decided on.
+    let (a, c) = (allocations, node.conversions());
     // The cache key includes the variant count and cascade depth, which change the estimate.
     let version_key = level_hash ^ ((cfg.variants as u64) << 32) ^ level as u64;
     {
@@ -632,6 +752,35 @@ mod tests {
                 .level,
             1
         );
+    }
+
+    #[test]
+    fn global_hash_is_the_empty_keys_hash() {
+        assert_eq!(GLOBAL_HASH, key_hash(""));
+    }
+
+    #[test]
+    fn batch_rows_match_single_decisions() {
+        let engine = Engine::new();
+        let mut cfg = config(Policy::Uniform);
+        cfg.weights = vec![0.4, 0.6];
+        engine.configure(6, cfg).unwrap();
+        let users = ["a", "b", "c", "d"];
+        let rows: [&[&str]; 4] = [&["X", "y"], &["x ", "y"], &["x", "z"], &["x", "z"]];
+        let out = engine.decide_batch_rows(6, &users, &rows, false).unwrap();
+        assert_eq!(out.keys, vec!["source:x|device:y", "source:x|device:z"]);
+        for (i, item) in out.items.iter().enumerate() {
+            let d = engine.decide(6, users[i], rows[i], false).unwrap();
+            assert_eq!((d.variant, d.level, d.propensity), (item.0, item.1, item.2));
+            assert_eq!(d.segment_key, out.keys[item.3]);
+        }
+        assert_eq!(
+            out.items.iter().map(|x| x.3).collect::<Vec<_>>(),
+            [0, 0, 1, 1]
+        );
+        assert!(engine
+            .decide_batch_rows(6, &users[..1], &rows, false)
+            .is_err());
     }
 
     #[test]

@@ -37,6 +37,18 @@ pub fn valid_dimension(name: &str) -> bool {
 
 /// Append the canonical form of one value to `out`.
 pub fn push_canonical_value(value: &str, out: &mut String) {
+    // Fastest path: printable lower-case ASCII without escapes, no space at either end (so
+    // nothing to trim): needs no change. Branch-free over the bytes.
+    let bytes = value.as_bytes();
+    if let (Some(&first), Some(&last)) = (bytes.first(), bytes.last()) {
+        let plain = bytes.iter().fold(first > b' ' && last > b' ', |ok, &b| {
+            ok & (b < 0x80) & !b.is_ascii_uppercase() & (b != b'%') & (b != b'|') & (b != b':')
+        });
+        if plain {
+            out.push_str(value);
+            return;
+        }
+    }
     let value = value.trim();
     // Fast path: plain lower-case ASCII needs no change.
     if value
@@ -223,6 +235,22 @@ mod tests {
             // Escaping keeps the separator out of values, so a key splits back into its path.
             prop_assert_eq!(&parents, &keys);
             prop_assert_eq!(path_hashes_of_key(&full), keys.iter().map(|k| key_hash(k)).collect::<Vec<_>>());
+        }
+
+        #[test]
+        fn canonical_value_matches_the_definition(v in "[ a-zA-Z0-9%|:\\t\\x0b\\x0c\\u{a0}\\u{3000}é]{0,12}") {
+            let mut fast = String::new();
+            push_canonical_value(&v, &mut fast);
+            let mut slow = String::new();
+            for ch in v.trim().chars() {
+                match ch {
+                    '%' => slow.push_str("%25"),
+                    '|' => slow.push_str("%7c"),
+                    ':' => slow.push_str("%3a"),
+                    c => slow.extend(c.to_lowercase()),
+                }
+            }
+            prop_assert_eq!(fast, slow);
         }
 
         #[test]

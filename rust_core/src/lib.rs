@@ -5,13 +5,18 @@
 //! - [`store`]: the concurrent posterior counter store.
 //! - [`cascade`]: choosing the cascade level over the segment tree.
 //! - [`decide`]: the [`decide::Engine`] that makes a whole allocation decision in one call.
+//! - [`batch`]: `AllocateBatch` from request bytes to response bytes, with [`context`]
+//!   (the segment rules of context extraction) and [`wire`] (protobuf encoding).
 
+pub mod batch;
 pub mod beta;
 pub mod cascade;
+pub mod context;
 pub mod decide;
 pub mod error;
 pub mod keys;
 pub mod store;
+pub mod wire;
 
 pub use decide::{Decision, Engine, ExperimentConfig, Policy};
 pub use error::CoreError;

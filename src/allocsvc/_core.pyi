@@ -4,12 +4,14 @@ Internal: import it only through `allocsvc.core`, which re-exports it.
 Segment hashes are unsigned 64-bit integers (xxh3-64 of the canonical key's UTF-8 bytes, seed 0).
 """
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import final
 
 __version__: str
 __all__ = [
+    "BatchCatalogue",
     "Engine",
+    "PreparedBatch",
     "__version__",
     "beta_throughput",
     "bucket",
@@ -27,6 +29,14 @@ __all__ = [
 CountRow = tuple[int, int, int, int, int, float]
 # (variant index, cascade level used, propensity, full canonical segment key)
 Decision = tuple[int, int, float, str]
+# An allocation made outside the batch: (assignment id, variant index, segment key,
+# cascade level, propensity, sticky)
+GivenAllocation = tuple[str, int, str, int, float, bool]
+# An item's failure: (gRPC status code number, message, request field or "")
+ItemError = tuple[int, str, str]
+# (serialized AllocateBatchResponse, then per new assignment in request order: experiment
+# handle, user id, variant index, segment key, cascade level, propensity)
+BatchOutput = tuple[bytes, list[int], list[str], list[int], list[str], list[int], list[float]]
 
 def segment_key(dimensions: Sequence[str], values: Sequence[str]) -> str:
     """Canonical key `dim:value|dim:value` (values trimmed, lower-cased, `%|:` escaped)."""
@@ -132,3 +142,80 @@ class Engine:
         """Selection probability of each variant at one node in its current state."""
 
     def node_count(self) -> int: ...
+
+@final
+class BatchCatalogue:
+    """What AllocateBatch needs to serve items in Rust: experiments by id (with their
+    variants' names and payloads) and the device class of user agents seen before."""
+
+    def __new__(
+        cls,
+        *,
+        max_context_entries: int,
+        max_signals: int,
+        max_key_chars: int,
+        max_value_chars: int,
+        max_user_agent_chars: int,
+        max_referrer_chars: int,
+        max_user_id_chars: int,
+        device_cache_size: int,
+    ) -> BatchCatalogue: ...
+    def put(
+        self,
+        key: str,
+        *,
+        handle: int,
+        running: bool,
+        sticky: bool,
+        caller_segments: bool,
+        dimensions: Sequence[str],
+        variants: Sequence[tuple[str, str, str]],
+    ) -> None:
+        """Add or replace an experiment; `variants` are (id, name, payload JSON) in order.
+
+        With `caller_segments` (segment values the Python side computes) its items make the
+        whole batch go the per-item Python way.
+        """
+
+    def remove(self, key: str) -> None: ...
+    def learn_devices(self, pairs: Sequence[tuple[str, str]]) -> None:
+        """Remember (user agent, device class) pairs; a class is mobile/desktop/tablet/unknown."""
+
+    def prepare(self, request: bytes, now_ms: int, shared: bool) -> PreparedBatch:
+        """Decode a serialized AllocateBatchRequest and check every item (context extraction
+        included), with the GIL released. `now_ms` stands for a timestamp of 0; with `shared`,
+        items of sticky experiments need the caller. ValueError when the bytes are malformed."""
+
+@final
+class PreparedBatch:
+    """A decoded and checked AllocateBatchRequest."""
+
+    def __len__(self) -> int: ...
+    @property
+    def needs_caller(self) -> bool:
+        """True when an item must go the per-item Python way (then the whole batch does)."""
+
+    def invalid(self) -> list[int]:
+        """Positions of items that break a request rule (the caller words their errors)."""
+
+    def unknown_user_agents(self, catalogue: BatchCatalogue) -> list[str]:
+        """Distinct user agents to classify and `learn_devices` before `finish`."""
+
+    def sticky_candidates(self) -> tuple[list[int], list[int], list[str]]:
+        """(positions, experiment handles, user ids) of the items of sticky experiments."""
+
+    def finish(
+        self,
+        engine: Engine,
+        catalogue: BatchCatalogue,
+        *,
+        region: str,
+        id_prefix: str,
+        first_seq: int,
+        given: Mapping[int, GivenAllocation],
+        errors: Mapping[int, ItemError],
+    ) -> BatchOutput:
+        """Decide and count every item not in `given` or `errors`, in request order, on the
+        calling thread's generator with the GIL released; a user repeated in a sticky
+        experiment gets the first answer again. New assignment ids are `{id_prefix}-{seq:x}`,
+        seq from `first_seq` on. Returns the serialized response and the new assignments."""

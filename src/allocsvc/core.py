@@ -4,7 +4,9 @@ See `_core.pyi` for the typed surface. Everything in the package imports from he
 """
 
 from allocsvc._core import (
+    BatchCatalogue,
     Engine,
+    PreparedBatch,
     __version__,
     beta_throughput,
     bucket,
@@ -19,7 +21,9 @@ from allocsvc._core import (
 )
 
 __all__ = [
+    "BatchCatalogue",
     "Engine",
+    "PreparedBatch",
     "__version__",
     "beta_throughput",
     "bucket",

@@ -4,18 +4,103 @@
 
 mod error;
 
+use allocsvc_core::batch::{
+    BatchLimits, Catalogue, ExperimentInfo, GivenAllocation, ItemError, PreparedBatch, VariantInfo,
+};
 use allocsvc_core::beta::{self, with_thread_rng};
 use allocsvc_core::cascade::Tree;
-use allocsvc_core::decide::{Decision, Engine, ExperimentConfig, Policy};
+use allocsvc_core::context::ContextLimits;
+use allocsvc_core::decide::{Engine, ExperimentConfig, Policy, MAX_LEVELS};
 use allocsvc_core::{keys, CountRow};
 use error::{invalid, to_py};
+use pyo3::exceptions::PyTypeError;
 use pyo3::prelude::*;
 use pyo3::pybacked::PyBackedStr;
+use pyo3::types::{PyBytes, PyList, PyString, PyTuple};
+use std::cell::Cell;
+use std::collections::HashMap;
 
-type PyDecision = (usize, usize, f64, String);
+thread_local! {
+    /// The segment key buffer `Engine.decide` reuses (taken out while in use, so re-entry is safe).
+    static KEY_BUFFER: Cell<String> = const { Cell::new(String::new()) };
+}
 
-fn to_tuple(d: Decision) -> PyDecision {
-    (d.variant, d.level, d.propensity, d.segment_key)
+/// Borrow the str items of a list or tuple, as the items' strong references (kept in `held`),
+/// without copying; None when `values` is anything else (or too long, or an item is not a
+/// str), and the caller extracts it the general way, with its usual errors.
+fn hold_strs<'py>(
+    values: &Bound<'py, PyAny>,
+    held: &mut [Option<Bound<'py, PyString>>; MAX_LEVELS],
+) -> Option<usize> {
+    fn fill<'py>(
+        items: impl ExactSizeIterator<Item = Bound<'py, PyAny>>,
+        held: &mut [Option<Bound<'py, PyString>>; MAX_LEVELS],
+    ) -> Option<usize> {
+        if items.len() > MAX_LEVELS {
+            return None;
+        }
+        let mut n = 0;
+        for (slot, item) in held.iter_mut().zip(items) {
+            *slot = Some(item.downcast_into::<PyString>().ok()?);
+            n += 1;
+        }
+        Some(n)
+    }
+    if let Ok(list) = values.downcast::<PyList>() {
+        fill(list.iter(), held)
+    } else if let Ok(tuple) = values.downcast::<PyTuple>() {
+        fill(tuple.iter(), held)
+    } else {
+        None
+    }
+}
+
+/// A failed extraction of argument `name` worded as PyO3 words it for declared arguments.
+fn argument_error(py: Python<'_>, name: &str, err: PyErr) -> PyErr {
+    if err.get_type(py).is(&py.get_type::<PyTypeError>()) {
+        let e = PyTypeError::new_err(format!("argument '{name}': {}", err.value(py)));
+        e.set_cause(py, Some(err));
+        e
+    } else {
+        err
+    }
+}
+
+/// Rows of segment values from a list or tuple of lists or tuples of str, flattened without
+/// copying the strings; None for anything else.
+fn flat_rows(values: &Bound<'_, PyAny>) -> Option<(Vec<PyBackedStr>, Vec<usize>)> {
+    fn rows<'py>(
+        outer: impl ExactSizeIterator<Item = Bound<'py, PyAny>>,
+    ) -> Option<(Vec<PyBackedStr>, Vec<usize>)> {
+        let mut flat = Vec::with_capacity(outer.len() * 4);
+        let mut ends = Vec::with_capacity(outer.len());
+        for row in outer {
+            let push = |flat: &mut Vec<PyBackedStr>, item: Bound<'py, PyAny>| -> Option<()> {
+                flat.push(item.downcast_into::<PyString>().ok()?.try_into().ok()?);
+                Some(())
+            };
+            if let Ok(list) = row.downcast::<PyList>() {
+                for item in list.iter() {
+                    push(&mut flat, item)?;
+                }
+            } else if let Ok(tuple) = row.downcast::<PyTuple>() {
+                for item in tuple.iter() {
+                    push(&mut flat, item)?;
+                }
+            } else {
+                return None;
+            }
+            ends.push(flat.len());
+        }
+        Some((flat, ends))
+    }
+    if let Ok(list) = values.downcast::<PyList>() {
+        rows(list.iter())
+    } else if let Ok(tuple) = values.downcast::<PyTuple>() {
+        rows(tuple.iter())
+    } else {
+        None
+    }
 }
 
 #[pyfunction]
@@ -131,6 +216,208 @@ struct PyEngine {
     inner: Engine,
 }
 
+/// Python face of [`Catalogue`]: the batch path's experiments and user-agent classes.
+#[pyclass(name = "BatchCatalogue", frozen, module = "allocsvc._core")]
+struct PyBatchCatalogue {
+    inner: Catalogue,
+}
+
+/// Python face of [`PreparedBatch`].
+#[pyclass(name = "PreparedBatch", frozen, module = "allocsvc._core")]
+struct PyPreparedBatch {
+    inner: PreparedBatch,
+}
+
+/// (assignment id, variant, segment key, cascade level, propensity, sticky)
+type PyGiven = (String, usize, String, usize, f64, bool);
+/// (code, message, field)
+type PyItemError = (u32, String, String);
+/// (response bytes, handles, user ids, variants, segment keys, levels, propensities)
+type PyBatchOutput = (
+    Py<PyBytes>,
+    Vec<u64>,
+    Vec<String>,
+    Vec<usize>,
+    Vec<String>,
+    Vec<usize>,
+    Vec<f64>,
+);
+
+#[pymethods]
+impl PyBatchCatalogue {
+    #[new]
+    #[pyo3(signature = (*, max_context_entries, max_signals, max_key_chars, max_value_chars,
+        max_user_agent_chars, max_referrer_chars, max_user_id_chars, device_cache_size))]
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        max_context_entries: usize,
+        max_signals: usize,
+        max_key_chars: usize,
+        max_value_chars: usize,
+        max_user_agent_chars: usize,
+        max_referrer_chars: usize,
+        max_user_id_chars: usize,
+        device_cache_size: usize,
+    ) -> Self {
+        PyBatchCatalogue {
+            inner: Catalogue::new(BatchLimits {
+                context: ContextLimits {
+                    max_context_entries,
+                    max_signals,
+                    max_key_chars,
+                    max_value_chars,
+                    max_user_agent_chars,
+                    max_referrer_chars,
+                },
+                max_user_id_chars,
+                device_cache_size,
+            }),
+        }
+    }
+
+    #[pyo3(signature = (key, *, handle, running, sticky, caller_segments, dimensions, variants))]
+    #[allow(clippy::too_many_arguments)]
+    fn put(
+        &self,
+        key: String,
+        handle: u64,
+        running: bool,
+        sticky: bool,
+        caller_segments: bool,
+        dimensions: Vec<String>,
+        variants: Vec<(String, String, String)>,
+    ) {
+        self.inner.put(ExperimentInfo {
+            key,
+            handle,
+            running,
+            sticky,
+            caller_segments,
+            dimensions,
+            variants: variants
+                .into_iter()
+                .map(|(id, name, payload_json)| VariantInfo {
+                    id,
+                    name,
+                    payload_json,
+                })
+                .collect(),
+        })
+    }
+
+    fn remove(&self, key: &str) {
+        self.inner.remove(key)
+    }
+
+    fn learn_devices(&self, pairs: Vec<(PyBackedStr, PyBackedStr)>) -> PyResult<()> {
+        self.inner.learn_devices(&pairs).map_err(to_py)
+    }
+
+    fn prepare(
+        &self,
+        py: Python<'_>,
+        request: &[u8],
+        now_ms: i64,
+        shared: bool,
+    ) -> PyResult<PyPreparedBatch> {
+        py.allow_threads(|| self.inner.prepare(request, now_ms, shared))
+            .map(|inner| PyPreparedBatch { inner })
+            .map_err(to_py)
+    }
+}
+
+#[pymethods]
+impl PyPreparedBatch {
+    fn __len__(&self) -> usize {
+        self.inner.len()
+    }
+
+    #[getter]
+    fn needs_caller(&self) -> bool {
+        self.inner.needs_caller
+    }
+
+    fn invalid(&self) -> Vec<usize> {
+        self.inner.invalid()
+    }
+
+    fn unknown_user_agents(&self, catalogue: &PyBatchCatalogue) -> Vec<String> {
+        self.inner.unknown_user_agents(&catalogue.inner)
+    }
+
+    fn sticky_candidates(&self) -> (Vec<usize>, Vec<u64>, Vec<&str>) {
+        self.inner.sticky_candidates()
+    }
+
+    #[pyo3(signature = (engine, catalogue, *, region, id_prefix, first_seq, given, errors))]
+    #[allow(clippy::too_many_arguments)]
+    fn finish(
+        &self,
+        py: Python<'_>,
+        engine: &PyEngine,
+        catalogue: &PyBatchCatalogue,
+        region: &str,
+        id_prefix: &str,
+        first_seq: u64,
+        given: HashMap<usize, PyGiven>,
+        errors: HashMap<usize, PyItemError>,
+    ) -> PyResult<PyBatchOutput> {
+        let given: HashMap<usize, GivenAllocation> = given
+            .into_iter()
+            .map(
+                |(i, (assignment_id, variant, segment_key, level, propensity, sticky))| {
+                    let g = GivenAllocation {
+                        assignment_id,
+                        variant,
+                        segment_key,
+                        level,
+                        propensity,
+                        sticky,
+                    };
+                    (i, g)
+                },
+            )
+            .collect();
+        let errors: HashMap<usize, ItemError> = errors
+            .into_iter()
+            .map(|(i, (code, message, field))| {
+                (
+                    i,
+                    ItemError {
+                        code,
+                        message,
+                        field,
+                    },
+                )
+            })
+            .collect();
+        // Decided on this thread (its generator), with the GIL released.
+        let out = py
+            .allow_threads(|| {
+                self.inner.finish(
+                    &engine.inner,
+                    &catalogue.inner,
+                    region,
+                    id_prefix,
+                    first_seq,
+                    &given,
+                    &errors,
+                )
+            })
+            .map_err(to_py)?;
+        let d = out.decided;
+        Ok((
+            PyBytes::new(py, &out.response).unbind(),
+            d.handles,
+            d.user_ids,
+            d.variants,
+            d.segment_keys,
+            d.levels,
+            d.propensities,
+        ))
+    }
+}
+
 #[pymethods]
 impl PyEngine {
     #[new]
@@ -181,42 +468,104 @@ impl PyEngine {
     }
 
     #[pyo3(signature = (experiment, user_id, values, record=true))]
-    fn decide(
+    fn decide<'py>(
         &self,
+        py: Python<'py>,
         experiment: u64,
         user_id: &str,
-        values: Vec<PyBackedStr>,
+        values: &Bound<'py, PyAny>,
         record: bool,
-    ) -> PyResult<PyDecision> {
-        self.inner
-            .decide(experiment, user_id, &values, record)
-            .map(to_tuple)
-            .map_err(to_py)
+    ) -> PyResult<Bound<'py, PyTuple>> {
+        let mut held: [Option<Bound<'py, PyString>>; MAX_LEVELS] = Default::default();
+        let mut strs: [&str; MAX_LEVELS] = [""; MAX_LEVELS];
+        let mut fallback: Vec<PyBackedStr> = Vec::new();
+        let mut n = None;
+        if let Some(count) = hold_strs(values, &mut held) {
+            n = Some(count);
+            for (s, item) in strs.iter_mut().zip(held.iter().flatten()) {
+                match item.to_str() {
+                    Ok(v) => *s = v,
+                    Err(_) => n = None,
+                }
+            }
+        }
+        if n.is_none() {
+            fallback = values
+                .extract()
+                .map_err(|e| argument_error(py, "values", e))?;
+        }
+        let mut key = KEY_BUFFER.take();
+        let decided = match n {
+            Some(count) => {
+                self.inner
+                    .decide_into(experiment, user_id, &strs[..count], record, &mut key)
+            }
+            None => self
+                .inner
+                .decide_into(experiment, user_id, &fallback, record, &mut key),
+        };
+        match decided {
+            Ok((variant, level, propensity)) => {
+                let out = (variant, level, propensity, PyString::new(py, &key)).into_pyobject(py);
+                KEY_BUFFER.set(key);
+                out
+            }
+            Err(e) => {
+                KEY_BUFFER.set(key);
+                Err(to_py(e))
+            }
+        }
     }
 
     #[pyo3(signature = (experiment, user_ids, values, record=true))]
-    fn decide_batch(
+    fn decide_batch<'py>(
         &self,
-        py: Python<'_>,
+        py: Python<'py>,
         experiment: u64,
-        user_ids: Vec<String>,
-        values: Vec<Vec<String>>,
+        user_ids: Vec<PyBackedStr>,
+        values: &Bound<'py, PyAny>,
         record: bool,
-    ) -> PyResult<Vec<PyDecision>> {
-        let results = py
+    ) -> PyResult<Bound<'py, PyList>> {
+        let (flat, ends) = match flat_rows(values) {
+            Some(rows) => rows,
+            None => {
+                let nested: Vec<Vec<PyBackedStr>> = values
+                    .extract()
+                    .map_err(|e| argument_error(py, "values", e))?;
+                let mut ends = Vec::with_capacity(nested.len());
+                let mut total = 0;
+                for row in &nested {
+                    total += row.len();
+                    ends.push(total);
+                }
+                (nested.into_iter().flatten().collect(), ends)
+            }
+        };
+        let mut start = 0;
+        let rows: Vec<&[PyBackedStr]> = ends
+            .iter()
+            .map(|&end| {
+                let row = &flat[start..end];
+                start = end;
+                row
+            })
+            .collect();
+        let out = py
             .allow_threads(|| {
                 self.inner
-                    .decide_batch(experiment, &user_ids, &values, record)
+                    .decide_batch_rows(experiment, &user_ids, &rows, record)
             })
             .map_err(to_py)?;
-        results
-            .into_iter()
-            .enumerate()
-            .map(|(i, r)| {
-                r.map(to_tuple)
-                    .map_err(|e| invalid(format!("item {i}: {e}")))
+        let keys: Vec<Bound<'py, PyString>> =
+            out.keys.iter().map(|k| PyString::new(py, k)).collect();
+        let items = out
+            .items
+            .iter()
+            .map(|&(variant, level, propensity, k)| {
+                (variant, level, propensity, keys[k].clone()).into_pyobject(py)
             })
-            .collect()
+            .collect::<PyResult<Vec<_>>>()?;
+        PyList::new(py, items)
     }
 
     fn record_allocation(
@@ -289,6 +638,8 @@ impl PyEngine {
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     m.add_class::<PyEngine>()?;
+    m.add_class::<PyBatchCatalogue>()?;
+    m.add_class::<PyPreparedBatch>()?;
     m.add_function(wrap_pyfunction!(segment_key, m)?)?;
     m.add_function(wrap_pyfunction!(path_keys, m)?)?;
     m.add_function(wrap_pyfunction!(key_hash, m)?)?;
