@@ -1,0 +1,244 @@
+"""Per-RPC request ids, deadlines, metrics and debug logs.
+
+Every unary RPC gets a request id (the client's `x-request-id` metadata when it sends a
+usable one, a fresh one otherwise) that every log line written while serving it carries and
+that goes back in the trailing metadata. An RPC whose deadline has already passed when its
+turn comes is answered DEADLINE_EXCEEDED without doing the work. With metrics on, each RPC
+is counted and timed by method and status code.
+
+The same wrapper goes around each handler in one of two ways. `registering(server)` wraps the
+handlers once, as they are registered: no interceptor runs per call (grpc.aio's interceptor
+chain costs tens of microseconds per RPC). As a server interceptor it wraps them on lookup; the
+server uses that only when another interceptor (auth) must run inside this one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import itertools
+import logging
+import re
+import secrets
+import time
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from typing import TYPE_CHECKING, Any, cast
+
+import grpc
+from prometheus_client import Counter, Histogram
+
+from allocsvc import logs
+
+log = logging.getLogger(__name__)
+
+if TYPE_CHECKING:
+    Handler = grpc.RpcMethodHandler[Any, Any]
+    Interceptor = grpc.aio.ServerInterceptor[Any, Any]
+    Generic = grpc.GenericRpcHandler[Any, Any]
+else:
+    Interceptor = grpc.aio.ServerInterceptor
+    Generic = grpc.GenericRpcHandler
+
+REQUEST_ID_KEY = "x-request-id"
+_USABLE_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
+# Latency buckets in seconds: from tens of microseconds (in-memory allocation) to seconds.
+LATENCY_BUCKETS = (
+    0.0001,
+    0.00025,
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    10.0,
+)
+
+
+class RpcMetrics:
+    """RPC counts and latency histograms by method and status code."""
+
+    def __init__(self) -> None:
+        self.calls = Counter(
+            "allocsvc_rpcs",
+            "RPCs answered, by method and status code",
+            ["method", "code"],
+            registry=None,
+        )
+        self.latency = Histogram(
+            "allocsvc_rpc_latency_seconds",
+            "Time from the start of the handler to its answer, by method and status code",
+            ["method", "code"],
+            buckets=LATENCY_BUCKETS,
+            registry=None,
+        )
+        self._children: dict[tuple[str, str], tuple[Any, Any]] = {}
+
+    def observe(self, method: str, code: grpc.StatusCode, seconds: float) -> None:
+        slot = (method, code.name)
+        children = self._children.get(slot)
+        if children is None:
+            children = (self.calls.labels(*slot), self.latency.labels(*slot))
+            self._children[slot] = children
+        children[0].inc()
+        children[1].observe(seconds)
+
+
+# Fresh request ids: a random per-process prefix and a counter (unique, and cheap per call).
+_ID_PREFIX = secrets.token_hex(4)
+_ID_SEQUENCE = itertools.count(1)
+
+
+def request_id_from(metadata: Iterable[tuple[str, str | bytes]] | None) -> str:
+    for key, value in metadata or ():
+        if key == REQUEST_ID_KEY and isinstance(value, str) and _USABLE_ID.fullmatch(value):
+            return value
+    return f"{_ID_PREFIX}-{next(_ID_SEQUENCE):x}"
+
+
+Behavior = Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[Any]]
+
+
+class TelemetryInterceptor(Interceptor):
+    def __init__(self, metrics: RpcMetrics | None, gated: Iterable[str] = ()) -> None:
+        """`gated`: services answered UNAVAILABLE until `ready` is set (the state is loaded)."""
+        self._metrics = metrics
+        self._gated = tuple(f"/{name}/" for name in gated)
+        self.ready = False
+        self._wrapped: dict[tuple[str, int], tuple[Handler, Handler]] = {}
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Handler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> Handler:
+        return self.wrap(handler_call_details.method, await continuation(handler_call_details))
+
+    def registering(self, server: grpc.aio.Server) -> grpc.aio.Server:
+        """`server`, except that the handlers registered through the result are wrapped."""
+        return _Instrumenting(server, self)
+
+    def wrap(self, method: str, handler: Handler) -> Handler:
+        """The handler of `method` with request id, gate, deadline check and metrics."""
+        if handler is None or not inspect.iscoroutinefunction(handler.unary_unary):
+            # Streaming RPCs (reflection, health Watch) and the health service's synchronous
+            # Check pass through untouched.
+            return handler
+        # Handlers are long-lived objects (the service's own, or the auth interceptor's
+        # refusals), a few per method; the cache keeps each one alive, so its id stays its own.
+        slot = (method, id(handler))
+        cached = self._wrapped.get(slot)
+        if cached is not None:
+            return cached[1]
+        wrapped = grpc.unary_unary_rpc_method_handler(
+            self._observed(
+                method, cast("Behavior", handler.unary_unary), method.startswith(self._gated)
+            ),
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+        self._wrapped[slot] = (handler, wrapped)
+        return wrapped
+
+    def _observed(self, method: str, behavior: Behavior, gated: bool) -> Behavior:
+        metrics = self._metrics
+        interceptor = self
+        short = method.rsplit("/", 1)[-1]
+
+        async def observed(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+            rid = request_id_from(context.invocation_metadata())
+            token = logs.request_id.set(rid)
+            start = time.perf_counter()
+            code = grpc.StatusCode.OK
+            try:
+                context.set_trailing_metadata(((REQUEST_ID_KEY, rid),))
+                if gated and not interceptor.ready:
+                    code = grpc.StatusCode.UNAVAILABLE
+                    await context.abort(code, "starting: the state is still loading")
+                remaining = context.time_remaining()
+                if remaining is not None and remaining <= 0:
+                    code = grpc.StatusCode.DEADLINE_EXCEEDED
+                    await context.abort(code, "the deadline passed before the work began")
+                return await behavior(request, context)
+            except grpc.aio.AbortError:
+                code = context.code() or grpc.StatusCode.UNKNOWN
+                raise
+            except asyncio.CancelledError:
+                code = grpc.StatusCode.CANCELLED
+                raise
+            except Exception:
+                code = grpc.StatusCode.UNKNOWN
+                raise
+            finally:
+                elapsed = time.perf_counter() - start
+                if metrics is not None:
+                    metrics.observe(short, code, elapsed)
+                if log.isEnabledFor(logging.DEBUG):
+                    user_id = getattr(request, "user_id", "")
+                    log.debug(
+                        "rpc",
+                        extra={
+                            "method": short,
+                            "code": code.name,
+                            "ms": round(elapsed * 1000, 3),
+                            "user": logs.pseudonym(user_id) if user_id else None,
+                        },
+                    )
+                logs.request_id.reset(token)
+
+        return observed
+
+
+class _InstrumentedGeneric(Generic):
+    def __init__(self, inner: Generic, telemetry: TelemetryInterceptor) -> None:
+        self._inner = inner
+        self._telemetry = telemetry
+
+    def service(self, handler_call_details: grpc.HandlerCallDetails) -> Handler | None:
+        handler = self._inner.service(handler_call_details)
+        if handler is None:
+            return None
+        return self._telemetry.wrap(handler_call_details.method, handler)
+
+
+class _Instrumenting(grpc.aio.Server):
+    """Registers handlers on `server` wrapped by the telemetry; everything else is the server's."""
+
+    def __init__(self, server: grpc.aio.Server, telemetry: TelemetryInterceptor) -> None:
+        self._server = server
+        self._telemetry = telemetry
+
+    def add_generic_rpc_handlers(self, generic_rpc_handlers: Iterable[Generic]) -> None:
+        self._server.add_generic_rpc_handlers(
+            [_InstrumentedGeneric(h, self._telemetry) for h in generic_rpc_handlers]
+        )
+
+    def add_registered_method_handlers(
+        self, service_name: str, method_handlers: Mapping[str, Handler]
+    ) -> None:
+        wrap = self._telemetry.wrap
+        self._server.add_registered_method_handlers(  # type: ignore[attr-defined]
+            service_name,
+            {name: wrap(f"/{service_name}/{name}", h) for name, h in method_handlers.items()},
+        )
+
+    def add_insecure_port(self, address: str) -> int:
+        return self._server.add_insecure_port(address)
+
+    def add_secure_port(self, address: str, server_credentials: grpc.ServerCredentials) -> int:
+        return self._server.add_secure_port(address, server_credentials)
+
+    async def start(self) -> None:
+        await self._server.start()
+
+    async def stop(self, grace: float | None = None) -> None:
+        await self._server.stop(grace)
+
+    async def wait_for_termination(self, timeout: float | None = None) -> bool:
+        return await self._server.wait_for_termination(timeout)
