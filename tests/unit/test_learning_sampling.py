@@ -1,0 +1,175 @@
+"""Observing allocations for learning is sampled and conditional; nearest-centroid serving
+equals a NumPy argmin; the serving path imports neither torch nor scikit-learn."""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from allocsvc._proto import allocsvc_pb2 as pb
+from allocsvc.allocation.journal import MemoryJournal
+from allocsvc.allocation.service import AllocationService
+from allocsvc.api import convert
+from allocsvc.api.allocator import AllocatorServicer
+from allocsvc.config import ClusteringSettings, EmbeddingsSettings
+from allocsvc.context import Extractor
+from allocsvc.core import Engine
+from allocsvc.learning.features import FeatureNormaliser, RawFeatures
+from allocsvc.learning.model import ClusterModel
+from allocsvc.learning.sampling import ObservationGaps
+from allocsvc.learning.service import Learning
+from allocsvc.learning.store import MemoryModelStore
+
+pytestmark = pytest.mark.unit
+
+
+def test_gaps_average_every_and_cover_their_range() -> None:
+    gaps = ObservationGaps(10, seed=3)
+    drawn = np.array([gaps.next() for _ in range(20_000)])
+    assert drawn.min() == 1 and drawn.max() == 19
+    # Uniform on 1..19: mean 10, standard deviation sqrt((19² - 1) / 12).
+    standard_error = math.sqrt((19**2 - 1) / 12) / math.sqrt(len(drawn))
+    assert abs(drawn.mean() - 10) < 5 * standard_error
+    assert [ObservationGaps(1).next() for _ in range(5)] == [1] * 5
+    with pytest.raises(ValueError, match="every"):
+        ObservationGaps(0)
+
+
+def test_positions_equal_counting_down_one_by_one() -> None:
+    one_by_one, batched = ObservationGaps(7, seed=5), ObservationGaps(7, seed=5)
+    countdown_a = countdown_b = 1
+    for items in (1, 3, 50, 0, 200, 13):
+        expected = []
+        for i in range(items):
+            countdown_a -= 1
+            if countdown_a == 0:
+                expected.append(i)
+                countdown_a = one_by_one.next()
+        chosen, countdown_b = batched.positions(countdown_b, items)
+        assert chosen == expected
+        assert countdown_b == countdown_a
+    assert ObservationGaps(1).positions(1, 4) == ([0, 1, 2, 3], 1)
+
+
+def learning(every: int, *, clustering: bool = True, embeddings: bool = True) -> Learning:
+    return Learning(
+        ClusteringSettings(enabled=clustering, observe_every=every, buffer_size=100_000),
+        EmbeddingsSettings(enabled=embeddings),
+        MemoryModelStore(),
+    )
+
+
+async def service_with(learn: Learning) -> AllocationService:
+    service = AllocationService(Engine(), MemoryJournal(), Extractor())
+    service.attach_learning(learn)
+    await service.create_experiment(
+        convert.experiment_from_pb(
+            pb.Experiment(
+                id="exp",
+                status=pb.EXPERIMENT_STATUS_RUNNING,
+                variants=[pb.Variant(id="A"), pb.Variant(id="B")],
+                sticky=False,
+            )
+        )
+    )
+    return service
+
+
+def request(i: int) -> pb.AllocateRequest:
+    return pb.AllocateRequest(
+        experiment_id="exp",
+        user_id=f"u{i}",
+        channel="web",
+        context={"utm_source": "google"},
+        signals={"pages_viewed": float(i % 9)},
+    )
+
+
+async def test_unary_allocations_are_observed_about_one_in_every() -> None:
+    every, n = 10, 5000
+    learn = learning(every)
+    service = await service_with(learn)
+    for i in range(n):
+        await service.allocate(convert.allocate_request(request(i)))
+    observed = len(learn._buffer)
+    assert abs(observed - n / every) < 5 * count_spread(n, every)
+    assert {user for user, _ in learn._buffer} <= {f"u{i}" for i in range(n)}
+
+
+def count_spread(n: int, every: int) -> float:
+    """Standard deviation of the number of observations in n requests: a renewal count, with
+    gaps of mean `every` and variance ((2·every − 1)² − 1) / 12, spreads sqrt(n·var/every³)."""
+    return math.sqrt(n * ((2 * every - 1) ** 2 - 1) / 12 / every**3)
+
+
+async def test_every_one_observes_every_allocation() -> None:
+    learn = learning(1)
+    service = await service_with(learn)
+    for i in range(300):
+        await service.allocate(convert.allocate_request(request(i)))
+    assert [user for user, _ in learn._buffer] == [f"u{i}" for i in range(300)]
+
+
+async def test_nothing_is_observed_when_clustering_and_embeddings_are_off() -> None:
+    learn = learning(1, clustering=False, embeddings=False)
+    assert learn.gaps is None
+    service = await service_with(learn)
+    assert not service.learns
+    for i in range(200):
+        await service.allocate(convert.allocate_request(request(i)))
+    assert len(learn._buffer) == 0
+    # Embeddings alone still need the sample.
+    assert learning(1, clustering=False).gaps is not None
+
+
+async def test_batches_over_the_fast_path_are_sampled_the_same_way() -> None:
+    every, batches, size = 4, 20, 100
+    learn = learning(every)
+    service = await service_with(learn)
+    servicer = AllocatorServicer(service, "local")
+    for b in range(batches):
+        message = pb.AllocateBatchRequest(
+            requests=[request(b * size + i) for i in range(size)]
+        ).SerializeToString()
+        reply = pb.AllocateBatchResponse.FromString(
+            await servicer.AllocateBatchBytes(message, None)  # type: ignore[arg-type]
+        )
+        assert all(r.WhichOneof("outcome") == "allocation" for r in reply.results)
+    n = batches * size
+    assert abs(len(learn._buffer) - n / every) < 5 * count_spread(n, every)
+
+
+def test_serving_assignment_equals_numpy_argmin() -> None:
+    rng = np.random.default_rng(11)
+    rows = [
+        RawFeatures(
+            str(rng.choice(["web", "email", "push"])),
+            str(rng.choice(["mobile", "desktop"])),
+            str(rng.choice(["google", "direct", "x"])),
+            int(rng.integers(0, 24)),
+            int(rng.integers(0, 7)),
+            float(rng.uniform(0, 20)),
+        )
+        for _ in range(2000)
+    ]
+    normaliser = FeatureNormaliser.fit(rows)
+    model = ClusterModel(normaliser, rng.uniform(-0.5, 1, size=(8, normaliser.dimensions)))
+    matrix = normaliser.transform_many(rows)
+    distances = ((matrix[:, None, :] - model.centroids[None, :, :]) ** 2).sum(axis=2)
+    assert [model.assign(r) for r in rows] == np.argmin(distances, axis=1).tolist()
+    assert model.assign_many(matrix).tolist() == np.argmin(distances, axis=1).tolist()
+
+
+def test_the_serving_path_imports_neither_torch_nor_scikit_learn() -> None:
+    code = (
+        "import sys\n"
+        "import allocsvc.server, allocsvc.learning.service, allocsvc.metrics\n"
+        "heavy = [m for m in ('torch', 'sklearn') if m in sys.modules]\n"
+        "assert not heavy, heavy\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
