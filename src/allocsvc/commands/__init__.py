@@ -1,0 +1,1 @@
+"""Subcommands of the `allocsvc` CLI, one module per feature (registered in allocsvc.cli)."""
