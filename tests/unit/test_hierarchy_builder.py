@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 from scipy import stats as sps
+from statsmodels.stats.contingency_tables import Table2x2
 from statsmodels.stats.proportion import proportions_ztest
 
 from allocsvc.allocation.experiments import (
@@ -29,6 +30,7 @@ from allocsvc.hierarchy import (
     build_tree,
     cascade_usage,
     difference_test,
+    interaction_ztest,
     stats_from_counts,
     two_proportion_ztest,
 )
@@ -150,25 +152,83 @@ def test_bonferroni() -> None:
     assert bonferroni([]) == []
 
 
-def test_difference_test_applies_bonferroni_over_variants() -> None:
-    # Raw p = 0.035 on one variant: significant alone, not once doubled for two variants.
-    one = difference_test([(1000, 130)], [(1000, 100)], alpha=0.05)
-    assert one.variants_tested == 1
-    assert one.p_value == pytest.approx(0.0355, abs=1e-4)
-    assert one.significant
-    two = difference_test([(1000, 130), (1000, 100)], [(1000, 100), (1000, 100)], alpha=0.05)
-    assert two.variants_tested == 2
-    assert two.p_value == pytest.approx(2 * one.p_value)
-    assert not two.significant
-    assert two.p_values[1] == pytest.approx(1.0)
-    assert two.reference_rates == (0.1, 0.1)
+def _log_relative_rate(v: tuple[int, int], b: tuple[int, int]) -> tuple[float, float]:
+    """log(rate_v / rate_b) and its standard error from statsmodels' 2x2 table, with 0.5 added
+    to the conversions and to the row totals (Haldane's correction, as the builder does)."""
+    (nv, xv), (nb, xb) = v, b
+    table = Table2x2(np.array([[xv + 0.5, nv - xv], [xb + 0.5, nb - xb]]), shift_zeros=False)
+    return float(table.log_riskratio), float(table.log_riskratio_se)
+
+
+@pytest.mark.parametrize(
+    "cells",
+    [
+        ((4000, 300), (4000, 200), (20_000, 1000), (20_000, 1100)),
+        ((2500, 140), (2600, 150), (9000, 400), (9100, 480)),
+        ((300, 0), (280, 14), (5000, 200), (5000, 260)),
+    ],
+)
+def test_interaction_ztest_matches_statsmodels_relative_risks(
+    cells: tuple[tuple[int, int], ...],
+) -> None:
+    """The difference of two independent log relative rates over its standard error (Altman &
+    Bland 2003), each from statsmodels' `Table2x2`."""
+    z, p = interaction_ztest(*cells)
+    node, node_se = _log_relative_rate(cells[0], cells[1])
+    ref, ref_se = _log_relative_rate(cells[2], cells[3])
+    ref_z = (node - ref) / math.hypot(node_se, ref_se)
+    assert z == pytest.approx(ref_z, rel=1e-9)
+    assert p == pytest.approx(2 * sps.norm.sf(abs(ref_z)), rel=1e-9)
+
+
+def test_interaction_ztest_is_zero_for_proportional_rates_and_handles_zero_counts() -> None:
+    # Node converts at half the reference's rate on both variants: same relative rate.
+    z, p = interaction_ztest((10_000, 300), (10_000, 250), (10_000, 600), (10_000, 500))
+    assert abs(z) < 0.05 and p > 0.95
+    z, p = interaction_ztest((500, 0), (500, 40), (5000, 400), (5000, 400))
+    assert z < -3 and p < 0.01
+    with pytest.raises(ValueError):
+        interaction_ztest((0, 0), (10, 1), (10, 1), (10, 1))
+
+
+def test_difference_test_compares_each_variant_with_the_references_best() -> None:
+    reference = [(6000, 300), (6000, 360), (6000, 330)]  # best: variant 1 (6%)
+    same_ranking = [(3000, 90), (3000, 108), (3000, 99)]  # half the base rate, same lifts
+    t = difference_test(same_ranking, reference, alpha=0.05)
+    assert t.baseline_variant == 1
+    assert (t.z[1], t.p_values[1]) == (None, None)
+    assert t.variants_tested == 2
+    assert t.p_value > 0.9 and not t.significant
+    other_best = [(3000, 150), (3000, 90), (3000, 90)]  # variant 0 wins here
+    t = difference_test(other_best, reference, alpha=0.05)
+    assert t.significant
+    z0, p0 = interaction_ztest(other_best[0], other_best[1], reference[0], reference[1])
+    z2, p2 = interaction_ztest(other_best[2], other_best[1], reference[2], reference[1])
+    assert (t.z[0], t.z[2]) == (z0, z2)
+    # Bonferroni over the two comparisons with the baseline.
+    assert t.p_value == pytest.approx(min(1.0, 2 * min(p0, p2)))
+    # Raw p about 0.037: significant alone, not once doubled by a second comparison.
+    reference = [(50_000, 4500), (50_000, 5000), (50_000, 4500)]
+    alone = difference_test([(1000, 118), (1000, 100)], reference[:2], alpha=0.05)
+    assert alone.variants_tested == 1 and alone.significant
+    assert alone.p_value == pytest.approx(0.037, abs=0.001)
+    assert alone.reference_rates == (0.09, 0.1)
+    doubled = difference_test([(1000, 118), (1000, 100), (1000, 90)], reference, alpha=0.05)
+    assert doubled.variants_tested == 2 and not doubled.significant
+    assert doubled.p_value == pytest.approx(2 * alone.p_value)
 
 
 def test_difference_test_skips_variants_without_data() -> None:
-    t = difference_test([(1000, 130), (0, 0)], [(1000, 100), (500, 50)], alpha=0.05)
-    assert t.variants_tested == 1
-    assert t.z[1] is None and t.p_values[1] is None
+    t = difference_test(
+        [(1000, 150), (1000, 100), (0, 0)], [(1000, 100), (1000, 130), (500, 50)], alpha=0.05
+    )
+    assert t.variants_tested == 1 and t.baseline_variant == 1
+    assert t.z[2] is None and t.p_values[2] is None
     assert t.significant
+    # One variant with data on both sides: nothing to compare it with.
+    one = difference_test([(1000, 130), (0, 0)], [(1000, 100), (500, 50)], alpha=0.05)
+    assert (one.variants_tested, one.baseline_variant, one.p_value) == (0, None, 1.0)
+    assert not one.significant
     none = difference_test([(0, 0)], [(10, 1)], alpha=0.05)
     assert (none.variants_tested, none.p_value, none.significant) == (0, 1.0, False)
 
@@ -187,7 +247,7 @@ def test_pruning_keeps_a_different_node_and_prunes_a_similar_one() -> None:
     tree = build_tree(cumulative_stats(HAND_CELLS), settings(), variant_names=["A", "B"])
     us, de, fr, jp = (tree.node(f"country:{c}") for c in ("us", "de", "fr", "jp"))
     assert (us.kept, us.reason) == (True, NodeReason.SIGNIFICANT)
-    assert us.test is not None and us.test.p_value < 1e-10
+    assert us.test is not None and us.test.p_value < 1e-8
     assert us.test.reference_key == ""
     for node in (de, fr):
         assert (node.kept, node.reason) == (False, NodeReason.NOT_SIGNIFICANT)

@@ -48,7 +48,7 @@ CELLS: dict[tuple[str, ...], list[tuple[int, int]]] = {
     ("us", "mobile"): [(3000, 300), (3000, 450)],
     ("us", "desktop"): [(3000, 300), (3000, 300)],
     (EVIL, "tablet"): [(3000, 300), (3000, 750)],
-    ("de", "mobile"): [(3000, 150), (3000, 150)],
+    ("de", "mobile"): [(3000, 150), (3000, 75)],  # A wins here; B wins or ties elsewhere
     ("fr", "mobile"): [(100, 10), (100, 10)],
 }
 BEST_RGB = (0xC8, 0xF7, 0xC5)

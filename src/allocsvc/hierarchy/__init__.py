@@ -9,6 +9,7 @@ from allocsvc.hierarchy.builder import (
     bonferroni,
     build_tree,
     difference_test,
+    interaction_ztest,
     stats_from_counts,
     two_proportion_ztest,
 )
@@ -53,6 +54,7 @@ __all__ = [
     "build_tree",
     "cascade_usage",
     "difference_test",
+    "interaction_ztest",
     "json_schema",
     "node_to_dict",
     "render",

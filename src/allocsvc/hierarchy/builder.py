@@ -4,8 +4,9 @@ Rules, in order, for each node below the global one (levels are processed top-do
 
 1. Deeper than `max_depth`: pruned, `beyond_max_depth`.
 2. Fewer allocations than its level's minimum: pruned, `insufficient_data`.
-3. Otherwise the node is compared with a reference and kept (`significant`) only if it converts
-   differently; else pruned, `not_significant`.
+3. Otherwise the node is compared with a reference and kept (`significant`) only if its variants
+   perform differently relative to each other (a different ranking or lift, not merely a different
+   base rate); else pruned, `not_significant`.
 
 The reference. Let A be the node's nearest kept ancestor (a child of a pruned node is still
 tested, against A, and kept if it differs from it: a pruned node's subtree is not pruned with it).
@@ -23,11 +24,21 @@ nearly all A still serves, and the reference is A minus the node instead. The Ru
 a pruned node's users from A's full counts, kept children included, so the last of two children
 that differ (mobile / desktop) must not be pruned for lack of anything left to compare with.
 
-The test itself (`difference_test`): a pooled two-proportion z-test per variant between the node
-and the reference, Bonferroni-corrected over the m variants that have allocations on both sides:
-the node differs when min_v p_v < alpha / m. Only the variants are corrected for, not the many
-nodes of a tree: of N nodes that do not differ, about alpha * N are kept by chance; an alpha of
-0.05 / (number of nodes) keeps the chance of keeping any of them under 5%.
+The test itself (`difference_test`): does the node rank the variants differently from the
+reference? A segment that converts at 3% where the reference converts at 5%, with the same best
+variant and the same relative lifts, gains nothing from its own posteriors: it only splits the data
+(and a posterior warm-started from the reference's rates would even mislead it). So the test is
+on the interaction of segment and variant, on the log scale: let b be the reference's best
+variant (highest conversion rate among the variants with allocations on both sides); for every
+other such variant v, the log relative rate of v over b in the node, log(r_v / r_b), is compared
+with the same in the reference by a Wald z-test (`interaction_ztest`, the "difference between two
+estimates" of Altman & Bland, BMJ 2003; 0.5 is added to every count, Haldane's correction). The
+node differs when the smallest Bonferroni-adjusted p-value over those m = (variants tested - 1)
+comparisons is below alpha: min_v p_v < alpha / m. A node whose base rate alone differs is
+pruned; one where another variant wins, or where the lift of a variant clearly differs, is kept.
+Only the variants are corrected for, not the many nodes of a tree: of N nodes that do not differ,
+about alpha * N are kept by chance; an alpha of 0.05 / (number of nodes) keeps the chance of
+keeping any of them under 5%.
 
 With `prune` off every node up to `max_depth` is kept, and each is tested against its parent
 minus itself, for information.
@@ -80,6 +91,35 @@ def bonferroni(p_values: Sequence[float]) -> list[float]:
     return [min(1.0, m * p) for p in p_values]
 
 
+def interaction_ztest(
+    node_v: tuple[int, int],
+    node_b: tuple[int, int],
+    reference_v: tuple[int, int],
+    reference_b: tuple[int, int],
+) -> tuple[float, float]:
+    """Is variant v's rate relative to variant b the same in a node as in a reference?
+
+    Each argument is (allocations, conversions). With r = (x + 0.5) / (n + 0.5) (Haldane's
+    correction, so that no count of 0 breaks the logarithm), d = log(r_node_v / r_node_b) -
+    log(r_ref_v / r_ref_b) and Var(d) = sum over the four cells of 1/(x + 0.5) - 1/(n + 0.5)
+    (delta method for a log rate). z = d / sqrt(Var(d)), two-sided p-value = erfc(|z| / sqrt(2)):
+    a Wald test of the interaction on the log scale (Altman & Bland, "Interaction revisited: the
+    difference between two estimates", BMJ 2003). Needs allocations in every cell.
+    """
+    cells = (node_v, node_b, reference_v, reference_b)
+    if any(n <= 0 for n, _ in cells):
+        raise ValueError("every cell needs at least one allocation")
+    logs = []
+    variance = 0.0
+    for n, x in cells:
+        logs.append(math.log((x + 0.5) / (n + 0.5)))
+        variance += 1.0 / (x + 0.5) - 1.0 / (n + 0.5)
+    if variance <= 0.0:
+        return 0.0, 1.0
+    z = ((logs[0] - logs[1]) - (logs[2] - logs[3])) / math.sqrt(variance)
+    return z, math.erfc(abs(z) / math.sqrt(2.0))
+
+
 def difference_test(
     node: Sequence[tuple[int, int]],
     reference: Sequence[tuple[int, int]],
@@ -88,20 +128,23 @@ def difference_test(
     reference_key: str = "",
     reference_remainder: bool = False,
 ) -> DifferenceTest:
-    """Does a node convert differently from a reference? (allocations, conversions) per variant.
+    """Does a node rank the variants differently from a reference? (allocations, conversions)
+    per variant.
 
-    One `two_proportion_ztest` per variant with allocations on both sides; the node differs when
-    the smallest Bonferroni-adjusted p-value is below `alpha` (the family-wise error rate over the
-    variants is at most alpha). `reference_key` and `reference_remainder` only describe the
-    reference in the result.
+    The baseline b is the reference's best variant among those with allocations on both sides;
+    one `interaction_ztest` of every other such variant against b; the node differs when the
+    smallest Bonferroni-adjusted p-value is below `alpha` (the family-wise error rate over the
+    comparisons is at most alpha). Fewer than two such variants: nothing is tested, p = 1.
+    `reference_key` and `reference_remainder` only describe the reference in the result.
     """
-    zs, ps = _per_variant(node, reference)
+    baseline, zs, ps = _per_variant(node, reference)
     tested = [p for p in ps if p is not None]
     return DifferenceTest(
         reference_key=reference_key,
         reference_hash=key_hash(reference_key),
         reference_remainder=reference_remainder,
         reference_rates=tuple(c / a if a else None for a, c in reference),
+        baseline_variant=baseline,
         z=tuple(zs),
         p_values=tuple(ps),
         variants_tested=len(tested),
@@ -112,26 +155,27 @@ def difference_test(
 
 def _per_variant(
     node: Sequence[tuple[int, int]], reference: Sequence[tuple[int, int]]
-) -> tuple[list[float | None], list[float | None]]:
-    """z and p per variant (None where a side has no allocations)."""
+) -> tuple[int | None, list[float | None], list[float | None]]:
+    """The baseline variant, then z and p of every other variant against it (None for the
+    baseline and where a side has no allocations)."""
     if len(node) != len(reference):
         raise ValueError("node and reference need the same variants")
-    zs: list[float | None] = []
-    ps: list[float | None] = []
-    for (n1, x1), (n2, x2) in zip(node, reference, strict=True):
-        if n1 > 0 and n2 > 0:
-            z, p = two_proportion_ztest(x1, n1, x2, n2)
-            zs.append(z)
-            ps.append(p)
-        else:
-            zs.append(None)
-            ps.append(None)
-    return zs, ps
+    pairs = enumerate(zip(node, reference, strict=True))
+    both = [v for v, ((n1, _), (n2, _)) in pairs if n1 and n2]
+    zs: list[float | None] = [None] * len(node)
+    ps: list[float | None] = [None] * len(node)
+    if len(both) < 2:
+        return None, zs, ps
+    b = max(both, key=lambda v: (reference[v][1] / reference[v][0], -v))
+    for v in both:
+        if v != b:
+            zs[v], ps[v] = interaction_ztest(node[v], node[b], reference[v], reference[b])
+    return b, zs, ps
 
 
 def _screen(node: Counts, reference: Counts) -> tuple[float, float]:
     """`difference_test`'s adjusted p-value and -max |z|, without building the record."""
-    zs, ps = _per_variant(node, reference)
+    _, zs, ps = _per_variant(node, reference)
     tested = [p for p in ps if p is not None]
     p_value = min(1.0, len(tested) * min(tested)) if tested else 1.0
     return p_value, -max((abs(z) for z in zs if z is not None), default=0.0)

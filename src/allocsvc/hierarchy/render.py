@@ -98,8 +98,8 @@ def summary_lines(tree: SegmentTree) -> list[tuple[str, str]]:
     rate = s.conversions / s.visits if s.visits else None
     if settings.prune:
         test = (
-            "pooled two-proportion z-test per variant vs nearest kept ancestor, "
-            f"Bonferroni over variants, alpha {settings.alpha:g}"
+            "interaction z-test (log rate of each variant over the reference's best) vs "
+            f"nearest kept ancestor, Bonferroni over variants, alpha {settings.alpha:g}"
         )
     else:
         test = "pruning off (tests reported only)"
@@ -225,6 +225,7 @@ def _test_to_dict(test: DifferenceTest) -> dict[str, Any]:
         "reference": test.reference_key,
         "reference_hash": str(test.reference_hash),
         "reference_remainder": test.reference_remainder,
+        "baseline_variant": test.baseline_variant,
         "variants_tested": test.variants_tested,
         "p_value": test.p_value,
         "alpha": test.alpha,

@@ -193,15 +193,19 @@ class DifferenceTest:
     """Outcome of comparing a node with its reference (see `builder.difference_test`).
 
     The reference is the nearest kept ancestor (`reference_key`) minus the node, and, when
-    `reference_remainder`, minus the ancestor's other kept children too. `z` and `p_values` are
-    per variant (None where a side has no allocations); `p_value` is the smallest
-    Bonferroni-adjusted p-value, min(1, m * p), m = `variants_tested` (1.0 when m = 0).
+    `reference_remainder`, minus the ancestor's other kept children too. `baseline_variant` is
+    the reference's best variant (None when fewer than two variants have data on both sides).
+    `z` and `p_values` are per variant: the interaction test of its rate relative to the
+    baseline's, node against reference (None for the baseline and where a side has no
+    allocations); `p_value` is the smallest Bonferroni-adjusted p-value, min(1, m * p),
+    m = `variants_tested` (1.0 when m = 0).
     """
 
     reference_key: str
     reference_hash: int
     reference_remainder: bool
     reference_rates: tuple[float | None, ...]
+    baseline_variant: int | None
     z: tuple[float | None, ...]
     p_values: tuple[float | None, ...]
     variants_tested: int
