@@ -1,6 +1,6 @@
 """Allocate over gRPC against a do-nothing baseline (issue 3).
 
-In one run: starts bench/echo_server.py (same grpc.aio stack, constant response) and the real
+In one run: starts bench/load/echo.py (same grpc.aio stack, constant response) and the real
 server (`python -m allocsvc serve --in-memory`) as separate processes on 127.0.0.1, creates a
 running experiment segmented by source and device on the real one, then drives both with the
 same load, one target at a time:
@@ -447,13 +447,13 @@ def _report(
         f"Date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}. "
         f"Machine: {_machine(args.load_at_start)}.",
         "",
-        "Baseline: `bench/echo_server.py`, a bare grpc.aio server on the same stack and options "
+        "Baseline: `bench/load/echo.py`, a bare grpc.aio server on the same stack and options "
         "answering `Allocate` with a constant `AllocateResponse` of the real size. Real: `python "
         "-m allocsvc serve --in-memory --seed 7` with a running 2-variant Thompson experiment "
         "segmented by source and device (min 100 samples per segment). Each request has a new "
         "user id (no sticky shortcut) and an Instagram/iPhone web context, so every call "
         "extracts the context, walks the cascade, samples, counts and records an assignment. "
-        "Both servers are single processes (one event loop). **The load generator runs on the "
+        "Both servers are single processes, each on uvloop (one event loop). **The load generator runs on the "
         f"same {os.cpu_count()}-core machine as the server**"
         + (
             " (servers pinned to CPU 0, client processes to CPU 1)"
@@ -605,7 +605,7 @@ def main() -> int:
     workdir = Path(tempfile.mkdtemp(prefix="allocsvc-bench-"))
     servers: list[Server] = []
     try:
-        echo_args = [sys.executable, str(HERE / "echo_server.py")]
+        echo_args = [sys.executable, str(HERE / "load" / "echo.py")]
         echo = _start("echo", _pinned(echo_args, args.server_cpu), workdir)
         servers.append(echo)
         real_args = [sys.executable, "-m", "allocsvc", "serve", "--host", "127.0.0.1"]

@@ -1,0 +1,106 @@
+"""Where AllocateBatch spends its CPU, in one process (issue 10), with no gRPC around it.
+
+    python bench/load/batch_path.py [--items 1000] [--rounds 20]
+
+Both handlers of the Allocator servicer on the same 1,000-item batch (5 variants, segmented by
+source and device, an iPhone/Instagram context, a new user id per item, a non-sticky experiment,
+the in-memory journal): the per-item Python path (parse the request with protobuf, allocate item
+by item, build and serialize the response) and the bytes path (Rust decodes, checks, extracts,
+decides and encodes; Python keeps the new assignments). Also the Rust steps alone. CPU time
+(`time.process_time`) per item; prints one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import time
+from typing import Any
+
+from allocsvc._proto import allocsvc_pb2 as pb
+from allocsvc.allocation.journal import MemoryJournal
+from allocsvc.allocation.service import AllocationService
+from allocsvc.api import convert
+from allocsvc.api.allocator import AllocatorServicer
+from allocsvc.context import Extractor
+from allocsvc.core import Engine
+
+CONTEXT = {
+    "utm_source": "instagram",
+    "user_agent": (
+        "Mozilla/5.0 (iPhone; CPU iPhone OS 17_0 like Mac OS X) AppleWebKit/605.1.15 "
+        "(KHTML, like Gecko) Version/17.0 Mobile/15E148 Safari/604.1"
+    ),
+    "country_code": "US",
+}
+
+
+async def measure(items: int, rounds: int) -> dict[str, Any]:
+    service = AllocationService(Engine(), MemoryJournal(), Extractor())
+    experiment = pb.Experiment(
+        id="e",
+        sticky=False,
+        status=pb.EXPERIMENT_STATUS_RUNNING,
+        variants=[pb.Variant(id=v) for v in "ABCDE"],
+        segmentation=pb.SegmentationConfig(
+            mode=pb.SEGMENTATION_MODE_MANUAL,
+            segment_by=["source", "device"],
+            min_samples_per_segment=100,
+        ),
+    )
+    await service.create_experiment(convert.experiment_from_pb(experiment))
+    api = AllocatorServicer(service, "local")
+    data = pb.AllocateBatchRequest(
+        requests=[
+            pb.AllocateRequest(experiment_id="e", user_id=f"u{i}", context=CONTEXT)
+            for i in range(items)
+        ]
+    ).SerializeToString()
+    context: Any = None
+    Extractor.warm_up()
+    await api.AllocateBatchBytes(data, context)
+
+    def per_item(seconds: float) -> float:
+        return round(seconds / rounds / items * 1e6, 2)
+
+    start = time.process_time()
+    for _ in range(rounds):
+        message = pb.AllocateBatchRequest.FromString(data)
+        (await api.AllocateBatch(message, context)).SerializeToString()
+    python_path = per_item(time.process_time() - start)
+    start = time.process_time()
+    for _ in range(rounds):
+        await api.AllocateBatchBytes(data, context)
+    bytes_path = per_item(time.process_time() - start)
+
+    catalogue, engine = service._catalogue, service._engine
+    start = time.process_time()
+    prepared = [catalogue.prepare(data, 0, False) for _ in range(rounds)]
+    rust_prepare = per_item(time.process_time() - start)
+    start = time.process_time()
+    for p in prepared:
+        p.finish(engine, catalogue, region="local", id_prefix="x", first_seq=1, given={}, errors={})
+    rust_finish = per_item(time.process_time() - start)
+    return {
+        "items": items,
+        "rounds": rounds,
+        "us_per_item_python_path": python_path,
+        "us_per_item_bytes_path": bytes_path,
+        "speedup": round(python_path / bytes_path, 1),
+        "us_per_item_rust_prepare": rust_prepare,
+        "us_per_item_rust_finish": rust_finish,
+        "us_per_item_python_bookkeeping": round(bytes_path - rust_prepare - rust_finish, 2),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
+    parser.add_argument("--items", type=int, default=1000)
+    parser.add_argument("--rounds", type=int, default=20)
+    args = parser.parse_args()
+    print(json.dumps(asyncio.run(measure(args.items, args.rounds))))
+
+
+if __name__ == "__main__":
+    main()
