@@ -31,12 +31,17 @@ demo: $(STAMP) ## a short run of the Rust core from Python
 proto: $(STAMP) ## regenerate src/allocsvc/_proto from proto/
 	$(PY) scripts/gen_proto.py
 
+docs: $(STAMP) ## regenerate docs/API.md from the .proto comments and docs/architecture.svg
+	$(PY) scripts/gen_api_docs.py
+	dot -Tsvg docs/architecture.dot -o docs/architecture.svg
+
 lint: $(STAMP) ## ruff, mypy --strict, stubtest, cargo fmt and clippy, generated-code check
 	$(VENV)/bin/ruff check src tests bench scripts
 	$(VENV)/bin/ruff format --check src tests bench scripts
 	$(VENV)/bin/mypy
 	$(PY) -m mypy.stubtest allocsvc._core --allowlist scripts/stubtest-allowlist.txt
 	$(PY) scripts/gen_proto.py --check
+	$(PY) scripts/gen_api_docs.py --check
 	cargo fmt --all -- --check
 	cargo clippy --workspace --all-targets -- -D warnings
 
@@ -51,7 +56,10 @@ test: dev lint test-rust test-py ## install everything, then lint and run every 
 bench: $(STAMP) ## benchmarks (pytest-benchmark) of the core; see bench/RESULTS.md
 	$(PY) -m pytest bench -p no:randomly --benchmark-enable --benchmark-columns=median,mean,ops,rounds -q $(PYTEST_ARGS)
 
+bench-load: $(STAMP) ## load test with ghz: allocsvc vs a bare grpc.aio echo server (a few minutes; see bench/RESULTS.md)
+	$(PY) bench/load/run.py $(LOAD_ARGS)
+
 clean: ## remove build outputs (keeps .venv)
 	rm -rf target dist .pytest_cache .mypy_cache .ruff_cache
 
-.PHONY: help dev build run demo proto lint test-rust test-py test bench clean
+.PHONY: help dev build run demo proto docs lint test-rust test-py test bench clean

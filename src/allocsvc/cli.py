@@ -5,10 +5,14 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Any, NoReturn
 
 import click
 
+from allocsvc.commands.common import connect, connection_options
+from allocsvc.commands.experiments import experiments
+from allocsvc.commands.learning import similar_users, train
+from allocsvc.commands.quality import evaluate, simulate
+from allocsvc.commands.users import users
 from allocsvc.config import ConfigError, load_settings
 
 
@@ -81,26 +85,6 @@ def migrate(config_file: Path | None, **flags: object) -> None:
     click.echo("\n".join(applied) if applied else "nothing to apply: the schema is current")
 
 
-def _target_option(f: Any) -> Any:
-    return click.option(
-        "--target",
-        default="127.0.0.1:50051",
-        show_default=True,
-        envvar="ALLOCSVC_TARGET",
-        help="host:port of a running allocsvc server.",
-    )(f)
-
-
-def _admin(target: str) -> Any:
-    from allocsvc.api.client import AdminClient
-
-    return AdminClient(target)
-
-
-def _fail(exc: Exception) -> NoReturn:
-    raise click.ClickException(str(exc)) from None
-
-
 @main.group()
 def tree() -> None:
     """Segment trees."""
@@ -117,18 +101,21 @@ def tree() -> None:
 )
 @click.option("--rebuild", is_flag=True, help="Rebuild the tree from current statistics first.")
 @click.option("--output", type=click.Path(path_type=Path), help="Write to this file.")
-@_target_option
-def tree_show(experiment: str, fmt: str, rebuild: bool, output: Path | None, target: str) -> None:
+@connection_options(timeout=60.0)
+def tree_show(
+    experiment: str,
+    fmt: str,
+    rebuild: bool,
+    output: Path | None,
+    target: str,
+    token: str | None,
+    timeout: float,
+) -> None:
     """Print (or write) an experiment's segment tree."""
-    from allocsvc.api.client import AdminError
-
-    with _admin(target) as admin:
-        try:
-            if rebuild:
-                admin.rebuild_tree(experiment)
-            answer = admin.get_tree(experiment, fmt)
-        except AdminError as exc:
-            _fail(exc)
+    with connect(target, token, timeout) as client:
+        if rebuild:
+            client.rebuild_tree(experiment)
+        answer = client.get_tree(experiment, fmt)
     if output is not None:
         output.write_text(answer.content)
         click.echo(f"wrote {output} ({fmt})")
@@ -141,18 +128,21 @@ def tree_show(experiment: str, fmt: str, rebuild: bool, output: Path | None, tar
 @click.option("--min-allocations", type=int, default=0, help="Segments below are not tested.")
 @click.option("--alpha", type=float, default=0.0, help="Significance level (default 0.05).")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-@_target_option
+@connection_options(timeout=60.0)
 def analyze(
-    experiment: str, min_allocations: int, alpha: float, as_json: bool, target: str
+    experiment: str,
+    min_allocations: int,
+    alpha: float,
+    as_json: bool,
+    target: str,
+    token: str | None,
+    timeout: float,
 ) -> None:
     """Segment lift, z-tests and recommendations for an experiment."""
-    from allocsvc.api.client import AdminError, as_dict
+    from allocsvc.client import as_dict
 
-    with _admin(target) as admin:
-        try:
-            answer = admin.analyze(experiment, min_allocations, alpha)
-        except AdminError as exc:
-            _fail(exc)
+    with connect(target, token, timeout) as client:
+        answer = client.analyze_segments(experiment, min_allocations=min_allocations, alpha=alpha)
     if as_json:
         click.echo(json.dumps(as_dict(answer), indent=2))
         return
@@ -175,16 +165,15 @@ def analyze(
 @main.command()
 @click.argument("experiment")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-@_target_option
-def validate(experiment: str, as_json: bool, target: str) -> None:
+@connection_options(timeout=60.0)
+def validate(
+    experiment: str, as_json: bool, target: str, token: str | None, timeout: float
+) -> None:
     """Sample-ratio mismatch, early stopping and alerts for an experiment."""
-    from allocsvc.api.client import AdminError, as_dict
+    from allocsvc.client import as_dict
 
-    with _admin(target) as admin:
-        try:
-            answer = admin.validate(experiment)
-        except AdminError as exc:
-            _fail(exc)
+    with connect(target, token, timeout) as client:
+        answer = client.validate_experiment(experiment)
     if as_json:
         click.echo(json.dumps(as_dict(answer), indent=2))
         return
@@ -262,3 +251,11 @@ def sample_size_command(
     click.echo(f"adjusted alpha  {size.adjusted_alpha:.4g}")
     if plan is not None:
         click.echo(plan.reason)
+
+
+main.add_command(experiments)
+main.add_command(train)
+main.add_command(similar_users)
+main.add_command(simulate)
+main.add_command(evaluate)
+main.add_command(users)

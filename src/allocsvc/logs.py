@@ -2,13 +2,32 @@
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import logging
+import secrets
 import sys
 import time
+from contextvars import ContextVar
 from typing import Any
 
 _RESERVED = set(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {"message"}
+# Id of the RPC being served (set by the server's interceptor); every log line carries it.
+request_id: ContextVar[str | None] = ContextVar("request_id", default=None)
+_pseudonym_key = secrets.token_bytes(32)
+
+
+def set_pseudonym_key(key: bytes) -> None:
+    """Key of the HMAC behind `pseudonym` (from settings; random per process otherwise)."""
+    global _pseudonym_key
+    _pseudonym_key = key
+
+
+def pseudonym(user_id: str) -> str:
+    """How a user id appears in logs: a keyed hash (HMAC-SHA256), so that without the key
+    a dictionary of likely ids cannot be hashed to reverse it."""
+    return hmac.new(_pseudonym_key, user_id.encode(), hashlib.sha256).hexdigest()[:24]
 
 
 class JsonFormatter(logging.Formatter):
@@ -20,6 +39,9 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "msg": record.getMessage(),
         }
+        rid = request_id.get()
+        if rid is not None:
+            entry["request_id"] = rid
         for key, value in record.__dict__.items():
             if key not in _RESERVED and not key.startswith("_"):
                 entry[key] = value

@@ -7,28 +7,39 @@ import logging
 import multiprocessing
 import os
 import signal
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from allocsvc import core, logs
+from allocsvc.allocation.experiments import SegmentationDefaults
 from allocsvc.allocation.insights import Insights
 from allocsvc.allocation.journal import Journal, MemoryJournal
 from allocsvc.allocation.service import AllocationService, Limits
 from allocsvc.api import SERVICE_NAMES, add_services, reflection
+from allocsvc.api.auth import AuthInterceptor
+from allocsvc.api.telemetry import RpcMetrics, TelemetryInterceptor
 from allocsvc.config import Settings
 from allocsvc.context import ContextLimits, Extractor
-from allocsvc.metrics import ServiceCollector, serve_metrics
+from allocsvc.dashboard import DashboardData, ShareHistory
+from allocsvc.learning.service import Learning, build_learning
+from allocsvc.metrics import LearningJobsCollector, ServiceCollector, serve_metrics
+from allocsvc.regions import stores as regions_setup
+from allocsvc.regions.router import Regions
 from allocsvc.store import EmbeddedPostgres, PostgresStore, migrate
 from allocsvc.store.pump import DeltaPump
 from allocsvc.store.redis import RedisShared
 from allocsvc.store.writebehind import PostgresJournal
 from allocsvc.tasks import Scheduler
+from allocsvc.tasks.metrics_snapshot import SNAPSHOT_INTERVAL_S, MetricsPublisher
 
 log = logging.getLogger(__name__)
 # Health service name that reports whether the shared Redis is reachable.
 REDIS_HEALTH = "allocsvc.store.redis"
+# Seconds between copies of the home region's experiments to the other regions.
+REGION_EXPERIMENTS_S = 0.25
 
 
 @dataclass
@@ -61,6 +72,8 @@ class Running:
     stores: Stores
     scheduler: Scheduler
     port: int
+    regions: Regions | None = None
+    learning: Learning | None = None
 
 
 def build_service(stores: Stores, settings: Settings) -> AllocationService:
@@ -77,7 +90,17 @@ def build_service(stores: Stores, settings: Settings) -> AllocationService:
         max_batch_items=settings.max_batch_items,
         max_user_id_chars=settings.max_user_id_chars,
     )
-    return AllocationService(core.Engine(), stores.journal, extractor, limits, stores.shared)
+    contextual, hierarchy = settings.contextual, settings.hierarchy
+    defaults = SegmentationDefaults(
+        contextual=contextual.enabled,
+        context_features=contextual.context_features,
+        min_samples_per_segment=contextual.min_samples_per_segment,
+        hierarchy_levels=hierarchy.hierarchy_levels,
+        max_depth=hierarchy.max_depth,
+    )
+    return AllocationService(
+        core.Engine(), stores.journal, extractor, limits, stores.shared, defaults
+    )
 
 
 def start_embedded(settings: Settings) -> tuple[EmbeddedPostgres, str]:
@@ -88,8 +111,8 @@ def start_embedded(settings: Settings) -> tuple[EmbeddedPostgres, str]:
     return embedded, dsn
 
 
-async def open_stores(settings: Settings) -> Stores:
-    shared = RedisShared(settings.redis_url) if settings.redis_url else None
+async def open_stores(settings: Settings, namespace: str = "allocsvc") -> Stores:
+    shared = RedisShared(settings.redis_url, namespace=namespace) if settings.redis_url else None
     if settings.in_memory:
         return Stores(MemoryJournal(), shared=shared)
     embedded = None
@@ -102,17 +125,161 @@ async def open_stores(settings: Settings) -> Stores:
         if applied:
             log.info("migrations applied", extra={"migrations": applied})
     store = await PostgresStore.connect(dsn, min_size=2, max_size=8)
-    return Stores(PostgresJournal(store), store, embedded, shared)
+    journal = PostgresJournal(
+        store,
+        max_pending_assignments=settings.backpressure.max_pending_assignments,
+        max_pending_conversions=settings.backpressure.max_pending_conversions,
+    )
+    return Stores(journal, store, embedded, shared)
+
+
+def _grpc_server(settings: Settings, telemetry: TelemetryInterceptor) -> grpc.aio.Server:
+    auth = AuthInterceptor(settings.auth)
+    return grpc.aio.server(
+        # Telemetry outermost, so that refusals are counted and carry request ids too. With
+        # no auth, telemetry wraps the handlers as they are registered (see `start`):
+        # no interceptor then runs per call.
+        interceptors=None if auth.open else [telemetry, auth],
+        options=[
+            ("grpc.max_receive_message_length", settings.max_message_bytes),
+            ("grpc.max_send_message_length", settings.max_message_bytes),
+            ("grpc.so_reuseport", 1),
+        ],
+        # Past this many RPCs at once, gRPC answers RESOURCE_EXHAUSTED instead of queuing.
+        maximum_concurrent_rpcs=settings.backpressure.max_in_flight_rpcs,
+    )
+
+
+def _listen(server: grpc.aio.Server, settings: Settings) -> int:
+    address = f"{settings.host}:{settings.port}"
+    tls = settings.tls
+    if not tls.enabled or tls.cert_file is None or tls.key_file is None:
+        return server.add_insecure_port(address)
+    client_ca = tls.client_ca_file.read_bytes() if tls.client_ca_file is not None else None
+    credentials = grpc.ssl_server_credentials(
+        [(tls.key_file.read_bytes(), tls.cert_file.read_bytes())],
+        root_certificates=client_ca,
+        require_client_auth=client_ca is not None,
+    )
+    return server.add_secure_port(address, credentials)
 
 
 async def start(settings: Settings) -> Running:
-    """Load state, then serve on settings.host:settings.port (port 0 picks a free port)."""
+    """Serve on settings.host:settings.port (port 0 picks a free port): health and every RPC
+    answer NOT_SERVING / UNAVAILABLE until the state is loaded, then SERVING."""
     if settings.seed is not None:
         core.seed_rng(settings.seed)
+    if settings.auth.pseudonym_secret is not None:
+        logs.set_pseudonym_key(settings.auth.pseudonym_secret.get_secret_value().encode())
     Extractor.warm_up()
-    stores = await open_stores(settings)
+    stores = await open_stores(*regions_setup.home_settings(settings))
     service = build_service(stores, settings)
+    learning = build_learning(
+        settings.clustering, settings.embeddings, stores.store.pool if stores.store else None
+    )
+    service.attach_learning(learning)
+    saved = await regions_setup.saved_regions(stores)
+    other_regions = await regions_setup.open_other_regions(
+        settings, open_stores, build_service, saved
+    )
+    regions = regions_setup.build_regions(
+        settings, (stores, service), other_regions, learning, saved
+    )
+    erasures = [r.erasures for r in regions.runtimes.values() if r.erasures is not None]
+    for follower in erasures:
+        # Before the state is loaded: an erasure committed later is applied by a poll.
+        await follower.start()
     health_servicer = health.HealthServicer()
+    for name in ("", *SERVICE_NAMES):
+        health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+    rpc_metrics = RpcMetrics() if settings.metrics_port is not None else None
+    telemetry = TelemetryInterceptor(rpc_metrics, gated=SERVICE_NAMES)
+    server = _grpc_server(settings, telemetry)
+    insights = Insights(
+        service,
+        stores.journal,
+        window_days=settings.eligibility_window_days,
+        first_rebuild_at=settings.hierarchy.first_rebuild_at,
+    )
+    registering = telemetry.registering(server) if AuthInterceptor(settings.auth).open else server
+    add_services(registering, service, insights, regions.map.default, regions, learning)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable(server, (*SERVICE_NAMES, health.SERVICE_NAME))
+    port = _listen(server, settings)
+    await server.start()
+    log.info("listening", extra={"host": settings.host, "port": port, "tls": settings.tls.enabled})
+    try:
+        await _load_state(stores, service, health_servicer)
+        for other_stores, other_service in other_regions.values():
+            await _load_state(other_stores, other_service, health_servicer)
+    except BaseException:
+        await server.stop(0)
+        raise
+    telemetry.ready = True
+    for name in ("", *SERVICE_NAMES):
+        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    # The dashboard lives on the metrics port, so it needs one.
+    dashboard = (
+        DashboardData(service, insights, ShareHistory(settings.dashboard.history_points))
+        if settings.dashboard.enabled and settings.metrics_port is not None
+        else None
+    )
+    publisher = None
+    if settings.metrics_port is not None:
+        # The HTTP threads read only the snapshot this publisher refreshes on the event loop.
+        publisher = MetricsPublisher(
+            service,
+            lambda: _store_health(stores),
+            lambda: _write_behind_stats(stores),
+            lambda: [(k, a) for k, alerts in insights.alerts.items() for a in alerts],
+        )
+        await publisher.publish()
+        serve_metrics(
+            settings.metrics_port,
+            settings.host,
+            ServiceCollector(lambda: publisher.latest),
+            LearningJobsCollector(lambda: learning.job_metrics),
+            *([rpc_metrics.calls, rpc_metrics.latency] if rpc_metrics is not None else []),
+            dashboard=dashboard,
+        )
+    await learning.load()
+    scheduler = Scheduler()
+    if publisher is not None:
+        scheduler.every("metrics-snapshot", SNAPSHOT_INTERVAL_S, publisher.publish)
+    scheduler.every("learning", settings.clustering.drift_interval, learning.check)
+    # A model trained and deployed on another replica serves here within this interval.
+    scheduler.every("learning-models", settings.clustering.model_poll_interval, learning.poll)
+    scheduler.every("eligibility", settings.eligibility_interval, insights.run_eligibility_checks)
+    if settings.hierarchy.enabled:
+        scheduler.every("tree-rebuild", settings.tree_rebuild_interval, insights.rebuild_all)
+        interval = settings.hierarchy.growth_check_interval
+        scheduler.every("tree-rebuild-growth", interval, insights.rebuild_grown)
+    if dashboard is not None:
+        interval = settings.dashboard.history_interval
+        scheduler.every("dashboard-history", interval, dashboard.sample_history)
+    for follower in erasures:
+        # Other processes' erasures of the region reach this process's memory.
+        interval = settings.erasure.poll_interval
+        scheduler.every(f"erasures-{follower.region}", interval, follower.poll)
+    if regions.multi:
+        scheduler.every("region-experiments", REGION_EXPERIMENTS_S, regions.replicate_experiments)
+        scheduler.every("region-sync", settings.regions.sync_interval, _sync(regions))
+    log.info("serving", extra={"host": settings.host, "port": port, "pid": os.getpid()})
+    return Running(server, health_servicer, service, stores, scheduler, port, regions, learning)
+
+
+def _sync(regions: Regions) -> Callable[[], Awaitable[None]]:
+    async def run() -> None:
+        report = await regions.sync()
+        log.info("regions synced", extra={"published": report.published, "failed": report.failed})
+
+    return run
+
+
+async def _load_state(
+    stores: Stores, service: AllocationService, health_servicer: health.HealthServicer
+) -> None:
+    """Restore the posterior state from the stores and connect the sinks of its changes."""
     # Every change of the counters goes once to each sink that persists or shares it.
     pump = DeltaPump(service.take_deltas)
     if isinstance(stores.journal, PostgresJournal):
@@ -138,43 +305,12 @@ async def start(settings: Settings) -> Running:
         stores.shared.bind(
             pump,
             service.replace_counts,
-            service.snapshot,
+            service.own_snapshot,
             service.experiment_handles,
             report,
         )
         report(True)
         stores.shared.start()
-    server = grpc.aio.server(
-        options=[
-            ("grpc.max_receive_message_length", settings.max_message_bytes),
-            ("grpc.max_send_message_length", settings.max_message_bytes),
-            ("grpc.so_reuseport", 1),
-        ]
-    )
-    insights = Insights(service, stores.journal, window_days=settings.eligibility_window_days)
-    add_services(server, service, insights, settings.region)
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable(server, (*SERVICE_NAMES, health.SERVICE_NAME))
-    port = server.add_insecure_port(f"{settings.host}:{settings.port}")
-    await server.start()
-    for name in ("", *SERVICE_NAMES):
-        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    if settings.metrics_port is not None:
-        serve_metrics(
-            settings.metrics_port,
-            settings.host,
-            ServiceCollector(
-                service,
-                lambda: _store_health(stores),
-                lambda: _write_behind_stats(stores),
-                lambda: [(k, a) for k, alerts in insights.alerts.items() for a in alerts],
-            ),
-        )
-    scheduler = Scheduler()
-    scheduler.every("eligibility", settings.eligibility_interval, insights.run_eligibility_checks)
-    scheduler.every("tree-rebuild", settings.tree_rebuild_interval, insights.rebuild_all)
-    log.info("serving", extra={"host": settings.host, "port": port, "pid": os.getpid()})
-    return Running(server, health_servicer, service, stores, scheduler, port)
 
 
 def _store_health(stores: Stores) -> dict[str, bool]:
@@ -195,6 +331,8 @@ def _write_behind_stats(stores: Stores) -> dict[str, float]:
         "last_flush_lag_ms": s.last_flush_lag_ms,
         "flush_failures": float(s.failures),
         "conversions_written": float(s.conversions_written),
+        "refused": float(s.refused),
+        "dropped": float(s.dropped),
     }
 
 
@@ -203,6 +341,10 @@ async def stop(running: Running, grace: float) -> None:
     running.health.enter_graceful_shutdown()
     await running.server.stop(grace)
     await running.scheduler.stop()
+    if running.learning is not None:
+        await running.learning.close()
+    if running.regions is not None:
+        await running.regions.close()
     await running.stores.close()
     log.info("stopped", extra={"pid": os.getpid()})
 
@@ -218,16 +360,25 @@ async def serve_until_signalled(settings: Settings) -> None:
     await stop(running, settings.grace_seconds)
 
 
+def _serve(settings: Settings) -> None:
+    if settings.event_loop == "uvloop":
+        import uvloop
+
+        uvloop.run(serve_until_signalled(settings))
+    else:
+        asyncio.run(serve_until_signalled(settings))
+
+
 def _worker(settings: Settings) -> None:
     logs.configure(settings.log_level)
-    asyncio.run(serve_until_signalled(settings))
+    _serve(settings)
 
 
 def run(settings: Settings) -> int:
     """Serve in this process, or in `settings.workers` processes sharing the port."""
     logs.configure(settings.log_level)
     if settings.workers == 1:
-        asyncio.run(serve_until_signalled(settings))
+        _serve(settings)
         return 0
     if settings.port == 0:
         raise ValueError("port: --workers > 1 needs a fixed port to share")

@@ -7,35 +7,26 @@ statsmodels on the same inputs.
 from __future__ import annotations
 
 import asyncio
-import json
 import math
-import os
 import random
-import signal
-import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import asyncpg
 import grpc
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from e2e_support import Launcher, Server
 from scipy.stats import chisquare
 from statsmodels.stats.power import NormalIndPower
 from statsmodels.stats.proportion import proportion_effectsize, proportions_ztest
 
 from allocsvc._proto import allocsvc_pb2 as pb
-from allocsvc._proto import allocsvc_pb2_grpc as pb_grpc
 from allocsvc.core import key_hash
 from allocsvc.store import to_signed64
 
 pytestmark = pytest.mark.e2e
 
-START_TIMEOUT_S = 30.0
-STOP_TIMEOUT_S = 20.0
 RPC_TIMEOUT_S = 30.0
 # Eligibility checks run every second in these servers; a few runs must fit in this wait.
 ELIGIBILITY_WAIT_S = 20.0
@@ -46,108 +37,10 @@ FAST_ELIGIBILITY = {"ALLOCSVC_ELIGIBILITY_INTERVAL": "1", "ALLOCSVC_ELIGIBILITY_
 # The server process ---------------------------------------------------------------------------
 
 
-@dataclass
-class Server:
-    """A running `allocsvc serve` process with sync stubs."""
-
-    process: subprocess.Popen[bytes]
-    log: Path
-    channel: grpc.Channel
-    allocator: pb_grpc.AllocatorStub = field(init=False)
-    admin: pb_grpc.AdminStub = field(init=False)
-    health: health_pb2_grpc.HealthStub = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.allocator = pb_grpc.AllocatorStub(self.channel)
-        self.admin = pb_grpc.AdminStub(self.channel)
-        self.health = health_pb2_grpc.HealthStub(self.channel)
-
-    def stop(self) -> int:
-        """SIGTERM, then the exit code (bounded wait; killed if it does not exit)."""
-        self.channel.close()
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-        try:
-            return self.process.wait(timeout=STOP_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
-            return -9
-
-
-class Launcher:
-    """Starts `allocsvc serve` processes with extra arguments and environment; `close` stops the
-    ones still running and fails when any exits with a non-zero code."""
-
-    def __init__(self, tmp_dir: Path) -> None:
-        self._tmp = tmp_dir
-        self._servers: list[Server] = []
-
-    def start(self, *args: str, env: dict[str, str] | None = None) -> Server:
-        log = self._tmp / f"server-{len(self._servers)}.log"
-        command = [sys.executable, "-m", "allocsvc", "serve", "--host", "127.0.0.1", "--port", "0"]
-        with log.open("wb") as stderr:
-            process = subprocess.Popen(
-                [*command, *args],
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL,
-                stderr=stderr,
-                env={**os.environ, **(env or {})},
-            )
-        deadline = time.monotonic() + START_TIMEOUT_S
-
-        def give_up(why: str) -> None:
-            if process.poll() is None:
-                process.kill()
-            process.wait()
-            pytest.fail(f"{why}; server log:\n{log.read_text(errors='replace')[-20_000:]}")
-
-        port = None
-        while port is None:
-            if process.poll() is not None:
-                give_up(f"server exited with {process.returncode} before serving")
-            if time.monotonic() > deadline:
-                give_up(f"server not serving within {START_TIMEOUT_S} s")
-            port = _serving_port(log)
-            if port is None:
-                time.sleep(0.05)
-        server = Server(process, log, grpc.insecure_channel(f"127.0.0.1:{port}"))
-        self._servers.append(server)
-        while True:
-            try:
-                reply = server.health.Check(health_pb2.HealthCheckRequest(), timeout=1.0)
-                if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                    return server
-            except grpc.RpcError:
-                pass
-            if process.poll() is not None or time.monotonic() > deadline:
-                give_up("health check never answered SERVING")
-            time.sleep(0.05)
-
-    def stop(self, server: Server) -> None:
-        code = server.stop()
-        assert code == 0, f"exit code {code} after SIGTERM:\n{server.log.read_text()[-20_000:]}"
-
-    def close(self) -> None:
-        codes = [(s, s.stop()) for s in self._servers if s.process.returncode is None]
-        bad = [f"exit {code}:\n{s.log.read_text()[-5_000:]}" for s, code in codes if code != 0]
-        assert not bad, "\n".join(bad)
-
-
-def _serving_port(log: Path) -> int | None:
-    for line in log.read_text(errors="replace").splitlines():
-        try:
-            entry = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(entry, dict) and entry.get("msg") == "serving":
-            return int(entry["port"])
-    return None
-
-
 @pytest.fixture
 def launcher(tmp_path: Path) -> Iterator[Launcher]:
-    started = Launcher(tmp_path)
+    """Every server this test starts must exit with code 0 after SIGTERM."""
+    started = Launcher(tmp_path, graceful=True)
     yield started
     started.close()
 
@@ -155,7 +48,7 @@ def launcher(tmp_path: Path) -> Iterator[Launcher]:
 @pytest.fixture(scope="module")
 def fast_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     """An in-memory server checking eligibility every second over a one-day window."""
-    started = Launcher(tmp_path_factory.mktemp("insights"))
+    started = Launcher(tmp_path_factory.mktemp("insights"), graceful=True)
     yield started.start("--in-memory", "--seed", "11", env=FAST_ELIGIBILITY)
     started.close()
 

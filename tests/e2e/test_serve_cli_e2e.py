@@ -102,9 +102,27 @@ def test_bad_settings_exit_with_a_usage_error() -> None:
     assert "port" in done.stderr
 
 
-def test_metrics_endpoint_reports_cascade_usage(tmp_path: Path) -> None:
+def _scrape(url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Samples of a /metrics page, by (name, sorted labels)."""
     import urllib.request
 
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(url, timeout=10) as r:
+        text = r.read().decode()
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def test_metrics_report_cascade_usage_store_health_and_write_behind(
+    tmp_path: Path, fresh_db: str, fresh_redis: str
+) -> None:
+    """/metrics against a server with PostgreSQL and Redis. The numbers come from a snapshot
+    the event loop refreshes every second (the HTTP thread never reads the service), so the
+    test polls, bounded, until the snapshot shows what was done."""
     from allocsvc._proto import allocsvc_pb2 as pb
     from allocsvc._proto import allocsvc_pb2_grpc as pb_grpc
 
@@ -117,7 +135,10 @@ def test_metrics_endpoint_reports_cascade_usage(tmp_path: Path) -> None:
                 "-m",
                 "allocsvc",
                 "serve",
-                "--in-memory",
+                "--postgres-dsn",
+                fresh_db,
+                "--redis-url",
+                fresh_redis,
                 "--port",
                 str(port),
                 "--metrics-port",
@@ -143,6 +164,21 @@ def test_metrics_endpoint_reports_cascade_usage(tmp_path: Path) -> None:
                 ),
                 timeout=10,
             )
+            admin.CreateExperiment(
+                pb.CreateExperimentRequest(
+                    experiment=pb.Experiment(
+                        id="m2",
+                        status=pb.EXPERIMENT_STATUS_RUNNING,
+                        variants=[pb.Variant(id="a"), pb.Variant(id="b")],
+                        segmentation=pb.SegmentationConfig(
+                            mode=pb.SEGMENTATION_MODE_MANUAL,
+                            segment_by=["source"],
+                            min_samples_per_segment=3,
+                        ),
+                    )
+                ),
+                timeout=10,
+            )
             for i in range(7):
                 answer = allocator.Allocate(
                     pb.AllocateRequest(experiment_id="m1", user_id=f"u{i}"), timeout=10
@@ -150,10 +186,41 @@ def test_metrics_endpoint_reports_cascade_usage(tmp_path: Path) -> None:
             allocator.RecordConversion(
                 pb.RecordConversionRequest(assignment_id=answer.assignment_id), timeout=10
             )
-        with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as r:
-            text = r.read().decode()
-        assert 'allocsvc_allocations_total{experiment="m1",level="0"} 7.0' in text
-        assert 'allocsvc_conversions_total{experiment="m1",level="0"} 1.0' in text
+            for i in range(5):
+                allocator.Allocate(
+                    pb.AllocateRequest(
+                        experiment_id="m2", user_id=f"u{i}", context={"utm_source": "google"}
+                    ),
+                    timeout=10,
+                )
+        expected = {
+            ("allocsvc_allocations_total", (("experiment", "m1"), ("level", "0"))): 7.0,
+            ("allocsvc_conversions_total", (("experiment", "m1"), ("level", "0"))): 1.0,
+            # min_samples_per_segment 3: three allocations from global, then from the source.
+            ("allocsvc_allocations_total", (("experiment", "m2"), ("level", "0"))): 3.0,
+            ("allocsvc_allocations_total", (("experiment", "m2"), ("level", "1"))): 2.0,
+            ("allocsvc_store_up", (("store", "postgres"),)): 1.0,
+            ("allocsvc_store_up", (("store", "redis"),)): 1.0,
+            ("allocsvc_writebehind_conversions_written", ()): 1.0,
+            ("allocsvc_writebehind_pending_assignments", ()): 0.0,
+            ("allocsvc_writebehind_flush_failures", ()): 0.0,
+        }
+        url = f"http://127.0.0.1:{metrics_port}/metrics"
+        deadline = time.monotonic() + 30
+        while True:
+            samples = _scrape(url)
+            shown = {name: samples.get(name) for name in expected}
+            if shown == expected or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        assert shown == expected
+        first = samples[("allocsvc_metrics_snapshot_timestamp_seconds", ())]
+        assert first > 0
+        # The snapshot is refreshed: a later scrape carries a later timestamp.
+        deadline = time.monotonic() + 30
+        while _scrape(url)[("allocsvc_metrics_snapshot_timestamp_seconds", ())] == first:
+            assert time.monotonic() < deadline, "metrics snapshot not refreshed"
+            time.sleep(0.2)
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0
     finally:

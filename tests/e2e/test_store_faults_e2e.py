@@ -8,190 +8,34 @@ binaries on a TCP port), so that it can stop and restart it on the same address.
 
 from __future__ import annotations
 
-import asyncio
 import importlib.util
-import json
 import os
 import pwd
 import shutil
-import signal
-import socket
 import subprocess
-import sys
 import tempfile
 import threading
 import time
 from collections import Counter, deque
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import asyncpg
 import grpc
 import pytest
 import redis
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from e2e_support import Launcher, Server, free_port, query, wait_for
+from grpc_health.v1 import health_pb2
 
 from allocsvc._proto import allocsvc_pb2 as pb
 from allocsvc._proto import allocsvc_pb2_grpc as pb_grpc
 
 pytestmark = pytest.mark.e2e
 
-START_TIMEOUT_S = 30.0
-STOP_TIMEOUT_S = 20.0
 RPC_TIMEOUT_S = 10.0
-LOG_TAIL_CHARS = 20_000
 REDIS_HEALTH = "allocsvc.store.redis"
 IPHONE = "Mozilla/5.0 (iPhone; CPU iPhone OS 17_4 like Mac OS X) Mobile/15E148 Safari/604.1"
 CONTEXT = {"utm_source": "instagram", "user_agent": IPHONE, "country_code": "US"}
-
-
-# The server process -------------------------------------------------------------------------
-
-
-@dataclass
-class Server:
-    """A running `allocsvc serve` process with sync stubs."""
-
-    process: subprocess.Popen[bytes]
-    log: Path
-    port: int
-    channel: grpc.Channel
-    allocator: pb_grpc.AllocatorStub = field(init=False)
-    admin: pb_grpc.AdminStub = field(init=False)
-    health: health_pb2_grpc.HealthStub = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.allocator = pb_grpc.AllocatorStub(self.channel)
-        self.admin = pb_grpc.AdminStub(self.channel)
-        self.health = health_pb2_grpc.HealthStub(self.channel)
-
-    def alive(self) -> bool:
-        return self.process.poll() is None
-
-    def stop(self) -> int:
-        """SIGTERM and the exit code (bounded wait)."""
-        self.channel.close()
-        if self.alive():
-            self.process.send_signal(signal.SIGTERM)
-        try:
-            return self.process.wait(timeout=STOP_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            self.kill()
-            raise AssertionError(f"no exit within {STOP_TIMEOUT_S} s of SIGTERM") from None
-
-    def kill(self) -> None:
-        if self.alive():
-            self.process.kill()
-        self.process.wait()
-        self.channel.close()
-
-
-class Launcher:
-    """Starts servers; at teardown kills whatever still runs and shows the logs (pytest prints
-    them only when the test failed)."""
-
-    def __init__(self, tmp_path: Path) -> None:
-        self._tmp = tmp_path
-        self._processes: list[tuple[subprocess.Popen[bytes], Path]] = []
-        self._servers: list[Server] = []
-
-    def start(self, *args: str) -> Server:
-        return self.start_together(1, *args)[0]
-
-    def start_together(self, count: int, *args: str) -> list[Server]:
-        """`count` processes of `allocsvc serve <args>` started at once, each SERVING."""
-        command = [sys.executable, "-m", "allocsvc", "serve", "--host", "127.0.0.1", "--port", "0"]
-        pending = []
-        for _ in range(count):
-            log = self._tmp / f"server-{len(self._processes)}.log"
-            with log.open("wb") as stderr:
-                process = subprocess.Popen(
-                    [*command, *args],
-                    stdin=subprocess.DEVNULL,
-                    stdout=subprocess.DEVNULL,
-                    stderr=stderr,
-                )
-            self._processes.append((process, log))
-            pending.append((process, log))
-        deadline = time.monotonic() + START_TIMEOUT_S
-        servers = []
-        for process, log in pending:
-            port = _serving_port(log)
-            while port is None:
-                if process.poll() is not None or time.monotonic() > deadline:
-                    pytest.fail(f"server did not start (exit {process.returncode}):\n{_tail(log)}")
-                time.sleep(0.02)
-                port = _serving_port(log)
-            server = Server(process, log, port, grpc.insecure_channel(f"127.0.0.1:{port}"))
-            while not _healthy(server, ""):
-                if not server.alive() or time.monotonic() > deadline:
-                    pytest.fail(f"server not SERVING within {START_TIMEOUT_S} s:\n{_tail(log)}")
-                time.sleep(0.02)
-            servers.append(server)
-            self._servers.append(server)
-        return servers
-
-    def close(self) -> None:
-        for server in self._servers:
-            server.channel.close()
-        for process, log in self._processes:
-            if process.poll() is None:
-                process.kill()
-            process.wait()
-            print(f"--- {log.name} (exit {process.returncode}):\n{_tail(log)}")
-
-
-def _tail(log: Path) -> str:
-    return log.read_text(errors="replace")[-LOG_TAIL_CHARS:]
-
-
-def _serving_port(log: Path) -> int | None:
-    for line in log.read_text(errors="replace").splitlines():
-        try:
-            entry = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(entry, dict) and entry.get("msg") == "serving":
-            return int(entry["port"])
-    return None
-
-
-def _healthy(server: Server, service: str) -> bool:
-    try:
-        reply = server.health.Check(health_pb2.HealthCheckRequest(service=service), timeout=1.0)
-    except grpc.RpcError:
-        return False
-    return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
-
-
-@pytest.fixture
-def launcher(tmp_path: Path) -> Iterator[Launcher]:
-    running = Launcher(tmp_path)
-    yield running
-    running.close()
-
-
-# Database and API helpers -------------------------------------------------------------------
-
-
-def query(dsn: str, sql: str, *args: object) -> list[asyncpg.Record]:
-    async def run() -> list[asyncpg.Record]:
-        conn = await asyncpg.connect(dsn)
-        try:
-            return list(await conn.fetch(sql, *args))
-        finally:
-            await conn.close()
-
-    return asyncio.run(run())
-
-
-def wait_for(what: str, check: Callable[[], bool], timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            pytest.fail(f"{what}: not within {timeout} s")
-        time.sleep(0.05)
 
 
 def health_status(server: Server, service: str) -> int | None:
@@ -204,12 +48,6 @@ def health_status(server: Server, service: str) -> int | None:
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def create_experiment(server: Server, key: str) -> None:

@@ -153,14 +153,16 @@ class RecordConversionRequest(_message.Message):
     def __init__(self, assignment_id: _Optional[str] = ..., experiment_id: _Optional[str] = ..., user_id: _Optional[str] = ..., value: _Optional[float] = ..., idempotency_key: _Optional[str] = ...) -> None: ...
 
 class RecordConversionResponse(_message.Message):
-    __slots__ = ("assignment_id", "variant_id", "counted")
+    __slots__ = ("assignment_id", "variant_id", "counted", "region")
     ASSIGNMENT_ID_FIELD_NUMBER: _ClassVar[int]
     VARIANT_ID_FIELD_NUMBER: _ClassVar[int]
     COUNTED_FIELD_NUMBER: _ClassVar[int]
+    REGION_FIELD_NUMBER: _ClassVar[int]
     assignment_id: str
     variant_id: str
     counted: bool
-    def __init__(self, assignment_id: _Optional[str] = ..., variant_id: _Optional[str] = ..., counted: _Optional[bool] = ...) -> None: ...
+    region: str
+    def __init__(self, assignment_id: _Optional[str] = ..., variant_id: _Optional[str] = ..., counted: _Optional[bool] = ..., region: _Optional[str] = ...) -> None: ...
 
 class RecordConversionBatchRequest(_message.Message):
     __slots__ = ("requests",)
@@ -639,3 +641,233 @@ class ValidateExperimentResponse(_message.Message):
     early_stopping: EarlyStopping
     alerts: _containers.RepeatedCompositeFieldContainer[Alert]
     def __init__(self, sample_ratio: _Optional[_Union[SampleRatioCheck, _Mapping]] = ..., early_stopping: _Optional[_Union[EarlyStopping, _Mapping]] = ..., alerts: _Optional[_Iterable[_Union[Alert, _Mapping]]] = ...) -> None: ...
+
+class Region(_message.Message):
+    __slots__ = ("code", "name", "countries", "postgres_dsn", "redis_url", "gdpr", "failover_region", "is_default", "serving", "healthy")
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    COUNTRIES_FIELD_NUMBER: _ClassVar[int]
+    POSTGRES_DSN_FIELD_NUMBER: _ClassVar[int]
+    REDIS_URL_FIELD_NUMBER: _ClassVar[int]
+    GDPR_FIELD_NUMBER: _ClassVar[int]
+    FAILOVER_REGION_FIELD_NUMBER: _ClassVar[int]
+    IS_DEFAULT_FIELD_NUMBER: _ClassVar[int]
+    SERVING_FIELD_NUMBER: _ClassVar[int]
+    HEALTHY_FIELD_NUMBER: _ClassVar[int]
+    code: str
+    name: str
+    countries: _containers.RepeatedScalarFieldContainer[str]
+    postgres_dsn: str
+    redis_url: str
+    gdpr: bool
+    failover_region: str
+    is_default: bool
+    serving: bool
+    healthy: bool
+    def __init__(self, code: _Optional[str] = ..., name: _Optional[str] = ..., countries: _Optional[_Iterable[str]] = ..., postgres_dsn: _Optional[str] = ..., redis_url: _Optional[str] = ..., gdpr: _Optional[bool] = ..., failover_region: _Optional[str] = ..., is_default: _Optional[bool] = ..., serving: _Optional[bool] = ..., healthy: _Optional[bool] = ...) -> None: ...
+
+class ListRegionsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ListRegionsResponse(_message.Message):
+    __slots__ = ("regions", "default_region")
+    REGIONS_FIELD_NUMBER: _ClassVar[int]
+    DEFAULT_REGION_FIELD_NUMBER: _ClassVar[int]
+    regions: _containers.RepeatedCompositeFieldContainer[Region]
+    default_region: str
+    def __init__(self, regions: _Optional[_Iterable[_Union[Region, _Mapping]]] = ..., default_region: _Optional[str] = ...) -> None: ...
+
+class GetRegionRequest(_message.Message):
+    __slots__ = ("code",)
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    code: str
+    def __init__(self, code: _Optional[str] = ...) -> None: ...
+
+class UpsertRegionRequest(_message.Message):
+    __slots__ = ("region",)
+    REGION_FIELD_NUMBER: _ClassVar[int]
+    region: Region
+    def __init__(self, region: _Optional[_Union[Region, _Mapping]] = ...) -> None: ...
+
+class ExportUserDataRequest(_message.Message):
+    __slots__ = ("user_id", "region")
+    USER_ID_FIELD_NUMBER: _ClassVar[int]
+    REGION_FIELD_NUMBER: _ClassVar[int]
+    user_id: str
+    region: str
+    def __init__(self, user_id: _Optional[str] = ..., region: _Optional[str] = ...) -> None: ...
+
+class ExportUserDataResponse(_message.Message):
+    __slots__ = ("user_id", "regions", "json", "records")
+    USER_ID_FIELD_NUMBER: _ClassVar[int]
+    REGIONS_FIELD_NUMBER: _ClassVar[int]
+    JSON_FIELD_NUMBER: _ClassVar[int]
+    RECORDS_FIELD_NUMBER: _ClassVar[int]
+    user_id: str
+    regions: _containers.RepeatedScalarFieldContainer[str]
+    json: str
+    records: int
+    def __init__(self, user_id: _Optional[str] = ..., regions: _Optional[_Iterable[str]] = ..., json: _Optional[str] = ..., records: _Optional[int] = ...) -> None: ...
+
+class DeleteUserDataRequest(_message.Message):
+    __slots__ = ("user_id", "region", "reason")
+    USER_ID_FIELD_NUMBER: _ClassVar[int]
+    REGION_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    user_id: str
+    region: str
+    reason: str
+    def __init__(self, user_id: _Optional[str] = ..., region: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class DeleteUserDataResponse(_message.Message):
+    __slots__ = ("receipt_id", "regions", "removed")
+    class RemovedEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
+    RECEIPT_ID_FIELD_NUMBER: _ClassVar[int]
+    REGIONS_FIELD_NUMBER: _ClassVar[int]
+    REMOVED_FIELD_NUMBER: _ClassVar[int]
+    receipt_id: str
+    regions: _containers.RepeatedScalarFieldContainer[str]
+    removed: _containers.ScalarMap[str, int]
+    def __init__(self, receipt_id: _Optional[str] = ..., regions: _Optional[_Iterable[str]] = ..., removed: _Optional[_Mapping[str, int]] = ...) -> None: ...
+
+class TrainClustersRequest(_message.Message):
+    __slots__ = ("use_embeddings",)
+    USE_EMBEDDINGS_FIELD_NUMBER: _ClassVar[int]
+    use_embeddings: bool
+    def __init__(self, use_embeddings: _Optional[bool] = ...) -> None: ...
+
+class LearningJob(_message.Message):
+    __slots__ = ("job_id", "kind", "state", "reason", "done", "total", "message", "version", "started_unix_ms", "finished_unix_ms")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    DONE_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    STARTED_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    FINISHED_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    kind: str
+    state: str
+    reason: str
+    done: int
+    total: int
+    message: str
+    version: int
+    started_unix_ms: int
+    finished_unix_ms: int
+    def __init__(self, job_id: _Optional[str] = ..., kind: _Optional[str] = ..., state: _Optional[str] = ..., reason: _Optional[str] = ..., done: _Optional[int] = ..., total: _Optional[int] = ..., message: _Optional[str] = ..., version: _Optional[int] = ..., started_unix_ms: _Optional[int] = ..., finished_unix_ms: _Optional[int] = ...) -> None: ...
+
+class GetClusteringStatusRequest(_message.Message):
+    __slots__ = ("job_id",)
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    def __init__(self, job_id: _Optional[str] = ...) -> None: ...
+
+class ClusterCandidate(_message.Message):
+    __slots__ = ("k", "silhouette", "davies_bouldin", "calinski_harabasz")
+    K_FIELD_NUMBER: _ClassVar[int]
+    SILHOUETTE_FIELD_NUMBER: _ClassVar[int]
+    DAVIES_BOULDIN_FIELD_NUMBER: _ClassVar[int]
+    CALINSKI_HARABASZ_FIELD_NUMBER: _ClassVar[int]
+    k: int
+    silhouette: float
+    davies_bouldin: float
+    calinski_harabasz: float
+    def __init__(self, k: _Optional[int] = ..., silhouette: _Optional[float] = ..., davies_bouldin: _Optional[float] = ..., calinski_harabasz: _Optional[float] = ...) -> None: ...
+
+class ClusteringStatus(_message.Message):
+    __slots__ = ("state", "version", "k", "samples", "silhouette", "davies_bouldin", "calinski_harabasz", "candidates", "cluster_sizes", "feature_names", "trained_unix_ms", "age_days", "stale", "drift", "drift_measured", "drift_threshold", "drift_by_feature", "retrain_scheduled", "job", "embedding_version")
+    class DriftByFeatureEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    K_FIELD_NUMBER: _ClassVar[int]
+    SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    SILHOUETTE_FIELD_NUMBER: _ClassVar[int]
+    DAVIES_BOULDIN_FIELD_NUMBER: _ClassVar[int]
+    CALINSKI_HARABASZ_FIELD_NUMBER: _ClassVar[int]
+    CANDIDATES_FIELD_NUMBER: _ClassVar[int]
+    CLUSTER_SIZES_FIELD_NUMBER: _ClassVar[int]
+    FEATURE_NAMES_FIELD_NUMBER: _ClassVar[int]
+    TRAINED_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    AGE_DAYS_FIELD_NUMBER: _ClassVar[int]
+    STALE_FIELD_NUMBER: _ClassVar[int]
+    DRIFT_FIELD_NUMBER: _ClassVar[int]
+    DRIFT_MEASURED_FIELD_NUMBER: _ClassVar[int]
+    DRIFT_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    DRIFT_BY_FEATURE_FIELD_NUMBER: _ClassVar[int]
+    RETRAIN_SCHEDULED_FIELD_NUMBER: _ClassVar[int]
+    JOB_FIELD_NUMBER: _ClassVar[int]
+    EMBEDDING_VERSION_FIELD_NUMBER: _ClassVar[int]
+    state: str
+    version: int
+    k: int
+    samples: int
+    silhouette: float
+    davies_bouldin: float
+    calinski_harabasz: float
+    candidates: _containers.RepeatedCompositeFieldContainer[ClusterCandidate]
+    cluster_sizes: _containers.RepeatedScalarFieldContainer[int]
+    feature_names: _containers.RepeatedScalarFieldContainer[str]
+    trained_unix_ms: int
+    age_days: float
+    stale: bool
+    drift: float
+    drift_measured: bool
+    drift_threshold: float
+    drift_by_feature: _containers.ScalarMap[str, float]
+    retrain_scheduled: bool
+    job: LearningJob
+    embedding_version: int
+    def __init__(self, state: _Optional[str] = ..., version: _Optional[int] = ..., k: _Optional[int] = ..., samples: _Optional[int] = ..., silhouette: _Optional[float] = ..., davies_bouldin: _Optional[float] = ..., calinski_harabasz: _Optional[float] = ..., candidates: _Optional[_Iterable[_Union[ClusterCandidate, _Mapping]]] = ..., cluster_sizes: _Optional[_Iterable[int]] = ..., feature_names: _Optional[_Iterable[str]] = ..., trained_unix_ms: _Optional[int] = ..., age_days: _Optional[float] = ..., stale: _Optional[bool] = ..., drift: _Optional[float] = ..., drift_measured: _Optional[bool] = ..., drift_threshold: _Optional[float] = ..., drift_by_feature: _Optional[_Mapping[str, float]] = ..., retrain_scheduled: _Optional[bool] = ..., job: _Optional[_Union[LearningJob, _Mapping]] = ..., embedding_version: _Optional[int] = ...) -> None: ...
+
+class TrainEmbeddingsRequest(_message.Message):
+    __slots__ = ("epochs", "loss", "labels", "fine_tune")
+    EPOCHS_FIELD_NUMBER: _ClassVar[int]
+    LOSS_FIELD_NUMBER: _ClassVar[int]
+    LABELS_FIELD_NUMBER: _ClassVar[int]
+    FINE_TUNE_FIELD_NUMBER: _ClassVar[int]
+    epochs: int
+    loss: str
+    labels: str
+    fine_tune: bool
+    def __init__(self, epochs: _Optional[int] = ..., loss: _Optional[str] = ..., labels: _Optional[str] = ..., fine_tune: _Optional[bool] = ...) -> None: ...
+
+class FindSimilarUsersRequest(_message.Message):
+    __slots__ = ("user_id", "k")
+    USER_ID_FIELD_NUMBER: _ClassVar[int]
+    K_FIELD_NUMBER: _ClassVar[int]
+    user_id: str
+    k: int
+    def __init__(self, user_id: _Optional[str] = ..., k: _Optional[int] = ...) -> None: ...
+
+class SimilarUser(_message.Message):
+    __slots__ = ("user_id", "similarity")
+    USER_ID_FIELD_NUMBER: _ClassVar[int]
+    SIMILARITY_FIELD_NUMBER: _ClassVar[int]
+    user_id: str
+    similarity: float
+    def __init__(self, user_id: _Optional[str] = ..., similarity: _Optional[float] = ...) -> None: ...
+
+class FindSimilarUsersResponse(_message.Message):
+    __slots__ = ("users", "model_version")
+    USERS_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    users: _containers.RepeatedCompositeFieldContainer[SimilarUser]
+    model_version: int
+    def __init__(self, users: _Optional[_Iterable[_Union[SimilarUser, _Mapping]]] = ..., model_version: _Optional[int] = ...) -> None: ...

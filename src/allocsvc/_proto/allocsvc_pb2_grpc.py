@@ -332,6 +332,51 @@ class AdminStub:
                 request_serializer=allocsvc_dot_v1_dot_allocsvc__pb2.ValidateExperimentRequest.SerializeToString,
                 response_deserializer=allocsvc_dot_v1_dot_allocsvc__pb2.ValidateExperimentResponse.FromString,
                 _registered_method=True)
+        self.ListRegions = channel.unary_unary(
+                '/allocsvc.v1.Admin/ListRegions',
+                request_serializer=allocsvc_dot_v1_dot_allocsvc__pb2.ListRegionsRequest.SerializeToString,
+                response_deserializer=allocsvc_dot_v1_dot_allocsvc__pb2.ListRegionsResponse.FromString,
+                _registered_method=True)
+        self.GetRegion = channel.unary_unary(
+                '/allocsvc.v1.Admin/GetRegion',
+                request_serializer=allocsvc_dot_v1_dot_allocsvc__pb2.GetRegionRequest.SerializeToString,
+                response_deserializer=allocsvc_dot_v1_dot_allocsvc__pb2.Region.FromString,
+                _registered_method=True)
+        self.UpsertRegion = channel.unary_unary(
+                '/allocsvc.v1.Admin/UpsertRegion',
+                request_serializer=allocsvc_dot_v1_dot_allocsvc__pb2.UpsertRegionRequest.SerializeToString,
+                response_deserializer=allocsvc_dot_v1_dot_allocsvc__pb2.Region.FromString,
+                _registered_method=True)
+        self.ExportUserData = channel.unary_unary(
+                '/allocsvc.v1.Admin/ExportUserData',
+                request_serializer=allocsvc_dot_v1_dot_allocsvc__pb2.ExportUserDataRequest.SerializeToString,
+                response_deserializer=allocsvc_dot_v1_dot_allocsvc__pb2.ExportUserDataResponse.FromString,
+                _registered_method=True)
+        self.DeleteUserData = channel.unary_unary(
+                '/allocsvc.v1.Admin/DeleteUserData',
+                request_serializer=allocsvc_dot_v1_dot_allocsvc__pb2.DeleteUserDataRequest.SerializeToString,
+                response_deserializer=allocsvc_dot_v1_dot_allocsvc__pb2.DeleteUserDataResponse.FromString,
+                _registered_method=True)
+        self.TrainClusters = channel.unary_unary(
+                '/allocsvc.v1.Admin/TrainClusters',
+                request_serializer=allocsvc_dot_v1_dot_allocsvc__pb2.TrainClustersRequest.SerializeToString,
+                response_deserializer=allocsvc_dot_v1_dot_allocsvc__pb2.LearningJob.FromString,
+                _registered_method=True)
+        self.GetClusteringStatus = channel.unary_unary(
+                '/allocsvc.v1.Admin/GetClusteringStatus',
+                request_serializer=allocsvc_dot_v1_dot_allocsvc__pb2.GetClusteringStatusRequest.SerializeToString,
+                response_deserializer=allocsvc_dot_v1_dot_allocsvc__pb2.ClusteringStatus.FromString,
+                _registered_method=True)
+        self.TrainEmbeddings = channel.unary_unary(
+                '/allocsvc.v1.Admin/TrainEmbeddings',
+                request_serializer=allocsvc_dot_v1_dot_allocsvc__pb2.TrainEmbeddingsRequest.SerializeToString,
+                response_deserializer=allocsvc_dot_v1_dot_allocsvc__pb2.LearningJob.FromString,
+                _registered_method=True)
+        self.FindSimilarUsers = channel.unary_unary(
+                '/allocsvc.v1.Admin/FindSimilarUsers',
+                request_serializer=allocsvc_dot_v1_dot_allocsvc__pb2.FindSimilarUsersRequest.SerializeToString,
+                response_deserializer=allocsvc_dot_v1_dot_allocsvc__pb2.FindSimilarUsersResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServicer:
@@ -456,6 +501,85 @@ class AdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListRegions(self, request, context):
+        """The regions this server knows, with their countries and whether it serves them.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetRegion(self, request, context):
+        """One region. NOT_FOUND for an unknown code.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UpsertRegion(self, request, context):
+        """Adds or changes a region. Countries, name, GDPR flag and failover take effect at once; a new
+        region's stores are opened at the server's next start (until then the answer says
+        serving=false and its countries stay with the default region). Saved regions are loaded at
+        start; the config file wins for a code it names. INVALID_ARGUMENT when a country would
+        belong to two regions or the failover region is unknown.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ExportUserData(self, request, context):
+        """Everything held on a user in the stores of their region (or of every region), as JSON.
+        Audited with the caller's identity. Admin only.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteUserData(self, request, context):
+        """Erases a user's data everywhere it lives in their region (or every region): database rows,
+        Redis keys, in-memory sticky entries and caches. Anonymous aggregate counts stay. The user's
+        next allocation treats them as new. Audited (under a receipt id, not the user id) with the
+        caller's identity. UNAVAILABLE when a store is down (retrying is safe). Admin only.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def TrainClusters(self, request, context):
+        """Starts training a clustering model on recent traffic in a separate process and returns the
+        job at once (the running job if one is already running). k is chosen in k_min..k_max; the
+        model is deployed, and `auto` segmentation uses its clusters, only if it passes the quality
+        gate. FAILED_PRECONDITION when too few requests have been observed.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetClusteringStatus(self, request, context):
+        """The deployed clustering model (version, k, metrics), its drift and staleness, and the
+        latest clustering job; with `job_id`, that job (of any kind) instead.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def TrainEmbeddings(self, request, context):
+        """Starts training a user-embedding model (PyTorch, in a separate process) on the latest
+        features of recently seen users and returns the job at once. Follow it with
+        GetClusteringStatus(job_id).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def FindSimilarUsers(self, request, context):
+        """The users most similar to a user (cosine similarity of embeddings, best first).
+        FAILED_PRECONDITION before an embedding model is trained; NOT_FOUND for a user who was not
+        in its training data.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -538,6 +662,51 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.ValidateExperiment,
                     request_deserializer=allocsvc_dot_v1_dot_allocsvc__pb2.ValidateExperimentRequest.FromString,
                     response_serializer=allocsvc_dot_v1_dot_allocsvc__pb2.ValidateExperimentResponse.SerializeToString,
+            ),
+            'ListRegions': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListRegions,
+                    request_deserializer=allocsvc_dot_v1_dot_allocsvc__pb2.ListRegionsRequest.FromString,
+                    response_serializer=allocsvc_dot_v1_dot_allocsvc__pb2.ListRegionsResponse.SerializeToString,
+            ),
+            'GetRegion': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetRegion,
+                    request_deserializer=allocsvc_dot_v1_dot_allocsvc__pb2.GetRegionRequest.FromString,
+                    response_serializer=allocsvc_dot_v1_dot_allocsvc__pb2.Region.SerializeToString,
+            ),
+            'UpsertRegion': grpc.unary_unary_rpc_method_handler(
+                    servicer.UpsertRegion,
+                    request_deserializer=allocsvc_dot_v1_dot_allocsvc__pb2.UpsertRegionRequest.FromString,
+                    response_serializer=allocsvc_dot_v1_dot_allocsvc__pb2.Region.SerializeToString,
+            ),
+            'ExportUserData': grpc.unary_unary_rpc_method_handler(
+                    servicer.ExportUserData,
+                    request_deserializer=allocsvc_dot_v1_dot_allocsvc__pb2.ExportUserDataRequest.FromString,
+                    response_serializer=allocsvc_dot_v1_dot_allocsvc__pb2.ExportUserDataResponse.SerializeToString,
+            ),
+            'DeleteUserData': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteUserData,
+                    request_deserializer=allocsvc_dot_v1_dot_allocsvc__pb2.DeleteUserDataRequest.FromString,
+                    response_serializer=allocsvc_dot_v1_dot_allocsvc__pb2.DeleteUserDataResponse.SerializeToString,
+            ),
+            'TrainClusters': grpc.unary_unary_rpc_method_handler(
+                    servicer.TrainClusters,
+                    request_deserializer=allocsvc_dot_v1_dot_allocsvc__pb2.TrainClustersRequest.FromString,
+                    response_serializer=allocsvc_dot_v1_dot_allocsvc__pb2.LearningJob.SerializeToString,
+            ),
+            'GetClusteringStatus': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetClusteringStatus,
+                    request_deserializer=allocsvc_dot_v1_dot_allocsvc__pb2.GetClusteringStatusRequest.FromString,
+                    response_serializer=allocsvc_dot_v1_dot_allocsvc__pb2.ClusteringStatus.SerializeToString,
+            ),
+            'TrainEmbeddings': grpc.unary_unary_rpc_method_handler(
+                    servicer.TrainEmbeddings,
+                    request_deserializer=allocsvc_dot_v1_dot_allocsvc__pb2.TrainEmbeddingsRequest.FromString,
+                    response_serializer=allocsvc_dot_v1_dot_allocsvc__pb2.LearningJob.SerializeToString,
+            ),
+            'FindSimilarUsers': grpc.unary_unary_rpc_method_handler(
+                    servicer.FindSimilarUsers,
+                    request_deserializer=allocsvc_dot_v1_dot_allocsvc__pb2.FindSimilarUsersRequest.FromString,
+                    response_serializer=allocsvc_dot_v1_dot_allocsvc__pb2.FindSimilarUsersResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -973,6 +1142,249 @@ class Admin:
             '/allocsvc.v1.Admin/ValidateExperiment',
             allocsvc_dot_v1_dot_allocsvc__pb2.ValidateExperimentRequest.SerializeToString,
             allocsvc_dot_v1_dot_allocsvc__pb2.ValidateExperimentResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListRegions(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/allocsvc.v1.Admin/ListRegions',
+            allocsvc_dot_v1_dot_allocsvc__pb2.ListRegionsRequest.SerializeToString,
+            allocsvc_dot_v1_dot_allocsvc__pb2.ListRegionsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetRegion(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/allocsvc.v1.Admin/GetRegion',
+            allocsvc_dot_v1_dot_allocsvc__pb2.GetRegionRequest.SerializeToString,
+            allocsvc_dot_v1_dot_allocsvc__pb2.Region.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UpsertRegion(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/allocsvc.v1.Admin/UpsertRegion',
+            allocsvc_dot_v1_dot_allocsvc__pb2.UpsertRegionRequest.SerializeToString,
+            allocsvc_dot_v1_dot_allocsvc__pb2.Region.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ExportUserData(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/allocsvc.v1.Admin/ExportUserData',
+            allocsvc_dot_v1_dot_allocsvc__pb2.ExportUserDataRequest.SerializeToString,
+            allocsvc_dot_v1_dot_allocsvc__pb2.ExportUserDataResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteUserData(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/allocsvc.v1.Admin/DeleteUserData',
+            allocsvc_dot_v1_dot_allocsvc__pb2.DeleteUserDataRequest.SerializeToString,
+            allocsvc_dot_v1_dot_allocsvc__pb2.DeleteUserDataResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def TrainClusters(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/allocsvc.v1.Admin/TrainClusters',
+            allocsvc_dot_v1_dot_allocsvc__pb2.TrainClustersRequest.SerializeToString,
+            allocsvc_dot_v1_dot_allocsvc__pb2.LearningJob.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetClusteringStatus(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/allocsvc.v1.Admin/GetClusteringStatus',
+            allocsvc_dot_v1_dot_allocsvc__pb2.GetClusteringStatusRequest.SerializeToString,
+            allocsvc_dot_v1_dot_allocsvc__pb2.ClusteringStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def TrainEmbeddings(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/allocsvc.v1.Admin/TrainEmbeddings',
+            allocsvc_dot_v1_dot_allocsvc__pb2.TrainEmbeddingsRequest.SerializeToString,
+            allocsvc_dot_v1_dot_allocsvc__pb2.LearningJob.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def FindSimilarUsers(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/allocsvc.v1.Admin/FindSimilarUsers',
+            allocsvc_dot_v1_dot_allocsvc__pb2.FindSimilarUsersRequest.SerializeToString,
+            allocsvc_dot_v1_dot_allocsvc__pb2.FindSimilarUsersResponse.FromString,
             options,
             channel_credentials,
             insecure,

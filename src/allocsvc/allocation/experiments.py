@@ -131,6 +131,80 @@ class Experiment:
         return replace(self, **changes)  # type: ignore[arg-type]
 
 
+@dataclass(frozen=True, slots=True)
+class SegmentationDefaults:
+    """The server's own segmentation settings (config sections `contextual` and `hierarchy`).
+
+    - `contextual` off: every experiment allocates from its global posteriors; its segmentation
+      config is kept (GetExperiment shows it) and applies again once contextual is back on.
+    - `context_features`: the dimensions `manual` segmentation may use (empty: every known
+      one); others are refused at create and update. An experiment stored earlier with a
+      dimension no longer allowed allocates from its global posteriors.
+    - `min_samples_per_segment`, `hierarchy_levels`, `max_depth`: filled into an experiment
+      that leaves them unset (0, or no `segment_by` in `manual` mode) when it is created or
+      its segmentation or hierarchy is changed, so GetExperiment shows the values in use.
+      `max_depth` is filled only where it is shallower than the experiment's levels.
+
+    The plain `SegmentationDefaults()` changes nothing.
+    """
+
+    contextual: bool = True
+    context_features: tuple[str, ...] = ()
+    min_samples_per_segment: int = 0
+    hierarchy_levels: tuple[str, ...] = ()
+    max_depth: int = 0
+
+    def allows(self, dimension: str) -> bool:
+        return not self.context_features or dimension in self.context_features
+
+    def fill(self, experiment: Experiment) -> Experiment:
+        """The experiment with the server's defaults where it leaves a setting unset."""
+        seg = experiment.segmentation
+        if seg.mode is SegmentationMode.MANUAL and not seg.segment_by and self.hierarchy_levels:
+            seg = replace(seg, segment_by=self.hierarchy_levels)
+        filled = replace(experiment, segmentation=seg)
+        levels = len(filled.dimensions)
+        if not levels:
+            return filled
+        hierarchy = filled.hierarchy
+        if (
+            seg.min_samples_per_segment == 0
+            and not hierarchy.min_samples_per_level
+            and self.min_samples_per_segment
+        ):
+            seg = replace(seg, min_samples_per_segment=self.min_samples_per_segment)
+        if hierarchy.max_depth == 0 and 0 < self.max_depth < levels:
+            hierarchy = replace(hierarchy, max_depth=self.max_depth)
+        return replace(filled, segmentation=seg, hierarchy=hierarchy)
+
+    def check(self, experiment: Experiment) -> None:
+        """Refuse `manual` dimensions outside `context_features` (InvalidRequest naming one)."""
+        if experiment.segmentation.mode is not SegmentationMode.MANUAL:
+            return
+        for i, dim in enumerate(experiment.segmentation.segment_by):
+            if not self.allows(dim):
+                raise InvalidRequest(
+                    f"experiment.segmentation.segment_by[{i}]",
+                    f"{dim!r} is not among this server's contextual.context_features "
+                    f"({', '.join(self.context_features)})",
+                )
+
+    def served(self, experiment: Experiment) -> Experiment:
+        """The experiment as allocation serves it: without segmentation when contextual is
+        off or it segments by a dimension no longer allowed."""
+        seg = experiment.segmentation
+        if seg.mode is SegmentationMode.DISABLED:
+            return experiment
+        allowed = seg.mode is SegmentationMode.AUTO or all(self.allows(d) for d in seg.segment_by)
+        if self.contextual and allowed:
+            return experiment
+        return replace(
+            experiment,
+            segmentation=replace(seg, mode=SegmentationMode.DISABLED),
+            hierarchy=replace(experiment.hierarchy, min_samples_per_level=()),
+        )
+
+
 def _check_text(field_name: str, value: str, limit: int, *, required: bool) -> None:
     if required and not value.strip():
         raise InvalidRequest(field_name, "must not be empty")

@@ -109,14 +109,24 @@ class Insights:
         journal: Journal,
         *,
         window_days: int = 7,
+        first_rebuild_at: int = 0,
     ) -> None:
         self._service = service
         self._journal = journal
         self._window_days = window_days
+        self._first_rebuild_at = first_rebuild_at
         self._trees: dict[int, BuiltTree] = {}
+        # Allocations of each experiment when its tree was last built (`rebuild_grown`).
+        self._built_at: dict[int, int] = {}
         # Alerts found by the last periodic check, per experiment key.
         self.alerts: dict[str, tuple[Alert, ...]] = {}
         self._versions: dict[int, int] = {}
+
+    @property
+    def _default_dimensions(self) -> tuple[str, ...]:
+        """Dimensions proposed for an experiment that names none: the server's
+        hierarchy_levels, else DEFAULT_DIMENSIONS."""
+        return self._service.defaults.hierarchy_levels or DEFAULT_DIMENSIONS
 
     # Segments ---------------------------------------------------------------------------
 
@@ -232,7 +242,7 @@ class Insights:
         ):
             # With segmentation off there are no per-dimension counts to test: traffic alone
             # qualifies, for the dimensions the experiment names (or the defaults).
-            dims = experiment.segmentation.segment_by or DEFAULT_DIMENSIONS
+            dims = experiment.segmentation.segment_by or self._default_dimensions
             return Recommendation(
                 kind=RecommendationKind.ENABLE_SEGMENTATION,
                 dimensions=tuple(dims),
@@ -276,7 +286,10 @@ class Insights:
         )
         if not decision.activate:
             return
-        dims = recommendation.dimensions or seg.segment_by or DEFAULT_DIMENSIONS
+        if not self._service.defaults.contextual:
+            # Switched on, it would not be served; the recommendation above is kept.
+            return
+        dims = recommendation.dimensions or seg.segment_by or self._default_dimensions
         try:
             await self._service.update_experiment(
                 experiment.key,
@@ -362,10 +375,16 @@ class Insights:
 
     async def rebuild_tree(self, key: str) -> BuiltTree:
         """Build the tree off the event loop and swap it into the engine."""
-        experiment = self._service.get_experiment(key)
+        experiment = self._service.served_experiment(key)
         if not experiment.dimensions:
-            raise FailedPrecondition(f"experiment {key!r} has segmentation disabled: no levels")
+            why = (
+                "segmentation disabled"
+                if self._service.get_experiment(key).dimensions == ()
+                else "no segments served (contextual bandits are off in this server)"
+            )
+            raise FailedPrecondition(f"experiment {key!r} has {why}: no levels")
         settings = HierarchySettings.for_experiment(experiment)
+        allocations = self._service.allocations(experiment.handle)
         rows = self._service.snapshot(experiment.handle)
         keys = [k for k, _ in self._service.segment_keys(experiment.handle)]
         names = tuple(v.key for v in experiment.variants)
@@ -376,6 +395,7 @@ class Insights:
 
         tree = await asyncio.to_thread(build)
         self._service.set_tree(experiment.handle, tree.kept_hashes())
+        self._built_at[experiment.handle] = allocations
         try:
             await self._journal.save_tree(experiment.handle, _records(tree))
         except Exception:
@@ -394,13 +414,33 @@ class Insights:
         return built if built is not None else await self.rebuild_tree(key)
 
     def cascade(self, key: str) -> CascadeUsage:
-        experiment = self._service.get_experiment(key)
+        experiment = self._service.served_experiment(key)
         return cascade_usage(self._service.cascade_counts(experiment.handle), experiment.dimensions)
+
+    async def rebuild_grown(self) -> None:
+        """Rebuild the tree of every running, segmented experiment whose data has grown enough
+        since its last tree: once its allocations reach `first_rebuild_at`, and again each time
+        they have doubled. While data is young a tree built minutes ago is based on a fraction
+        of what is known now; without one the cascade uses every node that reaches its minimum,
+        whether or not it differs (SPEC §7). 0 switches this off."""
+        if self._first_rebuild_at <= 0:
+            return
+        for experiment in self._service.list_experiments(Status.RUNNING):
+            if not self._service.served_experiment(experiment.key).dimensions:
+                continue
+            allocations = self._service.allocations(experiment.handle)
+            built = self._built_at.get(experiment.handle, 0)
+            due = max(2 * built, self._first_rebuild_at)
+            if allocations >= due:
+                try:
+                    await self.rebuild_tree(experiment.key)
+                except Exception:
+                    log.exception("tree rebuild failed", extra={"experiment": experiment.key})
 
     async def rebuild_all(self) -> None:
         """The periodic rebuild of every running, segmented experiment's tree."""
         for experiment in self._service.list_experiments(Status.RUNNING):
-            if experiment.dimensions:
+            if self._service.served_experiment(experiment.key).dimensions:
                 try:
                     await self.rebuild_tree(experiment.key)
                 except Exception:

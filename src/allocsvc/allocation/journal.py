@@ -12,7 +12,7 @@ import time
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
-from datetime import UTC, date, datetime
+from datetime import UTC, date, datetime, timedelta
 from typing import TYPE_CHECKING, Any, Protocol
 
 from allocsvc.analytics import DailyTraffic
@@ -79,8 +79,15 @@ class Journal(Protocol):
     async def save_experiment(self, experiment: Experiment, *, new: bool) -> Experiment:
         """Persist an experiment; a new one gets its internal handle here."""
 
+    def admit(self, n: int) -> None:
+        """Raise ResourceExhausted when the write-behind buffer cannot take `n` more
+        assignments (called before they are decided, so nothing is counted and refused)."""
+
     def assignment_made(self, assignment: Assignment) -> None:
         """Buffer an assignment for write-behind (never blocks, never does I/O inline)."""
+
+    def assignments_made(self, assignments: Sequence[Assignment]) -> None:
+        """`assignment_made` for each of a batch's new assignments, in one call."""
 
     async def record_conversions(self, conversions: Sequence[Conversion]) -> list[bool]:
         """Store conversions durably; True for each that was new (not a repeat of its
@@ -139,15 +146,30 @@ class MemoryJournal:
         self._recommendation_ids = itertools.count(1)
         self.audit_log: list[tuple[str, str, str, dict[str, Any]]] = []
         self.trees: dict[int, list[Sequence[TreeNodeRecord]]] = {}
+        # The UTC day of the latest assignment, by day number since the epoch (a cache).
+        self._day = (-1, _EPOCH)
 
     async def save_experiment(self, experiment: Experiment, *, new: bool) -> Experiment:
         if new:
             return experiment.with_changes(handle=next(self._handles))
         return experiment
 
+    def admit(self, n: int) -> None:
+        """Nothing is buffered: always room."""
+
     def assignment_made(self, assignment: Assignment) -> None:
         self.assignments += 1
-        self._visitors[(assignment.handle, _today())] += 1
+        self._visitors[(assignment.handle, self._day_of(assignment.created_ms))] += 1
+
+    def assignments_made(self, assignments: Sequence[Assignment]) -> None:
+        self.assignments += len(assignments)
+        self._visitors.update((a.handle, self._day_of(a.created_ms)) for a in assignments)
+
+    def _day_of(self, created_ms: int) -> date:
+        number = created_ms // _DAY_MS
+        if number != self._day[0]:
+            self._day = (number, _EPOCH + timedelta(days=number))
+        return self._day[1]
 
     async def record_conversions(self, conversions: Sequence[Conversion]) -> list[bool]:
         counted = []
@@ -213,6 +235,10 @@ class MemoryJournal:
 
     async def save_tree(self, handle: int, nodes: Sequence[TreeNodeRecord]) -> None:
         self.trees.setdefault(handle, []).append(list(nodes))
+
+
+_DAY_MS = 86_400_000
+_EPOCH = date(1970, 1, 1)
 
 
 def _today() -> date:

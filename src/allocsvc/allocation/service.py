@@ -14,18 +14,20 @@ import time
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple, Protocol
 
 from allocsvc.allocation.experiments import (
     Experiment,
     Policy,
+    SegmentationDefaults,
     SegmentationMode,
     Status,
     Variant,
     validate,
 )
 from allocsvc.allocation.journal import Conversion, Journal, SharedState
-from allocsvc.context import Extractor
-from allocsvc.core import Engine, key_hash, parent_keys
+from allocsvc.context import ExtractedContext, Extractor
+from allocsvc.core import BatchCatalogue, Engine, PreparedBatch, key_hash, parent_keys
 from allocsvc.errors import (
     AllocsvcError,
     AlreadyExists,
@@ -33,6 +35,7 @@ from allocsvc.errors import (
     InvalidRequest,
     NotFound,
 )
+from allocsvc.learning.sampling import ObservationGaps
 
 # Value used for the cluster dimension until a clustering model is deployed.
 NO_CLUSTER = "none"
@@ -64,8 +67,9 @@ class Limits:
     max_user_id_chars: int = 256
 
 
-@dataclass(frozen=True, slots=True)
-class AllocationRequest:
+# The objects made on every allocation are NamedTuples: immutable like frozen dataclasses,
+# and about a third of their cost to build (no object.__setattr__ per field).
+class AllocationRequest(NamedTuple):
     experiment_key: str
     user_id: str
     channel: str = ""
@@ -74,8 +78,7 @@ class AllocationRequest:
     timestamp_ms: int = 0
 
 
-@dataclass(frozen=True, slots=True)
-class Assignment:
+class Assignment(NamedTuple):
     id: str
     experiment_key: str
     handle: int
@@ -87,8 +90,7 @@ class Assignment:
     created_ms: int
 
 
-@dataclass(frozen=True, slots=True)
-class Allocation:
+class Allocation(NamedTuple):
     assignment: Assignment
     variant: Variant
     sticky: bool
@@ -120,8 +122,25 @@ def _now_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
+class LearningHook(Protocol):
+    """Sees a sample of allocations' contexts, and names the cluster of `auto` segmentation."""
+
+    # Gaps between observed allocations; None: learning observes nothing.
+    gaps: ObservationGaps | None
+
+    def observe(self, user_id: str, context: ExtractedContext) -> None: ...
+
+    def cluster_of(self, context: ExtractedContext) -> str: ...
+
+
 class AllocationService:
     """Experiments and the hot path. Not thread-safe: call it from one event loop."""
+
+    # Set by attach_learning; None: `auto` experiments use the NO_CLUSTER segment.
+    _learning: LearningHook | None = None
+    # Sampling of allocations for learning (None: off) and requests until the next observed.
+    _gaps: ObservationGaps | None = None
+    _until_observed: int = 0
 
     def __init__(
         self,
@@ -130,14 +149,21 @@ class AllocationService:
         extractor: Extractor,
         limits: Limits | None = None,
         shared: SharedState | None = None,
+        defaults: SegmentationDefaults | None = None,
     ) -> None:
         self._engine = engine
+        self._defaults = defaults or SegmentationDefaults()
         self._shared = shared
         self._journal = journal
         self._extractor = extractor
         self._limits = limits or Limits()
         self._experiments: dict[str, Experiment] = {}
         self._by_handle: dict[int, Experiment] = {}
+        # Other regions' latest totals per (handle, segment hash, variant), added to this
+        # region's own counts so that decisions use global posteriors (set_remote_counts).
+        self._remote: dict[tuple[int, int, int], tuple[int, int, float]] = {}
+        # Each experiment as allocation serves it (`SegmentationDefaults.served`), by handle.
+        self._served: dict[int, Experiment] = {}
         # Latest assignment per (experiment handle, user id), and every assignment by id.
         self._latest: dict[tuple[int, str], Assignment] = {}
         self._by_id: dict[str, Assignment] = {}
@@ -148,14 +174,62 @@ class AllocationService:
         # Allocations and conversions per (experiment, cascade level) since start.
         self._cascade_allocations: Counter[tuple[int, int]] = Counter()
         self._cascade_conversions: Counter[tuple[int, int]] = Counter()
+        # What AllocateBatch needs to run its items in Rust (kept in step by _install).
+        context_limits = extractor.limits
+        self._catalogue = BatchCatalogue(
+            max_context_entries=context_limits.max_context_entries,
+            max_signals=context_limits.max_signals,
+            max_key_chars=context_limits.max_key_chars,
+            max_value_chars=context_limits.max_value_chars,
+            max_user_agent_chars=context_limits.max_user_agent_chars,
+            max_referrer_chars=context_limits.max_referrer_chars,
+            max_user_id_chars=self._limits.max_user_id_chars,
+            device_cache_size=extractor.cache_info().maxsize or 0,
+        )
 
     @property
     def limits(self) -> Limits:
         return self._limits
 
+    def attach_learning(self, learning: LearningHook) -> None:
+        self._learning = learning
+        self._gaps = learning.gaps
+        self._until_observed = 0 if self._gaps is None else self._gaps.next()
+
+    @property
+    def learns(self) -> bool:
+        """True when (a sample of) allocations' contexts feed a learning hook."""
+        return self._gaps is not None
+
+    def observed_positions(self, items: int) -> list[int]:
+        """Which of the next `items` requests (a batch's items) learning observes."""
+        if self._gaps is None:
+            return []
+        chosen, self._until_observed = self._gaps.positions(self._until_observed, items)
+        return chosen
+
+    def observe(self, requests: Iterable[AllocationRequest]) -> None:
+        """Feed the learning hook the contexts of some requests (AllocateBatch's fast path
+        passes a sample of its items); requests that fail extraction are skipped."""
+        if self._learning is None:
+            return
+        for request in requests:
+            try:
+                context = self._extractor.extract(
+                    request.channel,
+                    request.context or {},
+                    request.signals or {},
+                    request.timestamp_ms,
+                )
+            except AllocsvcError:
+                continue
+            self._learning.observe(request.user_id, context)
+
     # Experiments ------------------------------------------------------------------------
 
     async def create_experiment(self, experiment: Experiment) -> Experiment:
+        experiment = self._defaults.fill(experiment)
+        self._defaults.check(experiment)
         validate(experiment, max_variants=self._limits.max_variants)
         if experiment.key in self._experiments:
             raise AlreadyExists(f"experiment {experiment.key!r} already exists")
@@ -165,6 +239,15 @@ class AllocationService:
         )
         self._install(created)
         return created
+
+    @property
+    def defaults(self) -> SegmentationDefaults:
+        return self._defaults
+
+    def served_experiment(self, key: str) -> Experiment:
+        """The experiment as allocation serves it (see `SegmentationDefaults.served`): its
+        dimensions are the levels of its cascade and segment tree."""
+        return self._served[self.get_experiment(key).handle]
 
     def get_experiment(self, key: str) -> Experiment:
         experiment = self._experiments.get(key)
@@ -192,6 +275,9 @@ class AllocationService:
                 f"experiment {key!r} is {current.status}: variants and policy change only in draft"
             )
         updated = current.with_changes(**changes, updated_at_ms=_now_ms())
+        if "segmentation" in changes or "hierarchy" in changes:
+            updated = self._defaults.fill(updated)
+            self._defaults.check(updated)
         validate(updated, max_variants=self._limits.max_variants)
         saved = await self._journal.save_experiment(updated, new=False)
         self._install(saved)
@@ -228,22 +314,72 @@ class AllocationService:
         return self._engine.take_deltas()
 
     def replace_counts(self, rows: list[tuple[int, int, int, int, int, float]]) -> None:
-        """Adopt merged totals from other replicas (this replica's untaken deltas stay)."""
+        """Adopt merged totals from other replicas (this replica's untaken deltas stay);
+        they are the region's own totals, so other regions' offset is added back."""
+        remote = self._remote
+        if remote:
+            rows = [
+                (e, s, v, a + r[0], k + r[1], x + r[2])
+                for e, s, v, a, k, x in rows
+                for r in (remote.get((e, s, v), (0, 0, 0.0)),)
+            ]
         self._engine.load_counts(rows, replace=True)
 
     def snapshot(self, handle: int) -> list[tuple[int, int, int, int, int, float]]:
+        """Totals as decisions see them (with several regions: global counts)."""
         return self._engine.snapshot(handle)
+
+    def allocations(self, handle: int) -> int:
+        """The experiment's allocations so far (its global node, all variants)."""
+        return sum(a for a, _, _ in self._engine.counts(handle, ""))
+
+    def own_snapshot(self, handle: int) -> list[tuple[int, int, int, int, int, float]]:
+        """This region's own totals (the snapshot without other regions' counts)."""
+        remote = self._remote
+        if not remote:
+            return self._engine.snapshot(handle)
+        out = []
+        for e, s, v, a, k, x in self._engine.snapshot(handle):
+            ra, rk, rx = remote.get((e, s, v), (0, 0, 0.0))
+            if (a - ra, k - rk) != (0, 0) or x != rx:
+                out.append((e, s, v, a - ra, k - rk, x - rx))
+        return out
+
+    def set_remote_counts(self, rows: Iterable[tuple[str, int, int, int, int, float]]) -> int:
+        """Global posteriors: make decisions count other regions' traffic too. `rows` are
+        the latest totals of every other region summed, as (experiment key, segment hash
+        (signed or not), variant, allocations, conversions, value sum); they replace the
+        previous offset. Only the difference is added to the engine's totals (wrapping
+        arithmetic, so an offset may shrink), never to the deltas this region persists.
+        Returns how many rows were applied."""
+        new: dict[tuple[int, int, int], tuple[int, int, float]] = {}
+        for key, segment_hash, variant, a, k, x in rows:
+            experiment = self._experiments.get(key)
+            if experiment is None or not 0 <= variant < len(experiment.variants):
+                continue
+            new[(experiment.handle, segment_hash % 2**64, variant)] = (a, k, x)
+        diff = []
+        for node in new.keys() | self._remote.keys():
+            a, k, x = new.get(node, (0, 0, 0.0))
+            oa, ok, ox = self._remote.get(node, (0, 0, 0.0))
+            if (a, k, x) != (oa, ok, ox):
+                diff.append((*node, (a - oa) % 2**64, (k - ok) % 2**64, x - ox))
+        self._remote = new
+        if diff:
+            self._engine.load_counts(diff)
+        return len(new)
 
     def experiment_handles(self) -> list[int]:
         return list(self._by_handle)
 
     def _install(self, experiment: Experiment) -> None:
         weights = [v.weight for v in experiment.variants]
+        served = self._defaults.served(experiment)
         self._engine.configure(
             experiment.handle,
             variants=len(experiment.variants),
-            dimensions=list(experiment.dimensions),
-            min_samples=list(experiment.min_samples),
+            dimensions=list(served.dimensions),
+            min_samples=list(served.min_samples),
             policy=experiment.policy.value,
             weights=None if any(w is None for w in weights) else weights,  # type: ignore[arg-type]
             warm_start=experiment.hierarchy.warm_start_strength,
@@ -252,7 +388,17 @@ class AllocationService:
         )
         self._experiments[experiment.key] = experiment
         self._by_handle[experiment.handle] = experiment
+        self._served[experiment.handle] = served
         self._register_segment(experiment.handle, "")
+        self._catalogue.put(
+            experiment.key,
+            handle=experiment.handle,
+            running=experiment.status is Status.RUNNING,
+            sticky=experiment.sticky,
+            caller_segments=served.segmentation.mode is SegmentationMode.AUTO,
+            dimensions=list(served.dimensions),
+            variants=[(v.key, v.name, v.payload_json) for v in experiment.variants],
+        )
 
     def _running(self, key: str) -> Experiment:
         if not key:
@@ -291,6 +437,12 @@ class AllocationService:
             request.signals or {},
             request.timestamp_ms,
         )
+        if self._gaps is not None:
+            # Most requests stop at the decrement; learning sees about one in gaps.every.
+            self._until_observed -= 1
+            if self._until_observed <= 0 and self._learning is not None:
+                self._until_observed = self._gaps.next()
+                self._learning.observe(request.user_id, context)
         slot = (experiment.handle, request.user_id)
         if experiment.sticky:
             earlier = self._latest.get(slot)
@@ -300,10 +452,16 @@ class AllocationService:
                     self._remember(earlier)
             if earlier is not None:
                 return Allocation(earlier, experiment.variants[earlier.variant], sticky=True)
-        if experiment.segmentation.mode is SegmentationMode.AUTO:
-            values: Sequence[str] = (NO_CLUSTER,)
+        served = self._served[experiment.handle]
+        if served.segmentation.mode is SegmentationMode.AUTO:
+            # The nearest centroid of the cached clustering model: arithmetic, no I/O.
+            values: Sequence[str] = (
+                (NO_CLUSTER,) if self._learning is None else (self._learning.cluster_of(context),)
+            )
         else:
-            values = context.dimensions(experiment.dimensions)
+            values = context.dimensions(served.dimensions)
+        # Refused before deciding when the write-behind is full, so nothing is counted twice.
+        self._journal.admit(1)
         # A shared sticky decision counts only once its claim stands (another replica may win).
         claiming = self._shared is not None and experiment.sticky
         variant, level, propensity, segment_key = self._engine.decide(
@@ -378,6 +536,117 @@ class AllocationService:
             except AllocsvcError as exc:
                 results.append(exc)
         return results
+
+    def prepare_batch(self, request: bytes) -> PreparedBatch | None:
+        """Decode a serialized AllocateBatchRequest and check its items in Rust.
+
+        None when an item needs the per-item path (`auto` segmentation, or a sticky
+        experiment whose assignments are claimed in shared state): `allocate_many` then.
+        """
+        try:
+            prepared = self._catalogue.prepare(request, _now_ms(), self._shared is not None)
+        except ValueError as exc:
+            raise InvalidRequest("requests", f"not a valid AllocateBatchRequest: {exc}") from None
+        self.check_batch(len(prepared))
+        return None if prepared.needs_caller else prepared
+
+    def finish_batch(
+        self,
+        prepared: PreparedBatch,
+        region: str,
+        allocated: Mapping[int, Allocation],
+        errors: Mapping[int, tuple[int, str, str]],
+    ) -> bytes:
+        """Allocate the items of a prepared batch exactly as `allocate` would, in order, in one
+        Rust call; return the serialized AllocateBatchResponse.
+
+        `allocated` and `errors` answer the items `prepared.invalid()` lists (the caller ran
+        them through `allocate`). Sticky users found here are answered with their assignment.
+        """
+        unknown = prepared.unknown_user_agents(self._catalogue)
+        if unknown:
+            device = self._extractor.device
+            self._catalogue.learn_devices([(ua, device(ua)) for ua in unknown])
+        given = {
+            i: (
+                a.assignment.id,
+                a.assignment.variant,
+                a.assignment.segment_key,
+                a.assignment.cascade_level,
+                a.assignment.propensity,
+                a.sticky,
+            )
+            for i, a in allocated.items()
+        }
+        latest = self._latest
+        for i, handle, user_id in zip(*prepared.sticky_candidates(), strict=True):
+            earlier = latest.get((handle, user_id))
+            if earlier is not None and i not in given:
+                given[i] = (
+                    earlier.id,
+                    earlier.variant,
+                    earlier.segment_key,
+                    earlier.cascade_level,
+                    earlier.propensity,
+                    True,
+                )
+        # At most this many are new (repeated sticky users are fewer): refused before deciding.
+        self._journal.admit(len(prepared) - len(errors) - len(given))
+        first = next(self._ids)
+        response, handles, user_ids, variants, keys, levels, propensities = prepared.finish(
+            self._engine,
+            self._catalogue,
+            region=region,
+            id_prefix=self._id_prefix,
+            first_seq=first,
+            given=given,
+            errors=errors,
+        )
+        self._ids = itertools.count(first + len(handles))
+        self._remember_batch(first, handles, user_ids, variants, keys, levels, propensities)
+        return response
+
+    def _remember_batch(
+        self,
+        first: int,
+        handles: list[int],
+        user_ids: list[str],
+        variants: list[int],
+        keys: list[str],
+        levels: list[int],
+        propensities: list[float],
+    ) -> None:
+        """What `allocate` does after deciding, for a batch's new assignments."""
+        now = _now_ms()
+        prefix = self._id_prefix
+        by_handle = self._by_handle
+        latest, by_id, segments = self._latest, self._by_id, self._segments
+        made: list[Assignment] = []
+        add = made.append
+        for seq, handle, user_id, variant, key, level, propensity in zip(
+            itertools.count(first), handles, user_ids, variants, keys, levels, propensities
+        ):
+            assignment = Assignment(
+                f"{prefix}-{seq:x}",
+                by_handle[handle].key,
+                handle,
+                user_id,
+                variant,
+                key,
+                level,
+                propensity,
+                now,
+            )
+            latest[(handle, user_id)] = assignment
+            by_id[assignment.id] = assignment
+            add(assignment)
+            if key not in segments.get(handle, ()):
+                self._register_segment(handle, key)
+        self._journal.assignments_made(made)
+        if self._shared is not None:
+            for assignment in made:
+                self._shared.assignment_made(assignment)
+        self._cascade_allocations.update(zip(handles, levels, strict=True))
 
     def check_batch(self, size: int) -> None:
         """A batch RPC's item count must be within 1..max_batch_items."""
@@ -481,6 +750,36 @@ class AllocationService:
 
     def assignment(self, assignment_id: str) -> Assignment | None:
         return self._by_id.get(assignment_id)
+
+    def holds(self, assignment_id: str = "", experiment_key: str = "", user_id: str = "") -> bool:
+        """Whether this process holds the assignment (by id, or the user's in the experiment)."""
+        if assignment_id:
+            return assignment_id in self._by_id
+        experiment = self._experiments.get(experiment_key)
+        return experiment is not None and (experiment.handle, user_id) in self._latest
+
+    def user_assignments(self, user_id: str) -> list[Assignment]:
+        """Every assignment of this user held in this process (data-protection export)."""
+        return sorted(
+            (a for a in self._by_id.values() if a.user_id == user_id), key=lambda a: a.created_ms
+        )
+
+    def held_user_ids(self) -> set[str]:
+        """Every user id this process holds an assignment of (erasures from other processes
+        are matched against these)."""
+        return {a.user_id for a in self._by_id.values()} | {u for _, u in self._latest}
+
+    def forget_user(self, user_id: str) -> list[Assignment]:
+        """Drop the user's assignments from memory (erasure): the next allocation treats the
+        user as new. Counts stay: they are anonymous aggregates."""
+        gone = self.user_assignments(user_id)
+        for a in gone:
+            self._by_id.pop(a.id, None)
+            if self._latest.get((a.handle, user_id)) is a:
+                del self._latest[(a.handle, user_id)]
+        for slot in [s for s in self._latest if s[1] == user_id]:
+            gone.append(self._latest.pop(slot))
+        return gone
 
     def policy_of(self, key: str) -> Policy:
         return self.get_experiment(key).policy

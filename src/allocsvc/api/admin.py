@@ -9,6 +9,8 @@ from allocsvc._proto import allocsvc_pb2_grpc as pb_grpc
 from allocsvc.allocation.insights import Insights
 from allocsvc.allocation.service import AllocationService
 from allocsvc.api import convert
+from allocsvc.api.admin_learning import LearningAdminMixin
+from allocsvc.api.admin_regions import AdminRegionsMixin
 from allocsvc.api.errors import maps_errors
 from allocsvc.errors import InvalidRequest
 from allocsvc.hierarchy import FORMATS, render
@@ -17,7 +19,7 @@ Context = grpc.aio.ServicerContext
 MAX_PAGE_SIZE = 1000
 
 
-class AdminServicer(pb_grpc.AdminServicer):
+class AdminServicer(LearningAdminMixin, AdminRegionsMixin, pb_grpc.AdminServicer):
     def __init__(self, service: AllocationService, insights: Insights) -> None:
         self._service = service
         self._insights = insights

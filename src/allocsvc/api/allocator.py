@@ -2,29 +2,93 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import grpc
 
 from allocsvc._proto import allocsvc_pb2 as pb
 from allocsvc._proto import allocsvc_pb2_grpc as pb_grpc
-from allocsvc.allocation.service import AllocationRequest, AllocationService, ConversionRequest
+from allocsvc.allocation.service import (
+    Allocation,
+    AllocationRequest,
+    AllocationService,
+    ConversionRequest,
+    ConversionResult,
+)
 from allocsvc.api import convert
-from allocsvc.api.errors import maps_errors
+from allocsvc.api.errors import field_of, maps_errors, status_number
 from allocsvc.errors import AllocsvcError
+from allocsvc.regions.router import Regions
 
 Context = grpc.aio.ServicerContext
+SERVICE = "allocsvc.v1.Allocator"
+# At most about this many sampled items of a fast-path batch feed learning (evenly spread).
+BATCH_OBSERVED_ITEMS = 32
 
 
 class AllocatorServicer(pb_grpc.AllocatorServicer):
-    def __init__(self, service: AllocationService, region: str) -> None:
+    def __init__(
+        self, service: AllocationService, region: str, regions: Regions | None = None
+    ) -> None:
         self._service = service
         self._region = region
+        # Several regions: each request goes to its country's region (allocsvc.regions).
+        self._regions = regions
+
+    def _for_country(self, request: pb.AllocateRequest) -> tuple[AllocationService, str]:
+        if self._regions is None:
+            return self._service, self._region
+        runtime = self._regions.for_country(request.context.get("country_code"))
+        return runtime.service, runtime.region.code
+
+    def _for_conversion(self, request: pb.RecordConversionRequest) -> tuple[AllocationService, str]:
+        if self._regions is None:
+            return self._service, self._region
+        runtime = self._regions.for_conversion(
+            request.assignment_id, request.experiment_id, request.user_id
+        )
+        return runtime.service, runtime.region.code
 
     @maps_errors
     async def Allocate(
         self, request: pb.AllocateRequest, context: Context[pb.AllocateRequest, pb.AllocateResponse]
     ) -> pb.AllocateResponse:
-        allocation = await self._service.allocate(convert.allocate_request(request))
-        return convert.allocate_response(allocation, self._region)
+        if self._regions is None:
+            allocation = await self._service.allocate(convert.allocate_request(request))
+            return convert.allocate_response(allocation, self._region)
+        service, region = self._for_country(request)
+        allocation = await service.allocate(convert.allocate_request(request))
+        return convert.allocate_response(allocation, region)
+
+    @maps_errors
+    async def AllocateBatchBytes(self, request: bytes, context: Context[bytes, bytes]) -> bytes:
+        """AllocateBatch on the wire format: decoding, checks, context extraction, decisions
+        and the response's encoding run in Rust; Python words the errors of bad items and
+        keeps the new assignments. Batches Rust cannot take go the per-item way."""
+        prepared = None if self._regions is not None else self._service.prepare_batch(request)
+        if prepared is None:
+            message = pb.AllocateBatchRequest.FromString(request)
+            return (await self.AllocateBatch(message, context)).SerializeToString()  # type: ignore[arg-type]
+        invalid = prepared.invalid()
+        allocated: dict[int, Allocation] = {}
+        errors: dict[int, tuple[int, str, str]] = {}
+        messages = None
+        # Valid items learning samples (invalid ones are sampled by `allocate` below).
+        bad = set(invalid)
+        observed = [i for i in self._service.observed_positions(len(prepared)) if i not in bad]
+        if invalid or observed:
+            messages = pb.AllocateBatchRequest.FromString(request).requests
+        if messages is not None and invalid:
+            for i in invalid:
+                try:
+                    item = convert.allocate_request(messages[i])
+                    allocated[i] = await self._service.allocate(item)
+                except AllocsvcError as exc:
+                    errors[i] = (status_number(exc), str(exc), field_of(exc))
+        if messages is not None and observed:
+            step = max(1, len(observed) // BATCH_OBSERVED_ITEMS)
+            self._service.observe(convert.allocate_request(messages[i]) for i in observed[::step])
+        return self._service.finish_batch(prepared, self._region, allocated, errors)
 
     @maps_errors
     async def AllocateBatch(
@@ -40,17 +104,35 @@ class AllocatorServicer(pb_grpc.AllocatorServicer):
                 items.append(exc)
         valid = [i for i in items if not isinstance(i, AllocsvcError)]
         self._service.check_batch(len(items))
-        done = iter(await self._service.allocate_many(valid))
+        done = iter(await self._allocate_routed(valid))
         results = []
         for item in items:
-            outcome = item if isinstance(item, AllocsvcError) else next(done)
+            outcome, region = (item, "") if isinstance(item, AllocsvcError) else next(done)
             if isinstance(outcome, AllocsvcError):
                 results.append(pb.AllocateResult(error=convert.item_error(outcome)))
             else:
                 results.append(
-                    pb.AllocateResult(allocation=convert.allocate_response(outcome, self._region))
+                    pb.AllocateResult(allocation=convert.allocate_response(outcome, region))
                 )
         return pb.AllocateBatchResponse(results=results)
+
+    async def _allocate_routed(
+        self, items: list[AllocationRequest]
+    ) -> list[tuple[Allocation | AllocsvcError, str]]:
+        """Each item allocated by its country's region (data residency), in request order."""
+        if self._regions is None:
+            return [(o, self._region) for o in await self._service.allocate_many(items)]
+        by_region: dict[str, list[int]] = {}
+        for i, item in enumerate(items):
+            country = (item.context or {}).get("country_code")
+            by_region.setdefault(self._regions.map.for_country(country), []).append(i)
+        out: list[tuple[Allocation | AllocsvcError, str]] = [(AllocsvcError(), "")] * len(items)
+        for code, positions in by_region.items():
+            service = self._regions.runtime(code).service
+            outcomes = await service.allocate_many([items[i] for i in positions])
+            for i, outcome in zip(positions, outcomes, strict=True):
+                out[i] = (outcome, code)
+        return out
 
     @maps_errors
     async def RecordConversion(
@@ -58,8 +140,9 @@ class AllocatorServicer(pb_grpc.AllocatorServicer):
         request: pb.RecordConversionRequest,
         context: Context[pb.RecordConversionRequest, pb.RecordConversionResponse],
     ) -> pb.RecordConversionResponse:
-        result = await self._service.record_conversion(convert.conversion_request(request))
-        return convert.conversion_response(result)
+        service, region = self._for_conversion(request)
+        result = await service.record_conversion(convert.conversion_request(request))
+        return convert.conversion_response(result, region)
 
     @maps_errors
     async def RecordConversionBatch(
@@ -75,14 +158,77 @@ class AllocatorServicer(pb_grpc.AllocatorServicer):
             except AllocsvcError as exc:
                 items.append(exc)
         valid = [i for i in items if not isinstance(i, AllocsvcError)]
-        done = iter(await self._service.record_conversions(valid) if valid else [])
+        done = iter(await self._convert_routed(valid) if valid else [])
         results = []
         for item in items:
-            outcome = item if isinstance(item, AllocsvcError) else next(done)
+            outcome, region = (item, "") if isinstance(item, AllocsvcError) else next(done)
             if isinstance(outcome, AllocsvcError):
                 results.append(pb.RecordConversionResult(error=convert.item_error(outcome)))
             else:
                 results.append(
-                    pb.RecordConversionResult(conversion=convert.conversion_response(outcome))
+                    pb.RecordConversionResult(
+                        conversion=convert.conversion_response(outcome, region)
+                    )
                 )
         return pb.RecordConversionBatchResponse(results=results)
+
+    async def _convert_routed(
+        self, items: list[ConversionRequest]
+    ) -> list[tuple[ConversionResult | AllocsvcError, str]]:
+        """Each conversion recorded by the region holding its assignment, in request order."""
+        if self._regions is None:
+            return [(o, self._region) for o in await self._service.record_conversions(items)]
+        by_region: dict[str, list[int]] = {}
+        for i, item in enumerate(items):
+            runtime = self._regions.for_conversion(
+                item.assignment_id, item.experiment_key, item.user_id
+            )
+            by_region.setdefault(runtime.region.code, []).append(i)
+        out: list[tuple[ConversionResult | AllocsvcError, str]] = [(AllocsvcError(), "")] * len(
+            items
+        )
+        # Regions commit concurrently: one region's slow or down store does not hold the rest.
+        codes = list(by_region)
+        answers = await asyncio.gather(
+            *(
+                self._regions.runtime(code).service.record_conversions(
+                    [items[i] for i in by_region[code]]
+                )
+                for code in codes
+            ),
+            return_exceptions=True,
+        )
+        for code, outcomes in zip(codes, answers, strict=True):
+            if isinstance(outcomes, BaseException):
+                if not isinstance(outcomes, AllocsvcError):
+                    raise outcomes
+                # That region's store refused the group (e.g. UNAVAILABLE): its items fail.
+                outcomes = [outcomes] * len(by_region[code])
+            for i, outcome in zip(by_region[code], outcomes, strict=True):
+                out[i] = (outcome, code)
+        return out
+
+
+def add_allocator(servicer: AllocatorServicer, server: grpc.aio.Server) -> None:
+    """Register the Allocator like the generated `add_AllocatorServicer_to_server`, except
+    that AllocateBatch takes and returns raw bytes (it is decoded and encoded in Rust)."""
+    handlers = {
+        "Allocate": grpc.unary_unary_rpc_method_handler(
+            servicer.Allocate,
+            request_deserializer=pb.AllocateRequest.FromString,
+            response_serializer=pb.AllocateResponse.SerializeToString,
+        ),
+        "AllocateBatch": grpc.unary_unary_rpc_method_handler(servicer.AllocateBatchBytes),
+        "RecordConversion": grpc.unary_unary_rpc_method_handler(
+            servicer.RecordConversion,
+            request_deserializer=pb.RecordConversionRequest.FromString,
+            response_serializer=pb.RecordConversionResponse.SerializeToString,
+        ),
+        "RecordConversionBatch": grpc.unary_unary_rpc_method_handler(
+            servicer.RecordConversionBatch,
+            request_deserializer=pb.RecordConversionBatchRequest.FromString,
+            response_serializer=pb.RecordConversionBatchResponse.SerializeToString,
+        ),
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
+    server.add_registered_method_handlers(SERVICE, handlers)  # type: ignore[attr-defined]

@@ -236,9 +236,9 @@ def conversion_request(msg: pb.RecordConversionRequest) -> ConversionRequest:
     )
 
 
-def conversion_response(r: ConversionResult) -> pb.RecordConversionResponse:
+def conversion_response(r: ConversionResult, region: str = "") -> pb.RecordConversionResponse:
     return pb.RecordConversionResponse(
-        assignment_id=r.assignment.id, variant_id=r.variant.key, counted=r.counted
+        assignment_id=r.assignment.id, variant_id=r.variant.key, counted=r.counted, region=region
     )
 
 

@@ -165,6 +165,56 @@ class RedisShared:
         if user_ids:
             await self._redis.hdel(self._key(handle, "sticky"), *user_ids)
 
+    # Personal data (export and erasure). These raise on Redis errors: an erasure that did
+    # not happen must not look done.
+
+    async def user_keys(self, user_id: str, handles: Iterable[int]) -> dict[str, Assignment]:
+        """Every key holding this user's data: sticky entries as `<sticky key>#<user id>`, and
+        the assignment records (found by scanning, so other replicas' are found too)."""
+        found: dict[str, Assignment] = {}
+        for handle in handles:
+            key = self._key(handle, "sticky")
+            standing = _decode(await self._redis.hget(key, user_id))
+            if standing is not None:
+                found[f"{key}#{user_id}"] = standing
+        pattern = f"{self._ns}:asg:*"
+        batch: list[bytes | str] = []
+        async for key in self._redis.scan_iter(match=pattern, count=1000):
+            batch.append(key)
+            if len(batch) >= 1000:
+                found.update(await self._users_assignments(batch, user_id))
+                batch = []
+        if batch:
+            found.update(await self._users_assignments(batch, user_id))
+        for a in self._pending_assignments:
+            if a.user_id == user_id:
+                found.setdefault(f"{self._ns}:asg:{a.id}", a)
+        return found
+
+    async def _users_assignments(
+        self, keys: Sequence[bytes | str], user_id: str
+    ) -> dict[str, Assignment]:
+        out: dict[str, Assignment] = {}
+        for key, raw in zip(keys, await self._redis.mget(keys), strict=True):
+            a = _decode(raw)
+            if a is not None and a.user_id == user_id:
+                out[key.decode() if isinstance(key, bytes) else key] = a
+        return out
+
+    async def erase_user(self, user_id: str, handles: Iterable[int]) -> int:
+        """Delete every sticky entry and assignment record of the user; return how many."""
+        self._pending_assignments = [a for a in self._pending_assignments if a.user_id != user_id]
+        found = await self.user_keys(user_id, handles)
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for name in found:
+                key, _, field = name.partition("#")
+                if field:
+                    pipe.hdel(key, field)
+                else:
+                    pipe.delete(key)
+            await pipe.execute()
+        return len(found)
+
     # Counts: push deltas, refresh the merged view.
 
     def start(self) -> None:

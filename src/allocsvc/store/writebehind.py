@@ -19,10 +19,10 @@ import contextlib
 import logging
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 
 import asyncpg
 
@@ -40,7 +40,7 @@ from allocsvc.allocation.journal import Conversion, StoredRecommendation, TreeNo
 from allocsvc.allocation.service import Assignment
 from allocsvc.analytics import DailyTraffic
 from allocsvc.core import key_hash, parent_keys
-from allocsvc.errors import AlreadyExists, Unavailable
+from allocsvc.errors import AlreadyExists, ResourceExhausted, Unavailable
 from allocsvc.store.postgres import (
     AssignmentRow,
     ConflictError,
@@ -55,6 +55,7 @@ from allocsvc.store.postgres import (
 )
 
 log = logging.getLogger(__name__)
+_T = TypeVar("_T")
 
 # Failures that mean "the database is not reachable right now" (57P01-03: it is shutting
 # down or starting up).
@@ -155,6 +156,19 @@ def assignment_from_row(row: AssignmentRow, experiment_key: str) -> Assignment:
     )
 
 
+def _row(a: Assignment) -> AssignmentRow:
+    return AssignmentRow(
+        id=a.id,
+        experiment_id=a.handle,
+        user_id=a.user_id,
+        variant=a.variant,
+        segment_key=a.segment_key,
+        segment_hash=key_hash(a.segment_key),
+        cascade_level=a.cascade_level,
+        propensity=a.propensity,
+    )
+
+
 @dataclass
 class _Waiting:
     rows: list[ConversionRow]
@@ -173,6 +187,10 @@ class FlushStats:
     failures: int = 0
     last_flush_lag_ms: float = 0.0
     pending_assignments: int = 0
+    # Allocations and conversions refused because the buffers were full (RESOURCE_EXHAUSTED).
+    refused: int = 0
+    # Buffered assignments that could not be written before the journal closed (lost).
+    dropped: int = 0
     lags_ms: list[float] = field(default_factory=list)
 
 
@@ -189,7 +207,12 @@ class PostgresJournal:
         max_group: int = 2000,
         experiment_interval: float = 1.0,
         analytics_interval: float = 60.0,
+        max_pending_assignments: int = 200_000,
+        max_pending_conversions: int = 50_000,
     ) -> None:
+        self._max_pending_assignments = max_pending_assignments
+        self._max_pending_conversions = max_pending_conversions
+        self._waiting_rows = 0
         self._experiment_interval = experiment_interval
         self._analytics_interval = analytics_interval
         self._known_segments: set[tuple[int, int]] = set()
@@ -198,7 +221,9 @@ class PostgresJournal:
         self._flush_interval = flush_interval
         self._commit_window = commit_window
         self._max_group = max_group
-        self._assignments: list[tuple[AssignmentRow, float]] = []
+        # Assignments not written yet, and when the oldest of them was buffered (monotonic).
+        self._assignments: list[Assignment] = []
+        self._pending_since = 0.0
         self._unwritten_counts: list[CountRow] = []
         self._waiting: list[_Waiting] = []
         self._wake = asyncio.Event()
@@ -231,6 +256,10 @@ class PostgresJournal:
                 on_experiments(await self.experiments())
             except STORE_DOWN as exc:
                 log.warning("experiment refresh failed", extra={"error": repr(exc)})
+            except Exception:
+                # Keep polling: a dead loop would stop replicas seeing experiment changes, and
+                # its exception would surface only at close(), failing the shutdown.
+                log.exception("experiment refresh failed")
 
     async def close(self) -> None:
         """Stop the loops, then write what is buffered (conversions first)."""
@@ -242,6 +271,9 @@ class PostgresJournal:
                 await task
         await self._commit_pending()
         await self.flush()
+        if self._assignments:
+            self.stats.dropped += len(self._assignments)
+            log.error("assignments not written at close", extra={"lost": len(self._assignments)})
 
     # Experiments: written through.
 
@@ -333,24 +365,39 @@ class PostgresJournal:
             ],
         )
 
+    async def without_user(
+        self, user_id: str, erase: Callable[[], Awaitable[_T]]
+    ) -> tuple[list[AssignmentRow], _T]:
+        """Drop the user's buffered assignments and run `erase` while no flush runs, so a
+        flush cannot write them back after the erasure; return the dropped rows too."""
+        async with self._flush_lock:
+            dropped = [_row(a) for a in self._assignments if a.user_id == user_id]
+            self._assignments = [a for a in self._assignments if a.user_id != user_id]
+            return dropped, await erase()
+
+    def pending_assignments_of(self, user_id: str) -> list[AssignmentRow]:
+        """The user's assignments not yet written (data-protection export)."""
+        return [_row(a) for a in self._assignments if a.user_id == user_id]
+
     # Allocations: written behind.
 
-    def assignment_made(self, assignment: Assignment) -> None:
-        self._assignments.append(
-            (
-                AssignmentRow(
-                    id=assignment.id,
-                    experiment_id=assignment.handle,
-                    user_id=assignment.user_id,
-                    variant=assignment.variant,
-                    segment_key=assignment.segment_key,
-                    segment_hash=key_hash(assignment.segment_key),
-                    cascade_level=assignment.cascade_level,
-                    propensity=assignment.propensity,
-                ),
-                time.monotonic(),
+    def admit(self, n: int) -> None:
+        if len(self._assignments) + n > self._max_pending_assignments:
+            self.stats.refused += n
+            raise ResourceExhausted(
+                f"write-behind buffer full ({len(self._assignments)} assignments pending)"
             )
-        )
+
+    def assignment_made(self, assignment: Assignment) -> None:
+        # Kept as is: the rows are built when they are written, off the allocation's path.
+        if not self._assignments:
+            self._pending_since = time.monotonic()
+        self._assignments.append(assignment)
+
+    def assignments_made(self, assignments: Sequence[Assignment]) -> None:
+        if not self._assignments:
+            self._pending_since = time.monotonic()
+        self._assignments.extend(assignments)
 
     async def _flush_loop(self) -> None:
         since_refresh = 0.0
@@ -412,6 +459,7 @@ class PostgresJournal:
 
     async def _flush(self) -> None:
         batch, self._assignments = self._assignments, []
+        since = self._pending_since
         if self._take_deltas is not None:
             self._unwritten_counts.extend(
                 (e, s, v, a, 0, 0.0) for e, s, v, a, _, _ in self._take_deltas() if a
@@ -419,12 +467,13 @@ class PostgresJournal:
         counts, self._unwritten_counts = self._unwritten_counts, []
         if not batch and not counts:
             return
-        segments = self._new_segments(row for row, _ in batch)
+        rows = [_row(a) for a in batch]
+        segments = self._new_segments(rows)
         try:
-            if batch:
-                await self._store.insert_assignments([row for row, _ in batch])
+            if rows:
+                await self._store.insert_assignments(rows)
                 await self._store.upsert_segments(segments)
-                await self._add_traffic(row for row, _ in batch)
+                await self._add_traffic(rows)
             if counts:
                 await self._store.apply_count_deltas(counts)
         except Exception as exc:
@@ -433,6 +482,8 @@ class PostgresJournal:
             )
             # Keep everything for the next attempt (assignment inserts are idempotent by id).
             self._assignments[:0] = batch
+            if batch:
+                self._pending_since = since
             self._unwritten_counts[:0] = counts
             self.stats.failures += 1
             self.healthy = False
@@ -444,7 +495,7 @@ class PostgresJournal:
         self.stats.assignments_written += len(batch)
         self.stats.allocation_rows_written += len(counts)
         if batch:
-            lag = (now - batch[0][1]) * 1000
+            lag = (now - since) * 1000
             self.stats.last_flush_lag_ms = lag
             self.stats.lags_ms.append(lag)
             del self.stats.lags_ms[:-1000]
@@ -455,6 +506,11 @@ class PostgresJournal:
     async def record_conversions(self, conversions: Sequence[Conversion]) -> list[bool]:
         if self._closing:
             raise Unavailable("server is shutting down")
+        if self._waiting_rows + len(conversions) > self._max_pending_conversions:
+            self.stats.refused += len(conversions)
+            raise ResourceExhausted(
+                f"conversion queue full ({self._waiting_rows} conversions waiting to commit)"
+            )
         rows = [
             ConversionRow(
                 assignment_id=c.assignment_id,
@@ -470,6 +526,7 @@ class PostgresJournal:
         ]
         done: asyncio.Future[list[bool]] = asyncio.get_running_loop().create_future()
         self._waiting.append(_Waiting(rows, done))
+        self._waiting_rows += len(rows)
         self._wake.set()
         return await done
 
@@ -489,6 +546,7 @@ class PostgresJournal:
                 not group or size + len(self._waiting[0].rows) <= self._max_group
             ):
                 w = self._waiting.pop(0)
+                self._waiting_rows -= len(w.rows)
                 group.append(w)
                 size += len(w.rows)
             rows = [r for w in group for r in w.rows]
