@@ -453,7 +453,8 @@ def _report(
         "segmented by source and device (min 100 samples per segment). Each request has a new "
         "user id (no sticky shortcut) and an Instagram/iPhone web context, so every call "
         "extracts the context, walks the cascade, samples, counts and records an assignment. "
-        "Both servers are single processes, each on uvloop (one event loop). **The load generator runs on the "
+        "Both servers are single processes, each on uvloop (one event loop). "
+        "**The load generator runs on the "
         f"same {os.cpu_count()}-core machine as the server**"
         + (
             " (servers pinned to CPU 0, client processes to CPU 1)"
