@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import grpc
 import pytest
 
 from allocsvc._proto import allocsvc_pb2 as pb
@@ -181,3 +182,50 @@ async def test_malformed_and_empty_batches_are_invalid() -> None:
     with pytest.raises(InvalidRequest) as empty:
         service.prepare_batch(b"")
     assert empty.value.field == "requests"
+
+
+class _Aborted(grpc.aio.AbortError):
+    pass
+
+
+class _Context:
+    """What the servicer needs of a grpc.aio context to refuse a call."""
+
+    async def abort(self, code: grpc.StatusCode, details: str) -> None:
+        raise _Aborted(code, details)
+
+
+async def _unary(call: Any, request: Any) -> tuple[object, ...]:
+    try:
+        reply = await call(request, _Context())
+    except _Aborted as refused:
+        return ("error", *refused.args)
+    if isinstance(reply, bytes):
+        reply = pb.AllocateResponse.FromString(reply)
+    return _comparable(pb.AllocateResult(allocation=reply))
+
+
+async def test_unary_from_bytes_equals_the_python_path_with_the_same_seed() -> None:
+    requests = _requests()
+    python, rust = await _service(), await _service()
+    python_api, rust_api = AllocatorServicer(python, "eu"), AllocatorServicer(rust, "eu")
+
+    seed_rng(5)
+    expected = [await _unary(python_api.Allocate, r) for r in requests]
+    seed_rng(5)
+    got = [await _unary(rust_api.AllocateBytes, r.SerializeToString()) for r in requests]
+
+    assert got == expected
+    kinds = [e[0] for e in expected]
+    assert kinds.count("error") == 12
+    assert any(e[8] is True for e in expected if e[0] != "error")
+    for handle in python.experiment_handles():
+        assert sorted(rust.snapshot(handle)) == sorted(python.snapshot(handle))
+        assert rust.cascade_counts(handle) == python.cascade_counts(handle)
+
+
+async def test_unary_bytes_that_are_no_request_name_the_request() -> None:
+    api = AllocatorServicer(await _service(), "eu")
+    refused = await _unary(api.AllocateBytes, b"\xff\xff\xff")
+    assert refused[:2] == ("error", grpc.StatusCode.INVALID_ARGUMENT)
+    assert str(refused[2]).startswith("request")

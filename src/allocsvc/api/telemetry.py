@@ -28,6 +28,7 @@ import grpc
 from prometheus_client import Counter, Histogram
 
 from allocsvc import logs
+from allocsvc._proto import allocsvc_pb2 as pb
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +94,21 @@ class RpcMetrics:
 # Fresh request ids: a random per-process prefix and a counter (unique, and cheap per call).
 _ID_PREFIX = secrets.token_hex(4)
 _ID_SEQUENCE = itertools.count(1)
+
+
+# Methods registered on the wire format (allocsvc.api.allocator): their request messages.
+RAW_REQUESTS = {"Allocate": pb.AllocateRequest}
+
+
+def _user_id(method: str, request: Any) -> str:
+    """The user a request is about, for the debug line (parsed only when that line is written)."""
+    if isinstance(request, bytes):
+        message = RAW_REQUESTS.get(method)
+        try:
+            return message.FromString(request).user_id if message is not None else ""
+        except Exception:  # the handler answered a malformed request already
+            return ""
+    return str(getattr(request, "user_id", ""))
 
 
 def request_id_from(metadata: Iterable[tuple[str, str | bytes]] | None) -> str:
@@ -180,7 +196,7 @@ class TelemetryInterceptor(Interceptor):
                 if metrics is not None:
                     metrics.observe(short, code, elapsed)
                 if log.isEnabledFor(logging.DEBUG):
-                    user_id = getattr(request, "user_id", "")
+                    user_id = _user_id(short, request)
                     log.debug(
                         "rpc",
                         extra={
