@@ -200,6 +200,7 @@ async def start(settings: Settings) -> Running:
         stores.journal,
         window_days=settings.eligibility_window_days,
         first_rebuild_at=settings.hierarchy.first_rebuild_at,
+        deployed_model=learning.deployed_model,
     )
     registering = telemetry.registering(server) if AuthInterceptor(settings.auth).open else server
     add_services(registering, service, insights, regions.map.default, regions, learning)

@@ -8,9 +8,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 from allocsvc.allocation.experiments import (
     Experiment,
@@ -48,6 +48,7 @@ from allocsvc.analytics import (
     recommend_segmentation,
     sample_ratio_mismatch,
     sample_size,
+    stale_model_alert,
     traffic_window,
     underperforming_segments,
 )
@@ -110,8 +111,11 @@ class Insights:
         *,
         window_days: int = 7,
         first_rebuild_at: int = 0,
+        deployed_model: Callable[[], tuple[str, datetime, timedelta] | None] | None = None,
     ) -> None:
         self._service = service
+        # The clustering model `auto` experiments are served with: name, trained at, max age.
+        self._deployed_model = deployed_model
         self._journal = journal
         self._window_days = window_days
         self._first_rebuild_at = first_rebuild_at
@@ -212,7 +216,20 @@ class Insights:
         failures = [
             a for a in self.alerts.get(key, ()) if a.kind == AlertKind.AUTO_ACTIVATION_FAILED
         ]
-        return Validation(srm, srm_reason, stopping, (*alerts, *failures))
+        stale = self._model_alerts(experiment)
+        return Validation(srm, srm_reason, stopping, (*alerts, *failures, *stale))
+
+    def _model_alerts(self, experiment: Experiment) -> tuple[Alert, ...]:
+        """A stale clustering model, for the experiments `auto` segmentation serves with it."""
+        auto = experiment.segmentation.mode is SegmentationMode.AUTO
+        if self._deployed_model is None or not auto:
+            return ()
+        deployed = self._deployed_model()
+        if deployed is None:
+            return ()
+        name, trained, max_age = deployed
+        alert = stale_model_alert(name, trained, datetime.now(UTC), max_age)
+        return () if alert is None else (alert,)
 
     # Eligibility and recommendations ----------------------------------------------------
 

@@ -22,6 +22,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
@@ -335,6 +336,18 @@ class Learning:
 
     def latest_job(self, kind: JobKind) -> Job | None:
         return next((j for j in reversed(self._jobs.values()) if j.kind is kind), None)
+
+    def deployed_model(self) -> tuple[str, datetime, timedelta] | None:
+        """The deployed clustering model's name, training time and the age past which it is
+        stale (None: no model)."""
+        if self._deployed is None:
+            return None
+        trained = datetime.fromtimestamp(self._deployed.model.trained_at_ms / 1000, tz=UTC)
+        return (
+            f"v{self._deployed.version}",
+            trained,
+            timedelta(days=self.clustering.stale_after_days),
+        )
 
     def stale(self, now_ms: int | None = None) -> tuple[bool, float]:
         """Whether the deployed model is older than clustering.stale_after_days, and its age."""
