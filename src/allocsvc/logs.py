@@ -15,6 +15,17 @@ from typing import Any
 _RESERVED = set(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {"message"}
 # Id of the RPC being served (set by the server's interceptor); every log line carries it.
 request_id: ContextVar[str | None] = ContextVar("request_id", default=None)
+# The metadata key of request ids, in both directions.
+REQUEST_ID_KEY = "x-request-id"
+
+
+def request_id_trailer() -> tuple[tuple[str, str], ...]:
+    """Trailing metadata naming the current RPC's request id (none outside an RPC): what a
+    failing call answers with, so that its client can find the server's log lines."""
+    rid = request_id.get()
+    return () if rid is None else ((REQUEST_ID_KEY, rid),)
+
+
 _pseudonym_key = secrets.token_bytes(32)
 
 

@@ -20,6 +20,7 @@ from allocsvc.allocation.journal import Journal, MemoryJournal
 from allocsvc.allocation.service import AllocationService, Limits
 from allocsvc.api import SERVICE_NAMES, add_services, reflection
 from allocsvc.api.auth import AuthInterceptor
+from allocsvc.api.registration import GenericOnly
 from allocsvc.api.telemetry import RpcMetrics, TelemetryInterceptor
 from allocsvc.config import Settings
 from allocsvc.context import ContextLimits, Extractor
@@ -135,7 +136,7 @@ async def open_stores(settings: Settings, namespace: str = "allocsvc") -> Stores
 
 def _grpc_server(settings: Settings, telemetry: TelemetryInterceptor) -> grpc.aio.Server:
     auth = AuthInterceptor(settings.auth)
-    return grpc.aio.server(
+    server = grpc.aio.server(
         # Telemetry outermost, so that refusals are counted and carry request ids too. With
         # no auth, telemetry wraps the handlers as they are registered (see `start`):
         # no interceptor then runs per call.
@@ -148,6 +149,7 @@ def _grpc_server(settings: Settings, telemetry: TelemetryInterceptor) -> grpc.ai
         # Past this many RPCs at once, gRPC answers RESOURCE_EXHAUSTED instead of queuing.
         maximum_concurrent_rpcs=settings.backpressure.max_in_flight_rpcs,
     )
+    return GenericOnly(server)
 
 
 def _listen(server: grpc.aio.Server, settings: Settings) -> int:

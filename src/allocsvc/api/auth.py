@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Any
 import grpc
 
 from allocsvc.config import AuthSettings
+from allocsvc.logs import request_id_trailer
 
 log = logging.getLogger(__name__)
 
@@ -192,10 +193,10 @@ def _refusal(handler: Handler, code: grpc.StatusCode, message: str) -> Any:
     """A handler of the same kind as the real one that only answers `code`."""
 
     async def refuse(_request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-        await context.abort(code, message)
+        await context.abort(code, message, request_id_trailer())
 
     async def refuse_stream(_request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-        await context.abort(code, message)
+        await context.abort(code, message, request_id_trailer())
         yield  # pragma: no cover  (makes this an async generator, as streaming handlers are)
 
     if handler.unary_unary is not None:

@@ -18,6 +18,7 @@ from allocsvc.errors import (
     ResourceExhausted,
     Unavailable,
 )
+from allocsvc.logs import request_id_trailer
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +62,8 @@ def maps_errors(
 ) -> Callable[
     [Servicer, Request, grpc.aio.ServicerContext[Request, Response]], Awaitable[Response]
 ]:
-    """Turn domain errors into their status; anything else into INTERNAL without details."""
+    """Turn domain errors into their status; anything else into INTERNAL without details.
+    Either answer carries the request id in its trailing metadata."""
 
     @functools.wraps(method)
     async def wrapper(
@@ -70,12 +72,12 @@ def maps_errors(
         try:
             return await method(self, request, context)
         except AllocsvcError as exc:
-            await context.abort(status_code(exc), str(exc))
+            await context.abort(status_code(exc), str(exc), request_id_trailer())
         except (grpc.aio.AbortError, grpc.aio.UsageError):
             raise
         except Exception:
             log.exception("unexpected error in %s", method.__qualname__)
-            await context.abort(grpc.StatusCode.INTERNAL, "internal error")
+            await context.abort(grpc.StatusCode.INTERNAL, "internal error", request_id_trailer())
         raise AssertionError("abort returned")  # pragma: no cover
 
     return wrapper
