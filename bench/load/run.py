@@ -623,7 +623,14 @@ def write_section(text: str) -> None:
     RESULTS.write_text(current)
 
 
+def _exit_on_sigterm(signum: int, _frame: Any) -> None:
+    """SIGTERM unwinds like Ctrl-C, so every server, the embedded PostgreSQL and redis-server
+    this run started are stopped by the `finally` blocks (the default action killed only us)."""
+    raise SystemExit(128 + signum)
+
+
 def main() -> int:
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer, shorter runs (~1 minute)")
     parser.add_argument("--duration", type=float, help="measured seconds per run")
