@@ -7,7 +7,7 @@
 //! [`PreparedBatch::finish`] decides the rest and encodes the response.
 
 use crate::context::{self, ContextLimits, Device, Extracted};
-use crate::decide::Engine;
+use crate::decide::{Decision, Engine};
 use crate::error::CoreError;
 use crate::wire::{self, Reader, Value};
 use parking_lot::RwLock;
@@ -308,6 +308,106 @@ impl Catalogue {
     fn device_of(&self, ua: &str) -> Option<&'static str> {
         self.devices.read().get(ua).copied()
     }
+
+    /// Decode and check one `AllocateRequest` (unary Allocate), as an item of a batch.
+    pub fn check_one(&self, request: &[u8], now_ms: i64, shared: bool) -> OneChecked {
+        let Ok(raw) = decode_request(request) else {
+            return OneChecked::Caller;
+        };
+        match self.check_item(raw, now_ms, shared, &mut None) {
+            (Item::Ready(ready), false) => match &ready.context.device {
+                Device::UserAgent(ua) if self.device_of(ua).is_none() => {
+                    OneChecked::UnknownUserAgent(ua.clone())
+                }
+                _ => OneChecked::Ready(PreparedOne { ready }),
+            },
+            _ => OneChecked::Caller,
+        }
+    }
+}
+
+/// What [`Catalogue::check_one`] found.
+pub enum OneChecked {
+    /// The caller's path must answer: a bad request (it words the error), sticky claims in
+    /// shared state, or segments only the caller knows.
+    Caller,
+    /// The device class of this user agent is unknown: learn it and check again.
+    UnknownUserAgent(String),
+    Ready(PreparedOne),
+}
+
+/// A checked unary request: look the user up (sticky experiments), then decide or answer.
+pub struct PreparedOne {
+    ready: Box<Ready>,
+}
+
+/// A unary decision: the encoded `AllocateResponse` and what to keep of the new assignment.
+pub struct DecidedOne {
+    pub response: Vec<u8>,
+    pub variant: usize,
+    pub segment_key: String,
+    pub level: usize,
+    pub propensity: f64,
+}
+
+impl PreparedOne {
+    pub fn handle(&self) -> u64 {
+        self.ready.experiment.handle
+    }
+
+    pub fn sticky(&self) -> bool {
+        self.ready.experiment.sticky
+    }
+
+    pub fn user_id(&self) -> &str {
+        &self.ready.user_id
+    }
+
+    /// The response for an earlier assignment of this user (answered as sticky).
+    pub fn answer(&self, given: &GivenAllocation, region: &str) -> Result<Vec<u8>, CoreError> {
+        let experiment = &self.ready.experiment;
+        check_variant(experiment, given.variant)?;
+        let mut out = Vec::with_capacity(256);
+        encode_response(
+            &mut out,
+            &Answer {
+                assignment_id: &given.assignment_id,
+                experiment,
+                variant: given.variant,
+                segment_key: &given.segment_key,
+                level: given.level,
+                propensity: given.propensity,
+                sticky: given.sticky,
+            },
+            region,
+        );
+        Ok(out)
+    }
+
+    /// Decide (counting the allocation) exactly as a batch item is decided, and encode the
+    /// answer under `assignment_id`.
+    pub fn decide(
+        &self,
+        engine: &Engine,
+        catalogue: &Catalogue,
+        region: &str,
+        assignment_id: &str,
+    ) -> Result<DecidedOne, CoreError> {
+        let d = self.ready.decide(engine, catalogue, &mut Vec::new())?;
+        let mut response = Vec::with_capacity(256);
+        encode_response(
+            &mut response,
+            &Answer::decided(assignment_id, &self.ready.experiment, &d),
+            region,
+        );
+        Ok(DecidedOne {
+            response,
+            variant: d.variant,
+            segment_key: d.segment_key,
+            level: d.level,
+            propensity: d.propensity,
+        })
+    }
 }
 
 fn device_class(name: &str) -> Result<&'static str, CoreError> {
@@ -328,19 +428,67 @@ struct Answer<'a> {
     sticky: bool,
 }
 
+impl<'a> Answer<'a> {
+    /// The answer of a new decision.
+    fn decided(assignment_id: &'a str, experiment: &'a ExperimentInfo, d: &'a Decision) -> Self {
+        Answer {
+            assignment_id,
+            experiment,
+            variant: d.variant,
+            segment_key: &d.segment_key,
+            level: d.level,
+            propensity: d.propensity,
+            sticky: false,
+        }
+    }
+}
+
+impl Ready {
+    /// Decide this item through [`Engine::decide`], counting the allocation: the device class
+    /// (of its user agent, which `catalogue` must know), the experiment's segment values.
+    fn decide<'a>(
+        &'a self,
+        engine: &Engine,
+        catalogue: &Catalogue,
+        values: &mut Vec<&'a str>,
+    ) -> Result<Decision, CoreError> {
+        let device = match &self.context.device {
+            Device::Known(d) => *d,
+            Device::UserAgent(ua) => catalogue.device_of(ua).ok_or_else(|| {
+                CoreError::invalid(format!("devices: no class for user agent {ua:?}"))
+            })?,
+        };
+        values.clear();
+        values.extend(
+            self.experiment
+                .dimensions
+                .iter()
+                .map(|d| self.context.dimension(d, device)),
+        );
+        let d = engine.decide(self.experiment.handle, &self.user_id, values, true)?;
+        check_variant(&self.experiment, d.variant)?;
+        Ok(d)
+    }
+}
+
+/// A bare `AllocateResponse` (appended to `out`).
+fn encode_response(out: &mut Vec<u8>, a: &Answer<'_>, region: &str) {
+    let v = &a.experiment.variants[a.variant];
+    wire::put_str(out, 1, a.assignment_id);
+    wire::put_str(out, 2, &a.experiment.key);
+    wire::put_str(out, 3, &v.id);
+    wire::put_str(out, 4, &v.name);
+    wire::put_str(out, 5, &v.payload_json);
+    wire::put_str(out, 6, a.segment_key);
+    wire::put_uint(out, 7, a.level as u64);
+    wire::put_double(out, 8, a.propensity);
+    wire::put_uint(out, 9, u64::from(a.sticky));
+    wire::put_str(out, 10, region);
+}
+
 fn encode_allocation(out: &mut Vec<u8>, scratch: &mut Vec<u8>, a: &Answer<'_>, region: &str) {
     scratch.clear();
-    let v = &a.experiment.variants[a.variant];
-    wire::put_str(scratch, 1, a.assignment_id);
-    wire::put_str(scratch, 2, &a.experiment.key);
-    wire::put_str(scratch, 3, &v.id);
-    wire::put_str(scratch, 4, &v.name);
-    wire::put_str(scratch, 5, &v.payload_json);
-    wire::put_str(scratch, 6, a.segment_key);
-    wire::put_uint(scratch, 7, a.level as u64);
-    wire::put_double(scratch, 8, a.propensity);
-    wire::put_uint(scratch, 9, u64::from(a.sticky));
-    wire::put_str(scratch, 10, region);
+    encode_response(scratch, a, region);
     // results[i] = AllocateResult { allocation = 1 }
     let mut head = Vec::with_capacity(8);
     wire::put_tag(&mut head, 1, wire::LEN);
@@ -443,7 +591,7 @@ impl PreparedBatch {
             let Ready {
                 experiment,
                 user_id,
-                context,
+                ..
             } = &**ready;
             let slot = (experiment.handle, user_id.as_str());
             let earlier = if experiment.sticky {
@@ -502,35 +650,13 @@ impl PreparedBatch {
                     region,
                 ),
                 None => {
-                    let device = match &context.device {
-                        Device::Known(d) => *d,
-                        Device::UserAgent(ua) => catalogue.device_of(ua).ok_or_else(|| {
-                            CoreError::invalid(format!("devices: no class for user agent {ua:?}"))
-                        })?,
-                    };
-                    values.clear();
-                    values.extend(
-                        experiment
-                            .dimensions
-                            .iter()
-                            .map(|d| context.dimension(d, device)),
-                    );
-                    let d = engine.decide(experiment.handle, user_id, &values, true)?;
-                    check_variant(experiment, d.variant)?;
+                    let d = ready.decide(engine, catalogue, &mut values)?;
                     let k = ids.len();
                     ids.push(format!("{id_prefix}-{:x}", first_seq + k as u64));
                     encode_allocation(
                         &mut response,
                         &mut scratch,
-                        &Answer {
-                            assignment_id: &ids[k],
-                            experiment,
-                            variant: d.variant,
-                            segment_key: &d.segment_key,
-                            level: d.level,
-                            propensity: d.propensity,
-                            sticky: false,
-                        },
+                        &Answer::decided(&ids[k], experiment, &d),
                         region,
                     );
                     decided.handles.push(experiment.handle);
@@ -774,6 +900,109 @@ mod tests {
             parsed[1].1,
             vec![(1, "3".into()), (2, "bad".into()), (3, "user_id".into())]
         );
+    }
+
+    #[test]
+    fn one_request_is_answered_like_a_batch_of_one() {
+        let m = request("exp", "u1", &[("utm_source", "a"), ("user_agent", "Bot/1")]);
+        let (engine, catalogue) = setup(true);
+        for bad in [
+            vec![0x0a, 0x09],
+            request("exp", "", &[]),
+            request("nope", "x", &[]),
+        ] {
+            assert!(matches!(
+                catalogue.check_one(&bad, 0, false),
+                OneChecked::Caller
+            ));
+        }
+        // A sticky experiment under shared state needs the caller (claims live there).
+        assert!(matches!(
+            catalogue.check_one(&m, 0, true),
+            OneChecked::Caller
+        ));
+        match catalogue.check_one(&m, 0, false) {
+            OneChecked::UnknownUserAgent(ua) => assert_eq!(ua, "Bot/1"),
+            _ => panic!("an unseen user agent must be named"),
+        }
+        catalogue.learn_devices(&[("Bot/1", "unknown")]).unwrap();
+        let OneChecked::Ready(one) = catalogue.check_one(&m, 0, false) else {
+            panic!("a valid request must be ready");
+        };
+        assert_eq!((one.handle(), one.user_id(), one.sticky()), (5, "u1", true));
+        seed_thread_rng(9);
+        let d = one.decide(&engine, &catalogue, "eu", "p-7").unwrap();
+
+        let (batch_engine, batch_catalogue) = setup(true);
+        batch_catalogue
+            .learn_devices(&[("Bot/1", "unknown")])
+            .unwrap();
+        let prepared = batch_catalogue
+            .prepare(&batch(std::slice::from_ref(&m)), 0, false)
+            .unwrap();
+        seed_thread_rng(9);
+        let out = prepared
+            .finish(
+                &batch_engine,
+                &batch_catalogue,
+                "eu",
+                "p",
+                7,
+                &HashMap::new(),
+                &HashMap::new(),
+            )
+            .unwrap();
+        let mut result = Vec::new();
+        wire::put_bytes(&mut result, 1, &d.response);
+        assert_eq!(out.response, batch(&[result]));
+        assert_eq!(
+            (d.variant, d.segment_key.as_str(), d.level),
+            (
+                out.decided.variants[0],
+                out.decided.segment_keys[0].as_str(),
+                out.decided.levels[0]
+            )
+        );
+        // Both counted the allocation at every level of the path.
+        assert_eq!(engine.store().snapshot(Some(5)).len(), 3);
+        assert_eq!(
+            engine.store().snapshot(Some(5)),
+            batch_engine.store().snapshot(Some(5))
+        );
+
+        let given = GivenAllocation {
+            assignment_id: "old".into(),
+            variant: 1,
+            segment_key: "source:a|device:unknown".into(),
+            level: 1,
+            propensity: 0.25,
+            sticky: true,
+        };
+        let answered = one.answer(&given, "eu").unwrap();
+        let mut expected = Vec::new();
+        encode_response(
+            &mut expected,
+            &Answer {
+                assignment_id: "old",
+                experiment: &one.ready.experiment,
+                variant: 1,
+                segment_key: "source:a|device:unknown",
+                level: 1,
+                propensity: 0.25,
+                sticky: true,
+            },
+            "eu",
+        );
+        assert_eq!(answered, expected);
+        assert!(one
+            .answer(
+                &GivenAllocation {
+                    variant: 9,
+                    ..given
+                },
+                "eu"
+            )
+            .is_err());
     }
 
     #[test]

@@ -32,12 +32,14 @@ pub fn with_thread_sampler<T>(f: impl FnOnce(&mut SmallRng, &mut ShapeMemo) -> T
     })
 }
 
-/// Marsaglia–Tsang constants of one shape >= 1: d = shape - 1/3, c = 1 / sqrt(9 d).
+/// Marsaglia–Tsang constants of one shape >= 1: d = shape - 1/3, c = 1 / sqrt(9 d), and
+/// k = 1 / (108 d) for the second squeeze.
 #[derive(Debug, Clone, Copy)]
 pub struct GammaShape {
     shape: f64,
     d: f64,
     c: f64,
+    k: f64,
 }
 
 impl GammaShape {
@@ -48,6 +50,7 @@ impl GammaShape {
             shape,
             d,
             c: 1.0 / (9.0 * d).sqrt(),
+            k: 1.0 / (108.0 * d),
         }
     }
 }
@@ -76,6 +79,7 @@ impl ShapeMemo {
                 shape: f64::NAN,
                 d: f64::NAN,
                 c: f64::NAN,
+                k: f64::NAN,
             }; MEMO_SLOTS],
         }
     }
@@ -99,19 +103,28 @@ fn gamma_ge1<R: Rng + ?Sized>(rng: &mut R, shape: f64) -> f64 {
 }
 
 /// `gamma_ge1` with the shape's constants computed already.
+///
+/// The draw is accepted iff ln u < x²/2 + d (1 - v + ln v) (Marsaglia–Tsang); two squeezes
+/// accept without the logs, so they only save time and the accepted draws are the same.
+/// Theirs is u < 1 - 0.0331 x⁴. The second is tight for large shapes: with t = c x > -1,
+/// the right side is d h(t), h(t) = 3 ln(1 + t) - 3t + 1.5t² - t³, h(0) = 0 and
+/// h'(t) = -3t³ / (1 + t), so h(t) >= -0.75 t⁴ / min(1, 1 + t); since d c⁴ = 1 / (81 d) and
+/// ln u <= u - 1, u < 1 - k x⁴ / s with s = min(1, 1 + t) implies acceptance.
 #[inline]
 fn gamma_with<R: Rng + ?Sized>(rng: &mut R, shape: GammaShape) -> f64 {
-    let GammaShape { d, c, .. } = shape;
+    let GammaShape { d, c, k, .. } = shape;
     loop {
         let x: f64 = rng.sample(StandardNormal);
         let v = 1.0 + c * x;
         if v <= 0.0 {
             continue;
         }
+        let s = v.min(1.0);
         let v = v * v * v;
         let u: f64 = rng.gen();
         let x2 = x * x;
-        if u < 1.0 - 0.0331 * x2 * x2 {
+        let x4 = x2 * x2;
+        if u < 1.0 - 0.0331 * x4 || u * s < s - k * x4 {
             return d * v;
         }
         if u.ln() < 0.5 * x2 + d * (1.0 - v + v.ln()) {
@@ -177,6 +190,80 @@ pub fn beta_sample_memo<R: Rng + ?Sized>(
     }
 }
 
+/// One Beta(alpha, beta) with its sampler constants computed once, for repeated draws.
+#[derive(Debug, Clone, Copy)]
+pub struct BetaParams {
+    alpha: f64,
+    beta: f64,
+    x: GammaShape,
+    y: GammaShape,
+}
+
+impl BetaParams {
+    #[inline]
+    pub fn new(alpha: f64, beta: f64) -> Self {
+        BetaParams {
+            alpha,
+            beta,
+            x: GammaShape::new(alpha),
+            y: GammaShape::new(beta),
+        }
+    }
+
+    /// Change to Beta(alpha, beta), recomputing only the constants of a changed parameter.
+    #[inline]
+    pub fn set(&mut self, alpha: f64, beta: f64) {
+        if alpha.to_bits() != self.alpha.to_bits() {
+            self.alpha = alpha;
+            self.x = GammaShape::new(alpha);
+        }
+        if beta.to_bits() != self.beta.to_bits() {
+            self.beta = beta;
+            self.y = GammaShape::new(beta);
+        }
+    }
+}
+
+/// `beta_sample` with the constants of `params`: the same draws from the same generator state.
+#[inline]
+pub fn beta_sample_params<R: Rng + ?Sized>(rng: &mut R, params: &BetaParams) -> f64 {
+    if params.alpha >= 1.0 && params.beta >= 1.0 {
+        let x = gamma_with(rng, params.x);
+        let y = gamma_with(rng, params.y);
+        x / (x + y)
+    } else {
+        beta_sample(rng, params.alpha, params.beta)
+    }
+}
+
+/// Most draws `beta_sample_many` makes per call.
+pub const MANY: usize = 16;
+
+/// `beta_sample_params` for each of `params` in turn, into `out` (at most `MANY`): the same
+/// draws. The divisions X / (X + Y) come after all the Gamma draws, so they overlap.
+#[inline]
+pub fn beta_sample_many<'a, R: Rng + ?Sized>(
+    rng: &mut R,
+    params: impl IntoIterator<Item = &'a BetaParams>,
+    out: &mut [f64],
+) {
+    let mut ys = [f64::NAN; MANY];
+    let n = out.len().min(MANY);
+    for ((p, o), y) in params.into_iter().zip(&mut out[..n]).zip(&mut ys) {
+        if p.alpha >= 1.0 && p.beta >= 1.0 {
+            *o = gamma_with(rng, p.x);
+            *y = gamma_with(rng, p.y);
+        } else {
+            *o = beta_sample(rng, p.alpha, p.beta);
+        }
+    }
+    for (o, &y) in out[..n].iter_mut().zip(&ys) {
+        if !y.is_nan() {
+            *o /= *o + y;
+        }
+    }
+}
+
 /// Whether (alpha, beta) are usable Beta parameters.
 pub fn valid_params(alpha: f64, beta: f64) -> bool {
     alpha.is_finite() && beta.is_finite() && alpha > 0.0 && beta > 0.0
@@ -208,8 +295,9 @@ pub fn thompson_select<R: Rng + ?Sized>(
 ///
 /// Uses `draws` rounds of the same selection rule; the standard error of each probability is at
 /// most 0.5 / sqrt(draws). Each share is smoothed as (wins + 1/K) / (draws + 1), so no variant
-/// that can be chosen gets probability 0 (inverse-propensity weights stay finite) and the
-/// shares still sum to 1.
+/// that can be chosen gets probability 0 and the shares still sum to 1. A check on the sampler
+/// (and the Python `selection_probabilities`); the propensity a decision logs is the exact
+/// `propensity::selection_probabilities`, which has neither the noise nor the floor.
 pub fn selection_probabilities<R: Rng + ?Sized>(
     rng: &mut R,
     alphas: &[f64],
@@ -285,6 +373,7 @@ mod tests {
     fn memo_draws_equal_plain_draws() {
         let mut plain = SmallRng::seed_from_u64(9);
         let mut memoized = SmallRng::seed_from_u64(9);
+        let mut precomputed = SmallRng::seed_from_u64(9);
         let mut memo = ShapeMemo::new();
         // Repeated and colliding shapes, small shapes (no memo) and huge ones.
         let shapes = [
@@ -298,10 +387,62 @@ mod tests {
         for i in 0..20_000 {
             let (a, b) = shapes[i % shapes.len()];
             let a = a + (i % 7) as f64;
+            let x = beta_sample(&mut plain, a, b).to_bits();
             assert_eq!(
-                beta_sample(&mut plain, a, b).to_bits(),
+                x,
                 beta_sample_memo(&mut memoized, &mut memo, a, b).to_bits()
             );
+            let mut params = BetaParams::new(b, a);
+            params.set(a, b);
+            assert_eq!(x, beta_sample_params(&mut precomputed, &params).to_bits());
+        }
+        // Several at once: the same draws again.
+        let params: Vec<BetaParams> = shapes.iter().map(|&(a, b)| BetaParams::new(a, b)).collect();
+        let mut one = SmallRng::seed_from_u64(10);
+        let mut many = SmallRng::seed_from_u64(10);
+        let mut out = [0.0; 6];
+        for _ in 0..1000 {
+            beta_sample_many(&mut many, &params, &mut out);
+            for (p, x) in params.iter().zip(out) {
+                assert_eq!(beta_sample_params(&mut one, p).to_bits(), x.to_bits());
+            }
+        }
+    }
+
+    /// Marsaglia–Tsang with only their squeeze, as published.
+    fn gamma_reference(rng: &mut SmallRng, shape: f64) -> f64 {
+        let d = shape - 1.0 / 3.0;
+        let c = 1.0 / (9.0 * d).sqrt();
+        loop {
+            let x: f64 = rng.sample(StandardNormal);
+            let v = 1.0 + c * x;
+            if v <= 0.0 {
+                continue;
+            }
+            let v = v * v * v;
+            let u: f64 = rng.gen();
+            if u < 1.0 - 0.0331 * x * x * x * x {
+                return d * v;
+            }
+            if u.ln() < 0.5 * x * x + d * (1.0 - v + v.ln()) {
+                return d * v;
+            }
+        }
+    }
+
+    #[test]
+    fn second_squeeze_keeps_the_draws() {
+        for shape in [1.0, 1.2, 2.5, 7.0, 31.0, 971.0, 9510.5, 1e7] {
+            let mut a = SmallRng::seed_from_u64(21);
+            let mut b = SmallRng::seed_from_u64(21);
+            for _ in 0..200_000 {
+                let x = gamma_ge1(&mut a, shape);
+                assert_eq!(
+                    x.to_bits(),
+                    gamma_reference(&mut b, shape).to_bits(),
+                    "{shape}"
+                );
+            }
         }
     }
 

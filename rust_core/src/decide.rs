@@ -1,15 +1,14 @@
 //! One allocation decision in one call: segment path → cascade → warm-started posteriors →
 //! Thompson sampling with an exploration bonus → choice, propensity and counting.
 
-use crate::beta::{
-    beta_sample_memo, selection_probabilities, with_thread_rng, with_thread_sampler,
-};
+use crate::beta::{beta_sample_many, with_thread_rng, BetaParams, MANY};
 use crate::cascade::{cascade_level, Tree};
 use crate::error::CoreError;
 use crate::keys::{bucket, key_hash, path_hashes_of_key, push_canonical_value, valid_dimension};
 use crate::store::{Node, NodeId, PropensityCache, Segments, Store};
 use arc_swap::{ArcSwap, ArcSwapOption};
 use parking_lot::Mutex;
+use std::cell::RefCell;
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -19,8 +18,9 @@ use std::sync::Arc;
 pub const MAX_LEVELS: usize = 8;
 /// Most variants an experiment may have in the core (the server sets a lower configured cap).
 pub const MAX_VARIANTS: usize = 1024;
-/// Monte Carlo rounds behind one propensity estimate.
-pub const PROPENSITY_DRAWS: usize = 512;
+/// How far (in posterior standard deviations) any variant's posterior mean plus bonus may move
+/// before decisions at a node sample from (and log the probabilities of) its state again.
+pub const PROPENSITY_TOLERANCE: f64 = 0.1;
 
 /// How variants are chosen.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -211,6 +211,124 @@ fn build_path<S: AsRef<str>>(
 
 static GENERATIONS: AtomicU64 = AtomicU64::new(1);
 
+/// An engine's state stamp, distinct over all engines and all their changes (experiments,
+/// settings, trees): a path resolved at one epoch stays valid while the epoch is the same.
+struct Epoch(AtomicU64);
+
+impl Default for Epoch {
+    fn default() -> Self {
+        Epoch(AtomicU64::new(GENERATIONS.fetch_add(1, Ordering::Relaxed)))
+    }
+}
+
+impl Epoch {
+    #[inline]
+    fn get(&self) -> u64 {
+        self.0.load(Ordering::Acquire)
+    }
+
+    /// Call after each change is visible.
+    fn bump(&self) {
+        self.0.store(
+            GENERATIONS.fetch_add(1, Ordering::Relaxed),
+            Ordering::Release,
+        );
+    }
+}
+
+/// A resolved cascade path: the raw values it was built from, the segment key, the path's
+/// hashes (global first), tree membership per level and, at one version of the node map, the
+/// path's nodes.
+#[derive(Default)]
+struct Path {
+    values: String,
+    ends: Vec<usize>,
+    key: String,
+    hashes: [u64; MAX_LEVELS + 1],
+    in_tree: [bool; MAX_LEVELS + 1],
+    levels: usize,
+    /// Node map version of `nodes`; u64::MAX when they are not resolved yet.
+    version: u64,
+    nodes: [Option<Arc<Node>>; MAX_LEVELS + 1],
+    /// Per variant, the posterior last sampled on this path.
+    posteriors: Vec<CachedPosterior>,
+}
+
+/// A variant's sampler constants for the posterior state (`PropensityCache::id`) they were
+/// computed from.
+#[derive(Clone, Copy)]
+struct CachedPosterior {
+    state: u64,
+    params: BetaParams,
+}
+
+impl Path {
+    /// Whether `values` are the raw values this path was built from.
+    #[inline]
+    fn same_values<S: AsRef<str>>(&self, values: &[S]) -> bool {
+        if values.len() != self.ends.len() {
+            return false;
+        }
+        let mut start = 0;
+        values.iter().zip(&self.ends).all(|(v, &end)| {
+            let same = v.as_ref().as_bytes() == &self.values.as_bytes()[start..end];
+            start = end;
+            same
+        })
+    }
+
+    /// Build the path of `values` in `entry`; its nodes are looked up on first use.
+    fn build<S: AsRef<str>>(
+        &mut self,
+        entry: &ExperimentEntry,
+        values: &[S],
+    ) -> Result<(), CoreError> {
+        self.ends.clear();
+        self.version = u64::MAX;
+        self.posteriors.clear();
+        self.levels = build_path(entry, values, &mut self.key, &mut self.hashes)?;
+        let tree = entry.tree.load();
+        for l in 0..self.levels {
+            self.in_tree[l] = l == 0 || tree.as_ref().is_none_or(|t| t.contains(self.hashes[l]));
+        }
+        self.values.clear();
+        for v in values {
+            self.values.push_str(v.as_ref());
+            self.ends.push(self.values.len());
+        }
+        Ok(())
+    }
+
+    /// Make `nodes` those of the map at its current version.
+    #[inline]
+    fn resolve(&mut self, segments: &Segments) {
+        if segments.version() == self.version {
+            return;
+        }
+        let map = segments.read();
+        self.version = segments.version();
+        for l in 0..self.levels {
+            self.nodes[l] = map.get(&self.hashes[l]).cloned();
+        }
+        for node in &mut self.nodes[self.levels..] {
+            *node = None;
+        }
+    }
+}
+
+/// The calling thread's last single decision: its engine epoch, experiment and path.
+#[derive(Default)]
+struct LastDecision {
+    epoch: u64,
+    experiment: u64,
+    entry: Option<Arc<ExperimentEntry>>,
+    path: Path,
+}
+
+thread_local! {
+    static LAST_DECISION: RefCell<LastDecision> = RefCell::new(LastDecision::default());
+}
+
 /// Hasher for experiment handles (small integers): one multiply, no SipHash rounds.
 #[derive(Default)]
 struct HandleHasher(u64);
@@ -239,6 +357,7 @@ pub struct Engine {
     experiments: ArcSwap<ExperimentMap>,
     writers: Mutex<()>,
     store: Store,
+    epoch: Epoch,
 }
 
 fn pick_by_cumulative(cumulative: &[f64], u: f64) -> usize {
@@ -258,18 +377,37 @@ fn posterior(
     i: usize,
     cfg: &ExperimentConfig,
 ) -> (f64, f64) {
+    posterior_of(posterior_counts(nodes, level, i, cfg), level, cfg)
+}
+
+/// What `posterior` reads: (allocations, conversions) of variant `i` at the level, then at
+/// its parent when the warm start uses it (else zeros).
+#[inline]
+fn posterior_counts(
+    nodes: &[Option<&Node>],
+    level: usize,
+    i: usize,
+    cfg: &ExperimentConfig,
+) -> [u64; 4] {
     let (n, c) = nodes[level].map_or((0, 0), |node| node.variant(i));
+    let (pn, pc) = if level > 0 && cfg.warm_start > 0.0 {
+        nodes[level - 1].map_or((0, 0), |node| node.variant(i))
+    } else {
+        (0, 0)
+    };
+    [n, c, pn, pc]
+}
+
+/// `posterior` from the counts it reads.
+#[inline]
+fn posterior_of([n, c, pn, pc]: [u64; 4], level: usize, cfg: &ExperimentConfig) -> (f64, f64) {
     let mut alpha = cfg.prior_alpha + c as f64;
     let mut beta = cfg.prior_beta + n.saturating_sub(c) as f64;
-    if level > 0 && cfg.warm_start > 0.0 {
-        let (pn, pc) = nodes[level - 1].map_or((0, 0), |node| node.variant(i));
-        if pn > 0 {
-            let w = cfg.warm_start.min(pn as f64);
-            let mean =
-                (cfg.prior_alpha + pc as f64) / (cfg.prior_alpha + cfg.prior_beta + pn as f64);
-            alpha += w * mean;
-            beta += w * (1.0 - mean);
-        }
+    if level > 0 && cfg.warm_start > 0.0 && pn > 0 {
+        let w = cfg.warm_start.min(pn as f64);
+        let mean = (cfg.prior_alpha + pc as f64) / (cfg.prior_alpha + cfg.prior_beta + pn as f64);
+        alpha += w * mean;
+        beta += w * (1.0 - mean);
     }
     (alpha, beta)
 }
@@ -304,6 +442,7 @@ impl Engine {
             }),
         );
         self.experiments.store(Arc::new(map));
+        self.epoch.bump();
         Ok(())
     }
 
@@ -314,6 +453,7 @@ impl Engine {
         map.remove(&experiment);
         self.experiments.store(Arc::new(map));
         self.store.remove_experiment(experiment);
+        self.epoch.bump();
     }
 
     pub fn has_experiment(&self, experiment: u64) -> bool {
@@ -335,6 +475,7 @@ impl Engine {
     /// Swap in the experiment's tree atomically (None: every node may be used).
     pub fn set_tree(&self, experiment: u64, tree: Option<Tree>) -> Result<(), CoreError> {
         self.entry(experiment)?.tree.store(tree.map(Arc::new));
+        self.epoch.bump();
         Ok(())
     }
 
@@ -359,6 +500,9 @@ impl Engine {
 
     /// `decide` that writes the segment key into `key` (cleared first) and returns
     /// (variant, level, propensity), so a caller can reuse one key buffer.
+    ///
+    /// The thread keeps its last path: a decision with the same engine state, experiment and
+    /// values reuses its key, hashes, tree membership and nodes.
     pub fn decide_into<S: AsRef<str>>(
         &self,
         experiment: u64,
@@ -367,13 +511,32 @@ impl Engine {
         record: bool,
         key: &mut String,
     ) -> Result<(usize, usize, f64), CoreError> {
-        let map = self.experiments.load();
-        let entry = map
-            .get(&experiment)
-            .ok_or(CoreError::UnknownExperiment(experiment))?;
-        let mut hashes = [0u64; MAX_LEVELS + 1];
-        let levels = build_path(entry, values, key, &mut hashes)?;
-        Ok(self.decide_on_path(entry, user_id, &hashes[..levels], record))
+        let epoch = self.epoch.get();
+        LAST_DECISION.with(|cell| {
+            let Ok(mut last) = cell.try_borrow_mut() else {
+                // Re-entered on this thread (not done today): decide without the cache.
+                let mut path = Path::default();
+                let entry = self.entry(experiment)?;
+                path.build(&entry, values)?;
+                key.clone_from(&path.key);
+                return Ok(self.decide_on_path(&entry, &mut path, user_id, record));
+            };
+            let last = &mut *last;
+            let current = last.epoch == epoch
+                && last.experiment == experiment
+                && last.path.same_values(values);
+            if !current {
+                last.epoch = 0;
+                let entry = self.entry(experiment)?;
+                last.path.build(&entry, values)?;
+                (last.epoch, last.experiment, last.entry) = (epoch, experiment, Some(entry));
+            }
+            let Some(entry) = last.entry.as_deref() else {
+                return Err(CoreError::UnknownExperiment(experiment));
+            };
+            key.clone_from(&last.path.key);
+            Ok(self.decide_on_path(entry, &mut last.path, user_id, record))
+        })
     }
 
     /// `decide` for many users of one experiment; each item fails or succeeds on its own.
@@ -429,44 +592,55 @@ impl Engine {
             keys: Vec::new(),
             items: Vec::with_capacity(rows.len()),
         };
-        let mut key = String::new();
-        let mut hashes = [0u64; MAX_LEVELS + 1];
+        let mut path = Path::default();
         let mut previous: Option<&[S]> = None;
         for (user_id, &row) in user_ids.iter().zip(rows) {
-            let same =
-                previous.is_some_and(|p| p.iter().zip(row).all(|(a, b)| a.as_ref() == b.as_ref()));
+            let same = previous.is_some_and(|p| {
+                std::ptr::eq(p, row) || p.iter().zip(row).all(|(a, b)| a.as_ref() == b.as_ref())
+            });
             if !same {
-                build_path(&entry, row, &mut key, &mut hashes)?;
-                if out.keys.last() != Some(&key) {
-                    out.keys.push(key.clone());
+                path.build(&entry, row)?;
+                if out.keys.last() != Some(&path.key) {
+                    out.keys.push(path.key.clone());
                 }
                 previous = Some(row);
             }
             let (variant, level, propensity) =
-                self.decide_on_path(&entry, user_id.as_ref(), &hashes[..=depth], record);
+                self.decide_on_path(&entry, &mut path, user_id.as_ref(), record);
             out.items
                 .push((variant, level, propensity, out.keys.len() - 1));
         }
         Ok(out)
     }
 
-    /// The decision once the path's hashes (global first) are known.
+    /// The decision once the path is built; its nodes are (re)resolved when the node map
+    /// changed. Counting holds the map's read lock at the nodes' version, so a node being
+    /// widened (copied) never misses an increment.
     fn decide_on_path(
         &self,
         entry: &ExperimentEntry,
+        path: &mut Path,
         user_id: &str,
-        hashes: &[u64],
         record: bool,
     ) -> (usize, usize, f64) {
         let cfg = &entry.config;
-        let levels = hashes.len();
-        // One read lock for the whole path; counting under it needs no node creation.
-        let map = entry.segments.read();
+        let levels = path.levels;
+        let guard = loop {
+            path.resolve(&entry.segments);
+            if !record {
+                break None;
+            }
+            let guard = entry.segments.read();
+            if entry.segments.version() == path.version {
+                break Some(guard);
+            }
+        };
         let mut nodes: [Option<&Node>; MAX_LEVELS + 1] = [None; MAX_LEVELS + 1];
-        for l in 0..levels {
-            nodes[l] = map.get(&hashes[l]).map(|n| &**n);
+        for (slot, node) in nodes.iter_mut().zip(&path.nodes[..levels]) {
+            *slot = node.as_deref();
         }
         let nodes = &nodes[..levels];
+        let hashes = &path.hashes[..levels];
 
         let (variant, level, propensity) = match cfg.policy {
             Policy::Uniform => {
@@ -478,7 +652,13 @@ impl Engine {
                 let v = pick_by_cumulative(&entry.cumulative, u);
                 (v, 0, share(&entry.cumulative, v))
             }
-            Policy::Thompson => thompson(entry, nodes, hashes),
+            Policy::Thompson => thompson(
+                entry,
+                nodes,
+                &path.in_tree[..levels],
+                hashes,
+                &mut path.posteriors,
+            ),
         };
 
         if record {
@@ -490,7 +670,7 @@ impl Engine {
                     node.add_allocation(variant);
                 }
             } else {
-                drop(map);
+                drop(guard);
                 for &h in hashes {
                     entry
                         .segments
@@ -567,52 +747,61 @@ impl Engine {
     }
 }
 
-/// Thompson choice at the cascade's level: (variant, level, propensity).
+/// Thompson choice at the cascade's level: (variant, level, propensity). The draw is made from
+/// the node's current posterior state (`state`), whose exact selection probability is logged.
 fn thompson(
     entry: &ExperimentEntry,
     nodes: &[Option<&Node>],
+    in_tree: &[bool],
     hashes: &[u64],
+    posteriors: &mut Vec<CachedPosterior>,
 ) -> (usize, usize, f64) {
     let cfg = &entry.config;
-    let tree = entry.tree.load();
     let mut samples = [0u64; MAX_LEVELS + 1];
-    let mut in_tree = [true; MAX_LEVELS + 1];
     for l in 0..nodes.len() {
         samples[l] = nodes[l].map_or(0, |n| n.allocations());
-        if let Some(t) = tree.as_ref() {
-            in_tree[l] = l == 0 || t.contains(hashes[l]);
+    }
+    let level = cascade_level(&samples[..nodes.len()], in_tree, &cfg.min_samples);
+    let state = state(
+        nodes,
+        level,
+        hashes[level] ^ entry.generation.wrapping_mul(0x9E37_79B9_7F4A_7C15),
+        cfg,
+    );
+    // Sampler constants are computed once per state and path, all before the draws, so the
+    // divisions overlap.
+    if posteriors.len() != cfg.variants {
+        let stale = CachedPosterior {
+            state: 0,
+            params: BetaParams::new(1.0, 1.0),
+        };
+        posteriors.resize(cfg.variants, stale);
+    }
+    for (cached, &(a, b)) in posteriors.iter_mut().zip(&state.posteriors) {
+        if cached.state != state.id || state.id == 0 {
+            cached.state = state.id;
+            cached.params.set(a, b);
         }
     }
-    let level = cascade_level(
-        &samples[..nodes.len()],
-        &in_tree[..nodes.len()],
-        &cfg.min_samples,
-    );
-    let variant = with_thread_sampler(|rng, memo| {
+    let variant = with_thread_rng(|rng| {
         let mut best = 0;
         let mut best_score = f64::NEG_INFINITY;
-        for i in 0..cfg.variants {
-            let (a, b) = posterior(nodes, level, i, cfg);
-            let score = beta_sample_memo(rng, memo, a, b) + bonus(nodes[level], i, cfg);
-            if score > best_score {
-                best_score = score;
-                best = i;
+        let mut draws = [0.0; MANY];
+        for (block, chunk) in posteriors.chunks(MANY).enumerate() {
+            let draws = &mut draws[..chunk.len()];
+            beta_sample_many(rng, chunk.iter().map(|c| &c.params), draws);
+            for (k, &draw) in draws.iter().enumerate() {
+                let i = block * MANY + k;
+                let score = draw + state.bonuses[i];
+                if score > best_score {
+                    best_score = score;
+                    best = i;
+                }
             }
         }
         best
     });
-    (
-        variant,
-        level,
-        propensity(
-            nodes,
-            level,
-            hashes[level] ^ entry.generation.wrapping_mul(0x9E37_79B9_7F4A_7C15),
-            variant,
-            cfg,
-            samples[level],
-        ),
-    )
+    (variant, level, state.probabilities[variant])
 }
 
 /// The exploration bonus of variant `i` at a node: `exploration / sqrt(n_i + 1)`.
@@ -625,52 +814,97 @@ fn bonus(node: Option<&Node>, i: usize, cfg: &ExperimentConfig) -> f64 {
     cfg.exploration / ((n + 1) as f64).sqrt()
 }
 
-/// Monte Carlo selection probabilities of every variant at the given level.
+/// Exact selection probabilities of every variant at the given level (numerical integration,
+/// `propensity::selection_probabilities`).
 fn selection_estimate(nodes: &[Option<&Node>], level: usize, cfg: &ExperimentConfig) -> Vec<f64> {
-    let (alphas, betas): (Vec<f64>, Vec<f64>) = (0..cfg.variants)
+    selection_at(nodes, level, cfg).0
+}
+
+/// The selection probabilities at the given level, the posteriors and bonuses they come from.
+fn selection_at(
+    nodes: &[Option<&Node>],
+    level: usize,
+    cfg: &ExperimentConfig,
+) -> (Vec<f64>, Vec<(f64, f64)>, Vec<f64>) {
+    let posteriors: Vec<(f64, f64)> = (0..cfg.variants)
         .map(|i| posterior(nodes, level, i, cfg))
-        .unzip();
+        .collect();
+    let (alphas, betas): (Vec<f64>, Vec<f64>) = posteriors.iter().copied().unzip();
     let bonuses: Vec<f64> = (0..cfg.variants)
         .map(|i| bonus(nodes[level], i, cfg))
         .collect();
-    with_thread_rng(|rng| {
-        selection_probabilities(rng, &alphas, &betas, Some(&bonuses), PROPENSITY_DRAWS)
-    })
+    let probabilities = crate::propensity::selection_probabilities(&alphas, &betas, &bonuses);
+    (probabilities, posteriors, bonuses)
 }
 
-/// The chosen variant's selection probability, cached on the node per state version.
-fn propensity(
+static STATES: AtomicU64 = AtomicU64::new(1);
+
+/// The posterior state decisions at this level sample from, with its exact selection
+/// probabilities, cached on the node.
+///
+/// Computing the probabilities costs 10-40 microseconds, so a node's state is kept while every
+/// variant's posterior mean plus bonus stays within `PROPENSITY_TOLERANCE` standard deviations
+/// of the counts now: decisions then draw from the kept state (Thompson sampling on a
+/// posterior at most that far behind, like batched updates), so the propensity they log is
+/// the exact probability of the draw made, at any tolerance. One more allocation of variant i
+/// without a conversion moves Beta(a, b)'s mean by a / (a + b)^2 and its bonus by less than
+/// exploration / (2 (n_i + 1)^1.5); one conversion moves the mean by 1 / (a + b). The entry
+/// counts both per variant. Changes of the warm start's parent, which carries a bounded
+/// weight, are not tracked.
+fn state(
     nodes: &[Option<&Node>],
     level: usize,
     level_hash: u64,
-    variant: usize,
     cfg: &ExperimentConfig,
-    allocations: u64,
-) -> f64 {
+) -> Arc<PropensityCache> {
     let Some(node) = nodes[level] else {
-        return selection_estimate(nodes, level, cfg)[variant];
+        // No node yet (nothing counted there): the prior's state, not kept.
+        let (probabilities, posteriors, bonuses) = selection_at(nodes, level, cfg);
+        return Arc::new(PropensityCache {
+            id: 0,
+            level_key: 0,
+            posteriors,
+            bonuses,
+            probabilities,
+            counts: Vec::new(),
+            cost: Vec::new(),
+        });
     };
-    // `allocations` was read for the cascade in this decision: the node's state it decided on.
-    let (a, c) = (allocations, node.conversions());
-    // The cache key includes the variant count and cascade depth, which change the estimate.
+    // The cache key includes the variant count and cascade depth, which change the result.
     let version_key = level_hash ^ ((cfg.variants as u64) << 32) ^ level as u64;
     {
         let cache = node.propensity.lock();
         if let Some(hit) = cache.as_ref() {
-            if hit.fresh(a, c, version_key) {
-                return hit.probabilities[variant];
+            if hit.fresh(version_key, node) {
+                return Arc::clone(hit);
             }
         }
     }
-    let probabilities = selection_estimate(nodes, level, cfg);
-    let p = probabilities[variant];
-    *node.propensity.lock() = Some(PropensityCache {
-        allocations: a,
-        conversions: c,
+    let counts: Vec<(u64, u64)> = (0..cfg.variants).map(|i| node.variant(i)).collect();
+    let (probabilities, posteriors, bonuses) = selection_at(nodes, level, cfg);
+    let cost = posteriors
+        .iter()
+        .zip(&counts)
+        .map(|(&(a, b), &(n, _))| {
+            let total = a + b;
+            let sd = (a * b / (total * total * (total + 1.0))).sqrt();
+            let allowed = PROPENSITY_TOLERANCE * sd;
+            let per_allocation =
+                a / (total * total) + cfg.exploration / (2.0 * ((n + 1) as f64).powf(1.5));
+            (per_allocation / allowed, 1.0 / (total * allowed))
+        })
+        .collect();
+    let entry = Arc::new(PropensityCache {
+        id: STATES.fetch_add(1, Ordering::Relaxed),
         level_key: version_key,
+        posteriors,
+        bonuses,
         probabilities,
+        counts,
+        cost,
     });
-    p
+    *node.propensity.lock() = Some(Arc::clone(&entry));
+    entry
 }
 
 fn share(cumulative: &[f64], v: usize) -> f64 {
@@ -752,6 +986,50 @@ mod tests {
                 .level,
             1
         );
+    }
+
+    #[test]
+    fn the_threads_last_path_follows_every_change() {
+        seed_thread_rng(3);
+        let (a, b) = (Engine::new(), Engine::new());
+        a.configure(1, config(Policy::Thompson)).unwrap();
+        b.configure(1, config(Policy::Thompson)).unwrap();
+        let values = ["ads", "tablet"];
+        // Two engines with the same experiment handle, alternating on one thread: each
+        // counts only its own decisions.
+        for _ in 0..300 {
+            a.decide(1, "u", &values, true).unwrap();
+        }
+        assert_eq!(a.decide(1, "u", &values, false).unwrap().level, 2);
+        assert_eq!(b.decide(1, "u", &values, true).unwrap().level, 0);
+        let leaf = NodeId::new(1, key_hash("source:ads|device:tablet"));
+        assert_eq!(a.store.get(leaf).unwrap().allocations(), 300);
+        assert_eq!(b.store.get(leaf).unwrap().allocations(), 1);
+        // New settings: more variants (nodes widen, counts kept), then a uniform split.
+        let mut wider = config(Policy::Thompson);
+        wider.variants = 3;
+        a.configure(1, wider.clone()).unwrap();
+        for _ in 0..30 {
+            assert!(a.decide(1, "u", &values, true).unwrap().variant < 3);
+        }
+        assert_eq!(a.store.get(leaf).unwrap().allocations(), 330);
+        assert_eq!(a.store.get(leaf).unwrap().variants(), 3);
+        wider.policy = Policy::Uniform;
+        wider.weights = vec![0.0, 0.0, 1.0];
+        a.configure(1, wider).unwrap();
+        let d = a.decide(1, "u", &values, false).unwrap();
+        assert_eq!((d.variant, d.level, d.propensity), (2, 0, 1.0));
+        // Other values, then removal.
+        assert_eq!(
+            a.decide(1, "u", &["x", "y"], false).unwrap().segment_key,
+            "source:x|device:y"
+        );
+        a.remove(1);
+        assert!(matches!(
+            a.decide(1, "u", &values, false),
+            Err(CoreError::UnknownExperiment(1))
+        ));
+        assert_eq!(b.decide(1, "u", &values, false).unwrap().level, 0);
     }
 
     #[test]

@@ -2,6 +2,8 @@
 //!
 //! - [`beta`]: Gamma/Beta sampling, Thompson selection, the per-thread generator.
 //! - [`keys`]: canonical segment keys, their stable hash, hash bucketing of users.
+//! - [`propensity`]: exact selection probabilities of Thompson sampling (the logged
+//!   propensity).
 //! - [`store`]: the concurrent posterior counter store.
 //! - [`cascade`]: choosing the cascade level over the segment tree.
 //! - [`decide`]: the [`decide::Engine`] that makes a whole allocation decision in one call.
@@ -15,6 +17,7 @@ pub mod context;
 pub mod decide;
 pub mod error;
 pub mod keys;
+pub mod propensity;
 pub mod store;
 pub mod wire;
 

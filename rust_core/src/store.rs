@@ -109,24 +109,40 @@ pub struct VariantCounts {
     pub value_sum: f64,
 }
 
-/// Selection probabilities computed for one state of a node, reused while the node's counts
-/// stay within a small relative distance of that state.
+/// One state of a node's posteriors that decisions sample from, with its exact selection
+/// probabilities; reused while no variant's posterior has moved by more than a fraction of
+/// its standard deviation since. Decisions draw from these posteriors (not the moving counts),
+/// so the probability they log is exactly that of the draw they made.
 #[derive(Debug, Clone)]
 pub struct PropensityCache {
-    pub allocations: u64,
-    pub conversions: u64,
+    /// Distinct for every computed entry (0: an entry not kept on a node).
+    pub id: u64,
     pub level_key: u64,
+    /// Per variant: Beta (alpha, beta) and exploration bonus sampled from.
+    pub posteriors: Vec<(f64, f64)>,
+    pub bonuses: Vec<f64>,
     pub probabilities: Vec<f64>,
+    /// Per variant: (allocations, conversions) at the node when the entry was computed.
+    pub counts: Vec<(u64, u64)>,
+    /// Per variant: the share of the allowed movement that one allocation and one conversion
+    /// use up (see `decide::propensity`).
+    pub cost: Vec<(f64, f64)>,
 }
 
 impl PropensityCache {
-    /// Whether a node now at (allocations, conversions) is close enough to reuse this entry:
-    /// at most max(32, 1/32 of the counts) allocations and max(4, 1/32) conversions away.
-    pub fn fresh(&self, allocations: u64, conversions: u64, level_key: u64) -> bool {
-        let close = |now: u64, then: u64, floor: u64| now.abs_diff(then) <= floor.max(then / 32);
+    /// Whether the entry still holds for the node as it is now: the same settings, and for
+    /// every variant (allocations moved) * cost + (conversions moved) * cost <= 1.
+    #[inline]
+    pub fn fresh(&self, level_key: u64, node: &Node) -> bool {
         self.level_key == level_key
-            && close(allocations, self.allocations, 32)
-            && close(conversions, self.conversions, 4)
+            && self.counts.iter().zip(&self.cost).enumerate().all(
+                |(i, (&(n, c), &(per_allocation, per_conversion)))| {
+                    let (n_now, c_now) = node.variant(i);
+                    n_now.abs_diff(n) as f64 * per_allocation
+                        + c_now.abs_diff(c) as f64 * per_conversion
+                        <= 1.0
+                },
+            )
     }
 }
 
@@ -134,7 +150,7 @@ impl PropensityCache {
 pub struct Node {
     counters: Box<[Counter]>,
     exported: Mutex<Box<[Exported]>>,
-    pub propensity: Mutex<Option<PropensityCache>>,
+    pub propensity: Mutex<Option<Arc<PropensityCache>>>,
 }
 
 impl Node {
@@ -290,6 +306,9 @@ impl Node {
 #[derive(Default)]
 pub struct Segments {
     nodes: RwLock<NodeMap>,
+    /// Bumped (under the write lock) whenever the map changes: node references taken at one
+    /// version stay the map's nodes while the version is unchanged.
+    version: AtomicU64,
 }
 
 impl Segments {
@@ -297,6 +316,12 @@ impl Segments {
     #[inline]
     pub fn read(&self) -> RwLockReadGuard<'_, NodeMap> {
         self.nodes.read()
+    }
+
+    /// The map's change count; stable while a read guard is held.
+    #[inline]
+    pub fn version(&self) -> u64 {
+        self.version.load(Ordering::Acquire)
     }
 
     #[inline]
@@ -313,20 +338,18 @@ impl Segments {
             }
         }
         let mut nodes = self.nodes.write();
-        match nodes.get(&segment) {
-            Some(node) if node.variants() >= variants => node.clone(),
+        let node = match nodes.get(&segment) {
+            Some(node) if node.variants() >= variants => return node.clone(),
             Some(node) => {
                 let wider = Arc::new(Node::new(variants));
                 wider.copy_from(node);
-                nodes.insert(segment, wider.clone());
                 wider
             }
-            None => {
-                let node = Arc::new(Node::new(variants));
-                nodes.insert(segment, node.clone());
-                node
-            }
-        }
+            None => Arc::new(Node::new(variants)),
+        };
+        nodes.insert(segment, node.clone());
+        self.version.fetch_add(1, Ordering::Release);
+        node
     }
 
     pub fn len(&self) -> usize {

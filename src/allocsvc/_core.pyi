@@ -139,7 +139,8 @@ class Engine:
         """Swap in the node hashes the cascade may use; None allows every node."""
 
     def propensities(self, experiment: int, segment_key: str) -> list[float]:
-        """Selection probability of each variant at one node in its current state."""
+        """Exact selection probability (numerical integration) of each variant at one node in
+        its current state: what a decision there logs as its propensity."""
 
     def node_count(self) -> int: ...
 
@@ -185,6 +186,24 @@ class BatchCatalogue:
         """Decode a serialized AllocateBatchRequest and check every item (context extraction
         included), with the GIL released. `now_ms` stands for a timestamp of 0; with `shared`,
         items of sticky experiments need the caller. ValueError when the bytes are malformed."""
+    def allocate_one(
+        self,
+        engine: Engine,
+        request: bytes,
+        *,
+        now_ms: int,
+        shared: bool,
+        region: str,
+        assignment_id: str,
+        latest: Mapping[tuple[int, str], tuple[object, ...]],
+    ) -> str | tuple[bytes, tuple[int, str, int, str, int, float] | None] | None:
+        """Unary Allocate on the wire format (a serialized AllocateRequest), checked and
+        decided as an item of a batch: None when the caller's path must answer (bad request,
+        caller segments, sticky experiment under `shared`); a user agent to classify (with
+        `learn_devices`) before calling again; (response, None) for a sticky user found in
+        `latest` (tuples: id, _, _, _, variant, segment key, level, propensity, ...); or
+        (response, (handle, user id, variant, segment key, level, propensity)) for a new
+        decision named `assignment_id`, counted at every level of its path."""
 
 @final
 class PreparedBatch:

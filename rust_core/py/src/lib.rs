@@ -5,7 +5,8 @@
 mod error;
 
 use allocsvc_core::batch::{
-    BatchLimits, Catalogue, ExperimentInfo, GivenAllocation, ItemError, PreparedBatch, VariantInfo,
+    BatchLimits, Catalogue, ExperimentInfo, GivenAllocation, ItemError, OneChecked, PreparedBatch,
+    VariantInfo,
 };
 use allocsvc_core::beta::{self, with_thread_rng};
 use allocsvc_core::cascade::Tree;
@@ -16,13 +17,63 @@ use error::{invalid, to_py};
 use pyo3::exceptions::PyTypeError;
 use pyo3::prelude::*;
 use pyo3::pybacked::PyBackedStr;
-use pyo3::types::{PyBytes, PyList, PyString, PyTuple};
+use pyo3::types::{PyBytes, PyDict, PyList, PyString, PyTuple};
+use pyo3::IntoPyObjectExt;
 use std::cell::Cell;
 use std::collections::HashMap;
 
+/// The segment key buffer `Engine.decide` reuses, and the last key it returned with its str
+/// and its result tuple.
+#[derive(Default)]
+struct KeyCache {
+    buffer: String,
+    last: String,
+    last_str: Option<Py<PyString>>,
+    /// (variant, level, propensity bits) of `last_tuple`, whose key is `last`.
+    last_result: (usize, usize, u64),
+    last_tuple: Option<Py<PyTuple>>,
+}
+
+impl KeyCache {
+    /// The result tuple of a decision whose key is in `buffer`: the last tuple again when the
+    /// decision is the same (tuples are immutable; this saves three allocations).
+    fn result<'py>(
+        &mut self,
+        py: Python<'py>,
+        variant: usize,
+        level: usize,
+        propensity: f64,
+    ) -> PyResult<Bound<'py, PyTuple>> {
+        let result = (variant, level, propensity.to_bits());
+        if let Some(t) = &self.last_tuple {
+            if self.last_result == result && self.last == self.buffer {
+                return Ok(t.bind(py).clone());
+            }
+        }
+        let t = (variant, level, propensity, self.key_str(py)).into_pyobject(py)?;
+        self.last_result = result;
+        self.last_tuple = Some(t.clone().unbind());
+        Ok(t)
+    }
+
+    /// The str of the key in `buffer`: the last one again when the key is the same.
+    fn key_str<'py>(&mut self, py: Python<'py>) -> Bound<'py, PyString> {
+        if let Some(s) = &self.last_str {
+            if self.last == self.buffer {
+                return s.bind(py).clone();
+            }
+        }
+        let s = PyString::new(py, &self.buffer);
+        std::mem::swap(&mut self.last, &mut self.buffer);
+        self.last_str = Some(s.clone().unbind());
+        s
+    }
+}
+
 thread_local! {
-    /// The segment key buffer `Engine.decide` reuses (taken out while in use, so re-entry is safe).
-    static KEY_BUFFER: Cell<String> = const { Cell::new(String::new()) };
+    /// Taken out while in use (a Python allocation can run a finalizer that calls `decide`
+    /// again on this thread), and put back after.
+    static KEY_CACHE: Cell<KeyCache> = Cell::new(KeyCache::default());
 }
 
 /// Borrow the str items of a list or tuple, as the items' strong references (kept in `held`),
@@ -66,15 +117,26 @@ fn argument_error(py: Python<'_>, name: &str, err: PyErr) -> PyErr {
     }
 }
 
+/// Segment values of all rows, and each row's (start, end) in them.
+type FlatRows = (Vec<PyBackedStr>, Vec<(usize, usize)>);
+
 /// Rows of segment values from a list or tuple of lists or tuples of str, flattened without
-/// copying the strings; None for anything else.
-fn flat_rows(values: &Bound<'_, PyAny>) -> Option<(Vec<PyBackedStr>, Vec<usize>)> {
-    fn rows<'py>(
-        outer: impl ExactSizeIterator<Item = Bound<'py, PyAny>>,
-    ) -> Option<(Vec<PyBackedStr>, Vec<usize>)> {
+/// copying the strings, with each row's (start, end) in the flat list; None for anything else.
+/// A row that is the same object as the row before shares its span (nothing runs Python code
+/// meanwhile, so it cannot have changed).
+fn flat_rows(values: &Bound<'_, PyAny>) -> Option<FlatRows> {
+    fn rows<'py>(outer: impl ExactSizeIterator<Item = Bound<'py, PyAny>>) -> Option<FlatRows> {
         let mut flat = Vec::with_capacity(outer.len() * 4);
-        let mut ends = Vec::with_capacity(outer.len());
+        let mut spans = Vec::with_capacity(outer.len());
+        let mut previous: Option<Bound<'py, PyAny>> = None;
         for row in outer {
+            if let (Some(p), Some(&span)) = (&previous, spans.last()) {
+                if row.is(p) {
+                    spans.push(span);
+                    continue;
+                }
+            }
+            let start = flat.len();
             let push = |flat: &mut Vec<PyBackedStr>, item: Bound<'py, PyAny>| -> Option<()> {
                 flat.push(item.downcast_into::<PyString>().ok()?.try_into().ok()?);
                 Some(())
@@ -90,9 +152,10 @@ fn flat_rows(values: &Bound<'_, PyAny>) -> Option<(Vec<PyBackedStr>, Vec<usize>)
             } else {
                 return None;
             }
-            ends.push(flat.len());
+            spans.push((start, flat.len()));
+            previous = Some(row);
         }
-        Some((flat, ends))
+        Some((flat, spans))
     }
     if let Ok(list) = values.downcast::<PyList>() {
         rows(list.iter())
@@ -324,6 +387,58 @@ impl PyBatchCatalogue {
             .map(|inner| PyPreparedBatch { inner })
             .map_err(to_py)
     }
+
+    /// Unary Allocate on the wire format, in one call: None when the caller's path must
+    /// answer; a user agent (str) whose device class to learn before calling again;
+    /// (response, None) for a sticky user found in `latest` ((handle, user id) -> the
+    /// assignment tuple: id, _, _, _, variant, segment key, level, propensity, ...); or
+    /// (response, (handle, user id, variant, segment key, level, propensity)) for a new,
+    /// counted decision named `assignment_id`. Short work: the GIL stays held.
+    #[pyo3(signature = (engine, request, *, now_ms, shared, region, assignment_id, latest))]
+    #[allow(clippy::too_many_arguments)]
+    fn allocate_one<'py>(
+        &self,
+        py: Python<'py>,
+        engine: &PyEngine,
+        request: &[u8],
+        now_ms: i64,
+        shared: bool,
+        region: &str,
+        assignment_id: &str,
+        latest: &Bound<'py, PyDict>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let one = match self.inner.check_one(request, now_ms, shared) {
+            OneChecked::Caller => return Ok(py.None().into_bound(py)),
+            OneChecked::UnknownUserAgent(ua) => return Ok(PyString::new(py, &ua).into_any()),
+            OneChecked::Ready(one) => one,
+        };
+        if one.sticky() {
+            if let Some(earlier) = latest.get_item((one.handle(), one.user_id()))? {
+                let given = GivenAllocation {
+                    assignment_id: earlier.get_item(0)?.extract()?,
+                    variant: earlier.get_item(4)?.extract()?,
+                    segment_key: earlier.get_item(5)?.extract()?,
+                    level: earlier.get_item(6)?.extract()?,
+                    propensity: earlier.get_item(7)?.extract()?,
+                    sticky: true,
+                };
+                let response = one.answer(&given, region).map_err(to_py)?;
+                return (PyBytes::new(py, &response), py.None()).into_bound_py_any(py);
+            }
+        }
+        let d = one
+            .decide(&engine.inner, &self.inner, region, assignment_id)
+            .map_err(to_py)?;
+        let kept = (
+            one.handle(),
+            one.user_id(),
+            d.variant,
+            d.segment_key,
+            d.level,
+            d.propensity,
+        );
+        (PyBytes::new(py, &d.response), kept).into_bound_py_any(py)
+    }
 }
 
 #[pymethods]
@@ -494,27 +609,22 @@ impl PyEngine {
                 .extract()
                 .map_err(|e| argument_error(py, "values", e))?;
         }
-        let mut key = KEY_BUFFER.take();
+        let mut cache = KEY_CACHE.take();
+        let key = &mut cache.buffer;
         let decided = match n {
-            Some(count) => {
-                self.inner
-                    .decide_into(experiment, user_id, &strs[..count], record, &mut key)
-            }
+            Some(count) => self
+                .inner
+                .decide_into(experiment, user_id, &strs[..count], record, key),
             None => self
                 .inner
-                .decide_into(experiment, user_id, &fallback, record, &mut key),
+                .decide_into(experiment, user_id, &fallback, record, key),
         };
-        match decided {
-            Ok((variant, level, propensity)) => {
-                let out = (variant, level, propensity, PyString::new(py, &key)).into_pyobject(py);
-                KEY_BUFFER.set(key);
-                out
-            }
-            Err(e) => {
-                KEY_BUFFER.set(key);
-                Err(to_py(e))
-            }
-        }
+        let out = match decided {
+            Ok((variant, level, propensity)) => cache.result(py, variant, level, propensity),
+            Err(e) => Err(to_py(e)),
+        };
+        KEY_CACHE.set(cache);
+        out
     }
 
     #[pyo3(signature = (experiment, user_ids, values, record=true))]
@@ -526,30 +636,22 @@ impl PyEngine {
         values: &Bound<'py, PyAny>,
         record: bool,
     ) -> PyResult<Bound<'py, PyList>> {
-        let (flat, ends) = match flat_rows(values) {
+        let (flat, spans) = match flat_rows(values) {
             Some(rows) => rows,
             None => {
                 let nested: Vec<Vec<PyBackedStr>> = values
                     .extract()
                     .map_err(|e| argument_error(py, "values", e))?;
-                let mut ends = Vec::with_capacity(nested.len());
+                let mut spans = Vec::with_capacity(nested.len());
                 let mut total = 0;
                 for row in &nested {
+                    spans.push((total, total + row.len()));
                     total += row.len();
-                    ends.push(total);
                 }
-                (nested.into_iter().flatten().collect(), ends)
+                (nested.into_iter().flatten().collect(), spans)
             }
         };
-        let mut start = 0;
-        let rows: Vec<&[PyBackedStr]> = ends
-            .iter()
-            .map(|&end| {
-                let row = &flat[start..end];
-                start = end;
-                row
-            })
-            .collect();
+        let rows: Vec<&[PyBackedStr]> = spans.iter().map(|&(s, e)| &flat[s..e]).collect();
         let out = py
             .allow_threads(|| {
                 self.inner
@@ -558,13 +660,23 @@ impl PyEngine {
             .map_err(to_py)?;
         let keys: Vec<Bound<'py, PyString>> =
             out.keys.iter().map(|k| PyString::new(py, k)).collect();
-        let items = out
-            .items
-            .iter()
-            .map(|&(variant, level, propensity, k)| {
-                (variant, level, propensity, keys[k].clone()).into_pyobject(py)
-            })
-            .collect::<PyResult<Vec<_>>>()?;
+        // Consecutive equal decisions (variant, level, propensity bits, key) share one
+        // (immutable) tuple.
+        type Item = (usize, usize, u64, usize);
+        let mut last: Option<(Item, Bound<'py, PyTuple>)> = None;
+        let mut items = Vec::with_capacity(out.items.len());
+        for &(variant, level, propensity, k) in &out.items {
+            let id = (variant, level, propensity.to_bits(), k);
+            let item = match &last {
+                Some((last_id, t)) if *last_id == id => t.clone(),
+                _ => {
+                    let t = (variant, level, propensity, keys[k].clone()).into_pyobject(py)?;
+                    last = Some((id, t.clone()));
+                    t
+                }
+            };
+            items.push(item);
+        }
         PyList::new(py, items)
     }
 
