@@ -208,10 +208,11 @@ class SegmentTreeSettings(Section):
     # this; 0 means every level.
     max_depth: int = Field(default=0, ge=0, le=5)
     # While data is young, trees are also rebuilt by growth: when an experiment's allocations
-    # reach first_rebuild_at, and each time they have doubled since its last tree (checked
-    # every growth_check_interval seconds). 0 switches either off. Off by default for now: with
-    # 1000 it helps in the simulator but tests/e2e/test_learning_e2e.py fails (issue 9, open).
-    first_rebuild_at: int = Field(default=0, ge=0)
+    # reach first_rebuild_at, and each time they have doubled since its last tree (checked as
+    # allocations come, and at least every growth_check_interval seconds for other replicas'
+    # traffic). 0 switches either off. Until its first tree an experiment is served from its
+    # global node only (when trees are rebuilt at all: see tree_rebuild_interval too).
+    first_rebuild_at: int = Field(default=1000, ge=0)
     growth_check_interval: float = Field(default=2.0, ge=0)
 
     @model_validator(mode="after")

@@ -41,6 +41,9 @@ log = logging.getLogger(__name__)
 REDIS_HEALTH = "allocsvc.store.redis"
 # Seconds between copies of the home region's experiments to the other regions.
 REGION_EXPERIMENTS_S = 0.25
+# Pause between two growth checks of the segment trees (each waits to be woken, see
+# `Insights.rebuild_grown_on_wake`): bounds how often trees are rebuilt under heavy traffic.
+GROWTH_PAUSE_S = 0.05
 
 
 @dataclass
@@ -136,6 +139,7 @@ async def open_stores(settings: Settings, namespace: str = "allocsvc") -> Stores
 
 def _grpc_server(settings: Settings, telemetry: TelemetryInterceptor) -> grpc.aio.Server:
     auth = AuthInterceptor(settings.auth)
+    # Generic handlers only: one outstanding request-call task per server, not one per method.
     server = grpc.aio.server(
         # Telemetry outermost, so that refusals are counted and carry request ids too. With
         # no auth, telemetry wraps the handlers as they are registered (see `start`):
@@ -202,8 +206,16 @@ async def start(settings: Settings) -> Running:
         stores.journal,
         window_days=settings.eligibility_window_days,
         first_rebuild_at=settings.hierarchy.first_rebuild_at,
+        growth_check_interval=settings.hierarchy.growth_check_interval,
         deployed_model=learning.deployed_model,
     )
+    if _trees_rebuilt(settings):
+        # Trees come on their own: until its first one, an experiment is served globally.
+        service.global_until_first_tree()
+    if _trees_grow(settings):
+        # Growth rebuilds follow the allocations (a tenth of the first tree's allocations).
+        every = max(1, settings.hierarchy.first_rebuild_at // 10)
+        service.on_growth(insights.wake_growth, every)
     registering = telemetry.registering(server) if AuthInterceptor(settings.auth).open else server
     add_services(registering, service, insights, regions.map.default, regions, learning)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -215,6 +227,9 @@ async def start(settings: Settings) -> Running:
         await _load_state(stores, service, health_servicer)
         for other_stores, other_service in other_regions.values():
             await _load_state(other_stores, other_service, health_servicer)
+        if _trees_rebuilt(settings):
+            # Restored experiments get their trees back (built from the restored counts).
+            await insights.rebuild_restored()
     except BaseException:
         await server.stop(0)
         raise
@@ -242,7 +257,7 @@ async def start(settings: Settings) -> Running:
             settings.host,
             ServiceCollector(lambda: publisher.latest),
             LearningJobsCollector(lambda: learning.job_metrics),
-            *([rpc_metrics.calls, rpc_metrics.latency] if rpc_metrics is not None else []),
+            *([rpc_metrics] if rpc_metrics is not None else []),
             dashboard=dashboard,
         )
     await learning.load()
@@ -255,8 +270,9 @@ async def start(settings: Settings) -> Running:
     scheduler.every("eligibility", settings.eligibility_interval, insights.run_eligibility_checks)
     if settings.hierarchy.enabled:
         scheduler.every("tree-rebuild", settings.tree_rebuild_interval, insights.rebuild_all)
-        interval = settings.hierarchy.growth_check_interval
-        scheduler.every("tree-rebuild-growth", interval, insights.rebuild_grown)
+        if _trees_grow(settings):
+            pause = GROWTH_PAUSE_S
+            scheduler.every("tree-rebuild-growth", pause, insights.rebuild_grown_on_wake)
     if dashboard is not None:
         interval = settings.dashboard.history_interval
         scheduler.every("dashboard-history", interval, dashboard.sample_history)
@@ -269,6 +285,19 @@ async def start(settings: Settings) -> Running:
         scheduler.every("region-sync", settings.regions.sync_interval, _sync(regions))
     log.info("serving", extra={"host": settings.host, "port": port, "pid": os.getpid()})
     return Running(server, health_servicer, service, stores, scheduler, port, regions, learning)
+
+
+def _trees_grow(settings: Settings) -> bool:
+    """Whether segment trees are rebuilt as allocations grow."""
+    tree = settings.hierarchy
+    return tree.enabled and tree.first_rebuild_at > 0 and tree.growth_check_interval > 0
+
+
+def _trees_rebuilt(settings: Settings) -> bool:
+    """Whether segment trees are rebuilt without anyone asking (periodically or by growth)."""
+    return _trees_grow(settings) or (
+        settings.hierarchy.enabled and settings.tree_rebuild_interval > 0
+    )
 
 
 def _sync(regions: Regions) -> Callable[[], Awaitable[None]]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import grpc
@@ -227,13 +228,18 @@ def _requests(n: int) -> list[pb.AllocateRequest]:
     ]
 
 
-def test_batch_allocates_exactly_like_unary_calls(start_server: StartServer) -> None:
+def test_batch_allocates_exactly_like_unary_calls(
+    start_server: StartServer, tmp_path: Path
+) -> None:
     requests = _requests(300)
-    unary_server = start_server(seed=7)
+    # Without tree rebuilds no tree ever limits the cascade: both paths serve level 1 too.
+    config = tmp_path / "no-tree-rebuilds.yaml"
+    config.write_text("hierarchy:\n  enabled: false\n")
+    unary_server = start_server(seed=7, extra_args=("--config", str(config)))
     _create_batch_experiment(unary_server)
     unary = [unary_server.allocator.Allocate(r, timeout=RPC_TIMEOUT_S) for r in requests]
 
-    batch_server = start_server(seed=7)
+    batch_server = start_server(seed=7, extra_args=("--config", str(config)))
     _create_batch_experiment(batch_server)
     reply = batch_server.allocator.AllocateBatch(
         pb.AllocateBatchRequest(requests=requests), timeout=RPC_TIMEOUT_S

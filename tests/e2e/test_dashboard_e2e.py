@@ -46,6 +46,10 @@ def dashboard(start_server, monkeypatch: pytest.MonkeyPatch):  # type: ignore[no
     """A server with the dashboard on a metrics port, sampling history every 0.2 s, and one
     segmented experiment fed by simulated users in three bursts (each seen by the history)."""
     monkeypatch.setenv("ALLOCSVC_DASHBOARD__HISTORY_INTERVAL", "0.2")
+    # No automatic tree rebuilds: each source serves from its own posteriors once it has its
+    # minimum (instead of the global node until a first tree), so the shares the chart draws
+    # move between bursts.
+    monkeypatch.setenv("ALLOCSVC_HIERARCHY__ENABLED", "false")
     http_port = free_port()
     server = start_server(extra_args=("--metrics-port", str(http_port)))
     base = f"http://127.0.0.1:{http_port}"

@@ -177,8 +177,11 @@ def test_segmented_experiment_learns_the_best_variant_per_segment(
     for g, group in enumerate(GROUPS):
         last = outcome.last_reply[g]
         assert last.segment_key == group.segment_key
-        # Every segment has far more than 100 samples: its own statistics decide.
-        assert last.cascade_level == 2, group.segment_key
+        # The segment tree (built as allocations grow) serves every group from a segment of
+        # its own: within Instagram the device decides, so those two are served at level 2;
+        # google and direct convert alike on both levels, so their source may serve them.
+        instagram = group.segment_key.startswith("source:instagram|")
+        assert last.cascade_level == 2 if instagram else last.cascade_level >= 1, group
         assert 0.0 < last.propensity <= 1.0
     # A sanity check of the simulation itself: roughly the expected number of conversions.
     assert 0.04 * USERS < outcome.conversions < 0.12 * USERS

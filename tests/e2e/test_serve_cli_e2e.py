@@ -128,6 +128,9 @@ def test_metrics_report_cascade_usage_store_health_and_write_behind(
 
     port, metrics_port = _free_port(), _free_port()
     log = tmp_path / "serve.log"
+    # No automatic tree rebuilds: no tree limits the cascade, so level 1 serves too.
+    config = tmp_path / "no-tree-rebuilds.yaml"
+    config.write_text("hierarchy:\n  enabled: false\n")
     with log.open("w") as err:
         proc = subprocess.Popen(
             [
@@ -135,6 +138,8 @@ def test_metrics_report_cascade_usage_store_health_and_write_behind(
                 "-m",
                 "allocsvc",
                 "serve",
+                "--config",
+                str(config),
                 "--postgres-dsn",
                 fresh_db,
                 "--redis-url",

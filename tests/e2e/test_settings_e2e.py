@@ -76,7 +76,12 @@ def test_contextual_and_hierarchy_defaults_and_limits(
                     "context_features": ["country", "device"],
                     "min_samples_per_segment": 7,
                 },
-                "hierarchy": {"hierarchy_levels": ["country", "device"], "max_depth": 1},
+                # No automatic rebuilds: until RebuildTree below no tree limits the cascade.
+                "hierarchy": {
+                    "hierarchy_levels": ["country", "device"],
+                    "max_depth": 1,
+                    "enabled": False,
+                },
             },
         )
     )

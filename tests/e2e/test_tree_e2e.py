@@ -11,13 +11,14 @@ import shutil
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from html.parser import HTMLParser
 from typing import TYPE_CHECKING
 
 import grpc
 import jsonschema
 import pytest
+from e2e_support import Launcher
 
 from allocsvc._proto import allocsvc_pb2 as pb
 from allocsvc._proto import allocsvc_pb2_grpc as pb_grpc
@@ -33,6 +34,18 @@ BATCH = 500
 IPHONE = "Mozilla/5.0 (iPhone; CPU iPhone OS 17_4 like Mac OS X) Mobile/15E148 Safari/604.1"
 DESKTOP = "Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 Chrome/124.0 Safari/537.36"
 AGENTS = {"mobile": IPHONE, "desktop": DESKTOP}
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    """One server for the module (seed 7) without automatic tree rebuilds: these tests build
+    their trees with RebuildTree, on traffic every node served (no tree limits the cascade)."""
+    home = tmp_path_factory.mktemp("server")
+    config = home / "no-tree-rebuilds.yaml"
+    config.write_text("hierarchy:\n  enabled: false\n")
+    launcher = Launcher(home, graceful=True)
+    yield launcher.start("--in-memory", "--config", str(config), "--seed", "7")
+    launcher.close()
 
 
 # Helpers ---------------------------------------------------------------------------------------

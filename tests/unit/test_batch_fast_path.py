@@ -191,7 +191,9 @@ class _Aborted(grpc.aio.AbortError):
 class _Context:
     """What the servicer needs of a grpc.aio context to refuse a call."""
 
-    async def abort(self, code: grpc.StatusCode, details: str) -> None:
+    async def abort(
+        self, code: grpc.StatusCode, details: str, trailing_metadata: object = ()
+    ) -> None:
         raise _Aborted(code, details)
 
 
@@ -205,10 +207,20 @@ async def _unary(call: Any, request: Any) -> tuple[object, ...]:
     return _comparable(pb.AllocateResult(allocation=reply))
 
 
+class _CountingFallbacks(AllocatorServicer):
+    """Counts the unary requests the bytes path hands to the Python `Allocate`."""
+
+    fallbacks = 0
+
+    async def Allocate(self, request: pb.AllocateRequest, context: Any) -> pb.AllocateResponse:
+        self.fallbacks += 1
+        return await super().Allocate(request, context)
+
+
 async def test_unary_from_bytes_equals_the_python_path_with_the_same_seed() -> None:
     requests = _requests()
     python, rust = await _service(), await _service()
-    python_api, rust_api = AllocatorServicer(python, "eu"), AllocatorServicer(rust, "eu")
+    python_api, rust_api = AllocatorServicer(python, "eu"), _CountingFallbacks(rust, "eu")
 
     seed_rng(5)
     expected = [await _unary(python_api.Allocate, r) for r in requests]
@@ -218,6 +230,9 @@ async def test_unary_from_bytes_equals_the_python_path_with_the_same_seed() -> N
     assert got == expected
     kinds = [e[0] for e in expected]
     assert kinds.count("error") == 12
+    # Only the bad requests took the Python path (it words their errors); Rust answered the
+    # rest, new users, returning sticky users and unseen user agents alike.
+    assert rust_api.fallbacks == 12
     assert any(e[8] is True for e in expected if e[0] != "error")
     for handle in python.experiment_handles():
         assert sorted(rust.snapshot(handle)) == sorted(python.snapshot(handle))

@@ -22,6 +22,7 @@ from allocsvc.allocation.experiments import (
 from allocsvc.core import Engine, key_hash, path_keys, segment_key
 from allocsvc.errors import InvalidRequest
 from allocsvc.hierarchy import (
+    Correction,
     HierarchySettings,
     NodeReason,
     SegmentStats,
@@ -31,6 +32,7 @@ from allocsvc.hierarchy import (
     cascade_usage,
     difference_test,
     interaction_ztest,
+    render,
     stats_from_counts,
     two_proportion_ztest,
 )
@@ -92,6 +94,7 @@ def test_settings_validate_and_normalise() -> None:
         ({"alpha": 0.0}, "alpha"),
         ({"alpha": 1.0}, "alpha"),
         ({"alpha": math.nan}, "alpha"),
+        ({"correction": "per-leaf"}, "correction"),
     ],
 )
 def test_settings_reject_bad_values(changes: dict[str, object], field: str) -> None:
@@ -329,6 +332,81 @@ def test_pruning_off_keeps_every_node_up_to_max_depth_and_still_reports_tests() 
     assert tree.find_node(["jp"]).key == ""
 
 
+def test_alpha_is_spread_over_the_nodes_tested_unless_per_node() -> None:
+    stats = cumulative_stats(HAND_CELLS)
+    # us, de and fr reach the level minimum of 1000; jp (200 visits) is not tested.
+    tree = build_tree(stats, settings())
+    per_node = build_tree(stats, settings(correction=Correction.NODE))
+    for country in ("us", "de", "fr"):
+        spread, alone = (t.node(f"country:{country}").test for t in (tree, per_node))
+        assert spread is not None and spread.alpha == pytest.approx(0.05 / 3)
+        assert alone is not None and alone.alpha == 0.05
+    assert tree.node("country:jp").test is None
+    assert kept_keys(tree) == kept_keys(per_node) == {"", "country:us"}
+
+
+def test_null_population_keeps_nodes_by_chance_only_per_node() -> None:
+    """A population without structure (A and B convert alike everywhere): tested one by one at
+    alpha 0.2, some of its 48 nodes are kept by chance; over the tree (the default), none."""
+    rng = np.random.default_rng(20261122)
+    cells: dict[tuple[str, ...], list[tuple[int, int]]] = {}
+    for values in CELLS:
+        base = rng.uniform(0.03, 0.07)
+        cells[values] = [(5000, int(rng.binomial(5000, base))) for _ in range(2)]
+    stats = cumulative_stats(cells)
+    per_node = build_tree(stats, settings(alpha=0.2, correction=Correction.NODE))
+    spread = build_tree(stats, settings(alpha=0.2))
+    assert len(kept_keys(per_node)) > 1
+    assert kept_keys(spread) == {""}
+
+
+def test_siblings_are_kept_where_a_kept_child_pulls_their_ancestor() -> None:
+    """us converts far better on B and makes B the global best; de and fr convert a little
+    better on A, with too little A data to show it one by one. Served from the global node they
+    would get B: they are kept (`misserved`) and learn from their own posteriors."""
+    cells = {
+        ("us",): [(1000, 50), (9000, 1800)],
+        ("de",): [(3000, 300), (300, 25)],
+        ("fr",): [(3000, 290), (300, 24)],
+    }
+    tree = build_tree(cumulative_stats(cells), settings(), variant_names=["A", "B"])
+    assert tree.node("country:us").reason is NodeReason.SIGNIFICANT
+    for country in ("de", "fr"):
+        node = tree.node(f"country:{country}")
+        assert node.test is not None and not node.test.significant
+        assert (node.kept, node.reason) == (True, NodeReason.MISSERVED)
+        assert node.reason.description == "misserved by its ancestor"
+        assert tree.find_node([country]) is node
+    assert render(tree, "ascii").count("kept: misserved by its ancestor") == 2
+    # Where the kept child does not change what the global node serves (A stays best), its
+    # siblings are pruned as before.
+    cells[("us",)] = [(500, 25), (500, 100)]
+    cells[("de",)] = [(3000, 300), (3000, 250)]
+    cells[("fr",)] = [(3000, 290), (3000, 240)]
+    tree = build_tree(cumulative_stats(cells), settings(), variant_names=["A", "B"])
+    assert tree.node("country:us").reason is NodeReason.SIGNIFICANT
+    for country in ("de", "fr"):
+        assert tree.node(f"country:{country}").reason is NodeReason.NOT_SIGNIFICANT
+
+
+def test_a_child_of_a_significant_node_preferring_another_variant_is_kept() -> None:
+    """us converts better on B (kept); its desktop users, with little B-free data, lean to A:
+    served from us they would get B, so they are kept. Its mobile users agree with us."""
+    cells = {
+        ("us", "mobile"): [(500, 40), (5000, 600)],
+        ("us", "desktop"): [(60, 5), (1000, 80)],
+        ("de",): [(3000, 300), (3000, 240)],
+        ("fr",): [(3000, 300), (3000, 240)],
+    }
+    tree = build_tree(cumulative_stats(cells), settings(), variant_names=["A", "B"])
+    assert tree.node("country:us").reason is NodeReason.SIGNIFICANT
+    desktop, mobile = (tree.node(f"country:us|device:{d}") for d in ("desktop", "mobile"))
+    assert desktop.test is not None and not desktop.test.significant
+    assert (desktop.kept, desktop.reason) == (True, NodeReason.MISSERVED)
+    assert mobile.reason is NodeReason.NOT_SIGNIFICANT
+    assert tree.find_node(["us", "mobile"]).key == "country:us"
+
+
 def test_missing_ancestors_are_summed_and_stale_keys_ignored() -> None:
     stats = [
         SegmentStats("country:us|device:mobile", ((600, 60), (600, 60))),
@@ -447,7 +525,9 @@ def test_stats_from_engine_snapshot(population: Population) -> None:
 
 
 def test_synthetic_population_keeps_the_true_branch(population: Population) -> None:
-    tree = build_tree(population.stats, settings(), variant_names=["A", "B"])
+    tree = build_tree(
+        population.stats, settings(correction=Correction.NODE), variant_names=["A", "B"]
+    )
     kept = kept_keys(tree)
     assert kept >= BRANCH_KEYS
     # Nodes that do not differ are each kept with probability <= alpha; bound their number by
@@ -465,8 +545,12 @@ def test_synthetic_population_keeps_the_true_branch(population: Population) -> N
 def test_synthetic_population_with_alpha_spread_over_the_tree_keeps_exactly_the_branch(
     population: Population,
 ) -> None:
-    # alpha / number of nodes (~0.001): about 5% chance that any of the 45 null nodes is kept.
-    tree = build_tree(population.stats, settings(alpha=0.001), variant_names=["A", "B"])
+    # The default: alpha / number of nodes tested (~0.001), about 5% chance that any of the 45
+    # null nodes is kept.
+    tree = build_tree(population.stats, settings(), variant_names=["A", "B"])
+    tests = [n.test for n in tree if n.test is not None]
+    assert len(tests) == 48
+    assert all(t.alpha == pytest.approx(0.05 / 48) for t in tests)
     assert kept_keys(tree) == BRANCH_KEYS
     for key in (
         "country:de",

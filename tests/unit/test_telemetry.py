@@ -4,15 +4,18 @@ server registers them, generic handlers only) or as a server interceptor."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import grpc
 import pytest
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.parser import text_string_to_metric_families
 
 from allocsvc.api.errors import maps_errors
 from allocsvc.api.registration import GenericOnly
-from allocsvc.api.telemetry import RpcMetrics, TelemetryInterceptor
+from allocsvc.api.telemetry import LATENCY_BUCKETS, RpcMetrics, TelemetryInterceptor
 from allocsvc.errors import InvalidRequest
 from allocsvc.logs import REQUEST_ID_KEY
 
@@ -100,8 +103,18 @@ def _ids(metadata: Any) -> list[str]:
     return [v for k, v in tuple(metadata or ()) if k == REQUEST_ID_KEY]
 
 
+async def _counted(metrics: RpcMetrics, method: str, code: str, expected: float) -> float:
+    """The count, given up to 2 s to reach `expected`: a call's status reaches the client
+    before the wrapper around the handler has counted it."""
+    for _ in range(200):
+        if _count(metrics, method, code) >= expected:
+            break
+        await asyncio.sleep(0.01)
+    return _count(metrics, method, code)
+
+
 def _count(metrics: RpcMetrics, method: str, code: str) -> float:
-    for family in metrics.calls.collect():
+    for family in metrics.collect():
         for sample in family.samples:
             if sample.name.endswith("_total") and sample.labels == {
                 "method": method,
@@ -119,7 +132,7 @@ async def test_gate_request_ids_and_metrics(
     with pytest.raises(grpc.aio.AioRpcError) as refused:
         await echo(b"early", timeout=10)
     assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
-    assert _count(metrics, "Echo", "UNAVAILABLE") == 1
+    assert await _counted(metrics, "Echo", "UNAVAILABLE", 1) == 1
 
     assert len(_ids(refused.value.trailing_metadata())) == 1  # a refusal names its request
 
@@ -133,7 +146,7 @@ async def test_gate_request_ids_and_metrics(
         call = echo(b"x", metadata=((REQUEST_ID_KEY, "not usable!"),), timeout=10)
         assert await call == b"x"
         assert _ids(await call.trailing_metadata()) == []
-    assert _count(metrics, "Echo", "OK") == 4
+    assert await _counted(metrics, "Echo", "OK", 4) == 4
 
     # A failed call carries its request id: a fresh one each time, or the client's.
     fresh = []
@@ -155,4 +168,42 @@ async def test_gate_request_ids_and_metrics(
         await channel.unary_unary(f"/{SERVICE}/Fail", None, None)(b"", timeout=10)
     assert failed.value.code() == grpc.StatusCode.UNKNOWN
     assert len(_ids(failed.value.trailing_metadata())) == 1
-    assert _count(metrics, "Fail", "UNKNOWN") == 1
+    assert await _counted(metrics, "Fail", "UNKNOWN", 1) == 1
+
+
+def _samples(registry: CollectorRegistry) -> set[tuple[str, tuple[tuple[str, str], ...], float]]:
+    text = generate_latest(registry).decode()
+    return {
+        (s.name, tuple(sorted(s.labels.items())), s.value)
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+        if not s.name.endswith("_created")  # prometheus_client's own creation times
+    }
+
+
+def test_rpc_metrics_expose_what_prometheus_client_would() -> None:
+    """The plain-number RpcMetrics scrape as prometheus_client's Counter and Histogram do on
+    the same observations (bounds inclusive, past the last bound only +Inf)."""
+    library = CollectorRegistry()
+    calls = Counter("allocsvc_rpcs", "x", ["method", "code"], registry=library)
+    latency = Histogram(
+        "allocsvc_rpc_latency_seconds", "x", ["method", "code"], buckets=LATENCY_BUCKETS,
+        registry=library,
+    )  # fmt: skip
+    ours = RpcMetrics()
+    seconds = [0.0, 0.00005, 0.0001, 0.00011, 0.001, 0.0042, 0.3, 2.5, 9.99, 10.0, 10.5, 120.0]
+    observed = [
+        (method, code, s)
+        for method in ("Allocate", "RecordConversion")
+        for code in (grpc.StatusCode.OK, grpc.StatusCode.NOT_FOUND)
+        for s in seconds[: 7 if code is grpc.StatusCode.NOT_FOUND else None]
+    ]
+    for method, code, s in observed:
+        ours.observe(method, code, s)
+        calls.labels(method, code.name).inc()
+        latency.labels(method, code.name).observe(s)
+    registry = CollectorRegistry()
+    registry.register(ours)
+    got, expected = _samples(registry), _samples(library)
+    assert got == expected
+    assert ("allocsvc_rpcs_total", (("code", "OK"), ("method", "Allocate")), 12.0) in got

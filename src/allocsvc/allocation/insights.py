@@ -6,11 +6,13 @@ recommendations and the segment tree. Composes the pure functions of `allocsvc.a
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from typing import NamedTuple
 
 from allocsvc.allocation.experiments import (
     Experiment,
@@ -97,6 +99,14 @@ class Validation:
     alerts: tuple[Alert, ...]
 
 
+class Snapshot(NamedTuple):
+    """The counts a tree is built from: allocations, `Engine.snapshot` rows, segment keys."""
+
+    allocations: int
+    rows: list[tuple[int, int, int, int, int, float]]
+    keys: list[str]
+
+
 @dataclass(frozen=True, slots=True)
 class BuiltTree:
     tree: SegmentTree
@@ -111,6 +121,7 @@ class Insights:
         *,
         window_days: int = 7,
         first_rebuild_at: int = 0,
+        growth_check_interval: float = 2.0,
         deployed_model: Callable[[], tuple[str, datetime, timedelta] | None] | None = None,
     ) -> None:
         self._service = service
@@ -119,6 +130,11 @@ class Insights:
         self._journal = journal
         self._window_days = window_days
         self._first_rebuild_at = first_rebuild_at
+        self._growth_check_interval = growth_check_interval
+        # Set by `wake_growth` when trees are due by growth; `_due` holds the counts they
+        # are built from (experiment key and counts, by handle).
+        self._grown = asyncio.Event()
+        self._due: dict[int, tuple[str, Snapshot]] = {}
         self._trees: dict[int, BuiltTree] = {}
         # Allocations of each experiment when its tree was last built (`rebuild_grown`).
         self._built_at: dict[int, int] = {}
@@ -390,8 +406,17 @@ class Insights:
 
     # Segment tree -----------------------------------------------------------------------
 
-    async def rebuild_tree(self, key: str) -> BuiltTree:
-        """Build the tree off the event loop and swap it into the engine."""
+    def _counts_now(self, handle: int) -> Snapshot:
+        """What a tree of the experiment is built from, as the counts stand now."""
+        return Snapshot(
+            self._service.allocations(handle),
+            self._service.snapshot(handle),
+            [k for k, _ in self._service.segment_keys(handle)],
+        )
+
+    async def rebuild_tree(self, key: str, counts: Snapshot | None = None) -> BuiltTree:
+        """Build the tree off the event loop (from `counts`, else the counts as they stand)
+        and swap it into the engine."""
         experiment = self._service.served_experiment(key)
         if not experiment.dimensions:
             why = (
@@ -401,9 +426,7 @@ class Insights:
             )
             raise FailedPrecondition(f"experiment {key!r} has {why}: no levels")
         settings = HierarchySettings.for_experiment(experiment)
-        allocations = self._service.allocations(experiment.handle)
-        rows = self._service.snapshot(experiment.handle)
-        keys = [k for k, _ in self._service.segment_keys(experiment.handle)]
+        allocations, rows, keys = counts or self._counts_now(experiment.handle)
         names = tuple(v.key for v in experiment.variants)
 
         def build() -> SegmentTree:
@@ -413,6 +436,10 @@ class Insights:
         tree = await asyncio.to_thread(build)
         self._service.set_tree(experiment.handle, tree.kept_hashes())
         self._built_at[experiment.handle] = allocations
+        log.info(
+            "segment tree rebuilt",
+            extra={"experiment": key, "allocations": allocations, "kept": tree.summary.kept},
+        )
         try:
             await self._journal.save_tree(experiment.handle, _records(tree))
         except Exception:
@@ -438,21 +465,72 @@ class Insights:
         """Rebuild the tree of every running, segmented experiment whose data has grown enough
         since its last tree: once its allocations reach `first_rebuild_at`, and again each time
         they have doubled. While data is young a tree built minutes ago is based on a fraction
-        of what is known now; without one the cascade uses every node that reaches its minimum,
-        whether or not it differs (SPEC §7). 0 switches this off."""
+        of what is known now, and until the first tree the experiment is served from its
+        global node only (`AllocationService.global_until_first_tree`). 0 switches this off."""
         if self._first_rebuild_at <= 0:
             return
         for experiment in self._service.list_experiments(Status.RUNNING):
             if not self._service.served_experiment(experiment.key).dimensions:
                 continue
-            allocations = self._service.allocations(experiment.handle)
-            built = self._built_at.get(experiment.handle, 0)
-            due = max(2 * built, self._first_rebuild_at)
-            if allocations >= due:
+            if self._service.allocations(experiment.handle) >= self._next_growth(experiment.handle):
                 try:
                     await self.rebuild_tree(experiment.key)
                 except Exception:
                     log.exception("tree rebuild failed", extra={"experiment": experiment.key})
+
+    def wake_growth(self) -> None:
+        """Allocations were made (`AllocationService.on_growth`, on the event loop): take the
+        counts of every experiment whose tree is due by growth as they stand at this very
+        allocation, and wake `rebuild_grown_on_wake` to build from them. Trees then follow
+        the number of allocations, not the clock or how fast requests come."""
+        if self._first_rebuild_at <= 0:
+            return
+        for experiment in self._service.list_experiments(Status.RUNNING):
+            handle = experiment.handle
+            if (
+                handle in self._due
+                or not self._service.served_experiment(experiment.key).dimensions
+            ):
+                continue
+            if self._service.allocations(handle) >= self._next_growth(handle):
+                counts = self._counts_now(handle)
+                self._built_at[handle] = counts.allocations
+                self._due[handle] = (experiment.key, counts)
+        if self._due:
+            self._grown.set()
+
+    def _next_growth(self, handle: int) -> int:
+        return max(2 * self._built_at.get(handle, 0), self._first_rebuild_at)
+
+    async def rebuild_grown_on_wake(self) -> None:
+        """Build the trees `wake_growth` found due, once woken, or after
+        `growth_check_interval` seconds at the latest `rebuild_grown` (other replicas'
+        traffic grows the counts without waking it)."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._grown.wait(), timeout=self._growth_check_interval)
+        self._grown.clear()
+        due, self._due = self._due, {}
+        for key, counts in due.values():
+            try:
+                await self.rebuild_tree(key, counts)
+            except Exception:
+                log.exception("tree rebuild failed", extra={"experiment": key})
+        await self.rebuild_grown()
+
+    async def rebuild_restored(self) -> None:
+        """At start: rebuild the tree of every running, segmented experiment that has
+        allocations already (restored from the store), so that a restart keeps serving its
+        segments instead of waiting for the next rebuild. The tree is built from the same
+        persisted counts as the last one stored; growth rebuilds continue from here."""
+        for experiment in self._service.list_experiments(Status.RUNNING):
+            if not self._service.served_experiment(experiment.key).dimensions:
+                continue
+            if self._service.allocations(experiment.handle) <= 0:
+                continue
+            try:
+                await self.rebuild_tree(experiment.key)
+            except Exception:
+                log.exception("tree rebuild failed", extra={"experiment": experiment.key})
 
     async def rebuild_all(self) -> None:
         """The periodic rebuild of every running, segmented experiment's tree."""

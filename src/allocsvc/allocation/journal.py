@@ -83,6 +83,9 @@ class Journal(Protocol):
         """Raise ResourceExhausted when the write-behind buffer cannot take `n` more
         assignments (called before they are decided, so nothing is counted and refused)."""
 
+    def has_room(self, n: int) -> bool:
+        """Whether `admit(n)` would pass now (asking counts no refusal)."""
+
     def assignment_made(self, assignment: Assignment) -> None:
         """Buffer an assignment for write-behind (never blocks, never does I/O inline)."""
 
@@ -156,6 +159,9 @@ class MemoryJournal:
 
     def admit(self, n: int) -> None:
         """Nothing is buffered: always room."""
+
+    def has_room(self, n: int) -> bool:
+        return True
 
     def assignment_made(self, assignment: Assignment) -> None:
         self.assignments += 1

@@ -12,7 +12,7 @@ import math
 import secrets
 import time
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple, Protocol
 
@@ -141,6 +141,10 @@ class AllocationService:
     # Sampling of allocations for learning (None: off) and requests until the next observed.
     _gaps: ObservationGaps | None = None
     _until_observed: int = 0
+    # Set by on_growth: called once per `_growth_every` allocations made here.
+    _on_growth: Callable[[], None] | None = None
+    _growth_every: int = 1
+    _growth_countdown: int = 1
 
     def __init__(
         self,
@@ -174,6 +178,10 @@ class AllocationService:
         # Allocations and conversions per (experiment, cascade level) since start.
         self._cascade_allocations: Counter[tuple[int, int]] = Counter()
         self._cascade_conversions: Counter[tuple[int, int]] = Counter()
+        # With trees built automatically (`global_until_first_tree`), the experiments not given
+        # a tree yet are served from their global node only.
+        self._global_until_first_tree = False
+        self._with_tree: set[int] = set()
         # What AllocateBatch needs to run its items in Rust (kept in step by _install).
         context_limits = extractor.limits
         self._catalogue = BatchCatalogue(
@@ -195,6 +203,19 @@ class AllocationService:
         self._learning = learning
         self._gaps = learning.gaps
         self._until_observed = 0 if self._gaps is None else self._gaps.next()
+
+    def on_growth(self, callback: Callable[[], None], every: int) -> None:
+        """Call `callback` once per `every` allocations made by this process (unary and batch),
+        on the event loop, right after the allocations are counted. It must be cheap and do no
+        I/O (it sits on the hot path): e.g. wake a background task."""
+        self._on_growth = callback
+        self._growth_every = self._growth_countdown = max(1, every)
+
+    def _grown(self, allocations: int) -> None:
+        self._growth_countdown -= allocations
+        if self._growth_countdown <= 0 and self._on_growth is not None:
+            self._growth_countdown = self._growth_every
+            self._on_growth()
 
     @property
     def learns(self) -> bool:
@@ -390,6 +411,8 @@ class AllocationService:
         self._by_handle[experiment.handle] = experiment
         self._served[experiment.handle] = served
         self._register_segment(experiment.handle, "")
+        if self._global_until_first_tree and experiment.handle not in self._with_tree:
+            self._engine.set_tree(experiment.handle, [])
         self._catalogue.put(
             experiment.key,
             handle=experiment.handle,
@@ -488,11 +511,67 @@ class AllocationService:
                 self._engine.record_allocation(experiment.handle, segment_key, variant)
             else:
                 self._shared.assignment_made(assignment)
-        self._remember(assignment)
-        self._register_segment(experiment.handle, segment_key)
-        self._cascade_allocations[(experiment.handle, level)] += 1
-        self._journal.assignment_made(assignment)
+        self._keep(assignment)
         return Allocation(assignment, experiment.variants[variant], sticky=False)
+
+    def _keep(self, assignment: Assignment) -> None:
+        """What a new assignment leaves behind: the indexes, its segments, the cascade
+        count, the write-behind and the growth count."""
+        self._remember(assignment)
+        self._register_segment(assignment.handle, assignment.segment_key)
+        self._cascade_allocations[(assignment.handle, assignment.cascade_level)] += 1
+        self._journal.assignment_made(assignment)
+        if self._on_growth is not None:
+            self._grown(1)
+
+    def allocate_wire(self, request: bytes, region: str) -> bytes | None:
+        """Unary Allocate on the wire format in one Rust call (decoding, checks, context
+        extraction, the sticky answer or the decision, encoding): the serialized
+        AllocateResponse, or None when `allocate` must answer (a bad request, whose error it
+        words; `auto` segmentation; sticky claims in shared state; a full write-behind
+        buffer, under which `allocate` still answers returning users)."""
+        if not self._journal.has_room(1):
+            return None
+        now = _now_ms()
+        seq = next(self._ids)
+        assignment_id = f"{self._id_prefix}-{seq:x}"
+        out = None
+        for _ in range(2):
+            out = self._catalogue.allocate_one(
+                self._engine,
+                request,
+                now_ms=now,
+                shared=self._shared is not None,
+                region=region,
+                assignment_id=assignment_id,
+                latest=self._latest,
+            )
+            if not isinstance(out, str):
+                break
+            # A user agent Rust has not classified yet: classify it once, then decide.
+            self._catalogue.learn_devices([(out, self._extractor.device(out))])
+        if out is None or isinstance(out, str) or out[1] is None:
+            self._ids = itertools.count(seq)  # the id was not used: the next one takes it
+        if out is None or isinstance(out, str):
+            return None
+        response, kept = out
+        if kept is not None:
+            handle, user_id, variant, segment_key, level, propensity = kept
+            assignment = Assignment(
+                assignment_id,
+                self._by_handle[handle].key,
+                handle,
+                user_id,
+                variant,
+                segment_key,
+                level,
+                propensity,
+                now,
+            )
+            if self._shared is not None:
+                self._shared.assignment_made(assignment)
+            self._keep(assignment)
+        return response
 
     def _register_segment(self, handle: int, segment_key: str) -> None:
         known = self._segments.setdefault(handle, {})
@@ -514,6 +593,20 @@ class AllocationService:
 
     def set_tree(self, handle: int, nodes: list[int] | None) -> None:
         self._engine.set_tree(handle, nodes)
+        self._with_tree.add(handle)
+
+    def global_until_first_tree(self) -> None:
+        """Serve every experiment without a tree from its global node only, now and as
+        experiments are installed, until `set_tree` gives it one.
+
+        SPEC §4: the cascade uses the deepest node present in the current tree; before the
+        first tree none is present below global. For servers whose trees are rebuilt
+        automatically; without rebuilds an experiment keeps every node (no tree at all).
+        """
+        self._global_until_first_tree = True
+        for handle in self._by_handle:
+            if handle not in self._with_tree:
+                self._engine.set_tree(handle, [])
 
     def experiment_by_handle(self, handle: int) -> Experiment:
         experiment = self._by_handle.get(handle)
@@ -647,6 +740,8 @@ class AllocationService:
             for assignment in made:
                 self._shared.assignment_made(assignment)
         self._cascade_allocations.update(zip(handles, levels, strict=True))
+        if self._on_growth is not None:
+            self._grown(len(made))
 
     def check_batch(self, size: int) -> None:
         """A batch RPC's item count must be within 1..max_batch_items."""

@@ -80,17 +80,12 @@ class AllocatorServicer(pb_grpc.AllocatorServicer):
 
     def _allocate_in_rust(self, request: bytes) -> bytes | None:
         """The serialized AllocateResponse, or None when the request needs the Python path."""
-        try:
-            prepared = self._service.prepare_batch(b"\x0a" + _varint(len(request)) + request)
-        except InvalidRequest:
-            return None
-        if prepared is None or prepared.invalid():
-            return None
-        if self._service.observed_positions(1):
+        answer = self._service.allocate_wire(request, self._region)
+        if answer is not None and self._service.observed_positions(1):
             self._service.observe(
                 [convert.allocate_request(pb.AllocateRequest.FromString(request))]
             )
-        return _only_allocation(self._service.finish_batch(prepared, self._region, {}, {}))
+        return answer
 
     @maps_errors
     async def AllocateBatchBytes(self, request: bytes, context: Context[bytes, bytes]) -> bytes:
@@ -239,38 +234,6 @@ class AllocatorServicer(pb_grpc.AllocatorServicer):
             for i, outcome in zip(by_region[code], outcomes, strict=True):
                 out[i] = (outcome, code)
         return out
-
-
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    while value > 0x7F:
-        out.append((value & 0x7F) | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
-
-
-def _read_varint(data: bytes, at: int) -> tuple[int, int]:
-    value = shift = 0
-    while True:
-        byte = data[at]
-        at += 1
-        value |= (byte & 0x7F) << shift
-        if byte < 0x80:
-            return value, at
-        shift += 7
-
-
-def _only_allocation(batch: bytes) -> bytes:
-    """The AllocateResponse inside an AllocateBatchResponse of one allocated item:
-    results (field 1) -> allocation (field 1), both length-delimited."""
-    if batch[:1] != b"\x0a":
-        raise RuntimeError("a batch of one answered no result")
-    _, at = _read_varint(batch, 1)
-    if batch[at : at + 1] != b"\x0a":
-        raise RuntimeError("a valid item of a batch of one was not allocated")
-    size, at = _read_varint(batch, at + 1)
-    return batch[at : at + size]
 
 
 def add_allocator(servicer: AllocatorServicer, server: grpc.aio.Server) -> None:

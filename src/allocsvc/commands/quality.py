@@ -9,6 +9,8 @@ from pathlib import Path
 
 import click
 
+from allocsvc.config import SegmentTreeSettings
+
 
 @click.command()
 @click.option(
@@ -43,7 +45,8 @@ import click
 @click.option(
     "--first-rebuild",
     type=click.IntRange(min=0),
-    default=0,
+    # The field's default, read without building the settings (that loads the context parser).
+    default=SegmentTreeSettings.model_fields["first_rebuild_at"].default,
     show_default=True,
     help="Users at which the tree is first rebuilt by growth, then at each doubling (0: never); "
     "the server's hierarchy.first_rebuild_at.",

@@ -27,6 +27,7 @@ from allocsvc.hierarchy.render import (
 from allocsvc.hierarchy.tree import (
     CascadeLevelUsage,
     CascadeUsage,
+    Correction,
     DifferenceTest,
     HierarchySettings,
     LevelSummary,
@@ -42,6 +43,7 @@ __all__ = [
     "FORMATS",
     "CascadeLevelUsage",
     "CascadeUsage",
+    "Correction",
     "DifferenceTest",
     "HierarchySettings",
     "LevelSummary",

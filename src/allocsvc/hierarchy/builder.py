@@ -6,7 +6,10 @@ Rules, in order, for each node below the global one (levels are processed top-do
 2. Fewer allocations than its level's minimum: pruned, `insufficient_data`.
 3. Otherwise the node is compared with a reference and kept (`significant`) only if its variants
    perform differently relative to each other (a different ranking or lift, not merely a different
-   base rate); else pruned, `not_significant`.
+   base rate); else
+4. kept (`misserved`) when its nearest kept ancestor is pulled away from what its other users
+   need, or it is a child of a significant node preferring another variant (below); else
+   pruned, `not_significant`.
 
 The reference. Let A be the node's nearest kept ancestor (a child of a pruned node is still
 tested, against A, and kept if it differs from it: a pruned node's subtree is not pruned with it).
@@ -36,9 +39,26 @@ estimates" of Altman & Bland, BMJ 2003; 0.5 is added to every count, Haldane's c
 node differs when the smallest Bonferroni-adjusted p-value over those m = (variants tested - 1)
 comparisons is below alpha: min_v p_v < alpha / m. A node whose base rate alone differs is
 pruned; one where another variant wins, or where the lift of a variant clearly differs, is kept.
-Only the variants are corrected for, not the many nodes of a tree: of N nodes that do not differ,
-about alpha * N are kept by chance; an alpha of 0.05 / (number of nodes) keeps the chance of
-keeping any of them under 5%.
+
+Many nodes are tested in one build. With `Correction.NODE` each is tested at alpha, so of N nodes
+that do not differ about alpha * N are kept by chance, and each costs: a kept node relearns from
+its own, smaller sample what its ancestor knew (with 27 nodes at alpha 0.05, the simulator's
+homogeneous population lost 1.5 to 1.9 times global Thompson sampling's regret). The default,
+`Correction.TREE`, tests each node at alpha / m, m = the nodes the build tests (those with their
+level's minimum, up to the kept depth): Bonferroni over the tree, so where no node differs the
+chance of keeping any is at most alpha (`_node_alphas`).
+
+Pulled ancestors (rule 4). The cascade serves a pruned node from its nearest kept ancestor's
+full counts, kept children included. When those children pull the ancestor's best variant away
+from the one its remainder (its users that no kept node serves, pooled) converts best at, the
+ancestor serves those users a variant their own data does not favour, and being sure of it, its
+Thompson sampling hardly explores the others for them: their data stays too thin for any test.
+Then every candidate left under that ancestor is kept, to learn from its own posteriors until a
+later build decides (`_keep_misserved`). Likewise a child of a node kept as significant is kept
+when its own data prefers another variant than that node's best. Where nothing is kept under an
+ancestor its remainder is the ancestor itself, never pulled: a population without structure
+gains no node this way. These rules trade a few more kept nodes where structure was found for
+not leaving a segment served a variant nobody re-checks (measured in bench/QUALITY.md).
 
 With `prune` off every node up to `max_depth` is kept, and each is tested against its parent
 minus itself, for information.
@@ -47,11 +67,12 @@ minus itself, for information.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 from allocsvc.core import key_hash
 from allocsvc.errors import InvalidRequest
 from allocsvc.hierarchy.tree import (
+    Correction,
     DifferenceTest,
     HierarchySettings,
     NodeReason,
@@ -228,6 +249,7 @@ def build_tree(
     for key in counts:
         by_level[_level(key)].append(key)
 
+    alphas = _node_alphas(counts, settings)
     reasons: dict[str, NodeReason] = {"": NodeReason.ROOT}
     tests: dict[str, DifferenceTest] = {}
     kept_parent: dict[str, str | None] = {"": None}
@@ -249,7 +271,7 @@ def build_tree(
                 tests[key] = difference_test(
                     counts[key],
                     _minus(counts[ancestor], counts[key]),
-                    alpha=settings.alpha,
+                    alpha=alphas[key],
                     reference_key=ancestor,
                 )
             elif not _enough(counts[key], minimum):
@@ -257,9 +279,7 @@ def build_tree(
             else:
                 groups.setdefault(ancestor, []).append(key)
         for ancestor, candidates in groups.items():
-            _select(
-                ancestor, candidates, minimum, counts, remainder, reasons, tests, settings.alpha
-            )
+            _select(ancestor, candidates, minimum, counts, remainder, reasons, tests, alphas)
 
     nodes = [
         TreeNode(
@@ -287,7 +307,7 @@ def _select(
     remainder: dict[str, Counts],
     reasons: dict[str, NodeReason],
     tests: dict[str, DifferenceTest],
-    alpha: float,
+    alphas: Mapping[str, float],
 ) -> None:
     """Forward selection of the candidates that differ from what `ancestor` still serves.
 
@@ -302,7 +322,7 @@ def _select(
         tests[key] = difference_test(
             counts[key],
             reference,
-            alpha=alpha,
+            alpha=alphas[key],
             reference_key=ancestor,
             reference_remainder=is_remainder,
         )
@@ -320,7 +340,7 @@ def _select(
         kept = 0
         for key in order:
             size = _allocations(counts[key])
-            if scores[key][0] >= alpha or (kept and taken + size > budget):
+            if scores[key][0] >= alphas[key] or (kept and taken + size > budget):
                 break
             reasons[key] = NodeReason.SIGNIFICANT
             record(key)
@@ -330,10 +350,84 @@ def _select(
             kept += 1
         if not kept:
             for key in remaining:
-                reasons[key] = NodeReason.NOT_SIGNIFICANT
                 record(key)
+            _keep_misserved(ancestor, remaining, counts, remainder, reasons)
             return
         remaining = order[kept:]
+
+
+def _keep_misserved(
+    ancestor: str,
+    candidates: list[str],
+    counts: dict[str, Counts],
+    remainder: dict[str, Counts],
+    reasons: dict[str, NodeReason],
+) -> None:
+    """Keep the candidates left (not significant) when `ancestor` would serve them badly;
+    else prune them.
+
+    A pruned node's users are served from the ancestor's full counts, kept children
+    included, not from the remainder the node was compared with. Kept children can pull the
+    ancestor's best variant away from what its other users need; its sampling, sure of its
+    choice, then hardly explores the other variants for them, and their own data stays too
+    thin to pass any test (or to be trusted one node at a time). So when the ancestor is
+    pulled (its remainder, the users no kept node serves, pooled, converts better at another
+    variant than the ancestor's best), every candidate left is kept (`MISSERVED`) and learns
+    from its own posteriors until a later tree decides. The same holds one node at a time
+    below a node kept as significant (structure was found there): a child whose own data
+    prefers another variant than its parent's best is kept. Where nothing is kept (a
+    population without structure) the remainder is the ancestor, never pulled, and there is
+    no significant parent: nothing more is kept.
+    """
+    served = _best(counts[ancestor])
+    if served is None:
+        for key in candidates:
+            reasons[key] = NodeReason.NOT_SIGNIFICANT
+        return
+    pulled = _prefers_another(remainder[ancestor], served)
+    found = reasons[ancestor] is NodeReason.SIGNIFICANT
+    for key in candidates:
+        child = found and _parent(key) == ancestor
+        if not (pulled or (child and _prefers_another(counts[key], served))):
+            reasons[key] = NodeReason.NOT_SIGNIFICANT
+            continue
+        reasons[key] = NodeReason.MISSERVED
+        remainder[ancestor] = _minus(remainder[ancestor], counts[key])
+        remainder[key] = list(counts[key])
+
+
+def _prefers_another(counts: Counts, served: int) -> bool:
+    """Whether another variant than `served` converts strictly better in `counts` (False
+    when `served` has no allocations there: nothing to compare)."""
+    best = _best(counts)
+    if best is None or best == served or counts[served][0] == 0:
+        return False
+    (n_best, x_best), (n_served, x_served) = counts[best], counts[served]
+    return x_best * n_served > x_served * n_best
+
+
+def _best(counts: Counts) -> int | None:
+    """The variant with the highest conversion rate (None when nothing was allocated)."""
+    rates = [(c / a, -v) for v, (a, c) in enumerate(counts) if a > 0]
+    return -max(rates)[1] if rates else None
+
+
+def _node_alphas(counts: dict[str, Counts], settings: HierarchySettings) -> dict[str, float]:
+    """The significance level of each node below the global one (`Correction`).
+
+    With `tree`: alpha / m, m = the number of nodes this build tests (those up to the kept
+    depth with their level's minimum of allocations, known before any test). Bonferroni over
+    the tree (Dunn 1961): where no node differs, the chance of keeping any is at most alpha.
+    """
+    keys = [k for k in counts if k]
+    if settings.correction is Correction.NODE:
+        return dict.fromkeys(keys, settings.alpha)
+    tested = sum(
+        1
+        for k in keys
+        if _level(k) <= settings.depth and _enough(counts[k], settings.min_samples(_level(k)))
+    )
+    return dict.fromkeys(keys, settings.alpha / max(tested, 1))
 
 
 def _reference(served: Counts, ancestor: Counts, node: Counts, minimum: int) -> tuple[Counts, bool]:

@@ -15,7 +15,13 @@ from functools import cache
 from importlib import resources
 from typing import Any, Final
 
-from allocsvc.hierarchy.tree import DifferenceTest, SegmentTree, TreeNode
+from allocsvc.hierarchy.tree import (
+    Correction,
+    DifferenceTest,
+    NodeReason,
+    SegmentTree,
+    TreeNode,
+)
 
 SCHEMA_VERSION: Final = 1
 FORMATS: Final = ("ascii", "json", "html", "dot")
@@ -68,11 +74,16 @@ def _test_text(test: DifferenceTest | None) -> str:
 
 
 def _verdict(node: TreeNode) -> str:
-    """`kept` / `pruned: reason`, with the adjusted p-value when the node was tested."""
+    """`kept` / `kept: misserved ...` / `pruned: reason`, with the adjusted p-value when the
+    node was tested."""
     p = _test_text(node.test)
     if node.is_root:
         return "root"
-    state = "kept" if node.kept else f"pruned: {node.reason.description}"
+    if node.kept:
+        misserved = node.reason is NodeReason.MISSERVED
+        state = f"kept: {node.reason.description}" if misserved else "kept"
+    else:
+        state = f"pruned: {node.reason.description}"
     return f"{state}, {p}" if p else state
 
 
@@ -100,6 +111,7 @@ def summary_lines(tree: SegmentTree) -> list[tuple[str, str]]:
         test = (
             "interaction z-test (log rate of each variant over the reference's best) vs "
             f"nearest kept ancestor, Bonferroni over variants, alpha {settings.alpha:g}"
+            + (" over the tree" if settings.correction is Correction.TREE else " per node")
         )
     else:
         test = "pruning off (tests reported only)"
@@ -249,6 +261,7 @@ def tree_to_dict(tree: SegmentTree) -> dict[str, Any]:
             "min_samples_per_level": list(settings.min_samples_per_level),
             "max_depth": settings.max_depth,
             "alpha": settings.alpha,
+            "correction": settings.correction.value,
             "prune": settings.prune,
         },
         "summary": {

@@ -35,6 +35,16 @@ GLOBAL_LABEL = "global"
 _FORBIDDEN_IN_DIMENSION = ("|", ":", "%")
 
 
+class Correction(StrEnum):
+    """How `HierarchySettings.alpha` is shared among the nodes one build tests."""
+
+    # Each node is tested at alpha: of N nodes that do not differ, about alpha * N are kept.
+    NODE = "node"
+    # Weighted Bonferroni over the nodes tested: node i at alpha * n_i / sum(n), n = its
+    # allocations. The chance of keeping any node that does not differ stays below alpha.
+    TREE = "tree"
+
+
 @dataclass(frozen=True, slots=True)
 class HierarchySettings:
     """How a tree is built; validated on construction (errors name the offending field).
@@ -43,7 +53,9 @@ class HierarchySettings:
     - `min_samples_per_level`: allocations a node needs at each level (one per dimension), the same
       minimums the Rust cascade applies.
     - `max_depth`: deepest level that may be kept; 0 means all levels (as in `HierarchyConfig`).
-    - `alpha`: family-wise significance level of the per-node test (Bonferroni over the variants).
+    - `alpha`: significance level of the pruning test (Bonferroni over the variants of a node);
+      with `correction` `tree` (the default) the family-wise level over the whole tree.
+    - `correction`: how alpha is shared among the nodes tested (`Correction`).
     - `prune`: False keeps every node up to `max_depth`; the tests are still computed and reported.
     """
 
@@ -52,6 +64,7 @@ class HierarchySettings:
     max_depth: int = 0
     alpha: float = DEFAULT_ALPHA
     prune: bool = True
+    correction: Correction = Correction.TREE
 
     def __post_init__(self) -> None:
         levels = tuple(self.levels)
@@ -89,6 +102,12 @@ class HierarchySettings:
         if not (math.isfinite(alpha) and 0.0 < alpha < 1.0):
             raise InvalidRequest("alpha", f"must be in (0, 1), got {alpha}")
         object.__setattr__(self, "alpha", float(alpha))
+        try:
+            object.__setattr__(self, "correction", Correction(self.correction))
+        except ValueError:
+            raise InvalidRequest(
+                "correction", f"one of {', '.join(c.value for c in Correction)}"
+            ) from None
 
     @property
     def depth(self) -> int:
@@ -101,7 +120,12 @@ class HierarchySettings:
 
     @classmethod
     def for_experiment(
-        cls, experiment: Experiment, *, alpha: float = DEFAULT_ALPHA, prune: bool = True
+        cls,
+        experiment: Experiment,
+        *,
+        alpha: float = DEFAULT_ALPHA,
+        prune: bool = True,
+        correction: Correction = Correction.TREE,
     ) -> HierarchySettings:
         """Settings from an experiment's segmentation and hierarchy config."""
         return cls(
@@ -110,6 +134,7 @@ class HierarchySettings:
             max_depth=experiment.hierarchy.max_depth,
             alpha=alpha,
             prune=prune,
+            correction=correction,
         )
 
 
@@ -163,6 +188,9 @@ class NodeReason(StrEnum):
 
     ROOT = "root"
     SIGNIFICANT = "significant"
+    # Not significant, but its nearest kept ancestor would serve it a variant its own data
+    # finds worse (`builder._keep_misserved`).
+    MISSERVED = "misserved"
     PRUNING_DISABLED = "pruning_disabled"
     INSUFFICIENT_DATA = "insufficient_data"
     NOT_SIGNIFICANT = "not_significant"
@@ -177,10 +205,13 @@ class NodeReason(StrEnum):
         return _DESCRIPTIONS[self]
 
 
-_KEPT_REASONS = frozenset({NodeReason.ROOT, NodeReason.SIGNIFICANT, NodeReason.PRUNING_DISABLED})
+_KEPT_REASONS = frozenset(
+    {NodeReason.ROOT, NodeReason.SIGNIFICANT, NodeReason.MISSERVED, NodeReason.PRUNING_DISABLED}
+)
 _DESCRIPTIONS = {
     NodeReason.ROOT: "global segment",
     NodeReason.SIGNIFICANT: "significant",
+    NodeReason.MISSERVED: "misserved by its ancestor",
     NodeReason.PRUNING_DISABLED: "pruning off",
     NodeReason.INSUFFICIENT_DATA: "insufficient data",
     NodeReason.NOT_SIGNIFICANT: "not significant",
@@ -198,7 +229,8 @@ class DifferenceTest:
     `z` and `p_values` are per variant: the interaction test of its rate relative to the
     baseline's, node against reference (None for the baseline and where a side has no
     allocations); `p_value` is the smallest Bonferroni-adjusted p-value, min(1, m * p),
-    m = `variants_tested` (1.0 when m = 0).
+    m = `variants_tested` (1.0 when m = 0). `alpha` is the level this node was tested at
+    (`HierarchySettings.alpha`, shared among the nodes of the tree by its `correction`).
     """
 
     reference_key: str

@@ -44,8 +44,10 @@ class Context(StrEnum):
 class PolicySpec:
     """One compared policy. `experiment` is None for the oracle.
 
-    With `tree`, the segment tree is rebuilt and pruned periodically during the run, as the
-    server's `tree-rebuild` task does (`build_tree` over the engine's counts, then `set_tree`).
+    With `tree`, the segment tree is rebuilt and pruned during the run, as the server's
+    `tree-rebuild` and `tree-rebuild-growth` tasks do (`build_tree` over the engine's counts,
+    then `set_tree`), and until the first tree only the global node serves. Without, no tree is
+    ever set: every node with its level's minimum may serve.
     """
 
     name: str

@@ -89,8 +89,8 @@ def run_policy(
     A policy with a tree gets it rebuilt as the server does: every `rebuild_every` users (0:
     never; the periodic `tree-rebuild` task), and by growth once `first_rebuild` users have
     come and each time their number has doubled since the last tree (0: never; the
-    `tree-rebuild-growth` task). Until the first rebuild every node may be used, as in a
-    server that has not built a tree yet.
+    `tree-rebuild-growth` task). Until the first rebuild only the global node is used, as in
+    a server that has not built the experiment's tree yet.
     """
     n = len(users)
     best = users.best_rate
@@ -113,6 +113,10 @@ def run_policy(
     engine = Engine()
     configure(engine, spec.experiment)
     handle = spec.experiment.handle
+    if spec.tree:
+        # As the server does (`AllocationService.global_until_first_tree`): global only
+        # until the first tree.
+        engine.set_tree(handle, [])
     seed_rng(users.seed)
     values = _values(spec, scenario, users, model)
     ids = [f"{users.seed}-{i}" for i in range(n)]

@@ -381,8 +381,11 @@ class PostgresJournal:
 
     # Allocations: written behind.
 
+    def has_room(self, n: int) -> bool:
+        return len(self._assignments) + n <= self._max_pending_assignments
+
     def admit(self, n: int) -> None:
-        if len(self._assignments) + n > self._max_pending_assignments:
+        if not self.has_room(n):
             self.stats.refused += n
             raise ResourceExhausted(
                 f"write-behind buffer full ({len(self._assignments)} assignments pending)"
