@@ -137,10 +137,14 @@ async def test_a_restart_rebuilds_the_trees_of_experiments_with_allocations() ->
 async def test_allocations_wake_the_growth_check() -> None:
     service, _, _ = await _service(global_first=True)
     await service.create_experiment(_experiment("exp"))
-    woken: list[int] = []
-    service.on_growth(lambda: woken.append(1), every=50)
+    other = await service.create_experiment(_experiment("other"))
+    woken: list[set[int]] = []
+    service.on_growth(woken.append, every=50)
     await _levels(service, "exp", users=120)
+    # Each call names the experiments allocated in since the last one, not every experiment.
     assert len(woken) == 2
+    assert all(other.handle not in handles for handles in woken)
+    assert woken[0] and all(len(handles) == 1 for handles in woken)
 
 
 async def test_a_woken_growth_check_builds_the_first_tree_at_once() -> None:

@@ -9,7 +9,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import NamedTuple
@@ -478,17 +478,23 @@ class Insights:
                 except Exception:
                     log.exception("tree rebuild failed", extra={"experiment": experiment.key})
 
-    def wake_growth(self) -> None:
-        """Allocations were made (`AllocationService.on_growth`, on the event loop): take the
-        counts of every experiment whose tree is due by growth as they stand at this very
-        allocation, and wake `rebuild_grown_on_wake` to build from them. Trees then follow
-        the number of allocations, not the clock or how fast requests come."""
+    def wake_growth(self, handles: Iterable[int]) -> None:
+        """Allocations were made in the experiments `handles` (`AllocationService.on_growth`,
+        on the event loop): take the counts of each whose tree is due by growth as they stand
+        at this very allocation, and wake `rebuild_grown_on_wake` to build from them. Trees
+        then follow the number of allocations, not the clock or how fast requests come; only
+        the experiments that allocated are looked at, however many a server holds."""
         if self._first_rebuild_at <= 0:
             return
-        for experiment in self._service.list_experiments(Status.RUNNING):
-            handle = experiment.handle
+        for handle in handles:
+            if handle in self._due:
+                continue
+            try:
+                experiment = self._service.experiment_by_handle(handle)
+            except NotFound:  # removed since
+                continue
             if (
-                handle in self._due
+                experiment.status is not Status.RUNNING
                 or not self._service.served_experiment(experiment.key).dimensions
             ):
                 continue

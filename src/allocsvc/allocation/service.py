@@ -141,8 +141,9 @@ class AllocationService:
     # Sampling of allocations for learning (None: off) and requests until the next observed.
     _gaps: ObservationGaps | None = None
     _until_observed: int = 0
-    # Set by on_growth: called once per `_growth_every` allocations made here.
-    _on_growth: Callable[[], None] | None = None
+    # Set by on_growth: called once per `_growth_every` allocations made here, with the
+    # handles of the experiments they were made in.
+    _on_growth: Callable[[set[int]], None] | None = None
     _growth_every: int = 1
     _growth_countdown: int = 1
 
@@ -204,18 +205,21 @@ class AllocationService:
         self._gaps = learning.gaps
         self._until_observed = 0 if self._gaps is None else self._gaps.next()
 
-    def on_growth(self, callback: Callable[[], None], every: int) -> None:
+    def on_growth(self, callback: Callable[[set[int]], None], every: int) -> None:
         """Call `callback` once per `every` allocations made by this process (unary and batch),
-        on the event loop, right after the allocations are counted. It must be cheap and do no
-        I/O (it sits on the hot path): e.g. wake a background task."""
+        on the event loop, right after the allocations are counted, with the handles of the
+        experiments allocated in since the last call. It must be cheap and do no I/O (it sits
+        on the hot path): e.g. wake a background task."""
         self._on_growth = callback
         self._growth_every = self._growth_countdown = max(1, every)
+        self._grown_handles: set[int] = set()
 
     def _grown(self, allocations: int) -> None:
         self._growth_countdown -= allocations
         if self._growth_countdown <= 0 and self._on_growth is not None:
             self._growth_countdown = self._growth_every
-            self._on_growth()
+            handles, self._grown_handles = self._grown_handles, set()
+            self._on_growth(handles)
 
     @property
     def learns(self) -> bool:
@@ -522,6 +526,7 @@ class AllocationService:
         self._cascade_allocations[(assignment.handle, assignment.cascade_level)] += 1
         self._journal.assignment_made(assignment)
         if self._on_growth is not None:
+            self._grown_handles.add(assignment.handle)
             self._grown(1)
 
     def allocate_wire(self, request: bytes, region: str) -> bytes | None:
@@ -741,6 +746,7 @@ class AllocationService:
                 self._shared.assignment_made(assignment)
         self._cascade_allocations.update(zip(handles, levels, strict=True))
         if self._on_growth is not None:
+            self._grown_handles.update(handles)
             self._grown(len(made))
 
     def check_batch(self, size: int) -> None:
