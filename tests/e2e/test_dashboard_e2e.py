@@ -139,8 +139,15 @@ def test_pages_metrics_and_errors(dashboard) -> None:  # type: ignore[no-untyped
     assert status == 200 and "Segment tree of dash-checkout" in tree
     status, _, _ = _get(f"{base}/experiments/dash-draft/tree")
     assert status == 404
+    # /metrics serves a snapshot refreshed every second on the event loop: wait for one taken
+    # after the fixture's allocations.
+    wanted = 'allocsvc_allocations_total{experiment="dash-checkout"'
+    deadline = time.monotonic() + WAIT_S
     status, _, metrics = _get(f"{base}/metrics")
-    assert status == 200 and 'allocsvc_allocations_total{experiment="dash-checkout"' in metrics
+    while status == 200 and wanted not in metrics and time.monotonic() < deadline:
+        time.sleep(0.2)
+        status, _, metrics = _get(f"{base}/metrics")
+    assert status == 200 and wanted in metrics
     status, kind, missing = _get(f"{base}/api/experiments/no-such")
     assert (status, kind) == (404, "application/json")
     assert "no-such" in json.loads(missing)["error"]
