@@ -512,8 +512,11 @@ class Insights:
         """Build the trees `wake_growth` found due, once woken, or after
         `growth_check_interval` seconds at the latest `rebuild_grown` (other replicas'
         traffic grows the counts without waking it)."""
+        # asyncio.timeout, not wait_for: in Python 3.11 wait_for can swallow a cancellation
+        # that arrives as its inner wait finishes, and this job runs 20 times a second.
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._grown.wait(), timeout=self._growth_check_interval)
+            async with asyncio.timeout(self._growth_check_interval):
+                await self._grown.wait()
         self._grown.clear()
         due, self._due = self._due, {}
         for key, counts in due.values():

@@ -31,6 +31,11 @@ class Scheduler:
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
+            # A job may swallow one cancellation (e.g. asyncio.wait_for in Python 3.11, when
+            # its inner await finishes at that moment): ask again until the task has ended.
+            while not task.done():
+                await asyncio.wait({task}, timeout=1.0)
+                task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self._tasks.clear()
