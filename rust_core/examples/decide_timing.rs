@@ -5,38 +5,8 @@ use allocsvc_core::keys::{key_hash, path_keys};
 use allocsvc_core::{Engine, ExperimentConfig, Policy};
 use std::time::Instant;
 
-#[repr(C)]
-struct Timespec {
-    sec: i64,
-    nsec: i64,
-}
-
-extern "C" {
-    fn clock_gettime(clock: i32, out: *mut Timespec) -> i32;
-}
-
-/// This thread's CPU time in ns (CLOCK_THREAD_CPUTIME_ID): less moved by other jobs than wall
-/// time on a shared machine.
-fn cpu_ns() -> f64 {
-    let mut t = Timespec { sec: 0, nsec: 0 };
-    // SAFETY: `t` is a valid out-pointer; 3 is CLOCK_THREAD_CPUTIME_ID on Linux.
-    unsafe { clock_gettime(3, &mut t) };
-    t.sec as f64 * 1e9 + t.nsec as f64
-}
-
-/// Best of 7 rounds of `n` calls of `f`, in CPU ns per call.
-fn best_of(n: usize, mut f: impl FnMut() -> usize) -> (f64, usize) {
-    let mut best = f64::INFINITY;
-    let mut acc = 0;
-    for _ in 0..7 {
-        let t = cpu_ns();
-        for _ in 0..n {
-            acc += f();
-        }
-        best = best.min((cpu_ns() - t) / n as f64);
-    }
-    (best, acc)
-}
+mod support;
+use support::best_of;
 
 const POSTERIOR: [(u64, u64); 5] = [
     (10_000, 500),

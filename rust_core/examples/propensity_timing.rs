@@ -10,39 +10,8 @@ use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 use std::hint::black_box;
 
-#[repr(C)]
-struct Timespec {
-    sec: i64,
-    nsec: i64,
-}
-
-extern "C" {
-    fn clock_gettime(clock: i32, out: *mut Timespec) -> i32;
-}
-
-/// This thread's CPU time in ns (CLOCK_THREAD_CPUTIME_ID), less moved by other jobs than wall
-/// time on a shared machine.
-fn cpu_ns() -> f64 {
-    let mut t = Timespec { sec: 0, nsec: 0 };
-    // SAFETY: `t` is a valid out-pointer; 3 is CLOCK_THREAD_CPUTIME_ID on Linux.
-    unsafe { clock_gettime(3, &mut t) };
-    t.sec as f64 * 1e9 + t.nsec as f64
-}
-
-/// Best of 7 rounds of `n` calls of `f`, in CPU ns per call.
-fn best_of(n: usize, mut f: impl FnMut() -> f64) -> f64 {
-    let mut best = f64::INFINITY;
-    let mut acc = 0.0;
-    for _ in 0..7 {
-        let start = cpu_ns();
-        for _ in 0..n {
-            acc += f();
-        }
-        best = best.min((cpu_ns() - start) / n as f64);
-    }
-    black_box(acc);
-    best
-}
+mod support;
+use support::{best_of, cpu_ns};
 
 fn main() {
     // Posteriors of a node after ~3,000 and ~300,000 allocations at ~5% conversion, with the
@@ -91,10 +60,10 @@ fn main() {
             .zip(betas)
             .map(|(a, b)| 0.01 / (a + b - 1.0).sqrt())
             .collect();
-        let exact = best_of(2000, || {
+        let (exact, _) = best_of(2000, || {
             selection_probabilities(black_box(alphas), black_box(betas), black_box(&bonus))[0]
         });
-        let mc = best_of(2000, || {
+        let (mc, _) = best_of(2000, || {
             with_thread_rng(|rng| monte_carlo(rng, alphas, betas, Some(&bonus), 512))[0]
         });
         println!("| {name} | {exact:.0} | {mc:.0} |");

@@ -64,8 +64,8 @@ class AllocatorServicer(pb_grpc.AllocatorServicer):
     @maps_errors
     async def AllocateBytes(self, request: bytes, context: Context[bytes, bytes]) -> bytes:
         """Allocate on the wire format. A well-formed request that the Rust path takes is
-        decided exactly as AllocateBatch decides a batch of one (decoding, checks, extraction,
-        decision and encoding in Rust: about a third of the Python path's cost); anything else
+        decided exactly as AllocateBatch decides an item (decoding, checks, extraction, the
+        sticky lookup, decision and encoding in one Rust call); anything else
         (a bad request, `auto` segmentation, sticky claims in shared state, several regions)
         goes through `Allocate`, whose errors name their field."""
         if self._regions is None:
