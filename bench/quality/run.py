@@ -200,10 +200,10 @@ def _ope_section(ope_rows: list[ope_check.OpeResult], ope_seeds: int, users: int
         "assignments (context = the user's leaf segment, variant, the engine's propensity, "
         "conversion) feed IPS, SNIPS and DR; each target is also run on-policy on a fresh stream "
         "of the same size. `segment_best` always picks each segment's best variant; `variant:v0` "
-        "always picks v0. The engine's propensity is the exact probability that its Thompson "
-        "draw picks the variant (numerical integration over the posterior state the draw came "
-        "from: a node keeps one state while no variant's posterior has moved by more than 0.1 "
-        "standard deviations, and decisions draw from it).",
+        "always picks v0. The engine's propensity is the exact probability that a Thompson "
+        "draw picks the variant (numerical integration over the node's posterior state: a node "
+        "keeps one state while no variant's posterior has moved by more than 0.1 standard "
+        "deviations, and decisions pick with that state's probabilities).",
         "",
         "Is an estimate right? The simulator knows each target's true value, so the bar asks "
         "two things of each estimator: its mean error over seeds is consistent with 0 (a t "

@@ -190,80 +190,6 @@ pub fn beta_sample_memo<R: Rng + ?Sized>(
     }
 }
 
-/// One Beta(alpha, beta) with its sampler constants computed once, for repeated draws.
-#[derive(Debug, Clone, Copy)]
-pub struct BetaParams {
-    alpha: f64,
-    beta: f64,
-    x: GammaShape,
-    y: GammaShape,
-}
-
-impl BetaParams {
-    #[inline]
-    pub fn new(alpha: f64, beta: f64) -> Self {
-        BetaParams {
-            alpha,
-            beta,
-            x: GammaShape::new(alpha),
-            y: GammaShape::new(beta),
-        }
-    }
-
-    /// Change to Beta(alpha, beta), recomputing only the constants of a changed parameter.
-    #[inline]
-    pub fn set(&mut self, alpha: f64, beta: f64) {
-        if alpha.to_bits() != self.alpha.to_bits() {
-            self.alpha = alpha;
-            self.x = GammaShape::new(alpha);
-        }
-        if beta.to_bits() != self.beta.to_bits() {
-            self.beta = beta;
-            self.y = GammaShape::new(beta);
-        }
-    }
-}
-
-/// `beta_sample` with the constants of `params`: the same draws from the same generator state.
-#[inline]
-pub fn beta_sample_params<R: Rng + ?Sized>(rng: &mut R, params: &BetaParams) -> f64 {
-    if params.alpha >= 1.0 && params.beta >= 1.0 {
-        let x = gamma_with(rng, params.x);
-        let y = gamma_with(rng, params.y);
-        x / (x + y)
-    } else {
-        beta_sample(rng, params.alpha, params.beta)
-    }
-}
-
-/// Most draws `beta_sample_many` makes per call.
-pub const MANY: usize = 16;
-
-/// `beta_sample_params` for each of `params` in turn, into `out` (at most `MANY`): the same
-/// draws. The divisions X / (X + Y) come after all the Gamma draws, so they overlap.
-#[inline]
-pub fn beta_sample_many<'a, R: Rng + ?Sized>(
-    rng: &mut R,
-    params: impl IntoIterator<Item = &'a BetaParams>,
-    out: &mut [f64],
-) {
-    let mut ys = [f64::NAN; MANY];
-    let n = out.len().min(MANY);
-    for ((p, o), y) in params.into_iter().zip(&mut out[..n]).zip(&mut ys) {
-        if p.alpha >= 1.0 && p.beta >= 1.0 {
-            *o = gamma_with(rng, p.x);
-            *y = gamma_with(rng, p.y);
-        } else {
-            *o = beta_sample(rng, p.alpha, p.beta);
-        }
-    }
-    for (o, &y) in out[..n].iter_mut().zip(&ys) {
-        if !y.is_nan() {
-            *o /= *o + y;
-        }
-    }
-}
-
 /// Whether (alpha, beta) are usable Beta parameters.
 pub fn valid_params(alpha: f64, beta: f64) -> bool {
     alpha.is_finite() && beta.is_finite() && alpha > 0.0 && beta > 0.0
@@ -373,7 +299,6 @@ mod tests {
     fn memo_draws_equal_plain_draws() {
         let mut plain = SmallRng::seed_from_u64(9);
         let mut memoized = SmallRng::seed_from_u64(9);
-        let mut precomputed = SmallRng::seed_from_u64(9);
         let mut memo = ShapeMemo::new();
         // Repeated and colliding shapes, small shapes (no memo) and huge ones.
         let shapes = [
@@ -392,20 +317,6 @@ mod tests {
                 x,
                 beta_sample_memo(&mut memoized, &mut memo, a, b).to_bits()
             );
-            let mut params = BetaParams::new(b, a);
-            params.set(a, b);
-            assert_eq!(x, beta_sample_params(&mut precomputed, &params).to_bits());
-        }
-        // Several at once: the same draws again.
-        let params: Vec<BetaParams> = shapes.iter().map(|&(a, b)| BetaParams::new(a, b)).collect();
-        let mut one = SmallRng::seed_from_u64(10);
-        let mut many = SmallRng::seed_from_u64(10);
-        let mut out = [0.0; 6];
-        for _ in 0..1000 {
-            beta_sample_many(&mut many, &params, &mut out);
-            for (p, x) in params.iter().zip(out) {
-                assert_eq!(beta_sample_params(&mut one, p).to_bits(), x.to_bits());
-            }
         }
     }
 

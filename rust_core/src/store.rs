@@ -109,27 +109,53 @@ pub struct VariantCounts {
     pub value_sum: f64,
 }
 
-/// One state of a node's posteriors that decisions sample from, with its exact selection
-/// probabilities; reused while no variant's posterior has moved by more than a fraction of
-/// its standard deviation since. Decisions draw from these posteriors (not the moving counts),
-/// so the probability they log is exactly that of the draw they made.
+/// One state of a node's posteriors that decisions draw from: the exact probability that a
+/// Thompson draw (the largest Beta sample plus bonus) picks each variant. Kept while no
+/// variant's posterior has moved by more than a fraction of its standard deviation since.
+/// Decisions pick a variant with these probabilities (not from the moving counts), so the
+/// probability they log is exactly that of the choice they made.
 #[derive(Debug, Clone)]
 pub struct PropensityCache {
-    /// Distinct for every computed entry (0: an entry not kept on a node).
-    pub id: u64,
+    /// The settings and level the entry was computed for (0: an entry not kept on a node).
     pub level_key: u64,
-    /// Per variant: Beta (alpha, beta) and exploration bonus sampled from.
-    pub posteriors: Vec<(f64, f64)>,
-    pub bonuses: Vec<f64>,
     pub probabilities: Vec<f64>,
+    /// Running sums of `probabilities`, the last one exactly 1.
+    pub cumulative: Vec<f64>,
     /// Per variant: (allocations, conversions) at the node when the entry was computed.
     pub counts: Vec<(u64, u64)>,
     /// Per variant: the share of the allowed movement that one allocation and one conversion
-    /// use up (see `decide::propensity`).
+    /// use up (see `decide::state`).
     pub cost: Vec<(f64, f64)>,
 }
 
 impl PropensityCache {
+    /// An entry for `probabilities` (which sum to 1).
+    pub fn new(
+        level_key: u64,
+        probabilities: Vec<f64>,
+        counts: Vec<(u64, u64)>,
+        cost: Vec<(f64, f64)>,
+    ) -> Self {
+        let mut sum = 0.0;
+        let mut cumulative: Vec<f64> = probabilities
+            .iter()
+            .map(|p| {
+                sum += p;
+                sum
+            })
+            .collect();
+        if let Some(last) = cumulative.last_mut() {
+            *last = 1.0;
+        }
+        PropensityCache {
+            level_key,
+            probabilities,
+            cumulative,
+            counts,
+            cost,
+        }
+    }
+
     /// Whether the entry still holds for the node as it is now: the same settings, and for
     /// every variant (allocations moved) * cost + (conversions moved) * cost <= 1.
     #[inline]

@@ -103,7 +103,10 @@ class Engine:
     def decide(
         self, experiment: int, user_id: str, values: Sequence[str], record: bool = True
     ) -> Decision:
-        """One whole allocation: path hashes, cascade, warm start, sampling, choice.
+        """One whole allocation: path hashes, cascade, warm start, Thompson choice.
+
+        The choice is drawn with the exact probabilities that a Thompson draw from the node's
+        kept posterior state picks each variant; the propensity is that of the chosen one.
 
         With `record`, the allocation is counted at every level of the path.
         """

@@ -139,3 +139,28 @@ def test_a_decision_logs_the_propensity_of_its_variant() -> None:
         minlength=3,
     )
     assert stats.chisquare(picks, np.array(exact) * picks.sum()).pvalue > 1e-3
+
+
+def test_decisions_pick_as_often_as_a_beta_draw_per_variant_does() -> None:
+    # A decision picks by the kept state's selection probabilities instead of drawing a Beta
+    # per variant; both must choose each variant equally often. NumPy's Beta sampler (not
+    # ours) makes the reference Thompson draws, bonus included.
+    seed_rng(5)
+    counts = [(400, 20), (400, 26), (400, 23), (400, 17), (400, 25)]
+    exploration = 0.02
+    engine = engine_with(1.0, 1.0, exploration, counts)
+    n = 40_000
+    decided = np.bincount(
+        [engine.decide(EXPERIMENT, f"d{i}", [], record=False)[0] for i in range(n)],
+        minlength=len(counts),
+    )
+    rng = np.random.default_rng(5)
+    alphas = np.array([1.0 + c for _, c in counts])
+    betas = np.array([1.0 + a - c for a, c in counts])
+    bonus = np.array([exploration / math.sqrt(a + 1) for a, _ in counts])
+    drawn = np.bincount(
+        (rng.beta(alphas, betas, size=(n, len(counts))) + bonus).argmax(axis=1),
+        minlength=len(counts),
+    )
+    assert decided.min() > 500  # every variant is chosen often enough to compare
+    assert stats.chi2_contingency(np.vstack([decided, drawn])).pvalue > 1e-3
