@@ -36,13 +36,22 @@ impl Tree {
 /// (level 0 = global), `in_tree[l]` whether the tree has it, `min_samples[l - 1]` the minimum
 /// for level `l`. A level without a configured minimum needs none.
 pub fn cascade_level(samples: &[u64], in_tree: &[bool], min_samples: &[u64]) -> usize {
-    for level in (1..samples.len()).rev() {
-        let needed = min_samples.get(level - 1).copied().unwrap_or(0);
-        if in_tree[level] && samples[level] >= needed {
-            return level;
-        }
-    }
-    0
+    (1..samples.len())
+        .rev()
+        .find(|&level| cascade_qualifies(level, samples[level], in_tree, min_samples))
+        .unwrap_or(0)
+}
+
+/// Whether the node at `level` (> 0) with `samples` allocations may decide.
+#[inline]
+pub fn cascade_qualifies(
+    level: usize,
+    samples: u64,
+    in_tree: &[bool],
+    min_samples: &[u64],
+) -> bool {
+    let needed = min_samples.get(level - 1).copied().unwrap_or(0);
+    in_tree[level] && samples >= needed
 }
 
 #[cfg(test)]

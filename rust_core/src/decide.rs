@@ -8,7 +8,7 @@
 //! with five variants, and the logged propensity is exactly the probability of the choice.
 
 use crate::beta::with_thread_rng;
-use crate::cascade::{cascade_level, Tree};
+use crate::cascade::{cascade_qualifies, Tree};
 use crate::error::CoreError;
 use crate::keys::{bucket, key_hash, path_hashes_of_key, push_canonical_value, valid_dimension};
 use crate::store::{Node, NodeId, PropensityCache, Segments, Store};
@@ -737,7 +737,7 @@ impl Engine {
 }
 
 /// Thompson choice at the cascade's level: (variant, level, propensity). The variant is drawn
-/// with the exact selection probabilities of the node's current posterior state (`state`),
+/// with the exact selection probabilities of the node's current posterior state (`with_state`),
 /// which is how often a Thompson draw from that state picks each variant.
 fn thompson(
     entry: &ExperimentEntry,
@@ -746,20 +746,26 @@ fn thompson(
     hashes: &[u64],
 ) -> (usize, usize, f64) {
     let cfg = &entry.config;
-    let mut samples = [0u64; MAX_LEVELS + 1];
-    for l in 0..nodes.len() {
-        samples[l] = nodes[l].map_or(0, |n| n.allocations());
-    }
-    let level = cascade_level(&samples[..nodes.len()], in_tree, &cfg.min_samples);
-    let state = state(
+    // The cascade (`cascade_level`) from the deepest level up, reading counts only as far
+    // as it looks.
+    let allocations = |l: usize| nodes[l].map_or(0, |n| n.allocations());
+    let (level, samples) = (1..nodes.len())
+        .rev()
+        .map(|l| (l, allocations(l)))
+        .find(|&(l, n)| cascade_qualifies(l, n, in_tree, &cfg.min_samples))
+        .unwrap_or_else(|| (0, allocations(0)));
+    with_state(
         nodes,
         level,
+        samples,
         hashes[level] ^ entry.generation.wrapping_mul(0x9E37_79B9_7F4A_7C15),
         cfg,
-    );
-    let u: f64 = with_thread_rng(rand::Rng::gen);
-    let variant = pick_by_cumulative(&state.cumulative, u);
-    (variant, level, state.probabilities[variant])
+        |state| {
+            let u: f64 = with_thread_rng(rand::Rng::gen);
+            let variant = pick_by_cumulative(&state.cumulative, u);
+            (variant, level, state.probabilities[variant])
+        },
+    )
 }
 
 /// The exploration bonus of variant `i` at a node: `exploration / sqrt(n_i + 1)`.
@@ -795,8 +801,8 @@ fn selection_at(
     (probabilities, posteriors)
 }
 
-/// The posterior state decisions at this level draw from: its exact selection probabilities,
-/// cached on the node.
+/// `f` of the posterior state decisions at this level draw from: its exact selection
+/// probabilities, cached on the node (`allocations` is the node's total now).
 ///
 /// Computing the probabilities costs 10-40 microseconds, so a node's state is kept while every
 /// variant's posterior mean plus bonus stays within `PROPENSITY_TOLERANCE` standard deviations
@@ -807,27 +813,36 @@ fn selection_at(
 /// exploration / (2 (n_i + 1)^1.5); one conversion moves the mean by 1 / (a + b). The entry
 /// counts both per variant. Changes of the warm start's parent, which carries a bounded
 /// weight, are not tracked.
-fn state(
+fn with_state<T>(
     nodes: &[Option<&Node>],
     level: usize,
+    allocations: u64,
     level_hash: u64,
     cfg: &ExperimentConfig,
-) -> Arc<PropensityCache> {
+    f: impl FnOnce(&PropensityCache) -> T,
+) -> T {
     let Some(node) = nodes[level] else {
         // No node yet (nothing counted there): the prior's state, not kept.
         let (probabilities, _) = selection_at(nodes, level, cfg);
-        return Arc::new(PropensityCache::new(0, probabilities, Vec::new(), Vec::new()));
+        return f(&PropensityCache::new(
+            0,
+            probabilities,
+            Vec::new(),
+            Vec::new(),
+            0,
+        ));
     };
     // The cache key includes the variant count and cascade depth, which change the result.
     let version_key = level_hash ^ ((cfg.variants as u64) << 32) ^ level as u64;
     {
-        let cache = node.propensity.lock();
-        if let Some(hit) = cache.as_ref() {
-            if hit.fresh(version_key, node) {
-                return Arc::clone(hit);
+        let cached = node.propensity.load();
+        if let Some(hit) = cached.as_deref() {
+            if hit.fresh(version_key, node, allocations) {
+                return f(hit);
             }
         }
     }
+    let reloads = node.reloads();
     let counts: Vec<(u64, u64)> = (0..cfg.variants).map(|i| node.variant(i)).collect();
     let (probabilities, posteriors) = selection_at(nodes, level, cfg);
     let cost = posteriors
@@ -847,9 +862,11 @@ fn state(
         probabilities,
         counts,
         cost,
+        reloads,
     ));
-    *node.propensity.lock() = Some(Arc::clone(&entry));
-    entry
+    let out = f(&entry);
+    node.propensity.store(Some(entry));
+    out
 }
 
 fn share(cumulative: &[f64], v: usize) -> f64 {

@@ -6,6 +6,7 @@
 //! Increments are lock-free atomics; an experiment's node map is locked for reading on lookups
 //! and for writing only when a node is created.
 
+use arc_swap::ArcSwapOption;
 use parking_lot::{Mutex, RwLock, RwLockReadGuard};
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
@@ -126,15 +127,25 @@ pub struct PropensityCache {
     /// Per variant: the share of the allowed movement that one allocation and one conversion
     /// use up (see `decide::state`).
     pub cost: Vec<(f64, f64)>,
+    /// The node's total (allocations, conversions) when computed, and the largest per-variant
+    /// costs: while the totals have moved so little that even one variant taking all of it
+    /// stays within budget, no variant needs checking on its own.
+    totals: (u64, u64),
+    most_cost: (f64, f64),
+    /// `Node::reloads` when computed: a reload may lower counters, and then only the
+    /// per-variant check holds.
+    reloads: u64,
 }
 
 impl PropensityCache {
-    /// An entry for `probabilities` (which sum to 1).
+    /// An entry for `probabilities` (which sum to 1), computed from `counts` after `reloads`
+    /// reloads of the node.
     pub fn new(
         level_key: u64,
         probabilities: Vec<f64>,
         counts: Vec<(u64, u64)>,
         cost: Vec<(f64, f64)>,
+        reloads: u64,
     ) -> Self {
         let mut sum = 0.0;
         let mut cumulative: Vec<f64> = probabilities
@@ -147,28 +158,54 @@ impl PropensityCache {
         if let Some(last) = cumulative.last_mut() {
             *last = 1.0;
         }
+        let totals = counts
+            .iter()
+            .fold((0, 0), |(n, c), &(vn, vc)| (n + vn, c + vc));
+        let most_cost = cost
+            .iter()
+            .fold((0.0, 0.0), |(a, b): (f64, f64), &(ca, cc)| {
+                (a.max(ca), b.max(cc))
+            });
         PropensityCache {
             level_key,
             probabilities,
             cumulative,
             counts,
             cost,
+            totals,
+            most_cost,
+            reloads,
         }
     }
 
     /// Whether the entry still holds for the node as it is now: the same settings, and for
     /// every variant (allocations moved) * cost + (conversions moved) * cost <= 1.
+    /// `allocations` is the node's total now (the cascade has it already).
     #[inline]
-    pub fn fresh(&self, level_key: u64, node: &Node) -> bool {
-        self.level_key == level_key
-            && self.counts.iter().zip(&self.cost).enumerate().all(
-                |(i, (&(n, c), &(per_allocation, per_conversion)))| {
-                    let (n_now, c_now) = node.variant(i);
-                    n_now.abs_diff(n) as f64 * per_allocation
-                        + c_now.abs_diff(c) as f64 * per_conversion
-                        <= 1.0
-                },
-            )
+    pub fn fresh(&self, level_key: u64, node: &Node, allocations: u64) -> bool {
+        if self.level_key != level_key {
+            return false;
+        }
+        // Between reloads counters only grow, so no variant moved more than the totals did.
+        let (n0, c0) = self.totals;
+        if self.reloads == node.reloads() && allocations >= n0 {
+            let conversions = node.conversions();
+            if conversions >= c0 {
+                let moved = (allocations - n0) as f64 * self.most_cost.0
+                    + (conversions - c0) as f64 * self.most_cost.1;
+                if moved <= 1.0 {
+                    return true;
+                }
+            }
+        }
+        self.counts.iter().zip(&self.cost).enumerate().all(
+            |(i, (&(n, c), &(per_allocation, per_conversion)))| {
+                let (n_now, c_now) = node.variant(i);
+                n_now.abs_diff(n) as f64 * per_allocation
+                    + c_now.abs_diff(c) as f64 * per_conversion
+                    <= 1.0
+            },
+        )
     }
 }
 
@@ -176,7 +213,10 @@ impl PropensityCache {
 pub struct Node {
     counters: Box<[Counter]>,
     exported: Mutex<Box<[Exported]>>,
-    pub propensity: Mutex<Option<Arc<PropensityCache>>>,
+    /// The posterior state decisions at this node draw from (read without locking).
+    pub propensity: ArcSwapOption<PropensityCache>,
+    /// How many times `load` has replaced the counters (which may lower them).
+    reloads: AtomicU64,
 }
 
 impl Node {
@@ -184,12 +224,19 @@ impl Node {
         Node {
             counters: (0..variants).map(|_| Counter::default()).collect(),
             exported: Mutex::new(vec![Exported::default(); variants].into_boxed_slice()),
-            propensity: Mutex::new(None),
+            propensity: ArcSwapOption::empty(),
+            reloads: AtomicU64::new(0),
         }
     }
 
     pub fn variants(&self) -> usize {
         self.counters.len()
+    }
+
+    /// How many times the counters were replaced by a load.
+    #[inline]
+    pub fn reloads(&self) -> u64 {
+        self.reloads.load(Ordering::Acquire)
     }
 
     /// Total allocations over all variants (the cascade's sample count).
@@ -260,6 +307,7 @@ impl Node {
         let mut exported = self.exported.lock();
         let e = &mut exported[variant];
         if replace {
+            self.reloads.fetch_add(1, Ordering::Release);
             // Swap in the new total, then add back what was pending; increments racing with
             // this land on top and stay pending too.
             let pa = c
