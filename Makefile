@@ -9,7 +9,7 @@ PYTEST_ARGS ?=
 .DEFAULT_GOAL := help
 
 help: ## list the targets
-	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
+	@grep -hE '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
 
 $(STAMP): pyproject.toml Cargo.toml rust_core/Cargo.toml rust_core/py/Cargo.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -58,6 +58,9 @@ bench: $(STAMP) ## benchmarks (pytest-benchmark) of the core; see bench/RESULTS.
 
 bench-load: $(STAMP) ## load test with ghz: allocsvc vs a bare grpc.aio echo server (a few minutes; see bench/RESULTS.md)
 	$(PY) bench/load/run.py $(LOAD_ARGS)
+
+bench-load-h2: $(STAMP) ## unary load test with h2load, a light client: echo, --workers 1 and 2 (~6 minutes)
+	$(PY) bench/load/h2.py $(LOAD_ARGS)
 
 clean: ## remove build outputs (keeps .venv)
 	rm -rf target dist .pytest_cache .mypy_cache .ruff_cache

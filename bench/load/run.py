@@ -182,13 +182,17 @@ def start_allocsvc(
     replicas: int = 1,
     redis: str = "",
     event_loop: str = "uvloop",
+    metrics_port: int | None = None,
 ) -> Setup:
+    """`metrics_port`: serve Prometheus metrics there (each worker on the next port up)."""
     setup = Setup(name, _free_port())
     for i in range(replicas):
         args = [sys.executable, "-m", "allocsvc", "serve", "--port", str(setup.port)]
         args += ["--postgres-dsn", dsn, "--workers", str(workers), "--seed", str(7 + i)]
         if redis:
             args += ["--redis-url", redis]
+        if metrics_port is not None:
+            args += ["--metrics-port", str(metrics_port + i * workers)]
         if i > 0:
             args.append("--no-migrate")
         log = workdir / f"{name}-{i}.log"
@@ -612,11 +616,12 @@ def _cpu_model() -> str:
     return "unknown CPU"
 
 
-def write_section(text: str) -> None:
+def write_section(text: str, section: str = SECTION) -> None:
+    """Replace `section` of RESULTS.md (its heading line) with `text`, or append it."""
     current = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
-    if SECTION in current:
-        start = current.index(SECTION)
-        nxt = current.find("\n## ", start + len(SECTION))
+    if section in current:
+        start = current.index(section)
+        nxt = current.find("\n## ", start + len(section))
         current = current[:start] + text.rstrip() + "\n" + ("" if nxt < 0 else current[nxt:])
     else:
         current = current.rstrip() + "\n\n" + text.rstrip() + "\n"
