@@ -24,10 +24,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
-import platform
-import re
 import shlex
 import signal
 import statistics
@@ -44,25 +41,15 @@ from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from load import benchkit  # bench/load/benchkit.py
 
 from allocsvc._proto import allocsvc_pb2 as pb
 from allocsvc._proto import allocsvc_pb2_grpc as pb_grpc
 from allocsvc.core import key_hash
 
-HERE = Path(__file__).resolve().parent
-RESULTS = HERE / "RESULTS.md"
 SECTION = "## Durability and shared state (issue 4)"
 START_TIMEOUT_S = 120.0
 EXPERIMENT = "bench-durable"
-CONTEXT = {
-    "utm_source": "instagram",
-    "user_agent": (
-        "Mozilla/5.0 (iPhone; CPU iPhone OS 17_4 like Mac OS X) AppleWebKit/605.1.15 "
-        "(KHTML, like Gecko) Version/17.4 Mobile/15E148 Safari/604.1"
-    ),
-    "country_code": "US",
-}
 BAR = 0.5
 
 
@@ -99,14 +86,7 @@ class Server:
         return found
 
     def log_entry(self, msg: str) -> dict[str, Any]:
-        for line in self.log.read_text(errors="replace").splitlines():
-            try:
-                entry = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(entry, dict) and entry.get("msg") == msg:
-                return entry
-        return {}
+        return benchkit.log_entry(self.log, msg)
 
 
 def start_server(dsn: str, workdir: Path, name: str) -> Server:
@@ -127,26 +107,12 @@ def start_server(dsn: str, workdir: Path, name: str) -> Server:
         if serving:
             server.port = int(serving["port"])
             server.started_s = time.monotonic() - t0
-            _wait_serving(server, deadline)
+            benchkit.wait_health(server.target, deadline)
             return server
         time.sleep(0.02)
     process.kill()
     process.wait()
     raise RuntimeError(f"{name} did not start within {START_TIMEOUT_S} s:\n{log.read_text()}")
-
-
-def _wait_serving(server: Server, deadline: float) -> None:
-    with grpc.insecure_channel(server.target) as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
-        while time.monotonic() < deadline:
-            try:
-                reply = stub.Check(health_pb2.HealthCheckRequest(), timeout=1)
-                if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-            except grpc.RpcError:
-                pass
-            time.sleep(0.05)
-    raise RuntimeError("health not SERVING in time")
 
 
 def with_database(dsn: str, database: str) -> str:
@@ -185,11 +151,7 @@ def create_experiment(server: Server, key: str, variants: int) -> None:
         name=key,
         status=pb.EXPERIMENT_STATUS_RUNNING,
         variants=[pb.Variant(id=f"v{i}", name=f"v{i}") for i in range(variants)],
-        segmentation=pb.SegmentationConfig(
-            mode=pb.SEGMENTATION_MODE_MANUAL,
-            segment_by=["source", "device"],
-            min_samples_per_segment=100,
-        ),
+        segmentation=benchkit.manual_segmentation(),
     )
     with grpc.insecure_channel(server.target) as channel:
         pb_grpc.AdminStub(channel).CreateExperiment(
@@ -235,7 +197,9 @@ class Client:
         self._users += 1
         reply: pb.AllocateResponse = await self.stub.Allocate(
             pb.AllocateRequest(
-                experiment_id=EXPERIMENT, user_id=f"{user_prefix}{self._users}", context=CONTEXT
+                experiment_id=EXPERIMENT,
+                user_id=f"{user_prefix}{self._users}",
+                context=benchkit.CONTEXT,
             ),
             timeout=30,
         )
@@ -440,18 +404,6 @@ def percentile(values: list[float], q: float) -> float:
     return values[min(len(values) - 1, int(len(values) * q))]
 
 
-def machine() -> str:
-    cpu = "unknown CPU"
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            cpu = line.split(":", 1)[1].strip()
-            break
-    return (
-        f"{cpu}, nproc {os.cpu_count()}, {platform.system()} {platform.release()}, "
-        f"Python {platform.python_version()}, grpcio {grpc.__version__}"
-    )
-
-
 def load_average() -> str:
     return ", ".join(f"{x:.2f}" for x in os.getloadavg())
 
@@ -472,7 +424,8 @@ def report(
         "",
         f"Command: `{command}`",
         "",
-        f"Date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}. Machine: {machine()}; "
+        f"Date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}. "
+        f"Machine: {benchkit.machine()}; "
         f"load average (1, 5, 15 min) at the start: {args.load_at_start}, at the end: "
         f"{load_average()} (other work may have shared the machine).",
         "",
@@ -532,18 +485,6 @@ def report(
     return "\n".join(lines) + "\n"
 
 
-def write_section(text: str) -> None:
-    """Replace this benchmark's own section of RESULTS.md, or append it at the end. The file
-    is re-read just before writing: other sections are written concurrently by others."""
-    current = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
-    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
-    if pattern.search(current):
-        updated = pattern.sub(lambda _: text + "\n", current, count=1).rstrip("\n") + "\n"
-    else:
-        updated = current.rstrip("\n") + "\n\n" + text
-    RESULTS.write_text(updated)
-
-
 # Main -------------------------------------------------------------------------------------------
 
 
@@ -601,7 +542,7 @@ def main() -> int:
     text = report(args, command, postgres, load, mem, checks)
     print(text)
     if not args.no_write:
-        write_section(text)
+        benchkit.write_section(SECTION, text)
     return 0
 
 

@@ -22,8 +22,6 @@ import argparse
 import asyncio
 import json
 import os
-import platform
-import re
 import shlex
 import shutil
 import signal
@@ -37,26 +35,17 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from load import benchkit  # bench/load/benchkit.py
 
 from allocsvc._proto import allocsvc_pb2 as pb
 from allocsvc._proto import allocsvc_pb2_grpc as pb_grpc
 
 HERE = Path(__file__).resolve().parent
-RESULTS = HERE / "RESULTS.md"
 SECTION = "## Allocator over gRPC (issue 3)"
 EXPERIMENT_ID = "bench-checkout"
 # @latest resolves to the old v0.93.0, whose reflection client cannot resolve our services.
 GHZ_MODULE = "github.com/bojand/ghz/cmd/ghz@v0.120.0"
 START_TIMEOUT_S = 30.0
-CONTEXT = {
-    "utm_source": "instagram",
-    "user_agent": (
-        "Mozilla/5.0 (iPhone; CPU iPhone OS 17_4 like Mac OS X) AppleWebKit/605.1.15 "
-        "(KHTML, like Gecko) Version/17.4 Mobile/15E148 Safari/604.1"
-    ),
-    "country_code": "US",
-}
 BAR = 0.70
 
 
@@ -121,33 +110,15 @@ def _start(name: str, args: list[str], workdir: Path) -> Server:
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise RuntimeError(f"{name} exited with {process.returncode}:\n{log.read_text()}")
-        for line in log.read_text(errors="replace").splitlines():
-            try:
-                entry = json.loads(line)
-            except ValueError:
-                continue
-            if entry.get("msg") == "serving":
-                server = Server(name, process, int(entry["port"]), log)
-                _wait_serving(server, deadline)
-                return server
+        serving = benchkit.log_entry(log, "serving")
+        if serving:
+            server = Server(name, process, int(serving["port"]), log)
+            benchkit.wait_health(server.target, deadline)
+            return server
         time.sleep(0.05)
     process.kill()
     process.wait()
     raise RuntimeError(f"{name} did not start within {START_TIMEOUT_S} s:\n{log.read_text()}")
-
-
-def _wait_serving(server: Server, deadline: float) -> None:
-    with grpc.insecure_channel(server.target) as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
-        while time.monotonic() < deadline:
-            try:
-                reply = stub.Check(health_pb2.HealthCheckRequest(), timeout=1)
-                if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-            except grpc.RpcError:
-                pass
-            time.sleep(0.05)
-    raise RuntimeError(f"{server.name}: health not SERVING within {START_TIMEOUT_S} s")
 
 
 def _create_experiment(server: Server) -> pb.AllocateResponse:
@@ -162,18 +133,16 @@ def _create_experiment(server: Server) -> pb.AllocateResponse:
                 id="B", name="Green button", payload_json='{"color": "green", "text": "Buy now"}'
             ),
         ],
-        segmentation=pb.SegmentationConfig(
-            mode=pb.SEGMENTATION_MODE_MANUAL,
-            segment_by=["source", "device"],
-            min_samples_per_segment=100,
-        ),
+        segmentation=benchkit.manual_segmentation(),
     )
     with grpc.insecure_channel(server.target) as channel:
         pb_grpc.AdminStub(channel).CreateExperiment(
             pb.CreateExperimentRequest(experiment=experiment), timeout=10
         )
         sample: pb.AllocateResponse = pb_grpc.AllocatorStub(channel).Allocate(
-            pb.AllocateRequest(experiment_id=EXPERIMENT_ID, user_id="probe", context=CONTEXT),
+            pb.AllocateRequest(
+                experiment_id=EXPERIMENT_ID, user_id="probe", context=benchkit.CONTEXT
+            ),
             timeout=10,
         )
     if sample.segment_key != "source:instagram|device:mobile":
@@ -199,7 +168,9 @@ async def _client(args: argparse.Namespace) -> dict[str, object]:
         i = 0
         while not state["stop"]:
             request = pb.AllocateRequest(
-                experiment_id=EXPERIMENT_ID, user_id=f"{args.run}-{worker}-{i}", context=CONTEXT
+                experiment_id=EXPERIMENT_ID,
+                user_id=f"{args.run}-{worker}-{i}",
+                context=benchkit.CONTEXT,
             )
             i += 1
             start = time.perf_counter()
@@ -217,7 +188,7 @@ async def _client(args: argparse.Namespace) -> dict[str, object]:
                     pb.AllocateRequest(
                         experiment_id=EXPERIMENT_ID,
                         user_id=f"{args.run}-{worker}-{i}-{j}",
-                        context=CONTEXT,
+                        context=benchkit.CONTEXT,
                     )
                     for j in range(args.batch_size)
                 ]
@@ -342,7 +313,7 @@ def _run_ghz(
         data = {
             "experiment_id": EXPERIMENT_ID,
             "user_id": f"{run}-{label}-{{{{.RequestNumber}}}}",
-            "context": CONTEXT,
+            "context": benchkit.CONTEXT,
         }
         command = [
             ghz, "--insecure", "--protoset", str(protoset),
@@ -417,17 +388,8 @@ def _load() -> str:
 
 
 def _machine(load_at_start: str) -> str:
-    cpu = "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
     return (
-        f"{cpu}, nproc {os.cpu_count()}, {platform.system()} {platform.release()}, "
-        f"Python {platform.python_version()}, grpcio {grpc.__version__}; "
+        f"{benchkit.machine()}; "
         f"load average (1, 5, 15 min) at the start: {load_at_start}, at the end: {_load()} "
         "(other work shared the machine)"
     )
@@ -545,17 +507,6 @@ def _report(
     return "\n".join(lines) + "\n"
 
 
-def _write_section(text: str) -> None:
-    """Replace this benchmark's section of RESULTS.md, or append it; other sections stay."""
-    current = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
-    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
-    if pattern.search(current):
-        updated = pattern.sub(lambda _: text + "\n", current, count=1).rstrip("\n") + "\n"
-    else:
-        updated = current.rstrip("\n") + "\n\n" + text
-    RESULTS.write_text(updated)
-
-
 # Main --------------------------------------------------------------------------------------
 
 
@@ -650,7 +601,7 @@ def main() -> int:
     text = _report(args, unary, batch, command)
     print(text)
     if not args.no_write:
-        _write_section(text)
+        benchkit.write_section(SECTION, text)
     return 0
 
 

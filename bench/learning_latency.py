@@ -14,11 +14,9 @@ benchmark's section of bench/RESULTS.md.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import platform
-import re
 import signal
 import subprocess
 import sys
@@ -30,12 +28,11 @@ from typing import Any
 
 import grpc
 import numpy as np
+from load import benchkit  # bench/load/benchkit.py
 
 from allocsvc._proto import allocsvc_pb2 as pb
 from allocsvc._proto import allocsvc_pb2_grpc as pb_grpc
 
-ROOT = Path(__file__).resolve().parent.parent
-RESULTS = ROOT / "bench" / "RESULTS.md"
 SECTION = "## Learning in the background (issue 7)"
 SAMPLE_ROWS = 20_000
 CONTEXTS = [
@@ -74,13 +71,9 @@ def start_server(tmp: Path) -> tuple[subprocess.Popen[bytes], int, Path]:
         )
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
-        for line in log.read_text(errors="replace").splitlines():
-            try:
-                entry = json.loads(line)
-            except ValueError:
-                continue
-            if entry.get("msg") == "serving":
-                return proc, int(entry["port"]), log
+        serving = benchkit.log_entry(log, "serving")
+        if serving:
+            return proc, int(serving["port"]), log
         time.sleep(0.05)
     proc.kill()
     raise SystemExit(f"server did not start:\n{log.read_text()}")
@@ -280,13 +273,7 @@ def main() -> None:
     )
     print(text)
     if args.write:
-        current = RESULTS.read_text() if RESULTS.exists() else ""
-        pattern = re.compile(re.escape(SECTION) + r".*?(?=\n## |\Z)", re.S)
-        if pattern.search(current):
-            updated = pattern.sub(lambda _: text.rstrip("\n") + "\n", current)
-        else:
-            updated = current.rstrip("\n") + "\n\n" + text
-        RESULTS.write_text(updated)
+        benchkit.write_section(SECTION, text)
 
 
 if __name__ == "__main__":

@@ -41,6 +41,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import benchkit  # bench/load/benchkit.py
 import echo  # bench/load/echo.py
 import grpc
 import run  # bench/load/run.py: the ghz harness's helpers
@@ -78,7 +79,7 @@ def find_h2load() -> str:
 def grpc_body(workdir: Path) -> Path:
     """The POST body of every call: one uncompressed gRPC message."""
     message = pb.AllocateRequest(
-        experiment_id=run.BATCH_EXPERIMENT, user_id="h2load-user", context=run.CONTEXT
+        experiment_id=run.BATCH_EXPERIMENT, user_id="h2load-user", context=benchkit.CONTEXT
     ).SerializeToString()
     path = workdir / "allocate.bin"
     path.write_bytes(b"\x00" + struct.pack(">I", len(message)) + message)
@@ -379,7 +380,7 @@ def report(results: dict[str, list[dict[str, Any]]], args: argparse.Namespace, s
         f"Command: `cd {run.ROOT} && {' '.join(['python', *sys.argv])}` "
         "(`make bench-load-h2` runs the default).",
         "",
-        f"Date: {started}. Machine: {run._cpu_model()}, nproc {os.cpu_count()}, Python "
+        f"Date: {started}. Machine: {benchkit.cpu_model()}, nproc {os.cpu_count()}, Python "
         f"{sys.version.split()[0]}, grpcio {grpc.__version__}, {version.stdout.strip()}; load "
         f"average at the end: {', '.join(f'{x:.2f}' for x in os.getloadavg())}. **h2load, the "
         "servers and PostgreSQL share these cores, and so may other work (the `machine` "
@@ -508,7 +509,7 @@ def main() -> int:
     text = report(results, args, started)
     print(text)
     if not args.no_write:
-        run.write_section(text, SECTION)
+        benchkit.write_section(SECTION, text)
     return 0
 
 

@@ -18,6 +18,8 @@ import json
 import time
 from pathlib import Path
 
+import benchkit  # bench/load/benchkit.py
+
 from allocsvc._proto import allocsvc_pb2 as pb
 from allocsvc.allocation.journal import MemoryJournal
 from allocsvc.allocation.service import AllocationService
@@ -56,11 +58,7 @@ async def measure(experiments: int, segments: int, variants: int) -> dict[str, f
             id=f"exp-{e}",
             status=pb.EXPERIMENT_STATUS_RUNNING,
             variants=[pb.Variant(id=f"v{v}") for v in range(variants)],
-            segmentation=pb.SegmentationConfig(
-                mode=pb.SEGMENTATION_MODE_MANUAL,
-                segment_by=["source", "device"],
-                min_samples_per_segment=100,
-            ),
+            segmentation=benchkit.manual_segmentation(),
         )
         await service.create_experiment(convert.experiment_from_pb(message))
     keys = _segment_keys(segments)

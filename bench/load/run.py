@@ -39,27 +39,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import benchkit  # bench/load/benchkit.py
 import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from allocsvc._proto import allocsvc_pb2 as pb
 from allocsvc._proto import allocsvc_pb2_grpc as pb_grpc
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent.parent
-RESULTS = HERE.parent / "RESULTS.md"
 SECTION = "## Load (issue 10)"
 GHZ_MODULE = "github.com/bojand/ghz/cmd/ghz@latest"
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 PAGE_KIB = os.sysconf("SC_PAGE_SIZE") // 1024
-CONTEXT = {
-    "utm_source": "instagram",
-    "user_agent": (
-        "Mozilla/5.0 (iPhone; CPU iPhone OS 17_0 like Mac OS X) AppleWebKit/605.1.15 "
-        "(KHTML, like Gecko) Version/17.0 Mobile/15E148 Safari/604.1"
-    ),
-    "country_code": "US",
-}
 EXPERIMENT = "load-web"
 # Not sticky: a batch sent again (ghz repeats one binary message) is allocated anew.
 BATCH_EXPERIMENT = "load-batch"
@@ -138,21 +129,12 @@ def _free_port() -> int:
 
 
 def _wait_serving(setup: Setup, seconds: float = 90) -> None:
-    deadline = time.monotonic() + seconds
-    with grpc.insecure_channel(setup.target) as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
-        while time.monotonic() < deadline:
-            for proc in setup.processes:
-                if proc.poll() is not None:
-                    raise RuntimeError(f"{setup.name}: a process exited ({proc.returncode})")
-            try:
-                reply = stub.Check(health_pb2.HealthCheckRequest(), timeout=1)
-                if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-            except grpc.RpcError:
-                pass
-            time.sleep(0.3)
-    raise RuntimeError(f"{setup.name}: not serving after {seconds} s")
+    def alive() -> None:
+        for proc in setup.processes:
+            if proc.poll() is not None:
+                raise RuntimeError(f"{setup.name}: a process exited ({proc.returncode})")
+
+    benchkit.wait_health(setup.target, time.monotonic() + seconds, alive, every=0.3)
 
 
 def _spawn(args: list[str], log: Path, **env_vars: str) -> subprocess.Popen[bytes]:
@@ -220,11 +202,7 @@ def _create_experiments(setup: Setup) -> None:
                             pb.Variant(id=v, name=v, payload_json=f'{{"label": "{v}"}}')
                             for v in ("A", "B", "C", "D", "E")
                         ],
-                        segmentation=pb.SegmentationConfig(
-                            mode=pb.SEGMENTATION_MODE_MANUAL,
-                            segment_by=["source", "device"],
-                            min_samples_per_segment=100,
-                        ),
+                        segmentation=benchkit.manual_segmentation(),
                     )
                 ),
                 timeout=30,
@@ -323,11 +301,11 @@ def _data(shape: Shape, run: str) -> Any:
     if shape.kind == "conversion":
         return {"experiment_id": EXPERIMENT, "user_id": f"cv-{n}", "idempotency_key": f"{run}-{n}"}
     if shape.kind == "unary":
-        return {"experiment_id": EXPERIMENT, "context": CONTEXT, "user_id": f"{run}-{n}"}
+        return {"experiment_id": EXPERIMENT, "context": benchkit.CONTEXT, "user_id": f"{run}-{n}"}
     return pb.AllocateBatchRequest(
         requests=[
             pb.AllocateRequest(
-                experiment_id=BATCH_EXPERIMENT, user_id=f"{run}-{i}", context=CONTEXT
+                experiment_id=BATCH_EXPERIMENT, user_id=f"{run}-{i}", context=benchkit.CONTEXT
             )
             for i in range(shape.batch)
         ]
@@ -491,7 +469,7 @@ def report(results: dict[str, list[dict[str, Any]]], args: argparse.Namespace, s
         f"Command: `cd {ROOT} && {' '.join(['python', *sys.argv])}`"
         " (`make bench-load` runs the default).",
         "",
-        f"Date: {started}. Machine: {_cpu_model()}, nproc {os.cpu_count()}, Python "
+        f"Date: {started}. Machine: {benchkit.cpu_model()}, nproc {os.cpu_count()}, Python "
         f"{sys.version.split()[0]}, grpcio {grpc.__version__}; load average at the end: "
         f"{', '.join(f'{x:.2f}' for x in os.getloadavg())}. **ghz, the servers, PostgreSQL and "
         "Redis share these cores, and other work shared the machine: figures are noisy; ratios "
@@ -609,25 +587,6 @@ def bars(results: dict[str, list[dict[str, Any]]]) -> list[str]:
     return lines
 
 
-def _cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return "unknown CPU"
-
-
-def write_section(text: str, section: str = SECTION) -> None:
-    """Replace `section` of RESULTS.md (its heading line) with `text`, or append it."""
-    current = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
-    if section in current:
-        start = current.index(section)
-        nxt = current.find("\n## ", start + len(section))
-        current = current[:start] + text.rstrip() + "\n" + ("" if nxt < 0 else current[nxt:])
-    else:
-        current = current.rstrip() + "\n\n" + text.rstrip() + "\n"
-    RESULTS.write_text(current)
-
-
 def _exit_on_sigterm(signum: int, _frame: Any) -> None:
     """SIGTERM unwinds like Ctrl-C, so every server, the embedded PostgreSQL and redis-server
     this run started are stopped by the `finally` blocks (the default action killed only us)."""
@@ -688,7 +647,7 @@ def main() -> int:
     text = report(results, args, started)
     print(text)
     if not args.no_write:
-        write_section(text)
+        benchkit.write_section(SECTION, text)
     return 0
 
 

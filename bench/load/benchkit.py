@@ -1,0 +1,110 @@
+"""What the benchmark scripts share: the request context they allocate with, their experiments'
+segmentation, a line describing the machine, and waiting for a server they started to serve.
+
+Scripts in bench/load/ import it as `benchkit`, those in bench/ as `load.benchkit` (each runs
+with its own folder first on the path).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import re
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from allocsvc._proto import allocsvc_pb2 as pb
+
+# An Instagram visitor on an iPhone in the US: every request extracts source, device and country.
+CONTEXT = {
+    "utm_source": "instagram",
+    "user_agent": (
+        "Mozilla/5.0 (iPhone; CPU iPhone OS 17_0 like Mac OS X) AppleWebKit/605.1.15 "
+        "(KHTML, like Gecko) Version/17.0 Mobile/15E148 Safari/604.1"
+    ),
+    "country_code": "US",
+}
+
+
+def manual_segmentation() -> pb.SegmentationConfig:
+    """Segments by source and device, at least 100 samples a segment."""
+    return pb.SegmentationConfig(
+        mode=pb.SEGMENTATION_MODE_MANUAL,
+        segment_by=["source", "device"],
+        min_samples_per_segment=100,
+    )
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown CPU"
+
+
+def machine() -> str:
+    """CPU model, core count, kernel, Python and grpcio versions."""
+    return (
+        f"{cpu_model()}, nproc {os.cpu_count()}, {platform.system()} {platform.release()}, "
+        f"Python {platform.python_version()}, grpcio {grpc.__version__}"
+    )
+
+
+def log_entry(log: Path, msg: str) -> dict[str, Any]:
+    """The first JSON line of a server's log whose `msg` is `msg` ({} while there is none)."""
+    for line in log.read_text(errors="replace").splitlines():
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(entry, dict) and entry.get("msg") == msg:
+            return entry
+    return {}
+
+
+def wait_health(
+    target: str,
+    deadline: float,
+    alive: Callable[[], None] = lambda: None,
+    every: float = 0.05,
+) -> None:
+    """Poll the standard health service at `target` until it answers SERVING, by `deadline`
+    (time.monotonic()); `alive` raises when the server has died meanwhile."""
+    with grpc.insecure_channel(target) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while time.monotonic() < deadline:
+            alive()
+            try:
+                reply = stub.Check(health_pb2.HealthCheckRequest(), timeout=1)
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                pass
+            time.sleep(every)
+    raise RuntimeError(f"{target}: health not SERVING in time")
+
+
+RESULTS = Path(__file__).resolve().parent.parent / "RESULTS.md"
+
+
+def write_section(section: str, text: str) -> None:
+    """Replace the section of bench/RESULTS.md headed by the line `section` (up to the next
+    `## ` heading) with `text`, or append it. The file is read just before writing: other
+    benchmarks write their own sections."""
+    current = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
+    pattern = re.compile(rf"^{re.escape(section)}\n.*?(?=^## |\Z)", re.S | re.M)
+    if pattern.search(current):
+        updated = pattern.sub(lambda _: text.rstrip("\n") + "\n\n", current, count=1)
+        updated = updated.rstrip("\n") + "\n"
+    else:
+        updated = current.rstrip("\n") + "\n\n" + text.rstrip("\n") + "\n"
+    RESULTS.write_text(updated)
