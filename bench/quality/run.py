@@ -37,7 +37,7 @@ from allocsvc.quality.simulator import (
 
 HERE = Path(__file__).resolve().parent
 OUT = HERE.parent / "QUALITY.md"
-OPE_LOGGERS = ("uniform", "global_ts", "cascade")
+OPE_LOGGERS = ("uniform", "global_ts", "cascade", "cascade_floor")
 NOTES = "## Notes (by hand"
 
 
@@ -229,15 +229,26 @@ def _ope_section(ope_rows: list[ope_check.OpeResult], ope_seeds: int, users: int
     is_flag=True,
     help="Run only the off-policy part and print its bar rows and table (QUALITY.md untouched).",
 )
-def main(seeds: int, users: int, workers: int, ope_seeds: int, ope_only: bool) -> None:
-    """Run the comparison and write bench/QUALITY.md."""
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Write QUALITY.md and quality/ (plots, runs.json) into this directory instead of "
+    "bench/ (for trial runs; the repository's files are left alone).",
+)
+def main(
+    seeds: int, users: int, workers: int, ope_seeds: int, ope_only: bool, out: Path | None
+) -> None:
+    """Run the comparison and write bench/QUALITY.md (or OUT/QUALITY.md)."""
     command = "python bench/quality/run.py " + " ".join(sys.argv[1:])
+    report, figures = (OUT, HERE) if out is None else (out / "QUALITY.md", out / "quality")
     if ope_only:
         ope_rows, ope_seconds = _run_ope(ope_seeds, users)
         click.echo(f"Command: `{command}` (off-policy {ope_seconds:.0f} s)\n")
         lines = [*_ope_bars(ope_rows), "", *_ope_section(ope_rows, ope_seeds, users)]
         click.echo("\n".join(lines))
         return
+    figures.mkdir(parents=True, exist_ok=True)
     policies = list(standard_policies(DIMENSIONS, VARIANTS))
     names = list(SCENARIOS)
     seed_list = list(range(1, seeds + 1))
@@ -245,10 +256,10 @@ def main(seeds: int, users: int, workers: int, ope_seeds: int, ope_only: bool) -
     with click.progressbar(length=len(names) * seeds, label="simulate") as bar:
         summaries = simulate(names, policies, seed_list, users, workers=workers, on_done=bar.update)
     sim_seconds = time.perf_counter() - started
-    (HERE / "runs.json").write_text(json.dumps([asdict(s) for s in summaries]))
+    (figures / "runs.json").write_text(json.dumps([asdict(s) for s in summaries]))
     rows = compare(summaries)
-    _plot_regret(summaries, HERE / "regret.png")
-    _plot_lift(rows, HERE / "lift.png")
+    _plot_regret(summaries, figures / "regret.png")
+    _plot_lift(rows, figures / "lift.png")
 
     ope_rows, ope_seconds = _run_ope(ope_seeds, users)
 
@@ -301,10 +312,10 @@ def main(seeds: int, users: int, workers: int, ope_seeds: int, ope_only: bool) -
     ]
     # Hand-written notes on a run are kept across reruns (check they still match the numbers).
     notes = ""
-    if OUT.exists() and NOTES in OUT.read_text():
-        notes = OUT.read_text()[OUT.read_text().index(NOTES) :]
-    OUT.write_text("\n".join(lines) + ("\n" + notes if notes else ""))
-    click.echo(f"wrote {OUT}")
+    if report.exists() and NOTES in report.read_text():
+        notes = report.read_text()[report.read_text().index(NOTES) :]
+    report.write_text("\n".join(lines) + ("\n" + notes if notes else ""))
+    click.echo(f"wrote {report}")
 
 
 if __name__ == "__main__":

@@ -34,6 +34,7 @@ fn main() {
                 warm_start: 10.0,
                 exploration: 0.0,
                 salt: 0,
+                propensity_floor: 0.0,
             },
         )
         .unwrap();

@@ -98,6 +98,7 @@ fn stream(n: u64, record: bool, decisions: usize) -> f64 {
                 warm_start: 10.0,
                 exploration: 0.01,
                 salt: 0,
+                propensity_floor: 0.0,
             },
         )
         .unwrap();

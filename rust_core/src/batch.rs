@@ -731,6 +731,7 @@ mod tests {
                     warm_start: 10.0,
                     exploration: 0.0,
                     salt: 1,
+                    propensity_floor: 0.0,
                 },
             )
             .unwrap();

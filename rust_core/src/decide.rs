@@ -6,6 +6,8 @@
 //! current posterior state, so a decision draws one uniform number and picks by them: the same
 //! distribution as drawing a Beta per variant and taking the best, for a fifth of the work
 //! with five variants, and the logged propensity is exactly the probability of the choice.
+//! An experiment's `propensity_floor` f mixes those probabilities with the uniform choice,
+//! (1 - K f) p_i + f, in the kept state itself, so decisions and logs use the mixed ones.
 
 use crate::beta::with_thread_rng;
 use crate::cascade::{cascade_qualifies, Tree};
@@ -72,6 +74,11 @@ pub struct ExperimentConfig {
     pub exploration: f64,
     /// Seed of the user-id hash for `uniform` splits.
     pub salt: u64,
+    /// Least probability f of every variant under Thompson sampling: a decision picks variant
+    /// i with probability (1 - K f) p_i + f, p_i its Thompson selection probability, so that
+    /// off-policy evaluation has support everywhere. 0 (the default) is plain Thompson
+    /// sampling; `uniform` and `fixed` ignore it.
+    pub propensity_floor: f64,
 }
 
 impl ExperimentConfig {
@@ -133,6 +140,13 @@ impl ExperimentConfig {
             if !(v.is_finite() && v >= 0.0) {
                 return Err(CoreError::invalid(format!("{name}: must be >= 0, got {v}")));
             }
+        }
+        let f = self.propensity_floor;
+        if !(f.is_finite() && f >= 0.0 && f * (self.variants as f64) < 1.0) {
+            return Err(CoreError::invalid(format!(
+                "propensity_floor: must be >= 0 and below 1 / variants (1/{}), got {f}",
+                self.variants
+            )));
         }
         Ok(())
     }
@@ -779,12 +793,12 @@ fn bonus(node: Option<&Node>, i: usize, cfg: &ExperimentConfig) -> f64 {
 }
 
 /// Exact selection probabilities of every variant at the given level (numerical integration,
-/// `propensity::selection_probabilities`).
+/// `propensity::selection_probabilities`, with the experiment's propensity floor).
 fn selection_estimate(nodes: &[Option<&Node>], level: usize, cfg: &ExperimentConfig) -> Vec<f64> {
     selection_at(nodes, level, cfg).0
 }
 
-/// The selection probabilities at the given level and the posteriors they come from.
+/// The selection probabilities at the given level (floored) and the posteriors they come from.
 fn selection_at(
     nodes: &[Option<&Node>],
     level: usize,
@@ -798,7 +812,19 @@ fn selection_at(
         .map(|i| bonus(nodes[level], i, cfg))
         .collect();
     let probabilities = crate::propensity::selection_probabilities(&alphas, &betas, &bonuses);
-    (probabilities, posteriors)
+    (with_floor(probabilities, cfg.propensity_floor), posteriors)
+}
+
+/// The Thompson probabilities mixed with the uniform choice so that each is at least `floor`:
+/// (1 - K f) p_i + f, which still sums to 1. A floor of 0 returns them untouched.
+fn with_floor(mut probabilities: Vec<f64>, floor: f64) -> Vec<f64> {
+    if floor > 0.0 {
+        let keep = 1.0 - probabilities.len() as f64 * floor;
+        for p in &mut probabilities {
+            *p = keep * *p + floor;
+        }
+    }
+    probabilities
 }
 
 /// `f` of the posterior state decisions at this level draw from: its exact selection
@@ -878,6 +904,8 @@ mod tests {
     use super::*;
     use crate::beta::seed_thread_rng;
 
+    const NONE: &[&str] = &[];
+
     fn config(policy: Policy) -> ExperimentConfig {
         ExperimentConfig {
             variants: 2,
@@ -890,6 +918,7 @@ mod tests {
             warm_start: 10.0,
             exploration: 0.0,
             salt: 7,
+            propensity_floor: 0.0,
         }
     }
 
@@ -1060,6 +1089,133 @@ mod tests {
         assert!((a / (a + b) - (1.0 + 10.0 * 301.0 / 1002.0) / 12.0).abs() < 1e-12);
         let p = engine.propensities(4, "").unwrap();
         assert!(p[1] > 0.99 && (p.iter().sum::<f64>() - 1.0).abs() < 1e-9);
+    }
+
+    /// An engine with experiments 1 (no floor) and 2 (floor `f`), 3 variants, no dimensions,
+    /// and the same counts at their global nodes: variant 1 is far ahead.
+    fn floored_pair(f: f64) -> Engine {
+        let engine = Engine::new();
+        for (experiment, floor) in [(1, 0.0), (2, f)] {
+            let mut cfg = config(Policy::Thompson);
+            cfg.variants = 3;
+            cfg.dimensions = vec![];
+            cfg.min_samples = vec![];
+            cfg.exploration = 0.01;
+            cfg.propensity_floor = floor;
+            engine.configure(experiment, cfg).unwrap();
+            let g = key_hash("");
+            engine.store.load(
+                &[
+                    (experiment, g, 0, 2000, 80, 0.0),
+                    (experiment, g, 1, 2000, 160, 0.0),
+                    (experiment, g, 2, 2000, 100, 0.0),
+                ],
+                false,
+            );
+        }
+        engine
+    }
+
+    #[test]
+    fn propensity_floor_mixes_thompson_with_uniform() {
+        let f = 0.02;
+        let engine = floored_pair(f);
+        let plain = engine.propensities(1, "").unwrap();
+        let floored = engine.propensities(2, "").unwrap();
+        // Without a floor the losing variants are all but never chosen.
+        assert!(plain[0] < 1e-6 && plain[2] < 1e-3, "{plain:?}");
+        for (p, q) in plain.iter().zip(&floored) {
+            assert!(
+                (q - ((1.0 - 3.0 * f) * p + f)).abs() < 1e-15,
+                "{plain:?} {floored:?}"
+            );
+            assert!(*q >= f);
+        }
+        assert!((floored.iter().sum::<f64>() - 1.0).abs() < 1e-12);
+
+        // Decisions pick with the mixed probabilities and log the one of their choice.
+        seed_thread_rng(5);
+        let draws = 60_000;
+        let mut picked = [0usize; 3];
+        for i in 0..draws {
+            let d = engine.decide(2, &format!("u{i}"), NONE, false).unwrap();
+            assert_eq!(d.propensity.to_bits(), floored[d.variant].to_bits());
+            picked[d.variant] += 1;
+        }
+        for (v, &n) in picked.iter().enumerate() {
+            let p = floored[v];
+            let sd = (p * (1.0 - p) / draws as f64).sqrt();
+            let share = n as f64 / draws as f64;
+            assert!((share - p).abs() < 5.0 * sd, "variant {v}: {share} vs {p}");
+        }
+    }
+
+    #[test]
+    fn propensity_floor_applies_at_a_node_not_yet_created() {
+        let engine = Engine::new();
+        for (experiment, floor) in [(6, 0.3), (7, 0.0)] {
+            let mut cfg = config(Policy::Thompson);
+            cfg.dimensions = vec!["source".into()];
+            cfg.min_samples = vec![0];
+            cfg.propensity_floor = floor;
+            engine.configure(experiment, cfg).unwrap();
+            engine.store.load(
+                &[
+                    (experiment, key_hash(""), 0, 5000, 100, 0.0),
+                    (experiment, key_hash(""), 1, 5000, 900, 0.0),
+                ],
+                false,
+            );
+        }
+        // The leaf has no node: its state is the prior warm-started from the global node.
+        let plain = engine.propensities(7, "source:a").unwrap();
+        let leaf = engine.propensities(6, "source:a").unwrap();
+        assert!(plain[0] < 0.3, "{plain:?}");
+        for (p, q) in plain.iter().zip(&leaf) {
+            assert!((q - (0.4 * p + 0.3)).abs() < 1e-15, "{plain:?} {leaf:?}");
+        }
+        let d = engine.decide(6, "u", &["a"], false).unwrap();
+        assert_eq!(d.level, 1);
+        assert_eq!(d.propensity.to_bits(), leaf[d.variant].to_bits());
+    }
+
+    #[test]
+    fn no_floor_leaves_the_thompson_probabilities_untouched() {
+        let engine = floored_pair(0.0);
+        let g = engine.store.get(NodeId::new(1, key_hash(""))).unwrap();
+        let nodes = [Some(&*g)];
+        let cfg = &engine.entry(1).unwrap().config;
+        let posteriors: Vec<(f64, f64)> = (0..3).map(|i| posterior(&nodes, 0, i, cfg)).collect();
+        let (alphas, betas): (Vec<f64>, Vec<f64>) = posteriors.into_iter().unzip();
+        let bonuses: Vec<f64> = (0..3).map(|i| bonus(nodes[0], i, cfg)).collect();
+        let exact = crate::propensity::selection_probabilities(&alphas, &betas, &bonuses);
+        for experiment in [1, 2] {
+            let p = engine.propensities(experiment, "").unwrap();
+            let bits: Vec<u64> = p.iter().map(|x| x.to_bits()).collect();
+            assert_eq!(bits, exact.iter().map(|x| x.to_bits()).collect::<Vec<_>>());
+        }
+    }
+
+    #[test]
+    fn propensity_floor_is_validated() {
+        let engine = Engine::new();
+        for bad in [-0.01, 0.5, 0.6, f64::NAN, f64::INFINITY] {
+            let mut cfg = config(Policy::Thompson);
+            cfg.propensity_floor = bad;
+            let err = engine.configure(8, cfg).unwrap_err().to_string();
+            assert!(err.contains("propensity_floor"), "{bad}: {err}");
+        }
+        // Two variants: anything below 1/2 is a floor.
+        let mut cfg = config(Policy::Thompson);
+        cfg.propensity_floor = 0.499;
+        engine.configure(8, cfg).unwrap();
+        // Uniform and fixed splits ignore it.
+        let mut cfg = config(Policy::Uniform);
+        cfg.propensity_floor = 0.2;
+        cfg.weights = vec![0.1, 0.9];
+        engine.configure(9, cfg).unwrap();
+        let split = engine.propensities(9, "").unwrap();
+        assert!((split[0] - 0.1).abs() < 1e-12 && (split[1] - 0.9).abs() < 1e-12);
     }
 
     #[test]

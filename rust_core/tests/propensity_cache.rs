@@ -23,6 +23,7 @@ fn engine(exploration: f64) -> Engine {
                 warm_start: 10.0,
                 exploration,
                 salt: 0,
+                propensity_floor: 0.0,
             },
         )
         .unwrap();

@@ -91,11 +91,14 @@ class Engine:
         warm_start: float = 10.0,
         exploration: float = 0.0,
         salt: int = 0,
+        propensity_floor: float = 0.0,
     ) -> None:
         """Add or replace an experiment's allocation settings (counters are kept).
 
         `min_samples` has one entry per dimension: the allocations a node at that level needs
         before the cascade uses it. `policy` is `thompson`, `uniform` or `fixed`.
+        `propensity_floor` f (0 <= f < 1 / variants) makes Thompson sampling pick variant i
+        with probability (1 - variants * f) p_i + f, and log that; 0 is plain Thompson.
         """
 
     def remove(self, experiment: int) -> None: ...

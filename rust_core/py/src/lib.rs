@@ -543,7 +543,8 @@ impl PyEngine {
     }
 
     #[pyo3(signature = (experiment, *, variants, dimensions, min_samples, policy="thompson",
-        weights=None, prior_alpha=1.0, prior_beta=1.0, warm_start=10.0, exploration=0.0, salt=0))]
+        weights=None, prior_alpha=1.0, prior_beta=1.0, warm_start=10.0, exploration=0.0, salt=0,
+        propensity_floor=0.0))]
     #[allow(clippy::too_many_arguments)]
     fn configure(
         &self,
@@ -558,6 +559,7 @@ impl PyEngine {
         warm_start: f64,
         exploration: f64,
         salt: u64,
+        propensity_floor: f64,
     ) -> PyResult<()> {
         let config = ExperimentConfig {
             variants,
@@ -570,6 +572,7 @@ impl PyEngine {
             warm_start,
             exploration,
             salt,
+            propensity_floor,
         };
         self.inner.configure(experiment, config).map_err(to_py)
     }

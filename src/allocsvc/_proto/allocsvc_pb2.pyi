@@ -249,10 +249,12 @@ class HierarchyConfig(_message.Message):
     def __init__(self, min_samples_per_level: _Optional[_Iterable[int]] = ..., max_depth: _Optional[int] = ..., warm_start_strength: _Optional[float] = ...) -> None: ...
 
 class ExplorationConfig(_message.Message):
-    __slots__ = ("mode",)
+    __slots__ = ("mode", "propensity_floor")
     MODE_FIELD_NUMBER: _ClassVar[int]
+    PROPENSITY_FLOOR_FIELD_NUMBER: _ClassVar[int]
     mode: ExplorationMode
-    def __init__(self, mode: _Optional[_Union[ExplorationMode, str]] = ...) -> None: ...
+    propensity_floor: float
+    def __init__(self, mode: _Optional[_Union[ExplorationMode, str]] = ..., propensity_floor: _Optional[float] = ...) -> None: ...
 
 class CreateExperimentRequest(_message.Message):
     __slots__ = ("experiment",)

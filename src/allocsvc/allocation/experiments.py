@@ -97,6 +97,8 @@ class Experiment:
     segmentation: Segmentation = field(default_factory=Segmentation)
     hierarchy: Hierarchy = field(default_factory=Hierarchy)
     exploration: Exploration = Exploration.DEFAULT
+    # Least probability of each variant under Thompson sampling (0: off); see `check_floor`.
+    propensity_floor: float = 0.0
     sticky: bool = True
     handle: int = 0
     created_at_ms: int = 0
@@ -236,6 +238,22 @@ def validate(experiment: Experiment, *, max_variants: int) -> None:
     if not (math.isfinite(h.warm_start_strength) and h.warm_start_strength >= 0):
         raise InvalidRequest(
             "experiment.hierarchy.warm_start_strength", "must be a finite number >= 0"
+        )
+    check_floor(experiment.propensity_floor, len(experiment.variants))
+
+
+def check_floor(floor: float, variants: int) -> None:
+    """A propensity floor f must satisfy 0 <= f < 1 / variants.
+
+    With it, Thompson sampling picks variant i with probability (1 - K f) p_i + f (K variants,
+    p_i the Thompson selection probability): a mixture with the uniform choice at weight K f.
+    Every logged propensity is then at least f, so inverse propensity weights stay below 1 / f
+    and the logs support off-policy evaluation of any other policy.
+    """
+    if not (math.isfinite(floor) and floor >= 0 and floor * variants < 1):
+        raise InvalidRequest(
+            "experiment.exploration.propensity_floor",
+            f"must be >= 0 and below 1 / {variants} (one over the number of variants), got {floor}",
         )
 
 

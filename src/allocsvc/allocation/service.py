@@ -55,6 +55,7 @@ UPDATABLE_FIELDS = frozenset(
         "segmentation",
         "hierarchy",
         "exploration",
+        "propensity_floor",
         "sticky",
     }
 )
@@ -410,6 +411,7 @@ class AllocationService:
             warm_start=experiment.hierarchy.warm_start_strength,
             exploration=experiment.exploration.bonus_scale,
             salt=key_hash(experiment.key),
+            propensity_floor=experiment.propensity_floor,
         )
         self._experiments[experiment.key] = experiment
         self._by_handle[experiment.handle] = experiment

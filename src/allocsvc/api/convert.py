@@ -105,6 +105,7 @@ def experiment_from_pb(msg: pb.Experiment) -> Experiment:
         segmentation=segmentation_from_pb(msg.segmentation),
         hierarchy=hierarchy_from_pb(msg.hierarchy),
         exploration=_enum(_EXPLORATION, msg.exploration.mode, "experiment.exploration.mode"),
+        propensity_floor=msg.exploration.propensity_floor,
         sticky=msg.sticky if msg.HasField("sticky") else True,
     )
 
@@ -160,7 +161,9 @@ def experiment_to_pb(e: Experiment) -> pb.Experiment:
             max_depth=e.hierarchy.max_depth,
             warm_start_strength=e.hierarchy.warm_start_strength,
         ),
-        exploration=pb.ExplorationConfig(mode=_EXPLORATION_PB[e.exploration]),
+        exploration=pb.ExplorationConfig(
+            mode=_EXPLORATION_PB[e.exploration], propensity_floor=e.propensity_floor
+        ),
         sticky=e.sticky,
         created_at_unix_ms=e.created_at_ms,
         updated_at_unix_ms=e.updated_at_ms,
@@ -190,6 +193,8 @@ def changes_from_update(request: pb.UpdateExperimentRequest) -> dict[str, object
             "sticky",
         }:
             changes[path] = getattr(parsed, path)
+            if path == "exploration":
+                changes["propensity_floor"] = parsed.propensity_floor
         else:
             raise InvalidRequest("update_mask", f"cannot update {path!r}")
     return changes

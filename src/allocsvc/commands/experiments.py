@@ -118,8 +118,13 @@ def _from_flags(flags: Mapping[str, Any]) -> dict[str, Any]:
         if flags["min_samples"] is not None:
             segmentation["min_samples_per_segment"] = flags["min_samples"]
         out["segmentation"] = segmentation
+    exploration: dict[str, Any] = {}
     if flags["exploration"] is not None:
-        out["exploration"] = {"mode": flags["exploration"]}
+        exploration["mode"] = flags["exploration"]
+    if flags["propensity_floor"] is not None:
+        exploration["propensity_floor"] = flags["propensity_floor"]
+    if exploration:
+        out["exploration"] = exploration
     if flags["sticky"] is not None:
         out["sticky"] = flags["sticky"]
     return out
@@ -137,6 +142,12 @@ def _from_flags(flags: Mapping[str, Any]) -> dict[str, Any]:
 @click.option("--segment-by", multiple=True, help="Dimensions in cascade order (comma or repeat).")
 @click.option("--min-samples", type=click.IntRange(min=0), help="min_samples_per_segment.")
 @click.option("--exploration", type=click.Choice(["default", "aggressive", "conservative"]))
+@click.option(
+    "--propensity-floor",
+    type=click.FloatRange(min=0, max=1, max_open=True),
+    help="Least probability of each variant under Thompson sampling (e.g. 0.01), so that "
+    "the logs support off-policy evaluation; below 1 / number of variants. Default 0: off.",
+)
 @click.option("--sticky/--no-sticky", default=None, help="Returning users keep their variant.")
 @click.option("--json", "as_json", is_flag=True, help="Print the created experiments as JSON.")
 @connection_options()

@@ -28,6 +28,10 @@ from allocsvc.quality.scenarios import FloatArray, IntArray
 # The cascade's minimum allocations per level (country, country|device, country|device|source).
 CASCADE_MIN_SAMPLES = (1000, 500, 200)
 CLUSTER_MIN_SAMPLES = 500
+# Propensity floor of `cascade_floor`: with 3 variants it spends 3% of traffic evenly on the
+# variants (at most ~1.5% of it on worse ones than the segment's best), and bounds every
+# inverse propensity weight by 100, where the plain cascade's reach ~10^6.
+CASCADE_FLOOR = 0.01
 SILHOUETTE_SAMPLE = 600
 
 
@@ -66,6 +70,7 @@ def _experiment(
     min_samples: tuple[int, ...] = (),
     warm_start: float = 10.0,
     exploration: Exploration = Exploration.DEFAULT,
+    propensity_floor: float = 0.0,
     auto: bool = False,
 ) -> Experiment:
     if auto:
@@ -82,6 +87,7 @@ def _experiment(
         segmentation=segmentation,
         hierarchy=Hierarchy(min_samples_per_level=min_samples, warm_start_strength=warm_start),
         exploration=exploration,
+        propensity_floor=propensity_floor,
         sticky=False,
         handle=1,
     )
@@ -120,6 +126,20 @@ def standard_policies(dimensions: tuple[str, ...], variants: int) -> dict[str, P
             "warm start 10, exploration default, tree rebuilt and pruned as the server does",
             Context.SEGMENTS,
             _experiment("cascade", variants, dimensions=dimensions, min_samples=cascade_min),
+            tree=True,
+        ),
+        PolicySpec(
+            "cascade_floor",
+            f"the cascade with a propensity floor of {CASCADE_FLOOR} per variant, so that its "
+            "logs support off-policy evaluation",
+            Context.SEGMENTS,
+            _experiment(
+                "cascade_floor",
+                variants,
+                dimensions=dimensions,
+                min_samples=cascade_min,
+                propensity_floor=CASCADE_FLOOR,
+            ),
             tree=True,
         ),
         PolicySpec(
@@ -181,6 +201,7 @@ def configure(engine: Engine, experiment: Experiment) -> None:
         warm_start=experiment.hierarchy.warm_start_strength,
         exploration=experiment.exploration.bonus_scale,
         salt=key_hash(experiment.key),
+        propensity_floor=experiment.propensity_floor,
     )
 
 

@@ -94,6 +94,7 @@ class ExperimentRow:
     sticky: bool = True
     variants: list[VariantRow] = field(default_factory=list)
     id: int | None = None
+    propensity_floor: float = 0.0
     created_at: datetime | None = None
     updated_at: datetime | None = None
 
@@ -305,7 +306,8 @@ class PostgresStore:
             try:
                 row = await conn.fetchrow(
                     "INSERT INTO experiments (key, name, description, status, policy, config,"
-                    " sticky) VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING *",
+                    " sticky, propensity_floor) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)"
+                    " RETURNING *",
                     experiment.key,
                     experiment.name,
                     experiment.description,
@@ -313,6 +315,7 @@ class PostgresStore:
                     experiment.policy,
                     experiment.config,
                     experiment.sticky,
+                    experiment.propensity_floor,
                 )
                 await _insert_variants(conn, int(row["id"]), experiment.variants)
             except asyncpg.UniqueViolationError as exc:
@@ -324,7 +327,8 @@ class PostgresStore:
         async with self._pool.acquire() as conn, conn.transaction():
             row = await conn.fetchrow(
                 "UPDATE experiments SET name = $2, description = $3, status = $4, policy = $5,"
-                " config = $6, sticky = $7, updated_at = now() WHERE key = $1 RETURNING *",
+                " config = $6, sticky = $7, propensity_floor = $8, updated_at = now()"
+                " WHERE key = $1 RETURNING *",
                 experiment.key,
                 experiment.name,
                 experiment.description,
@@ -332,6 +336,7 @@ class PostgresStore:
                 experiment.policy,
                 experiment.config,
                 experiment.sticky,
+                experiment.propensity_floor,
             )
             if row is None:
                 raise NotFoundError(f"experiment {experiment.key!r}")
@@ -789,6 +794,7 @@ def _experiment(row: Any, variants: Sequence[VariantRow]) -> ExperimentRow:
         variants=sorted(variants, key=lambda v: v.index),
         created_at=row["created_at"],
         updated_at=row["updated_at"],
+        propensity_floor=float(row["propensity_floor"]),
     )
 
 

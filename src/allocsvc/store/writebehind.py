@@ -102,6 +102,7 @@ def experiment_row(e: Experiment) -> ExperimentRow:
             for i, v in enumerate(e.variants)
         ],
         id=e.handle or None,
+        propensity_floor=e.propensity_floor,
     )
 
 
@@ -131,6 +132,7 @@ def experiment_from_row(row: ExperimentRow) -> Experiment:
             warm_start_strength=float(hier.get("warm_start_strength", 10.0)),
         ),
         exploration=Exploration(row.config.get("exploration", "default")),
+        propensity_floor=row.propensity_floor,
         sticky=row.sticky,
         handle=row.id or 0,
         created_at_ms=_ms(row.created_at),
