@@ -91,6 +91,26 @@ class Assignment(NamedTuple):
     created_ms: int
 
 
+# How the in-memory indexes hold an assignment: its fields as an exact tuple. The garbage
+# collector untracks exact tuples of strings and numbers, but never a NamedTuple, so held
+# Assignments made every full collection walk them all (0.5 s with a million held).
+Held = tuple[str, str, int, str, int, str, int, float, int]
+
+
+def _held(a: Assignment) -> Held:
+    return (
+        a.id,
+        a.experiment_key,
+        a.handle,
+        a.user_id,
+        a.variant,
+        a.segment_key,
+        a.cascade_level,
+        a.propensity,
+        a.created_ms,
+    )
+
+
 class Allocation(NamedTuple):
     assignment: Assignment
     variant: Variant
@@ -171,8 +191,8 @@ class AllocationService:
         # Each experiment as allocation serves it (`SegmentationDefaults.served`), by handle.
         self._served: dict[int, Experiment] = {}
         # Latest assignment per (experiment handle, user id), and every assignment by id.
-        self._latest: dict[tuple[int, str], Assignment] = {}
-        self._by_id: dict[str, Assignment] = {}
+        self._latest: dict[tuple[int, str], Held] = {}
+        self._by_id: dict[str, Held] = {}
         self._ids = itertools.count(1)
         self._id_prefix = secrets.token_hex(6)
         # Known segment keys per experiment (every level of every path seen), by key -> hash.
@@ -331,8 +351,7 @@ class AllocationService:
         for handle, key in segments:
             self._register_segment(handle, key)
         for a in assignments:
-            self._by_id[a.id] = a
-            self._latest[(a.handle, a.user_id)] = a
+            self._remember(a)
             self._register_segment(a.handle, a.segment_key)
 
     def take_deltas(self) -> list[tuple[int, int, int, int, int, float]]:
@@ -474,7 +493,7 @@ class AllocationService:
                 self._learning.observe(request.user_id, context)
         slot = (experiment.handle, request.user_id)
         if experiment.sticky:
-            earlier = self._latest.get(slot)
+            earlier = self._latest_of(slot)
             if earlier is None and self._shared is not None:
                 earlier = await self._shared.sticky(experiment.handle, request.user_id)
                 if earlier is not None:
@@ -622,8 +641,17 @@ class AllocationService:
         return experiment
 
     def _remember(self, assignment: Assignment) -> None:
-        self._latest[(assignment.handle, assignment.user_id)] = assignment
-        self._by_id[assignment.id] = assignment
+        held = _held(assignment)
+        self._latest[(assignment.handle, assignment.user_id)] = held
+        self._by_id[assignment.id] = held
+
+    def _latest_of(self, slot: tuple[int, str]) -> Assignment | None:
+        held = self._latest.get(slot)
+        return None if held is None else Assignment._make(held)
+
+    def _by_id_of(self, assignment_id: str) -> Assignment | None:
+        held = self._by_id.get(assignment_id)
+        return None if held is None else Assignment._make(held)
 
     async def allocate_many(
         self, requests: Sequence[AllocationRequest]
@@ -678,9 +706,8 @@ class AllocationService:
             )
             for i, a in allocated.items()
         }
-        latest = self._latest
         for i, handle, user_id in zip(*prepared.sticky_candidates(), strict=True):
-            earlier = latest.get((handle, user_id))
+            earlier = self._latest_of((handle, user_id))
             if earlier is not None and i not in given:
                 given[i] = (
                     earlier.id,
@@ -726,7 +753,7 @@ class AllocationService:
         for seq, handle, user_id, variant, key, level, propensity in zip(
             itertools.count(first), handles, user_ids, variants, keys, levels, propensities
         ):
-            assignment = Assignment(
+            held = (
                 f"{prefix}-{seq:x}",
                 by_handle[handle].key,
                 handle,
@@ -737,9 +764,9 @@ class AllocationService:
                 propensity,
                 now,
             )
-            latest[(handle, user_id)] = assignment
-            by_id[assignment.id] = assignment
-            add(assignment)
+            latest[(handle, user_id)] = held
+            by_id[held[0]] = held
+            add(Assignment._make(held))
             if key not in segments.get(handle, ()):
                 self._register_segment(handle, key)
         self._journal.assignments_made(made)
@@ -766,11 +793,11 @@ class AllocationService:
         if request.assignment_id:
             if len(request.assignment_id) > 128:
                 raise InvalidRequest("assignment_id", "longer than 128 characters")
-            found = self._by_id.get(request.assignment_id)
+            found = self._by_id_of(request.assignment_id)
             if found is None and self._shared is not None:
                 found = await self._shared.assignment(request.assignment_id)
                 if found is not None and found.handle in self._by_handle:
-                    self._by_id[found.id] = found
+                    self._by_id[found.id] = _held(found)
                 else:
                     found = None
             if found is None:
@@ -784,7 +811,7 @@ class AllocationService:
         if experiment is None:
             raise NotFound(f"experiment {request.experiment_key!r} does not exist")
         self._check_user(request.user_id)
-        found = self._latest.get((experiment.handle, request.user_id))
+        found = self._latest_of((experiment.handle, request.user_id))
         if found is None and self._shared is not None:
             found = await self._shared.sticky(experiment.handle, request.user_id)
             if found is not None:
@@ -839,7 +866,7 @@ class AllocationService:
             return results
         counted = await self._journal.record_conversions([c for _, c in pending])
         for (position, conversion), is_new in zip(pending, counted, strict=True):
-            assignment = self._by_id[conversion.assignment_id]
+            assignment = Assignment._make(self._by_id[conversion.assignment_id])
             if is_new:
                 self._engine.record_conversion(
                     conversion.handle, conversion.segment_key, conversion.variant, conversion.value
@@ -852,7 +879,7 @@ class AllocationService:
         return results
 
     def assignment(self, assignment_id: str) -> Assignment | None:
-        return self._by_id.get(assignment_id)
+        return self._by_id_of(assignment_id)
 
     def holds(self, assignment_id: str = "", experiment_key: str = "", user_id: str = "") -> bool:
         """Whether this process holds the assignment (by id, or the user's in the experiment)."""
@@ -864,13 +891,14 @@ class AllocationService:
     def user_assignments(self, user_id: str) -> list[Assignment]:
         """Every assignment of this user held in this process (data-protection export)."""
         return sorted(
-            (a for a in self._by_id.values() if a.user_id == user_id), key=lambda a: a.created_ms
+            (Assignment._make(h) for h in self._by_id.values() if h[3] == user_id),
+            key=lambda a: a.created_ms,
         )
 
     def held_user_ids(self) -> set[str]:
         """Every user id this process holds an assignment of (erasures from other processes
         are matched against these)."""
-        return {a.user_id for a in self._by_id.values()} | {u for _, u in self._latest}
+        return {h[3] for h in self._by_id.values()} | {u for _, u in self._latest}
 
     def forget_user(self, user_id: str) -> list[Assignment]:
         """Drop the user's assignments from memory (erasure): the next allocation treats the
@@ -878,10 +906,11 @@ class AllocationService:
         gone = self.user_assignments(user_id)
         for a in gone:
             self._by_id.pop(a.id, None)
-            if self._latest.get((a.handle, user_id)) is a:
+            latest = self._latest.get((a.handle, user_id))
+            if latest is not None and latest[0] == a.id:
                 del self._latest[(a.handle, user_id)]
         for slot in [s for s in self._latest if s[1] == user_id]:
-            gone.append(self._latest.pop(slot))
+            gone.append(Assignment._make(self._latest.pop(slot)))
         return gone
 
     def policy_of(self, key: str) -> Policy:
