@@ -1,17 +1,22 @@
 //! `AllocateBatch` from request bytes to response bytes: decode, check, extract the context,
-//! decide (through [`Engine::decide`], in request order) and encode, with no Python per item.
+//! decide (through [`Engine::decide_into`], in request order) and encode, with no Python per item.
 //!
 //! Two steps, so that the caller can add what only it knows in between:
 //! [`Catalogue::prepare`] decodes and checks every item and lists what the caller must answer
 //! (device classes of new user agents, earlier sticky assignments, the errors of bad items);
 //! [`PreparedBatch::finish`] decides the rest and encodes the response.
+//!
+//! An item costs no heap allocation of its own: text is borrowed from the request while it is
+//! decoded, user ids go into one buffer of the batch, a run of items with the same raw context
+//! shares one extraction (and one device lookup), the items of one experiment share one lookup,
+//! and the response and assignment ids are written into reused buffers.
 
-use crate::context::{self, ContextLimits, Device, Extracted};
+use crate::context::{self, Clock, ContextLimits, Device, Extracted};
 use crate::decide::{Decision, Engine};
 use crate::error::CoreError;
 use crate::wire::{self, Reader, Value};
 use parking_lot::RwLock;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 /// A variant as the response names it.
@@ -35,6 +40,16 @@ pub struct ExperimentInfo {
     pub variants: Vec<VariantInfo>,
 }
 
+impl ExperimentInfo {
+    /// Items of this experiment go the caller's way (with `shared`: sticky claims live in
+    /// shared state).
+    fn needs_caller(&self, shared: bool) -> bool {
+        self.caller_segments
+            || (shared && self.sticky)
+            || !self.dimensions.iter().all(|d| context::is_dimension(d))
+    }
+}
+
 /// Request limits the item checks apply (the server's settings).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BatchLimits {
@@ -51,14 +66,14 @@ pub struct Catalogue {
     limits: BatchLimits,
 }
 
-/// One decoded `AllocateRequest`.
+/// One decoded `AllocateRequest`, its text borrowed from the request bytes.
 #[derive(Debug, Clone, Default, PartialEq)]
-pub struct RawRequest {
-    pub experiment_id: String,
-    pub user_id: String,
-    pub channel: String,
-    pub context: Vec<(String, String)>,
-    pub signals: Vec<(String, f64)>,
+pub struct RawRequest<'a> {
+    pub experiment_id: &'a str,
+    pub user_id: &'a str,
+    pub channel: &'a str,
+    pub context: Vec<(&'a str, &'a str)>,
+    pub signals: Vec<(&'a str, f64)>,
     pub timestamp_ms: i64,
 }
 
@@ -81,49 +96,66 @@ pub struct ItemError {
     pub field: String,
 }
 
+#[derive(Debug, Clone, Copy)]
 enum Item {
     /// Breaks a rule: the caller words the error (or allocates it, if it disagrees).
     Invalid,
-    Ready(Box<Ready>),
-}
-
-struct Ready {
-    experiment: Arc<ExperimentInfo>,
-    user_id: String,
-    context: Extracted,
+    /// Indexes into the batch's experiments and contexts, and where its user id is in the
+    /// batch's user id buffer.
+    Ready {
+        experiment: usize,
+        context: usize,
+        user: (usize, usize),
+    },
 }
 
 /// A decoded and checked batch, waiting for [`PreparedBatch::finish`].
 pub struct PreparedBatch {
     items: Vec<Item>,
+    /// The experiments of ready items: one entry per run of items naming the same one.
+    experiments: Vec<Arc<ExperimentInfo>>,
+    /// The contexts of ready items: one per run of items with the same raw context and clock.
+    contexts: Vec<Extracted>,
+    /// The user ids of ready items, one after another.
+    users: String,
     /// An item the batch path does not handle: the caller should take the whole batch.
     pub needs_caller: bool,
 }
 
 /// The new assignments a batch made, in request order, for the caller's write-behind.
 #[derive(Debug, Default, Clone, PartialEq)]
-pub struct Decided {
+pub struct Decided<'a> {
     pub handles: Vec<u64>,
-    pub user_ids: Vec<String>,
+    pub user_ids: Vec<&'a str>,
     pub variants: Vec<usize>,
-    pub segment_keys: Vec<String>,
+    /// Distinct segment keys (one per run of decisions with the same key).
+    pub keys: Vec<String>,
+    /// Each decision's segment key, as an index into `keys`.
+    pub key_of: Vec<usize>,
     pub levels: Vec<usize>,
     pub propensities: Vec<f64>,
 }
 
-/// The encoded `AllocateBatchResponse` and the new assignments in it.
-pub struct BatchOutput {
-    pub response: Vec<u8>,
-    pub decided: Decided,
+impl Decided<'_> {
+    /// The segment key of decision `k`.
+    pub fn segment_key(&self, k: usize) -> &str {
+        &self.keys[self.key_of[k]]
+    }
 }
 
-fn decode_map(bytes: &[u8]) -> Result<(String, Value<'_>), CoreError> {
-    let mut key = String::new();
+/// The encoded `AllocateBatchResponse` and the new assignments in it.
+pub struct BatchOutput<'a> {
+    pub response: Vec<u8>,
+    pub decided: Decided<'a>,
+}
+
+fn decode_map(bytes: &[u8]) -> Result<(&str, Value<'_>), CoreError> {
+    let mut key = "";
     let mut value = Value::Bytes(b"");
     let mut r = Reader::new(bytes);
     while let Some((n, v)) = r.next_field()? {
         match (n, v) {
-            (1, Value::Bytes(b)) => key = wire::text(b)?,
+            (1, Value::Bytes(b)) => key = wire::text_ref(b)?,
             (2, v) => value = v,
             _ => {}
         }
@@ -132,17 +164,17 @@ fn decode_map(bytes: &[u8]) -> Result<(String, Value<'_>), CoreError> {
 }
 
 /// Later entries of a map win, as in every protobuf parser.
-fn keep_last<T>(entries: &mut Vec<(String, T)>) {
+fn keep_last<T>(entries: &mut Vec<(&str, T)>) {
     let n = entries.len();
     // Small maps (the usual context): a pairwise check costs less than hashing.
     if n <= 16 && (1..n).all(|i| entries[..i].iter().all(|(k, _)| *k != entries[i].0)) {
         return;
     }
     if n > 1 {
-        let mut seen = std::collections::HashSet::with_capacity(entries.len());
-        let mut kept: Vec<(String, T)> = Vec::with_capacity(entries.len());
+        let mut seen = HashSet::with_capacity(n);
+        let mut kept = Vec::with_capacity(n);
         for (k, v) in entries.drain(..).rev() {
-            if seen.insert(k.clone()) {
+            if seen.insert(k) {
                 kept.push((k, v));
             }
         }
@@ -151,42 +183,123 @@ fn keep_last<T>(entries: &mut Vec<(String, T)>) {
     }
 }
 
-/// Decode one `AllocateRequest`.
-pub fn decode_request(bytes: &[u8]) -> Result<RawRequest, CoreError> {
-    let mut out = RawRequest::default();
-    let mut r = Reader::new(bytes);
-    while let Some((n, v)) = r.next_field()? {
-        match (n, v) {
-            (1, Value::Bytes(b)) => out.experiment_id = wire::text(b)?,
-            (2, Value::Bytes(b)) => out.user_id = wire::text(b)?,
-            (3, Value::Bytes(b)) => out.channel = wire::text(b)?,
-            (4, Value::Bytes(b)) => {
-                let (k, v) = decode_map(b)?;
-                let v = match v {
-                    Value::Bytes(s) => wire::text(s)?,
-                    _ => String::new(),
-                };
-                out.context.push((k, v));
+/// The fields of one `AllocateRequest` as found on the wire, before its channel and map
+/// entries are decoded: a batch's items mostly repeat the previous item's, byte for byte.
+#[derive(Default)]
+struct Fields<'a> {
+    experiment_id: &'a str,
+    user_id: &'a str,
+    channel: &'a [u8],
+    /// Entries of the `context` map, in order.
+    context: Vec<&'a [u8]>,
+    /// Entries of the `signals` map, in order.
+    signals: Vec<&'a [u8]>,
+    timestamp_ms: i64,
+    /// The bytes of the channel and map fields when no other field comes between them (as
+    /// protobuf writers order fields by number), else None.
+    context_bytes: Option<&'a [u8]>,
+}
+
+impl<'a> Fields<'a> {
+    /// Read the fields of one `AllocateRequest` into `self`, reusing its buffers.
+    fn read(&mut self, bytes: &'a [u8]) -> Result<(), CoreError> {
+        self.experiment_id = "";
+        self.user_id = "";
+        self.channel = b"";
+        self.context.clear();
+        self.signals.clear();
+        self.timestamp_ms = 0;
+        // The span of fields 3-5 so far, and whether another field came after it.
+        let mut span: Option<(usize, usize)> = None;
+        let mut contiguous = true;
+        let mut r = Reader::new(bytes);
+        loop {
+            let start = r.position();
+            let Some((n, v)) = r.next_field()? else {
+                break;
+            };
+            let context_field = matches!(n, 3..=5);
+            match (n, v) {
+                (1, Value::Bytes(b)) => self.experiment_id = wire::text_ref(b)?,
+                (2, Value::Bytes(b)) => self.user_id = wire::text_ref(b)?,
+                (3, Value::Bytes(b)) => self.channel = b,
+                (4, Value::Bytes(b)) => self.context.push(b),
+                (5, Value::Bytes(b)) => self.signals.push(b),
+                (6, Value::Varint(x)) => self.timestamp_ms = x as i64,
+                _ => {}
             }
-            (5, Value::Bytes(b)) => {
-                let (k, v) = decode_map(b)?;
-                let x = match v {
-                    Value::Fixed64(bits) => f64::from_bits(bits),
-                    _ => 0.0,
-                };
-                out.signals.push((k, x));
+            match (&mut span, context_field) {
+                (None, true) => span = Some((start, r.position())),
+                (Some((_, end)), true) => {
+                    contiguous &= *end == start;
+                    *end = r.position();
+                }
+                _ => {}
             }
-            (6, Value::Varint(x)) => out.timestamp_ms = x as i64,
-            _ => {}
+        }
+        self.context_bytes = match span {
+            Some((start, end)) if contiguous => Some(&bytes[start..end]),
+            Some(_) => None,
+            None => Some(b""),
+        };
+        Ok(())
+    }
+
+    /// Same channel and map entries, byte for byte: the same decoded context and signals.
+    fn same_context(&self, other: &Fields<'_>) -> bool {
+        match (self.context_bytes, other.context_bytes) {
+            // The same fields 3-5 in the same order (one comparison for all of them).
+            (Some(a), Some(b)) => a == b,
+            _ => {
+                self.channel == other.channel
+                    && self.context == other.context
+                    && self.signals == other.signals
+            }
         }
     }
-    keep_last(&mut out.context);
-    keep_last(&mut out.signals);
+
+    /// Decode the channel and map entries into `out` (its experiment, user and timestamp too),
+    /// reusing its buffers.
+    fn decode_into(&self, out: &mut RawRequest<'a>) -> Result<(), CoreError> {
+        out.experiment_id = self.experiment_id;
+        out.user_id = self.user_id;
+        out.channel = wire::text_ref(self.channel)?;
+        out.timestamp_ms = self.timestamp_ms;
+        out.context.clear();
+        out.signals.clear();
+        for entry in &self.context {
+            let (k, v) = decode_map(entry)?;
+            let v = match v {
+                Value::Bytes(s) => wire::text_ref(s)?,
+                _ => "",
+            };
+            out.context.push((k, v));
+        }
+        for entry in &self.signals {
+            let (k, v) = decode_map(entry)?;
+            let x = match v {
+                Value::Fixed64(bits) => f64::from_bits(bits),
+                _ => 0.0,
+            };
+            out.signals.push((k, x));
+        }
+        keep_last(&mut out.context);
+        keep_last(&mut out.signals);
+        Ok(())
+    }
+}
+
+/// Decode one `AllocateRequest`.
+pub fn decode_request(bytes: &[u8]) -> Result<RawRequest<'_>, CoreError> {
+    let mut fields = Fields::default();
+    fields.read(bytes)?;
+    let mut out = RawRequest::default();
+    fields.decode_into(&mut out)?;
     Ok(out)
 }
 
 /// Decode an `AllocateBatchRequest` into its items.
-pub fn decode_batch(bytes: &[u8]) -> Result<Vec<RawRequest>, CoreError> {
+pub fn decode_batch(bytes: &[u8]) -> Result<Vec<RawRequest<'_>>, CoreError> {
     let mut items = Vec::new();
     let mut r = Reader::new(bytes);
     while let Some((n, v)) = r.next_field()? {
@@ -232,53 +345,21 @@ impl Catalogue {
         Ok(())
     }
 
-    fn check_item(
-        &self,
-        raw: RawRequest,
-        now_ms: i64,
-        shared: bool,
-        last: &mut Option<Arc<ExperimentInfo>>,
-    ) -> (Item, bool) {
-        // Batches mostly name one experiment: reuse the previous item's lookup.
-        let cached = last
-            .as_ref()
-            .filter(|e| e.key == raw.experiment_id)
-            .cloned();
-        let found = cached.or_else(|| self.experiments.read().get(&raw.experiment_id).cloned());
-        let experiment = match found {
-            Some(e) if e.running => e,
-            _ => return (Item::Invalid, false),
-        };
-        *last = Some(experiment.clone());
-        let user = &raw.user_id;
-        if user.is_empty()
-            || user.chars().count() > self.limits.max_user_id_chars
-            || user.contains('\0')
-        {
-            return (Item::Invalid, false);
-        }
-        let Some(context) = context::extract(
-            &raw.channel,
-            &raw.context,
-            &raw.signals,
-            raw.timestamp_ms,
-            now_ms,
-            &self.limits.context,
-        ) else {
-            return (Item::Invalid, false);
-        };
-        let needs_caller = experiment.caller_segments
-            || (shared && experiment.sticky)
-            || !experiment
-                .dimensions
-                .iter()
-                .all(|d| context::is_dimension(d));
-        let ready = Ready {
-            experiment,
-            user_id: raw.user_id,
-            context,
-        };
-        (Item::Ready(Box::new(ready)), needs_caller)
+    /// The running experiment named `key`.
+    fn running(&self, key: &str) -> Option<Arc<ExperimentInfo>> {
+        self.experiments
+            .read()
+            .get(key)
+            .filter(|e| e.running)
+            .cloned()
+    }
+
+    fn user_ok(&self, user: &str) -> bool {
+        // A string of at most n bytes has at most n characters: count them only when longer.
+        let max = self.limits.max_user_id_chars;
+        !user.is_empty()
+            && (user.len() <= max || user.chars().count() <= max)
+            && !user.contains('\0')
     }
 
     /// Decode and check a batch. With `shared`, sticky experiments need the caller (their
@@ -289,20 +370,94 @@ impl Catalogue {
         now_ms: i64,
         shared: bool,
     ) -> Result<PreparedBatch, CoreError> {
-        let mut needs_caller = false;
-        let mut last = None;
-        let items = decode_batch(request)?
-            .into_iter()
-            .map(|raw| {
-                let (item, caller) = self.check_item(raw, now_ms, shared, &mut last);
-                needs_caller |= caller;
-                item
-            })
-            .collect();
-        Ok(PreparedBatch {
-            items,
-            needs_caller,
-        })
+        let mut batch = PreparedBatch {
+            items: Vec::new(),
+            experiments: Vec::new(),
+            contexts: Vec::new(),
+            users: String::new(),
+            needs_caller: false,
+        };
+        // Whether the items of `batch.experiments[i]` need the caller.
+        let mut experiment_needs_caller: Vec<bool> = Vec::new();
+        let mut fields = Fields::default();
+        // The last item whose channel and map entries were decoded (into `raw`), and its
+        // extraction: the clock, and an index into `batch.contexts` (None: breaks a rule).
+        let mut decoded = Fields::default();
+        let mut raw = RawRequest::default();
+        let mut extraction: Option<(Clock, Option<usize>)> = None;
+        let mut any_decoded = false;
+        let mut r = Reader::new(request);
+        while let Some((n, v)) = r.next_field()? {
+            let (1, Value::Bytes(b)) = (n, v) else {
+                continue;
+            };
+            fields.read(b)?;
+            // Every item is decoded (a malformed one fails the batch), but an item whose
+            // channel and map entries repeat the last decoded item's bytes decodes the same.
+            if !any_decoded || !fields.same_context(&decoded) {
+                fields.decode_into(&mut raw)?;
+                std::mem::swap(&mut fields, &mut decoded);
+                extraction = None;
+                any_decoded = true;
+            } else {
+                // Keep `decoded` (its entries are the same bytes); take this item's ids.
+                decoded.experiment_id = fields.experiment_id;
+                decoded.user_id = fields.user_id;
+                decoded.timestamp_ms = fields.timestamp_ms;
+            }
+            let item = &decoded;
+            // Batches mostly name one experiment: reuse the previous item's lookup.
+            let experiment = match batch.experiments.last() {
+                Some(e) if e.key == item.experiment_id => batch.experiments.len() - 1,
+                _ => match self.running(item.experiment_id) {
+                    Some(e) => {
+                        experiment_needs_caller.push(e.needs_caller(shared));
+                        batch.experiments.push(e);
+                        batch.experiments.len() - 1
+                    }
+                    None => {
+                        batch.items.push(Item::Invalid);
+                        continue;
+                    }
+                },
+            };
+            let clock = context::clock(item.timestamp_ms, now_ms);
+            let (true, Some(clock)) = (self.user_ok(item.user_id), clock) else {
+                batch.items.push(Item::Invalid);
+                continue;
+            };
+            let context = match extraction {
+                Some((c, context)) if c == clock => context,
+                _ => {
+                    let context = context::extract_at(
+                        raw.channel,
+                        &raw.context,
+                        &raw.signals,
+                        clock,
+                        &self.limits.context,
+                    )
+                    .map(|c| {
+                        batch.contexts.push(c);
+                        batch.contexts.len() - 1
+                    });
+                    extraction = Some((clock, context));
+                    context
+                }
+            };
+            let Some(context) = context else {
+                batch.items.push(Item::Invalid);
+                continue;
+            };
+            let start = batch.users.len();
+            batch.users.push_str(item.user_id);
+            batch.needs_caller |= experiment_needs_caller[experiment];
+            batch.items.push(Item::Ready {
+                experiment,
+                context,
+                user: (start, batch.users.len()),
+            });
+        }
+        Ok(batch)
     }
 
     fn device_of(&self, ua: &str) -> Option<&'static str> {
@@ -314,14 +469,34 @@ impl Catalogue {
         let Ok(raw) = decode_request(request) else {
             return OneChecked::Caller;
         };
-        match self.check_item(raw, now_ms, shared, &mut None) {
-            (Item::Ready(ready), false) => match &ready.context.device {
-                Device::UserAgent(ua) if self.device_of(ua).is_none() => {
-                    OneChecked::UnknownUserAgent(ua.clone())
-                }
-                _ => OneChecked::Ready(PreparedOne { ready }),
-            },
-            _ => OneChecked::Caller,
+        let Some(experiment) = self.running(raw.experiment_id) else {
+            return OneChecked::Caller;
+        };
+        if !self.user_ok(raw.user_id) {
+            return OneChecked::Caller;
+        }
+        let Some(context) = context::extract(
+            raw.channel,
+            &raw.context,
+            &raw.signals,
+            raw.timestamp_ms,
+            now_ms,
+            &self.limits.context,
+        ) else {
+            return OneChecked::Caller;
+        };
+        if experiment.needs_caller(shared) {
+            return OneChecked::Caller;
+        }
+        match &context.device {
+            Device::UserAgent(ua) if self.device_of(ua).is_none() => {
+                OneChecked::UnknownUserAgent(ua.clone())
+            }
+            _ => OneChecked::Ready(Box::new(PreparedOne {
+                experiment,
+                user_id: raw.user_id.to_string(),
+                context,
+            })),
         }
     }
 }
@@ -333,12 +508,14 @@ pub enum OneChecked {
     Caller,
     /// The device class of this user agent is unknown: learn it and check again.
     UnknownUserAgent(String),
-    Ready(PreparedOne),
+    Ready(Box<PreparedOne>),
 }
 
 /// A checked unary request: look the user up (sticky experiments), then decide or answer.
 pub struct PreparedOne {
-    ready: Box<Ready>,
+    experiment: Arc<ExperimentInfo>,
+    user_id: String,
+    context: Extracted,
 }
 
 /// A unary decision: the encoded `AllocateResponse` and what to keep of the new assignment.
@@ -352,33 +529,25 @@ pub struct DecidedOne {
 
 impl PreparedOne {
     pub fn handle(&self) -> u64 {
-        self.ready.experiment.handle
+        self.experiment.handle
     }
 
     pub fn sticky(&self) -> bool {
-        self.ready.experiment.sticky
+        self.experiment.sticky
     }
 
     pub fn user_id(&self) -> &str {
-        &self.ready.user_id
+        &self.user_id
     }
 
     /// The response for an earlier assignment of this user (answered as sticky).
     pub fn answer(&self, given: &GivenAllocation, region: &str) -> Result<Vec<u8>, CoreError> {
-        let experiment = &self.ready.experiment;
+        let experiment = &self.experiment;
         check_variant(experiment, given.variant)?;
         let mut out = Vec::with_capacity(256);
         encode_response(
             &mut out,
-            &Answer {
-                assignment_id: &given.assignment_id,
-                experiment,
-                variant: given.variant,
-                segment_key: &given.segment_key,
-                level: given.level,
-                propensity: given.propensity,
-                sticky: given.sticky,
-            },
+            &Answer::given(given, experiment, given.sticky),
             region,
         );
         Ok(out)
@@ -393,11 +562,18 @@ impl PreparedOne {
         region: &str,
         assignment_id: &str,
     ) -> Result<DecidedOne, CoreError> {
-        let d = self.ready.decide(engine, catalogue, &mut Vec::new())?;
+        let device = match &self.context.device {
+            Device::Known(d) => Some(*d),
+            Device::UserAgent(ua) => catalogue.device_of(ua),
+        };
+        let device = resolved(&self.context, device)?;
+        let mut values = Vec::with_capacity(self.experiment.dimensions.len());
+        segment_values(&self.experiment, &self.context, device, &mut values);
+        let d = engine.decide(self.experiment.handle, &self.user_id, &values, true)?;
         let mut response = Vec::with_capacity(256);
         encode_response(
             &mut response,
-            &Answer::decided(assignment_id, &self.ready.experiment, &d),
+            &Answer::decided(assignment_id, &self.experiment, &d),
             region,
         );
         Ok(DecidedOne {
@@ -408,6 +584,33 @@ impl PreparedOne {
             propensity: d.propensity,
         })
     }
+}
+
+/// The device class of a context, once looked up (`device`): an error when its user agent has
+/// none yet.
+fn resolved(context: &Extracted, device: Option<&'static str>) -> Result<&'static str, CoreError> {
+    device.ok_or_else(|| match &context.device {
+        Device::UserAgent(ua) => {
+            CoreError::invalid(format!("devices: no class for user agent {ua:?}"))
+        }
+        Device::Known(d) => CoreError::invalid(format!("devices: no class {d:?}")),
+    })
+}
+
+/// The experiment's segment values in `context` (cleared first), its device class `device`.
+fn segment_values<'a>(
+    experiment: &ExperimentInfo,
+    context: &'a Extracted,
+    device: &'a str,
+    values: &mut Vec<&'a str>,
+) {
+    values.clear();
+    values.extend(
+        experiment
+            .dimensions
+            .iter()
+            .map(|d| context.dimension(d, device)),
+    );
 }
 
 fn device_class(name: &str) -> Result<&'static str, CoreError> {
@@ -441,33 +644,18 @@ impl<'a> Answer<'a> {
             sticky: false,
         }
     }
-}
 
-impl Ready {
-    /// Decide this item through [`Engine::decide`], counting the allocation: the device class
-    /// (of its user agent, which `catalogue` must know), the experiment's segment values.
-    fn decide<'a>(
-        &'a self,
-        engine: &Engine,
-        catalogue: &Catalogue,
-        values: &mut Vec<&'a str>,
-    ) -> Result<Decision, CoreError> {
-        let device = match &self.context.device {
-            Device::Known(d) => *d,
-            Device::UserAgent(ua) => catalogue.device_of(ua).ok_or_else(|| {
-                CoreError::invalid(format!("devices: no class for user agent {ua:?}"))
-            })?,
-        };
-        values.clear();
-        values.extend(
-            self.experiment
-                .dimensions
-                .iter()
-                .map(|d| self.context.dimension(d, device)),
-        );
-        let d = engine.decide(self.experiment.handle, &self.user_id, values, true)?;
-        check_variant(&self.experiment, d.variant)?;
-        Ok(d)
+    /// The answer of an allocation the caller made.
+    fn given(g: &'a GivenAllocation, experiment: &'a ExperimentInfo, sticky: bool) -> Self {
+        Answer {
+            assignment_id: &g.assignment_id,
+            experiment,
+            variant: g.variant,
+            segment_key: &g.segment_key,
+            level: g.level,
+            propensity: g.propensity,
+            sticky,
+        }
     }
 }
 
@@ -486,17 +674,69 @@ fn encode_response(out: &mut Vec<u8>, a: &Answer<'_>, region: &str) {
     wire::put_str(out, 10, region);
 }
 
-fn encode_allocation(out: &mut Vec<u8>, scratch: &mut Vec<u8>, a: &Answer<'_>, region: &str) {
-    scratch.clear();
-    encode_response(scratch, a, region);
-    // results[i] = AllocateResult { allocation = 1 }
-    let mut head = Vec::with_capacity(8);
-    wire::put_tag(&mut head, 1, wire::LEN);
-    wire::put_varint(&mut head, scratch.len() as u64);
-    wire::put_tag(out, 1, wire::LEN);
-    wire::put_varint(out, (head.len() + scratch.len()) as u64);
-    out.extend_from_slice(&head);
-    out.extend_from_slice(scratch);
+/// The tag of field 1, length-delimited: one byte.
+const RESULT_TAG_LEN: usize = 1;
+
+/// Writes a batch's `AllocateResult`s. What repeats is encoded once: the experiment and variant
+/// fields (2-5) of each experiment's variants, and the region (10).
+struct ResultEncoder {
+    region: Vec<u8>,
+    /// By experiment (an index into the batch's experiments), then variant; empty until used.
+    fixed: Vec<Vec<Vec<u8>>>,
+}
+
+impl ResultEncoder {
+    fn new(region: &str, experiments: usize) -> Self {
+        let mut encoded = Vec::new();
+        wire::put_str(&mut encoded, 10, region);
+        ResultEncoder {
+            region: encoded,
+            fixed: vec![Vec::new(); experiments],
+        }
+    }
+
+    /// Append `AllocateResult { allocation = a }` (`a` of experiment number `e`), the same
+    /// bytes as [`encode_response`] nested twice.
+    fn allocation(&mut self, out: &mut Vec<u8>, e: usize, a: &Answer<'_>) {
+        let fixed = &mut self.fixed[e];
+        if fixed.is_empty() {
+            *fixed = a
+                .experiment
+                .variants
+                .iter()
+                .map(|v| {
+                    let mut b = Vec::new();
+                    wire::put_str(&mut b, 2, &a.experiment.key);
+                    wire::put_str(&mut b, 3, &v.id);
+                    wire::put_str(&mut b, 4, &v.name);
+                    wire::put_str(&mut b, 5, &v.payload_json);
+                    b
+                })
+                .collect();
+        }
+        let fixed = &fixed[a.variant];
+        let n = wire::str_len(1, a.assignment_id)
+            + fixed.len()
+            + wire::str_len(6, a.segment_key)
+            + wire::uint_len(7, a.level as u64)
+            + wire::double_len(8, a.propensity)
+            + wire::uint_len(9, u64::from(a.sticky))
+            + self.region.len();
+        wire::put_tag(out, 1, wire::LEN);
+        wire::put_varint(
+            out,
+            (RESULT_TAG_LEN + wire::varint_len(n as u64) + n) as u64,
+        );
+        wire::put_tag(out, 1, wire::LEN);
+        wire::put_varint(out, n as u64);
+        wire::put_str(out, 1, a.assignment_id);
+        out.extend_from_slice(fixed);
+        wire::put_str(out, 6, a.segment_key);
+        wire::put_uint(out, 7, a.level as u64);
+        wire::put_double(out, 8, a.propensity);
+        wire::put_uint(out, 9, u64::from(a.sticky));
+        out.extend_from_slice(&self.region);
+    }
 }
 
 fn encode_error(out: &mut Vec<u8>, scratch: &mut Vec<u8>, e: &ItemError) {
@@ -518,6 +758,10 @@ impl PreparedBatch {
         self.items.is_empty()
     }
 
+    fn user(&self, (start, end): (usize, usize)) -> &str {
+        &self.users[start..end]
+    }
+
     /// Positions of items that break a rule.
     pub fn invalid(&self) -> Vec<usize> {
         (0..self.items.len())
@@ -525,16 +769,17 @@ impl PreparedBatch {
             .collect()
     }
 
-    /// Distinct user agents whose device class the catalogue does not know yet.
+    /// Distinct user agents whose device class the catalogue does not know yet, in the order
+    /// items name them.
     pub fn unknown_user_agents(&self, catalogue: &Catalogue) -> Vec<String> {
-        let mut seen = std::collections::HashSet::new();
+        // Every context is a ready item's, and contexts are in item order.
+        let devices = catalogue.devices.read();
+        let mut seen = HashSet::new();
         let mut out = Vec::new();
-        for item in &self.items {
-            if let Item::Ready(ready) = item {
-                if let Device::UserAgent(ua) = &ready.context.device {
-                    if catalogue.device_of(ua).is_none() && seen.insert(ua.as_str()) {
-                        out.push(ua.clone());
-                    }
+        for context in &self.contexts {
+            if let Device::UserAgent(ua) = &context.device {
+                if !devices.contains_key(ua) && seen.insert(ua.as_str()) {
+                    out.push(ua.clone());
                 }
             }
         }
@@ -546,11 +791,15 @@ impl PreparedBatch {
     pub fn sticky_candidates(&self) -> (Vec<usize>, Vec<u64>, Vec<&str>) {
         let mut out = (Vec::new(), Vec::new(), Vec::new());
         for (i, item) in self.items.iter().enumerate() {
-            if let Item::Ready(ready) = item {
-                if ready.experiment.sticky {
+            if let Item::Ready {
+                experiment, user, ..
+            } = *item
+            {
+                let experiment = &self.experiments[experiment];
+                if experiment.sticky {
                     out.0.push(i);
-                    out.1.push(ready.experiment.handle);
-                    out.2.push(ready.user_id.as_str());
+                    out.1.push(experiment.handle);
+                    out.2.push(self.user(user));
                 }
             }
         }
@@ -570,30 +819,53 @@ impl PreparedBatch {
         first_seq: u64,
         given: &HashMap<usize, GivenAllocation>,
         errors: &HashMap<usize, ItemError>,
-    ) -> Result<BatchOutput, CoreError> {
+    ) -> Result<BatchOutput<'_>, CoreError> {
         let mut response = Vec::with_capacity(self.items.len() * 128);
         let mut scratch = Vec::with_capacity(256);
+        let mut encoder = ResultEncoder::new(region, self.experiments.len());
         let mut decided = Decided::default();
         // (handle, user) -> given allocation or index into `decided`, for repeated users.
         let mut repeats: HashMap<(u64, &str), Result<&GivenAllocation, usize>> = HashMap::new();
+        // Device classes of the contexts (None: a user agent not learned), looked up once.
+        let devices: Vec<Option<&'static str>> = {
+            let known = catalogue.devices.read();
+            self.contexts
+                .iter()
+                .map(|c| match &c.device {
+                    Device::Known(d) => Some(*d),
+                    Device::UserAgent(ua) => known.get(ua.as_str()).copied(),
+                })
+                .collect()
+        };
+        // Segment values of (experiment, context), kept while items repeat them.
         let mut values: Vec<&str> = Vec::with_capacity(8);
-        let mut ids: Vec<String> = Vec::new();
+        let mut values_of: Option<(usize, usize)> = None;
+        let mut key = String::new();
+        let mut id = String::new();
+        let write_id = |id: &mut String, k: usize| {
+            id.clear();
+            id.push_str(id_prefix);
+            id.push('-');
+            push_hex(id, first_seq + k as u64);
+        };
         for (i, item) in self.items.iter().enumerate() {
             if let Some(e) = errors.get(&i) {
                 encode_error(&mut response, &mut scratch, e);
                 continue;
             }
-            let Item::Ready(ready) = item else {
+            let Item::Ready {
+                experiment: e,
+                context: c,
+                user,
+            } = *item
+            else {
                 return Err(CoreError::invalid(format!(
                     "errors: item {i} is invalid and has no error"
                 )));
             };
-            let Ready {
-                experiment,
-                user_id,
-                ..
-            } = &**ready;
-            let slot = (experiment.handle, user_id.as_str());
+            let experiment = &*self.experiments[e];
+            let user_id = self.user(user);
+            let slot = (experiment.handle, user_id);
             let earlier = if experiment.sticky {
                 repeats.get(&slot).copied()
             } else {
@@ -601,70 +873,65 @@ impl PreparedBatch {
             };
             if let Some(g) = given.get(&i) {
                 check_variant(experiment, g.variant)?;
-                encode_allocation(
-                    &mut response,
-                    &mut scratch,
-                    &Answer {
-                        assignment_id: &g.assignment_id,
-                        experiment,
-                        variant: g.variant,
-                        segment_key: &g.segment_key,
-                        level: g.level,
-                        propensity: g.propensity,
-                        sticky: g.sticky,
-                    },
-                    region,
-                );
+                encoder.allocation(&mut response, e, &Answer::given(g, experiment, g.sticky));
                 if experiment.sticky && earlier.is_none() {
                     repeats.insert(slot, Ok(g));
                 }
                 continue;
             }
             match earlier {
-                Some(Ok(g)) => encode_allocation(
-                    &mut response,
-                    &mut scratch,
-                    &Answer {
-                        assignment_id: &g.assignment_id,
-                        experiment,
-                        variant: g.variant,
-                        segment_key: &g.segment_key,
-                        level: g.level,
-                        propensity: g.propensity,
-                        sticky: true,
-                    },
-                    region,
-                ),
-                Some(Err(k)) => encode_allocation(
-                    &mut response,
-                    &mut scratch,
-                    &Answer {
-                        assignment_id: &ids[k],
-                        experiment,
-                        variant: decided.variants[k],
-                        segment_key: &decided.segment_keys[k],
-                        level: decided.levels[k],
-                        propensity: decided.propensities[k],
-                        sticky: true,
-                    },
-                    region,
-                ),
-                None => {
-                    let d = ready.decide(engine, catalogue, &mut values)?;
-                    let k = ids.len();
-                    ids.push(format!("{id_prefix}-{:x}", first_seq + k as u64));
-                    encode_allocation(
+                Some(Ok(g)) => {
+                    encoder.allocation(&mut response, e, &Answer::given(g, experiment, true))
+                }
+                Some(Err(k)) => {
+                    write_id(&mut id, k);
+                    encoder.allocation(
                         &mut response,
-                        &mut scratch,
-                        &Answer::decided(&ids[k], experiment, &d),
-                        region,
+                        e,
+                        &Answer {
+                            assignment_id: &id,
+                            experiment,
+                            variant: decided.variants[k],
+                            segment_key: decided.segment_key(k),
+                            level: decided.levels[k],
+                            propensity: decided.propensities[k],
+                            sticky: true,
+                        },
+                    );
+                }
+                None => {
+                    if values_of != Some((e, c)) {
+                        let context = &self.contexts[c];
+                        let device = resolved(context, devices[c])?;
+                        segment_values(experiment, context, device, &mut values);
+                        values_of = Some((e, c));
+                    }
+                    let (variant, level, propensity) =
+                        engine.decide_into(experiment.handle, user_id, &values, true, &mut key)?;
+                    let k = decided.variants.len();
+                    if decided.keys.last() != Some(&key) {
+                        decided.keys.push(key.clone());
+                    }
+                    write_id(&mut id, k);
+                    encoder.allocation(
+                        &mut response,
+                        e,
+                        &Answer {
+                            assignment_id: &id,
+                            experiment,
+                            variant,
+                            segment_key: &key,
+                            level,
+                            propensity,
+                            sticky: false,
+                        },
                     );
                     decided.handles.push(experiment.handle);
-                    decided.user_ids.push(user_id.clone());
-                    decided.variants.push(d.variant);
-                    decided.segment_keys.push(d.segment_key);
-                    decided.levels.push(d.level);
-                    decided.propensities.push(d.propensity);
+                    decided.user_ids.push(user_id);
+                    decided.variants.push(variant);
+                    decided.key_of.push(decided.keys.len() - 1);
+                    decided.levels.push(level);
+                    decided.propensities.push(propensity);
                     if experiment.sticky {
                         repeats.insert(slot, Err(k));
                     }
@@ -672,6 +939,16 @@ impl PreparedBatch {
             }
         }
         Ok(BatchOutput { response, decided })
+    }
+}
+
+/// Append `n` in lower-case hexadecimal without leading zeros (as `{:x}` writes it).
+fn push_hex(out: &mut String, n: u64) {
+    let digits = (64 - (n | 1).leading_zeros() as usize).div_ceil(4);
+    for i in (0..digits).rev() {
+        out.push(char::from(
+            b"0123456789abcdef"[((n >> (4 * i)) & 0xf) as usize],
+        ));
     }
 }
 
@@ -817,7 +1094,7 @@ mod tests {
                 .decide(5, &format!("u{i}"), &[source, "mobile"], true)
                 .unwrap();
             assert_eq!(out.decided.variants[k], d.variant);
-            assert_eq!(out.decided.segment_keys[k], d.segment_key);
+            assert_eq!(out.decided.segment_key(k), d.segment_key);
             assert_eq!(out.decided.levels[k], d.level);
             assert_eq!(out.decided.propensities[k], d.propensity);
         }
@@ -960,7 +1237,7 @@ mod tests {
             (d.variant, d.segment_key.as_str(), d.level),
             (
                 out.decided.variants[0],
-                out.decided.segment_keys[0].as_str(),
+                out.decided.segment_key(0),
                 out.decided.levels[0]
             )
         );
@@ -985,7 +1262,7 @@ mod tests {
             &mut expected,
             &Answer {
                 assignment_id: "old",
-                experiment: &one.ready.experiment,
+                experiment: &one.experiment,
                 variant: 1,
                 segment_key: "source:a|device:unknown",
                 level: 1,
@@ -1007,14 +1284,152 @@ mod tests {
     }
 
     #[test]
+    fn result_encoder_writes_responses_nested_twice() {
+        let (_, catalogue) = setup(false);
+        let experiment = catalogue.running("exp").unwrap();
+        for region in ["", "eu"] {
+            let mut encoder = ResultEncoder::new(region, 1);
+            for (id, variant, key, level, propensity, sticky) in [
+                ("p-1", 0, "source:a", 1, 0.5, false),
+                ("", 1, "", 0, 0.0, true),
+                ("x".repeat(200).as_str(), 1, "k", 300, -0.0, false),
+            ] {
+                let a = Answer {
+                    assignment_id: id,
+                    experiment: &experiment,
+                    variant,
+                    segment_key: key,
+                    level,
+                    propensity,
+                    sticky,
+                };
+                let mut response = Vec::new();
+                encode_response(&mut response, &a, region);
+                let mut result = Vec::new();
+                wire::put_bytes(&mut result, 1, &response);
+                let mut expected = Vec::new();
+                wire::put_bytes(&mut expected, 1, &result);
+                let mut out = Vec::new();
+                encoder.allocation(&mut out, 0, &a);
+                assert_eq!(out, expected);
+            }
+        }
+    }
+
+    /// An `AllocateRequest` with its fields in the order given: (field number, bytes).
+    fn fields(parts: &[(u32, Vec<u8>)]) -> Vec<u8> {
+        let mut m = Vec::new();
+        for (n, b) in parts {
+            if *n == 6 {
+                wire::put_tag(&mut m, 6, wire::VARINT);
+                wire::put_varint(&mut m, u64::from_le_bytes(b[..8].try_into().unwrap()));
+            } else {
+                wire::put_bytes(&mut m, *n, b);
+            }
+        }
+        m
+    }
+
+    fn entry(k: &str, v: &str) -> Vec<u8> {
+        let mut e = Vec::new();
+        wire::put_str(&mut e, 1, k);
+        wire::put_str(&mut e, 2, v);
+        e
+    }
+
+    #[test]
+    fn items_sharing_an_extraction_get_what_each_alone_gets() {
+        let (_, catalogue) = setup(false);
+        let t = |ms: u64| ms.to_le_bytes().to_vec();
+        let (exp, ua) = ((1, b"exp".to_vec()), (4, entry("user_agent", "Bot/1")));
+        let user = |u: &str| (2, u.as_bytes().to_vec());
+        let src = |s: &str| (4, entry("utm_source", s));
+        let items = vec![
+            fields(&[exp.clone(), user("a"), src("x"), ua.clone()]),
+            fields(&[exp.clone(), user("b"), src("x"), ua.clone()]),
+            // The same entries, another order: the last one wins either way.
+            fields(&[exp.clone(), user("c"), ua.clone(), src("x")]),
+            fields(&[exp.clone(), user("d"), src("y"), ua.clone(), src("x")]),
+            // Other fields between the map entries.
+            fields(&[exp.clone(), src("x"), user("e"), ua.clone()]),
+            fields(&[exp.clone(), src("x"), user("f"), ua.clone()]),
+            fields(&[src("x"), (6, t(1)), ua.clone(), exp.clone(), user("g")]),
+            fields(&[src("x"), (6, t(1)), ua.clone(), exp.clone(), user("h")]),
+            // Another clock, then a bad channel, then a repeat of the first.
+            fields(&[
+                exp.clone(),
+                user("i"),
+                src("x"),
+                ua.clone(),
+                (6, t(7_200_000)),
+            ]),
+            fields(&[
+                exp.clone(),
+                user("j"),
+                (3, b"fax".to_vec()),
+                src("x"),
+                ua.clone(),
+            ]),
+            fields(&[
+                exp.clone(),
+                user("k"),
+                (3, b"fax".to_vec()),
+                src("x"),
+                ua.clone(),
+            ]),
+            fields(&[
+                exp.clone(),
+                user("l"),
+                (3, b"web".to_vec()),
+                src("x"),
+                ua.clone(),
+            ]),
+            fields(&[exp.clone(), user("m"), src("x"), ua.clone()]),
+            fields(&[(1, b"nope".to_vec()), user("n"), src("x"), ua.clone()]),
+            fields(&[exp.clone(), user(""), src("z"), ua.clone()]),
+            fields(&[exp.clone(), user("o"), src("z"), ua]),
+        ];
+        let now = 1_700_000_000_000;
+        let prepared = catalogue.prepare(&batch(&items), now, false).unwrap();
+        assert_eq!(prepared.len(), items.len());
+        assert_eq!(prepared.invalid(), vec![9, 10, 13, 14]);
+        // Runs with the same raw context and clock share one extraction.
+        assert!(prepared.contexts.len() < items.len() - 4);
+        for (i, m) in items.iter().enumerate() {
+            let raw = decode_request(m).unwrap();
+            let alone = context::extract(
+                raw.channel,
+                &raw.context,
+                &raw.signals,
+                raw.timestamp_ms,
+                now,
+                &ContextLimits::default(),
+            );
+            match prepared.items[i] {
+                Item::Ready { context, user, .. } => {
+                    assert_eq!(Some(&prepared.contexts[context]), alone.as_ref(), "{i}");
+                    assert_eq!(prepared.user(user), raw.user_id);
+                }
+                Item::Invalid => assert!(alone.is_none() || i == 13 || i == 14, "{i}"),
+            }
+        }
+    }
+
+    #[test]
+    fn hex_is_what_format_writes() {
+        for n in [0, 1, 9, 10, 15, 16, 255, 256, 0xdead_beef, u64::MAX] {
+            let mut out = String::from("p-");
+            push_hex(&mut out, n);
+            assert_eq!(out, format!("p-{n:x}"));
+        }
+    }
+
+    #[test]
     fn maps_keep_the_last_entry_and_shared_sticky_needs_the_caller() {
         let (_, catalogue) = setup(true);
         let m = request("exp", "u", &[("device", "phone"), ("device", "tablet")]);
         let raw = decode_request(&m).unwrap();
-        assert_eq!(
-            raw.context,
-            vec![("device".to_string(), "tablet".to_string())]
-        );
+        assert_eq!(raw.context, vec![("device", "tablet")]);
         assert!(
             catalogue
                 .prepare(&batch(std::slice::from_ref(&m)), 0, true)

@@ -87,13 +87,22 @@ fn py_strip(s: &str) -> &str {
     s.trim_matches(is_py_space)
 }
 
-fn chars(s: &str) -> usize {
-    s.chars().count()
+/// Whether `s` has at most `max` characters (a string of at most `max` bytes has).
+fn at_most_chars(s: &str, max: usize) -> bool {
+    s.len() <= max || s.chars().count() <= max
 }
 
 /// `_canonical`: trimmed, lower-cased, the key separators ":" and "|" replaced by "_".
 pub fn canonical(value: &str) -> String {
-    py_strip(value).to_lowercase().replace([':', '|'], "_")
+    let value = py_strip(value);
+    // Already canonical (the usual case): one copy.
+    if value
+        .bytes()
+        .all(|b| b.is_ascii() && !b.is_ascii_uppercase() && b != b':' && b != b'|')
+    {
+        return value.to_string();
+    }
+    value.to_lowercase().replace([':', '|'], "_")
 }
 
 /// Where a request's device class comes from.
@@ -168,35 +177,39 @@ impl Extracted {
     }
 }
 
-fn get<'a>(context: &'a [(String, String)], key: &str) -> Option<&'a str> {
-    context
-        .iter()
-        .find(|(k, _)| k == key)
-        .map(|(_, v)| v.as_str())
+fn get<'a>(context: &[(&'a str, &'a str)], key: &str) -> Option<&'a str> {
+    context.iter().find(|(k, _)| *k == key).map(|(_, v)| *v)
 }
 
 /// The rules of `_validate`; `context` and `signals` hold distinct keys.
-pub fn valid(
-    context: &[(String, String)],
-    signals: &[(String, f64)],
-    limits: &ContextLimits,
-) -> bool {
+pub fn valid(context: &[(&str, &str)], signals: &[(&str, f64)], limits: &ContextLimits) -> bool {
     if context.len() > limits.max_context_entries || signals.len() > limits.max_signals {
         return false;
     }
-    let key_ok = |k: &str| !k.is_empty() && chars(k) <= limits.max_key_chars && !k.contains('\0');
+    let key_ok =
+        |k: &str| !k.is_empty() && at_most_chars(k, limits.max_key_chars) && !k.contains('\0');
     context.iter().all(|(k, v)| {
-        let allowed = match k.as_str() {
+        let allowed = match *k {
             "user_agent" => limits.max_user_agent_chars.max(limits.max_value_chars),
             "referrer" => limits.max_referrer_chars.max(limits.max_value_chars),
             _ => limits.max_value_chars,
         };
-        key_ok(k) && chars(v) <= allowed && !v.contains('\0')
+        key_ok(k) && at_most_chars(v, allowed) && !v.contains('\0')
     }) && signals.iter().all(|(k, x)| key_ok(k) && x.is_finite())
 }
 
 fn channel(raw: &str) -> Option<&'static str> {
-    let normalized = py_strip(raw).to_lowercase();
+    let stripped = py_strip(raw);
+    if stripped.is_ascii() {
+        // ASCII needs no lower-cased copy: `to_lowercase` of ASCII is the ASCII lower case.
+        if stripped.is_empty() {
+            return Some("web");
+        }
+        return ["web", "email", "funnel", "push"]
+            .into_iter()
+            .find(|c| stripped.eq_ignore_ascii_case(c));
+    }
+    let normalized = stripped.to_lowercase();
     match normalized.as_str() {
         "" | "web" => Some("web"),
         "email" => Some("email"),
@@ -206,7 +219,7 @@ fn channel(raw: &str) -> Option<&'static str> {
     }
 }
 
-fn country(context: &[(String, String)]) -> Option<String> {
+fn country(context: &[(&str, &str)]) -> Option<String> {
     let code = py_strip(get(context, "country_code").unwrap_or(""));
     if code.is_empty() {
         return Some(UNKNOWN.to_string());
@@ -218,7 +231,7 @@ fn country(context: &[(String, String)]) -> Option<String> {
     }
 }
 
-fn device(context: &[(String, String)]) -> Option<Device> {
+fn device(context: &[(&str, &str)]) -> Option<Device> {
     if let Some(explicit) = get(context, "device").filter(|d| !d.is_empty()) {
         let d = py_strip(explicit).to_lowercase();
         if let Some(known) = DEVICES.iter().find(|k| **k == d) {
@@ -291,21 +304,18 @@ pub fn source_for_domain(domain: &str) -> String {
     "referral".into()
 }
 
-/// `_extract` for one request; None when the request breaks a rule (timestamp, channel,
-/// context limits, device, country). `now_ms` stands for a timestamp of 0.
-pub fn extract(
-    raw_channel: &str,
-    context: &[(String, String)],
-    signals: &[(String, f64)],
-    timestamp_ms: i64,
-    now_ms: i64,
-    limits: &ContextLimits,
-) -> Option<Extracted> {
+/// The hour of the day and the day of the week (Monday = 0) of a request, in UTC: all that
+/// extraction reads of its time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Clock {
+    pub hour: usize,
+    pub day_of_week: usize,
+}
+
+/// The clock of a request's timestamp (`now_ms` stands for a timestamp of 0); None for a
+/// negative timestamp.
+pub fn clock(timestamp_ms: i64, now_ms: i64) -> Option<Clock> {
     if timestamp_ms < 0 {
-        return None;
-    }
-    let channel = channel(raw_channel)?;
-    if !valid(context, signals, limits) {
         return None;
     }
     let t = if timestamp_ms == 0 {
@@ -314,8 +324,44 @@ pub fn extract(
         timestamp_ms
     };
     let (days, ms_of_day) = (t.div_euclid(MS_PER_DAY), t.rem_euclid(MS_PER_DAY));
-    let day_of_week = (days + EPOCH_WEEKDAY).rem_euclid(7) as usize;
-    let hour = (ms_of_day / MS_PER_HOUR) as usize;
+    Some(Clock {
+        hour: (ms_of_day / MS_PER_HOUR) as usize,
+        day_of_week: (days + EPOCH_WEEKDAY).rem_euclid(7) as usize,
+    })
+}
+
+/// `_extract` for one request; None when the request breaks a rule (timestamp, channel,
+/// context limits, device, country). `now_ms` stands for a timestamp of 0.
+pub fn extract(
+    raw_channel: &str,
+    context: &[(&str, &str)],
+    signals: &[(&str, f64)],
+    timestamp_ms: i64,
+    now_ms: i64,
+    limits: &ContextLimits,
+) -> Option<Extracted> {
+    extract_at(
+        raw_channel,
+        context,
+        signals,
+        clock(timestamp_ms, now_ms)?,
+        limits,
+    )
+}
+
+/// [`extract`] once the timestamp is read: the result depends on the time only through `clock`.
+pub fn extract_at(
+    raw_channel: &str,
+    context: &[(&str, &str)],
+    signals: &[(&str, f64)],
+    clock: Clock,
+    limits: &ContextLimits,
+) -> Option<Extracted> {
+    let channel = channel(raw_channel)?;
+    if !valid(context, signals, limits) {
+        return None;
+    }
+    let Clock { hour, day_of_week } = clock;
     let device = device(context)?;
     let country = country(context)?;
     let field = |k: &str| canonical(get(context, k).unwrap_or(""));
@@ -368,17 +414,10 @@ pub fn extract(
 mod tests {
     use super::*;
 
-    fn ctx(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
-        pairs
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect()
-    }
-
     fn web(pairs: &[(&str, &str)]) -> Option<Extracted> {
         extract(
             "",
-            &ctx(pairs),
+            pairs,
             &[],
             1_700_000_000_000,
             0,
@@ -433,7 +472,7 @@ mod tests {
         let limits = ContextLimits::default();
         let f = extract(
             " Funnel ",
-            &ctx(&[("funnel_id", "Checkout"), ("current_stage", "Pay")]),
+            &[("funnel_id", "Checkout"), ("current_stage", "Pay")],
             &[],
             5,
             0,
@@ -449,8 +488,46 @@ mod tests {
         assert!(web(&[("utm_source", &"y".repeat(300))]).is_none());
         assert!(web(&[("user_agent", &"y".repeat(300))]).is_some());
         assert!(web(&[("a\0", "b")]).is_none());
-        let nan = [("x".to_string(), f64::NAN)];
+        let nan = [("x", f64::NAN)];
         assert!(extract("", &[], &nan, 0, 0, &limits).is_none());
+    }
+
+    #[test]
+    fn fast_paths_give_what_lower_casing_gives() {
+        for raw in [
+            "",
+            " ",
+            "web",
+            " PUSH ",
+            "Email\t",
+            "fUnNeL",
+            "fax",
+            "w\u{e9}b",
+            "\u{212a}",
+            "\u{ff57}eb",
+        ] {
+            let lowered = py_strip(raw).to_lowercase();
+            let slow = match lowered.as_str() {
+                "" | "web" => Some("web"),
+                "email" => Some("email"),
+                "funnel" => Some("funnel"),
+                "push" => Some("push"),
+                _ => None,
+            };
+            assert_eq!(channel(raw), slow, "{raw:?}");
+        }
+        for raw in [
+            "x",
+            " a:b|c ",
+            "Insta",
+            "\u{130}stanbul",
+            "already_canonical",
+            "\u{1c}q",
+        ] {
+            let slow = py_strip(raw).to_lowercase().replace([':', '|'], "_");
+            assert_eq!(canonical(raw), slow, "{raw:?}");
+        }
+        assert!(at_most_chars("\u{e9}\u{e9}", 2) && !at_most_chars("\u{e9}\u{e9}\u{e9}", 2));
     }
 
     #[test]

@@ -34,7 +34,19 @@ impl<'a> Reader<'a> {
         Reader { buf, pos: 0 }
     }
 
+    #[inline]
     fn varint(&mut self) -> Result<u64, CoreError> {
+        // Tags and short lengths take one byte.
+        if let Some(&byte) = self.buf.get(self.pos) {
+            if byte < 0x80 {
+                self.pos += 1;
+                return Ok(u64::from(byte));
+            }
+        }
+        self.varint_slow()
+    }
+
+    fn varint_slow(&mut self) -> Result<u64, CoreError> {
         let mut value = 0u64;
         for shift in (0..64).step_by(7) {
             let byte = *self
@@ -50,6 +62,7 @@ impl<'a> Reader<'a> {
         Err(malformed("varint longer than 10 bytes"))
     }
 
+    #[inline]
     fn take(&mut self, n: usize) -> Result<&'a [u8], CoreError> {
         let end = self
             .pos
@@ -61,7 +74,13 @@ impl<'a> Reader<'a> {
         Ok(out)
     }
 
+    /// Where the next field starts, in bytes from the start of the message.
+    pub fn position(&self) -> usize {
+        self.pos
+    }
+
     /// The next (field number, value), or None at the end of the message.
+    #[inline]
     pub fn next_field(&mut self) -> Result<Option<(u32, Value<'a>)>, CoreError> {
         if self.pos >= self.buf.len() {
             return Ok(None);
@@ -93,7 +112,49 @@ impl<'a> Reader<'a> {
 
 /// A proto3 `string`: UTF-8 is required.
 pub fn text(bytes: &[u8]) -> Result<String, CoreError> {
-    String::from_utf8(bytes.to_vec()).map_err(|_| malformed("string field is not UTF-8"))
+    text_ref(bytes).map(str::to_string)
+}
+
+/// [`text`] borrowed from the message bytes.
+pub fn text_ref(bytes: &[u8]) -> Result<&str, CoreError> {
+    std::str::from_utf8(bytes).map_err(|_| malformed("string field is not UTF-8"))
+}
+
+/// How many bytes [`put_varint`] writes for `value`.
+pub fn varint_len(value: u64) -> usize {
+    // 7 bits a byte; 0 takes one byte.
+    (64 - (value | 1).leading_zeros() as usize).div_ceil(7)
+}
+
+/// How many bytes [`put_str`] writes.
+pub fn str_len(number: u32, value: &str) -> usize {
+    if value.is_empty() {
+        0
+    } else {
+        tag_len(number) + varint_len(value.len() as u64) + value.len()
+    }
+}
+
+/// How many bytes [`put_uint`] writes.
+pub fn uint_len(number: u32, value: u64) -> usize {
+    if value == 0 {
+        0
+    } else {
+        tag_len(number) + varint_len(value)
+    }
+}
+
+/// How many bytes [`put_double`] writes.
+pub fn double_len(number: u32, value: f64) -> usize {
+    if value.to_bits() == 0 {
+        0
+    } else {
+        tag_len(number) + 8
+    }
+}
+
+fn tag_len(number: u32) -> usize {
+    varint_len(u64::from(number) << 3)
 }
 
 pub fn put_varint(out: &mut Vec<u8>, mut value: u64) {
@@ -190,5 +251,49 @@ mod tests {
             assert!(r.next_field().is_err(), "{bad:?}");
         }
         assert!(text(&[0xff, 0xfe]).is_err());
+    }
+
+    #[test]
+    fn field_lengths_are_what_the_writers_write() {
+        for (number, text) in [
+            (1, ""),
+            (2, "a"),
+            (15, "héllo"),
+            (16, "x"),
+            (3000, &"y".repeat(200)),
+        ] {
+            let mut out = Vec::new();
+            put_str(&mut out, number, text);
+            assert_eq!(str_len(number, text), out.len());
+        }
+        for (number, value) in [(1, 0), (7, 1), (9, 300), (20, u64::MAX)] {
+            let mut out = Vec::new();
+            put_uint(&mut out, number, value);
+            assert_eq!(uint_len(number, value), out.len());
+        }
+        for (number, value) in [(8, 0.0), (8, -0.0), (8, 0.25), (16, f64::NAN)] {
+            let mut out = Vec::new();
+            put_double(&mut out, number, value);
+            assert_eq!(double_len(number, value), out.len());
+        }
+    }
+
+    #[test]
+    fn varint_len_is_what_put_varint_writes() {
+        for value in [
+            0,
+            1,
+            127,
+            128,
+            300,
+            16_383,
+            16_384,
+            u64::from(u32::MAX),
+            u64::MAX,
+        ] {
+            let mut out = Vec::new();
+            put_varint(&mut out, value);
+            assert_eq!(varint_len(value), out.len(), "{value}");
+        }
     }
 }

@@ -106,6 +106,34 @@ fn hold_strs<'py>(
     }
 }
 
+/// A list of `values` with one Python object per run of values with the same `key` (ints and
+/// floats are immutable: a run shares one object instead of allocating one per item).
+fn runs_list<'py, T, K>(
+    py: Python<'py>,
+    values: &[T],
+    key: impl Fn(T) -> K,
+) -> PyResult<Bound<'py, PyList>>
+where
+    T: Copy + IntoPyObject<'py>,
+    K: PartialEq,
+{
+    let mut last: Option<(K, Bound<'py, PyAny>)> = None;
+    let mut items = Vec::with_capacity(values.len());
+    for &v in values {
+        let k = key(v);
+        let object = match &last {
+            Some((lk, object)) if *lk == k => object.clone(),
+            _ => {
+                let object = v.into_bound_py_any(py)?;
+                last = Some((k, object.clone()));
+                object
+            }
+        };
+        items.push(object);
+    }
+    PyList::new(py, items)
+}
+
 /// A failed extraction of argument `name` worded as PyO3 words it for declared arguments.
 fn argument_error(py: Python<'_>, name: &str, err: PyErr) -> PyErr {
     if err.get_type(py).is(&py.get_type::<PyTypeError>()) {
@@ -296,14 +324,14 @@ type PyGiven = (String, usize, String, usize, f64, bool);
 /// (code, message, field)
 type PyItemError = (u32, String, String);
 /// (response bytes, handles, user ids, variants, segment keys, levels, propensities)
-type PyBatchOutput = (
-    Py<PyBytes>,
-    Vec<u64>,
-    Vec<String>,
+type PyBatchOutput<'py> = (
+    Bound<'py, PyBytes>,
+    Bound<'py, PyList>,
+    Bound<'py, PyList>,
     Vec<usize>,
-    Vec<String>,
+    Bound<'py, PyList>,
     Vec<usize>,
-    Vec<f64>,
+    Bound<'py, PyList>,
 );
 
 #[pymethods]
@@ -466,9 +494,9 @@ impl PyPreparedBatch {
 
     #[pyo3(signature = (engine, catalogue, *, region, id_prefix, first_seq, given, errors))]
     #[allow(clippy::too_many_arguments)]
-    fn finish(
+    fn finish<'py>(
         &self,
-        py: Python<'_>,
+        py: Python<'py>,
         engine: &PyEngine,
         catalogue: &PyBatchCatalogue,
         region: &str,
@@ -476,7 +504,7 @@ impl PyPreparedBatch {
         first_seq: u64,
         given: HashMap<usize, PyGiven>,
         errors: HashMap<usize, PyItemError>,
-    ) -> PyResult<PyBatchOutput> {
+    ) -> PyResult<PyBatchOutput<'py>> {
         let given: HashMap<usize, GivenAllocation> = given
             .into_iter()
             .map(
@@ -521,14 +549,17 @@ impl PyPreparedBatch {
             })
             .map_err(to_py)?;
         let d = out.decided;
+        // One str per distinct segment key, shared by the decisions that have it.
+        let keys: Vec<Bound<'py, PyString>> = d.keys.iter().map(|k| PyString::new(py, k)).collect();
         Ok((
-            PyBytes::new(py, &out.response).unbind(),
-            d.handles,
-            d.user_ids,
+            PyBytes::new(py, &out.response),
+            runs_list(py, &d.handles, |h| h)?,
+            PyList::new(py, d.user_ids)?,
             d.variants,
-            d.segment_keys,
+            PyList::new(py, d.key_of.iter().map(|&k| &keys[k]))?,
             d.levels,
-            d.propensities,
+            // Bits, not values: -0.0 and 0.0 stay apart.
+            runs_list(py, &d.propensities, f64::to_bits)?,
         ))
     }
 }

@@ -1,0 +1,150 @@
+//! Rough timing of the AllocateBatch bytes path without Python, in the scenario of
+//! bench/load/batch_path.py (1,000 items, 5 variants segmented by source and device, an
+//! iPhone/Instagram context, a new user id per item, a non-sticky experiment), and the same
+//! batch with a different user agent in every item (nothing shared between items):
+//! `cargo run --release -p allocsvc-core --example batch_timing`.
+use allocsvc_core::batch::{decode_batch, BatchLimits, Catalogue, ExperimentInfo, VariantInfo};
+use allocsvc_core::context::{self, ContextLimits};
+use allocsvc_core::wire;
+use allocsvc_core::{Engine, ExperimentConfig, Policy};
+use std::collections::HashMap;
+
+mod support;
+use support::best_of;
+
+const ITEMS: usize = 1000;
+const CONTEXT: [(&str, &str); 3] = [
+    ("utm_source", "instagram"),
+    (
+        "user_agent",
+        "Mozilla/5.0 (iPhone; CPU iPhone OS 17_0 like Mac OS X) AppleWebKit/605.1.15 \
+         (KHTML, like Gecko) Version/17.0 Mobile/15E148 Safari/604.1",
+    ),
+    ("country_code", "US"),
+];
+
+fn request(user: &str, user_agent: &str) -> Vec<u8> {
+    let mut m = Vec::new();
+    wire::put_str(&mut m, 1, "e");
+    wire::put_str(&mut m, 2, user);
+    for (k, v) in CONTEXT {
+        let v = if k == "user_agent" { user_agent } else { v };
+        let mut e = Vec::new();
+        wire::put_str(&mut e, 1, k);
+        wire::put_str(&mut e, 2, v);
+        wire::put_bytes(&mut m, 4, &e);
+    }
+    m
+}
+
+fn main() {
+    let engine = Engine::new();
+    let dimensions = vec!["source".to_string(), "device".to_string()];
+    engine
+        .configure(
+            1,
+            ExperimentConfig {
+                variants: 5,
+                dimensions: dimensions.clone(),
+                min_samples: vec![100, 100],
+                policy: Policy::Thompson,
+                weights: vec![],
+                prior_alpha: 1.0,
+                prior_beta: 1.0,
+                warm_start: 10.0,
+                exploration: 0.0,
+                salt: 0,
+                propensity_floor: 0.0,
+            },
+        )
+        .unwrap();
+    let catalogue = Catalogue::new(BatchLimits {
+        context: ContextLimits::default(),
+        max_user_id_chars: 256,
+        device_cache_size: 10_000,
+    });
+    catalogue.put(ExperimentInfo {
+        key: "e".into(),
+        handle: 1,
+        running: true,
+        sticky: false,
+        caller_segments: false,
+        dimensions,
+        variants: "ABCDE"
+            .chars()
+            .map(|v| VariantInfo {
+                id: v.to_string(),
+                name: String::new(),
+                payload_json: String::new(),
+            })
+            .collect(),
+    });
+    let agents: Vec<String> = (0..ITEMS)
+        .map(|i| format!("{} ({i})", CONTEXT[1].1))
+        .collect();
+    let mut learned: Vec<(&str, &str)> = agents.iter().map(|a| (a.as_str(), "mobile")).collect();
+    learned.push((CONTEXT[1].1, "mobile"));
+    catalogue.learn_devices(&learned).unwrap();
+    let (mut data, mut varied) = (Vec::new(), Vec::new());
+    for (i, agent) in agents.iter().enumerate() {
+        let user = format!("u{i}");
+        wire::put_bytes(&mut data, 1, &request(&user, CONTEXT[1].1));
+        wire::put_bytes(&mut varied, 1, &request(&user, agent));
+    }
+    let (given, errors) = (HashMap::new(), HashMap::new());
+    let per_item = |ns: f64| ns / ITEMS as f64;
+
+    let (ns, acc) = best_of(50, || decode_batch(&data).unwrap().len());
+    println!(
+        "part: decode alone: {:.0} ns per item ({acc})",
+        per_item(ns)
+    );
+    let raw = decode_batch(&data).unwrap();
+    let (ns, acc) = best_of(50, || {
+        raw.iter()
+            .filter_map(|r| {
+                context::extract(
+                    r.channel,
+                    &r.context,
+                    &r.signals,
+                    r.timestamp_ms,
+                    1,
+                    &ContextLimits::default(),
+                )
+            })
+            .count()
+    });
+    println!(
+        "part: extract alone: {:.0} ns per item ({acc})",
+        per_item(ns)
+    );
+    let mut finish = 0.0;
+    for (name, batch) in [("one context", &data), ("a user agent per item", &varied)] {
+        let (ns, acc) = best_of(50, || catalogue.prepare(batch, 1, false).unwrap().len());
+        println!("{name}: prepare: {:.0} ns per item ({acc})", per_item(ns));
+        let prepared = catalogue.prepare(batch, 1, false).unwrap();
+        let (ns, acc) = best_of(50, || {
+            let out = prepared
+                .finish(&engine, &catalogue, "local", "x", 1, &given, &errors)
+                .unwrap();
+            out.response.len()
+        });
+        println!(
+            "{name}: finish: {:.0} ns per item ({acc} bytes)",
+            per_item(ns)
+        );
+        finish = per_item(ns);
+    }
+    let users: Vec<String> = (0..ITEMS).map(|i| format!("u{i}")).collect();
+    let values = ["instagram", "mobile"];
+    let rows: Vec<&[&str]> = vec![&values[..]; ITEMS];
+    let (ns, acc) = best_of(50, || {
+        let out = engine.decide_batch_rows(1, &users, &rows, true).unwrap();
+        out.items.len()
+    });
+    println!(
+        "part: decide_batch_rows: {:.0} ns per item ({acc}); last finish beyond deciding: {:.0} ns",
+        per_item(ns),
+        finish - per_item(ns)
+    );
+}
