@@ -113,7 +113,12 @@ def _bars(rows: list[PolicyComparison], ope_rows: list[ope_check.OpeResult]) -> 
     base = _find(rows, "new_segment", BASELINE)
     diff = new.new_segment_difference
     assert diff is not None and new.new_segment is not None and base.new_segment is not None
-    verdict = "yes" if diff.value >= 0 else ("NO (not significant)" if diff.high >= 0 else "NO")
+    if diff.low >= 0:
+        verdict = "yes"
+    elif diff.value >= 0:
+        verdict = "yes in the mean (the CI includes 0)"
+    else:
+        verdict = "NO in the mean (the CI includes 0)" if diff.high >= 0 else "NO"
     out.append(
         f"| new segment: first 200 users convert >= under {BASELINE} | cascade "
         f"{new.new_segment.value:.4%} vs {base.new_segment.value:.4%}; difference "
