@@ -324,6 +324,14 @@ def bars(results: dict[str, list[dict[str, Any]]], args: argparse.Namespace) -> 
             f"{u1['cpu_us_per_request']:,.0f} / {ue['cpu_us_per_request']:,.0f}",
             None,
         )
+    um = _best(results.get("mem", []))
+    if um and ue:
+        row(
+            "  the same from memory only (`mem`: no PostgreSQL write-behind), over echo: "
+            "req/s, server CPU per call (µs)",
+            f"{um['rps'] / ue['rps']:.0%}, {um['cpu_us_per_request']:,.0f}",
+            None,
+        )
     s1 = _steady(w1)
     if s1:
         row(
@@ -331,7 +339,7 @@ def bars(results: dict[str, list[dict[str, Any]]], args: argparse.Namespace) -> 
             f"{s1['p99']:.2f} ms",
             s1["p99"] < 5,
         )
-    for name in ("echo", "w1", "w2"):
+    for name in ("echo", "w1", "mem", "w2"):
         steady = _steady(results.get(name, []))
         if steady:
             row(
@@ -406,7 +414,8 @@ def report(results: dict[str, list[dict[str, Any]]], args: argparse.Namespace, s
         "other work included), each as cores = CPU s / wall s; server CPU per call is over "
         "the calls h2load counted. Nothing is pinned. Setups: `echo` (bench/load/echo.py), "
         "`w1` (`allocsvc serve --workers 1`), `w2` (`--workers 2`, SO_REUSEPORT), each on "
-        "the embedded PostgreSQL (one database each).",
+        "the embedded PostgreSQL (one database each), and `mem` (`--workers 1 --in-memory`: "
+        "no PostgreSQL, so no write-behind; it shows what persistence costs per call).",
         "",
         "| setup | run | req/s | p50 | p95 | p99 | p99.9 | errors | server CPU µs/call "
         "| server cores | h2load cores | pg cores | machine cores | RSS MiB | req/s vs echo "
@@ -469,7 +478,9 @@ def main() -> int:
     parser.add_argument("--duration", type=float, help="measured seconds per concurrency")
     parser.add_argument("--warmup", type=float, help="warm-up seconds per setup")
     parser.add_argument("--steady", type=float, help="seconds of the fixed-rate run")
-    parser.add_argument("--setups", default="echo,w1,w2", help="comma-separated: echo, w1, w2")
+    parser.add_argument(
+        "--setups", default="echo,w1,mem,w2", help="comma-separated: echo, w1, mem, w2"
+    )
     parser.add_argument("--no-write", action="store_true", help="print only, leave RESULTS.md")
     args = parser.parse_args()
     args.duration = args.duration or (4.0 if args.quick else 10.0)
@@ -485,13 +496,13 @@ def main() -> int:
             for name in args.setups.split(","):
                 if name == "echo":
                     target = Target(run.start_echo(workdir), [], workdir)
-                elif name in ("w1", "w2"):
+                elif name in ("w1", "w2", "mem"):
                     workers = 2 if name == "w2" else 1
                     first = _metrics_ports(workers)
                     setup = run.start_allocsvc(
                         name,
                         workdir,
-                        run.database(postgres, f"h2load_{name}"),
+                        "" if name == "mem" else run.database(postgres, f"h2load_{name}"),
                         workers=workers,
                         metrics_port=first,
                     )

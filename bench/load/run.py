@@ -166,11 +166,13 @@ def start_allocsvc(
     event_loop: str = "uvloop",
     metrics_port: int | None = None,
 ) -> Setup:
-    """`metrics_port`: serve Prometheus metrics there (each worker on the next port up)."""
+    """`dsn` "": serve from memory only (`--in-memory`: no PostgreSQL, no write-behind).
+    `metrics_port`: serve Prometheus metrics there (each worker on the next port up)."""
     setup = Setup(name, _free_port())
     for i in range(replicas):
         args = [sys.executable, "-m", "allocsvc", "serve", "--port", str(setup.port)]
-        args += ["--postgres-dsn", dsn, "--workers", str(workers), "--seed", str(7 + i)]
+        args += ["--postgres-dsn", dsn] if dsn else ["--in-memory"]
+        args += ["--workers", str(workers), "--seed", str(7 + i)]
         if redis:
             args += ["--redis-url", redis]
         if metrics_port is not None:
