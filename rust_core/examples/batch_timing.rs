@@ -6,7 +6,7 @@
 use allocsvc_core::batch::{decode_batch, BatchLimits, Catalogue, ExperimentInfo, VariantInfo};
 use allocsvc_core::context::{self, ContextLimits};
 use allocsvc_core::wire;
-use allocsvc_core::{Engine, ExperimentConfig, Policy};
+use allocsvc_core::{Engine, ExperimentConfig};
 use std::collections::HashMap;
 
 mod support;
@@ -39,23 +39,11 @@ fn request(user: &str, user_agent: &str) -> Vec<u8> {
 
 fn main() {
     let engine = Engine::new();
-    let dimensions = vec!["source".to_string(), "device".to_string()];
+    let dimensions = ["source", "device"];
     engine
         .configure(
             1,
-            ExperimentConfig {
-                variants: 5,
-                dimensions: dimensions.clone(),
-                min_samples: vec![100, 100],
-                policy: Policy::Thompson,
-                weights: vec![],
-                prior_alpha: 1.0,
-                prior_beta: 1.0,
-                warm_start: 10.0,
-                exploration: 0.0,
-                salt: 0,
-                propensity_floor: 0.0,
-            },
+            ExperimentConfig::thompson(5, &dimensions, vec![100, 100]),
         )
         .unwrap();
     let catalogue = Catalogue::new(BatchLimits {
@@ -69,7 +57,7 @@ fn main() {
         running: true,
         sticky: false,
         caller_segments: false,
-        dimensions,
+        dimensions: dimensions.iter().map(|d| d.to_string()).collect(),
         variants: "ABCDE"
             .chars()
             .map(|v| VariantInfo {

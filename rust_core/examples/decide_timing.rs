@@ -2,7 +2,7 @@
 //! 3-level cascade whose nodes all hold the posterior, 5 variants): `cargo run --release -p
 //! allocsvc-core --example decide_timing`.
 use allocsvc_core::keys::{key_hash, path_keys};
-use allocsvc_core::{Engine, ExperimentConfig, Policy};
+use allocsvc_core::{Engine, ExperimentConfig};
 use std::time::Instant;
 
 mod support;
@@ -23,19 +23,7 @@ fn main() {
     engine
         .configure(
             1,
-            ExperimentConfig {
-                variants: 5,
-                dimensions: dimensions.iter().map(|d| d.to_string()).collect(),
-                min_samples: vec![1000, 500, 200],
-                policy: Policy::Thompson,
-                weights: vec![],
-                prior_alpha: 1.0,
-                prior_beta: 1.0,
-                warm_start: 10.0,
-                exploration: 0.0,
-                salt: 0,
-                propensity_floor: 0.0,
-            },
+            ExperimentConfig::thompson(5, &dimensions, vec![1000, 500, 200]),
         )
         .unwrap();
     let rows: Vec<_> = path_keys(&dimensions, &values)

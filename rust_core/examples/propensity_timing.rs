@@ -5,7 +5,7 @@
 use allocsvc_core::beta::{selection_probabilities as monte_carlo, with_thread_rng};
 use allocsvc_core::keys::key_hash;
 use allocsvc_core::propensity::selection_probabilities;
-use allocsvc_core::{Engine, ExperimentConfig, Policy};
+use allocsvc_core::{Engine, ExperimentConfig};
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 use std::hint::black_box;
@@ -88,17 +88,8 @@ fn stream(n: u64, record: bool, decisions: usize) -> f64 {
         .configure(
             1,
             ExperimentConfig {
-                variants: 3,
-                dimensions: vec![],
-                min_samples: vec![],
-                policy: Policy::Thompson,
-                weights: vec![],
-                prior_alpha: 1.0,
-                prior_beta: 1.0,
-                warm_start: 10.0,
                 exploration: 0.01,
-                salt: 0,
-                propensity_floor: 0.0,
+                ..ExperimentConfig::thompson(3, &[], vec![])
             },
         )
         .unwrap();

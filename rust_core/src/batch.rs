@@ -967,7 +967,7 @@ fn check_variant(experiment: &ExperimentInfo, variant: usize) -> Result<(), Core
 mod tests {
     use super::*;
     use crate::beta::seed_thread_rng;
-    use crate::decide::{ExperimentConfig, Policy};
+    use crate::decide::ExperimentConfig;
 
     fn request(exp: &str, user: &str, ctx: &[(&str, &str)]) -> Vec<u8> {
         let mut m = Vec::new();
@@ -998,17 +998,8 @@ mod tests {
             .configure(
                 5,
                 ExperimentConfig {
-                    variants: 2,
-                    dimensions: vec!["source".into(), "device".into()],
-                    min_samples: vec![10, 10],
-                    policy: Policy::Thompson,
-                    weights: vec![],
-                    prior_alpha: 1.0,
-                    prior_beta: 1.0,
-                    warm_start: 10.0,
-                    exploration: 0.0,
                     salt: 1,
-                    propensity_floor: 0.0,
+                    ..ExperimentConfig::thompson(2, &["source", "device"], vec![10, 10])
                 },
             )
             .unwrap();

@@ -82,6 +82,25 @@ pub struct ExperimentConfig {
 }
 
 impl ExperimentConfig {
+    /// Thompson sampling over `variants` with the cascade of `dimensions` and their minimum
+    /// samples, and the defaults of everything else: a Beta(1, 1) prior, a warm start of 10,
+    /// no exploration bonus, salt 0 and no propensity floor.
+    pub fn thompson(variants: usize, dimensions: &[&str], min_samples: Vec<u64>) -> Self {
+        ExperimentConfig {
+            variants,
+            dimensions: dimensions.iter().map(|d| d.to_string()).collect(),
+            min_samples,
+            policy: Policy::Thompson,
+            weights: vec![],
+            prior_alpha: 1.0,
+            prior_beta: 1.0,
+            warm_start: 10.0,
+            exploration: 0.0,
+            salt: 0,
+            propensity_floor: 0.0,
+        }
+    }
+
     pub fn validate(&self) -> Result<(), CoreError> {
         if self.variants < 1 || self.variants > MAX_VARIANTS {
             return Err(CoreError::invalid(format!(
@@ -908,17 +927,9 @@ mod tests {
 
     fn config(policy: Policy) -> ExperimentConfig {
         ExperimentConfig {
-            variants: 2,
-            dimensions: vec!["source".into(), "device".into()],
-            min_samples: vec![100, 50],
             policy,
-            weights: vec![],
-            prior_alpha: 1.0,
-            prior_beta: 1.0,
-            warm_start: 10.0,
-            exploration: 0.0,
             salt: 7,
-            propensity_floor: 0.0,
+            ..ExperimentConfig::thompson(2, &["source", "device"], vec![100, 50])
         }
     }
 

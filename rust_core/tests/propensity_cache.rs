@@ -3,7 +3,7 @@
 use allocsvc_core::beta::seed_thread_rng;
 use allocsvc_core::keys::key_hash;
 use allocsvc_core::propensity::selection_probabilities;
-use allocsvc_core::{Engine, ExperimentConfig, Policy};
+use allocsvc_core::{Engine, ExperimentConfig};
 
 const NONE: &[&str] = &[];
 
@@ -13,17 +13,8 @@ fn engine(exploration: f64) -> Engine {
         .configure(
             1,
             ExperimentConfig {
-                variants: 3,
-                dimensions: vec![],
-                min_samples: vec![],
-                policy: Policy::Thompson,
-                weights: vec![],
-                prior_alpha: 1.0,
-                prior_beta: 1.0,
-                warm_start: 10.0,
                 exploration,
-                salt: 0,
-                propensity_floor: 0.0,
+                ..ExperimentConfig::thompson(3, &[], vec![])
             },
         )
         .unwrap();

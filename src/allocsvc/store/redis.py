@@ -32,19 +32,8 @@ ASSIGNMENT_TTL_SECONDS = 30 * 24 * 3600
 
 
 def _encode(a: Assignment) -> str:
-    return json.dumps(
-        [
-            a.id,
-            a.experiment_key,
-            a.handle,
-            a.user_id,
-            a.variant,
-            a.segment_key,
-            a.cascade_level,
-            a.propensity,
-            a.created_ms,
-        ]
-    )
+    """The assignment's fields as a JSON array, in field order (a NamedTuple is a tuple)."""
+    return json.dumps(a)
 
 
 def _decode(raw: bytes | str | None) -> Assignment | None:
