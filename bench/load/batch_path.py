@@ -18,6 +18,8 @@ import json
 import time
 from typing import Any
 
+import benchkit  # bench/load/benchkit.py
+
 from allocsvc._proto import allocsvc_pb2 as pb
 from allocsvc.allocation.journal import MemoryJournal
 from allocsvc.allocation.service import AllocationService
@@ -25,15 +27,6 @@ from allocsvc.api import convert
 from allocsvc.api.allocator import AllocatorServicer
 from allocsvc.context import Extractor
 from allocsvc.core import Engine
-
-CONTEXT = {
-    "utm_source": "instagram",
-    "user_agent": (
-        "Mozilla/5.0 (iPhone; CPU iPhone OS 17_0 like Mac OS X) AppleWebKit/605.1.15 "
-        "(KHTML, like Gecko) Version/17.0 Mobile/15E148 Safari/604.1"
-    ),
-    "country_code": "US",
-}
 
 
 async def measure(items: int, rounds: int) -> dict[str, Any]:
@@ -43,17 +36,13 @@ async def measure(items: int, rounds: int) -> dict[str, Any]:
         sticky=False,
         status=pb.EXPERIMENT_STATUS_RUNNING,
         variants=[pb.Variant(id=v) for v in "ABCDE"],
-        segmentation=pb.SegmentationConfig(
-            mode=pb.SEGMENTATION_MODE_MANUAL,
-            segment_by=["source", "device"],
-            min_samples_per_segment=100,
-        ),
+        segmentation=benchkit.manual_segmentation(),
     )
     await service.create_experiment(convert.experiment_from_pb(experiment))
     api = AllocatorServicer(service, "local")
     data = pb.AllocateBatchRequest(
         requests=[
-            pb.AllocateRequest(experiment_id="e", user_id=f"u{i}", context=CONTEXT)
+            pb.AllocateRequest(experiment_id="e", user_id=f"u{i}", context=benchkit.CONTEXT)
             for i in range(items)
         ]
     ).SerializeToString()
