@@ -124,3 +124,23 @@ fn decisions_draw_from_the_kept_state_not_the_moving_counts() {
         choices(&unmoved, 7).iter().map(|c| c.0).collect::<Vec<_>>()
     );
 }
+
+#[test]
+fn a_replacing_load_that_lowers_a_variant_is_seen() {
+    let engine = engine(0.0);
+    assert_eq!(
+        logged(&engine),
+        exact(&[(1000, 40), (1000, 60), (1000, 50)], 0.0)
+    );
+    // Replaced totals: variant 0 loses 300 allocations and variant 1 gains 310, so the node's
+    // total grows by only 10 (within what the totals' quick check lets pass), while variant 0
+    // moved far beyond the tolerance: the next decisions use the new state.
+    let g = key_hash("");
+    engine
+        .store()
+        .load(&[(1, g, 0, 700, 40, 0.0), (1, g, 1, 1310, 60, 0.0)], true);
+    assert_eq!(
+        logged(&engine),
+        exact(&[(700, 40), (1310, 60), (1000, 50)], 0.0)
+    );
+}
