@@ -32,26 +32,27 @@ impl Tree {
     }
 }
 
-/// The level to use: `samples[l]` is the allocation count of the path's node at level `l`
-/// (level 0 = global), `in_tree[l]` whether the tree has it, `min_samples[l - 1]` the minimum
-/// for level `l`. A level without a configured minimum needs none.
-pub fn cascade_level(samples: &[u64], in_tree: &[bool], min_samples: &[u64]) -> usize {
-    (1..samples.len())
-        .rev()
-        .find(|&level| cascade_qualifies(level, samples[level], in_tree, min_samples))
-        .unwrap_or(0)
-}
-
-/// Whether the node at `level` (> 0) with `samples` allocations may decide.
+/// The level to use and its node's sample count. `samples(l)` is the allocation count of the
+/// path's node at level `l` (level 0 = global, `levels` in all), read only for the levels
+/// looked at, deepest first; `in_tree[l]` says whether the tree has it, `min_samples[l - 1]`
+/// is the minimum for level `l`. A level without a configured minimum needs none.
 #[inline]
-pub fn cascade_qualifies(
-    level: usize,
-    samples: u64,
+pub fn cascade_level(
+    levels: usize,
+    mut samples: impl FnMut(usize) -> u64,
     in_tree: &[bool],
     min_samples: &[u64],
-) -> bool {
-    let needed = min_samples.get(level - 1).copied().unwrap_or(0);
-    in_tree[level] && samples >= needed
+) -> (usize, u64) {
+    for level in (1..levels).rev() {
+        let needed = min_samples.get(level - 1).copied().unwrap_or(0);
+        if in_tree[level] {
+            let n = samples(level);
+            if n >= needed {
+                return (level, n);
+            }
+        }
+    }
+    (0, samples(0))
 }
 
 #[cfg(test)]
@@ -73,14 +74,16 @@ mod tests {
             ([5000, 1200, 100, 50], 1),
         ];
         for (samples, expected) in cases {
-            assert_eq!(cascade_level(samples, &all, &min), *expected, "{samples:?}");
+            let level = cascade_level(4, |l| samples[l], &all, &min);
+            assert_eq!(level, (*expected, samples[*expected]), "{samples:?}");
         }
         // A node pruned from the tree is skipped even with data.
+        let samples = [5000, 1000, 600, 250];
         assert_eq!(
-            cascade_level(&[5000, 1000, 600, 250], &[true, true, true, false], &min),
+            cascade_level(4, |l| samples[l], &[true, true, true, false], &min).0,
             2
         );
-        assert_eq!(cascade_level(&[5000], &[true], &[]), 0);
+        assert_eq!(cascade_level(1, |_| 5000, &[true], &[]), (0, 5000));
     }
 
     proptest! {
@@ -90,7 +93,8 @@ mod tests {
             in_tree in proptest::collection::vec(any::<bool>(), 6),
             min in proptest::collection::vec(0u64..2000, 5),
         ) {
-            let l = cascade_level(&samples, &in_tree[..samples.len()], &min);
+            let (l, n) = cascade_level(samples.len(), |l| samples[l], &in_tree[..samples.len()], &min);
+            prop_assert_eq!(n, samples[l]);
             prop_assert!(l < samples.len());
             if l > 0 {
                 prop_assert!(in_tree[l] && samples[l] >= min[l - 1]);

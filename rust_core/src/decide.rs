@@ -10,7 +10,7 @@
 //! (1 - K f) p_i + f, in the kept state itself, so decisions and logs use the mixed ones.
 
 use crate::beta::with_thread_rng;
-use crate::cascade::{cascade_qualifies, Tree};
+use crate::cascade::{cascade_level, Tree};
 use crate::error::CoreError;
 use crate::keys::{bucket, key_hash, path_hashes_of_key, push_canonical_value, valid_dimension};
 use crate::store::{Node, NodeId, PropensityCache, Segments, Store};
@@ -405,37 +405,18 @@ fn posterior(
     i: usize,
     cfg: &ExperimentConfig,
 ) -> (f64, f64) {
-    posterior_of(posterior_counts(nodes, level, i, cfg), level, cfg)
-}
-
-/// What `posterior` reads: (allocations, conversions) of variant `i` at the level, then at
-/// its parent when the warm start uses it (else zeros).
-#[inline]
-fn posterior_counts(
-    nodes: &[Option<&Node>],
-    level: usize,
-    i: usize,
-    cfg: &ExperimentConfig,
-) -> [u64; 4] {
     let (n, c) = nodes[level].map_or((0, 0), |node| node.variant(i));
-    let (pn, pc) = if level > 0 && cfg.warm_start > 0.0 {
-        nodes[level - 1].map_or((0, 0), |node| node.variant(i))
-    } else {
-        (0, 0)
-    };
-    [n, c, pn, pc]
-}
-
-/// `posterior` from the counts it reads.
-#[inline]
-fn posterior_of([n, c, pn, pc]: [u64; 4], level: usize, cfg: &ExperimentConfig) -> (f64, f64) {
     let mut alpha = cfg.prior_alpha + c as f64;
     let mut beta = cfg.prior_beta + n.saturating_sub(c) as f64;
-    if level > 0 && cfg.warm_start > 0.0 && pn > 0 {
-        let w = cfg.warm_start.min(pn as f64);
-        let mean = (cfg.prior_alpha + pc as f64) / (cfg.prior_alpha + cfg.prior_beta + pn as f64);
-        alpha += w * mean;
-        beta += w * (1.0 - mean);
+    if level > 0 && cfg.warm_start > 0.0 {
+        let (pn, pc) = nodes[level - 1].map_or((0, 0), |node| node.variant(i));
+        if pn > 0 {
+            let w = cfg.warm_start.min(pn as f64);
+            let mean =
+                (cfg.prior_alpha + pc as f64) / (cfg.prior_alpha + cfg.prior_beta + pn as f64);
+            alpha += w * mean;
+            beta += w * (1.0 - mean);
+        }
     }
     (alpha, beta)
 }
@@ -765,7 +746,7 @@ impl Engine {
         let map = entry.segments.read();
         let nodes: Vec<Option<&Node>> = hashes.iter().map(|h| map.get(h).map(|n| &**n)).collect();
         let level = hashes.len() - 1;
-        Ok(selection_estimate(&nodes, level, cfg))
+        Ok(selection_at(&nodes, level, cfg).0)
     }
 }
 
@@ -779,14 +760,12 @@ fn thompson(
     hashes: &[u64],
 ) -> (usize, usize, f64) {
     let cfg = &entry.config;
-    // The cascade (`cascade_level`) from the deepest level up, reading counts only as far
-    // as it looks.
-    let allocations = |l: usize| nodes[l].map_or(0, |n| n.allocations());
-    let (level, samples) = (1..nodes.len())
-        .rev()
-        .map(|l| (l, allocations(l)))
-        .find(|&(l, n)| cascade_qualifies(l, n, in_tree, &cfg.min_samples))
-        .unwrap_or_else(|| (0, allocations(0)));
+    let (level, samples) = cascade_level(
+        nodes.len(),
+        |l| nodes[l].map_or(0, |n| n.allocations()),
+        in_tree,
+        &cfg.min_samples,
+    );
     with_state(
         nodes,
         level,
@@ -811,13 +790,9 @@ fn bonus(node: Option<&Node>, i: usize, cfg: &ExperimentConfig) -> f64 {
     cfg.exploration / ((n + 1) as f64).sqrt()
 }
 
-/// Exact selection probabilities of every variant at the given level (numerical integration,
-/// `propensity::selection_probabilities`, with the experiment's propensity floor).
-fn selection_estimate(nodes: &[Option<&Node>], level: usize, cfg: &ExperimentConfig) -> Vec<f64> {
-    selection_at(nodes, level, cfg).0
-}
-
-/// The selection probabilities at the given level (floored) and the posteriors they come from.
+/// The exact selection probabilities of every variant at the given level (numerical
+/// integration, `propensity::selection_probabilities`, with the experiment's propensity floor)
+/// and the posteriors they come from.
 fn selection_at(
     nodes: &[Option<&Node>],
     level: usize,
