@@ -141,6 +141,25 @@ impl Decided<'_> {
     pub fn segment_key(&self, k: usize) -> &str {
         &self.keys[self.key_of[k]]
     }
+
+    /// The answer of decision `k` under `assignment_id`.
+    fn answer<'b>(
+        &'b self,
+        k: usize,
+        assignment_id: &'b str,
+        experiment: &'b ExperimentInfo,
+        sticky: bool,
+    ) -> Answer<'b> {
+        Answer {
+            assignment_id,
+            experiment,
+            variant: self.variants[k],
+            segment_key: self.segment_key(k),
+            level: self.levels[k],
+            propensity: self.propensities[k],
+            sticky,
+        }
+    }
 }
 
 /// The encoded `AllocateBatchResponse` and the new assignments in it.
@@ -885,19 +904,7 @@ impl PreparedBatch {
                 }
                 Some(Err(k)) => {
                     write_id(&mut id, k);
-                    encoder.allocation(
-                        &mut response,
-                        e,
-                        &Answer {
-                            assignment_id: &id,
-                            experiment,
-                            variant: decided.variants[k],
-                            segment_key: decided.segment_key(k),
-                            level: decided.levels[k],
-                            propensity: decided.propensities[k],
-                            sticky: true,
-                        },
-                    );
+                    encoder.allocation(&mut response, e, &decided.answer(k, &id, experiment, true));
                 }
                 None => {
                     if values_of != Some((e, c)) {
@@ -912,26 +919,18 @@ impl PreparedBatch {
                     if decided.keys.last() != Some(&key) {
                         decided.keys.push(key.clone());
                     }
-                    write_id(&mut id, k);
-                    encoder.allocation(
-                        &mut response,
-                        e,
-                        &Answer {
-                            assignment_id: &id,
-                            experiment,
-                            variant,
-                            segment_key: &key,
-                            level,
-                            propensity,
-                            sticky: false,
-                        },
-                    );
                     decided.handles.push(experiment.handle);
                     decided.user_ids.push(user_id);
                     decided.variants.push(variant);
                     decided.key_of.push(decided.keys.len() - 1);
                     decided.levels.push(level);
                     decided.propensities.push(propensity);
+                    write_id(&mut id, k);
+                    encoder.allocation(
+                        &mut response,
+                        e,
+                        &decided.answer(k, &id, experiment, false),
+                    );
                     if experiment.sticky {
                         repeats.insert(slot, Err(k));
                     }
