@@ -469,14 +469,9 @@ class Insights:
         global node only (`AllocationService.global_until_first_tree`). 0 switches this off."""
         if self._first_rebuild_at <= 0:
             return
-        for experiment in self._service.list_experiments(Status.RUNNING):
-            if not self._service.served_experiment(experiment.key).dimensions:
-                continue
-            if self._service.allocations(experiment.handle) >= self._next_growth(experiment.handle):
-                try:
-                    await self.rebuild_tree(experiment.key)
-                except Exception:
-                    log.exception("tree rebuild failed", extra={"experiment": experiment.key})
+        await self._rebuild_running(
+            lambda handle: self._service.allocations(handle) >= self._next_growth(handle)
+        )
 
     def wake_growth(self, handles: Iterable[int]) -> None:
         """Allocations were made in the experiments `handles` (`AllocationService.on_growth`,
@@ -493,10 +488,7 @@ class Insights:
                 experiment = self._service.experiment_by_handle(handle)
             except NotFound:  # removed since
                 continue
-            if (
-                experiment.status is not Status.RUNNING
-                or not self._service.served_experiment(experiment.key).dimensions
-            ):
+            if experiment.status is not Status.RUNNING or not self._segmented(experiment):
                 continue
             if self._service.allocations(handle) >= self._next_growth(handle):
                 counts = self._counts_now(handle)
@@ -520,10 +512,7 @@ class Insights:
         self._grown.clear()
         due, self._due = self._due, {}
         for key, counts in due.values():
-            try:
-                await self.rebuild_tree(key, counts)
-            except Exception:
-                log.exception("tree rebuild failed", extra={"experiment": key})
+            await self._rebuild_logged(key, counts)
         await self.rebuild_grown()
 
     async def rebuild_restored(self) -> None:
@@ -531,24 +520,28 @@ class Insights:
         allocations already (restored from the store), so that a restart keeps serving its
         segments instead of waiting for the next rebuild. The tree is built from the same
         persisted counts as the last one stored; growth rebuilds continue from here."""
-        for experiment in self._service.list_experiments(Status.RUNNING):
-            if not self._service.served_experiment(experiment.key).dimensions:
-                continue
-            if self._service.allocations(experiment.handle) <= 0:
-                continue
-            try:
-                await self.rebuild_tree(experiment.key)
-            except Exception:
-                log.exception("tree rebuild failed", extra={"experiment": experiment.key})
+        await self._rebuild_running(lambda handle: self._service.allocations(handle) > 0)
 
     async def rebuild_all(self) -> None:
         """The periodic rebuild of every running, segmented experiment's tree."""
+        await self._rebuild_running(lambda handle: True)
+
+    def _segmented(self, experiment: Experiment) -> bool:
+        """Whether the experiment, as served, has segment levels (a tree to build)."""
+        return bool(self._service.served_experiment(experiment.key).dimensions)
+
+    async def _rebuild_running(self, due: Callable[[int], bool]) -> None:
+        """Rebuild the tree of every running, segmented experiment whose handle is `due`."""
         for experiment in self._service.list_experiments(Status.RUNNING):
-            if self._service.served_experiment(experiment.key).dimensions:
-                try:
-                    await self.rebuild_tree(experiment.key)
-                except Exception:
-                    log.exception("tree rebuild failed", extra={"experiment": experiment.key})
+            if self._segmented(experiment) and due(experiment.handle):
+                await self._rebuild_logged(experiment.key)
+
+    async def _rebuild_logged(self, key: str, counts: Snapshot | None = None) -> None:
+        """`rebuild_tree`, a failure logged rather than raised (background rebuilds)."""
+        try:
+            await self.rebuild_tree(key, counts)
+        except Exception:
+            log.exception("tree rebuild failed", extra={"experiment": key})
 
 
 def _records(tree: SegmentTree) -> list[TreeNodeRecord]:
