@@ -111,6 +111,24 @@ def _held(a: Assignment) -> Held:
     )
 
 
+def configure_engine(engine: Engine, experiment: Experiment) -> None:
+    """Install `experiment`, as allocation serves it (segment levels and minimums with the
+    server's defaults applied), in the Rust engine."""
+    weights = [v.weight for v in experiment.variants]
+    engine.configure(
+        experiment.handle,
+        variants=len(experiment.variants),
+        dimensions=list(experiment.dimensions),
+        min_samples=list(experiment.min_samples),
+        policy=experiment.policy.value,
+        weights=None if any(w is None for w in weights) else [float(w or 0) for w in weights],
+        warm_start=experiment.hierarchy.warm_start_strength,
+        exploration=experiment.exploration.bonus_scale,
+        salt=key_hash(experiment.key),
+        propensity_floor=experiment.propensity_floor,
+    )
+
+
 class Allocation(NamedTuple):
     assignment: Assignment
     variant: Variant
@@ -418,20 +436,8 @@ class AllocationService:
         return list(self._by_handle)
 
     def _install(self, experiment: Experiment) -> None:
-        weights = [v.weight for v in experiment.variants]
         served = self._defaults.served(experiment)
-        self._engine.configure(
-            experiment.handle,
-            variants=len(experiment.variants),
-            dimensions=list(served.dimensions),
-            min_samples=list(served.min_samples),
-            policy=experiment.policy.value,
-            weights=None if any(w is None for w in weights) else weights,  # type: ignore[arg-type]
-            warm_start=experiment.hierarchy.warm_start_strength,
-            exploration=experiment.exploration.bonus_scale,
-            salt=key_hash(experiment.key),
-            propensity_floor=experiment.propensity_floor,
-        )
+        configure_engine(self._engine, served)
         self._experiments[experiment.key] = experiment
         self._by_handle[experiment.handle] = experiment
         self._served[experiment.handle] = served

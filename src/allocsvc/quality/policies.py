@@ -22,7 +22,6 @@ from allocsvc.allocation.experiments import (
     SegmentationMode,
     Variant,
 )
-from allocsvc.core import Engine, key_hash
 from allocsvc.quality.scenarios import FloatArray, IntArray
 
 # The cascade's minimum allocations per level (country, country|device, country|device|source).
@@ -186,23 +185,6 @@ def standard_policies(dimensions: tuple[str, ...], variants: int) -> dict[str, P
         ),
     ]
     return {s.name: s for s in specs}
-
-
-def configure(engine: Engine, experiment: Experiment) -> None:
-    """Install an experiment in the engine exactly as the allocation service does."""
-    weights = [v.weight for v in experiment.variants]
-    engine.configure(
-        experiment.handle,
-        variants=len(experiment.variants),
-        dimensions=list(experiment.dimensions),
-        min_samples=list(experiment.min_samples),
-        policy=experiment.policy.value,
-        weights=None if any(w is None for w in weights) else [float(w or 0) for w in weights],
-        warm_start=experiment.hierarchy.warm_start_strength,
-        exploration=experiment.exploration.bonus_scale,
-        salt=key_hash(experiment.key),
-        propensity_floor=experiment.propensity_floor,
-    )
 
 
 # Clustering for the auto-mode policy ---------------------------------------------------------

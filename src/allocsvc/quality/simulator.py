@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import numpy.typing as npt
 
+from allocsvc.allocation.service import configure_engine
 from allocsvc.config import SegmentTreeSettings
 from allocsvc.core import Engine, path_keys, seed_rng
 from allocsvc.hierarchy import HierarchySettings, build_tree, stats_from_counts
@@ -25,7 +26,6 @@ from allocsvc.quality.policies import (
     ClusterModel,
     Context,
     PolicySpec,
-    configure,
     fit_clusters,
     standard_policies,
 )
@@ -111,7 +111,7 @@ def run_policy(
         history = draw_users(scenario, HISTORY_USERS, users.seed + 1_000_003)
         model = fit_clusters(history.features, users.seed)
     engine = Engine()
-    configure(engine, spec.experiment)
+    configure_engine(engine, spec.experiment)
     handle = spec.experiment.handle
     if spec.tree:
         # As the server does (`AllocationService.global_until_first_tree`): global only
