@@ -316,9 +316,8 @@ def main(
         *_ope_section(ope_rows, ope_seeds, users),
     ]
     # Hand-written notes on a run are kept across reruns (check they still match the numbers).
-    notes = ""
-    if report.exists() and NOTES in report.read_text():
-        notes = report.read_text()[report.read_text().index(NOTES) :]
+    previous = report.read_text() if report.exists() else ""
+    notes = previous[previous.index(NOTES) :] if NOTES in previous else ""
     report.write_text("\n".join(lines) + ("\n" + notes if notes else ""))
     click.echo(f"wrote {report}")
 
