@@ -79,6 +79,7 @@ from allocsvc.hierarchy.tree import (
     SegmentStats,
     SegmentTree,
     TreeNode,
+    best_variant,
 )
 
 # (experiment, segment hash, variant, allocations, conversions, value sum): `Engine.snapshot` rows
@@ -379,7 +380,7 @@ def _keep_misserved(
     population without structure) the remainder is the ancestor, never pulled, and there is
     no significant parent: nothing more is kept.
     """
-    served = _best(counts[ancestor])
+    served = best_variant(counts[ancestor])
     if served is None:
         for key in candidates:
             reasons[key] = NodeReason.NOT_SIGNIFICANT
@@ -399,17 +400,11 @@ def _keep_misserved(
 def _prefers_another(counts: Counts, served: int) -> bool:
     """Whether another variant than `served` converts strictly better in `counts` (False
     when `served` has no allocations there: nothing to compare)."""
-    best = _best(counts)
+    best = best_variant(counts)
     if best is None or best == served or counts[served][0] == 0:
         return False
     (n_best, x_best), (n_served, x_served) = counts[best], counts[served]
     return x_best * n_served > x_served * n_best
-
-
-def _best(counts: Counts) -> int | None:
-    """The variant with the highest conversion rate (None when nothing was allocated)."""
-    rates = [(c / a, -v) for v, (a, c) in enumerate(counts) if a > 0]
-    return -max(rates)[1] if rates else None
 
 
 def _node_alphas(counts: dict[str, Counts], settings: HierarchySettings) -> dict[str, float]:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import TYPE_CHECKING
@@ -311,8 +311,7 @@ class TreeNode:
     @property
     def best_variant(self) -> int | None:
         """Index of the variant with the highest conversion rate (None without allocations)."""
-        rated = [(r, -v) for v, r in enumerate(self.conversion_rates) if r is not None]
-        return -max(rated)[1] if rated else None
+        return best_variant(self.stats.variant_counts)
 
     @property
     def best_rate(self) -> float | None:
@@ -555,6 +554,13 @@ class SegmentTree:
 
 def _display_order(node: TreeNode) -> tuple[int, str]:
     return (-node.visits, node.key)
+
+
+def best_variant(variant_counts: Iterable[tuple[int, int]]) -> int | None:
+    """Index of the variant with the highest conversion rate among (allocations, conversions)
+    per variant, the lowest index on ties (None when nothing was allocated)."""
+    rated = [(c / a, -v) for v, (a, c) in enumerate(variant_counts) if a > 0]
+    return -max(rated)[1] if rated else None
 
 
 def _rate(conversions: int, allocations: int) -> float | None:
