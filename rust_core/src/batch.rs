@@ -14,6 +14,7 @@
 use crate::context::{self, Clock, ContextLimits, Device, Extracted};
 use crate::decide::{Decision, Engine};
 use crate::error::CoreError;
+use crate::held::push_hex;
 use crate::wire::{self, Reader, Value};
 use parking_lot::RwLock;
 use std::collections::{HashMap, HashSet};
@@ -327,6 +328,22 @@ pub fn decode_batch(bytes: &[u8]) -> Result<Vec<RawRequest<'_>>, CoreError> {
         }
     }
     Ok(items)
+}
+
+/// The serialized items at `positions` of an `AllocateBatchRequest`, without decoding the
+/// others (positions past the end are skipped).
+pub fn batch_items<'a>(bytes: &'a [u8], positions: &[usize]) -> Result<Vec<&'a [u8]>, CoreError> {
+    let mut items = Vec::new();
+    let mut r = Reader::new(bytes);
+    while let Some((n, v)) = r.next_field()? {
+        if let (1, Value::Bytes(b)) = (n, v) {
+            items.push(b);
+        }
+    }
+    Ok(positions
+        .iter()
+        .filter_map(|&i| items.get(i).copied())
+        .collect())
 }
 
 impl Catalogue {
@@ -938,16 +955,6 @@ impl PreparedBatch {
             }
         }
         Ok(BatchOutput { response, decided })
-    }
-}
-
-/// Append `n` in lower-case hexadecimal without leading zeros (as `{:x}` writes it).
-fn push_hex(out: &mut String, n: u64) {
-    let digits = (64 - (n | 1).leading_zeros() as usize).div_ceil(4);
-    for i in (0..digits).rev() {
-        out.push(char::from(
-            b"0123456789abcdef"[((n >> (4 * i)) & 0xf) as usize],
-        ));
     }
 }
 

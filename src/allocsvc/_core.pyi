@@ -34,9 +34,20 @@ Decision = tuple[int, int, float, str]
 GivenAllocation = tuple[str, int, str, int, float, bool]
 # An item's failure: (gRPC status code number, message, request field or "")
 ItemError = tuple[int, str, str]
-# (serialized AllocateBatchResponse, then per new assignment in request order: experiment
-# handle, user id, variant index, segment key, cascade level, propensity)
-BatchOutput = tuple[bytes, list[int], list[str], list[int], list[str], list[int], list[float]]
+# An assignment held: (id, experiment key, handle, user id, variant, segment key, cascade level,
+# propensity, created ms).
+HeldTuple = tuple[str, str, int, str, int, str, int, float, int]
+
+def batch_items(request: bytes, positions: Sequence[int]) -> list[bytes]:
+    """The serialized items at `positions` of a serialized AllocateBatchRequest (the others
+    are not decoded; positions past the end are skipped). ValueError when malformed."""
+
+# The `assignments` columns of `copy_assignments`' rows, in order.
+ASSIGNMENT_COPY_COLUMNS: list[str]
+
+def copy_assignments(made: Sequence[MadeAssignments]) -> bytes:
+    """The assignments of `made` as one PostgreSQL binary COPY stream (header, rows in
+    order, trailer)."""
 
 def segment_key(dimensions: Sequence[str], values: Sequence[str]) -> str:
     """Canonical key `dim:value|dim:value` (values trimmed, lower-cased, `%|:` escaped)."""
@@ -201,13 +212,13 @@ class BatchCatalogue:
         shared: bool,
         region: str,
         assignment_id: str,
-        latest: Mapping[tuple[int, str], tuple[object, ...]],
+        held: HeldAssignments,
     ) -> str | tuple[bytes, tuple[int, str, int, str, int, float] | None] | None:
         """Unary Allocate on the wire format (a serialized AllocateRequest), checked and
         decided as an item of a batch: None when the caller's path must answer (bad request,
         caller segments, sticky experiment under `shared`); a user agent to classify (with
-        `learn_devices`) before calling again; (response, None) for a sticky user found in
-        `latest` (tuples: id, _, _, _, variant, segment key, level, propensity, ...); or
+        `learn_devices`) before calling again; (response, None) for a sticky user whose latest
+        assignment `held` has; or
         (response, (handle, user id, variant, segment key, level, propensity)) for a new
         decision named `assignment_id`, counted at every level of its path."""
 
@@ -233,14 +244,64 @@ class PreparedBatch:
         self,
         engine: Engine,
         catalogue: BatchCatalogue,
+        held: HeldAssignments,
         *,
         region: str,
         id_prefix: str,
         first_seq: int,
+        now_ms: int,
         given: Mapping[int, GivenAllocation],
         errors: Mapping[int, ItemError],
-    ) -> BatchOutput:
+    ) -> tuple[bytes, MadeAssignments]:
         """Decide and count every item not in `given` or `errors`, in request order, on the
         calling thread's generator with the GIL released; a user repeated in a sticky
         experiment gets the first answer again. New assignment ids are `{id_prefix}-{seq:x}`,
-        seq from `first_seq` on. Returns the serialized response and the new assignments."""
+        seq from `first_seq` on, made at `now_ms`, held in `held` before any other call runs.
+        Returns the serialized response and the new assignments."""
+
+@final
+class HeldAssignments:
+    """The assignments a process holds: the latest of each (experiment, user) for sticky
+    answers, every one by id for conversions and by user for data protection. Compact records
+    in Rust (about 64 bytes plus the user id each), out of the garbage collector's sight."""
+
+    def __init__(self, id_prefix: str) -> None:
+        """Own assignment ids are `{id_prefix}-{seq:x}` (kept as numbers)."""
+
+    def __len__(self) -> int: ...
+    def name(self, handle: int, key: str) -> None:
+        """The experiment key that assignments of `handle` carry."""
+
+    def add(self, a: HeldTuple, latest: bool = True) -> None:
+        """Hold `a`; with `latest`, also as its (experiment, user)'s latest. An id held
+        already is updated."""
+
+    def latest(self, handle: int, user_id: str) -> HeldTuple | None: ...
+    def by_id(self, id: str) -> HeldTuple | None: ...
+    def has_id(self, id: str) -> bool: ...
+    def has_latest(self, handle: int, user_id: str) -> bool: ...
+    def of_user(self, user_id: str) -> list[HeldTuple]:
+        """Every assignment of the user, newest first."""
+
+    def forget_user(self, user_id: str) -> list[HeldTuple]:
+        """Drop every assignment of the user; returns them, newest first."""
+
+    def user_ids(self) -> list[str]: ...
+
+@final
+class MadeAssignments:
+    """The new assignments of one call (a batch), for the write-behind: columns in Rust."""
+
+    def __len__(self) -> int: ...
+    @property
+    def created_ms(self) -> int: ...
+    def assignments(self) -> list[HeldTuple]:
+        """Every assignment, in order."""
+
+    def of_user(self, user_id: str) -> list[HeldTuple]: ...
+    def without_user(self, user_id: str) -> MadeAssignments: ...
+    def level_counts(self) -> list[tuple[tuple[int, int], int]]:
+        """((handle, cascade level), assignments) pairs."""
+
+    def distinct_keys(self) -> list[tuple[int, str]]:
+        """Distinct (handle, segment key) pairs."""

@@ -4,12 +4,17 @@ See `_core.pyi` for the typed surface. Everything in the package imports from he
 """
 
 from allocsvc._core import (
+    ASSIGNMENT_COPY_COLUMNS,
     BatchCatalogue,
     Engine,
+    HeldAssignments,
+    MadeAssignments,
     PreparedBatch,
     __version__,
+    batch_items,
     beta_throughput,
     bucket,
+    copy_assignments,
     key_hash,
     parent_keys,
     path_keys,
@@ -21,12 +26,17 @@ from allocsvc._core import (
 )
 
 __all__ = [
+    "ASSIGNMENT_COPY_COLUMNS",
     "BatchCatalogue",
     "Engine",
+    "HeldAssignments",
+    "MadeAssignments",
     "PreparedBatch",
     "__version__",
+    "batch_items",
     "beta_throughput",
     "bucket",
+    "copy_assignments",
     "key_hash",
     "parent_keys",
     "path_keys",

@@ -3,21 +3,24 @@
 //! This crate only converts types and errors; all logic lives in `allocsvc-core`.
 
 mod error;
+mod held;
 
 use allocsvc_core::batch::{
-    BatchLimits, Catalogue, ExperimentInfo, GivenAllocation, ItemError, OneChecked, PreparedBatch,
-    VariantInfo,
+    self, BatchLimits, Catalogue, ExperimentInfo, GivenAllocation, ItemError, OneChecked,
+    PreparedBatch, VariantInfo,
 };
 use allocsvc_core::beta::{self, with_thread_rng};
 use allocsvc_core::cascade::Tree;
 use allocsvc_core::context::ContextLimits;
 use allocsvc_core::decide::{Engine, ExperimentConfig, Policy, MAX_LEVELS};
+use allocsvc_core::held::Made;
 use allocsvc_core::{keys, CountRow};
 use error::{invalid, to_py};
+use held::{copy_assignments, PyHeld, PyMade};
 use pyo3::exceptions::PyTypeError;
 use pyo3::prelude::*;
 use pyo3::pybacked::PyBackedStr;
-use pyo3::types::{PyBytes, PyDict, PyList, PyString, PyTuple};
+use pyo3::types::{PyBytes, PyList, PyString, PyTuple};
 use pyo3::IntoPyObjectExt;
 use std::cell::Cell;
 use std::collections::HashMap;
@@ -104,34 +107,6 @@ fn hold_strs<'py>(
     } else {
         None
     }
-}
-
-/// A list of `values` with one Python object per run of values with the same `key` (ints and
-/// floats are immutable: a run shares one object instead of allocating one per item).
-fn runs_list<'py, T, K>(
-    py: Python<'py>,
-    values: &[T],
-    key: impl Fn(T) -> K,
-) -> PyResult<Bound<'py, PyList>>
-where
-    T: Copy + IntoPyObject<'py>,
-    K: PartialEq,
-{
-    let mut last: Option<(K, Bound<'py, PyAny>)> = None;
-    let mut items = Vec::with_capacity(values.len());
-    for &v in values {
-        let k = key(v);
-        let object = match &last {
-            Some((lk, object)) if *lk == k => object.clone(),
-            _ => {
-                let object = v.into_bound_py_any(py)?;
-                last = Some((k, object.clone()));
-                object
-            }
-        };
-        items.push(object);
-    }
-    PyList::new(py, items)
 }
 
 /// A failed extraction of argument `name` worded as PyO3 words it for declared arguments.
@@ -301,6 +276,17 @@ fn selection_probabilities(
     }))
 }
 
+/// The serialized items at `positions` of a serialized AllocateBatchRequest.
+#[pyfunction]
+fn batch_items<'py>(
+    py: Python<'py>,
+    request: &[u8],
+    positions: Vec<usize>,
+) -> PyResult<Vec<Bound<'py, PyBytes>>> {
+    let items = batch::batch_items(request, &positions).map_err(to_py)?;
+    Ok(items.into_iter().map(|b| PyBytes::new(py, b)).collect())
+}
+
 /// Python face of [`Engine`].
 #[pyclass(name = "Engine", frozen, module = "allocsvc._core")]
 struct PyEngine {
@@ -323,17 +309,6 @@ struct PyPreparedBatch {
 type PyGiven = (String, usize, String, usize, f64, bool);
 /// (code, message, field)
 type PyItemError = (u32, String, String);
-/// (response bytes, handles, user ids, variants, segment keys, levels, propensities)
-type PyBatchOutput<'py> = (
-    Bound<'py, PyBytes>,
-    Bound<'py, PyList>,
-    Bound<'py, PyList>,
-    Vec<usize>,
-    Bound<'py, PyList>,
-    Vec<usize>,
-    Bound<'py, PyList>,
-);
-
 #[pymethods]
 impl PyBatchCatalogue {
     #[new]
@@ -418,11 +393,10 @@ impl PyBatchCatalogue {
 
     /// Unary Allocate on the wire format, in one call: None when the caller's path must
     /// answer; a user agent (str) whose device class to learn before calling again;
-    /// (response, None) for a sticky user found in `latest` ((handle, user id) -> the
-    /// assignment tuple: id, _, _, _, variant, segment key, level, propensity, ...); or
+    /// (response, None) for a sticky user whose latest assignment `held` has; or
     /// (response, (handle, user id, variant, segment key, level, propensity)) for a new,
     /// counted decision named `assignment_id`. Short work: the GIL stays held.
-    #[pyo3(signature = (engine, request, *, now_ms, shared, region, assignment_id, latest))]
+    #[pyo3(signature = (engine, request, *, now_ms, shared, region, assignment_id, held))]
     #[allow(clippy::too_many_arguments)]
     fn allocate_one<'py>(
         &self,
@@ -433,7 +407,7 @@ impl PyBatchCatalogue {
         shared: bool,
         region: &str,
         assignment_id: &str,
-        latest: &Bound<'py, PyDict>,
+        held: &PyHeld,
     ) -> PyResult<Bound<'py, PyAny>> {
         let one = match self.inner.check_one(request, now_ms, shared) {
             OneChecked::Caller => return Ok(py.None().into_bound(py)),
@@ -441,15 +415,19 @@ impl PyBatchCatalogue {
             OneChecked::Ready(one) => one,
         };
         if one.sticky() {
-            if let Some(earlier) = latest.get_item((one.handle(), one.user_id()))? {
-                let given = GivenAllocation {
-                    assignment_id: earlier.get_item(0)?.extract()?,
-                    variant: earlier.get_item(4)?.extract()?,
-                    segment_key: earlier.get_item(5)?.extract()?,
-                    level: earlier.get_item(6)?.extract()?,
-                    propensity: earlier.get_item(7)?.extract()?,
+            let earlier = held
+                .inner
+                .lock()
+                .latest(one.handle(), one.user_id())
+                .map(|a| GivenAllocation {
+                    assignment_id: a.id.to_string(),
+                    variant: a.variant,
+                    segment_key: a.segment_key.to_string(),
+                    level: a.level,
+                    propensity: a.propensity,
                     sticky: true,
-                };
+                });
+            if let Some(given) = earlier {
                 let response = one.answer(&given, region).map_err(to_py)?;
                 return (PyBytes::new(py, &response), py.None()).into_bound_py_any(py);
             }
@@ -492,19 +470,24 @@ impl PyPreparedBatch {
         self.inner.sticky_candidates()
     }
 
-    #[pyo3(signature = (engine, catalogue, *, region, id_prefix, first_seq, given, errors))]
+    /// Decide the items, hold the new assignments in `held` (ids `{id_prefix}-{seq:x}` from
+    /// `first_seq` on, made at `now_ms`); return the response and the new assignments.
+    #[pyo3(signature = (engine, catalogue, held, *, region, id_prefix, first_seq, now_ms, given,
+        errors))]
     #[allow(clippy::too_many_arguments)]
     fn finish<'py>(
         &self,
         py: Python<'py>,
         engine: &PyEngine,
         catalogue: &PyBatchCatalogue,
+        held: &PyHeld,
         region: &str,
         id_prefix: &str,
         first_seq: u64,
+        now_ms: i64,
         given: HashMap<usize, PyGiven>,
         errors: HashMap<usize, PyItemError>,
-    ) -> PyResult<PyBatchOutput<'py>> {
+    ) -> PyResult<(Bound<'py, PyBytes>, PyMade)> {
         let given: HashMap<usize, GivenAllocation> = given
             .into_iter()
             .map(
@@ -534,10 +517,11 @@ impl PyPreparedBatch {
                 )
             })
             .collect();
-        // Decided on this thread (its generator), with the GIL released.
-        let out = py
+        // Decided on this thread (its generator), with the GIL released; the new assignments
+        // are held before any other call can look for them.
+        let (response, made) = py
             .allow_threads(|| {
-                self.inner.finish(
+                let out = self.inner.finish(
                     &engine.inner,
                     &catalogue.inner,
                     region,
@@ -545,22 +529,28 @@ impl PyPreparedBatch {
                     first_seq,
                     &given,
                     &errors,
-                )
+                )?;
+                let d = &out.decided;
+                let mut made = Made::new(id_prefix, now_ms);
+                let mut id = String::new();
+                let mut store = held.inner.lock();
+                for k in 0..d.handles.len() {
+                    made.push(
+                        first_seq + k as u64,
+                        d.handles[k],
+                        d.user_ids[k],
+                        d.variants[k],
+                        d.segment_key(k),
+                        d.levels[k],
+                        d.propensities[k],
+                    );
+                    made.write_id(k, &mut id);
+                    store.add_new(&made.get(k, &id));
+                }
+                Ok::<_, allocsvc_core::CoreError>((out.response, made))
             })
             .map_err(to_py)?;
-        let d = out.decided;
-        // One str per distinct segment key, shared by the decisions that have it.
-        let keys: Vec<Bound<'py, PyString>> = d.keys.iter().map(|k| PyString::new(py, k)).collect();
-        Ok((
-            PyBytes::new(py, &out.response),
-            runs_list(py, &d.handles, |h| h)?,
-            PyList::new(py, d.user_ids)?,
-            d.variants,
-            PyList::new(py, d.key_of.iter().map(|&k| &keys[k]))?,
-            d.levels,
-            // Bits, not values: -0.0 and 0.0 stay apart.
-            runs_list(py, &d.propensities, f64::to_bits)?,
-        ))
+        Ok((PyBytes::new(py, &response), PyMade::new(py, made, held)))
     }
 }
 
@@ -786,6 +776,14 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PyEngine>()?;
     m.add_class::<PyBatchCatalogue>()?;
     m.add_class::<PyPreparedBatch>()?;
+    m.add_class::<PyHeld>()?;
+    m.add_class::<PyMade>()?;
+    m.add_function(wrap_pyfunction!(batch_items, m)?)?;
+    m.add_function(wrap_pyfunction!(copy_assignments, m)?)?;
+    m.add(
+        "ASSIGNMENT_COPY_COLUMNS",
+        allocsvc_core::held::COPY_COLUMNS.to_vec(),
+    )?;
     m.add_function(wrap_pyfunction!(segment_key, m)?)?;
     m.add_function(wrap_pyfunction!(path_keys, m)?)?;
     m.add_function(wrap_pyfunction!(key_hash, m)?)?;

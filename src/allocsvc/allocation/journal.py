@@ -20,6 +20,7 @@ from allocsvc.analytics import DailyTraffic
 if TYPE_CHECKING:
     from allocsvc.allocation.experiments import Experiment
     from allocsvc.allocation.service import Assignment
+    from allocsvc.core import MadeAssignments
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,8 +90,9 @@ class Journal(Protocol):
     def assignment_made(self, assignment: Assignment) -> None:
         """Buffer an assignment for write-behind (never blocks, never does I/O inline)."""
 
-    def assignments_made(self, assignments: Sequence[Assignment]) -> None:
-        """`assignment_made` for each of a batch's new assignments, in one call."""
+    def assignments_made(self, made: MadeAssignments) -> None:
+        """`assignment_made` for each of a batch's new assignments, in one call: their
+        columns, no Python object per assignment."""
 
     async def record_conversions(self, conversions: Sequence[Conversion]) -> list[bool]:
         """Store conversions durably; True for each that was new (not a repeat of its
@@ -167,9 +169,11 @@ class MemoryJournal:
         self.assignments += 1
         self._visitors[(assignment.handle, self._day_of(assignment.created_ms))] += 1
 
-    def assignments_made(self, assignments: Sequence[Assignment]) -> None:
-        self.assignments += len(assignments)
-        self._visitors.update((a.handle, self._day_of(a.created_ms)) for a in assignments)
+    def assignments_made(self, made: MadeAssignments) -> None:
+        self.assignments += len(made)
+        day = self._day_of(made.created_ms)
+        for (handle, _), n in made.level_counts():
+            self._visitors[(handle, day)] += n
 
     def _day_of(self, created_ms: int) -> date:
         number = created_ms // _DAY_MS

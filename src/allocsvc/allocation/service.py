@@ -27,7 +27,15 @@ from allocsvc.allocation.experiments import (
 )
 from allocsvc.allocation.journal import Conversion, Journal, SharedState
 from allocsvc.context import ExtractedContext, Extractor
-from allocsvc.core import BatchCatalogue, Engine, PreparedBatch, key_hash, parent_keys
+from allocsvc.core import (
+    BatchCatalogue,
+    Engine,
+    HeldAssignments,
+    MadeAssignments,
+    PreparedBatch,
+    key_hash,
+    parent_keys,
+)
 from allocsvc.errors import (
     AllocsvcError,
     AlreadyExists,
@@ -91,9 +99,8 @@ class Assignment(NamedTuple):
     created_ms: int
 
 
-# How the in-memory indexes hold an assignment: its fields as an exact tuple. The garbage
-# collector untracks exact tuples of strings and numbers, but never a NamedTuple, so held
-# Assignments made every full collection walk them all (0.5 s with a million held).
+# An assignment as the Rust store of held assignments takes and gives it: its fields as an
+# exact tuple.
 Held = tuple[str, str, int, str, int, str, int, float, int]
 
 
@@ -109,6 +116,10 @@ def _held(a: Assignment) -> Held:
         a.propensity,
         a.created_ms,
     )
+
+
+def _made_at(a: Assignment) -> int:
+    return a.created_ms
 
 
 def configure_engine(engine: Engine, experiment: Experiment) -> None:
@@ -208,11 +219,11 @@ class AllocationService:
         self._remote: dict[tuple[int, int, int], tuple[int, int, float]] = {}
         # Each experiment as allocation serves it (`SegmentationDefaults.served`), by handle.
         self._served: dict[int, Experiment] = {}
-        # Latest assignment per (experiment handle, user id), and every assignment by id.
-        self._latest: dict[tuple[int, str], Held] = {}
-        self._by_id: dict[str, Held] = {}
         self._ids = itertools.count(1)
         self._id_prefix = secrets.token_hex(6)
+        # Latest assignment per (experiment handle, user id), every assignment by id and by
+        # user: in Rust, no Python object per assignment (none for the collector to walk).
+        self._held = HeldAssignments(self._id_prefix)
         # Known segment keys per experiment (every level of every path seen), by key -> hash.
         self._segments: dict[int, dict[str, int]] = {}
         # Allocations and conversions per (experiment, cascade level) since start.
@@ -441,6 +452,7 @@ class AllocationService:
         self._experiments[experiment.key] = experiment
         self._by_handle[experiment.handle] = experiment
         self._served[experiment.handle] = served
+        self._held.name(experiment.handle, experiment.key)
         self._register_segment(experiment.handle, "")
         if self._global_until_first_tree and experiment.handle not in self._with_tree:
             self._engine.set_tree(experiment.handle, [])
@@ -576,7 +588,7 @@ class AllocationService:
                 shared=self._shared is not None,
                 region=region,
                 assignment_id=assignment_id,
-                latest=self._latest,
+                held=self._held,
             )
             if not isinstance(out, str):
                 break
@@ -647,16 +659,14 @@ class AllocationService:
         return experiment
 
     def _remember(self, assignment: Assignment) -> None:
-        held = _held(assignment)
-        self._latest[(assignment.handle, assignment.user_id)] = held
-        self._by_id[assignment.id] = held
+        self._held.add(_held(assignment))
 
     def _latest_of(self, slot: tuple[int, str]) -> Assignment | None:
-        held = self._latest.get(slot)
+        held = self._held.latest(*slot)
         return None if held is None else Assignment._make(held)
 
     def _by_id_of(self, assignment_id: str) -> Assignment | None:
-        held = self._by_id.get(assignment_id)
+        held = self._held.by_id(assignment_id)
         return None if held is None else Assignment._make(held)
 
     async def allocate_many(
@@ -726,62 +736,38 @@ class AllocationService:
         # At most this many are new (repeated sticky users are fewer): refused before deciding.
         self._journal.admit(len(prepared) - len(errors) - len(given))
         first = next(self._ids)
-        response, handles, user_ids, variants, keys, levels, propensities = prepared.finish(
+        response, made = prepared.finish(
             self._engine,
             self._catalogue,
+            self._held,
             region=region,
             id_prefix=self._id_prefix,
             first_seq=first,
+            now_ms=_now_ms(),
             given=given,
             errors=errors,
         )
-        self._ids = itertools.count(first + len(handles))
-        self._remember_batch(first, handles, user_ids, variants, keys, levels, propensities)
+        self._ids = itertools.count(first + len(made))
+        if made:
+            self._keep_made(made)
         return response
 
-    def _remember_batch(
-        self,
-        first: int,
-        handles: list[int],
-        user_ids: list[str],
-        variants: list[int],
-        keys: list[str],
-        levels: list[int],
-        propensities: list[float],
-    ) -> None:
-        """What `allocate` does after deciding, for a batch's new assignments."""
-        now = _now_ms()
-        prefix = self._id_prefix
-        by_handle = self._by_handle
-        latest, by_id, segments = self._latest, self._by_id, self._segments
-        made: list[Assignment] = []
-        add = made.append
-        for seq, handle, user_id, variant, key, level, propensity in zip(
-            itertools.count(first), handles, user_ids, variants, keys, levels, propensities
-        ):
-            held = (
-                f"{prefix}-{seq:x}",
-                by_handle[handle].key,
-                handle,
-                user_id,
-                variant,
-                key,
-                level,
-                propensity,
-                now,
-            )
-            latest[(handle, user_id)] = held
-            by_id[held[0]] = held
-            add(Assignment._make(held))
+    def _keep_made(self, made: MadeAssignments) -> None:
+        """What `_keep` does, for a batch's new assignments (held already, by Rust): work per
+        distinct segment key and cascade level, none per assignment (unless shared)."""
+        self._journal.assignments_made(made)
+        segments = self._segments
+        for handle, key in made.distinct_keys():
             if key not in segments.get(handle, ()):
                 self._register_segment(handle, key)
-        self._journal.assignments_made(made)
         if self._shared is not None:
-            for assignment in made:
-                self._shared.assignment_made(assignment)
-        self._cascade_allocations.update(zip(handles, levels, strict=True))
+            for held in made.assignments():
+                self._shared.assignment_made(Assignment._make(held))
+        levels = made.level_counts()
+        for slot, n in levels:
+            self._cascade_allocations[slot] += n
         if self._on_growth is not None:
-            self._grown_handles.update(handles)
+            self._grown_handles.update(handle for (handle, _), _ in levels)
             self._grown(len(made))
 
     def check_batch(self, size: int) -> None:
@@ -803,7 +789,7 @@ class AllocationService:
             if found is None and self._shared is not None:
                 found = await self._shared.assignment(request.assignment_id)
                 if found is not None and found.handle in self._by_handle:
-                    self._by_id[found.id] = _held(found)
+                    self._held.add(_held(found), latest=False)
                 else:
                     found = None
             if found is None:
@@ -872,7 +858,13 @@ class AllocationService:
             return results
         counted = await self._journal.record_conversions([c for _, c in pending])
         for (position, conversion), is_new in zip(pending, counted, strict=True):
-            assignment = Assignment._make(self._by_id[conversion.assignment_id])
+            assignment = self._by_id_of(conversion.assignment_id)
+            if assignment is None:
+                # Erased (data protection) while the conversion was being stored.
+                results[position] = NotFound(
+                    f"assignment {conversion.assignment_id!r} does not exist"
+                )
+                continue
             if is_new:
                 self._engine.record_conversion(
                     conversion.handle, conversion.segment_key, conversion.variant, conversion.value
@@ -890,34 +882,23 @@ class AllocationService:
     def holds(self, assignment_id: str = "", experiment_key: str = "", user_id: str = "") -> bool:
         """Whether this process holds the assignment (by id, or the user's in the experiment)."""
         if assignment_id:
-            return assignment_id in self._by_id
+            return self._held.has_id(assignment_id)
         experiment = self._experiments.get(experiment_key)
-        return experiment is not None and (experiment.handle, user_id) in self._latest
+        return experiment is not None and self._held.has_latest(experiment.handle, user_id)
 
     def user_assignments(self, user_id: str) -> list[Assignment]:
         """Every assignment of this user held in this process (data-protection export)."""
-        return sorted(
-            (Assignment._make(h) for h in self._by_id.values() if h[3] == user_id),
-            key=lambda a: a.created_ms,
-        )
+        return sorted(map(Assignment._make, self._held.of_user(user_id)), key=_made_at)
 
     def held_user_ids(self) -> set[str]:
         """Every user id this process holds an assignment of (erasures from other processes
         are matched against these)."""
-        return {h[3] for h in self._by_id.values()} | {u for _, u in self._latest}
+        return set(self._held.user_ids())
 
     def forget_user(self, user_id: str) -> list[Assignment]:
         """Drop the user's assignments from memory (erasure): the next allocation treats the
         user as new. Counts stay: they are anonymous aggregates."""
-        gone = self.user_assignments(user_id)
-        for a in gone:
-            self._by_id.pop(a.id, None)
-            latest = self._latest.get((a.handle, user_id))
-            if latest is not None and latest[0] == a.id:
-                del self._latest[(a.handle, user_id)]
-        for slot in [s for s in self._latest if s[1] == user_id]:
-            gone.append(Assignment._make(self._latest.pop(slot)))
-        return gone
+        return sorted(map(Assignment._make, self._held.forget_user(user_id)), key=_made_at)
 
     def policy_of(self, key: str) -> Policy:
         return self.get_experiment(key).policy

@@ -18,6 +18,8 @@ from typing import Any, TypeVar
 
 import asyncpg
 
+from allocsvc.core import ASSIGNMENT_COPY_COLUMNS
+
 __all__ = [
     "AssignmentRow",
     "ConflictError",
@@ -108,6 +110,13 @@ class SegmentationConfigRow:
     auto_activation: bool = False
     auto_activation_threshold: int = 1000
     updated_at: datetime | None = None
+
+
+# Assignments as the write-behind inserts them: ids, experiment ids, user ids, variants,
+# segment keys, segment hashes (unsigned 64-bit), cascade levels, propensities.
+AssignmentColumns = tuple[
+    list[str], list[int], list[str], list[int], list[str], list[int], list[int], list[float]
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -223,6 +232,23 @@ FROM unnest($1::text[], $2::bigint[], $3::text[], $4::smallint[], $5::text[], $6
      AS a(id, experiment_id, user_id, variant, segment_key, segment_hash, cascade_level,
           propensity, context, region, created_at)
 ON CONFLICT DO NOTHING
+"""
+
+_INSERT_ASSIGNMENT_COLUMNS = """
+INSERT INTO assignments (id, experiment_id, user_id, variant, segment_key, segment_hash,
+                         cascade_level, propensity)
+SELECT * FROM unnest($1::text[], $2::bigint[], $3::text[], $4::smallint[], $5::text[],
+                     $6::bigint[], $7::smallint[], $8::float8[])
+ON CONFLICT DO NOTHING
+"""
+
+_ASSIGNMENTS_STAGING = """
+CREATE TEMPORARY TABLE IF NOT EXISTS assignments_in
+    (LIKE assignments INCLUDING DEFAULTS) ON COMMIT DELETE ROWS
+"""
+
+_INSERT_STAGED_ASSIGNMENTS = """
+INSERT INTO assignments SELECT * FROM assignments_in ON CONFLICT DO NOTHING
 """
 
 _INSERT_CONVERSIONS = """
@@ -468,6 +494,51 @@ class PostgresStore:
             [r.created_at for r in rows],
         )
         return _affected(status)
+
+    async def insert_assignment_columns(self, columns: AssignmentColumns) -> int:
+        """Insert assignments given as columns (context empty, no region, made now); an
+        existing id is kept. Returns rows added."""
+        if not columns[0]:
+            return 0
+        ids, experiments, users, variants, keys, hashes, levels, propensities = columns
+        status = await self._pool.execute(
+            _INSERT_ASSIGNMENT_COLUMNS,
+            ids,
+            experiments,
+            users,
+            variants,
+            keys,
+            [h - _U64 if h > _I64_MAX else h for h in hashes],
+            levels,
+            propensities,
+        )
+        return _affected(status)
+
+    async def copy_assignments(self, data: bytes) -> None:
+        """Insert assignments given as a binary COPY stream (columns
+        `ASSIGNMENT_COPY_COLUMNS`; context empty, no region, made now); an existing id is
+        kept. COPY cannot skip existing rows: when some exist (a retry of a write whose
+        outcome was unknown), the rows go through a temporary table."""
+        # A memoryview: asyncpg would take bytes for a file name.
+        data_view = memoryview(data)
+        async with self._pool.acquire() as connection:
+            try:
+                await connection.copy_to_table(
+                    "assignments",
+                    source=data_view,
+                    columns=ASSIGNMENT_COPY_COLUMNS,
+                    format="binary",
+                )
+            except asyncpg.UniqueViolationError:
+                async with connection.transaction():
+                    await connection.execute(_ASSIGNMENTS_STAGING)
+                    await connection.copy_to_table(
+                        "assignments_in",
+                        source=data_view,
+                        columns=ASSIGNMENT_COPY_COLUMNS,
+                        format="binary",
+                    )
+                    await connection.execute(_INSERT_STAGED_ASSIGNMENTS)
 
     async def get_assignment(self, experiment_id: int, user_id: str) -> AssignmentRow | None:
         row = await self._pool.fetchrow(

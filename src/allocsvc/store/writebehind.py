@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import time
 from collections import Counter
@@ -39,9 +40,10 @@ from allocsvc.allocation.experiments import (
 from allocsvc.allocation.journal import Conversion, StoredRecommendation, TreeNodeRecord
 from allocsvc.allocation.service import Assignment
 from allocsvc.analytics import DailyTraffic
-from allocsvc.core import key_hash, parent_keys
+from allocsvc.core import MadeAssignments, copy_assignments, key_hash, parent_keys
 from allocsvc.errors import AlreadyExists, ResourceExhausted, Unavailable
 from allocsvc.store.postgres import (
+    AssignmentColumns,
     AssignmentRow,
     ConflictError,
     ConversionRow,
@@ -158,6 +160,20 @@ def assignment_from_row(row: AssignmentRow, experiment_key: str) -> Assignment:
     )
 
 
+def _columns(batch: Sequence[Assignment]) -> AssignmentColumns:
+    """The columns of single buffered assignments, for one insert."""
+    return (
+        [a.id for a in batch],
+        [a.handle for a in batch],
+        [a.user_id for a in batch],
+        [a.variant for a in batch],
+        [a.segment_key for a in batch],
+        [key_hash(a.segment_key) for a in batch],
+        [a.cascade_level for a in batch],
+        [a.propensity for a in batch],
+    )
+
+
 def _row(a: Assignment) -> AssignmentRow:
     return AssignmentRow(
         id=a.id,
@@ -223,8 +239,11 @@ class PostgresJournal:
         self._flush_interval = flush_interval
         self._commit_window = commit_window
         self._max_group = max_group
-        # Assignments not written yet, and when the oldest of them was buffered (monotonic).
+        # Assignments not written yet (single ones, and batches' as columns in Rust), and when
+        # the oldest of them was buffered (monotonic).
         self._assignments: list[Assignment] = []
+        self._made: list[MadeAssignments] = []
+        self._made_rows = 0
         self._pending_since = 0.0
         self._unwritten_counts: list[CountRow] = []
         self._waiting: list[_Waiting] = []
@@ -273,9 +292,10 @@ class PostgresJournal:
                 await task
         await self._commit_pending()
         await self.flush()
-        if self._assignments:
-            self.stats.dropped += len(self._assignments)
-            log.error("assignments not written at close", extra={"lost": len(self._assignments)})
+        lost = self._pending()
+        if lost:
+            self.stats.dropped += lost
+            log.error("assignments not written at close", extra={"lost": lost})
 
     # Experiments: written through.
 
@@ -373,36 +393,44 @@ class PostgresJournal:
         """Drop the user's buffered assignments and run `erase` while no flush runs, so a
         flush cannot write them back after the erasure; return the dropped rows too."""
         async with self._flush_lock:
-            dropped = [_row(a) for a in self._assignments if a.user_id == user_id]
+            dropped = self.pending_assignments_of(user_id)
             self._assignments = [a for a in self._assignments if a.user_id != user_id]
+            self._made = [m.without_user(user_id) for m in self._made]
+            self._made_rows = sum(map(len, self._made))
             return dropped, await erase()
 
     def pending_assignments_of(self, user_id: str) -> list[AssignmentRow]:
         """The user's assignments not yet written (data-protection export)."""
-        return [_row(a) for a in self._assignments if a.user_id == user_id]
+        mine = [a for a in self._assignments if a.user_id == user_id]
+        mine += [Assignment._make(h) for m in self._made for h in m.of_user(user_id)]
+        return [_row(a) for a in mine]
 
     # Allocations: written behind.
 
+    def _pending(self) -> int:
+        return len(self._assignments) + self._made_rows
+
     def has_room(self, n: int) -> bool:
-        return len(self._assignments) + n <= self._max_pending_assignments
+        return self._pending() + n <= self._max_pending_assignments
 
     def admit(self, n: int) -> None:
         if not self.has_room(n):
             self.stats.refused += n
             raise ResourceExhausted(
-                f"write-behind buffer full ({len(self._assignments)} assignments pending)"
+                f"write-behind buffer full ({self._pending()} assignments pending)"
             )
 
     def assignment_made(self, assignment: Assignment) -> None:
         # Kept as is: the rows are built when they are written, off the allocation's path.
-        if not self._assignments:
+        if not self._pending():
             self._pending_since = time.monotonic()
         self._assignments.append(assignment)
 
-    def assignments_made(self, assignments: Sequence[Assignment]) -> None:
-        if not self._assignments:
+    def assignments_made(self, made: MadeAssignments) -> None:
+        if not self._pending():
             self._pending_since = time.monotonic()
-        self._assignments.extend(assignments)
+        self._made.append(made)
+        self._made_rows += len(made)
 
     async def _flush_loop(self) -> None:
         since_refresh = 0.0
@@ -415,17 +443,18 @@ class PostgresJournal:
                 since_refresh = 0.0
                 await self.refresh_analytics()
 
-    def _new_segments(self, rows: Iterable[AssignmentRow]) -> list[SegmentRow]:
-        """Segments (every level of each path) not registered yet by this process."""
+    def _new_segments(self, paths: Iterable[tuple[int, str]]) -> list[SegmentRow]:
+        """Segments (every level of each (experiment, key) path) not registered yet by this
+        process."""
         out: list[SegmentRow] = []
-        for row in rows:
+        for experiment_id, segment_key in dict.fromkeys(paths):
             parent: int | None = None
-            for level, key in enumerate(parent_keys(row.segment_key)):
+            for level, key in enumerate(parent_keys(segment_key)):
                 h = key_hash(key)
-                if (row.experiment_id, h) not in self._known_segments:
-                    self._known_segments.add((row.experiment_id, h))
+                if (experiment_id, h) not in self._known_segments:
+                    self._known_segments.add((experiment_id, h))
                     dims = dict(part.split(":", 1) for part in key.split("|")) if key else {}
-                    out.append(SegmentRow(row.experiment_id, h, key, level, parent, dims))
+                    out.append(SegmentRow(experiment_id, h, key, level, parent, dims))
                 parent = h
         return out
 
@@ -443,9 +472,8 @@ class PostgresJournal:
         except Exception as exc:
             log.warning("traffic stats not updated", extra={"error": repr(exc)})
 
-    async def _add_traffic(self, rows: Iterable[AssignmentRow]) -> None:
+    async def _add_traffic(self, per_experiment: Counter[int]) -> None:
         """Daily visitors (new assignments) and allocations per experiment."""
-        per_experiment = Counter(r.experiment_id for r in rows)
         today = datetime.now(UTC).date()
         for experiment_id, n in per_experiment.items():
             await self._store.add_traffic(experiment_id, today, visitors=n, allocations=n)
@@ -464,21 +492,35 @@ class PostgresJournal:
 
     async def _flush(self) -> None:
         batch, self._assignments = self._assignments, []
+        made, self._made, self._made_rows = self._made, [], 0
         since = self._pending_since
         if self._take_deltas is not None:
             self._unwritten_counts.extend(
                 (e, s, v, a, 0, 0.0) for e, s, v, a, _, _ in self._take_deltas() if a
             )
         counts, self._unwritten_counts = self._unwritten_counts, []
-        if not batch and not counts:
+        if not batch and not made and not counts:
             return
-        rows = [_row(a) for a in batch]
-        segments = self._new_segments(rows)
+        written = len(batch) + sum(map(len, made))
+        per_experiment = Counter(a.handle for a in batch)
+        for m in made:
+            for (handle, _), n in m.level_counts():
+                per_experiment[handle] += n
+        segments = self._new_segments(
+            itertools.chain(
+                ((a.handle, a.segment_key) for a in batch),
+                *(m.distinct_keys() for m in made),
+            )
+        )
         try:
-            if rows:
-                await self._store.insert_assignments(rows)
+            if batch:
+                await self._store.insert_assignment_columns(_columns(batch))
+            if made:
+                # Batches' rows as one binary COPY stream written in Rust.
+                await self._store.copy_assignments(copy_assignments(made))
+            if written:
                 await self._store.upsert_segments(segments)
-                await self._add_traffic(rows)
+                await self._add_traffic(per_experiment)
             if counts:
                 await self._store.apply_count_deltas(counts)
         except Exception as exc:
@@ -487,7 +529,9 @@ class PostgresJournal:
             )
             # Keep everything for the next attempt (assignment inserts are idempotent by id).
             self._assignments[:0] = batch
-            if batch:
+            self._made[:0] = made
+            self._made_rows = sum(map(len, self._made))
+            if written:
                 self._pending_since = since
             self._unwritten_counts[:0] = counts
             self.stats.failures += 1
@@ -497,14 +541,14 @@ class PostgresJournal:
         self.healthy = True
         now = time.monotonic()
         self.stats.flushes += 1
-        self.stats.assignments_written += len(batch)
+        self.stats.assignments_written += written
         self.stats.allocation_rows_written += len(counts)
-        if batch:
+        if written:
             lag = (now - since) * 1000
             self.stats.last_flush_lag_ms = lag
             self.stats.lags_ms.append(lag)
             del self.stats.lags_ms[:-1000]
-        self.stats.pending_assignments = len(self._assignments)
+        self.stats.pending_assignments = self._pending()
 
     # Conversions: group commit.
 

@@ -1,0 +1,281 @@
+//! Python faces of [`Held`] (the assignments a process holds) and [`Made`] (a batch's new
+//! assignments on their way to the write-behind).
+//!
+//! An assignment crosses to Python as the tuple `allocsvc.allocation.service.Held`:
+//! (id, experiment key, handle, user id, variant, segment key, cascade level, propensity,
+//! created ms).
+
+use allocsvc_core::held::{self, Assignment, Held, Made};
+use parking_lot::Mutex;
+use pyo3::prelude::*;
+use pyo3::pybacked::PyBackedStr;
+use pyo3::types::{PyBytes, PyList, PyString, PyTuple};
+use std::borrow::Cow;
+use std::collections::HashMap;
+
+/// Experiment keys by handle, as Python strs (shared by every tuple of the experiment).
+#[derive(Default)]
+pub(crate) struct Names(HashMap<u64, Py<PyString>>);
+
+impl Names {
+    fn get<'py>(&self, py: Python<'py>, handle: u64) -> Bound<'py, PyString> {
+        match self.0.get(&handle) {
+            Some(name) => name.bind(py).clone(),
+            None => PyString::new(py, ""),
+        }
+    }
+
+    fn tuple<'py>(&self, py: Python<'py>, a: &Assignment<'_>) -> PyResult<Bound<'py, PyTuple>> {
+        (
+            &*a.id,
+            self.get(py, a.handle),
+            a.handle,
+            a.user_id,
+            a.variant,
+            a.segment_key,
+            a.level,
+            a.propensity,
+            a.created_ms,
+        )
+            .into_pyobject(py)
+    }
+}
+
+/// (id, experiment key, handle, user id, variant, segment key, level, propensity, created ms)
+type HeldIn<'py> = (
+    PyBackedStr,
+    Bound<'py, PyString>,
+    u64,
+    PyBackedStr,
+    usize,
+    PyBackedStr,
+    usize,
+    f64,
+    i64,
+);
+
+/// Python face of [`Held`].
+#[pyclass(name = "HeldAssignments", frozen, module = "allocsvc._core")]
+pub(crate) struct PyHeld {
+    pub(crate) inner: Mutex<Held>,
+    names: Mutex<Names>,
+}
+
+impl PyHeld {
+    fn tuples<'py>(
+        &self,
+        py: Python<'py>,
+        all: &[Assignment<'_>],
+    ) -> PyResult<Vec<Bound<'py, PyTuple>>> {
+        let names = self.names.lock();
+        all.iter().map(|a| names.tuple(py, a)).collect()
+    }
+
+    /// Experiment keys of `handles` (for a batch's [`PyMade`]).
+    fn names_of(&self, py: Python<'_>, handles: &[u64]) -> Names {
+        let names = self.names.lock();
+        let mut out = Names::default();
+        for &h in handles {
+            if !out.0.contains_key(&h) {
+                out.0.insert(h, names.get(py, h).unbind());
+            }
+        }
+        out
+    }
+}
+
+#[pymethods]
+impl PyHeld {
+    /// A store whose own assignment ids are `{id_prefix}-{seq:x}` (kept as numbers).
+    #[new]
+    fn new(id_prefix: &str) -> Self {
+        PyHeld {
+            inner: Mutex::new(Held::new(id_prefix)),
+            names: Mutex::new(Names::default()),
+        }
+    }
+
+    fn __len__(&self) -> usize {
+        self.inner.lock().len()
+    }
+
+    /// Name experiment `handle` (the key its assignments carry).
+    fn name(&self, handle: u64, key: Bound<'_, PyString>) {
+        self.names.lock().0.insert(handle, key.unbind());
+    }
+
+    /// Hold an assignment (a `Held` tuple); with `latest`, also as its (experiment, user)'s
+    /// latest. An id held already is updated.
+    #[pyo3(signature = (a, latest=true))]
+    fn add(&self, a: HeldIn<'_>, latest: bool) {
+        let (id, name, handle, user_id, variant, segment_key, level, propensity, created_ms) = a;
+        {
+            let mut names = self.names.lock();
+            if !names.0.contains_key(&handle) {
+                names.0.insert(handle, name.unbind());
+            }
+        }
+        let a = Assignment {
+            id: Cow::Borrowed(&id),
+            handle,
+            user_id: &user_id,
+            variant,
+            segment_key: &segment_key,
+            level,
+            propensity,
+            created_ms,
+        };
+        self.inner.lock().add(&a, latest);
+    }
+
+    fn latest<'py>(
+        &self,
+        py: Python<'py>,
+        handle: u64,
+        user_id: &str,
+    ) -> PyResult<Option<Bound<'py, PyTuple>>> {
+        let held = self.inner.lock();
+        held.latest(handle, user_id)
+            .map(|a| self.names.lock().tuple(py, &a))
+            .transpose()
+    }
+
+    fn by_id<'py>(&self, py: Python<'py>, id: &str) -> PyResult<Option<Bound<'py, PyTuple>>> {
+        let held = self.inner.lock();
+        held.by_id(id)
+            .map(|a| self.names.lock().tuple(py, &a))
+            .transpose()
+    }
+
+    fn has_id(&self, id: &str) -> bool {
+        self.inner.lock().by_id(id).is_some()
+    }
+
+    fn has_latest(&self, handle: u64, user_id: &str) -> bool {
+        self.inner.lock().latest(handle, user_id).is_some()
+    }
+
+    /// Every assignment of the user, newest first.
+    fn of_user<'py>(&self, py: Python<'py>, user_id: &str) -> PyResult<Vec<Bound<'py, PyTuple>>> {
+        let held = self.inner.lock();
+        self.tuples(py, &held.of_user(user_id))
+    }
+
+    /// Drop every assignment of the user; return them (newest first).
+    fn forget_user<'py>(
+        &self,
+        py: Python<'py>,
+        user_id: &str,
+    ) -> PyResult<Vec<Bound<'py, PyTuple>>> {
+        let mut gone = Vec::new();
+        let names = self.names.lock();
+        let mut err = None;
+        self.inner
+            .lock()
+            .forget_user(user_id, |a| match names.tuple(py, a) {
+                Ok(t) => gone.push(t),
+                Err(e) => err = Some(e),
+            });
+        err.map_or(Ok(gone), Err)
+    }
+
+    fn user_ids<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
+        let held = self.inner.lock();
+        PyList::new(py, held.user_ids().collect::<Vec<_>>())
+    }
+}
+
+/// Python face of [`Made`].
+#[pyclass(name = "MadeAssignments", frozen, module = "allocsvc._core")]
+pub(crate) struct PyMade {
+    inner: Made,
+    names: Names,
+}
+
+impl PyMade {
+    /// A batch's new assignments, with the experiment keys `held` knows.
+    pub(crate) fn new(py: Python<'_>, inner: Made, held: &PyHeld) -> Self {
+        let names = held.names_of(py, inner.handles());
+        PyMade { inner, names }
+    }
+
+    fn tuple_at<'py>(
+        &self,
+        py: Python<'py>,
+        k: usize,
+        id: &mut String,
+    ) -> PyResult<Bound<'py, PyTuple>> {
+        self.inner.write_id(k, id);
+        self.names.tuple(py, &self.inner.get(k, id))
+    }
+}
+
+#[pymethods]
+impl PyMade {
+    fn __len__(&self) -> usize {
+        self.inner.len()
+    }
+
+    #[getter]
+    fn created_ms(&self) -> i64 {
+        self.inner.created_ms()
+    }
+
+    /// Every assignment as a `Held` tuple, in order.
+    fn assignments<'py>(&self, py: Python<'py>) -> PyResult<Vec<Bound<'py, PyTuple>>> {
+        let mut id = String::new();
+        (0..self.inner.len())
+            .map(|k| self.tuple_at(py, k, &mut id))
+            .collect()
+    }
+
+    /// The user's assignments as `Held` tuples.
+    fn of_user<'py>(&self, py: Python<'py>, user_id: &str) -> PyResult<Vec<Bound<'py, PyTuple>>> {
+        let mut id = String::new();
+        self.inner
+            .positions_of_user(user_id)
+            .into_iter()
+            .map(|k| self.tuple_at(py, k, &mut id))
+            .collect()
+    }
+
+    /// The same assignments without the user's.
+    fn without_user(&self, py: Python<'_>, user_id: &str) -> PyMade {
+        PyMade {
+            inner: self.inner.without_user(user_id),
+            names: Names(
+                self.names
+                    .0
+                    .iter()
+                    .map(|(&h, name)| (h, name.clone_ref(py)))
+                    .collect(),
+            ),
+        }
+    }
+
+    /// ((handle, cascade level), assignments) pairs.
+    fn level_counts(&self) -> Vec<((u64, usize), usize)> {
+        self.inner.level_counts()
+    }
+
+    /// Distinct (handle, segment key) pairs.
+    fn distinct_keys(&self) -> Vec<(u64, &str)> {
+        self.inner.distinct_keys()
+    }
+}
+
+/// Assignments of `made` as one PostgreSQL binary COPY stream (columns
+/// `ASSIGNMENT_COPY_COLUMNS`).
+#[pyfunction]
+pub(crate) fn copy_assignments<'py>(
+    py: Python<'py>,
+    made: Vec<PyRef<'py, PyMade>>,
+) -> Bound<'py, PyBytes> {
+    let mut out = Vec::with_capacity(19 + made.iter().map(|m| m.inner.len() * 96).sum::<usize>());
+    held::copy_header(&mut out);
+    for m in &made {
+        m.inner.copy_rows(&mut out);
+    }
+    held::copy_trailer(&mut out);
+    PyBytes::new(py, &out)
+}

@@ -1,0 +1,716 @@
+//! The assignments a server process holds in memory: the latest one of each (experiment, user)
+//! for sticky answers, every one by id for conversions, every one of a user for data
+//! protection.
+//!
+//! Records live in one vector; three hash tables of record numbers index them. A table entry
+//! keeps 32 bits of its key's hash, so growing a table never reads the records (a rehash of
+//! millions of entries would otherwise miss the cache once per entry). Ids this process made
+//! (`{prefix}-{seq:x}`) are kept as their sequence number, other ids as text. A record takes
+//! about 64 bytes plus its user id, against about 400 bytes as Python tuples in dictionaries,
+//! and adding a batch's assignments needs no Python object per item.
+
+use std::borrow::Cow;
+use std::collections::HashMap;
+
+use hashbrown::HashTable;
+use xxhash_rust::xxh3::xxh3_64_with_seed;
+
+const NONE: u32 = u32::MAX;
+const SPREAD: u64 = 0x9E37_79B9_7F4A_7C15;
+
+/// One assignment as the caller gives and gets it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Assignment<'a> {
+    pub id: Cow<'a, str>,
+    pub handle: u64,
+    pub user_id: &'a str,
+    pub variant: usize,
+    pub segment_key: &'a str,
+    pub level: usize,
+    pub propensity: f64,
+    pub created_ms: i64,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+enum Id {
+    /// `{prefix}-{seq:x}` of this process's prefix.
+    Own(u64),
+    Other(Box<str>),
+}
+
+struct Record {
+    id: Id,
+    user: Box<str>,
+    handle: u64,
+    propensity: f64,
+    created_ms: i64,
+    key: u32,
+    variant: u32,
+    /// The user's previous record (NONE: none), newest first from `by_user`.
+    older: u32,
+    level: u16,
+}
+
+/// A table entry: a record number and 32 bits of its key's hash.
+#[derive(Clone, Copy)]
+struct Entry {
+    hash: u32,
+    n: u32,
+}
+
+/// The table hash of a 32-bit key hash (hashbrown takes the bucket from the low bits and a tag
+/// from the top 7).
+fn wide(hash: u32) -> u64 {
+    u64::from(hash).wrapping_mul(SPREAD)
+}
+
+fn find(table: &HashTable<Entry>, hash: u32, mut eq: impl FnMut(u32) -> bool) -> Option<u32> {
+    table
+        .find(wide(hash), |e| e.hash == hash && eq(e.n))
+        .map(|e| e.n)
+}
+
+fn insert(table: &mut HashTable<Entry>, hash: u32, n: u32) {
+    table.insert_unique(wide(hash), Entry { hash, n }, |e| wide(e.hash));
+}
+
+fn remove(table: &mut HashTable<Entry>, hash: u32, n: u32) {
+    if let Ok(entry) = table.find_entry(wide(hash), |e| e.n == n) {
+        entry.remove();
+    }
+}
+
+/// Assignments held in memory; see the module's text.
+pub struct Held {
+    prefix: String,
+    records: Vec<Record>,
+    free: Vec<u32>,
+    keys: Vec<Box<str>>,
+    key_numbers: HashMap<Box<str>, u32>,
+    /// (handle, user) -> the latest record given as latest.
+    latest: HashTable<Entry>,
+    /// id -> record.
+    by_id: HashTable<Entry>,
+    /// user -> the user's newest record.
+    by_user: HashTable<Entry>,
+    seed: u64,
+    live: usize,
+}
+
+impl Held {
+    /// A store whose own ids are `{id_prefix}-{seq:x}`.
+    pub fn new(id_prefix: &str) -> Self {
+        Held {
+            prefix: id_prefix.to_string(),
+            records: Vec::new(),
+            free: Vec::new(),
+            keys: Vec::new(),
+            key_numbers: HashMap::new(),
+            latest: HashTable::new(),
+            by_id: HashTable::new(),
+            by_user: HashTable::new(),
+            // Keyed per process: user ids come from callers.
+            seed: rand::random(),
+            live: 0,
+        }
+    }
+
+    /// Live records.
+    pub fn len(&self) -> usize {
+        self.live
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.live == 0
+    }
+
+    fn hash_str(&self, s: &str) -> u32 {
+        xxh3_64_with_seed(s.as_bytes(), self.seed) as u32
+    }
+
+    fn hash_slot(&self, handle: u64, user: &str) -> u32 {
+        xxh3_64_with_seed(user.as_bytes(), self.seed ^ handle.wrapping_mul(SPREAD)) as u32
+    }
+
+    /// The sequence number of an id in this process's own form.
+    fn own_seq(&self, id: &str) -> Option<u64> {
+        let hex = id.strip_prefix(self.prefix.as_str())?.strip_prefix('-')?;
+        let canonical = !hex.is_empty()
+            && hex.len() <= 16
+            && (hex == "0" || !hex.starts_with('0'))
+            && hex
+                .bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+        canonical
+            .then(|| u64::from_str_radix(hex, 16).ok())
+            .flatten()
+    }
+
+    fn parse_id(&self, id: &str) -> Id {
+        match self.own_seq(id) {
+            Some(seq) => Id::Own(seq),
+            None => Id::Other(id.into()),
+        }
+    }
+
+    fn id_text<'a>(&self, id: &'a Id) -> Cow<'a, str> {
+        match id {
+            Id::Own(seq) => {
+                let mut out = String::with_capacity(self.prefix.len() + 17);
+                out.push_str(&self.prefix);
+                out.push('-');
+                push_hex(&mut out, *seq);
+                Cow::Owned(out)
+            }
+            Id::Other(text) => Cow::Borrowed(text),
+        }
+    }
+
+    fn key_number(&mut self, key: &str) -> u32 {
+        if let Some(&n) = self.key_numbers.get(key) {
+            return n;
+        }
+        let n = self.keys.len() as u32;
+        self.keys.push(key.into());
+        self.key_numbers.insert(key.into(), n);
+        n
+    }
+
+    fn view(&self, n: u32) -> Assignment<'_> {
+        let r = &self.records[n as usize];
+        Assignment {
+            id: self.id_text(&r.id),
+            handle: r.handle,
+            user_id: &r.user,
+            variant: r.variant as usize,
+            segment_key: &self.keys[r.key as usize],
+            level: r.level as usize,
+            propensity: r.propensity,
+            created_ms: r.created_ms,
+        }
+    }
+
+    fn find_id(&self, id: &str) -> Option<u32> {
+        let wanted = self.parse_id(id);
+        let records = &self.records;
+        find(&self.by_id, self.hash_str(id), |n| {
+            records[n as usize].id == wanted
+        })
+    }
+
+    /// Hold `a`; with `latest`, it is also the (experiment, user)'s latest. An id held already
+    /// is updated in place.
+    pub fn add(&mut self, a: &Assignment<'_>, latest: bool) {
+        let key = self.key_number(a.segment_key);
+        let n = match self.find_id(&a.id) {
+            Some(n) => {
+                let r = &mut self.records[n as usize];
+                r.variant = a.variant as u32;
+                r.key = key;
+                r.level = a.level as u16;
+                r.propensity = a.propensity;
+                r.created_ms = a.created_ms;
+                n
+            }
+            None => self.insert(a, key),
+        };
+        if latest {
+            self.set_latest(n);
+        }
+    }
+
+    /// Hold `a`, an assignment whose id is new (this process made it just now), as its
+    /// (experiment, user)'s latest: `add` without looking the id up.
+    pub fn add_new(&mut self, a: &Assignment<'_>) {
+        debug_assert!(self.find_id(&a.id).is_none(), "{} is held already", a.id);
+        let key = self.key_number(a.segment_key);
+        let n = self.insert(a, key);
+        self.set_latest(n);
+    }
+
+    fn insert(&mut self, a: &Assignment<'_>, key: u32) -> u32 {
+        let user_hash = self.hash_str(a.user_id);
+        let id_hash = self.hash_str(&a.id);
+        let newest = {
+            let records = &self.records;
+            find(&self.by_user, user_hash, |m| {
+                &*records[m as usize].user == a.user_id
+            })
+        };
+        let record = Record {
+            id: self.parse_id(&a.id),
+            user: a.user_id.into(),
+            handle: a.handle,
+            propensity: a.propensity,
+            created_ms: a.created_ms,
+            key,
+            variant: a.variant as u32,
+            older: newest.unwrap_or(NONE),
+            level: a.level as u16,
+        };
+        let n = match self.free.pop() {
+            Some(n) => {
+                self.records[n as usize] = record;
+                n
+            }
+            None => {
+                self.records.push(record);
+                (self.records.len() - 1) as u32
+            }
+        };
+        self.live += 1;
+        match newest.and_then(|m| self.by_user.find_mut(wide(user_hash), |e| e.n == m)) {
+            Some(e) => e.n = n,
+            None => insert(&mut self.by_user, user_hash, n),
+        }
+        insert(&mut self.by_id, id_hash, n);
+        n
+    }
+
+    fn set_latest(&mut self, n: u32) {
+        let (handle, hash) = {
+            let r = &self.records[n as usize];
+            (r.handle, self.hash_slot(r.handle, &r.user))
+        };
+        let records = &self.records;
+        let user = &records[n as usize].user;
+        let found = self.latest.find_mut(wide(hash), |e| {
+            e.hash == hash && {
+                let r = &records[e.n as usize];
+                r.handle == handle && r.user == *user
+            }
+        });
+        match found {
+            Some(e) => e.n = n,
+            None => insert(&mut self.latest, hash, n),
+        }
+    }
+
+    /// The latest assignment of `user_id` in experiment `handle`.
+    pub fn latest(&self, handle: u64, user_id: &str) -> Option<Assignment<'_>> {
+        let records = &self.records;
+        find(&self.latest, self.hash_slot(handle, user_id), |m| {
+            let r = &records[m as usize];
+            r.handle == handle && &*r.user == user_id
+        })
+        .map(|n| self.view(n))
+    }
+
+    pub fn by_id(&self, id: &str) -> Option<Assignment<'_>> {
+        self.find_id(id).map(|n| self.view(n))
+    }
+
+    fn newest_of_user(&self, user_id: &str) -> Option<u32> {
+        let records = &self.records;
+        find(&self.by_user, self.hash_str(user_id), |m| {
+            &*records[m as usize].user == user_id
+        })
+    }
+
+    fn numbers_of_user(&self, user_id: &str) -> Vec<u32> {
+        let mut out = Vec::new();
+        let mut n = self.newest_of_user(user_id).unwrap_or(NONE);
+        while n != NONE {
+            out.push(n);
+            n = self.records[n as usize].older;
+        }
+        out
+    }
+
+    /// Every assignment of `user_id`, newest first.
+    pub fn of_user(&self, user_id: &str) -> Vec<Assignment<'_>> {
+        self.numbers_of_user(user_id)
+            .into_iter()
+            .map(|n| self.view(n))
+            .collect()
+    }
+
+    /// Every user id held.
+    pub fn user_ids(&self) -> impl Iterator<Item = &str> {
+        self.by_user
+            .iter()
+            .map(|e| &*self.records[e.n as usize].user)
+    }
+
+    /// Drop every assignment of `user_id`; `f` sees each before it goes (newest first).
+    pub fn forget_user(&mut self, user_id: &str, mut f: impl FnMut(&Assignment<'_>)) -> usize {
+        let numbers = self.numbers_of_user(user_id);
+        for &n in &numbers {
+            let view = self.view(n);
+            f(&view);
+            let id_hash = self.hash_str(&view.id);
+            let slot_hash = self.hash_slot(view.handle, user_id);
+            remove(&mut self.by_id, id_hash, n);
+            remove(&mut self.latest, slot_hash, n);
+        }
+        if let Some(&newest) = numbers.first() {
+            let hash = self.hash_str(user_id);
+            remove(&mut self.by_user, hash, newest);
+        }
+        for &n in &numbers {
+            let r = &mut self.records[n as usize];
+            r.id = Id::Own(0);
+            r.user = Box::default();
+            r.older = NONE;
+            self.free.push(n);
+        }
+        self.live -= numbers.len();
+        numbers.len()
+    }
+}
+
+/// Assignments made in one call (a batch's new ones), as the write-behind takes them: one
+/// object with columns, no Python object per item.
+#[derive(Debug, Default, Clone)]
+pub struct Made {
+    id_prefix: String,
+    created_ms: i64,
+    seqs: Vec<u64>,
+    handles: Vec<u64>,
+    users: String,
+    user_ends: Vec<usize>,
+    variants: Vec<u32>,
+    keys: Vec<Box<str>>,
+    key_of: Vec<u32>,
+    levels: Vec<u16>,
+    propensities: Vec<f64>,
+}
+
+impl Made {
+    /// Assignments named `{id_prefix}-{seq:x}`, made at `created_ms`.
+    pub fn new(id_prefix: &str, created_ms: i64) -> Self {
+        Made {
+            id_prefix: id_prefix.to_string(),
+            created_ms,
+            ..Made::default()
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub fn push(
+        &mut self,
+        seq: u64,
+        handle: u64,
+        user_id: &str,
+        variant: usize,
+        segment_key: &str,
+        level: usize,
+        propensity: f64,
+    ) {
+        if self.keys.last().map(|k| &**k) != Some(segment_key) {
+            self.keys.push(segment_key.into());
+        }
+        self.seqs.push(seq);
+        self.handles.push(handle);
+        self.users.push_str(user_id);
+        self.user_ends.push(self.users.len());
+        self.variants.push(variant as u32);
+        self.key_of.push((self.keys.len() - 1) as u32);
+        self.levels.push(level as u16);
+        self.propensities.push(propensity);
+    }
+
+    pub fn len(&self) -> usize {
+        self.seqs.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.seqs.is_empty()
+    }
+
+    pub fn created_ms(&self) -> i64 {
+        self.created_ms
+    }
+
+    /// The id of assignment `k`, written into `out`.
+    pub fn write_id(&self, k: usize, out: &mut String) {
+        out.clear();
+        out.push_str(&self.id_prefix);
+        out.push('-');
+        push_hex(out, self.seqs[k]);
+    }
+
+    pub fn user_id(&self, k: usize) -> &str {
+        let start = if k == 0 { 0 } else { self.user_ends[k - 1] };
+        &self.users[start..self.user_ends[k]]
+    }
+
+    pub fn segment_key(&self, k: usize) -> &str {
+        &self.keys[self.key_of[k] as usize]
+    }
+
+    /// Assignment `k`, its id in `id` (written there).
+    pub fn get<'a>(&'a self, k: usize, id: &'a str) -> Assignment<'a> {
+        Assignment {
+            id: Cow::Borrowed(id),
+            handle: self.handles[k],
+            user_id: self.user_id(k),
+            variant: self.variants[k] as usize,
+            segment_key: self.segment_key(k),
+            level: self.levels[k] as usize,
+            propensity: self.propensities[k],
+            created_ms: self.created_ms,
+        }
+    }
+
+    /// The same without `user_id`'s assignments.
+    pub fn without_user(&self, user_id: &str) -> Made {
+        let mut out = Made::new(&self.id_prefix, self.created_ms);
+        for k in 0..self.len() {
+            if self.user_id(k) != user_id {
+                out.push(
+                    self.seqs[k],
+                    self.handles[k],
+                    self.user_id(k),
+                    self.variants[k] as usize,
+                    self.segment_key(k),
+                    self.levels[k] as usize,
+                    self.propensities[k],
+                );
+            }
+        }
+        out
+    }
+
+    /// Positions of `user_id`'s assignments.
+    pub fn positions_of_user(&self, user_id: &str) -> Vec<usize> {
+        (0..self.len())
+            .filter(|&k| self.user_id(k) == user_id)
+            .collect()
+    }
+
+    /// (handle, cascade level) -> assignments, in order of first appearance.
+    pub fn level_counts(&self) -> Vec<((u64, usize), usize)> {
+        let mut out: Vec<((u64, usize), usize)> = Vec::new();
+        let mut index: HashMap<(u64, u16), usize> = HashMap::new();
+        for (&h, &lv) in self.handles.iter().zip(&self.levels) {
+            let i = *index.entry((h, lv)).or_insert_with(|| {
+                out.push(((h, lv as usize), 0));
+                out.len() - 1
+            });
+            out[i].1 += 1;
+        }
+        out
+    }
+
+    /// Distinct (handle, segment key) pairs, in order of first appearance.
+    pub fn distinct_keys(&self) -> Vec<(u64, &str)> {
+        let mut seen: std::collections::HashSet<(u64, u32)> = std::collections::HashSet::new();
+        let mut out = Vec::new();
+        for (&h, &k) in self.handles.iter().zip(&self.key_of) {
+            if seen.insert((h, k)) {
+                out.push((h, &*self.keys[k as usize]));
+            }
+        }
+        out
+    }
+
+    pub fn handles(&self) -> &[u64] {
+        &self.handles
+    }
+
+    /// Append the assignments as rows of PostgreSQL's binary COPY format, columns
+    /// [`COPY_COLUMNS`] (see [`copy_header`] and [`copy_trailer`]).
+    pub fn copy_rows(&self, out: &mut Vec<u8>) {
+        let hashes: Vec<i64> = self
+            .keys
+            .iter()
+            .map(|k| crate::keys::key_hash(k) as i64)
+            .collect();
+        let mut id = String::new();
+        let text = |out: &mut Vec<u8>, s: &str| {
+            out.extend_from_slice(&(s.len() as i32).to_be_bytes());
+            out.extend_from_slice(s.as_bytes());
+        };
+        for k in 0..self.len() {
+            self.write_id(k, &mut id);
+            out.extend_from_slice(&(COPY_COLUMNS.len() as i16).to_be_bytes());
+            text(out, &id);
+            out.extend_from_slice(&8i32.to_be_bytes());
+            out.extend_from_slice(&(self.handles[k] as i64).to_be_bytes());
+            text(out, self.user_id(k));
+            out.extend_from_slice(&2i32.to_be_bytes());
+            out.extend_from_slice(&(self.variants[k] as i16).to_be_bytes());
+            text(out, self.segment_key(k));
+            out.extend_from_slice(&8i32.to_be_bytes());
+            out.extend_from_slice(&hashes[self.key_of[k] as usize].to_be_bytes());
+            out.extend_from_slice(&2i32.to_be_bytes());
+            out.extend_from_slice(&(self.levels[k] as i16).to_be_bytes());
+            out.extend_from_slice(&8i32.to_be_bytes());
+            out.extend_from_slice(&self.propensities[k].to_bits().to_be_bytes());
+        }
+    }
+}
+
+/// The `assignments` columns [`Made::copy_rows`] writes, in order (types text, bigint, text,
+/// smallint, text, bigint, smallint, double precision).
+pub const COPY_COLUMNS: [&str; 8] = [
+    "id",
+    "experiment_id",
+    "user_id",
+    "variant",
+    "segment_key",
+    "segment_hash",
+    "cascade_level",
+    "propensity",
+];
+
+/// The start of a binary COPY stream: signature, flags, header extension length.
+pub fn copy_header(out: &mut Vec<u8>) {
+    out.extend_from_slice(b"PGCOPY\n\xff\r\n\0");
+    out.extend_from_slice(&0i32.to_be_bytes());
+    out.extend_from_slice(&0i32.to_be_bytes());
+}
+
+/// The end of a binary COPY stream.
+pub fn copy_trailer(out: &mut Vec<u8>) {
+    out.extend_from_slice(&(-1i16).to_be_bytes());
+}
+
+/// Append `n` in lower-case hexadecimal without leading zeros (as `{:x}` writes it).
+pub fn push_hex(out: &mut String, n: u64) {
+    let digits = (64 - (n | 1).leading_zeros() as usize).div_ceil(4);
+    for i in (0..digits).rev() {
+        out.push(char::from(
+            b"0123456789abcdef"[((n >> (4 * i)) & 0xf) as usize],
+        ));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn a<'a>(id: &'a str, handle: u64, user: &'a str, variant: usize) -> Assignment<'a> {
+        Assignment {
+            id: Cow::Borrowed(id),
+            handle,
+            user_id: user,
+            variant,
+            segment_key: "country:us",
+            level: 1,
+            propensity: 0.25,
+            created_ms: 7,
+        }
+    }
+
+    #[test]
+    fn the_latest_of_each_slot_and_every_id_are_found() {
+        let mut held = Held::new("own");
+        held.add(&a("x-1", 1, "u", 0), true);
+        held.add(&a("x-2", 1, "u", 1), true);
+        held.add(&a("x-3", 2, "u", 2), true);
+        held.add(&a("x-4", 1, "v", 3), false);
+        assert_eq!(held.latest(1, "u").unwrap().id, "x-2");
+        assert_eq!(held.latest(2, "u").unwrap().variant, 2);
+        assert!(held.latest(1, "v").is_none());
+        assert_eq!(held.by_id("x-1").unwrap().variant, 0);
+        assert_eq!(held.by_id("x-4").unwrap().user_id, "v");
+        assert_eq!(held.by_id("x-1").unwrap().segment_key, "country:us");
+        let ids: Vec<String> = held.of_user("u").iter().map(|x| x.id.to_string()).collect();
+        assert_eq!(ids, ["x-3", "x-2", "x-1"]);
+        let mut users: Vec<&str> = held.user_ids().collect();
+        users.sort_unstable();
+        assert_eq!(users, ["u", "v"]);
+        assert_eq!(held.len(), 4);
+    }
+
+    #[test]
+    fn an_id_held_again_is_updated_in_place() {
+        let mut held = Held::new("own");
+        held.add(&a("x-1", 1, "u", 0), false);
+        held.add(&a("x-1", 1, "u", 3), true);
+        assert_eq!(held.len(), 1);
+        assert_eq!(held.latest(1, "u").unwrap().variant, 3);
+        assert_eq!(held.of_user("u").len(), 1);
+    }
+
+    #[test]
+    fn a_forgotten_user_leaves_nothing_and_others_stay() {
+        let mut held = Held::new("own");
+        for i in 0..100u64 {
+            let id = format!("x-{i}");
+            let user = format!("u{}", i % 10);
+            held.add(&a(&id, i % 3, &user, 0), true);
+        }
+        let mut seen = Vec::new();
+        let gone = held.forget_user("u3", |x| seen.push(x.id.to_string()));
+        assert!(seen.iter().all(|id| id.starts_with("x-")));
+        assert_eq!(gone, 10);
+        assert_eq!(seen.len(), 10);
+        assert!(held.of_user("u3").is_empty());
+        assert!(held.by_id("x-3").is_none());
+        assert!((0..3).all(|h| held.latest(h, "u3").is_none()));
+        assert_eq!(held.len(), 90);
+        assert_eq!(held.of_user("u4").len(), 10);
+        assert_eq!(held.by_id("x-4").unwrap().user_id, "u4");
+        // Freed records are reused, and the user can come back.
+        held.add(&a("y-1", 0, "u3", 4), true);
+        assert_eq!(held.latest(0, "u3").unwrap().variant, 4);
+        assert_eq!(held.of_user("u3").len(), 1);
+        assert_eq!(held.records.len(), 100);
+        assert_eq!(held.user_ids().count(), 10);
+    }
+
+    #[test]
+    fn own_ids_are_kept_as_numbers_and_read_back_as_text() {
+        let mut held = Held::new("own");
+        held.add(&a("own-1f", 1, "u", 0), true);
+        held.add(&a("own-0", 1, "v", 1), true);
+        // Not in the canonical form: kept as text, a different id.
+        held.add(&a("own-01f", 1, "w", 2), true);
+        held.add(&a("own-1F", 1, "w", 3), false);
+        assert_eq!(held.records[0].id, Id::Own(0x1f));
+        assert_eq!(held.records[1].id, Id::Own(0));
+        assert_eq!(held.records[2].id, Id::Other("own-01f".into()));
+        assert_eq!(held.by_id("own-1f").unwrap().user_id, "u");
+        assert_eq!(held.by_id("own-0").unwrap().variant, 1);
+        assert_eq!(held.by_id("own-01f").unwrap().variant, 2);
+        assert_eq!(held.by_id("own-1F").unwrap().variant, 3);
+        assert!(held.by_id("own-2").is_none());
+        assert_eq!(held.latest(1, "u").unwrap().id, "own-1f");
+        let mut fresh = Held::new("own");
+        fresh.add_new(&a("own-ff", 2, "u", 4));
+        assert_eq!(fresh.by_id("own-ff").unwrap().variant, 4);
+        assert_eq!(fresh.latest(2, "u").unwrap().id, "own-ff");
+    }
+
+    #[test]
+    fn tables_grow_without_losing_entries() {
+        let mut held = Held::new("p");
+        let ids: Vec<String> = (0..50_000u64).map(|i| format!("p-{i:x}")).collect();
+        for (i, id) in ids.iter().enumerate() {
+            let user = format!("user-{}", i % 20_000);
+            held.add_new(&a(id, (i % 3) as u64, &user, i % 5));
+        }
+        assert_eq!(held.len(), 50_000);
+        for (i, id) in ids.iter().enumerate().step_by(997) {
+            let found = held.by_id(id).unwrap();
+            assert_eq!((found.variant, found.handle), (i % 5, (i % 3) as u64));
+        }
+        // user-7 made items 7, 20007 and 40007; the newest per experiment is the latest.
+        assert_eq!(held.of_user("user-7").len(), 3);
+        assert_eq!(held.latest(40_007 % 3, "user-7").unwrap().id, "p-9c47");
+        assert_eq!(held.user_ids().count(), 20_000);
+    }
+
+    #[test]
+    fn made_assignments_keep_their_columns() {
+        let mut made = Made::new("p", 5);
+        made.push(10, 1, "u", 2, "a", 1, 0.5);
+        made.push(11, 1, "vv", 0, "a", 1, 0.25);
+        made.push(255, 2, "u", 1, "b", 0, 1.0);
+        let mut id = String::new();
+        made.write_id(2, &mut id);
+        assert_eq!(id, "p-ff");
+        let x = made.get(1, &id);
+        assert_eq!((x.user_id, x.segment_key, x.variant), ("vv", "a", 0));
+        assert_eq!(made.level_counts(), [((1, 1), 2), ((2, 0), 1)]);
+        assert_eq!(made.distinct_keys(), [(1, "a"), (2, "b")]);
+        assert_eq!(made.positions_of_user("u"), [0, 2]);
+        let rest = made.without_user("u");
+        assert_eq!(rest.len(), 1);
+        rest.write_id(0, &mut id);
+        assert_eq!((id.as_str(), rest.user_id(0)), ("p-b", "vv"));
+    }
+}

@@ -1,0 +1,133 @@
+"""A batch's new assignments reach PostgreSQL as they are held in memory: columns in Rust,
+one binary COPY per flush; a repeated write (a retry whose first outcome was unknown) adds
+nothing and fails nothing; a user erased before the flush is never written."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import asyncpg
+import pytest
+
+from allocsvc._proto import allocsvc_pb2 as pb
+from allocsvc.allocation.service import AllocationService, Assignment
+from allocsvc.api import convert
+from allocsvc.context import Extractor
+from allocsvc.core import Engine, copy_assignments, key_hash
+from allocsvc.store import PostgresStore
+from allocsvc.store.postgres import to_signed64
+from allocsvc.store.writebehind import PostgresJournal
+
+pytestmark = pytest.mark.integration
+
+COUNTRIES = ("us", "de", "fr")
+
+
+@pytest.fixture
+async def store(migrated_db: str) -> AsyncIterator[PostgresStore]:
+    async with await PostgresStore.connect(migrated_db, min_size=1, max_size=2) as s:
+        yield s
+
+
+async def _service(store: PostgresStore) -> tuple[AllocationService, PostgresJournal]:
+    journal = PostgresJournal(store)
+    service = AllocationService(Engine(), journal, Extractor())
+    for key in ("one", "two"):
+        experiment = pb.Experiment(
+            id=key,
+            status=pb.EXPERIMENT_STATUS_RUNNING,
+            variants=[pb.Variant(id="A"), pb.Variant(id="B"), pb.Variant(id="C")],
+            segmentation=pb.SegmentationConfig(
+                mode=pb.SEGMENTATION_MODE_MANUAL, segment_by=["country"]
+            ),
+        )
+        await service.create_experiment(convert.experiment_from_pb(experiment))
+    return service, journal
+
+
+def _batch(users: range) -> bytes:
+    return pb.AllocateBatchRequest(
+        requests=[
+            pb.AllocateRequest(
+                experiment_id=("one", "two")[i % 2],
+                user_id=f"user-{i}",
+                context={"country_code": COUNTRIES[i % 3]},
+            )
+            for i in users
+        ]
+    ).SerializeToString()
+
+
+async def _rows(dsn: str) -> dict[str, tuple[object, ...]]:
+    conn = await asyncpg.connect(dsn)
+    try:
+        rows = await conn.fetch(
+            "SELECT id, experiment_id, user_id, variant, segment_key, segment_hash,"
+            " cascade_level, propensity, context, region, created_at FROM assignments"
+        )
+    finally:
+        await conn.close()
+    return {r["id"]: tuple(r.values()) for r in rows}
+
+
+async def test_a_batch_is_written_as_held_and_a_repeat_adds_nothing(
+    store: PostgresStore, migrated_db: str
+) -> None:
+    service, journal = await _service(store)
+    prepared = service.prepare_batch(_batch(range(300)))
+    assert prepared is not None
+    service.finish_batch(prepared, "", {}, {})
+    single = await service.allocate(
+        convert.allocate_request(pb.AllocateRequest(experiment_id="one", user_id="solo"))
+    )
+    made = list(journal._made)
+    assert sum(map(len, made)) == 300
+    await journal.flush()
+    assert journal.stats.assignments_written == 301
+    rows = await _rows(migrated_db)
+    assert len(rows) == 301
+    held = [service.user_assignments(f"user-{i}")[0] for i in range(300)]
+    held.append(single.assignment)
+    for a in held:
+        row = rows[a.id]
+        assert row[:8] == (
+            a.id,
+            a.handle,
+            a.user_id,
+            a.variant,
+            a.segment_key,
+            to_signed64(key_hash(a.segment_key)),
+            a.cascade_level,
+            a.propensity,
+        )
+        assert row[8] == "{}" and row[9] is None and row[10] is not None
+    assert {a.segment_key for a in held[:-1]} == {f"country:{c}" for c in COUNTRIES}
+    # The same rows again (a retry after an unknown outcome): nothing added, nothing fails.
+    await store.copy_assignments(copy_assignments(made))
+    assert await _rows(migrated_db) == rows
+    await journal.close()
+
+
+async def test_a_user_erased_before_the_flush_is_never_written(
+    store: PostgresStore, migrated_db: str
+) -> None:
+    service, journal = await _service(store)
+    prepared = service.prepare_batch(_batch(range(20)))
+    assert prepared is not None
+    service.finish_batch(prepared, "", {}, {})
+    pending = journal.pending_assignments_of("user-7")
+    assert [r.user_id for r in pending] == ["user-7"]
+
+    async def nothing() -> int:
+        return 0
+
+    dropped, _ = await journal.without_user("user-7", nothing)
+    forgotten = service.forget_user("user-7")
+    assert [r.id for r in dropped] == [a.id for a in forgotten]
+    assert service.user_assignments("user-7") == []
+    await journal.flush()
+    rows = await _rows(migrated_db)
+    assert len(rows) == 19
+    assert "user-7" not in {r[2] for r in rows.values()}
+    assert all(isinstance(a, Assignment) for a in service.user_assignments("user-8"))
+    await journal.close()
