@@ -14,7 +14,7 @@ from allocsvc._proto import allocsvc_pb2 as pb
 from allocsvc.allocation.journal import MemoryJournal
 from allocsvc.allocation.service import AllocationService
 from allocsvc.api import convert
-from allocsvc.api.allocator import AllocatorServicer
+from allocsvc.api.allocator import BATCH_OBSERVED_ITEMS, AllocatorServicer
 from allocsvc.config import ClusteringSettings, EmbeddingsSettings
 from allocsvc.context import Extractor
 from allocsvc.core import Engine
@@ -126,8 +126,7 @@ async def test_nothing_is_observed_when_clustering_and_embeddings_are_off() -> N
     assert learning(1, clustering=False).gaps is not None
 
 
-async def test_batches_over_the_fast_path_are_sampled_the_same_way() -> None:
-    every, batches, size = 4, 20, 100
+async def _observed_in_batches(every: int, batches: int, size: int) -> int:
     learn = learning(every)
     service = await service_with(learn)
     servicer = AllocatorServicer(service, "local")
@@ -139,8 +138,22 @@ async def test_batches_over_the_fast_path_are_sampled_the_same_way() -> None:
             await servicer.AllocateBatchBytes(message, None)  # type: ignore[arg-type]
         )
         assert all(r.WhichOneof("outcome") == "allocation" for r in reply.results)
+    return len(learn._buffer)
+
+
+async def test_batches_over_the_fast_path_are_sampled_the_same_way() -> None:
+    # About 6 of each 100-item batch: under the per-batch cap, as unary calls are sampled.
+    every, batches, size = 16, 40, 100
     n = batches * size
-    assert abs(len(learn._buffer) - n / every) < 5 * count_spread(n, every)
+    observed = await _observed_in_batches(every, batches, size)
+    assert abs(observed - n / every) < 5 * count_spread(n, every)
+
+
+async def test_a_batch_feeds_learning_at_most_about_the_cap() -> None:
+    # Every item sampled (every=1), then thinned evenly to about BATCH_OBSERVED_ITEMS.
+    size = 100
+    step = size // BATCH_OBSERVED_ITEMS
+    assert await _observed_in_batches(1, 5, size) == 5 * len(range(0, size, step))
 
 
 def test_serving_assignment_equals_numpy_argmin() -> None:
