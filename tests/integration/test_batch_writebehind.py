@@ -1,6 +1,7 @@
 """A batch's new assignments reach PostgreSQL as they are held in memory: columns in Rust,
-one binary COPY per flush; a repeated write (a retry whose first outcome was unknown) adds
-nothing and fails nothing; a user erased before the flush is never written."""
+one binary COPY per flush, in one transaction with the flush's counts; a flush retried after
+an unacknowledged commit changes nothing, rows written under another flush are kept once; a
+user erased before the flush is never written."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from allocsvc.api import convert
 from allocsvc.context import Extractor
 from allocsvc.core import Engine, copy_assignments, key_hash
 from allocsvc.store import PostgresStore
-from allocsvc.store.postgres import to_signed64
+from allocsvc.store.postgres import AssignmentColumns, WriteBehind, to_signed64
 from allocsvc.store.writebehind import PostgresJournal
 
 pytestmark = pytest.mark.integration
@@ -102,9 +103,24 @@ async def test_a_batch_is_written_as_held_and_a_repeat_adds_nothing(
         )
         assert row[8] == "{}" and row[9] is None and row[10] is not None
     assert {a.segment_key for a in held[:-1]} == {f"country:{c}" for c in COUNTRIES}
-    # The same rows again (a retry after an unknown outcome): nothing added, nothing fails.
-    await store.copy_assignments(copy_assignments(made))
+    one = held[0]
+    count = (one.handle, key_hash(one.segment_key), one.variant, 1, 0, 0.0)
+
+    async def allocations() -> int:
+        counts = await store.load_counts(one.handle)
+        return sum(c[3] for c in counts if c[1:3] == count[1:3])
+
+    before = await allocations()
+    nothing: AssignmentColumns = ([], [], [], [], [], [], [], [])
+    flush = WriteBehind("retried", nothing, copy_assignments(made), [], {one.handle: 1}, [count])
+    # Rows written already under another flush: kept once, the rest of the flush applies.
+    assert await store.write_behind(flush)
     assert await _rows(migrated_db) == rows
+    assert await allocations() == before + 1
+    # The same flush again (its commit was not acknowledged): nothing changes.
+    assert not await store.write_behind(flush)
+    assert await _rows(migrated_db) == rows
+    assert await allocations() == before + 1
     await journal.close()
 
 

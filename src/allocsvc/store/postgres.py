@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import date, datetime
+from datetime import UTC, date, datetime
 from types import TracebackType
 from typing import Any, TypeVar
 
@@ -33,6 +33,7 @@ __all__ = [
     "StoreError",
     "TrafficRow",
     "VariantRow",
+    "WriteBehind",
     "to_signed64",
     "to_unsigned64",
 ]
@@ -117,6 +118,19 @@ class SegmentationConfigRow:
 AssignmentColumns = tuple[
     list[str], list[int], list[str], list[int], list[str], list[int], list[int], list[float]
 ]
+
+
+@dataclass(frozen=True, slots=True)
+class WriteBehind:
+    """One flush of the write-behind (see `PostgresStore.write_behind`); `token` names it
+    across retries."""
+
+    token: str
+    singles: AssignmentColumns
+    copy_rows: bytes
+    segments: Sequence[SegmentRow]
+    visitors: Mapping[int, int]  # new assignments per experiment (today's traffic)
+    counts: Sequence[CountRow]
 
 
 @dataclass(frozen=True, slots=True)
@@ -240,6 +254,22 @@ INSERT INTO assignments (id, experiment_id, user_id, variant, segment_key, segme
 SELECT * FROM unnest($1::text[], $2::bigint[], $3::text[], $4::smallint[], $5::text[],
                      $6::bigint[], $7::smallint[], $8::float8[])
 ON CONFLICT DO NOTHING
+"""
+
+_CLAIM_FLUSH = """
+WITH old AS (
+    DELETE FROM write_behind_flushes WHERE flushed_at < now() - interval '1 day'
+)
+INSERT INTO write_behind_flushes (token) VALUES ($1) ON CONFLICT DO NOTHING RETURNING token
+"""
+
+_ADD_TRAFFIC = """
+INSERT INTO traffic_stats AS t (experiment_id, day, visitors, allocations, conversions)
+VALUES ($1, $2, $3, $4, $5)
+ON CONFLICT (experiment_id, day) DO UPDATE
+SET visitors = t.visitors + EXCLUDED.visitors,
+    allocations = t.allocations + EXCLUDED.allocations,
+    conversions = t.conversions + EXCLUDED.conversions
 """
 
 _ASSIGNMENTS_STAGING = """
@@ -495,50 +525,56 @@ class PostgresStore:
         )
         return _affected(status)
 
-    async def insert_assignment_columns(self, columns: AssignmentColumns) -> int:
-        """Insert assignments given as columns (context empty, no region, made now); an
-        existing id is kept. Returns rows added."""
-        if not columns[0]:
-            return 0
-        ids, experiments, users, variants, keys, hashes, levels, propensities = columns
-        status = await self._pool.execute(
-            _INSERT_ASSIGNMENT_COLUMNS,
-            ids,
-            experiments,
-            users,
-            variants,
-            keys,
-            [h - _U64 if h > _I64_MAX else h for h in hashes],
-            levels,
-            propensities,
-        )
-        return _affected(status)
+    async def write_behind(self, flush: WriteBehind) -> bool:
+        """Write one write-behind flush in one transaction: its single assignments (unnest
+        insert, an existing id kept), its batches' rows (one binary COPY stream, columns
+        `ASSIGNMENT_COPY_COLUMNS`), new segments, daily traffic and allocation counts. False
+        when a flush with this token was committed already (a retry after an unacknowledged
+        commit): then nothing changes.
 
-    async def copy_assignments(self, data: bytes) -> None:
-        """Insert assignments given as a binary COPY stream (columns
-        `ASSIGNMENT_COPY_COLUMNS`; context empty, no region, made now); an existing id is
-        kept. COPY cannot skip existing rows: when some exist (a retry of a write whose
-        outcome was unknown), the rows go through a temporary table."""
-        # A memoryview: asyncpg would take bytes for a file name.
-        data_view = memoryview(data)
-        async with self._pool.acquire() as connection:
-            try:
+        Committed without waiting for the WAL flush (`synchronous_commit = off`, this
+        transaction only): everything here was answered before it was written, so a database
+        crash may lose the last fraction of a second of it, as a server crash loses its
+        unwritten buffer. Durable-when-acknowledged writes (conversions) still wait.
+        """
+        today = datetime.now(UTC).date()
+
+        async def run(connection: Any) -> bool:
+            async with connection.transaction():
+                await connection.execute("SET LOCAL synchronous_commit = off")
+                if await connection.fetchval(_CLAIM_FLUSH, flush.token) is None:
+                    return False
+                if flush.singles[0]:
+                    await connection.execute(_INSERT_ASSIGNMENT_COLUMNS, *_signed(flush.singles))
+                if flush.copy_rows:
+                    await self._copy_assignments(connection, flush.copy_rows)
+                if flush.segments:
+                    await connection.execute(_INSERT_SEGMENTS, *_segment_arrays(flush.segments))
+                for experiment_id, n in sorted(flush.visitors.items()):
+                    await connection.execute(_ADD_TRAFFIC, experiment_id, today, n, n, 0)
+                if flush.counts:
+                    await connection.execute(_UPSERT_COUNTS, *_count_arrays(flush.counts))
+                return True
+
+        return await self._with_retry(run)
+
+    @staticmethod
+    async def _copy_assignments(connection: Any, data: bytes) -> None:
+        """COPY cannot skip existing rows: when some exist (rows of a flush written before
+        under another token, e.g. by an older server), they go through a temporary table."""
+        rows = memoryview(data)  # asyncpg would take bytes for a file name
+        columns = ASSIGNMENT_COPY_COLUMNS
+        try:
+            async with connection.transaction():  # a savepoint
                 await connection.copy_to_table(
-                    "assignments",
-                    source=data_view,
-                    columns=ASSIGNMENT_COPY_COLUMNS,
-                    format="binary",
+                    "assignments", source=rows, columns=columns, format="binary"
                 )
-            except asyncpg.UniqueViolationError:
-                async with connection.transaction():
-                    await connection.execute(_ASSIGNMENTS_STAGING)
-                    await connection.copy_to_table(
-                        "assignments_in",
-                        source=data_view,
-                        columns=ASSIGNMENT_COPY_COLUMNS,
-                        format="binary",
-                    )
-                    await connection.execute(_INSERT_STAGED_ASSIGNMENTS)
+        except asyncpg.UniqueViolationError:
+            await connection.execute(_ASSIGNMENTS_STAGING)
+            await connection.copy_to_table(
+                "assignments_in", source=rows, columns=columns, format="binary"
+            )
+            await connection.execute(_INSERT_STAGED_ASSIGNMENTS)
 
     async def get_assignment(self, experiment_id: int, user_id: str) -> AssignmentRow | None:
         row = await self._pool.fetchrow(
@@ -621,15 +657,7 @@ class PostgresStore:
         """Register segments (known ones are kept as they are). Returns rows added."""
         if not rows:
             return 0
-        status = await self._pool.execute(
-            _INSERT_SEGMENTS,
-            [r.experiment_id for r in rows],
-            [to_signed64(r.segment_hash) for r in rows],
-            [r.segment_key for r in rows],
-            [r.level for r in rows],
-            [None if r.parent_hash is None else to_signed64(r.parent_hash) for r in rows],
-            [_json(r.dimensions) for r in rows],
-        )
+        status = await self._pool.execute(_INSERT_SEGMENTS, *_segment_arrays(rows))
         return _affected(status)
 
     async def list_segments(self, experiment_id: int) -> list[SegmentRow]:
@@ -661,17 +689,7 @@ class PostgresStore:
         conversions: int = 0,
     ) -> None:
         await self._pool.execute(
-            "INSERT INTO traffic_stats AS t (experiment_id, day, visitors, allocations,"
-            " conversions) VALUES ($1, $2, $3, $4, $5)"
-            " ON CONFLICT (experiment_id, day) DO UPDATE"
-            " SET visitors = t.visitors + EXCLUDED.visitors,"
-            " allocations = t.allocations + EXCLUDED.allocations,"
-            " conversions = t.conversions + EXCLUDED.conversions",
-            experiment_id,
-            day,
-            visitors,
-            allocations,
-            conversions,
+            _ADD_TRAFFIC, experiment_id, day, visitors, allocations, conversions
         )
 
     async def get_traffic(self, experiment_id: int, since: date | None = None) -> list[TrafficRow]:
@@ -825,6 +843,24 @@ def _json(value: Any) -> str:
 def _affected(status: str) -> int:
     # asyncpg returns the command tag, e.g. "INSERT 0 3"
     return int(status.rsplit(" ", 1)[-1])
+
+
+def _signed(columns: AssignmentColumns) -> AssignmentColumns:
+    """The columns with the segment hashes as the BIGINTs that store them."""
+    ids, experiments, users, variants, keys, hashes, levels, propensities = columns
+    signed = [h - _U64 if h > _I64_MAX else h for h in hashes]
+    return ids, experiments, users, variants, keys, signed, levels, propensities
+
+
+def _segment_arrays(rows: Sequence[SegmentRow]) -> tuple[list[Any], ...]:
+    return (
+        [r.experiment_id for r in rows],
+        [to_signed64(r.segment_hash) for r in rows],
+        [r.segment_key for r in rows],
+        [r.level for r in rows],
+        [None if r.parent_hash is None else to_signed64(r.parent_hash) for r in rows],
+        [_json(r.dimensions) for r in rows],
+    )
 
 
 def _count_arrays(rows: Sequence[CountRow]) -> tuple[list[Any], ...]:

@@ -18,10 +18,11 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import secrets
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
@@ -54,6 +55,7 @@ from allocsvc.store.postgres import (
     RecommendationRow,
     SegmentRow,
     VariantRow,
+    WriteBehind,
 )
 
 log = logging.getLogger(__name__)
@@ -188,6 +190,47 @@ def _row(a: Assignment) -> AssignmentRow:
 
 
 @dataclass
+class _Unit:
+    """What one flush writes, kept as is (same token) until it is written: a retry of a
+    flush whose commit went unacknowledged then changes nothing."""
+
+    token: str
+    batch: list[Assignment]
+    made: list[MadeAssignments]
+    counts: list[CountRow]
+    segments: list[SegmentRow]
+    since: float  # when its oldest assignment was buffered (monotonic)
+
+    def rows(self) -> int:
+        return len(self.batch) + sum(map(len, self.made))
+
+    def of_user(self, user_id: str) -> list[Assignment]:
+        mine = [a for a in self.batch if a.user_id == user_id]
+        return mine + [Assignment._make(h) for m in self.made for h in m.of_user(user_id)]
+
+    def without_user(self, user_id: str) -> _Unit:
+        return replace(
+            self,
+            batch=[a for a in self.batch if a.user_id != user_id],
+            made=[m.without_user(user_id) for m in self.made],
+        )
+
+    def write(self) -> WriteBehind:
+        visitors = Counter(a.handle for a in self.batch)
+        for m in self.made:
+            for (handle, _), n in m.level_counts():
+                visitors[handle] += n
+        return WriteBehind(
+            token=self.token,
+            singles=_columns(self.batch),
+            copy_rows=copy_assignments(self.made) if self.made else b"",
+            segments=self.segments,
+            visitors=visitors,
+            counts=self.counts,
+        )
+
+
+@dataclass
 class _Waiting:
     rows: list[ConversionRow]
     done: asyncio.Future[list[bool]]
@@ -245,7 +288,8 @@ class PostgresJournal:
         self._made: list[MadeAssignments] = []
         self._made_rows = 0
         self._pending_since = 0.0
-        self._unwritten_counts: list[CountRow] = []
+        # A flush that failed, retried as it is before anything newer is written.
+        self._unwritten: _Unit | None = None
         self._waiting: list[_Waiting] = []
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
@@ -397,18 +441,23 @@ class PostgresJournal:
             self._assignments = [a for a in self._assignments if a.user_id != user_id]
             self._made = [m.without_user(user_id) for m in self._made]
             self._made_rows = sum(map(len, self._made))
+            if self._unwritten is not None:
+                self._unwritten = self._unwritten.without_user(user_id)
             return dropped, await erase()
 
     def pending_assignments_of(self, user_id: str) -> list[AssignmentRow]:
         """The user's assignments not yet written (data-protection export)."""
-        mine = [a for a in self._assignments if a.user_id == user_id]
+        mine = [] if self._unwritten is None else self._unwritten.of_user(user_id)
+        mine += [a for a in self._assignments if a.user_id == user_id]
         mine += [Assignment._make(h) for m in self._made for h in m.of_user(user_id)]
         return [_row(a) for a in mine]
 
     # Allocations: written behind.
 
     def _pending(self) -> int:
-        return len(self._assignments) + self._made_rows
+        """Assignments buffered (the unwritten unit's too)."""
+        unwritten = 0 if self._unwritten is None else self._unwritten.rows()
+        return len(self._assignments) + self._made_rows + unwritten
 
     def has_room(self, n: int) -> bool:
         return self._pending() + n <= self._max_pending_assignments
@@ -491,64 +540,52 @@ class PostgresJournal:
             await self._flush()
 
     async def _flush(self) -> None:
+        if self._unwritten is not None:
+            if not await self._write(self._unwritten):
+                return
+            self._unwritten = None
+        unit = self._take()
+        if unit is not None and not await self._write(unit):
+            self._unwritten = unit
+
+    def _take(self) -> _Unit | None:
+        """Everything buffered, as the next flush's unit (None: nothing)."""
         batch, self._assignments = self._assignments, []
         made, self._made, self._made_rows = self._made, [], 0
-        since = self._pending_since
+        counts = []
         if self._take_deltas is not None:
-            self._unwritten_counts.extend(
-                (e, s, v, a, 0, 0.0) for e, s, v, a, _, _ in self._take_deltas() if a
-            )
-        counts, self._unwritten_counts = self._unwritten_counts, []
+            counts = [(e, s, v, a, 0, 0.0) for e, s, v, a, _, _ in self._take_deltas() if a]
         if not batch and not made and not counts:
-            return
-        written = len(batch) + sum(map(len, made))
-        per_experiment = Counter(a.handle for a in batch)
-        for m in made:
-            for (handle, _), n in m.level_counts():
-                per_experiment[handle] += n
+            return None
         segments = self._new_segments(
             itertools.chain(
                 ((a.handle, a.segment_key) for a in batch),
                 *(m.distinct_keys() for m in made),
             )
         )
+        return _Unit(secrets.token_hex(12), batch, made, counts, segments, self._pending_since)
+
+    async def _write(self, unit: _Unit) -> bool:
+        """Write a unit in one transaction; False (kept for a retry) when that fails."""
         try:
-            if batch:
-                await self._store.insert_assignment_columns(_columns(batch))
-            if made:
-                # Batches' rows as one binary COPY stream written in Rust.
-                await self._store.copy_assignments(copy_assignments(made))
-            if written:
-                await self._store.upsert_segments(segments)
-                await self._add_traffic(per_experiment)
-            if counts:
-                await self._store.apply_count_deltas(counts)
+            await self._store.write_behind(unit.write())
         except Exception as exc:
-            self._known_segments.difference_update(
-                (s.experiment_id, s.segment_hash) for s in segments
-            )
-            # Keep everything for the next attempt (assignment inserts are idempotent by id).
-            self._assignments[:0] = batch
-            self._made[:0] = made
-            self._made_rows = sum(map(len, self._made))
-            if written:
-                self._pending_since = since
-            self._unwritten_counts[:0] = counts
             self.stats.failures += 1
             self.healthy = False
             log.warning("write-behind flush failed, will retry", extra={"error": repr(exc)})
-            return
+            return False
         self.healthy = True
-        now = time.monotonic()
+        written = unit.rows()
         self.stats.flushes += 1
         self.stats.assignments_written += written
-        self.stats.allocation_rows_written += len(counts)
+        self.stats.allocation_rows_written += len(unit.counts)
         if written:
-            lag = (now - since) * 1000
+            lag = (time.monotonic() - unit.since) * 1000
             self.stats.last_flush_lag_ms = lag
             self.stats.lags_ms.append(lag)
             del self.stats.lags_ms[:-1000]
         self.stats.pending_assignments = self._pending()
+        return True
 
     # Conversions: group commit.
 
