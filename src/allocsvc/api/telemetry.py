@@ -165,16 +165,17 @@ class TelemetryInterceptor(Interceptor):
 
     def wrap(self, method: str, handler: Handler) -> Handler:
         """The handler of `method` with request id, gate, deadline check and metrics."""
-        if handler is None or not inspect.iscoroutinefunction(handler.unary_unary):
-            # Streaming RPCs (reflection, health Watch) and the health service's synchronous
-            # Check pass through untouched.
-            return handler
         # Handlers are long-lived objects (the service's own, or the auth interceptor's
         # refusals), a few per method; the cache keeps each one alive, so its id stays its own.
+        # Looked up first: this runs on every call.
         slot = (method, id(handler))
         cached = self._wrapped.get(slot)
         if cached is not None:
             return cached[1]
+        if handler is None or not inspect.iscoroutinefunction(handler.unary_unary):
+            # Streaming RPCs (reflection, health Watch) and the health service's synchronous
+            # Check pass through untouched.
+            return handler
         wrapped = grpc.unary_unary_rpc_method_handler(
             self._observed(
                 method, cast("Behavior", handler.unary_unary), method.startswith(self._gated)
