@@ -71,13 +71,21 @@ async def _rows(dsn: str) -> dict[str, tuple[object, ...]]:
     return {r["id"]: tuple(r.values()) for r in rows}
 
 
+async def _after_batch(
+    store: PostgresStore, users: range
+) -> tuple[AllocationService, PostgresJournal]:
+    """A service whose journal holds one allocated batch of `users`, not flushed yet."""
+    service, journal = await _service(store)
+    prepared = service.prepare_batch(_batch(users))
+    assert prepared is not None
+    service.finish_batch(prepared, "", {}, {})
+    return service, journal
+
+
 async def test_a_batch_is_written_as_held_and_a_repeat_adds_nothing(
     store: PostgresStore, migrated_db: str
 ) -> None:
-    service, journal = await _service(store)
-    prepared = service.prepare_batch(_batch(range(300)))
-    assert prepared is not None
-    service.finish_batch(prepared, "", {}, {})
+    service, journal = await _after_batch(store, range(300))
     single = await service.allocate(
         convert.allocate_request(pb.AllocateRequest(experiment_id="one", user_id="solo"))
     )
@@ -127,10 +135,7 @@ async def test_a_batch_is_written_as_held_and_a_repeat_adds_nothing(
 async def test_a_user_erased_before_the_flush_is_never_written(
     store: PostgresStore, migrated_db: str
 ) -> None:
-    service, journal = await _service(store)
-    prepared = service.prepare_batch(_batch(range(20)))
-    assert prepared is not None
-    service.finish_batch(prepared, "", {}, {})
+    service, journal = await _after_batch(store, range(20))
     pending = journal.pending_assignments_of("user-7")
     assert [r.user_id for r in pending] == ["user-7"]
 
