@@ -6,8 +6,8 @@ Both handlers of the Allocator servicer on the same 1,000-item batch (5 variants
 source and device, an iPhone/Instagram context, a new user id per item, a non-sticky experiment,
 the in-memory journal): the per-item Python path (parse the request with protobuf, allocate item
 by item, build and serialize the response) and the bytes path (Rust decodes, checks, extracts,
-decides and encodes; Python keeps the new assignments). Also the Rust steps alone. CPU time
-(`time.process_time`) per item; prints one JSON line.
+decides, encodes and holds the new assignments; Python hands them to the journal whole). Also
+the Rust steps alone. CPU time (`time.process_time`) per item; prints one JSON line.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from allocsvc.allocation.service import AllocationService
 from allocsvc.api import convert
 from allocsvc.api.allocator import AllocatorServicer
 from allocsvc.context import Extractor
-from allocsvc.core import Engine
+from allocsvc.core import Engine, HeldAssignments
 
 
 async def measure(items: int, rounds: int) -> dict[str, Any]:
@@ -67,9 +67,20 @@ async def measure(items: int, rounds: int) -> dict[str, Any]:
     start = time.process_time()
     prepared = [catalogue.prepare(data, 0, False) for _ in range(rounds)]
     rust_prepare = per_item(time.process_time() - start)
+    held = HeldAssignments("x")
     start = time.process_time()
-    for p in prepared:
-        p.finish(engine, catalogue, region="local", id_prefix="x", first_seq=1, given={}, errors={})
+    for r, p in enumerate(prepared):
+        p.finish(
+            engine,
+            catalogue,
+            held,
+            region="local",
+            id_prefix="x",
+            first_seq=1 + r * items,
+            now_ms=0,
+            given={},
+            errors={},
+        )
     rust_finish = per_item(time.process_time() - start)
     return {
         "items": items,
