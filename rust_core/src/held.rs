@@ -8,6 +8,10 @@
 //! (`{prefix}-{seq:x}`) are kept as their sequence number, other ids as text. A record takes
 //! about 64 bytes plus its user id, against about 400 bytes as Python tuples in dictionaries,
 //! and adding a batch's assignments needs no Python object per item.
+//!
+//! With a capacity, the records form a ring: once it is full each new record takes the place
+//! of the oldest, which leaves every index. The caller looks evicted assignments up in the
+//! durable store; [`Held::evicted`] says for which experiments a latest one was evicted.
 
 use std::borrow::Cow;
 use std::collections::HashMap;
@@ -49,6 +53,7 @@ struct Record {
     /// The user's previous record (NONE: none), newest first from `by_user`.
     older: u32,
     level: u16,
+    live: bool,
 }
 
 /// A table entry: a record number and 32 bits of its key's hash.
@@ -95,11 +100,22 @@ pub struct Held {
     by_user: HashTable<Entry>,
     seed: u64,
     live: usize,
+    /// At most this many records (0: no bound); then `cursor` is the oldest record's slot.
+    capacity: usize,
+    cursor: usize,
+    evictions: u64,
+    /// Experiments whose latest assignment of some user was evicted.
+    evicted_from: std::collections::HashSet<u64>,
 }
 
 impl Held {
-    /// A store whose own ids are `{id_prefix}-{seq:x}`.
+    /// A store whose own ids are `{id_prefix}-{seq:x}`, with no bound.
     pub fn new(id_prefix: &str) -> Self {
+        Self::bounded(id_prefix, 0)
+    }
+
+    /// A store of at most `capacity` assignments (0: no bound); the oldest go first.
+    pub fn bounded(id_prefix: &str, capacity: usize) -> Self {
         Held {
             prefix: id_prefix.to_string(),
             records: Vec::new(),
@@ -112,7 +128,22 @@ impl Held {
             // Keyed per process: user ids come from callers.
             seed: rand::random(),
             live: 0,
+            capacity,
+            cursor: 0,
+            evictions: 0,
+            evicted_from: std::collections::HashSet::new(),
         }
+    }
+
+    /// Assignments evicted so far (the store was full).
+    pub fn evictions(&self) -> u64 {
+        self.evictions
+    }
+
+    /// Whether a latest assignment of experiment `handle` was evicted: a user not found may
+    /// then have one in the durable store.
+    pub fn evicted(&self, handle: u64) -> bool {
+        self.evicted_from.contains(&handle)
     }
 
     /// Live records.
@@ -229,6 +260,8 @@ impl Held {
     }
 
     fn insert(&mut self, a: &Assignment<'_>, key: u32) -> u32 {
+        // The slot first: an eviction changes the indexes.
+        let reused = self.free_slot();
         let user_hash = self.hash_str(a.user_id);
         let id_hash = self.hash_str(&a.id);
         let newest = {
@@ -247,8 +280,9 @@ impl Held {
             variant: a.variant as u32,
             older: newest.unwrap_or(NONE),
             level: a.level as u16,
+            live: true,
         };
-        let n = match self.free.pop() {
+        let n = match reused {
             Some(n) => {
                 self.records[n as usize] = record;
                 n
@@ -265,6 +299,63 @@ impl Held {
         }
         insert(&mut self.by_id, id_hash, n);
         n
+    }
+
+    /// A dead record's slot to reuse (evicting the oldest record when the store is full), or
+    /// None: push a new one.
+    fn free_slot(&mut self) -> Option<u32> {
+        if self.capacity == 0 {
+            return self.free.pop();
+        }
+        if self.records.len() < self.capacity {
+            return None;
+        }
+        let n = self.cursor as u32;
+        self.cursor = (self.cursor + 1) % self.capacity;
+        if self.records[n as usize].live {
+            self.evict(n);
+        }
+        Some(n)
+    }
+
+    /// Take record `n` (the oldest) out of every index.
+    fn evict(&mut self, n: u32) {
+        let r = &mut self.records[n as usize];
+        let user = std::mem::take(&mut r.user);
+        let id = std::mem::replace(&mut r.id, Id::Own(0));
+        let (handle, older) = (r.handle, r.older);
+        r.older = NONE;
+        r.live = false;
+        let id_hash = self.hash_str(&self.id_text(&id));
+        remove(&mut self.by_id, id_hash, n);
+        let slot_hash = self.hash_slot(handle, &user);
+        if let Ok(entry) = self.latest.find_entry(wide(slot_hash), |e| e.n == n) {
+            entry.remove();
+            self.evicted_from.insert(handle);
+        }
+        // Out of the user's chain: the newest record, or the one pointing to it.
+        let user_hash = self.hash_str(&user);
+        if let Ok(entry) = self.by_user.find_entry(wide(user_hash), |e| e.n == n) {
+            if older == NONE {
+                entry.remove();
+            } else {
+                entry.into_mut().n = older;
+            }
+        } else {
+            let records = &self.records;
+            let mut m = find(&self.by_user, user_hash, |m| {
+                records[m as usize].user == user
+            })
+            .unwrap_or(NONE);
+            while m != NONE && self.records[m as usize].older != n {
+                m = self.records[m as usize].older;
+            }
+            if m != NONE {
+                self.records[m as usize].older = older;
+            }
+        }
+        self.live -= 1;
+        self.evictions += 1;
     }
 
     fn set_latest(&mut self, n: u32) {
@@ -352,7 +443,11 @@ impl Held {
             r.id = Id::Own(0);
             r.user = Box::default();
             r.older = NONE;
-            self.free.push(n);
+            r.live = false;
+            // A ring (with a capacity) reuses its slots in turn.
+            if self.capacity == 0 {
+                self.free.push(n);
+            }
         }
         self.live -= numbers.len();
         numbers.len()
@@ -692,6 +787,48 @@ mod tests {
         assert_eq!(held.of_user("user-7").len(), 3);
         assert_eq!(held.latest(40_007 % 3, "user-7").unwrap().id, "p-9c47");
         assert_eq!(held.user_ids().count(), 20_000);
+    }
+
+    #[test]
+    fn a_full_store_evicts_the_oldest_and_keeps_its_indexes_whole() {
+        let mut held = Held::bounded("p", 100);
+        let ids: Vec<String> = (0..1_000u64).map(|i| format!("p-{i:x}")).collect();
+        // A user comes back every 131 items, in each experiment every 262: some latest
+        // assignments are evicted.
+        let users: Vec<String> = (0..1_000).map(|i| format!("user-{}", i % 131)).collect();
+        for (i, id) in ids.iter().enumerate() {
+            held.add_new(&a(id, (i % 2) as u64, &users[i], i % 5));
+        }
+        assert_eq!(held.len(), 100);
+        assert_eq!(held.evictions(), 900);
+        assert_eq!(held.records.len(), 100);
+        assert!(held.evicted(0) && held.evicted(1) && !held.evicted(2));
+        // The newest 100 are held, and nothing older.
+        for (i, id) in ids.iter().enumerate() {
+            assert_eq!(held.by_id(id).is_some(), i >= 900, "{id}");
+        }
+        for u in 0..131 {
+            let user = format!("user-{u}");
+            let mine: Vec<usize> = (900..1_000).filter(|&i| i % 131 == u).collect();
+            let got: Vec<String> = held
+                .of_user(&user)
+                .iter()
+                .map(|x| x.id.to_string())
+                .collect();
+            let want: Vec<String> = mine.iter().rev().map(|&i| ids[i].clone()).collect();
+            assert_eq!(got, want, "{user}");
+            for h in 0..2u64 {
+                let latest = mine.iter().rev().find(|&&i| (i % 2) as u64 == h);
+                let found = held.latest(h, &user).map(|x| x.id.to_string());
+                assert_eq!(found, latest.map(|&i| ids[i].clone()), "{user} in {h}");
+            }
+        }
+        assert_eq!(held.user_ids().count(), 100);
+        // Forgetting in a ring leaves slots the ring fills in turn.
+        assert_eq!(held.forget_user("user-3", |_| ()), 1);
+        held.add_new(&a("p-fff", 0, "user-3", 1));
+        assert_eq!(held.len(), 99);
+        assert_eq!(held.of_user("user-3").len(), 1);
     }
 
     #[test]

@@ -218,7 +218,7 @@ class BatchCatalogue:
         decided as an item of a batch: None when the caller's path must answer (bad request,
         caller segments, sticky experiment under `shared`); a user agent to classify (with
         `learn_devices`) before calling again; (response, None) for a sticky user whose latest
-        assignment `held` has; or
+        assignment `held` has (None when `held` may have evicted it); or
         (response, (handle, user id, variant, segment key, level, propensity)) for a new
         decision named `assignment_id`, counted at every level of its path."""
 
@@ -265,8 +265,17 @@ class HeldAssignments:
     answers, every one by id for conversions and by user for data protection. Compact records
     in Rust (about 64 bytes plus the user id each), out of the garbage collector's sight."""
 
-    def __init__(self, id_prefix: str) -> None:
-        """Own assignment ids are `{id_prefix}-{seq:x}` (kept as numbers)."""
+    def __init__(self, id_prefix: str, capacity: int = 0) -> None:
+        """At most `capacity` assignments (0: no bound), the oldest evicted first; own
+        assignment ids are `{id_prefix}-{seq:x}` (kept as numbers)."""
+
+    @property
+    def evictions(self) -> int:
+        """Assignments evicted so far (the store was full)."""
+
+    def evicted(self, handle: int) -> bool:
+        """Whether a latest assignment of experiment `handle` was evicted: a user not held
+        may have one in the durable store."""
 
     def __len__(self) -> int: ...
     def name(self, handle: int, key: str) -> None:

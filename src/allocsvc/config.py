@@ -261,6 +261,16 @@ class ErasureSettings(Section):
     poll_interval: float = Field(default=1.0, ge=0)
 
 
+class GcSettings(Section):
+    """Python's garbage collector in a serving process."""
+
+    # Once serving, collect and then freeze what exists (gc.freeze: modules, descriptors, the
+    # loaded state): a full (generation 2) collection then scans only objects made since.
+    # Unfrozen, each full collection scanned the whole start-up heap and held the event loop
+    # for tens of milliseconds (bench/load/stalls.py).
+    freeze_after_start: bool = True
+
+
 class Settings(BaseSettings):
     """Every setting of the server. Environment variables: ALLOCSVC_<NAME>, and
     ALLOCSVC_<SECTION>__<NAME> for the settings of a feature's section."""
@@ -290,6 +300,10 @@ class Settings(BaseSettings):
     max_context_value_chars: int = Field(256, ge=1)
     max_message_bytes: int = Field(16 * 1024 * 1024, ge=1024)
     user_agent_cache_size: int = Field(4096, ge=0)
+    # Assignments held in memory for sticky answers and conversions (about 190 bytes each);
+    # past it the oldest are evicted and read back from PostgreSQL when asked for (never fewer
+    # than twice backpressure.max_pending_assignments are held). 0: no bound.
+    max_held_assignments: int = Field(1_000_000, ge=0)
 
     # Background jobs (seconds between runs; 0 switches a job off).
     eligibility_interval: float = Field(600.0, ge=0)
@@ -313,6 +327,7 @@ class Settings(BaseSettings):
     hierarchy: SegmentTreeSettings = SegmentTreeSettings()
     dashboard: DashboardSettings = DashboardSettings()
     erasure: ErasureSettings = ErasureSettings()
+    gc: GcSettings = GcSettings()
 
     @model_validator(mode="after")
     def _levels_allowed(self) -> Settings:

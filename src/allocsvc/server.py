@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import multiprocessing
 import os
@@ -93,6 +94,10 @@ def build_service(stores: Stores, settings: Settings) -> AllocationService:
         max_variants=settings.max_variants,
         max_batch_items=settings.max_batch_items,
         max_user_id_chars=settings.max_user_id_chars,
+        # An evicted assignment must have left the write-behind buffer (it is read back from
+        # PostgreSQL), hence at least twice the buffer's bound.
+        max_held_assignments=settings.max_held_assignments
+        and max(settings.max_held_assignments, 2 * settings.backpressure.max_pending_assignments),
     )
     contextual, hierarchy = settings.contextual, settings.hierarchy
     defaults = SegmentationDefaults(
@@ -383,6 +388,10 @@ async def stop(running: Running, grace: float) -> None:
 
 async def serve_until_signalled(settings: Settings) -> None:
     running = await start(settings)
+    if settings.gc.freeze_after_start:
+        # This process only serves from now on: what start-up made lives as long as it does.
+        gc.collect()
+        gc.freeze()
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -86,11 +86,13 @@ impl PyHeld {
 
 #[pymethods]
 impl PyHeld {
-    /// A store whose own assignment ids are `{id_prefix}-{seq:x}` (kept as numbers).
+    /// A store of at most `capacity` assignments (0: no bound; the oldest go first) whose
+    /// own assignment ids are `{id_prefix}-{seq:x}` (kept as numbers).
     #[new]
-    fn new(id_prefix: &str) -> Self {
+    #[pyo3(signature = (id_prefix, capacity=0))]
+    fn new(id_prefix: &str, capacity: usize) -> Self {
         PyHeld {
-            inner: Mutex::new(Held::new(id_prefix)),
+            inner: Mutex::new(Held::bounded(id_prefix, capacity)),
             names: Mutex::new(Names::default()),
         }
     }
@@ -145,6 +147,18 @@ impl PyHeld {
         held.by_id(id)
             .map(|a| self.names.lock().tuple(py, &a))
             .transpose()
+    }
+
+    /// Assignments evicted so far (the store was full).
+    #[getter]
+    fn evictions(&self) -> u64 {
+        self.inner.lock().evictions()
+    }
+
+    /// Whether a latest assignment of experiment `handle` was evicted (a user not held may
+    /// have one in the durable store).
+    fn evicted(&self, handle: u64) -> bool {
+        self.inner.lock().evicted(handle)
     }
 
     fn has_id(&self, id: &str) -> bool {

@@ -393,7 +393,8 @@ impl PyBatchCatalogue {
 
     /// Unary Allocate on the wire format, in one call: None when the caller's path must
     /// answer; a user agent (str) whose device class to learn before calling again;
-    /// (response, None) for a sticky user whose latest assignment `held` has; or
+    /// (response, None) for a sticky user whose latest assignment `held` has (None when `held`
+    /// may have evicted it); or
     /// (response, (handle, user id, variant, segment key, level, propensity)) for a new,
     /// counted decision named `assignment_id`. Short work: the GIL stays held.
     #[pyo3(signature = (engine, request, *, now_ms, shared, region, assignment_id, held))]
@@ -415,9 +416,8 @@ impl PyBatchCatalogue {
             OneChecked::Ready(one) => one,
         };
         if one.sticky() {
-            let earlier = held
-                .inner
-                .lock()
+            let store = held.inner.lock();
+            let earlier = store
                 .latest(one.handle(), one.user_id())
                 .map(|a| GivenAllocation {
                     assignment_id: a.id.to_string(),
@@ -427,6 +427,11 @@ impl PyBatchCatalogue {
                     propensity: a.propensity,
                     sticky: true,
                 });
+            if earlier.is_none() && store.evicted(one.handle()) {
+                // The user's assignment may have been evicted: the caller looks it up.
+                return Ok(py.None().into_bound(py));
+            }
+            drop(store);
             if let Some(given) = earlier {
                 let response = one.answer(&given, region).map_err(to_py)?;
                 return (PyBytes::new(py, &response), py.None()).into_bound_py_any(py);

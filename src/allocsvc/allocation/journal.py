@@ -94,6 +94,17 @@ class Journal(Protocol):
         """`assignment_made` for each of a batch's new assignments, in one call: their
         columns, no Python object per assignment."""
 
+    async def stored_latest(self, experiment: Experiment, user_id: str) -> Assignment | None:
+        """The user's latest assignment in the experiment as the durable store has it (for
+        assignments evicted from memory); None when it has none. Unavailable when the store
+        cannot answer."""
+
+    async def stored_assignment(
+        self, assignment_id: str, experiments: Mapping[int, Experiment]
+    ) -> Assignment | None:
+        """An assignment by id as the durable store has it (`experiments` by handle names
+        it); None when unknown."""
+
     async def record_conversions(self, conversions: Sequence[Conversion]) -> list[bool]:
         """Store conversions durably; True for each that was new (not a repeat of its
         assignment and idempotency key)."""
@@ -174,6 +185,15 @@ class MemoryJournal:
         day = self._day_of(made.created_ms)
         for (handle, _), n in made.level_counts():
             self._visitors[(handle, day)] += n
+
+    async def stored_latest(self, experiment: Experiment, user_id: str) -> Assignment | None:
+        """Nothing outlives the process here: an evicted assignment is gone."""
+        return None
+
+    async def stored_assignment(
+        self, assignment_id: str, experiments: Mapping[int, Experiment]
+    ) -> Assignment | None:
+        return None
 
     def _day_of(self, created_ms: int) -> date:
         number = created_ms // _DAY_MS

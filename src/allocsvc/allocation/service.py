@@ -74,6 +74,9 @@ class Limits:
     max_variants: int = 100
     max_batch_items: int = 10_000
     max_user_id_chars: int = 256
+    # Assignments held in memory (0: no bound); past it the oldest are evicted and read back
+    # from the journal's durable store when asked for.
+    max_held_assignments: int = 0
 
 
 # The objects made on every allocation are NamedTuples: immutable like frozen dataclasses,
@@ -223,7 +226,7 @@ class AllocationService:
         self._id_prefix = secrets.token_hex(6)
         # Latest assignment per (experiment handle, user id), every assignment by id and by
         # user: in Rust, no Python object per assignment (none for the collector to walk).
-        self._held = HeldAssignments(self._id_prefix)
+        self._held = HeldAssignments(self._id_prefix, self._limits.max_held_assignments)
         # Known segment keys per experiment (every level of every path seen), by key -> hash.
         self._segments: dict[int, dict[str, int]] = {}
         # Allocations and conversions per (experiment, cascade level) since start.
@@ -511,7 +514,7 @@ class AllocationService:
                 self._learning.observe(request.user_id, context)
         slot = (experiment.handle, request.user_id)
         if experiment.sticky:
-            earlier = self._latest_of(slot)
+            earlier = self._latest_of(slot) or await self._recall(experiment, request.user_id)
             if earlier is None and self._shared is not None:
                 earlier = await self._shared.sticky(experiment.handle, request.user_id)
                 if earlier is not None:
@@ -661,6 +664,25 @@ class AllocationService:
     def _remember(self, assignment: Assignment) -> None:
         self._held.add(_held(assignment))
 
+    async def _recall(self, experiment: Experiment, user_id: str) -> Assignment | None:
+        """The user's latest assignment in the experiment from the durable store, when memory
+        may have evicted it (held again if found)."""
+        if not self._held.evicted(experiment.handle):
+            return None
+        found = await self._journal.stored_latest(experiment, user_id)
+        if found is not None and self._latest_of((found.handle, user_id)) is None:
+            self._remember(found)
+        return found
+
+    async def recall_sticky(self, prepared: PreparedBatch) -> None:
+        """Hold again, before `finish_batch`, the evicted assignments of a batch's users of
+        sticky experiments (read from the durable store)."""
+        if not self._held.evictions:
+            return
+        for _, handle, user_id in zip(*prepared.sticky_candidates(), strict=True):
+            if self._held.evicted(handle) and not self._held.has_latest(handle, user_id):
+                await self._recall(self._by_handle[handle], user_id)
+
     def _latest_of(self, slot: tuple[int, str]) -> Assignment | None:
         held = self._held.latest(*slot)
         return None if held is None else Assignment._make(held)
@@ -786,6 +808,12 @@ class AllocationService:
             if len(request.assignment_id) > 128:
                 raise InvalidRequest("assignment_id", "longer than 128 characters")
             found = self._by_id_of(request.assignment_id)
+            if found is None and self._held.evictions:
+                found = await self._journal.stored_assignment(
+                    request.assignment_id, self._by_handle
+                )
+                if found is not None:
+                    self._held.add(_held(found), latest=False)
             if found is None and self._shared is not None:
                 found = await self._shared.assignment(request.assignment_id)
                 if found is not None and found.handle in self._by_handle:
@@ -804,6 +832,8 @@ class AllocationService:
             raise NotFound(f"experiment {request.experiment_key!r} does not exist")
         self._check_user(request.user_id)
         found = self._latest_of((experiment.handle, request.user_id))
+        if found is None:
+            found = await self._recall(experiment, request.user_id)
         if found is None and self._shared is not None:
             found = await self._shared.sticky(experiment.handle, request.user_id)
             if found is not None:

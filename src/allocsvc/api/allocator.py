@@ -124,6 +124,7 @@ class AllocatorServicer(pb_grpc.AllocatorServicer):
                 errors[i] = (status_number(exc), str(exc), field_of(exc))
         if observed:
             self._service.observe(convert.allocate_request(messages[i]) for i in observed)
+        await self._service.recall_sticky(prepared)
         return self._service.finish_batch(prepared, self._region, allocated, errors)
 
     @maps_errors

@@ -360,6 +360,28 @@ class PostgresJournal:
     async def experiments(self) -> list[Experiment]:
         return [experiment_from_row(r) for r in await self._store.list_experiments()]
 
+    # Assignments evicted from memory: read back. The memory holds at least twice the
+    # write-behind bound, so an evicted assignment has left the buffer (server.build_service).
+
+    async def stored_latest(self, experiment: Experiment, user_id: str) -> Assignment | None:
+        try:
+            row = await self._store.get_assignment(experiment.handle, user_id)
+        except STORE_DOWN as exc:
+            raise Unavailable(f"assignment store unavailable: {type(exc).__name__}") from None
+        return None if row is None else assignment_from_row(row, experiment.key)
+
+    async def stored_assignment(
+        self, assignment_id: str, experiments: Mapping[int, Experiment]
+    ) -> Assignment | None:
+        try:
+            row = await self._store.get_assignment_by_id(assignment_id)
+        except STORE_DOWN as exc:
+            raise Unavailable(f"assignment store unavailable: {type(exc).__name__}") from None
+        experiment = None if row is None else experiments.get(row.experiment_id)
+        if row is None or experiment is None:
+            return None
+        return assignment_from_row(row, experiment.key)
+
     async def load(
         self,
     ) -> tuple[list[Experiment], list[CountRow], list[Assignment], list[tuple[int, str]]]:
