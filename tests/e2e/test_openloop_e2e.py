@@ -1,0 +1,124 @@
+"""bench/load/openloop, the open-loop load generator of the fixed-rate runs (issue 10).
+
+It must keep its schedule whatever the server does, and time every call from when it was due:
+against a server whose event loop stops for 300 ms, the calls due in those 300 ms are all late
+(coordinated omission would hide them), and it still sends every call on time.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.e2e
+
+ROOT = Path(__file__).resolve().parents[2]
+OPENLOOP = ROOT / "bench" / "load" / "openloop"
+METHOD = "/allocsvc.v1.Allocator/Allocate"
+REQUEST = b"\x0a\x04load\x12\x04user"  # any bytes: the server below does not parse them
+ANSWER = b"\x0a\x07answer!"  # 9 bytes
+
+# A gRPC server (grpc.aio) answering METHOD with ANSWER; the call numbered STALL_AT blocks the
+# event loop for STALL_S first. It prints its port once serving.
+SERVER = """
+import asyncio, sys, time
+import grpc
+
+STALL_AT, STALL_S = int(sys.argv[1]), float(sys.argv[2])
+calls = 0
+
+async def allocate(request: bytes, context: object) -> bytes:
+    global calls
+    calls += 1
+    if calls == STALL_AT:
+        time.sleep(STALL_S)  # the whole loop stops, as a long synchronous step would stop it
+    return ANSWER
+
+async def main() -> None:
+    server = grpc.aio.server()
+    handler = grpc.unary_unary_rpc_method_handler(allocate)
+    server.add_generic_rpc_handlers(
+        [grpc.method_handlers_generic_handler("allocsvc.v1.Allocator", {"Allocate": handler})]
+    )
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    print(port, flush=True)
+    await server.wait_for_termination()
+
+ANSWER = %r
+asyncio.run(main())
+"""
+
+
+@pytest.fixture(scope="module")
+def openloop(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    go = shutil.which("go")
+    if go is None:
+        pytest.skip("go is not installed (bench/load/openloop is Go)")
+    binary = tmp_path_factory.mktemp("openloop") / "openloop"
+    subprocess.run([go, "build", "-o", str(binary), "."], cwd=OPENLOOP, check=True, timeout=600)
+    return binary
+
+
+def _server(stall_at: int, stall_s: float) -> Iterator[int]:
+    process = subprocess.Popen(
+        [sys.executable, "-c", SERVER % ANSWER, str(stall_at), str(stall_s)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert process.stdout is not None
+        yield int(process.stdout.readline())
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+        if process.stdout is not None:
+            process.stdout.close()
+
+
+@pytest.fixture
+def stalling_server() -> Iterator[int]:
+    """Its 600th call stops the loop for 300 ms: 1 s into the measured window below."""
+    yield from _server(600, 0.3)
+
+
+def _drive(openloop: Path, port: int, tmp_path: Path, *extra: str) -> dict[str, object]:
+    body = tmp_path / "request.bin"
+    body.write_bytes(REQUEST)
+    command = [str(openloop), "-target", f"127.0.0.1:{port}", "-method", METHOD]
+    command += ["-body", str(body), "-rate", "400", "-conns", "2"]
+    command += ["-warmup", "0.5s", "-duration", "3s", *extra]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120, check=True)
+    result: dict[str, object] = json.loads(done.stdout)
+    return result
+
+
+def test_every_call_due_in_the_window_is_sent_and_answered(
+    openloop: Path, stalling_server: int, tmp_path: Path
+) -> None:
+    result = _drive(openloop, stalling_server, tmp_path)
+    # 400/s for 3 s, whatever the stall did to the answers.
+    assert result["sent"] == 1200
+    assert result["codes"] == {"OK": 1200}
+    assert result["response_sizes"] == {str(len(ANSWER)): 1200}
+
+
+def test_latency_runs_from_the_due_time(
+    openloop: Path, stalling_server: int, tmp_path: Path
+) -> None:
+    result = _drive(openloop, stalling_server, tmp_path)
+    # 300 ms without answers at 400/s: ~120 calls were due meanwhile, and each waited for the
+    # rest of the stall. Timed from their send by a closed-loop client, only the few calls in
+    # flight would have been slow; from their due time, at least the calls due in the first
+    # 200 ms of the stall waited 100 ms or more: over 6% of the 1,200.
+    assert float(str(result["p95_ms"])) >= 100
+    assert float(str(result["max_ms"])) >= 250
+    # The generator itself kept its schedule: its sends were not held back by the stall (its
+    # own lateness, due to send, stays well below the lateness the stall caused).
+    assert float(str(result["lag_p99_ms"])) * 4 < float(str(result["p95_ms"]))
