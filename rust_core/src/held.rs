@@ -50,8 +50,9 @@ struct Record {
     created_ms: i64,
     key: u32,
     variant: u32,
-    /// The user's previous record (NONE: none), newest first from `by_user`.
+    /// The user's previous and next records (NONE: none), newest first from `by_user`.
     older: u32,
+    newer: u32,
     level: u16,
     live: bool,
 }
@@ -279,6 +280,7 @@ impl Held {
             key,
             variant: a.variant as u32,
             older: newest.unwrap_or(NONE),
+            newer: NONE,
             level: a.level as u16,
             live: true,
         };
@@ -293,6 +295,9 @@ impl Held {
             }
         };
         self.live += 1;
+        if let Some(m) = newest {
+            self.records[m as usize].newer = n;
+        }
         match newest.and_then(|m| self.by_user.find_mut(wide(user_hash), |e| e.n == m)) {
             Some(e) => e.n = n,
             None => insert(&mut self.by_user, user_hash, n),
@@ -323,8 +328,9 @@ impl Held {
         let r = &mut self.records[n as usize];
         let user = std::mem::take(&mut r.user);
         let id = std::mem::replace(&mut r.id, Id::Own(0));
-        let (handle, older) = (r.handle, r.older);
+        let (handle, older, newer) = (r.handle, r.older, r.newer);
         r.older = NONE;
+        r.newer = NONE;
         r.live = false;
         let id_hash = self.hash_str(&self.id_text(&id));
         remove(&mut self.by_id, id_hash, n);
@@ -333,25 +339,20 @@ impl Held {
             entry.remove();
             self.evicted_from.insert(handle);
         }
-        // Out of the user's chain: the newest record, or the one pointing to it.
-        let user_hash = self.hash_str(&user);
-        if let Ok(entry) = self.by_user.find_entry(wide(user_hash), |e| e.n == n) {
-            if older == NONE {
-                entry.remove();
-            } else {
-                entry.into_mut().n = older;
-            }
+        // Out of the user's chain (doubly linked: a user with many records costs nothing more).
+        if older != NONE {
+            self.records[older as usize].newer = newer;
+        }
+        if newer != NONE {
+            self.records[newer as usize].older = older;
         } else {
-            let records = &self.records;
-            let mut m = find(&self.by_user, user_hash, |m| {
-                records[m as usize].user == user
-            })
-            .unwrap_or(NONE);
-            while m != NONE && self.records[m as usize].older != n {
-                m = self.records[m as usize].older;
-            }
-            if m != NONE {
-                self.records[m as usize].older = older;
+            let user_hash = self.hash_str(&user);
+            if let Ok(entry) = self.by_user.find_entry(wide(user_hash), |e| e.n == n) {
+                if older == NONE {
+                    entry.remove();
+                } else {
+                    entry.into_mut().n = older;
+                }
             }
         }
         self.live -= 1;
@@ -443,6 +444,7 @@ impl Held {
             r.id = Id::Own(0);
             r.user = Box::default();
             r.older = NONE;
+            r.newer = NONE;
             r.live = false;
             // A ring (with a capacity) reuses its slots in turn.
             if self.capacity == 0 {
@@ -829,6 +831,30 @@ mod tests {
         held.add_new(&a("p-fff", 0, "user-3", 1));
         assert_eq!(held.len(), 99);
         assert_eq!(held.of_user("user-3").len(), 1);
+    }
+
+    #[test]
+    fn evicting_from_a_long_user_chain_keeps_it_linked() {
+        let mut held = Held::bounded("p", 50);
+        let ids: Vec<String> = (0..500u64).map(|i| format!("p-{i:x}")).collect();
+        for (i, id) in ids.iter().enumerate() {
+            let user = if i % 2 == 0 { "busy" } else { "other" };
+            held.add_new(&a(id, 0, user, i % 5));
+        }
+        let busy: Vec<String> = held
+            .of_user("busy")
+            .iter()
+            .map(|x| x.id.to_string())
+            .collect();
+        let want: Vec<String> = (450..500)
+            .rev()
+            .step_by(1)
+            .filter(|i| i % 2 == 0)
+            .map(|i| ids[i].clone())
+            .collect();
+        assert_eq!(busy, want);
+        assert_eq!(held.of_user("other").len(), 25);
+        assert_eq!(held.latest(0, "busy").unwrap().id, ids[498]);
     }
 
     #[test]
