@@ -848,7 +848,6 @@ mod tests {
             .collect();
         let want: Vec<String> = (450..500)
             .rev()
-            .step_by(1)
             .filter(|i| i % 2 == 0)
             .map(|i| ids[i].clone())
             .collect();
