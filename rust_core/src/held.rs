@@ -609,34 +609,50 @@ impl Made {
     /// Append the assignments as rows of PostgreSQL's binary COPY format, columns
     /// [`COPY_COLUMNS`] (see [`copy_header`] and [`copy_trailer`]).
     pub fn copy_rows(&self, out: &mut Vec<u8>) {
-        let hashes: Vec<i64> = self
-            .keys
-            .iter()
-            .map(|k| crate::keys::key_hash(k) as i64)
-            .collect();
+        let hashes: Vec<u64> = self.keys.iter().map(|k| crate::keys::key_hash(k)).collect();
         let mut id = String::new();
-        let text = |out: &mut Vec<u8>, s: &str| {
-            out.extend_from_slice(&(s.len() as i32).to_be_bytes());
-            out.extend_from_slice(s.as_bytes());
-        };
         for k in 0..self.len() {
             self.write_id(k, &mut id);
-            out.extend_from_slice(&(COPY_COLUMNS.len() as i16).to_be_bytes());
-            text(out, &id);
-            out.extend_from_slice(&8i32.to_be_bytes());
-            out.extend_from_slice(&(self.handles[k] as i64).to_be_bytes());
-            text(out, self.user_id(k));
-            out.extend_from_slice(&2i32.to_be_bytes());
-            out.extend_from_slice(&(self.variants[k] as i16).to_be_bytes());
-            text(out, self.segment_key(k));
-            out.extend_from_slice(&8i32.to_be_bytes());
-            out.extend_from_slice(&hashes[self.key_of[k] as usize].to_be_bytes());
-            out.extend_from_slice(&2i32.to_be_bytes());
-            out.extend_from_slice(&(self.levels[k] as i16).to_be_bytes());
-            out.extend_from_slice(&8i32.to_be_bytes());
-            out.extend_from_slice(&self.propensities[k].to_bits().to_be_bytes());
+            let key = self.key_of[k] as usize;
+            copy_row(
+                out,
+                &Assignment {
+                    id: Cow::Borrowed(&id),
+                    handle: self.handles[k],
+                    user_id: self.user_id(k),
+                    variant: self.variants[k] as usize,
+                    segment_key: &self.keys[key],
+                    level: self.levels[k] as usize,
+                    propensity: self.propensities[k],
+                    created_ms: self.created_ms,
+                },
+                hashes[key],
+            );
         }
     }
+}
+
+/// Append one assignment as a row of PostgreSQL's binary COPY format, columns
+/// [`COPY_COLUMNS`]; `segment_hash` is its segment key's hash.
+pub fn copy_row(out: &mut Vec<u8>, a: &Assignment<'_>, segment_hash: u64) {
+    let text = |out: &mut Vec<u8>, s: &str| {
+        out.extend_from_slice(&(s.len() as i32).to_be_bytes());
+        out.extend_from_slice(s.as_bytes());
+    };
+    out.extend_from_slice(&(COPY_COLUMNS.len() as i16).to_be_bytes());
+    text(out, &a.id);
+    out.extend_from_slice(&8i32.to_be_bytes());
+    out.extend_from_slice(&(a.handle as i64).to_be_bytes());
+    text(out, a.user_id);
+    out.extend_from_slice(&2i32.to_be_bytes());
+    out.extend_from_slice(&(a.variant as i16).to_be_bytes());
+    text(out, a.segment_key);
+    out.extend_from_slice(&8i32.to_be_bytes());
+    out.extend_from_slice(&(segment_hash as i64).to_be_bytes());
+    out.extend_from_slice(&2i32.to_be_bytes());
+    out.extend_from_slice(&(a.level as i16).to_be_bytes());
+    out.extend_from_slice(&8i32.to_be_bytes());
+    out.extend_from_slice(&a.propensity.to_bits().to_be_bytes());
 }
 
 /// The `assignments` columns [`Made::copy_rows`] writes, in order (types text, bigint, text,

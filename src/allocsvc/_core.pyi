@@ -9,12 +9,17 @@ from typing import final
 
 __version__: str
 __all__ = [
+    "ASSIGNMENT_COPY_COLUMNS",
     "BatchCatalogue",
     "Engine",
+    "HeldAssignments",
+    "MadeAssignments",
     "PreparedBatch",
     "__version__",
+    "batch_items",
     "beta_throughput",
     "bucket",
+    "copy_assignments",
     "key_hash",
     "parent_keys",
     "path_keys",
@@ -45,9 +50,11 @@ def batch_items(request: bytes, positions: Sequence[int]) -> list[bytes]:
 # The `assignments` columns of `copy_assignments`' rows, in order.
 ASSIGNMENT_COPY_COLUMNS: list[str]
 
-def copy_assignments(made: Sequence[MadeAssignments]) -> bytes:
-    """The assignments of `made` as one PostgreSQL binary COPY stream (header, rows in
-    order, trailer)."""
+def copy_assignments(
+    made: Sequence[MadeAssignments], singles: Sequence[HeldTuple] | None = None
+) -> bytes:
+    """Assignments as one PostgreSQL binary COPY stream (header, rows, trailer): `singles`
+    first, then those of `made`, in order."""
 
 def segment_key(dimensions: Sequence[str], values: Sequence[str]) -> str:
     """Canonical key `dim:value|dim:value` (values trimmed, lower-cased, `%|:` escaped)."""
@@ -265,7 +272,7 @@ class HeldAssignments:
     answers, every one by id for conversions and by user for data protection. Compact records
     in Rust (about 64 bytes plus the user id each), out of the garbage collector's sight."""
 
-    def __init__(self, id_prefix: str, capacity: int = 0) -> None:
+    def __new__(cls, id_prefix: str, capacity: int = 0) -> HeldAssignments:
         """At most `capacity` assignments (0: no bound), the oldest evicted first; own
         assignment ids are `{id_prefix}-{seq:x}` (kept as numbers)."""
 

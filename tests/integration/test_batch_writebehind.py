@@ -16,7 +16,7 @@ from allocsvc.api import convert
 from allocsvc.context import Extractor
 from allocsvc.core import Engine, copy_assignments, key_hash
 from allocsvc.store import PostgresStore
-from allocsvc.store.postgres import AssignmentColumns, WriteBehind, to_signed64
+from allocsvc.store.postgres import WriteBehind, to_signed64
 from allocsvc.store.writebehind import PostgresJournal
 
 pytestmark = pytest.mark.integration
@@ -119,8 +119,7 @@ async def test_a_batch_is_written_as_held_and_a_repeat_adds_nothing(
         return sum(c[3] for c in counts if c[1:3] == count[1:3])
 
     before = await allocations()
-    nothing: AssignmentColumns = ([], [], [], [], [], [], [], [])
-    flush = WriteBehind("retried", nothing, copy_assignments(made), [], {one.handle: 1}, [count])
+    flush = WriteBehind("retried", copy_assignments(made), [], {one.handle: 1}, [count])
     # Rows written already under another flush: kept once, the rest of the flush applies.
     assert await store.write_behind(flush)
     assert await _rows(migrated_db) == rows

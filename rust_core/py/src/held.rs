@@ -6,6 +6,7 @@
 //! created ms).
 
 use allocsvc_core::held::{self, Assignment, Held, Made};
+use allocsvc_core::keys;
 use parking_lot::Mutex;
 use pyo3::prelude::*;
 use pyo3::pybacked::PyBackedStr;
@@ -76,9 +77,7 @@ impl PyHeld {
         let names = self.names.lock();
         let mut out = Names::default();
         for &h in handles {
-            if !out.0.contains_key(&h) {
-                out.0.insert(h, names.get(py, h).unbind());
-            }
+            out.0.entry(h).or_insert_with(|| names.get(py, h).unbind());
         }
         out
     }
@@ -111,12 +110,11 @@ impl PyHeld {
     #[pyo3(signature = (a, latest=true))]
     fn add(&self, a: HeldIn<'_>, latest: bool) {
         let (id, name, handle, user_id, variant, segment_key, level, propensity, created_ms) = a;
-        {
-            let mut names = self.names.lock();
-            if !names.0.contains_key(&handle) {
-                names.0.insert(handle, name.unbind());
-            }
-        }
+        self.names
+            .lock()
+            .0
+            .entry(handle)
+            .or_insert_with(|| name.unbind());
         let a = Assignment {
             id: Cow::Borrowed(&id),
             handle,
@@ -278,15 +276,32 @@ impl PyMade {
     }
 }
 
-/// Assignments of `made` as one PostgreSQL binary COPY stream (columns
-/// `ASSIGNMENT_COPY_COLUMNS`).
+/// Assignments as one PostgreSQL binary COPY stream (columns `ASSIGNMENT_COPY_COLUMNS`):
+/// `singles` (`Held` tuples) first, then those of `made`.
 #[pyfunction]
+#[pyo3(signature = (made, singles=None))]
 pub(crate) fn copy_assignments<'py>(
     py: Python<'py>,
     made: Vec<PyRef<'py, PyMade>>,
+    singles: Option<Vec<HeldIn<'py>>>,
 ) -> Bound<'py, PyBytes> {
-    let mut out = Vec::with_capacity(19 + made.iter().map(|m| m.inner.len() * 96).sum::<usize>());
+    let singles = singles.unwrap_or_default();
+    let rows = singles.len() + made.iter().map(|m| m.inner.len()).sum::<usize>();
+    let mut out = Vec::with_capacity(19 + rows * 96);
     held::copy_header(&mut out);
+    for (id, _, handle, user_id, variant, segment_key, level, propensity, created_ms) in &singles {
+        let a = Assignment {
+            id: Cow::Borrowed(id),
+            handle: *handle,
+            user_id,
+            variant: *variant,
+            segment_key,
+            level: *level,
+            propensity: *propensity,
+            created_ms: *created_ms,
+        };
+        held::copy_row(&mut out, &a, keys::key_hash(segment_key));
+    }
     for m in &made {
         m.inner.copy_rows(&mut out);
     }

@@ -113,21 +113,13 @@ class SegmentationConfigRow:
     updated_at: datetime | None = None
 
 
-# Assignments as the write-behind inserts them: ids, experiment ids, user ids, variants,
-# segment keys, segment hashes (unsigned 64-bit), cascade levels, propensities.
-AssignmentColumns = tuple[
-    list[str], list[int], list[str], list[int], list[str], list[int], list[int], list[float]
-]
-
-
 @dataclass(frozen=True, slots=True)
 class WriteBehind:
     """One flush of the write-behind (see `PostgresStore.write_behind`); `token` names it
     across retries."""
 
     token: str
-    singles: AssignmentColumns
-    copy_rows: bytes
+    copy_rows: bytes  # the assignments, a binary COPY stream
     segments: Sequence[SegmentRow]
     visitors: Mapping[int, int]  # new assignments per experiment (today's traffic)
     counts: Sequence[CountRow]
@@ -245,14 +237,6 @@ FROM unnest($1::text[], $2::bigint[], $3::text[], $4::smallint[], $5::text[], $6
             $7::smallint[], $8::float8[], $9::text[], $10::text[], $11::timestamptz[])
      AS a(id, experiment_id, user_id, variant, segment_key, segment_hash, cascade_level,
           propensity, context, region, created_at)
-ON CONFLICT DO NOTHING
-"""
-
-_INSERT_ASSIGNMENT_COLUMNS = """
-INSERT INTO assignments (id, experiment_id, user_id, variant, segment_key, segment_hash,
-                         cascade_level, propensity)
-SELECT * FROM unnest($1::text[], $2::bigint[], $3::text[], $4::smallint[], $5::text[],
-                     $6::bigint[], $7::smallint[], $8::float8[])
 ON CONFLICT DO NOTHING
 """
 
@@ -526,9 +510,9 @@ class PostgresStore:
         return _affected(status)
 
     async def write_behind(self, flush: WriteBehind) -> bool:
-        """Write one write-behind flush in one transaction: its single assignments (unnest
-        insert, an existing id kept), its batches' rows (one binary COPY stream, columns
-        `ASSIGNMENT_COPY_COLUMNS`), new segments, daily traffic and allocation counts. False
+        """Write one write-behind flush in one transaction: its assignments (one binary COPY
+        stream, columns `ASSIGNMENT_COPY_COLUMNS`; an existing id is kept), new segments,
+        daily traffic and allocation counts. False
         when a flush with this token was committed already (a retry after an unacknowledged
         commit): then nothing changes.
 
@@ -544,8 +528,6 @@ class PostgresStore:
                 await connection.execute("SET LOCAL synchronous_commit = off")
                 if await connection.fetchval(_CLAIM_FLUSH, flush.token) is None:
                     return False
-                if flush.singles[0]:
-                    await connection.execute(_INSERT_ASSIGNMENT_COLUMNS, *_signed(flush.singles))
                 if flush.copy_rows:
                     await self._copy_assignments(connection, flush.copy_rows)
                 if flush.segments:
@@ -843,13 +825,6 @@ def _json(value: Any) -> str:
 def _affected(status: str) -> int:
     # asyncpg returns the command tag, e.g. "INSERT 0 3"
     return int(status.rsplit(" ", 1)[-1])
-
-
-def _signed(columns: AssignmentColumns) -> AssignmentColumns:
-    """The columns with the segment hashes as the BIGINTs that store them."""
-    ids, experiments, users, variants, keys, hashes, levels, propensities = columns
-    signed = [h - _U64 if h > _I64_MAX else h for h in hashes]
-    return ids, experiments, users, variants, keys, signed, levels, propensities
 
 
 def _segment_arrays(rows: Sequence[SegmentRow]) -> tuple[list[Any], ...]:

@@ -44,7 +44,6 @@ from allocsvc.analytics import DailyTraffic
 from allocsvc.core import MadeAssignments, copy_assignments, key_hash, parent_keys
 from allocsvc.errors import AlreadyExists, ResourceExhausted, Unavailable
 from allocsvc.store.postgres import (
-    AssignmentColumns,
     AssignmentRow,
     ConflictError,
     ConversionRow,
@@ -162,20 +161,6 @@ def assignment_from_row(row: AssignmentRow, experiment_key: str) -> Assignment:
     )
 
 
-def _columns(batch: Sequence[Assignment]) -> AssignmentColumns:
-    """The columns of single buffered assignments, for one insert."""
-    return (
-        [a.id for a in batch],
-        [a.handle for a in batch],
-        [a.user_id for a in batch],
-        [a.variant for a in batch],
-        [a.segment_key for a in batch],
-        [key_hash(a.segment_key) for a in batch],
-        [a.cascade_level for a in batch],
-        [a.propensity for a in batch],
-    )
-
-
 def _row(a: Assignment) -> AssignmentRow:
     return AssignmentRow(
         id=a.id,
@@ -222,8 +207,9 @@ class _Unit:
                 visitors[handle] += n
         return WriteBehind(
             token=self.token,
-            singles=_columns(self.batch),
-            copy_rows=copy_assignments(self.made) if self.made else b"",
+            # One binary COPY stream written in Rust: asyncpg's array encoding checked every
+            # element of the single assignments' columns (an ABC isinstance each).
+            copy_rows=copy_assignments(self.made, self.batch) if self.rows() else b"",
             segments=self.segments,
             visitors=visitors,
             counts=self.counts,

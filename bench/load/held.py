@@ -1,0 +1,124 @@
+"""What a held assignment costs in memory, and how fast the write-behind writes batches'
+assignments to PostgreSQL (issue 10), in one process with no gRPC around it.
+
+    python bench/load/held.py [--held 1000000] [--rows 200000]
+
+1. Memory: `--held` assignments made through the batch path (1,000-item batches, 14-character
+   user ids, a non-sticky 5-variant experiment segmented by source and device, the in-memory
+   journal, no bound on the held store): VmRSS before and after, per assignment.
+2. PostgreSQL: `--rows` assignments made the same way with the PostgreSQL journal (on an
+   embedded PostgreSQL started here), then one write-behind flush of all of them: rows per
+   second of wall time, and this process's CPU time for it (the flush's binary COPY stream is
+   written in Rust; PostgreSQL's own CPU is not counted).
+
+Prints one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import json
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import benchkit  # bench/load/benchkit.py
+import run  # bench/load/run.py
+
+from allocsvc._proto import allocsvc_pb2 as pb
+from allocsvc.allocation.journal import Journal, MemoryJournal
+from allocsvc.allocation.service import AllocationService
+from allocsvc.api import convert
+from allocsvc.context import Extractor
+from allocsvc.core import Engine
+from allocsvc.store import PostgresStore
+from allocsvc.store.migrations import migrate
+from allocsvc.store.writebehind import PostgresJournal
+
+
+def _rss_kib() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS"):
+            return int(line.split()[1])
+    raise RuntimeError("no VmRSS")
+
+
+async def _service(journal: Journal) -> AllocationService:
+    service = AllocationService(Engine(), journal, Extractor())
+    experiment = pb.Experiment(
+        id="e",
+        status=pb.EXPERIMENT_STATUS_RUNNING,
+        variants=[pb.Variant(id=v) for v in "ABCDE"],
+        segmentation=benchkit.manual_segmentation(),
+    )
+    await service.create_experiment(convert.experiment_from_pb(experiment))
+    return service
+
+
+def _allocate(service: AllocationService, n: int) -> float:
+    """Allocate `n` new users in 1,000-item batches; seconds of CPU per item."""
+    start = time.process_time()
+    for b in range(n // 1000):
+        request = pb.AllocateBatchRequest(
+            requests=[
+                pb.AllocateRequest(
+                    experiment_id="e", user_id=f"user-{b:04d}-{i:04d}", context=benchkit.CONTEXT
+                )
+                for i in range(1000)
+            ]
+        ).SerializeToString()
+        prepared = service.prepare_batch(request)
+        assert prepared is not None
+        service.finish_batch(prepared, "", {}, {})
+    return (time.process_time() - start) / n
+
+
+async def memory(held: int) -> dict[str, Any]:
+    service = await _service(MemoryJournal())
+    gc.collect()
+    before = _rss_kib()
+    _allocate(service, held)
+    gc.collect()
+    after = _rss_kib()
+    return {
+        "held": held,
+        "rss_kib_added": after - before,
+        "bytes_per_held": (after - before) * 1024 / held,
+    }
+
+
+async def flush(dsn: str, rows: int) -> dict[str, Any]:
+    await migrate(dsn)
+    async with await PostgresStore.connect(dsn, min_size=1, max_size=4) as store:
+        journal = PostgresJournal(store, max_pending_assignments=rows)
+        service = await _service(journal)
+        _allocate(service, rows)
+        wall, cpu = time.perf_counter(), time.process_time()
+        await journal.flush()
+        wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+        assert journal.stats.assignments_written == rows, journal.stats
+    return {"rows": rows, "flush_s": wall, "rows_per_s": rows / wall, "flush_cpu_s": cpu}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
+    parser.add_argument("--held", type=int, default=1_000_000)
+    parser.add_argument("--rows", type=int, default=200_000)
+    args = parser.parse_args()
+    out = asyncio.run(memory(args.held))
+    with (
+        tempfile.TemporaryDirectory(prefix="allocsvc-held-") as tmp,
+        run.stores(Path(tmp)) as (
+            postgres,
+            _redis,
+        ),
+    ):
+        out.update(asyncio.run(flush(run.database(postgres, "held"), args.rows)))
+    print(json.dumps({k: round(v, 2) if isinstance(v, float) else v for k, v in out.items()}))
+
+
+if __name__ == "__main__":
+    main()
