@@ -77,7 +77,12 @@ def simulate(
     """
     from allocsvc.quality.policies import standard_policies
     from allocsvc.quality.scenarios import DIMENSIONS, SCENARIOS, VARIANTS
-    from allocsvc.quality.simulator import compare, markdown_table
+    from allocsvc.quality.simulator import (
+        BASELINE,
+        NEW_SEGMENT_USERS,
+        compare,
+        markdown_table,
+    )
     from allocsvc.quality.simulator import simulate as run
 
     known = standard_policies(DIMENSIONS, VARIANTS)
@@ -107,7 +112,17 @@ def simulate(
             workers=workers,
             on_done=bar.update,
         )
-    click.echo(markdown_table(compare(summaries)))
+    rows = compare(summaries)
+    click.echo(markdown_table(rows))
+    for r in rows:
+        # Scenarios with a new segment: its first users, paired with the baseline's.
+        if r.new_segment is not None and r.new_segment_difference is not None:
+            d = r.new_segment_difference
+            click.echo(
+                f"{r.scenario}, {r.policy}: new segment's first {NEW_SEGMENT_USERS} users "
+                f"{r.new_segment.value:.4%}, minus {BASELINE}'s {d.value:+.4%} "
+                f"[{d.low:+.4%}, {d.high:+.4%}]"
+            )
     click.echo(f"seeds {seed_list[0]}..{seed_list[-1]}, {users} users per stream, batch {batch}")
     if json_out is not None:
         json_out.write_text(json.dumps([asdict(s) for s in summaries]))
