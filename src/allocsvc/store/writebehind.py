@@ -529,12 +529,6 @@ class PostgresJournal:
         except Exception as exc:
             log.warning("traffic stats not updated", extra={"error": repr(exc)})
 
-    async def _add_traffic(self, per_experiment: Counter[int]) -> None:
-        """Daily visitors (new assignments) and allocations per experiment."""
-        today = datetime.now(UTC).date()
-        for experiment_id, n in per_experiment.items():
-            await self._store.add_traffic(experiment_id, today, visitors=n, allocations=n)
-
     async def refresh_analytics(self) -> None:
         try:
             await self._store.refresh_analytics()
