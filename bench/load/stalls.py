@@ -210,7 +210,7 @@ def slow_calls(probes: Probes, series: Path, slow_s: float) -> dict[str, Any]:
     by: dict[str, int] = defaultdict(int)
     count = slow = 0
     for line in series.read_text().splitlines():
-        due_ns, latency_ns, code = line.split("\t")
+        due_ns, latency_ns, code, _lag_ns = line.split("\t")
         count += 1
         latency = int(latency_ns) / 1e9
         if code != "OK" or latency <= slow_s:

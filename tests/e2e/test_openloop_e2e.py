@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import statistics
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -112,13 +113,25 @@ def test_every_call_due_in_the_window_is_sent_and_answered(
 def test_latency_runs_from_the_due_time(
     openloop: Path, stalling_server: int, tmp_path: Path
 ) -> None:
-    result = _drive(openloop, stalling_server, tmp_path)
+    series = tmp_path / "series.tsv"
+    result = _drive(openloop, stalling_server, tmp_path, "-series", str(series))
     # 300 ms without answers at 400/s: ~120 calls were due meanwhile, and each waited for the
     # rest of the stall. Timed from their send by a closed-loop client, only the few calls in
     # flight would have been slow; from their due time, at least the calls due in the first
     # 200 ms of the stall waited 100 ms or more: over 6% of the 1,200.
     assert float(str(result["p95_ms"])) >= 100
     assert float(str(result["max_ms"])) >= 250
-    # The generator itself kept its schedule: its sends were not held back by the stall (its
-    # own lateness, due to send, stays well below the lateness the stall caused).
-    assert float(str(result["lag_p99_ms"])) * 4 < float(str(result["p95_ms"]))
+    # The generator itself kept its schedule: the calls the stall caught went out while the
+    # server was not answering, so most of their latency was spent in flight, not waiting to
+    # be sent. A generator held back by the server (a closed loop, or one waiting for flow
+    # control credit) would send them only once the server answered again: their latency
+    # would be nearly all send lag. Judged call by call rather than by the run's lag
+    # percentiles, so that this machine pausing every process at once (its neighbours' steal)
+    # does not pass for the generator waiting on the server.
+    caught = []
+    for line in series.read_text().splitlines():
+        _due_ns, latency_ns, code, lag_ns = line.split("\t")
+        if code == "OK" and int(latency_ns) >= 100_000_000:
+            caught.append(int(lag_ns) / int(latency_ns))
+    assert len(caught) >= 60
+    assert statistics.median(caught) < 0.25

@@ -329,7 +329,7 @@ func main() {
 	procs := flag.Int("procs", 1, "GOMAXPROCS: OS threads running Go code at once")
 	gcPercent := flag.Int("gc-percent", 400, "GOGC")
 	seriesPath := flag.String("series", "", "optional file: one line per measured call, "+
-		"'due (Unix ns)<TAB>latency (ns)<TAB>result'")
+		"'due (Unix ns)<TAB>latency (ns)<TAB>result<TAB>send lag (ns)'")
 	flag.Parse()
 	runtime.GOMAXPROCS(*procs)
 	debug.SetGCPercent(*gcPercent)
@@ -425,7 +425,8 @@ func main() {
 	}
 	for s := range results {
 		if series != nil {
-			fmt.Fprintf(series, "%d\t%d\t%s\n", s.due.UnixNano(), s.latency.Nanoseconds(), s.code)
+			fmt.Fprintf(series, "%d\t%d\t%s\t%d\n",
+				s.due.UnixNano(), s.latency.Nanoseconds(), s.code, s.lag.Nanoseconds())
 		}
 		codes[s.code]++
 		lag = append(lag, ms(s.lag))
