@@ -303,7 +303,7 @@ async def measure(settings: Settings, args: argparse.Namespace, workdir: Path) -
             await asyncio.to_thread(run._create_experiments, setup)
             await asyncio.to_thread(run._wait_known, setup)
             openloop = await asyncio.to_thread(h2.build_openloop, workdir)
-            _, message = h2.grpc_body(workdir)
+            _, message, _ = h2.grpc_body(workdir)
             command = [str(openloop), "-target", setup.target, "-method", h2.PATH]
             command += ["-body", str(message), "-rate", str(args.rate)]
             command += ["-conns", str(args.conns), "-duration", f"{args.seconds}s"]
