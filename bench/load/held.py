@@ -10,6 +10,9 @@ assignments to PostgreSQL (issue 10), in one process with no gRPC around it.
    embedded PostgreSQL started here), then one write-behind flush of all of them: rows per
    second of wall time, and this process's CPU time for it (the flush's binary COPY stream is
    written in Rust; PostgreSQL's own CPU is not counted).
+3. Restart: a new service restores from those rows (`allocsvc.server.restore`, as a server
+   starts) with memory for a quarter of them (`--restart-held`), then with no bound: rows
+   read, wall seconds and the RSS they added.
 
 Prints one JSON line.
 """
@@ -28,9 +31,10 @@ from typing import Any
 import benchkit  # bench/load/benchkit.py
 import run  # bench/load/run.py
 
+from allocsvc import server
 from allocsvc._proto import allocsvc_pb2 as pb
 from allocsvc.allocation.journal import Journal, MemoryJournal
-from allocsvc.allocation.service import AllocationService
+from allocsvc.allocation.service import AllocationService, Limits
 from allocsvc.api import convert
 from allocsvc.context import Extractor
 from allocsvc.core import Engine
@@ -90,7 +94,7 @@ async def memory(held: int) -> dict[str, Any]:
     }
 
 
-async def flush(dsn: str, rows: int) -> dict[str, Any]:
+async def flush(dsn: str, rows: int, restart_held: int) -> dict[str, Any]:
     await migrate(dsn)
     async with await PostgresStore.connect(dsn, min_size=1, max_size=4) as store:
         journal = PostgresJournal(store, max_pending_assignments=rows)
@@ -100,13 +104,42 @@ async def flush(dsn: str, rows: int) -> dict[str, Any]:
         await journal.flush()
         wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
         assert journal.stats.assignments_written == rows, journal.stats
-    return {"rows": rows, "flush_s": wall, "rows_per_s": rows / wall, "flush_cpu_s": cpu}
+        out: dict[str, Any] = {
+            "rows": rows,
+            "flush_s": wall,
+            "rows_per_s": rows / wall,
+            "flush_cpu_s": cpu,
+        }
+        del service, journal
+        for name, held in (("restart_bounded", restart_held), ("restart_unbounded", 0)):
+            out.update({f"{name}_{k}": v for k, v in (await restart(store, held)).items()})
+    return out
+
+
+async def restart(store: PostgresStore, held: int) -> dict[str, Any]:
+    """Restore a new service from the store as a server starts, holding at most `held`."""
+    gc.collect()
+    before = _rss_kib()
+    service = AllocationService(
+        Engine(), PostgresJournal(store), Extractor(), Limits(max_held_assignments=held)
+    )
+    wall = time.perf_counter()
+    loaded = await server.restore(PostgresJournal(store), service)
+    wall = time.perf_counter() - wall
+    gc.collect()
+    return {
+        "held_cap": held,
+        "rows_read": loaded["assignments"],
+        "s": wall,
+        "rss_kib_added": _rss_kib() - before,
+    }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument("--held", type=int, default=1_000_000)
     parser.add_argument("--rows", type=int, default=200_000)
+    parser.add_argument("--restart-held", type=int, help="default: a quarter of --rows")
     args = parser.parse_args()
     out = asyncio.run(memory(args.held))
     with (
@@ -116,7 +149,8 @@ def main() -> None:
             _redis,
         ),
     ):
-        out.update(asyncio.run(flush(run.database(postgres, "held"), args.rows)))
+        restart_held = args.restart_held or max(1, args.rows // 4)
+        out.update(asyncio.run(flush(run.database(postgres, "held"), args.rows, restart_held)))
     print(json.dumps({k: round(v, 2) if isinstance(v, float) else v for k, v in out.items()}))
 
 

@@ -313,6 +313,19 @@ def _sync(regions: Regions) -> Callable[[], Awaitable[None]]:
     return run
 
 
+async def restore(journal: PostgresJournal, service: AllocationService) -> dict[str, int]:
+    """Install the state stored in PostgreSQL: experiments, counters, segments, and the
+    assignments memory holds (at most `held_capacity` of them, read in chunks: the table may
+    hold far more than a process could). What was read, by kind."""
+    experiments, counts, segments = await journal.load()
+    service.restore(experiments, counts, [], segments)
+    read = 0
+    async for chunk in journal.newest_assignments(experiments, service.held_capacity):
+        service.hold_restored(chunk)
+        read += len(chunk)
+    return {"experiments": len(experiments), "counters": len(counts), "assignments": read}
+
+
 async def _load_state(
     stores: Stores, service: AllocationService, health_servicer: health.HealthServicer
 ) -> None:
@@ -320,19 +333,11 @@ async def _load_state(
     # Every change of the counters goes once to each sink that persists or shares it.
     pump = DeltaPump(service.take_deltas)
     if isinstance(stores.journal, PostgresJournal):
-        experiments, counts, assignments, segments = await stores.journal.load()
-        service.restore(experiments, counts, assignments, segments)
+        loaded = await restore(stores.journal, service)
         pump.add_sink("postgres")
         stores.journal.bind_deltas(lambda: pump.drain("postgres"))
         stores.journal.start(service.load_experiments)
-        log.info(
-            "state loaded",
-            extra={
-                "experiments": len(experiments),
-                "counters": len(counts),
-                "assignments": len(assignments),
-            },
-        )
+        log.info("state loaded", extra=loaded)
     if stores.shared is not None:
 
         def report(healthy: bool) -> None:

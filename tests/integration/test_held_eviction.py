@@ -4,10 +4,12 @@ conversion finds its assignment by id or by experiment and user. Memory stays bo
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 
 import pytest
 
+from allocsvc import server
 from allocsvc._proto import allocsvc_pb2 as pb
 from allocsvc.allocation.journal import MemoryJournal
 from allocsvc.allocation.service import (
@@ -116,3 +118,40 @@ async def test_without_a_durable_store_an_evicted_user_is_new() -> None:
         await service.allocate(AllocationRequest("sticky", f"user-{i}"))
     assert len(service._held) == HELD
     assert not (await service.allocate(AllocationRequest("sticky", "user-0"))).sticky
+
+
+async def test_a_restart_holds_the_newest_and_finds_the_rest_in_postgres(
+    store: PostgresStore,
+) -> None:
+    journal = PostgresJournal(store, max_pending_assignments=HELD // 2)
+    service = await _service(journal)
+    first = []
+    for i in range(3 * HELD):
+        first.append((await service.allocate(AllocationRequest("sticky", f"user-{i}"))).assignment)
+        await asyncio.sleep(0.002)  # each its own millisecond: "newest" is then this order
+        if i % 10 == 9:
+            await journal.flush()
+    await journal.close()
+    # The next process, memory for HELD assignments: it reads only the newest HELD + 1 (the
+    # table could hold far more than fits), so holding them evicts one, which tells it that
+    # PostgreSQL has users it does not hold.
+    journal = PostgresJournal(store, max_pending_assignments=HELD // 2)
+    journal.start()
+    restarted = AllocationService(Engine(), journal, Extractor(), Limits(max_held_assignments=HELD))
+    loaded = await server.restore(journal, restarted)
+    assert loaded == {"experiments": 2, "counters": loaded["counters"], "assignments": HELD + 1}
+    assert len(restarted._held) == HELD
+    held = [restarted.holds(experiment_key="sticky", user_id=f"user-{i}") for i in range(3 * HELD)]
+    assert held == [False] * (2 * HELD) + [True] * HELD
+    # Users only PostgreSQL holds keep their assignments: unary, and a conversion by id.
+    again = await restarted.allocate(AllocationRequest("sticky", "user-0"))
+    assert again.sticky and _same(again.assignment, first[0])
+    (converted,) = await restarted.record_conversions(
+        [ConversionRequest(assignment_id=first[HELD].id)]
+    )
+    assert not isinstance(converted, Exception) and _same(converted.assignment, first[HELD])
+    await journal.close()
+    # With no bound, a restart reads them all.
+    unbounded = AllocationService(Engine(), PostgresJournal(store), Extractor())
+    assert (await server.restore(PostgresJournal(store), unbounded))["assignments"] == 3 * HELD
+    assert all(unbounded.holds(assignment_id=a.id) for a in first)

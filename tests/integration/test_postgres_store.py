@@ -231,7 +231,25 @@ async def test_assignments_round_trip_and_stickiness(store: PostgresStore) -> No
     assert got == dataclasses.replace(first, created_at=got.created_at)
     assert await store.get_assignment_by_id("a-2") is not None
     assert await store.get_assignment(eid, "user-3") is None
-    assert [a.id for a in await store.load_assignments(eid)] == ["a-1", "a-2", "a-3"]
+    assert [a.id for c in [c async for c in store.load_assignments(eid)] for a in c] == [
+        "a-1",
+        "a-2",
+        "a-3",
+    ]
+
+
+async def test_assignments_load_in_chunks_and_newest_only(store: PostgresStore) -> None:
+    eid = await new_experiment(store)
+    rows = [AssignmentRow(f"a-{i:02}", eid, f"user-{i}", i % 3, "", 0) for i in range(25)]
+    assert await store.insert_assignments(rows) == 25
+    # All of them, oldest first (one insert: the same time, then by id), at most 10 a chunk.
+    chunks = [c async for c in store.load_assignments(eid, chunk=10)]
+    assert [len(c) for c in chunks] == [10, 10, 5]
+    assert [a.id for c in chunks for a in c] == [r.id for r in rows]
+    # Only the newest 7, still oldest first.
+    newest = [a.id for c in [c async for c in store.load_assignments(eid, newest=7)] for a in c]
+    assert newest == [r.id for r in rows[-7:]]
+    assert [c async for c in store.load_assignments(10**9)] == []
 
 
 PATH = [3244421341483603138, 2**64 - 5, 2**63]  # global, level 1, level 2

@@ -382,9 +382,19 @@ class AllocationService:
         self._engine.load_counts(list(counts))
         for handle, key in segments:
             self._register_segment(handle, key)
+        self.hold_restored(assignments)
+
+    def hold_restored(self, assignments: Iterable[Assignment]) -> None:
+        """Hold assignments read back from the store (oldest first), as `restore` does: past
+        `held_capacity`, the oldest are evicted and looked up in the store when needed."""
         for a in assignments:
             self._remember(a)
             self._register_segment(a.handle, a.segment_key)
+
+    @property
+    def held_capacity(self) -> int:
+        """How many assignments memory holds at most (0: no bound)."""
+        return self._limits.max_held_assignments
 
     def take_deltas(self) -> list[tuple[int, int, int, int, int, float]]:
         """Counter changes since the last call (for write-behind)."""

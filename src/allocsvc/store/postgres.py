@@ -10,7 +10,7 @@ never lose each other's updates.
 from __future__ import annotations
 
 import json
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 from types import TracebackType
@@ -573,13 +573,33 @@ class PostgresStore:
         )
         return None if row is None else _assignment(row)
 
-    async def load_assignments(self, experiment_id: int) -> list[AssignmentRow]:
-        rows = await self._pool.fetch(
+    async def load_assignments(
+        self, experiment_id: int, *, newest: int | None = None, chunk: int = 50_000
+    ) -> AsyncIterator[list[AssignmentRow]]:
+        """An experiment's stored assignments, oldest first, in lists of at most `chunk`; with
+        `newest`, only its newest that many. Read through a cursor: the table may hold far
+        more rows than a process could keep at once."""
+        query = (
             f"SELECT {_ASSIGNMENT_COLUMNS} FROM assignments WHERE experiment_id = $1"
-            " ORDER BY created_at, id",
-            experiment_id,
+            " ORDER BY created_at, id"
         )
-        return [_assignment(r) for r in rows]
+        args: tuple[int, ...] = (experiment_id,)
+        if newest is not None:
+            query = (
+                f"SELECT * FROM (SELECT {_ASSIGNMENT_COLUMNS} FROM assignments"
+                " WHERE experiment_id = $1 ORDER BY created_at DESC, id DESC LIMIT $2) AS newest"
+                " ORDER BY created_at, id"
+            )
+            args = (experiment_id, newest)
+        async with self._pool.acquire() as connection, connection.transaction():
+            rows: list[AssignmentRow] = []
+            async for record in connection.cursor(query, *args, prefetch=min(chunk, 10_000)):
+                rows.append(_assignment(record))
+                if len(rows) >= chunk:
+                    yield rows
+                    rows = []
+            if rows:
+                yield rows
 
     # conversions
 

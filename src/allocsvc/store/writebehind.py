@@ -2,7 +2,7 @@
 group-committed.
 
 - Assignments and allocation counts are buffered in memory and flushed in batches at least
-  every `flush_interval` (200 ms by default). A crash loses at most that window of them; they
+  every `flush_interval` (100 ms by default). A crash loses at most that window of them; they
   were never promised durable.
 - A conversion is acknowledged only after the transaction that stores it (and increments its
   counters at every level of its path) has committed. Concurrent conversions wait together on
@@ -21,7 +21,7 @@ import logging
 import secrets
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any, TypeVar
@@ -368,23 +368,29 @@ class PostgresJournal:
             return None
         return assignment_from_row(row, experiment.key)
 
-    async def load(
-        self,
-    ) -> tuple[list[Experiment], list[CountRow], list[Assignment], list[tuple[int, str]]]:
-        """Everything the service needs at start: experiments, counters, assignments and the
-        known segments."""
+    async def load(self) -> tuple[list[Experiment], list[CountRow], list[tuple[int, str]]]:
+        """What the service needs at start but the assignments: experiments, counters and the
+        known segments (the assignments: `newest_assignments`)."""
         experiments = await self.experiments()
         counts = await self._store.load_counts()
-        keys = {e.handle: e.key for e in experiments}
-        assignments: list[Assignment] = []
         segments: list[tuple[int, str]] = []
         for e in experiments:
-            rows = await self._store.load_assignments(e.handle)
-            assignments.extend(assignment_from_row(r, keys[e.handle]) for r in rows)
             for seg in await self._store.list_segments(e.handle):
                 self._known_segments.add((e.handle, seg.segment_hash))
                 segments.append((e.handle, seg.segment_key))
-        return experiments, counts, assignments, segments
+        return experiments, counts, segments
+
+    async def newest_assignments(
+        self, experiments: Iterable[Experiment], hold: int
+    ) -> AsyncIterator[list[Assignment]]:
+        """Each experiment's stored assignments to hold again at start, oldest first, in
+        chunks: all of them (`hold` 0), or its newest `hold` + 1. One more than memory keeps:
+        an experiment with more rows in PostgreSQL then evicts one as they are held, and is
+        known to have users only PostgreSQL holds (they are looked up there)."""
+        for e in experiments:
+            rows = self._store.load_assignments(e.handle, newest=hold + 1 if hold else None)
+            async for chunk in rows:
+                yield [assignment_from_row(r, e.key) for r in chunk]
 
     # Traffic, recommendations, audit: written through.
 
