@@ -592,14 +592,10 @@ class PostgresStore:
             )
             args = (experiment_id, newest)
         async with self._pool.acquire() as connection, connection.transaction():
-            rows: list[AssignmentRow] = []
-            async for record in connection.cursor(query, *args, prefetch=min(chunk, 10_000)):
-                rows.append(_assignment(record))
-                if len(rows) >= chunk:
-                    yield rows
-                    rows = []
-            if rows:
-                yield rows
+            # Fetched a chunk at a time: iterating the cursor row by row awaits once per row.
+            cursor = await connection.cursor(query, *args)
+            while records := await cursor.fetch(chunk):
+                yield [_assignment(r) for r in records]
 
     # conversions
 
