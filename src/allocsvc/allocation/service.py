@@ -102,23 +102,9 @@ class Assignment(NamedTuple):
     created_ms: int
 
 
-# An assignment as the Rust store of held assignments takes and gives it: its fields as an
-# exact tuple.
+# An assignment as the Rust store of held assignments gives it back: its fields as a tuple.
+# It takes an `Assignment` as it is (a tuple of those fields).
 Held = tuple[str, str, int, str, int, str, int, float, int]
-
-
-def _held(a: Assignment) -> Held:
-    return (
-        a.id,
-        a.experiment_key,
-        a.handle,
-        a.user_id,
-        a.variant,
-        a.segment_key,
-        a.cascade_level,
-        a.propensity,
-        a.created_ms,
-    )
 
 
 def _made_at(a: Assignment) -> int:
@@ -672,7 +658,7 @@ class AllocationService:
         return experiment
 
     def _remember(self, assignment: Assignment) -> None:
-        self._held.add(_held(assignment))
+        self._held.add(assignment)
 
     async def _recall(self, experiment: Experiment, user_id: str) -> Assignment | None:
         """The user's latest assignment in the experiment from the durable store, when memory
@@ -823,11 +809,11 @@ class AllocationService:
                     request.assignment_id, self._by_handle
                 )
                 if found is not None:
-                    self._held.add(_held(found), latest=False)
+                    self._held.add(found, latest=False)
             if found is None and self._shared is not None:
                 found = await self._shared.assignment(request.assignment_id)
                 if found is not None and found.handle in self._by_handle:
-                    self._held.add(_held(found), latest=False)
+                    self._held.add(found, latest=False)
                 else:
                     found = None
             if found is None:
