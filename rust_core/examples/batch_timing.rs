@@ -1,10 +1,14 @@
 //! Rough timing of the AllocateBatch bytes path without Python, in the scenario of
 //! bench/load/batch_path.py (1,000 items, 5 variants segmented by source and device, an
 //! iPhone/Instagram context, a new user id per item, a non-sticky experiment), and the same
-//! batch with a different user agent in every item (nothing shared between items):
+//! batch with a different user agent in every item (nothing shared between items); then finish
+//! with the new assignments held as the server holds them, in a bounded store that is full (every
+//! new assignment evicts the oldest, as in a server after warm-up):
 //! `cargo run --release -p allocsvc-core --example batch_timing`.
 use allocsvc_core::batch::{decode_batch, BatchLimits, Catalogue, ExperimentInfo, VariantInfo};
+use allocsvc_core::batch::PreparedBatch;
 use allocsvc_core::context::{self, ContextLimits};
+use allocsvc_core::held::{Held, Made};
 use allocsvc_core::wire;
 use allocsvc_core::{Engine, ExperimentConfig};
 use std::collections::HashMap;
@@ -79,7 +83,7 @@ fn main() {
         wire::put_bytes(&mut data, 1, &request(&user, CONTEXT[1].1));
         wire::put_bytes(&mut varied, 1, &request(&user, agent));
     }
-    let (given, errors) = (HashMap::new(), HashMap::new());
+    let (given, errors): (HashMap<_, _>, HashMap<_, _>) = (HashMap::new(), HashMap::new());
     let per_item = |ns: f64| ns / ITEMS as f64;
 
     let (ns, acc) = best_of(50, || decode_batch(&data).unwrap().len());
@@ -106,7 +110,7 @@ fn main() {
         "part: extract alone: {:.0} ns per item ({acc})",
         per_item(ns)
     );
-    let mut finish = 0.0;
+    let (mut finish, mut finish_one) = (0.0, None);
     for (name, batch) in [("one context", &data), ("a user agent per item", &varied)] {
         let (ns, acc) = best_of(50, || catalogue.prepare(batch, 1, false).unwrap().len());
         println!("{name}: prepare: {:.0} ns per item ({acc})", per_item(ns));
@@ -122,7 +126,83 @@ fn main() {
             per_item(ns)
         );
         finish = per_item(ns);
+        finish_one.get_or_insert(finish);
     }
+    // Finish without holding, one context: what holding adds to.
+    let finish_one = finish_one.unwrap_or_default();
+    // Finish and hold, as `PreparedBatch.finish` of the Python module does.
+    let finish_and_hold = |prepared: &PreparedBatch, held: &mut Held, first_seq: u64| {
+        let out = prepared
+            .finish(&engine, &catalogue, "local", "x", first_seq, &given, &errors)
+            .unwrap();
+        let d = &out.decided;
+        let mut made = Made::new("x", 0);
+        let mut id = String::new();
+        for k in 0..d.handles.len() {
+            made.push(
+                first_seq + k as u64,
+                d.handles[k],
+                d.user_ids[k],
+                d.variants[k],
+                d.segment_key(k),
+                d.levels[k],
+                d.propensities[k],
+            );
+            made.write_id(k, &mut id);
+            held.add_new(&made.get(k, &id));
+        }
+        out.response.len() + made.len()
+    };
+    // The same 1,000 users in every batch (bench/load/h2.py's batch), a store of 1,000,000.
+    let prepared = catalogue.prepare(&data, 1, false).unwrap();
+    let mut held = Held::bounded("x", 1_000_000);
+    let mut seq = 1;
+    while held.evictions() == 0 {
+        finish_and_hold(&prepared, &mut held, seq);
+        seq += ITEMS as u64;
+    }
+    let (ns, acc) = best_of(50, || {
+        seq += ITEMS as u64;
+        finish_and_hold(&prepared, &mut held, seq - ITEMS as u64)
+    });
+    println!(
+        "same users, store of 1,000,000 full: finish and hold: {:.0} ns per item ({acc}); holding {:.0} ns",
+        per_item(ns),
+        per_item(ns) - finish_one
+    );
+    // New users in every batch (128,000 in turn), a store of 100,000: each evicted assignment
+    // is its user's only one.
+    let batches: Vec<Vec<u8>> = (0..128)
+        .map(|b| {
+            let mut data = Vec::new();
+            for i in 0..ITEMS {
+                let user = format!("b{b}-u{i}");
+                wire::put_bytes(&mut data, 1, &request(&user, CONTEXT[1].1));
+            }
+            data
+        })
+        .collect();
+    let prepared: Vec<PreparedBatch> = batches
+        .iter()
+        .map(|b| catalogue.prepare(b, 1, false).unwrap())
+        .collect();
+    let mut held = Held::bounded("x", 100_000);
+    let mut round = 0;
+    while held.evictions() < 100_000 {
+        finish_and_hold(&prepared[round % prepared.len()], &mut held, seq);
+        seq += ITEMS as u64;
+        round += 1;
+    }
+    let (ns, acc) = best_of(50, || {
+        seq += ITEMS as u64;
+        round += 1;
+        finish_and_hold(&prepared[round % prepared.len()], &mut held, seq - ITEMS as u64)
+    });
+    println!(
+        "new users, store of 100,000 full: finish and hold: {:.0} ns per item ({acc}); holding {:.0} ns",
+        per_item(ns),
+        per_item(ns) - finish_one
+    );
     let users: Vec<String> = (0..ITEMS).map(|i| format!("u{i}")).collect();
     let values = ["instagram", "mobile"];
     let rows: Vec<&[&str]> = vec![&values[..]; ITEMS];
