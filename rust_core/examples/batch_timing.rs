@@ -5,10 +5,10 @@
 //! with the new assignments held as the server holds them, in a bounded store that is full (every
 //! new assignment evicts the oldest, as in a server after warm-up):
 //! `cargo run --release -p allocsvc-core --example batch_timing`.
-use allocsvc_core::batch::{decode_batch, BatchLimits, Catalogue, ExperimentInfo, VariantInfo};
 use allocsvc_core::batch::PreparedBatch;
+use allocsvc_core::batch::{decode_batch, BatchLimits, Catalogue, ExperimentInfo, VariantInfo};
 use allocsvc_core::context::{self, ContextLimits};
-use allocsvc_core::held::{Held, Made};
+use allocsvc_core::held::Held;
 use allocsvc_core::wire;
 use allocsvc_core::{Engine, ExperimentConfig};
 use std::collections::HashMap;
@@ -117,7 +117,7 @@ fn main() {
         let prepared = catalogue.prepare(batch, 1, false).unwrap();
         let (ns, acc) = best_of(50, || {
             let out = prepared
-                .finish(&engine, &catalogue, "local", "x", 1, &given, &errors)
+                .finish(&engine, &catalogue, "local", "x", 1, 0, &given, &errors)
                 .unwrap();
             out.response.len()
         });
@@ -133,25 +133,12 @@ fn main() {
     // Finish and hold, as `PreparedBatch.finish` of the Python module does.
     let finish_and_hold = |prepared: &PreparedBatch, held: &mut Held, first_seq: u64| {
         let out = prepared
-            .finish(&engine, &catalogue, "local", "x", first_seq, &given, &errors)
+            .finish(
+                &engine, &catalogue, "local", "x", first_seq, 0, &given, &errors,
+            )
             .unwrap();
-        let d = &out.decided;
-        let mut made = Made::new("x", 0);
-        let mut id = String::new();
-        for k in 0..d.handles.len() {
-            made.push(
-                first_seq + k as u64,
-                d.handles[k],
-                d.user_ids[k],
-                d.variants[k],
-                d.segment_key(k),
-                d.levels[k],
-                d.propensities[k],
-            );
-            made.write_id(k, &mut id);
-            held.add_new(&made.get(k, &id));
-        }
-        out.response.len() + made.len()
+        held.add_made(&out.made);
+        out.response.len() + out.made.len()
     };
     // The same 1,000 users in every batch (bench/load/h2.py's batch), a store of 1,000,000.
     let prepared = catalogue.prepare(&data, 1, false).unwrap();
@@ -196,7 +183,11 @@ fn main() {
     let (ns, acc) = best_of(50, || {
         seq += ITEMS as u64;
         round += 1;
-        finish_and_hold(&prepared[round % prepared.len()], &mut held, seq - ITEMS as u64)
+        finish_and_hold(
+            &prepared[round % prepared.len()],
+            &mut held,
+            seq - ITEMS as u64,
+        )
     });
     println!(
         "new users, store of 100,000 full: finish and hold: {:.0} ns per item ({acc}); holding {:.0} ns",

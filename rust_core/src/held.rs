@@ -6,8 +6,12 @@
 //! keeps 32 bits of its key's hash, so growing a table never reads the records (a rehash of
 //! millions of entries would otherwise miss the cache once per entry). Ids this process made
 //! (`{prefix}-{seq:x}`) are kept as their sequence number, other ids as text. A record takes
-//! about 64 bytes plus its user id, against about 400 bytes as Python tuples in dictionaries,
+//! about 88 bytes plus its user id, against about 400 bytes as Python tuples in dictionaries,
 //! and adding a batch's assignments needs no Python object per item.
+//!
+//! A user id is hashed once per new record: the record keeps that hash, the (experiment, user)
+//! hash is mixed from it and the experiment, and an own id's hash is mixed from its number, so
+//! evicting a record hashes no text and formats no id.
 //!
 //! With a capacity, the records form a ring: once it is full each new record takes the place
 //! of the oldest, which leaves every index. The caller looks evicted assignments up in the
@@ -21,6 +25,8 @@ use xxhash_rust::xxh3::xxh3_64_with_seed;
 
 const NONE: u32 = u32::MAX;
 const SPREAD: u64 = 0x9E37_79B9_7F4A_7C15;
+/// Another odd multiplier (splitmix64's), for the second step of a mix.
+const MIX: u64 = 0xBF58_476D_1CE4_E5B9;
 
 /// One assignment as the caller gives and gets it.
 #[derive(Debug, Clone, PartialEq)]
@@ -42,6 +48,31 @@ enum Id {
     Other(Box<str>),
 }
 
+/// An [`Id`] borrowing its text (looked up or about to be held).
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum IdRef<'a> {
+    Own(u64),
+    Other(&'a str),
+}
+
+impl Id {
+    fn as_ref(&self) -> IdRef<'_> {
+        match self {
+            Id::Own(seq) => IdRef::Own(*seq),
+            Id::Other(text) => IdRef::Other(text),
+        }
+    }
+}
+
+impl IdRef<'_> {
+    fn to_owned(self) -> Id {
+        match self {
+            IdRef::Own(seq) => Id::Own(seq),
+            IdRef::Other(text) => Id::Other(text.into()),
+        }
+    }
+}
+
 struct Record {
     id: Id,
     user: Box<str>,
@@ -53,6 +84,8 @@ struct Record {
     /// The user's previous and next records (NONE: none), newest first from `by_user`.
     older: u32,
     newer: u32,
+    /// 32 bits of the user id's hash (see [`Held::hash_user`]).
+    user_hash: u32,
     level: u16,
     live: bool,
 }
@@ -86,6 +119,37 @@ fn remove(table: &mut HashTable<Entry>, hash: u32, n: u32) {
     }
 }
 
+/// The hash of (experiment `handle`, a user whose hash is `user_hash`).
+fn slot_hash(handle: u64, user_hash: u32) -> u32 {
+    ((u64::from(user_hash) ^ handle.wrapping_mul(SPREAD)).wrapping_mul(MIX) >> 32) as u32
+}
+
+/// A user id in the place of `old` (a dead record's): its allocation is reused when the
+/// lengths agree (user ids of one service mostly have one length).
+fn reuse_text(old: Box<str>, new: &str) -> Box<str> {
+    if old.len() != new.len() {
+        return new.into();
+    }
+    let mut bytes = old.into_boxed_bytes();
+    bytes.copy_from_slice(new.as_bytes());
+    match String::from_utf8(bytes.into_vec()) {
+        Ok(text) => text.into_boxed_str(),
+        Err(_) => new.into(),
+    }
+}
+
+/// One assignment's fields as [`Held::insert`] takes them.
+struct NewRecord<'a> {
+    id: IdRef<'a>,
+    user: &'a str,
+    handle: u64,
+    variant: usize,
+    key: u32,
+    level: usize,
+    propensity: f64,
+    created_ms: i64,
+}
+
 /// Assignments held in memory; see the module's text.
 pub struct Held {
     prefix: String,
@@ -105,8 +169,8 @@ pub struct Held {
     capacity: usize,
     cursor: usize,
     evictions: u64,
-    /// Experiments whose latest assignment of some user was evicted.
-    evicted_from: std::collections::HashSet<u64>,
+    /// Experiments whose latest assignment of some user was evicted (hashed by `wide`).
+    evicted_from: HashTable<u64>,
 }
 
 impl Held {
@@ -132,7 +196,7 @@ impl Held {
             capacity,
             cursor: 0,
             evictions: 0,
-            evicted_from: std::collections::HashSet::new(),
+            evicted_from: HashTable::new(),
         }
     }
 
@@ -144,7 +208,9 @@ impl Held {
     /// Whether a latest assignment of experiment `handle` was evicted: a user not found may
     /// then have one in the durable store.
     pub fn evicted(&self, handle: u64) -> bool {
-        self.evicted_from.contains(&handle)
+        self.evicted_from
+            .find(handle.wrapping_mul(SPREAD), |&h| h == handle)
+            .is_some()
     }
 
     /// Live records.
@@ -156,12 +222,17 @@ impl Held {
         self.live == 0
     }
 
-    fn hash_str(&self, s: &str) -> u32 {
+    /// Seeded: user ids (and ids not this process's) come from callers.
+    fn hash_user(&self, s: &str) -> u32 {
         xxh3_64_with_seed(s.as_bytes(), self.seed) as u32
     }
 
-    fn hash_slot(&self, handle: u64, user: &str) -> u32 {
-        xxh3_64_with_seed(user.as_bytes(), self.seed ^ handle.wrapping_mul(SPREAD)) as u32
+    fn hash_id(&self, id: IdRef<'_>) -> u32 {
+        match id {
+            // Numbers this process chose: a mix is enough.
+            IdRef::Own(seq) => ((seq ^ self.seed).wrapping_mul(MIX) >> 32) as u32,
+            IdRef::Other(text) => self.hash_user(text),
+        }
     }
 
     /// The sequence number of an id in this process's own form.
@@ -178,10 +249,10 @@ impl Held {
             .flatten()
     }
 
-    fn parse_id(&self, id: &str) -> Id {
+    fn parse_id<'a>(&self, id: &'a str) -> IdRef<'a> {
         match self.own_seq(id) {
-            Some(seq) => Id::Own(seq),
-            None => Id::Other(id.into()),
+            Some(seq) => IdRef::Own(seq),
+            None => IdRef::Other(id),
         }
     }
 
@@ -225,9 +296,22 @@ impl Held {
     fn find_id(&self, id: &str) -> Option<u32> {
         let wanted = self.parse_id(id);
         let records = &self.records;
-        find(&self.by_id, self.hash_str(id), |n| {
-            records[n as usize].id == wanted
+        find(&self.by_id, self.hash_id(wanted), |n| {
+            records[n as usize].id.as_ref() == wanted
         })
+    }
+
+    fn new_record<'a>(&self, a: &'a Assignment<'_>, key: u32) -> NewRecord<'a> {
+        NewRecord {
+            id: self.parse_id(&a.id),
+            user: a.user_id,
+            handle: a.handle,
+            variant: a.variant,
+            key,
+            level: a.level,
+            propensity: a.propensity,
+            created_ms: a.created_ms,
+        }
     }
 
     /// Hold `a`; with `latest`, it is also the (experiment, user)'s latest. An id held already
@@ -244,7 +328,10 @@ impl Held {
                 r.created_ms = a.created_ms;
                 n
             }
-            None => self.insert(a, key),
+            None => {
+                let record = self.new_record(a, key);
+                self.insert(&record)
+            }
         };
         if latest {
             self.set_latest(n);
@@ -256,40 +343,85 @@ impl Held {
     pub fn add_new(&mut self, a: &Assignment<'_>) {
         debug_assert!(self.find_id(&a.id).is_none(), "{} is held already", a.id);
         let key = self.key_number(a.segment_key);
-        let n = self.insert(a, key);
+        let record = self.new_record(a, key);
+        let n = self.insert(&record);
         self.set_latest(n);
     }
 
-    fn insert(&mut self, a: &Assignment<'_>, key: u32) -> u32 {
+    /// Hold a batch's new assignments (made just now by this process), each as its
+    /// (experiment, user)'s latest, in order: `add_new` of each, with each segment key looked
+    /// up once and the indexes grown once.
+    pub fn add_made(&mut self, made: &Made) {
+        let keys: Vec<u32> = made.keys.iter().map(|k| self.key_number(k)).collect();
+        let own = made.id_prefix == self.prefix;
+        let room = if self.capacity == 0 {
+            made.len().saturating_sub(self.free.len())
+        } else {
+            made.len()
+                .min(self.capacity - self.records.len().min(self.capacity))
+        };
+        self.records.reserve(room);
+        self.by_id.reserve(room, |e| wide(e.hash));
+        self.by_user.reserve(room, |e| wide(e.hash));
+        self.latest.reserve(room, |e| wide(e.hash));
+        let mut text = String::new();
+        for k in 0..made.len() {
+            let id = if own {
+                IdRef::Own(made.seqs[k])
+            } else {
+                made.write_id(k, &mut text);
+                self.parse_id(&text)
+            };
+            debug_assert!(self.find_id(&made.id_text(k)).is_none(), "held already");
+            let record = NewRecord {
+                id,
+                user: made.user_id(k),
+                handle: made.handles[k],
+                variant: made.variants[k] as usize,
+                key: keys[made.key_of[k] as usize],
+                level: usize::from(made.levels[k]),
+                propensity: made.propensities[k],
+                created_ms: made.created_ms,
+            };
+            let n = self.insert(&record);
+            self.set_latest(n);
+        }
+    }
+
+    fn insert(&mut self, a: &NewRecord<'_>) -> u32 {
         // The slot first: an eviction changes the indexes.
         let reused = self.free_slot();
-        let user_hash = self.hash_str(a.user_id);
-        let id_hash = self.hash_str(&a.id);
+        let user_hash = self.hash_user(a.user);
+        let id_hash = self.hash_id(a.id);
         let newest = {
             let records = &self.records;
             find(&self.by_user, user_hash, |m| {
-                &*records[m as usize].user == a.user_id
+                &*records[m as usize].user == a.user
             })
         };
-        let record = Record {
-            id: self.parse_id(&a.id),
-            user: a.user_id.into(),
+        let mut record = Record {
+            id: a.id.to_owned(),
+            user: Box::default(),
             handle: a.handle,
             propensity: a.propensity,
             created_ms: a.created_ms,
-            key,
+            key: a.key,
             variant: a.variant as u32,
             older: newest.unwrap_or(NONE),
             newer: NONE,
+            user_hash,
             level: a.level as u16,
             live: true,
         };
         let n = match reused {
             Some(n) => {
-                self.records[n as usize] = record;
+                let old = &mut self.records[n as usize];
+                record.user = reuse_text(std::mem::take(&mut old.user), a.user);
+                *old = record;
                 n
             }
             None => {
+                record.user = a.user.into();
                 self.records.push(record);
                 (self.records.len() - 1) as u32
             }
@@ -323,21 +455,24 @@ impl Held {
         Some(n)
     }
 
-    /// Take record `n` (the oldest) out of every index.
+    /// Take record `n` (the oldest) out of every index. Its user id stays, for the next
+    /// record in its place to reuse.
     fn evict(&mut self, n: u32) {
+        let id_hash = self.hash_id(self.records[n as usize].id.as_ref());
         let r = &mut self.records[n as usize];
-        let user = std::mem::take(&mut r.user);
-        let id = std::mem::replace(&mut r.id, Id::Own(0));
-        let (handle, older, newer) = (r.handle, r.older, r.newer);
+        let (handle, older, newer, user_hash) = (r.handle, r.older, r.newer, r.user_hash);
         r.older = NONE;
         r.newer = NONE;
         r.live = false;
-        let id_hash = self.hash_str(&self.id_text(&id));
         remove(&mut self.by_id, id_hash, n);
-        let slot_hash = self.hash_slot(handle, &user);
-        if let Ok(entry) = self.latest.find_entry(wide(slot_hash), |e| e.n == n) {
+        let latest_hash = slot_hash(handle, user_hash);
+        if let Ok(entry) = self.latest.find_entry(wide(latest_hash), |e| e.n == n) {
             entry.remove();
-            self.evicted_from.insert(handle);
+            let h = handle.wrapping_mul(SPREAD);
+            if self.evicted_from.find(h, |&x| x == handle).is_none() {
+                self.evicted_from
+                    .insert_unique(h, handle, |&x| x.wrapping_mul(SPREAD));
+            }
         }
         // Out of the user's chain (doubly linked: a user with many records costs nothing more).
         if older != NONE {
@@ -345,14 +480,11 @@ impl Held {
         }
         if newer != NONE {
             self.records[newer as usize].older = older;
-        } else {
-            let user_hash = self.hash_str(&user);
-            if let Ok(entry) = self.by_user.find_entry(wide(user_hash), |e| e.n == n) {
-                if older == NONE {
-                    entry.remove();
-                } else {
-                    entry.into_mut().n = older;
-                }
+        } else if let Ok(entry) = self.by_user.find_entry(wide(user_hash), |e| e.n == n) {
+            if older == NONE {
+                entry.remove();
+            } else {
+                entry.into_mut().n = older;
             }
         }
         self.live -= 1;
@@ -362,7 +494,7 @@ impl Held {
     fn set_latest(&mut self, n: u32) {
         let (handle, hash) = {
             let r = &self.records[n as usize];
-            (r.handle, self.hash_slot(r.handle, &r.user))
+            (r.handle, slot_hash(r.handle, r.user_hash))
         };
         let records = &self.records;
         let user = &records[n as usize].user;
@@ -381,10 +513,14 @@ impl Held {
     /// The latest assignment of `user_id` in experiment `handle`.
     pub fn latest(&self, handle: u64, user_id: &str) -> Option<Assignment<'_>> {
         let records = &self.records;
-        find(&self.latest, self.hash_slot(handle, user_id), |m| {
-            let r = &records[m as usize];
-            r.handle == handle && &*r.user == user_id
-        })
+        find(
+            &self.latest,
+            slot_hash(handle, self.hash_user(user_id)),
+            |m| {
+                let r = &records[m as usize];
+                r.handle == handle && &*r.user == user_id
+            },
+        )
         .map(|n| self.view(n))
     }
 
@@ -394,7 +530,7 @@ impl Held {
 
     fn newest_of_user(&self, user_id: &str) -> Option<u32> {
         let records = &self.records;
-        find(&self.by_user, self.hash_str(user_id), |m| {
+        find(&self.by_user, self.hash_user(user_id), |m| {
             &*records[m as usize].user == user_id
         })
     }
@@ -427,17 +563,17 @@ impl Held {
     /// Drop every assignment of `user_id`; `f` sees each before it goes (newest first).
     pub fn forget_user(&mut self, user_id: &str, mut f: impl FnMut(&Assignment<'_>)) -> usize {
         let numbers = self.numbers_of_user(user_id);
+        let user_hash = self.hash_user(user_id);
         for &n in &numbers {
-            let view = self.view(n);
-            f(&view);
-            let id_hash = self.hash_str(&view.id);
-            let slot_hash = self.hash_slot(view.handle, user_id);
+            f(&self.view(n));
+            let r = &self.records[n as usize];
+            let id_hash = self.hash_id(r.id.as_ref());
+            let latest_hash = slot_hash(r.handle, user_hash);
             remove(&mut self.by_id, id_hash, n);
-            remove(&mut self.latest, slot_hash, n);
+            remove(&mut self.latest, latest_hash, n);
         }
         if let Some(&newest) = numbers.first() {
-            let hash = self.hash_str(user_id);
-            remove(&mut self.by_user, hash, newest);
+            remove(&mut self.by_user, user_hash, newest);
         }
         for &n in &numbers {
             let r = &mut self.records[n as usize];
@@ -527,6 +663,13 @@ impl Made {
         push_hex(out, self.seqs[k]);
     }
 
+    /// The id of assignment `k`.
+    pub fn id_text(&self, k: usize) -> String {
+        let mut out = String::new();
+        self.write_id(k, &mut out);
+        out
+    }
+
     pub fn user_id(&self, k: usize) -> &str {
         let start = if k == 0 { 0 } else { self.user_ends[k - 1] };
         &self.users[start..self.user_ends[k]]
@@ -534,6 +677,18 @@ impl Made {
 
     pub fn segment_key(&self, k: usize) -> &str {
         &self.keys[self.key_of[k] as usize]
+    }
+
+    pub fn variant(&self, k: usize) -> usize {
+        self.variants[k] as usize
+    }
+
+    pub fn level(&self, k: usize) -> usize {
+        usize::from(self.levels[k])
+    }
+
+    pub fn propensity(&self, k: usize) -> f64 {
+        self.propensities[k]
     }
 
     /// Assignment `k`, its id in `id` (written there).
