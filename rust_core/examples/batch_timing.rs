@@ -28,8 +28,12 @@ const CONTEXT: [(&str, &str); 3] = [
 ];
 
 fn request(user: &str, user_agent: &str) -> Vec<u8> {
+    request_in("e", user, user_agent)
+}
+
+fn request_in(experiment: &str, user: &str, user_agent: &str) -> Vec<u8> {
     let mut m = Vec::new();
-    wire::put_str(&mut m, 1, "e");
+    wire::put_str(&mut m, 1, experiment);
     wire::put_str(&mut m, 2, user);
     for (k, v) in CONTEXT {
         let v = if k == "user_agent" { user_agent } else { v };
@@ -44,44 +48,48 @@ fn request(user: &str, user_agent: &str) -> Vec<u8> {
 fn main() {
     let engine = Engine::new();
     let dimensions = ["source", "device"];
-    engine
-        .configure(
-            1,
-            ExperimentConfig::thompson(5, &dimensions, vec![100, 100]),
-        )
-        .unwrap();
     let catalogue = Catalogue::new(BatchLimits {
         context: ContextLimits::default(),
         max_user_id_chars: 256,
         device_cache_size: 10_000,
     });
-    catalogue.put(ExperimentInfo {
-        key: "e".into(),
-        handle: 1,
-        running: true,
-        sticky: false,
-        caller_segments: false,
-        dimensions: dimensions.iter().map(|d| d.to_string()).collect(),
-        variants: "ABCDE"
-            .chars()
-            .map(|v| VariantInfo {
-                id: v.to_string(),
-                name: String::new(),
-                payload_json: String::new(),
-            })
-            .collect(),
-    });
+    // "e", and "s" the same but sticky.
+    for (key, handle, sticky) in [("e", 1, false), ("s", 2, true)] {
+        engine
+            .configure(
+                handle,
+                ExperimentConfig::thompson(5, &dimensions, vec![100, 100]),
+            )
+            .unwrap();
+        catalogue.put(ExperimentInfo {
+            key: key.into(),
+            handle,
+            running: true,
+            sticky,
+            caller_segments: false,
+            dimensions: dimensions.iter().map(|d| d.to_string()).collect(),
+            variants: "ABCDE"
+                .chars()
+                .map(|v| VariantInfo {
+                    id: v.to_string(),
+                    name: String::new(),
+                    payload_json: String::new(),
+                })
+                .collect(),
+        });
+    }
     let agents: Vec<String> = (0..ITEMS)
         .map(|i| format!("{} ({i})", CONTEXT[1].1))
         .collect();
     let mut learned: Vec<(&str, &str)> = agents.iter().map(|a| (a.as_str(), "mobile")).collect();
     learned.push((CONTEXT[1].1, "mobile"));
     catalogue.learn_devices(&learned).unwrap();
-    let (mut data, mut varied) = (Vec::new(), Vec::new());
+    let (mut data, mut varied, mut sticky) = (Vec::new(), Vec::new(), Vec::new());
     for (i, agent) in agents.iter().enumerate() {
         let user = format!("u{i}");
         wire::put_bytes(&mut data, 1, &request(&user, CONTEXT[1].1));
         wire::put_bytes(&mut varied, 1, &request(&user, agent));
+        wire::put_bytes(&mut sticky, 1, &request_in("s", &user, CONTEXT[1].1));
     }
     let (given, errors): (HashMap<_, _>, HashMap<_, _>) = (HashMap::new(), HashMap::new());
     let per_item = |ns: f64| ns / ITEMS as f64;
@@ -110,8 +118,12 @@ fn main() {
         "part: extract alone: {:.0} ns per item ({acc})",
         per_item(ns)
     );
-    let (mut finish, mut finish_one) = (0.0, None);
-    for (name, batch) in [("one context", &data), ("a user agent per item", &varied)] {
+    let mut finishes = Vec::new();
+    for (name, batch) in [
+        ("one context", &data),
+        ("a user agent per item", &varied),
+        ("sticky experiment, one context", &sticky),
+    ] {
         let (ns, acc) = best_of(50, || catalogue.prepare(batch, 1, false).unwrap().len());
         println!("{name}: prepare: {:.0} ns per item ({acc})", per_item(ns));
         let prepared = catalogue.prepare(batch, 1, false).unwrap();
@@ -125,11 +137,10 @@ fn main() {
             "{name}: finish: {:.0} ns per item ({acc} bytes)",
             per_item(ns)
         );
-        finish = per_item(ns);
-        finish_one.get_or_insert(finish);
+        finishes.push(per_item(ns));
     }
     // Finish without holding, one context: what holding adds to.
-    let finish_one = finish_one.unwrap_or_default();
+    let (finish_one, finish_varied) = (finishes[0], finishes[1]);
     // Finish and hold, as `PreparedBatch.finish` of the Python module does.
     let finish_and_hold = |prepared: &PreparedBatch, held: &mut Held, first_seq: u64| {
         let out = prepared
@@ -202,8 +213,9 @@ fn main() {
         out.items.len()
     });
     println!(
-        "part: decide_batch_rows: {:.0} ns per item ({acc}); last finish beyond deciding: {:.0} ns",
+        "part: decide_batch_rows: {:.0} ns per item ({acc}); finish with a user agent per item \
+         beyond deciding: {:.0} ns",
         per_item(ns),
-        finish - per_item(ns)
+        finish_varied - per_item(ns)
     );
 }
