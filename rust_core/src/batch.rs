@@ -16,9 +16,11 @@ use crate::decide::{Decision, Engine};
 use crate::error::CoreError;
 use crate::held::{push_hex, Made};
 use crate::wire::{self, Reader, Value};
+use hashbrown::HashTable;
 use parking_lot::RwLock;
 use std::collections::{HashMap, HashSet};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
+use xxhash_rust::xxh3::xxh3_64_with_seed;
 
 /// A variant as the response names it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -841,8 +843,12 @@ impl PreparedBatch {
         let mut scratch = Vec::with_capacity(256);
         let mut encoder = ResultEncoder::new(region, self.experiments.len());
         let mut made = Made::new(id_prefix, created_ms);
-        // (handle, user) -> given allocation or index into `made`, for repeated users.
-        let mut repeats: HashMap<(u64, &str), Result<&GivenAllocation, usize>> = HashMap::new();
+        // (handle, user) -> given allocation or index into `made`, for repeated users of sticky
+        // experiments.
+        let mut repeats: HashTable<Repeat<'_>> = HashTable::new();
+        if self.experiments.iter().any(|e| e.sticky) {
+            repeats.reserve(self.items.len(), |r| r.hash);
+        }
         // Device classes of the contexts (None: a user agent not learned), looked up once.
         let devices: Vec<Option<&'static str>> = {
             let known = catalogue.devices.read();
@@ -882,17 +888,33 @@ impl PreparedBatch {
             };
             let experiment = &*self.experiments[e];
             let user_id = self.user(user);
-            let slot = (experiment.handle, user_id);
+            let handle = experiment.handle;
+            let hash = if experiment.sticky {
+                repeat_hash(handle, user_id)
+            } else {
+                0
+            };
             let earlier = if experiment.sticky {
-                repeats.get(&slot).copied()
+                repeats
+                    .find(hash, |r| r.handle == handle && r.user == user_id)
+                    .map(|r| r.earlier)
             } else {
                 None
+            };
+            let mut remember = |earlier| {
+                let r = Repeat {
+                    hash,
+                    handle,
+                    user: user_id,
+                    earlier,
+                };
+                repeats.insert_unique(hash, r, |r| r.hash);
             };
             if let Some(g) = given.get(&i) {
                 check_variant(experiment, g.variant)?;
                 encoder.allocation(&mut response, e, &Answer::given(g, experiment, g.sticky));
                 if experiment.sticky && earlier.is_none() {
-                    repeats.insert(slot, Ok(g));
+                    remember(Ok(g));
                 }
                 continue;
             }
@@ -934,13 +956,33 @@ impl PreparedBatch {
                         &made_answer(&made, k, &id, experiment, false),
                     );
                     if experiment.sticky {
-                        repeats.insert(slot, Err(k));
+                        remember(Err(k));
                     }
                 }
             }
         }
         Ok(BatchOutput { response, made })
     }
+}
+
+/// The first answer of a (handle, user) of a sticky experiment in a batch: an allocation the
+/// caller gave, or an index into the batch's new assignments.
+struct Repeat<'a> {
+    hash: u64,
+    handle: u64,
+    user: &'a str,
+    earlier: Result<&'a GivenAllocation, usize>,
+}
+
+/// The hash of a (handle, user) among a batch's repeats: xxh3 keyed per process (user ids come
+/// from callers), once per item.
+fn repeat_hash(handle: u64, user: &str) -> u64 {
+    static SEED: OnceLock<u64> = OnceLock::new();
+    let seed = *SEED.get_or_init(rand::random);
+    xxh3_64_with_seed(
+        user.as_bytes(),
+        seed ^ handle.wrapping_mul(0x9E37_79B9_7F4A_7C15),
+    )
 }
 
 fn check_variant(experiment: &ExperimentInfo, variant: usize) -> Result<(), CoreError> {
