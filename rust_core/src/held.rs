@@ -6,7 +6,7 @@
 //! keeps 32 bits of its key's hash, so growing a table never reads the records (a rehash of
 //! millions of entries would otherwise miss the cache once per entry). Ids this process made
 //! (`{prefix}-{seq:x}`) are kept as their sequence number, other ids as text. A record takes
-//! about 88 bytes plus its user id, against about 400 bytes as Python tuples in dictionaries,
+//! about 80 bytes plus its user id, against about 400 bytes as Python tuples in dictionaries,
 //! and adding a batch's assignments needs no Python object per item.
 //!
 //! A user id is hashed once per new record: the record keeps that hash, the (experiment, user)
