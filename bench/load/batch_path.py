@@ -1,13 +1,15 @@
 """Where AllocateBatch spends its CPU, in one process (issue 10), with no gRPC around it.
 
-    python bench/load/batch_path.py [--items 1000] [--rounds 20]
+    python bench/load/batch_path.py [--items 1000] [--rounds 20] [--full-store 1000000]
 
 Both handlers of the Allocator servicer on the same 1,000-item batch (5 variants, segmented by
 source and device, an iPhone/Instagram context, a new user id per item, a non-sticky experiment,
 the in-memory journal): the per-item Python path (parse the request with protobuf, allocate item
 by item, build and serialize the response) and the bytes path (Rust decodes, checks, extracts,
 decides, encodes and holds the new assignments; Python hands them to the journal whole). Also
-the Rust steps alone. CPU time (`time.process_time`) per item; prints one JSON line.
+the Rust steps alone, and Rust's finish holding into a bounded store already full (every new
+assignment evicts one, as in a server after warm-up; `--full-store 0` skips it). CPU time
+(`time.process_time`) per item; prints one JSON line.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from allocsvc.context import Extractor
 from allocsvc.core import Engine, HeldAssignments
 
 
-async def measure(items: int, rounds: int) -> dict[str, Any]:
+async def measure(items: int, rounds: int, full_store: int) -> dict[str, Any]:
     service = AllocationService(Engine(), MemoryJournal(), Extractor())
     experiment = pb.Experiment(
         id="e",
@@ -82,6 +84,38 @@ async def measure(items: int, rounds: int) -> dict[str, Any]:
             errors={},
         )
     rust_finish = per_item(time.process_time() - start)
+    rust_finish_full = None
+    if full_store:
+        full = HeldAssignments("x", full_store)
+        seq = 1
+        while full.evictions == 0:
+            prepared[0].finish(
+                engine,
+                catalogue,
+                full,
+                region="local",
+                id_prefix="x",
+                first_seq=seq,
+                now_ms=0,
+                given={},
+                errors={},
+            )
+            seq += items
+        start = time.process_time()
+        for p in prepared:
+            p.finish(
+                engine,
+                catalogue,
+                full,
+                region="local",
+                id_prefix="x",
+                first_seq=seq,
+                now_ms=0,
+                given={},
+                errors={},
+            )
+            seq += items
+        rust_finish_full = per_item(time.process_time() - start)
     return {
         "items": items,
         "rounds": rounds,
@@ -90,6 +124,7 @@ async def measure(items: int, rounds: int) -> dict[str, Any]:
         "speedup": round(python_path / bytes_path, 1),
         "us_per_item_rust_prepare": rust_prepare,
         "us_per_item_rust_finish": rust_finish,
+        "us_per_item_rust_finish_full_store": rust_finish_full,
         "us_per_item_python_bookkeeping": round(bytes_path - rust_prepare - rust_finish, 2),
     }
 
@@ -98,8 +133,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument("--items", type=int, default=1000)
     parser.add_argument("--rounds", type=int, default=20)
+    parser.add_argument(
+        "--full-store",
+        type=int,
+        default=1_000_000,
+        help="capacity of the full store finish holds into (0: skip)",
+    )
     args = parser.parse_args()
-    print(json.dumps(asyncio.run(measure(args.items, args.rounds))))
+    print(json.dumps(asyncio.run(measure(args.items, args.rounds, args.full_store))))
 
 
 if __name__ == "__main__":

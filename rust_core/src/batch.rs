@@ -14,11 +14,13 @@
 use crate::context::{self, Clock, ContextLimits, Device, Extracted};
 use crate::decide::{Decision, Engine};
 use crate::error::CoreError;
-use crate::held::push_hex;
+use crate::held::{push_hex, Made};
 use crate::wire::{self, Reader, Value};
+use hashbrown::HashTable;
 use parking_lot::RwLock;
 use std::collections::{HashMap, HashSet};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
+use xxhash_rust::xxh3::xxh3_64_with_seed;
 
 /// A variant as the response names it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -123,50 +125,30 @@ pub struct PreparedBatch {
     pub needs_caller: bool,
 }
 
-/// The new assignments a batch made, in request order, for the caller's write-behind.
-#[derive(Debug, Default, Clone, PartialEq)]
-pub struct Decided<'a> {
-    pub handles: Vec<u64>,
-    pub user_ids: Vec<&'a str>,
-    pub variants: Vec<usize>,
-    /// Distinct segment keys (one per run of decisions with the same key).
-    pub keys: Vec<String>,
-    /// Each decision's segment key, as an index into `keys`.
-    pub key_of: Vec<usize>,
-    pub levels: Vec<usize>,
-    pub propensities: Vec<f64>,
-}
-
-impl Decided<'_> {
-    /// The segment key of decision `k`.
-    pub fn segment_key(&self, k: usize) -> &str {
-        &self.keys[self.key_of[k]]
-    }
-
-    /// The answer of decision `k` under `assignment_id`.
-    fn answer<'b>(
-        &'b self,
-        k: usize,
-        assignment_id: &'b str,
-        experiment: &'b ExperimentInfo,
-        sticky: bool,
-    ) -> Answer<'b> {
-        Answer {
-            assignment_id,
-            experiment,
-            variant: self.variants[k],
-            segment_key: self.segment_key(k),
-            level: self.levels[k],
-            propensity: self.propensities[k],
-            sticky,
-        }
-    }
-}
-
-/// The encoded `AllocateBatchResponse` and the new assignments in it.
-pub struct BatchOutput<'a> {
+/// The encoded `AllocateBatchResponse` and the new assignments in it (in request order, for
+/// the caller to hold and write behind).
+pub struct BatchOutput {
     pub response: Vec<u8>,
-    pub decided: Decided<'a>,
+    pub made: Made,
+}
+
+/// The answer of new assignment `k` of `made` under `assignment_id`.
+fn made_answer<'b>(
+    made: &'b Made,
+    k: usize,
+    assignment_id: &'b str,
+    experiment: &'b ExperimentInfo,
+    sticky: bool,
+) -> Answer<'b> {
+    Answer {
+        assignment_id,
+        experiment,
+        variant: made.variant(k),
+        segment_key: made.segment_key(k),
+        level: made.level(k),
+        propensity: made.propensity(k),
+        sticky,
+    }
 }
 
 fn decode_map(bytes: &[u8]) -> Result<(&str, Value<'_>), CoreError> {
@@ -844,7 +826,7 @@ impl PreparedBatch {
 
     /// Decide every item the caller did not answer, in request order, counting each decision;
     /// a user seen twice in a sticky experiment gets the first answer again. Assignment ids are
-    /// `{id_prefix}-{seq:x}` from `first_seq` on, one per new assignment.
+    /// `{id_prefix}-{seq:x}` from `first_seq` on, one per new assignment, made at `created_ms`.
     #[allow(clippy::too_many_arguments)]
     pub fn finish(
         &self,
@@ -853,15 +835,20 @@ impl PreparedBatch {
         region: &str,
         id_prefix: &str,
         first_seq: u64,
+        created_ms: i64,
         given: &HashMap<usize, GivenAllocation>,
         errors: &HashMap<usize, ItemError>,
-    ) -> Result<BatchOutput<'_>, CoreError> {
+    ) -> Result<BatchOutput, CoreError> {
         let mut response = Vec::with_capacity(self.items.len() * 128);
         let mut scratch = Vec::with_capacity(256);
         let mut encoder = ResultEncoder::new(region, self.experiments.len());
-        let mut decided = Decided::default();
-        // (handle, user) -> given allocation or index into `decided`, for repeated users.
-        let mut repeats: HashMap<(u64, &str), Result<&GivenAllocation, usize>> = HashMap::new();
+        let mut made = Made::new(id_prefix, created_ms);
+        // (handle, user) -> given allocation or index into `made`, for repeated users of sticky
+        // experiments.
+        let mut repeats: HashTable<Repeat<'_>> = HashTable::new();
+        if self.experiments.iter().any(|e| e.sticky) {
+            repeats.reserve(self.items.len(), |r| r.hash);
+        }
         // Device classes of the contexts (None: a user agent not learned), looked up once.
         let devices: Vec<Option<&'static str>> = {
             let known = catalogue.devices.read();
@@ -901,17 +888,33 @@ impl PreparedBatch {
             };
             let experiment = &*self.experiments[e];
             let user_id = self.user(user);
-            let slot = (experiment.handle, user_id);
+            let handle = experiment.handle;
+            let hash = if experiment.sticky {
+                repeat_hash(handle, user_id)
+            } else {
+                0
+            };
             let earlier = if experiment.sticky {
-                repeats.get(&slot).copied()
+                repeats
+                    .find(hash, |r| r.handle == handle && r.user == user_id)
+                    .map(|r| r.earlier)
             } else {
                 None
+            };
+            let mut remember = |earlier| {
+                let r = Repeat {
+                    hash,
+                    handle,
+                    user: user_id,
+                    earlier,
+                };
+                repeats.insert_unique(hash, r, |r| r.hash);
             };
             if let Some(g) = given.get(&i) {
                 check_variant(experiment, g.variant)?;
                 encoder.allocation(&mut response, e, &Answer::given(g, experiment, g.sticky));
                 if experiment.sticky && earlier.is_none() {
-                    repeats.insert(slot, Ok(g));
+                    remember(Ok(g));
                 }
                 continue;
             }
@@ -921,7 +924,11 @@ impl PreparedBatch {
                 }
                 Some(Err(k)) => {
                     write_id(&mut id, k);
-                    encoder.allocation(&mut response, e, &decided.answer(k, &id, experiment, true));
+                    encoder.allocation(
+                        &mut response,
+                        e,
+                        &made_answer(&made, k, &id, experiment, true),
+                    );
                 }
                 None => {
                     if values_of != Some((e, c)) {
@@ -932,30 +939,50 @@ impl PreparedBatch {
                     }
                     let (variant, level, propensity) =
                         engine.decide_into(experiment.handle, user_id, &values, true, &mut key)?;
-                    let k = decided.variants.len();
-                    if decided.keys.last() != Some(&key) {
-                        decided.keys.push(key.clone());
-                    }
-                    decided.handles.push(experiment.handle);
-                    decided.user_ids.push(user_id);
-                    decided.variants.push(variant);
-                    decided.key_of.push(decided.keys.len() - 1);
-                    decided.levels.push(level);
-                    decided.propensities.push(propensity);
+                    let k = made.len();
+                    made.push(
+                        first_seq + k as u64,
+                        experiment.handle,
+                        user_id,
+                        variant,
+                        &key,
+                        level,
+                        propensity,
+                    );
                     write_id(&mut id, k);
                     encoder.allocation(
                         &mut response,
                         e,
-                        &decided.answer(k, &id, experiment, false),
+                        &made_answer(&made, k, &id, experiment, false),
                     );
                     if experiment.sticky {
-                        repeats.insert(slot, Err(k));
+                        remember(Err(k));
                     }
                 }
             }
         }
-        Ok(BatchOutput { response, decided })
+        Ok(BatchOutput { response, made })
     }
+}
+
+/// The first answer of a (handle, user) of a sticky experiment in a batch: an allocation the
+/// caller gave, or an index into the batch's new assignments.
+struct Repeat<'a> {
+    hash: u64,
+    handle: u64,
+    user: &'a str,
+    earlier: Result<&'a GivenAllocation, usize>,
+}
+
+/// The hash of a (handle, user) among a batch's repeats: xxh3 keyed per process (user ids come
+/// from callers), once per item.
+fn repeat_hash(handle: u64, user: &str) -> u64 {
+    static SEED: OnceLock<u64> = OnceLock::new();
+    let seed = *SEED.get_or_init(rand::random);
+    xxh3_64_with_seed(
+        user.as_bytes(),
+        seed ^ handle.wrapping_mul(0x9E37_79B9_7F4A_7C15),
+    )
 }
 
 fn check_variant(experiment: &ExperimentInfo, variant: usize) -> Result<(), CoreError> {
@@ -1079,6 +1106,7 @@ mod tests {
                 "eu",
                 "p",
                 10,
+                0,
                 &HashMap::new(),
                 &HashMap::new(),
             )
@@ -1090,10 +1118,10 @@ mod tests {
             let d = unary
                 .decide(5, &format!("u{i}"), &[source, "mobile"], true)
                 .unwrap();
-            assert_eq!(out.decided.variants[k], d.variant);
-            assert_eq!(out.decided.segment_key(k), d.segment_key);
-            assert_eq!(out.decided.levels[k], d.level);
-            assert_eq!(out.decided.propensities[k], d.propensity);
+            assert_eq!(out.made.variant(k), d.variant);
+            assert_eq!(out.made.segment_key(k), d.segment_key);
+            assert_eq!(out.made.level(k), d.level);
+            assert_eq!(out.made.propensity(k), d.propensity);
         }
         let parsed = results(&out.response);
         assert_eq!(parsed.len(), 50);
@@ -1128,6 +1156,7 @@ mod tests {
                 "",
                 "p",
                 1,
+                0,
                 &HashMap::new(),
                 &HashMap::new()
             )
@@ -1158,9 +1187,14 @@ mod tests {
         )]
         .into();
         let out = prepared
-            .finish(&engine, &catalogue, "", "p", 1, &given, &errors)
+            .finish(&engine, &catalogue, "", "p", 1, 0, &given, &errors)
             .unwrap();
-        assert_eq!(out.decided.user_ids, vec!["same"]);
+        assert_eq!(
+            (0..out.made.len())
+                .map(|k| out.made.user_id(k))
+                .collect::<Vec<_>>(),
+            vec!["same"]
+        );
         let parsed = results(&out.response);
         assert_eq!(
             parsed.iter().map(|r| r.0).collect::<Vec<_>>(),
@@ -1223,6 +1257,7 @@ mod tests {
                 "eu",
                 "p",
                 7,
+                0,
                 &HashMap::new(),
                 &HashMap::new(),
             )
@@ -1233,9 +1268,9 @@ mod tests {
         assert_eq!(
             (d.variant, d.segment_key.as_str(), d.level),
             (
-                out.decided.variants[0],
-                out.decided.segment_key(0),
-                out.decided.levels[0]
+                out.made.variant(0),
+                out.made.segment_key(0),
+                out.made.level(0)
             )
         );
         // Both counted the allocation at every level of the path.

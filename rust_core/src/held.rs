@@ -6,21 +6,31 @@
 //! keeps 32 bits of its key's hash, so growing a table never reads the records (a rehash of
 //! millions of entries would otherwise miss the cache once per entry). Ids this process made
 //! (`{prefix}-{seq:x}`) are kept as their sequence number, other ids as text. A record takes
-//! about 64 bytes plus its user id, against about 400 bytes as Python tuples in dictionaries,
+//! about 80 bytes plus its user id, against about 400 bytes as Python tuples in dictionaries,
 //! and adding a batch's assignments needs no Python object per item.
+//!
+//! A user id is hashed once per new record: the record keeps that hash, the (experiment, user)
+//! hash is mixed from it and the experiment, and an own id's hash is mixed from its number, so
+//! evicting a record hashes no text and formats no id. A batch's own ids are consecutive
+//! numbers in consecutive records: they are found through a run (first id, first record,
+//! length) instead of one entry each in the id table, which spares two random accesses to a
+//! large table per assignment (its entry's insertion and, on eviction, its removal).
 //!
 //! With a capacity, the records form a ring: once it is full each new record takes the place
 //! of the oldest, which leaves every index. The caller looks evicted assignments up in the
 //! durable store; [`Held::evicted`] says for which experiments a latest one was evicted.
 
 use std::borrow::Cow;
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 
+use hashbrown::hash_table::Entry as Found;
 use hashbrown::HashTable;
 use xxhash_rust::xxh3::xxh3_64_with_seed;
 
 const NONE: u32 = u32::MAX;
 const SPREAD: u64 = 0x9E37_79B9_7F4A_7C15;
+/// Another odd multiplier (splitmix64's), for the second step of a mix.
+const MIX: u64 = 0xBF58_476D_1CE4_E5B9;
 
 /// One assignment as the caller gives and gets it.
 #[derive(Debug, Clone, PartialEq)]
@@ -42,6 +52,31 @@ enum Id {
     Other(Box<str>),
 }
 
+/// An [`Id`] borrowing its text (looked up or about to be held).
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum IdRef<'a> {
+    Own(u64),
+    Other(&'a str),
+}
+
+impl Id {
+    fn as_ref(&self) -> IdRef<'_> {
+        match self {
+            Id::Own(seq) => IdRef::Own(*seq),
+            Id::Other(text) => IdRef::Other(text),
+        }
+    }
+}
+
+impl IdRef<'_> {
+    fn to_owned(self) -> Id {
+        match self {
+            IdRef::Own(seq) => Id::Own(seq),
+            IdRef::Other(text) => Id::Other(text.into()),
+        }
+    }
+}
+
 struct Record {
     id: Id,
     user: Box<str>,
@@ -53,8 +88,26 @@ struct Record {
     /// The user's previous and next records (NONE: none), newest first from `by_user`.
     older: u32,
     newer: u32,
+    /// 32 bits of the user id's hash (see [`Held::hash_user`]).
+    user_hash: u32,
     level: u16,
     live: bool,
+    /// In `by_id` (else found through `own_runs`).
+    by_id: bool,
+}
+
+/// Own ids `seq..seq + len` held in records `n..n + len` (each there until overwritten).
+#[derive(Debug, Clone, Copy)]
+struct Run {
+    seq: u64,
+    n: u32,
+    len: u32,
+}
+
+impl Run {
+    fn last(&self) -> (u64, u32) {
+        (self.seq + u64::from(self.len) - 1, self.n + self.len - 1)
+    }
 }
 
 /// A table entry: a record number and 32 bits of its key's hash.
@@ -86,6 +139,37 @@ fn remove(table: &mut HashTable<Entry>, hash: u32, n: u32) {
     }
 }
 
+/// The hash of (experiment `handle`, a user whose hash is `user_hash`).
+fn slot_hash(handle: u64, user_hash: u32) -> u32 {
+    ((u64::from(user_hash) ^ handle.wrapping_mul(SPREAD)).wrapping_mul(MIX) >> 32) as u32
+}
+
+/// A user id in the place of `old` (a dead record's): its allocation is reused when the
+/// lengths agree (user ids of one service mostly have one length).
+fn reuse_text(old: Box<str>, new: &str) -> Box<str> {
+    if old.len() != new.len() {
+        return new.into();
+    }
+    let mut bytes = old.into_boxed_bytes();
+    bytes.copy_from_slice(new.as_bytes());
+    match String::from_utf8(bytes.into_vec()) {
+        Ok(text) => text.into_boxed_str(),
+        Err(_) => new.into(),
+    }
+}
+
+/// One assignment's fields as [`Held::insert`] takes them.
+struct NewRecord<'a> {
+    id: IdRef<'a>,
+    user: &'a str,
+    handle: u64,
+    variant: usize,
+    key: u32,
+    level: usize,
+    propensity: f64,
+    created_ms: i64,
+}
+
 /// Assignments held in memory; see the module's text.
 pub struct Held {
     prefix: String,
@@ -95,8 +179,10 @@ pub struct Held {
     key_numbers: HashMap<Box<str>, u32>,
     /// (handle, user) -> the latest record given as latest.
     latest: HashTable<Entry>,
-    /// id -> record.
+    /// id -> record, for records not in `own_runs`.
     by_id: HashTable<Entry>,
+    /// Runs of a batch's own ids, in order of id (ids of different runs do not overlap).
+    own_runs: VecDeque<Run>,
     /// user -> the user's newest record.
     by_user: HashTable<Entry>,
     seed: u64,
@@ -105,8 +191,8 @@ pub struct Held {
     capacity: usize,
     cursor: usize,
     evictions: u64,
-    /// Experiments whose latest assignment of some user was evicted.
-    evicted_from: std::collections::HashSet<u64>,
+    /// Experiments whose latest assignment of some user was evicted (hashed by `wide`).
+    evicted_from: HashTable<u64>,
 }
 
 impl Held {
@@ -125,6 +211,7 @@ impl Held {
             key_numbers: HashMap::new(),
             latest: HashTable::new(),
             by_id: HashTable::new(),
+            own_runs: VecDeque::new(),
             by_user: HashTable::new(),
             // Keyed per process: user ids come from callers.
             seed: rand::random(),
@@ -132,7 +219,7 @@ impl Held {
             capacity,
             cursor: 0,
             evictions: 0,
-            evicted_from: std::collections::HashSet::new(),
+            evicted_from: HashTable::new(),
         }
     }
 
@@ -144,7 +231,9 @@ impl Held {
     /// Whether a latest assignment of experiment `handle` was evicted: a user not found may
     /// then have one in the durable store.
     pub fn evicted(&self, handle: u64) -> bool {
-        self.evicted_from.contains(&handle)
+        self.evicted_from
+            .find(handle.wrapping_mul(SPREAD), |&h| h == handle)
+            .is_some()
     }
 
     /// Live records.
@@ -156,12 +245,17 @@ impl Held {
         self.live == 0
     }
 
-    fn hash_str(&self, s: &str) -> u32 {
+    /// Seeded: user ids (and ids not this process's) come from callers.
+    fn hash_user(&self, s: &str) -> u32 {
         xxh3_64_with_seed(s.as_bytes(), self.seed) as u32
     }
 
-    fn hash_slot(&self, handle: u64, user: &str) -> u32 {
-        xxh3_64_with_seed(user.as_bytes(), self.seed ^ handle.wrapping_mul(SPREAD)) as u32
+    fn hash_id(&self, id: IdRef<'_>) -> u32 {
+        match id {
+            // Numbers this process chose: a mix is enough.
+            IdRef::Own(seq) => ((seq ^ self.seed).wrapping_mul(MIX) >> 32) as u32,
+            IdRef::Other(text) => self.hash_user(text),
+        }
     }
 
     /// The sequence number of an id in this process's own form.
@@ -178,10 +272,10 @@ impl Held {
             .flatten()
     }
 
-    fn parse_id(&self, id: &str) -> Id {
+    fn parse_id<'a>(&self, id: &'a str) -> IdRef<'a> {
         match self.own_seq(id) {
-            Some(seq) => Id::Own(seq),
-            None => Id::Other(id.into()),
+            Some(seq) => IdRef::Own(seq),
+            None => IdRef::Other(id),
         }
     }
 
@@ -224,10 +318,77 @@ impl Held {
 
     fn find_id(&self, id: &str) -> Option<u32> {
         let wanted = self.parse_id(id);
+        if let IdRef::Own(seq) = wanted {
+            if let Some(n) = self.find_in_runs(seq) {
+                return Some(n);
+            }
+        }
         let records = &self.records;
-        find(&self.by_id, self.hash_str(id), |n| {
-            records[n as usize].id == wanted
+        find(&self.by_id, self.hash_id(wanted), |n| {
+            records[n as usize].id.as_ref() == wanted
         })
+    }
+
+    /// The record of own id `seq` if a run holds it.
+    fn find_in_runs(&self, seq: u64) -> Option<u32> {
+        let i = self
+            .own_runs
+            .partition_point(|r| r.seq <= seq)
+            .checked_sub(1)?;
+        let run = self.own_runs[i];
+        let k = seq - run.seq;
+        if k >= u64::from(run.len) {
+            return None;
+        }
+        let n = run.n + k as u32;
+        let r = &self.records[n as usize];
+        (r.live && !r.by_id && r.id == Id::Own(seq)).then_some(n)
+    }
+
+    /// Note own id `seq` held in record `n` (not in `by_id`), if it extends the last run or
+    /// can start one; false: it cannot (the caller indexes it by id).
+    fn add_to_runs(&mut self, seq: u64, n: u32) -> bool {
+        match self.own_runs.back_mut() {
+            Some(run) if run.last() == (seq.wrapping_sub(1), n.wrapping_sub(1)) => {
+                run.len += 1;
+                true
+            }
+            Some(run) if run.last().0 >= seq => false,
+            _ => {
+                self.own_runs.push_back(Run { seq, n, len: 1 });
+                true
+            }
+        }
+    }
+
+    /// Drop the oldest runs whose records have all been overwritten (a ring overwrites a run's
+    /// records in order, its last one last). Without a capacity, forgotten records are reused
+    /// in any order: runs stay (one per batch at most) and lookups check the record.
+    fn prune_runs(&mut self) {
+        if self.capacity == 0 {
+            return;
+        }
+        while let Some(run) = self.own_runs.front() {
+            let (seq, n) = run.last();
+            let r = &self.records[n as usize];
+            if !r.by_id && r.id == Id::Own(seq) {
+                break;
+            }
+            self.own_runs.pop_front();
+        }
+    }
+
+    fn new_record<'a>(&self, a: &'a Assignment<'_>, key: u32) -> NewRecord<'a> {
+        NewRecord {
+            id: self.parse_id(&a.id),
+            user: a.user_id,
+            handle: a.handle,
+            variant: a.variant,
+            key,
+            level: a.level,
+            propensity: a.propensity,
+            created_ms: a.created_ms,
+        }
     }
 
     /// Hold `a`; with `latest`, it is also the (experiment, user)'s latest. An id held already
@@ -244,7 +405,12 @@ impl Held {
                 r.created_ms = a.created_ms;
                 n
             }
-            None => self.insert(a, key),
+            None => {
+                let record = self.new_record(a, key);
+                let n = self.insert(&record);
+                self.index_id(n);
+                n
+            }
         };
         if latest {
             self.set_latest(n);
@@ -256,54 +422,116 @@ impl Held {
     pub fn add_new(&mut self, a: &Assignment<'_>) {
         debug_assert!(self.find_id(&a.id).is_none(), "{} is held already", a.id);
         let key = self.key_number(a.segment_key);
-        let n = self.insert(a, key);
+        let record = self.new_record(a, key);
+        let n = self.insert(&record);
+        self.index_id(n);
         self.set_latest(n);
     }
 
-    fn insert(&mut self, a: &Assignment<'_>, key: u32) -> u32 {
+    /// Hold a batch's new assignments (made just now by this process), each as its
+    /// (experiment, user)'s latest, in order: `add_new` of each, with each segment key looked
+    /// up once and the indexes grown once.
+    pub fn add_made(&mut self, made: &Made) {
+        let keys: Vec<u32> = made.keys.iter().map(|k| self.key_number(k)).collect();
+        let own = made.id_prefix == self.prefix;
+        let room = if self.capacity == 0 {
+            made.len().saturating_sub(self.free.len())
+        } else {
+            made.len()
+                .min(self.capacity - self.records.len().min(self.capacity))
+        };
+        self.records.reserve(room);
+        if !own {
+            self.by_id.reserve(room, |e| wide(e.hash));
+        }
+        self.by_user.reserve(room, |e| wide(e.hash));
+        self.latest.reserve(room, |e| wide(e.hash));
+        let mut text = String::new();
+        for k in 0..made.len() {
+            let id = if own {
+                IdRef::Own(made.seqs[k])
+            } else {
+                made.write_id(k, &mut text);
+                self.parse_id(&text)
+            };
+            debug_assert!(self.find_id(&made.id_text(k)).is_none(), "held already");
+            let record = NewRecord {
+                id,
+                user: made.user_id(k),
+                handle: made.handles[k],
+                variant: made.variants[k] as usize,
+                key: keys[made.key_of[k] as usize],
+                level: usize::from(made.levels[k]),
+                propensity: made.propensities[k],
+                created_ms: made.created_ms,
+            };
+            let n = self.insert(&record);
+            if !(own && self.add_to_runs(made.seqs[k], n)) {
+                self.index_id(n);
+            }
+            self.set_latest(n);
+        }
+        self.prune_runs();
+    }
+
+    /// Put `a` in a record (not yet in `by_id` or `own_runs`: see [`Held::index_id`]) as its
+    /// user's newest.
+    fn insert(&mut self, a: &NewRecord<'_>) -> u32 {
         // The slot first: an eviction changes the indexes.
         let reused = self.free_slot();
-        let user_hash = self.hash_str(a.user_id);
-        let id_hash = self.hash_str(&a.id);
-        let newest = {
-            let records = &self.records;
-            find(&self.by_user, user_hash, |m| {
-                &*records[m as usize].user == a.user_id
-            })
+        let n = reused.unwrap_or(self.records.len() as u32);
+        let user_hash = self.hash_user(a.user);
+        let records = &self.records;
+        let newest = match self.by_user.entry(
+            wide(user_hash),
+            |e| e.hash == user_hash && &*records[e.n as usize].user == a.user,
+            |e| wide(e.hash),
+        ) {
+            Found::Occupied(mut o) => Some(std::mem::replace(&mut o.get_mut().n, n)),
+            Found::Vacant(v) => {
+                v.insert(Entry { hash: user_hash, n });
+                None
+            }
         };
-        let record = Record {
-            id: self.parse_id(&a.id),
-            user: a.user_id.into(),
+        let mut record = Record {
+            id: a.id.to_owned(),
+            user: Box::default(),
             handle: a.handle,
             propensity: a.propensity,
             created_ms: a.created_ms,
-            key,
+            key: a.key,
             variant: a.variant as u32,
             older: newest.unwrap_or(NONE),
             newer: NONE,
+            user_hash,
             level: a.level as u16,
             live: true,
+            by_id: false,
         };
-        let n = match reused {
+        match reused {
             Some(n) => {
-                self.records[n as usize] = record;
-                n
+                let old = &mut self.records[n as usize];
+                record.user = reuse_text(std::mem::take(&mut old.user), a.user);
+                *old = record;
             }
             None => {
+                record.user = a.user.into();
                 self.records.push(record);
-                (self.records.len() - 1) as u32
             }
-        };
+        }
         self.live += 1;
         if let Some(m) = newest {
             self.records[m as usize].newer = n;
         }
-        match newest.and_then(|m| self.by_user.find_mut(wide(user_hash), |e| e.n == m)) {
-            Some(e) => e.n = n,
-            None => insert(&mut self.by_user, user_hash, n),
-        }
-        insert(&mut self.by_id, id_hash, n);
         n
+    }
+
+    /// Index record `n` by its id.
+    fn index_id(&mut self, n: u32) {
+        let r = &mut self.records[n as usize];
+        r.by_id = true;
+        let hash = self.hash_id(self.records[n as usize].id.as_ref());
+        insert(&mut self.by_id, hash, n);
     }
 
     /// A dead record's slot to reuse (evicting the oldest record when the store is full), or
@@ -323,21 +551,26 @@ impl Held {
         Some(n)
     }
 
-    /// Take record `n` (the oldest) out of every index.
+    /// Take record `n` (the oldest) out of every index. Its user id stays, for the next
+    /// record in its place to reuse.
     fn evict(&mut self, n: u32) {
         let r = &mut self.records[n as usize];
-        let user = std::mem::take(&mut r.user);
-        let id = std::mem::replace(&mut r.id, Id::Own(0));
-        let (handle, older, newer) = (r.handle, r.older, r.newer);
+        let (handle, older, newer, user_hash) = (r.handle, r.older, r.newer, r.user_hash);
         r.older = NONE;
         r.newer = NONE;
         r.live = false;
-        let id_hash = self.hash_str(&self.id_text(&id));
-        remove(&mut self.by_id, id_hash, n);
-        let slot_hash = self.hash_slot(handle, &user);
-        if let Ok(entry) = self.latest.find_entry(wide(slot_hash), |e| e.n == n) {
+        if std::mem::take(&mut r.by_id) {
+            let id_hash = self.hash_id(self.records[n as usize].id.as_ref());
+            remove(&mut self.by_id, id_hash, n);
+        }
+        let latest_hash = slot_hash(handle, user_hash);
+        if let Ok(entry) = self.latest.find_entry(wide(latest_hash), |e| e.n == n) {
             entry.remove();
-            self.evicted_from.insert(handle);
+            let h = handle.wrapping_mul(SPREAD);
+            if self.evicted_from.find(h, |&x| x == handle).is_none() {
+                self.evicted_from
+                    .insert_unique(h, handle, |&x| x.wrapping_mul(SPREAD));
+            }
         }
         // Out of the user's chain (doubly linked: a user with many records costs nothing more).
         if older != NONE {
@@ -345,14 +578,11 @@ impl Held {
         }
         if newer != NONE {
             self.records[newer as usize].older = older;
-        } else {
-            let user_hash = self.hash_str(&user);
-            if let Ok(entry) = self.by_user.find_entry(wide(user_hash), |e| e.n == n) {
-                if older == NONE {
-                    entry.remove();
-                } else {
-                    entry.into_mut().n = older;
-                }
+        } else if let Ok(entry) = self.by_user.find_entry(wide(user_hash), |e| e.n == n) {
+            if older == NONE {
+                entry.remove();
+            } else {
+                entry.into_mut().n = older;
             }
         }
         self.live -= 1;
@@ -362,29 +592,35 @@ impl Held {
     fn set_latest(&mut self, n: u32) {
         let (handle, hash) = {
             let r = &self.records[n as usize];
-            (r.handle, self.hash_slot(r.handle, &r.user))
+            (r.handle, slot_hash(r.handle, r.user_hash))
         };
         let records = &self.records;
         let user = &records[n as usize].user;
-        let found = self.latest.find_mut(wide(hash), |e| {
+        let eq = |e: &Entry| {
             e.hash == hash && {
                 let r = &records[e.n as usize];
                 r.handle == handle && r.user == *user
             }
-        });
-        match found {
-            Some(e) => e.n = n,
-            None => insert(&mut self.latest, hash, n),
+        };
+        match self.latest.entry(wide(hash), eq, |e| wide(e.hash)) {
+            Found::Occupied(mut o) => o.get_mut().n = n,
+            Found::Vacant(v) => {
+                v.insert(Entry { hash, n });
+            }
         }
     }
 
     /// The latest assignment of `user_id` in experiment `handle`.
     pub fn latest(&self, handle: u64, user_id: &str) -> Option<Assignment<'_>> {
         let records = &self.records;
-        find(&self.latest, self.hash_slot(handle, user_id), |m| {
-            let r = &records[m as usize];
-            r.handle == handle && &*r.user == user_id
-        })
+        find(
+            &self.latest,
+            slot_hash(handle, self.hash_user(user_id)),
+            |m| {
+                let r = &records[m as usize];
+                r.handle == handle && &*r.user == user_id
+            },
+        )
         .map(|n| self.view(n))
     }
 
@@ -394,7 +630,7 @@ impl Held {
 
     fn newest_of_user(&self, user_id: &str) -> Option<u32> {
         let records = &self.records;
-        find(&self.by_user, self.hash_str(user_id), |m| {
+        find(&self.by_user, self.hash_user(user_id), |m| {
             &*records[m as usize].user == user_id
         })
     }
@@ -427,21 +663,27 @@ impl Held {
     /// Drop every assignment of `user_id`; `f` sees each before it goes (newest first).
     pub fn forget_user(&mut self, user_id: &str, mut f: impl FnMut(&Assignment<'_>)) -> usize {
         let numbers = self.numbers_of_user(user_id);
+        let user_hash = self.hash_user(user_id);
         for &n in &numbers {
-            let view = self.view(n);
-            f(&view);
-            let id_hash = self.hash_str(&view.id);
-            let slot_hash = self.hash_slot(view.handle, user_id);
-            remove(&mut self.by_id, id_hash, n);
-            remove(&mut self.latest, slot_hash, n);
+            f(&self.view(n));
+            let r = &self.records[n as usize];
+            let latest_hash = slot_hash(r.handle, user_hash);
+            if r.by_id {
+                let id_hash = self.hash_id(r.id.as_ref());
+                remove(&mut self.by_id, id_hash, n);
+            }
+            remove(&mut self.latest, latest_hash, n);
         }
         if let Some(&newest) = numbers.first() {
-            let hash = self.hash_str(user_id);
-            remove(&mut self.by_user, hash, newest);
+            remove(&mut self.by_user, user_hash, newest);
         }
         for &n in &numbers {
             let r = &mut self.records[n as usize];
-            r.id = Id::Own(0);
+            // An own id stays: a run ends at a record overwritten, not at one forgotten.
+            if let Id::Other(_) = r.id {
+                r.id = Id::Own(0);
+            }
+            r.by_id = false;
             r.user = Box::default();
             r.older = NONE;
             r.newer = NONE;
@@ -527,6 +769,13 @@ impl Made {
         push_hex(out, self.seqs[k]);
     }
 
+    /// The id of assignment `k`.
+    pub fn id_text(&self, k: usize) -> String {
+        let mut out = String::new();
+        self.write_id(k, &mut out);
+        out
+    }
+
     pub fn user_id(&self, k: usize) -> &str {
         let start = if k == 0 { 0 } else { self.user_ends[k - 1] };
         &self.users[start..self.user_ends[k]]
@@ -534,6 +783,18 @@ impl Made {
 
     pub fn segment_key(&self, k: usize) -> &str {
         &self.keys[self.key_of[k] as usize]
+    }
+
+    pub fn variant(&self, k: usize) -> usize {
+        self.variants[k] as usize
+    }
+
+    pub fn level(&self, k: usize) -> usize {
+        usize::from(self.levels[k])
+    }
+
+    pub fn propensity(&self, k: usize) -> f64 {
+        self.propensities[k]
     }
 
     /// Assignment `k`, its id in `id` (written there).
@@ -870,6 +1131,128 @@ mod tests {
         assert_eq!(busy, want);
         assert_eq!(held.of_user("other").len(), 25);
         assert_eq!(held.latest(0, "busy").unwrap().id, ids[498]);
+    }
+
+    /// Everything a store answers about `ids` and `users`.
+    fn answers(held: &Held, ids: &[String], users: &[String]) -> Vec<String> {
+        let mut out = vec![format!("{} {}", held.len(), held.evictions())];
+        out.extend((0..4).map(|h| held.evicted(h).to_string()));
+        out.extend(ids.iter().map(|id| format!("{:?}", held.by_id(id))));
+        for user in users {
+            out.push(format!("{:?}", held.of_user(user)));
+            out.extend((0..4).map(|h| format!("{:?}", held.latest(h, user))));
+        }
+        out
+    }
+
+    #[test]
+    fn a_made_batch_held_whole_answers_as_held_one_by_one() {
+        // Batches of 7 own ids, a unary own id (by text) and a forgotten user between some,
+        // users coming back; a ring that wraps mid-batch, and a store without a bound.
+        for capacity in [0, 40, 45] {
+            let mut whole = Held::bounded("p", capacity);
+            let mut single = Held::bounded("p", capacity);
+            let users: Vec<String> = (0..23).map(|u| format!("user-{u}")).collect();
+            let mut ids = Vec::new();
+            let mut seq = 1u64;
+            for b in 0..30u64 {
+                let mut made = Made::new(if b % 11 == 10 { "q" } else { "p" }, 7);
+                for k in 0..7u64 {
+                    let user = &users[((b * 7 + k) * 5 % 23) as usize];
+                    made.push(
+                        seq,
+                        (b + k) % 3,
+                        user,
+                        (k % 5) as usize,
+                        "country:us",
+                        1,
+                        0.25,
+                    );
+                    seq += 1;
+                }
+                whole.add_made(&made);
+                let mut id = String::new();
+                for k in 0..made.len() {
+                    made.write_id(k, &mut id);
+                    ids.push(id.clone());
+                    single.add_new(&made.get(k, &id));
+                }
+                if b % 4 == 1 {
+                    let id = format!("p-{seq:x}");
+                    seq += 1;
+                    let unary = a(&id, 3, &users[(b % 23) as usize], 2);
+                    whole.add(&unary, true);
+                    single.add(&unary, true);
+                    ids.push(id);
+                }
+                if b % 6 == 5 {
+                    let user = &users[(b % 23) as usize];
+                    assert_eq!(
+                        whole.forget_user(user, |_| ()),
+                        single.forget_user(user, |_| ())
+                    );
+                }
+                assert_eq!(
+                    answers(&whole, &ids, &users),
+                    answers(&single, &ids, &users),
+                    "capacity {capacity}, batch {b}"
+                );
+            }
+            // Own ids held again by text are updated in place, wherever they are indexed.
+            let again: Vec<(String, String, u64)> = ids
+                .iter()
+                .rev()
+                .filter_map(|id| single.by_id(id))
+                .map(|x| (x.id.to_string(), x.user_id.to_string(), x.handle))
+                .take(5)
+                .collect();
+            assert_eq!(again.len(), 5);
+            for (id, user, handle) in &again {
+                let x = a(id, *handle, user, 4);
+                whole.add(&x, false);
+                single.add(&x, false);
+            }
+            assert_eq!(
+                answers(&whole, &ids, &users),
+                answers(&single, &ids, &users)
+            );
+            // Most own ids were found through runs.
+            assert!(whole.by_id.len() * 3 < single.by_id.len());
+            if capacity > 0 {
+                assert!(whole.evictions() > 0);
+                assert!(whole.own_runs.len() <= 4, "{:?}", whole.own_runs);
+            }
+        }
+    }
+
+    #[test]
+    fn forgetting_the_last_of_a_run_keeps_the_run() {
+        let batch = |first: u64, users: &[&str]| {
+            let mut made = Made::new("p", 7);
+            for (k, user) in users.iter().enumerate() {
+                made.push(first + k as u64, 1, user, 0, "s", 0, 0.5);
+            }
+            made
+        };
+        // Without a bound, the forgotten record's place is reused first.
+        let mut held = Held::new("p");
+        held.add_made(&batch(1, &["a", "b", "c"]));
+        held.forget_user("c", |_| ());
+        held.add_made(&batch(4, &["d"]));
+        assert_eq!(held.by_id("p-1").unwrap().user_id, "a");
+        assert_eq!(held.by_id("p-4").unwrap().user_id, "d");
+        assert!(held.by_id("p-3").is_none());
+        // In a ring, records after a forgotten one are overwritten later.
+        let mut held = Held::bounded("p", 4);
+        held.add_made(&batch(1, &["a", "b", "c"]));
+        held.forget_user("c", |_| ());
+        held.add(&a("p-5", 1, "e", 0), true);
+        held.add_made(&batch(6, &["f"]));
+        assert!(held.by_id("p-1").is_none());
+        assert_eq!(held.by_id("p-2").unwrap().user_id, "b");
+        assert_eq!(held.by_id("p-5").unwrap().user_id, "e");
+        assert_eq!(held.by_id("p-6").unwrap().user_id, "f");
+        assert_eq!(held.len(), 3);
     }
 
     #[test]

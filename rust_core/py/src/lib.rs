@@ -13,7 +13,6 @@ use allocsvc_core::beta::{self, with_thread_rng};
 use allocsvc_core::cascade::Tree;
 use allocsvc_core::context::ContextLimits;
 use allocsvc_core::decide::{Engine, ExperimentConfig, Policy, MAX_LEVELS};
-use allocsvc_core::held::Made;
 use allocsvc_core::{keys, CountRow};
 use error::{invalid, to_py};
 use held::{copy_assignments, PyHeld, PyMade};
@@ -532,27 +531,12 @@ impl PyPreparedBatch {
                     region,
                     id_prefix,
                     first_seq,
+                    now_ms,
                     &given,
                     &errors,
                 )?;
-                let d = &out.decided;
-                let mut made = Made::new(id_prefix, now_ms);
-                let mut id = String::new();
-                let mut store = held.inner.lock();
-                for k in 0..d.handles.len() {
-                    made.push(
-                        first_seq + k as u64,
-                        d.handles[k],
-                        d.user_ids[k],
-                        d.variants[k],
-                        d.segment_key(k),
-                        d.levels[k],
-                        d.propensities[k],
-                    );
-                    made.write_id(k, &mut id);
-                    store.add_new(&made.get(k, &id));
-                }
-                Ok::<_, allocsvc_core::CoreError>((out.response, made))
+                held.inner.lock().add_made(&out.made);
+                Ok::<_, allocsvc_core::CoreError>((out.response, out.made))
             })
             .map_err(to_py)?;
         Ok((PyBytes::new(py, &response), PyMade::new(py, made, held)))
