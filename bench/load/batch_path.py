@@ -69,51 +69,35 @@ async def measure(items: int, rounds: int, full_store: int) -> dict[str, Any]:
     start = time.process_time()
     prepared = [catalogue.prepare(data, 0, False) for _ in range(rounds)]
     rust_prepare = per_item(time.process_time() - start)
-    held = HeldAssignments("x")
-    start = time.process_time()
-    for r, p in enumerate(prepared):
+
+    def finish(p: Any, held: HeldAssignments, first_seq: int) -> None:
         p.finish(
             engine,
             catalogue,
             held,
             region="local",
             id_prefix="x",
-            first_seq=1 + r * items,
+            first_seq=first_seq,
             now_ms=0,
             given={},
             errors={},
         )
+
+    held = HeldAssignments("x")
+    start = time.process_time()
+    for r, p in enumerate(prepared):
+        finish(p, held, 1 + r * items)
     rust_finish = per_item(time.process_time() - start)
     rust_finish_full = None
     if full_store:
         full = HeldAssignments("x", full_store)
         seq = 1
         while full.evictions == 0:
-            prepared[0].finish(
-                engine,
-                catalogue,
-                full,
-                region="local",
-                id_prefix="x",
-                first_seq=seq,
-                now_ms=0,
-                given={},
-                errors={},
-            )
+            finish(prepared[0], full, seq)
             seq += items
         start = time.process_time()
         for p in prepared:
-            p.finish(
-                engine,
-                catalogue,
-                full,
-                region="local",
-                id_prefix="x",
-                first_seq=seq,
-                now_ms=0,
-                given={},
-                errors={},
-            )
+            finish(p, full, seq)
             seq += items
         rust_finish_full = per_item(time.process_time() - start)
     return {
