@@ -5,7 +5,7 @@ cores. Unary `Allocate`, and one `AllocateBatch` run of 1,000 items per setup: e
 One command, everything on 127.0.0.1, bounded in count and time:
 
     python bench/load/h2.py            # default run, about 16-25 minutes
-    python bench/load/h2.py --quick    # about 3 minutes
+    python bench/load/h2.py --quick    # about 6-12 minutes
 
 ghz (bench/load/run.py) decodes every response with dynamic protobuf and takes about a core of
 this 2-core machine. h2load (nghttp2) sends one pre-serialized gRPC request again and again: the
