@@ -344,18 +344,36 @@ def run_h2load(
         detail = f"{data // size:,} bodies of {size:,} B"
     if not_200:
         detail += f"; {not_200:,} log rows not HTTP 200"
+    percentiles = [run._percentile(latencies, q) for q in (0.50, 0.95, 0.99, 0.999)]
+    row = _row(shape, seconds, count, errors, detail, numbers["rps"], percentiles, used)
+    row["ok_per_s"] = (count - errors if ok is None else ok) / seconds
+    return row
+
+
+def _row(
+    shape: Shape,
+    seconds: float,
+    count: int,
+    errors: int,
+    detail: str,
+    rps: float,
+    percentiles: list[float],
+    used: dict[str, Any],
+) -> dict[str, Any]:
+    """One run's row of the report: latency percentiles p50, p95, p99 and p99.9 in ms, and
+    the CPU and memory `Accounting.finish` measured."""
+    p50, p95, p99, p999 = percentiles
     return {
         "shape": shape,
         "seconds": seconds,
         "count": count,
         "errors": errors,
         "detail": detail,
-        "rps": numbers["rps"],
-        "ok_per_s": (count - errors if ok is None else ok) / seconds,
-        "p50": run._percentile(latencies, 0.50),
-        "p95": run._percentile(latencies, 0.95),
-        "p99": run._percentile(latencies, 0.99),
-        "p999": run._percentile(latencies, 0.999),
+        "rps": rps,
+        "p50": p50,
+        "p95": p95,
+        "p99": p99,
+        "p999": p999,
         **used,
     }
 
@@ -397,19 +415,8 @@ def run_openloop(
         detail = f"{count - wrong:,} answers of {ECHO_RESPONSE - 5} B"
     detail = f"client: {client}" + (f"; server: {detail}" if detail else "")
     detail += f"; send lag p99 {numbers['lag_p99_ms']:.2f} ms"
-    return {
-        "shape": shape,
-        "seconds": seconds,
-        "count": count,
-        "errors": errors,
-        "detail": detail,
-        "rps": numbers["rps"],
-        "p50": numbers["p50_ms"],
-        "p95": numbers["p95_ms"],
-        "p99": numbers["p99_ms"],
-        "p999": numbers["p999_ms"],
-        **used,
-    }
+    percentiles = [numbers[f"{p}_ms"] for p in ("p50", "p95", "p99", "p999")]
+    return _row(shape, seconds, count, errors, detail, numbers["rps"], percentiles, used)
 
 
 # Plan --------------------------------------------------------------------------------------
