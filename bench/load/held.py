@@ -120,11 +120,10 @@ async def restart(store: PostgresStore, held: int) -> dict[str, Any]:
     """Restore a new service from the store as a server starts, holding at most `held`."""
     gc.collect()
     before = _rss_kib()
-    service = AllocationService(
-        Engine(), PostgresJournal(store), Extractor(), Limits(max_held_assignments=held)
-    )
+    journal = PostgresJournal(store)
+    service = AllocationService(Engine(), journal, Extractor(), Limits(max_held_assignments=held))
     wall = time.perf_counter()
-    loaded = await server.restore(PostgresJournal(store), service)
+    loaded = await server.restore(journal, service)
     wall = time.perf_counter() - wall
     gc.collect()
     return {
