@@ -21,7 +21,7 @@
 //! durable store; [`Held::evicted`] says for which experiments a latest one was evicted.
 
 use std::borrow::Cow;
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 
 use hashbrown::hash_table::Entry as Found;
 use hashbrown::HashTable;
@@ -839,25 +839,42 @@ impl Made {
 
     /// (handle, cascade level) -> assignments, in order of first appearance.
     pub fn level_counts(&self) -> Vec<((u64, usize), usize)> {
+        // A batch has long runs of one (handle, level): each run is counted whole, and only a
+        // new run looks its pair up.
         let mut out: Vec<((u64, usize), usize)> = Vec::new();
         let mut index: HashMap<(u64, u16), usize> = HashMap::new();
-        for (&h, &lv) in self.handles.iter().zip(&self.levels) {
-            let i = *index.entry((h, lv)).or_insert_with(|| {
-                out.push(((h, lv as usize), 0));
+        let mut k = 0;
+        while k < self.handles.len() {
+            let pair = (self.handles[k], self.levels[k]);
+            let run = self.handles[k..]
+                .iter()
+                .zip(&self.levels[k..])
+                .take_while(|&(&h, &lv)| (h, lv) == pair)
+                .count();
+            let i = *index.entry(pair).or_insert_with(|| {
+                out.push(((pair.0, pair.1 as usize), 0));
                 out.len() - 1
             });
-            out[i].1 += 1;
+            out[i].1 += run;
+            k += run;
         }
         out
     }
 
     /// Distinct (handle, segment key) pairs, in order of first appearance.
     pub fn distinct_keys(&self) -> Vec<(u64, &str)> {
-        let mut seen: std::collections::HashSet<(u64, u32)> = std::collections::HashSet::new();
+        // Keys are stored once per run (`key_of`), so a key that comes back after another is
+        // stored again: pairs are compared by text, and only where the pair changes.
+        let mut seen: HashSet<(u64, &str)> = HashSet::new();
         let mut out = Vec::new();
+        let mut last = None;
         for (&h, &k) in self.handles.iter().zip(&self.key_of) {
-            if seen.insert((h, k)) {
-                out.push((h, &*self.keys[k as usize]));
+            if last != Some((h, k)) {
+                last = Some((h, k));
+                let pair = (h, &*self.keys[k as usize]);
+                if seen.insert(pair) {
+                    out.push(pair);
+                }
             }
         }
         out
@@ -1253,6 +1270,26 @@ mod tests {
         assert_eq!(held.by_id("p-5").unwrap().user_id, "e");
         assert_eq!(held.by_id("p-6").unwrap().user_id, "f");
         assert_eq!(held.len(), 3);
+    }
+
+    #[test]
+    fn counts_and_keys_of_runs_that_come_back() {
+        // (handle, level, key) runs: a pair or key seen before a change counts with its first.
+        let mut made = Made::new("p", 5);
+        let items = [
+            (1, 1, "a"),
+            (1, 1, "a"),
+            (2, 0, "b"),
+            (1, 1, "a"),
+            (1, 2, "c"),
+            (1, 2, "a"),
+            (2, 0, "b"),
+        ];
+        for (seq, (handle, level, key)) in items.into_iter().enumerate() {
+            made.push(seq as u64, handle, "u", 0, key, level, 1.0);
+        }
+        assert_eq!(made.level_counts(), [((1, 1), 3), ((2, 0), 2), ((1, 2), 2)]);
+        assert_eq!(made.distinct_keys(), [(1, "a"), (2, "b"), (1, "c")]);
     }
 
     #[test]
