@@ -27,12 +27,17 @@ from allocsvc.allocation.journal import MemoryJournal
 from allocsvc.allocation.service import AllocationService
 from allocsvc.api import convert
 from allocsvc.api.allocator import AllocatorServicer
+from allocsvc.config import ClusteringSettings, EmbeddingsSettings
 from allocsvc.context import Extractor
 from allocsvc.core import Engine, HeldAssignments
+from allocsvc.learning.service import build_learning
 
 
-async def measure(items: int, rounds: int, full_store: int) -> dict[str, Any]:
+async def measure(items: int, rounds: int, full_store: int, learning: bool) -> dict[str, Any]:
     service = AllocationService(Engine(), MemoryJournal(), Extractor())
+    if learning:
+        # As the server has it by default: a sample of the allocations feeds learning.
+        service.attach_learning(build_learning(ClusteringSettings(), EmbeddingsSettings(), None))
     experiment = pb.Experiment(
         id="e",
         sticky=False,
@@ -102,6 +107,7 @@ async def measure(items: int, rounds: int, full_store: int) -> dict[str, Any]:
         rust_finish_full = per_item(time.process_time() - start)
     return {
         "items": items,
+        "learning": learning,
         "rounds": rounds,
         "us_per_item_python_path": python_path,
         "us_per_item_bytes_path": bytes_path,
@@ -123,8 +129,14 @@ def main() -> None:
         default=1_000_000,
         help="capacity of the full store finish holds into (0: skip)",
     )
+    parser.add_argument(
+        "--no-learning",
+        action="store_true",
+        help="no learning attached (the server attaches it: a sample of allocations feeds it)",
+    )
     args = parser.parse_args()
-    print(json.dumps(asyncio.run(measure(args.items, args.rounds, args.full_store))))
+    result = measure(args.items, args.rounds, args.full_store, not args.no_learning)
+    print(json.dumps(asyncio.run(result)))
 
 
 if __name__ == "__main__":

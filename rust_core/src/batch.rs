@@ -125,6 +125,19 @@ pub struct PreparedBatch {
     pub needs_caller: bool,
 }
 
+/// One item as learning keeps it (`RawFeatures`, and the user).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Features<'a> {
+    pub user_id: &'a str,
+    pub channel: &'static str,
+    pub device: &'static str,
+    pub source: &'a str,
+    pub hour: usize,
+    pub day_of_week: usize,
+    /// `context::LEARNED_SIGNALS`.
+    pub signals: [Option<f64>; 4],
+}
+
 /// The encoded `AllocateBatchResponse` and the new assignments in it (in request order, for
 /// the caller to hold and write behind).
 pub struct BatchOutput {
@@ -313,11 +326,17 @@ pub fn decode_batch(bytes: &[u8]) -> Result<Vec<RawRequest<'_>>, CoreError> {
 }
 
 /// The serialized items at `positions` of an `AllocateBatchRequest`, without decoding the
-/// others (positions past the end are skipped).
+/// others (positions past the end are skipped); read up to the last position only.
 pub fn batch_items<'a>(bytes: &'a [u8], positions: &[usize]) -> Result<Vec<&'a [u8]>, CoreError> {
+    let Some(&last) = positions.iter().max() else {
+        return Ok(Vec::new());
+    };
     let mut items = Vec::new();
     let mut r = Reader::new(bytes);
-    while let Some((n, v)) = r.next_field()? {
+    while items.len() <= last {
+        let Some((n, v)) = r.next_field()? else {
+            break;
+        };
         if let (1, Value::Bytes(b)) = (n, v) {
             items.push(b);
         }
@@ -580,10 +599,7 @@ impl PreparedOne {
         region: &str,
         assignment_id: &str,
     ) -> Result<DecidedOne, CoreError> {
-        let device = match &self.context.device {
-            Device::Known(d) => Some(*d),
-            Device::UserAgent(ua) => catalogue.device_of(ua),
-        };
+        let device = class_of(&self.context, &catalogue.devices.read());
         let device = resolved(&self.context, device)?;
         let mut values = Vec::with_capacity(self.experiment.dimensions.len());
         segment_values(&self.experiment, &self.context, device, &mut values);
@@ -601,6 +617,14 @@ impl PreparedOne {
             level: d.level,
             propensity: d.propensity,
         })
+    }
+}
+
+/// The device class of a context: given, or its user agent's in `known` (None: not learned).
+fn class_of(context: &Extracted, known: &HashMap<String, &'static str>) -> Option<&'static str> {
+    match &context.device {
+        Device::Known(d) => Some(*d),
+        Device::UserAgent(ua) => known.get(ua.as_str()).copied(),
     }
 }
 
@@ -804,6 +828,33 @@ impl PreparedBatch {
         out
     }
 
+    /// What learning keeps of the ready items at `positions` (others are skipped), once their
+    /// user agents are classified (`learn_devices`): an error names one that is not.
+    pub fn features(
+        &self,
+        catalogue: &Catalogue,
+        positions: &[usize],
+    ) -> Result<Vec<Features<'_>>, CoreError> {
+        let devices = catalogue.devices.read();
+        let mut out = Vec::with_capacity(positions.len());
+        for &i in positions {
+            let Some(&Item::Ready { context, user, .. }) = self.items.get(i) else {
+                continue;
+            };
+            let context = &self.contexts[context];
+            out.push(Features {
+                user_id: self.user(user),
+                channel: context.channel,
+                device: resolved(context, class_of(context, &devices))?,
+                source: &context.source,
+                hour: context.hour,
+                day_of_week: context.day_of_week,
+                signals: context.learned,
+            });
+        }
+        Ok(out)
+    }
+
     /// (position, experiment handle, user id) of every item of a sticky experiment: the caller
     /// answers those users it has an assignment for.
     pub fn sticky_candidates(&self) -> (Vec<usize>, Vec<u64>, Vec<&str>) {
@@ -852,13 +903,7 @@ impl PreparedBatch {
         // Device classes of the contexts (None: a user agent not learned), looked up once.
         let devices: Vec<Option<&'static str>> = {
             let known = catalogue.devices.read();
-            self.contexts
-                .iter()
-                .map(|c| match &c.device {
-                    Device::Known(d) => Some(*d),
-                    Device::UserAgent(ua) => known.get(ua.as_str()).copied(),
-                })
-                .collect()
+            self.contexts.iter().map(|c| class_of(c, &known)).collect()
         };
         // Segment values of (experiment, context), kept while items repeat them.
         let mut values: Vec<&str> = Vec::with_capacity(8);
@@ -1082,6 +1127,74 @@ mod tests {
             out.push((kind, fields));
         }
         out
+    }
+
+    #[test]
+    fn batch_items_reads_only_what_it_is_asked_for() {
+        let items: Vec<Vec<u8>> = (0..5)
+            .map(|i| request("exp", &format!("u{i}"), &[]))
+            .collect();
+        let mut bytes = batch(&items);
+        let whole = bytes.len();
+        assert_eq!(
+            batch_items(&bytes, &[3, 0, 9]).unwrap(),
+            [&items[3], &items[0]]
+        );
+        assert!(batch_items(&bytes, &[]).unwrap().is_empty());
+        // A broken tail past the last position asked for is not read.
+        bytes.extend_from_slice(&[0x0a, 0xff]);
+        assert_eq!(batch_items(&bytes, &[1]).unwrap(), [&items[1]]);
+        assert!(batch_items(&bytes, &[5]).is_err());
+        assert_eq!(bytes.len(), whole + 2);
+    }
+
+    #[test]
+    fn features_are_what_learning_keeps_of_ready_items() {
+        let (_, catalogue) = setup(false);
+        let mut web = request("exp", "w", &[("utm_source", "News"), ("device", "tablet")]);
+        for (name, value) in [("pages_viewed", 3.5), ("drop_risk", 0.25)] {
+            let mut e = Vec::new();
+            wire::put_str(&mut e, 1, name);
+            wire::put_tag(&mut e, 2, wire::FIXED64);
+            e.extend_from_slice(&f64::to_le_bytes(value));
+            wire::put_bytes(&mut web, 5, &e);
+        }
+        let ua = "Mozilla/5.0 (Linux; Android 14) Mobile";
+        let items = [
+            web,
+            request("nope", "x", &[]),
+            request("exp", "f", &[("user_agent", ua)]),
+        ];
+        let prepared = catalogue.prepare(&batch(&items), 0, false).unwrap();
+        // The user agent has no class yet: an error names it.
+        let err = prepared.features(&catalogue, &[2]).unwrap_err();
+        assert!(format!("{err:?}").contains("Android 14"), "{err:?}");
+        catalogue.learn_devices(&[(ua, "mobile")]).unwrap();
+        let got = prepared.features(&catalogue, &[0, 1, 2]).unwrap();
+        // 1_700_000_000_000 ms is a Tuesday, 22:13 UTC.
+        assert_eq!(
+            got,
+            [
+                Features {
+                    user_id: "w",
+                    channel: "web",
+                    device: "tablet",
+                    source: "news",
+                    hour: 22,
+                    day_of_week: 1,
+                    signals: [Some(3.5), None, None, None],
+                },
+                Features {
+                    user_id: "f",
+                    channel: "web",
+                    device: "mobile",
+                    source: "direct",
+                    hour: 22,
+                    day_of_week: 1,
+                    signals: [None; 4],
+                },
+            ]
+        );
     }
 
     #[test]

@@ -113,8 +113,16 @@ pub enum Device {
     UserAgent(String),
 }
 
-/// The segment-relevant part of `ExtractedContext`.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// The signals learning keeps of a context, in `RawFeatures` order.
+pub const LEARNED_SIGNALS: [&str; 4] = [
+    "pages_viewed",
+    "time_seconds",
+    "engagement_score",
+    "drop_risk",
+];
+
+/// The segment-relevant part of `ExtractedContext`, and the signals learning keeps.
+#[derive(Debug, Clone, PartialEq)]
 pub struct Extracted {
     pub channel: &'static str,
     pub source: String,
@@ -126,6 +134,8 @@ pub struct Extracted {
     pub campaign_id: String,
     pub funnel_id: String,
     pub current_stage: String,
+    /// `LEARNED_SIGNALS` that the channel has and the request gave.
+    pub learned: [Option<f64>; 4],
 }
 
 /// True for a name `Extracted::dimension` knows.
@@ -376,7 +386,21 @@ pub fn extract_at(
         campaign_id: String::new(),
         funnel_id: String::new(),
         current_stage: String::new(),
+        learned: [None; 4],
     };
+    // The channel's own signals (`_extract`): web pages_viewed and time_seconds, email and
+    // push engagement_score, funnel drop_risk.
+    let learned: &[usize] = match channel {
+        "web" => &[0, 1],
+        "funnel" => &[3],
+        _ => &[2],
+    };
+    for &k in learned {
+        out.learned[k] = signals
+            .iter()
+            .find(|(name, _)| *name == LEARNED_SIGNALS[k])
+            .map(|(_, v)| *v);
+    }
     match channel {
         "web" => {
             let domain = get(context, "referrer")

@@ -39,6 +39,11 @@ Decision = tuple[int, int, float, str]
 GivenAllocation = tuple[str, int, str, int, float, bool]
 # An item's failure: (gRPC status code number, message, request field or "")
 ItemError = tuple[int, str, str]
+# (user id, channel, device, source, hour, day of week, pages_viewed, time_seconds,
+# engagement_score, drop_risk): an item as learning keeps it (`PreparedBatch.features`).
+Features = tuple[
+    str, str, str, str, int, int, float | None, float | None, float | None, float | None
+]
 # An assignment held: (id, experiment key, handle, user id, variant, segment key, cascade level,
 # propensity, created ms).
 HeldTuple = tuple[str, str, int, str, int, str, int, float, int]
@@ -246,6 +251,11 @@ class PreparedBatch:
 
     def sticky_candidates(self) -> tuple[list[int], list[int], list[str]]:
         """(positions, experiment handles, user ids) of the items of sticky experiments."""
+
+    def features(self, catalogue: BatchCatalogue, positions: Sequence[int]) -> list[Features]:
+        """What learning keeps (`RawFeatures`, after the user id) of the valid items at
+        `positions`, in their order; invalid items are skipped. Their user agents must be
+        classified (`BatchCatalogue.learn_devices`): ValueError names one that is not."""
 
     def finish(
         self,

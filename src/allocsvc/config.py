@@ -126,7 +126,8 @@ class ClusteringSettings(Section):
     # Recent requests kept in memory as training data (and drift window).
     buffer_size: int = Field(default=20_000, ge=100)
     # Allocations observed for learning: one in `observe_every` on average (random gaps, so
-    # periodic traffic cannot alias); the others cost a counter decrement. 1: every one.
+    # periodic traffic cannot alias; at most 8 items of a batch, at random positions); the
+    # others cost a counter decrement. 1: every one.
     observe_every: int = Field(default=10, ge=1, le=10_000)
     min_samples: int = Field(default=200, ge=20, description="rows needed to train")
     silhouette_sample: int = Field(default=2000, ge=100, description="silhouette on a sample")

@@ -16,6 +16,7 @@ from allocsvc.api.allocator import AllocatorServicer
 from allocsvc.context import Extractor
 from allocsvc.core import Engine, seed_rng
 from allocsvc.errors import InvalidRequest
+from allocsvc.learning.features import raw_features
 
 pytestmark = pytest.mark.unit
 
@@ -158,6 +159,39 @@ async def test_batch_from_bytes_equals_the_python_path_with_the_same_seed() -> N
         if r.WhichOneof("outcome") == "allocation":
             kept = rust.assignment(r.allocation.assignment_id)
             assert kept is not None and kept.segment_key == r.allocation.segment_key
+
+
+async def test_batch_features_equal_what_python_extraction_gives_learning() -> None:
+    # Learning's sample of a batch comes from Rust's extraction: it must be raw_features of
+    # Python's, channel by channel, signals included (only the channel's own count).
+    signals = ["pages_viewed", "time_seconds", "engagement_score", "drop_risk", "previous_opens"]
+    requests = []
+    for i, r in enumerate(_requests()):
+        r.timestamp_unix_ms = r.timestamp_unix_ms or T0 + i * 60_000  # 0 reads the clock
+        r.signals.clear()
+        r.signals.update({name: i * 0.5 + k for k, name in enumerate(signals) if (i >> k) & 1})
+        requests.append(r)
+    service = await _service()
+    prepared = service.prepare_batch(pb.AllocateBatchRequest(requests=requests).SerializeToString())
+    assert prepared is not None
+    catalogue, extractor = service._catalogue, Extractor()
+    catalogue.learn_devices(
+        [(ua, extractor.device(ua)) for ua in prepared.unknown_user_agents(catalogue)]
+    )
+    invalid = set(prepared.invalid())
+    positions = list(range(0, len(requests), 3)) + list(invalid)
+    expected = []
+    for i in sorted(set(positions) - invalid):
+        r = convert.allocate_request(requests[i])
+        context = extractor.extract(r.channel, r.context, r.signals, r.timestamp_ms)
+        expected.append((r.user_id, *raw_features(context)))
+
+    got = prepared.features(catalogue, sorted(positions))
+
+    assert got == expected
+    assert {row[1] for row in got} == {"web", "email", "funnel", "push"}
+    assert len({row[2] for row in got}) == 4  # mobile, desktop, tablet, unknown
+    assert {k for row in got for k in range(6, 10) if row[k] is not None} == {6, 7, 8, 9}
 
 
 async def test_unary_after_batch_sees_the_batch_assignments() -> None:

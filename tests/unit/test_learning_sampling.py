@@ -39,20 +39,19 @@ def test_gaps_average_every_and_cover_their_range() -> None:
         ObservationGaps(0)
 
 
-def test_positions_equal_counting_down_one_by_one() -> None:
-    one_by_one, batched = ObservationGaps(7, seed=5), ObservationGaps(7, seed=5)
-    countdown_a = countdown_b = 1
-    for items in (1, 3, 50, 0, 200, 13):
-        expected = []
-        for i in range(items):
-            countdown_a -= 1
-            if countdown_a == 0:
-                expected.append(i)
-                countdown_a = one_by_one.next()
-        chosen, countdown_b = batched.positions(countdown_b, items)
-        assert chosen == expected
-        assert countdown_b == countdown_a
-    assert ObservationGaps(1).positions(1, 4) == ([0, 1, 2, 3], 1)
+def test_batch_samples_hold_items_over_every_at_random_positions() -> None:
+    gaps = ObservationGaps(7, seed=5)
+    draws = [gaps.sample(100, 1000) for _ in range(3000)]
+    # 100 / 7 = 14.29: 14 or 15 positions, 15 about 29% of the time, so the mean is exact.
+    counts = np.array([len(d) for d in draws])
+    assert set(counts) == {14, 15}
+    assert abs(counts.mean() - 100 / 7) < 5 * counts.std() / math.sqrt(len(counts))
+    assert all(d == sorted(set(d)) and d[0] >= 0 and d[-1] < 100 for d in draws)
+    # Every position is drawn about as often (3000 x 14.29 / 100 = 429 times each).
+    hits = np.bincount(np.concatenate(draws), minlength=100)
+    assert hits.min() > 300 and hits.max() < 560
+    assert len(gaps.sample(1000, 8)) == 8
+    assert ObservationGaps(1).sample(4, 10) == [0, 1, 2, 3]
 
 
 def learning(every: int, *, clustering: bool = True, embeddings: bool = True) -> Learning:
@@ -126,7 +125,7 @@ async def test_nothing_is_observed_when_clustering_and_embeddings_are_off() -> N
     assert learning(1, clustering=False).gaps is not None
 
 
-async def _observed_in_batches(every: int, batches: int, size: int) -> int:
+async def _observed_in_batches(every: int, batches: int, size: int) -> Learning:
     learn = learning(every)
     service = await service_with(learn)
     servicer = AllocatorServicer(service, "local")
@@ -138,22 +137,40 @@ async def _observed_in_batches(every: int, batches: int, size: int) -> int:
             await servicer.AllocateBatchBytes(message, None)  # type: ignore[arg-type]
         )
         assert all(r.WhichOneof("outcome") == "allocation" for r in reply.results)
-    return len(learn._buffer)
+    return learn
 
 
 async def test_batches_over_the_fast_path_are_sampled_the_same_way() -> None:
     # About 6 of each 100-item batch: under the per-batch cap, as unary calls are sampled.
     every, batches, size = 16, 40, 100
     n = batches * size
-    observed = await _observed_in_batches(every, batches, size)
-    assert abs(observed - n / every) < 5 * count_spread(n, every)
+    learn = await _observed_in_batches(every, batches, size)
+    assert abs(len(learn._buffer) - n / every) < 5 * count_spread(n, every)
+    # Each row is its own item's (Rust's extraction of it).
+    for user, row in learn._buffer:
+        i = int(user[1:])
+        assert (row.channel, row.device, row.source) == ("web", "unknown", "google")
+        assert row.pages_viewed == float(i % 9) and row.time_seconds is None
 
 
-async def test_a_batch_feeds_learning_at_most_about_the_cap() -> None:
-    # Every item sampled (every=1), then thinned evenly to about BATCH_OBSERVED_ITEMS.
-    size = 100
-    step = size // BATCH_OBSERVED_ITEMS
-    assert await _observed_in_batches(1, 5, size) == 5 * len(range(0, size, step))
+async def test_a_batch_feeds_learning_at_most_the_cap() -> None:
+    # Every item sampled (every=1), then BATCH_OBSERVED_ITEMS of each batch kept.
+    learn = await _observed_in_batches(1, 5, 100)
+    users = [int(user[1:]) for user, _ in learn._buffer]
+    assert len(users) == 5 * BATCH_OBSERVED_ITEMS
+    assert [u // 100 for u in users] == [b for b in range(5) for _ in range(BATCH_OBSERVED_ITEMS)]
+    assert len(set(users)) == len(users)
+
+
+async def test_unary_calls_over_the_bytes_path_are_sampled_one_in_every() -> None:
+    every, n = 10, 3000
+    learn = learning(every)
+    servicer = AllocatorServicer(await service_with(learn), "local")
+    for i in range(n):
+        await servicer.AllocateBytes(request(i).SerializeToString(), None)  # type: ignore[arg-type]
+    assert abs(len(learn._buffer) - n / every) < 5 * count_spread(n, every)
+    user, row = learn._buffer[0]
+    assert row.pages_viewed == float(int(user[1:]) % 9)
 
 
 def test_serving_assignment_equals_numpy_argmin() -> None:

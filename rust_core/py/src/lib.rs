@@ -298,6 +298,20 @@ struct PyBatchCatalogue {
     inner: Catalogue,
 }
 
+/// One item as learning keeps it: `PreparedBatch.features`.
+type PyFeatures<'a> = (
+    &'a str,
+    &'static str,
+    &'static str,
+    &'a str,
+    usize,
+    usize,
+    Option<f64>,
+    Option<f64>,
+    Option<f64>,
+    Option<f64>,
+);
+
 /// Python face of [`PreparedBatch`].
 #[pyclass(name = "PreparedBatch", frozen, module = "allocsvc._core")]
 struct PyPreparedBatch {
@@ -472,6 +486,37 @@ impl PyPreparedBatch {
 
     fn sticky_candidates(&self) -> (Vec<usize>, Vec<u64>, Vec<&str>) {
         self.inner.sticky_candidates()
+    }
+
+    /// (user id, channel, device, source, hour, day of week, pages_viewed, time_seconds,
+    /// engagement_score, drop_risk) of the ready items at `positions`.
+    fn features(
+        &self,
+        catalogue: &PyBatchCatalogue,
+        positions: Vec<usize>,
+    ) -> PyResult<Vec<PyFeatures<'_>>> {
+        let features = self
+            .inner
+            .features(&catalogue.inner, &positions)
+            .map_err(to_py)?;
+        Ok(features
+            .into_iter()
+            .map(|f| {
+                let [pages, seconds, engagement, drop] = f.signals;
+                (
+                    f.user_id,
+                    f.channel,
+                    f.device,
+                    f.source,
+                    f.hour,
+                    f.day_of_week,
+                    pages,
+                    seconds,
+                    engagement,
+                    drop,
+                )
+            })
+            .collect())
     }
 
     /// Decide the items, hold the new assignments in `held` (ids `{id_prefix}-{seq:x}` from

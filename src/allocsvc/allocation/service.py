@@ -43,6 +43,7 @@ from allocsvc.errors import (
     InvalidRequest,
     NotFound,
 )
+from allocsvc.learning.features import RawFeatures
 from allocsvc.learning.sampling import ObservationGaps
 
 # Value used for the cluster dimension until a clustering model is deployed.
@@ -169,6 +170,8 @@ class LearningHook(Protocol):
 
     def observe(self, user_id: str, context: ExtractedContext) -> None: ...
 
+    def observe_features(self, user_id: str, row: RawFeatures) -> None: ...
+
     def cluster_of(self, context: ExtractedContext) -> str: ...
 
 
@@ -265,29 +268,41 @@ class AllocationService:
         """True when (a sample of) allocations' contexts feed a learning hook."""
         return self._gaps is not None
 
-    def observed_positions(self, items: int) -> list[int]:
-        """Which of the next `items` requests (a batch's items) learning observes."""
+    def observes_next(self) -> bool:
+        """Whether learning observes the next allocation (a unary one): one countdown step."""
         if self._gaps is None:
-            return []
-        chosen, self._until_observed = self._gaps.positions(self._until_observed, items)
-        return chosen
+            return False
+        self._until_observed -= 1
+        if self._until_observed > 0:
+            return False
+        self._until_observed = self._gaps.next()
+        return True
 
-    def observe(self, requests: Iterable[AllocationRequest]) -> None:
-        """Feed the learning hook the contexts of some requests (AllocateBatch's fast path
-        passes a sample of its items); requests that fail extraction are skipped."""
+    def observe(self, request: AllocationRequest) -> None:
+        """Feed the learning hook the context of a request; one that fails extraction is
+        skipped."""
         if self._learning is None:
             return
-        for request in requests:
-            try:
-                context = self._extractor.extract(
-                    request.channel,
-                    request.context or {},
-                    request.signals or {},
-                    request.timestamp_ms,
-                )
-            except AllocsvcError:
-                continue
-            self._learning.observe(request.user_id, context)
+        try:
+            context = self._extractor.extract(
+                request.channel, request.context or {}, request.signals or {}, request.timestamp_ms
+            )
+        except AllocsvcError:
+            return
+        self._learning.observe(request.user_id, context)
+
+    def observe_batch(self, prepared: PreparedBatch, at_most: int) -> None:
+        """Feed the learning hook a sample of a finished batch's items (about one in
+        `observe_every`, at most `at_most`), as Rust extracted them; invalid items are left
+        to `allocate`, which samples the items it answers."""
+        if self._learning is None or self._gaps is None:
+            return
+        positions = self._gaps.sample(len(prepared), at_most)
+        if not positions:
+            return
+        observe = self._learning.observe_features
+        for row in prepared.features(self._catalogue, positions):
+            observe(row[0], RawFeatures._make(row[1:]))
 
     # Experiments ------------------------------------------------------------------------
 
@@ -502,12 +517,9 @@ class AllocationService:
             request.signals or {},
             request.timestamp_ms,
         )
-        if self._gaps is not None:
-            # Most requests stop at the decrement; learning sees about one in gaps.every.
-            self._until_observed -= 1
-            if self._until_observed <= 0 and self._learning is not None:
-                self._until_observed = self._gaps.next()
-                self._learning.observe(request.user_id, context)
+        # Most requests stop at the decrement; learning sees about one in gaps.every.
+        if self.observes_next() and self._learning is not None:
+            self._learning.observe(request.user_id, context)
         slot = (experiment.handle, request.user_id)
         if experiment.sticky:
             earlier = self._latest_of(slot) or await self._recall(experiment, request.user_id)

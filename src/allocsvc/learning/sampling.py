@@ -1,9 +1,12 @@
-"""Which allocations feed learning: about one in `every`, at random gaps.
+"""Which allocations feed learning: about one in `every`, at random.
 
-The allocation service keeps a countdown and observes a request when it reaches zero, so an
-allocation that is not observed costs one decrement. Gaps are drawn uniformly from
+Unary calls: the allocation service keeps a countdown and observes a request when it reaches
+zero, so an allocation that is not observed costs one decrement. Gaps are drawn uniformly from
 1..2·every−1 (mean `every`): a fixed stride could keep seeing the same slot of periodic
 traffic (e.g. every tenth request of a client that cycles through ten contexts).
+
+Batches: about items / every items at random positions, at most a cap per batch, drawn at once
+(walking the gaps through a 1,000-item batch cost more than the batch's own Python work).
 """
 
 from __future__ import annotations
@@ -25,13 +28,8 @@ class ObservationGaps:
             return 1
         return self._rng.randint(1, 2 * self.every - 1)
 
-    def positions(self, countdown: int, items: int) -> tuple[list[int], int]:
-        """Positions observed among the next `items` requests when the countdown stands at
-        `countdown` (requests until the next observed one, at least 1), and the countdown
-        after them: the same positions as counting the requests down one by one."""
-        chosen = []
-        position = countdown - 1
-        while position < items:
-            chosen.append(position)
-            position += self.next()
-        return chosen, position - items + 1
+    def sample(self, items: int, at_most: int) -> list[int]:
+        """Positions (ascending) observed among a batch's `items`: items / every of them, the
+        count rounded up or down at random so that its mean is exact, at most `at_most`."""
+        count = min(at_most, int(items / self.every + self._rng.random()))
+        return sorted(self._rng.sample(range(items), count))

@@ -143,7 +143,10 @@ class Learning:
     # Hot path ---------------------------------------------------------------------------
 
     def observe(self, user_id: str, context: ExtractedContext) -> None:
-        row = raw_features(context)
+        self.observe_features(user_id, raw_features(context))
+
+    def observe_features(self, user_id: str, row: RawFeatures) -> None:
+        """`observe` of a context already reduced to its features (the batch path's)."""
         self._buffer.append((user_id, row))
         self._recent.append(row)
 
