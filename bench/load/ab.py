@@ -1,0 +1,186 @@
+"""This tree against an earlier commit, in one run (issue 10): what a change moved, under load.
+
+    python bench/load/ab.py --base c4c640d [--rounds 3] [--seconds 10] [--kinds batch,unary]
+
+This VM's steal drifts over minutes, so two builds measured one after the other (or in two
+h2.py runs) cannot be compared. Here both run at once, each `allocsvc serve --in-memory
+--workers 1` (no PostgreSQL: the allocation path alone), next to bench/load/echo.py; then rounds
+of h2.py's closed-loop runs, every setup in turn, the order rotated each round: unary
+`Allocate` at 16 connections x 2 streams, `AllocateBatch` of 1,000 items at 2 x 2. The base is
+the commit's source in a git worktree, its Rust extension built there with maturin (a few
+minutes the first time; cargo's target directory stays in $TMPDIR/allocsvc-ab-target for the
+next run) and served with PYTHONPATH pointing at that worktree. A ratio is taken within a
+round, then the median over the rounds that other work and steal left alone (h2.py's
+CONTENDED_CORES). Bounded: rounds x kinds x 3 runs of `--seconds` each, after a short warm-up.
+Prints a markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import zipfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import h2  # bench/load/h2.py
+
+ROOT = Path(__file__).resolve().parents[2]
+TARGET_DIR = Path(tempfile.gettempdir()) / "allocsvc-ab-target"
+SETUPS = ("echo", "this", "base")
+WARMUP_S = 3.0
+
+
+@contextlib.contextmanager
+def base_tree(rev: str, workdir: Path) -> Iterator[Path]:
+    """The `src` directory of `rev`, its Rust extension built in place."""
+    tree = workdir / "tree"
+    subprocess.run(
+        ["git", "-C", str(ROOT), "worktree", "add", "--detach", str(tree), rev],
+        check=True,
+        capture_output=True,
+    )
+    try:
+        wheels = workdir / "wheels"
+        print(f"building {rev} with maturin (cargo target {TARGET_DIR})", file=sys.stderr)
+        subprocess.run(
+            ["maturin", "build", "--release", "-q", "-o", str(wheels)],
+            cwd=tree,
+            env={**os.environ, "CARGO_TARGET_DIR": str(TARGET_DIR)},
+            check=True,
+            timeout=1800,
+        )
+        (wheel,) = wheels.glob("*.whl")
+        with zipfile.ZipFile(wheel) as archive:
+            (core,) = [
+                n
+                for n in archive.namelist()
+                if n.startswith("allocsvc/_core") and n.endswith(".so")
+            ]
+            (tree / "src" / core).write_bytes(archive.read(core))
+        yield tree / "src"
+    finally:
+        subprocess.run(
+            ["git", "-C", str(ROOT), "worktree", "remove", "--force", str(tree)],
+            check=False,
+            capture_output=True,
+        )
+
+
+def start(name: str, workdir: Path, base_src: Path) -> h2.Target:
+    sub = workdir / name
+    sub.mkdir()
+    if name == "echo":
+        return h2.start("echo", sub, None)
+    env = os.environ.copy()
+    try:
+        if name == "base":
+            os.environ["PYTHONPATH"] = str(base_src)
+        return h2.start("mem", sub, None)
+    finally:
+        os.environ.clear()
+        os.environ.update(env)
+
+
+def measure(args: argparse.Namespace, workdir: Path, base_src: Path) -> list[dict[str, Any]]:
+    bodies = h2.grpc_body(workdir)
+    kinds = {
+        "unary": (bodies[0], h2.Shape(h2.CONNECTIONS, h2.ALTERNATING_STREAMS)),
+        "batch": (bodies[2], h2.Shape(*h2.BATCH_SHAPE, batch=h2.BATCH_ITEMS)),
+    }
+    targets: dict[str, h2.Target] = {}
+    rows = []
+    try:
+        for name in SETUPS:
+            targets[name] = start(name, workdir, base_src)
+        for target in targets.values():
+            for kind in args.kinds:
+                h2.run_h2load(args.h2load, target, *kinds[kind], WARMUP_S)
+        for k in range(args.rounds):
+            order = SETUPS[k % 3 :] + SETUPS[: k % 3]
+            for kind in args.kinds:
+                for name in order:
+                    print(f"round {k + 1}: {kind} {name}", file=sys.stderr)
+                    h2.wait_quiet(targets[name], args.quiet_wait)
+                    row = h2.run_h2load(args.h2load, targets[name], *kinds[kind], args.seconds)
+                    rows.append({**row, "round": k + 1, "kind": kind, "setup": name})
+    finally:
+        for target in targets.values():
+            target.setup.stop()
+    return rows
+
+
+def report(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
+    lines = [
+        f"Command: `python bench/load/ab.py --base {args.base} --rounds {args.rounds} "
+        f"--seconds {args.seconds:g} --kinds {','.join(args.kinds)}` ({args.started}). "
+        f"`this`: the working tree; `base`: {args.base}. Each run's allocations/s count the "
+        "calls answered OK (batches x 1,000); server CPU is per call (per batch for batches).",
+        "",
+        "| round | kind | setup | calls/s | allocations/s | server CPU µs/call | "
+        "server cores | steal + other cores | errors |",
+        "|---:|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        items = h2.BATCH_ITEMS if r["kind"] == "batch" else 1
+        lines.append(
+            f"| {r['round']} | {r['kind']} | {r['setup']} | {r['rps']:,.0f} | "
+            f"{r['ok_per_s'] * items:,.0f} | {r['cpu_us_per_request']:,.0f} | "
+            f"{r['server_cores']:.2f} | {h2._taken(r):.2f} | {r['errors']} |"
+        )
+    lines += ["", "| kind | figure | per round | median of uncontended rounds |"]
+    lines.append("|---|---|---|---:|")
+    for kind in args.kinds:
+        picked = [r for r in rows if r["kind"] == kind]
+        for label, name, base, key in (
+            ("`this` / `base`, calls/s", "this", "base", "rps"),
+            ("`this` / `base`, server CPU per call", "this", "base", "cpu_us_per_request"),
+            ("`this` / echo, calls/s", "this", "echo", "rps"),
+            ("`base` / echo, calls/s", "base", "echo", "rps"),
+        ):
+            ratios = h2.round_ratios(picked, name, base, key)
+            calm = [x for x, contended in ratios if not contended]
+            shown = ", ".join(f"{x:.2f}{' (contended)' if c else ''}" for x, c in ratios)
+            median = f"{statistics.median(calm):.2f}" if calm else "none uncontended"
+            lines.append(f"| {kind} | {label} | {shown} | {median} |")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
+    parser.add_argument("--base", required=True, help="the commit to compare with (any git rev)")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--seconds", type=float, default=10.0, help="measured seconds per run")
+    parser.add_argument("--kinds", default="batch,unary", help="comma-separated: batch, unary")
+    parser.add_argument(
+        "--quiet-wait",
+        type=float,
+        default=15.0,
+        help="before each run, wait up to this long for other work to quiet down",
+    )
+    args = parser.parse_args()
+    args.kinds = [k for k in args.kinds.split(",") if k]
+    if not set(args.kinds) <= {"batch", "unary"} or not args.kinds:
+        parser.error("--kinds: batch and/or unary")
+    if shutil.which("maturin") is None:
+        parser.error("maturin is needed to build the base (pip install maturin)")
+    args.h2load = h2.find_h2load()
+    args.started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    with tempfile.TemporaryDirectory(prefix="allocsvc-ab-") as tmp:
+        workdir = Path(tmp)
+        with base_tree(args.base, workdir) as base_src:
+            rows = measure(args, workdir, base_src)
+    print(report(rows, args))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
