@@ -62,6 +62,10 @@ bench-load: $(STAMP) ## load test with ghz: allocsvc vs a bare grpc.aio echo ser
 bench-load-h2: $(STAMP) ## load test with h2load (closed loop, unary and AllocateBatch x1000) and bench/load/openloop (Go, fixed rates): echo, --workers 1, --in-memory, --workers 2 (~16-25 minutes)
 	$(PY) bench/load/h2.py $(LOAD_ARGS)
 
+bench-ab: $(STAMP) ## this tree against BASE=<commit> under h2load, both served at once, alternating rounds (~5 minutes)
+	$(if $(BASE),,$(error BASE=<commit> is required, e.g. make bench-ab BASE=HEAD~1))
+	$(PY) bench/load/ab.py --base $(BASE) $(LOAD_ARGS)
+
 clean: ## remove build outputs (keeps .venv)
 	rm -rf target dist .pytest_cache .mypy_cache .ruff_cache
 

@@ -40,7 +40,7 @@ WARMUP_S = 3.0
 
 
 @contextlib.contextmanager
-def base_tree(rev: str, workdir: Path) -> Iterator[Path]:
+def base_tree(rev: str, workdir: Path, maturin: str) -> Iterator[Path]:
     """The `src` directory of `rev`, its Rust extension built in place."""
     tree = workdir / "tree"
     subprocess.run(
@@ -52,7 +52,7 @@ def base_tree(rev: str, workdir: Path) -> Iterator[Path]:
         wheels = workdir / "wheels"
         print(f"building {rev} with maturin (cargo target {TARGET_DIR})", file=sys.stderr)
         subprocess.run(
-            ["maturin", "build", "--release", "-q", "-o", str(wheels)],
+            [maturin, "build", "--release", "-q", "-o", str(wheels)],
             cwd=tree,
             env={**os.environ, "CARGO_TARGET_DIR": str(TARGET_DIR)},
             check=True,
@@ -170,13 +170,15 @@ def main() -> int:
     args.kinds = [k for k in args.kinds.split(",") if k]
     if not set(args.kinds) <= {"batch", "unary"} or not args.kinds:
         parser.error("--kinds: batch and/or unary")
-    if shutil.which("maturin") is None:
+    beside = Path(sys.executable).with_name("maturin")  # the venv's, even when not activated
+    args.maturin = str(beside) if beside.exists() else shutil.which("maturin")
+    if args.maturin is None:
         parser.error("maturin is needed to build the base (pip install maturin)")
     args.h2load = h2.find_h2load()
     args.started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     with tempfile.TemporaryDirectory(prefix="allocsvc-ab-") as tmp:
         workdir = Path(tmp)
-        with base_tree(args.base, workdir) as base_src:
+        with base_tree(args.base, workdir, args.maturin) as base_src:
             rows = measure(args, workdir, base_src)
     print(report(rows, args))
     return 0
