@@ -1135,7 +1135,6 @@ mod tests {
             .map(|i| request("exp", &format!("u{i}"), &[]))
             .collect();
         let mut bytes = batch(&items);
-        let whole = bytes.len();
         assert_eq!(
             batch_items(&bytes, &[3, 0, 9]).unwrap(),
             [&items[3], &items[0]]
@@ -1145,7 +1144,6 @@ mod tests {
         bytes.extend_from_slice(&[0x0a, 0xff]);
         assert_eq!(batch_items(&bytes, &[1]).unwrap(), [&items[1]]);
         assert!(batch_items(&bytes, &[5]).is_err());
-        assert_eq!(bytes.len(), whole + 2);
     }
 
     #[test]
