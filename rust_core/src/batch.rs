@@ -368,16 +368,22 @@ impl Catalogue {
     }
 
     /// Remember device classes of user agents ("mobile", "desktop", "tablet" or "unknown").
+    /// A call's agents are kept together (the batch that named them needs them all): a cache
+    /// without room for them is emptied first, never in the middle of a call.
     pub fn learn_devices<S: AsRef<str>>(&self, pairs: &[(S, S)]) -> Result<(), CoreError> {
+        let classes = pairs
+            .iter()
+            .map(|(_, class)| device_class(class.as_ref()))
+            .collect::<Result<Vec<_>, _>>()?;
+        if self.limits.device_cache_size == 0 {
+            return Ok(());
+        }
         let mut devices = self.devices.write();
-        for (ua, class) in pairs {
-            let class = device_class(class.as_ref())?;
-            if devices.len() >= self.limits.device_cache_size {
-                devices.clear();
-            }
-            if self.limits.device_cache_size > 0 {
-                devices.insert(ua.as_ref().to_string(), class);
-            }
+        if devices.len() + pairs.len() > self.limits.device_cache_size {
+            devices.clear();
+        }
+        for ((ua, _), class) in pairs.iter().zip(classes) {
+            devices.insert(ua.as_ref().to_string(), class);
         }
         Ok(())
     }
@@ -1127,6 +1133,27 @@ mod tests {
             out.push((kind, fields));
         }
         out
+    }
+
+    #[test]
+    fn a_full_device_cache_keeps_one_call_s_agents_together() {
+        let (_, catalogue) = setup(false); // room for 16 agents
+        let agents: Vec<(String, String)> = (0..40)
+            .map(|i| (format!("ua{i}"), "mobile".to_string()))
+            .collect();
+        catalogue.learn_devices(&agents[..10]).unwrap();
+        // 10 + 8 > 16: emptied first, then all 8 kept.
+        catalogue.learn_devices(&agents[10..18]).unwrap();
+        assert!((10..18).all(|i| catalogue.device_of(&agents[i].0) == Some("mobile")));
+        assert!(catalogue.device_of("ua0").is_none());
+        // More than the cache holds, in one call: all kept until the next call.
+        catalogue.learn_devices(&agents[18..]).unwrap();
+        assert!((18..40).all(|i| catalogue.device_of(&agents[i].0).is_some()));
+        // A bad class refuses the call before anything changes.
+        let bad = [("ua-new", "mobile"), ("ua-bad", "phone")];
+        assert!(catalogue.learn_devices(&bad).is_err());
+        assert!(catalogue.device_of("ua-new").is_none());
+        assert!(catalogue.device_of("ua20").is_some());
     }
 
     #[test]

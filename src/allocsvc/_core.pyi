@@ -209,7 +209,9 @@ class BatchCatalogue:
 
     def remove(self, key: str) -> None: ...
     def learn_devices(self, pairs: Sequence[tuple[str, str]]) -> None:
-        """Remember (user agent, device class) pairs; a class is mobile/desktop/tablet/unknown."""
+        """Remember (user agent, device class) pairs; a class is mobile/desktop/tablet/unknown.
+        One call's agents are kept together: a cache without room for them is emptied first.
+        ValueError for a bad class, before anything is remembered."""
 
     def prepare(self, request: bytes, now_ms: int, shared: bool) -> PreparedBatch:
         """Decode a serialized AllocateBatchRequest and check every item (context extraction
