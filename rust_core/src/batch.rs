@@ -14,7 +14,7 @@
 use crate::context::{self, Clock, ContextLimits, Device, Extracted};
 use crate::decide::{Decision, Engine};
 use crate::error::CoreError;
-use crate::held::{push_hex, Made};
+use crate::held::{push_hex, spread, Made};
 use crate::wire::{self, Reader, Value};
 use hashbrown::HashTable;
 use parking_lot::RwLock;
@@ -1030,10 +1030,7 @@ struct Repeat<'a> {
 fn repeat_hash(handle: u64, user: &str) -> u64 {
     static SEED: OnceLock<u64> = OnceLock::new();
     let seed = *SEED.get_or_init(rand::random);
-    xxh3_64_with_seed(
-        user.as_bytes(),
-        seed ^ handle.wrapping_mul(0x9E37_79B9_7F4A_7C15),
-    )
+    xxh3_64_with_seed(user.as_bytes(), seed ^ spread(handle))
 }
 
 fn check_variant(experiment: &ExperimentInfo, variant: usize) -> Result<(), CoreError> {

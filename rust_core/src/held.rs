@@ -117,10 +117,15 @@ struct Entry {
     n: u32,
 }
 
-/// The table hash of a 32-bit key hash (hashbrown takes the bucket from the low bits and a tag
-/// from the top 7).
+/// A number spread over all 64 bits (hashbrown takes the bucket from the low bits and a tag
+/// from the top 7): the table hash of an experiment handle, or of a 32-bit key hash.
+pub(crate) fn spread(x: u64) -> u64 {
+    x.wrapping_mul(SPREAD)
+}
+
+/// The table hash of a 32-bit key hash.
 fn wide(hash: u32) -> u64 {
-    u64::from(hash).wrapping_mul(SPREAD)
+    spread(u64::from(hash))
 }
 
 fn find(table: &HashTable<Entry>, hash: u32, mut eq: impl FnMut(u32) -> bool) -> Option<u32> {
@@ -141,7 +146,7 @@ fn remove(table: &mut HashTable<Entry>, hash: u32, n: u32) {
 
 /// The hash of (experiment `handle`, a user whose hash is `user_hash`).
 fn slot_hash(handle: u64, user_hash: u32) -> u32 {
-    ((u64::from(user_hash) ^ handle.wrapping_mul(SPREAD)).wrapping_mul(MIX) >> 32) as u32
+    ((u64::from(user_hash) ^ spread(handle)).wrapping_mul(MIX) >> 32) as u32
 }
 
 /// A user id in the place of `old` (a dead record's): its allocation is reused when the
@@ -232,7 +237,7 @@ impl Held {
     /// then have one in the durable store.
     pub fn evicted(&self, handle: u64) -> bool {
         self.evicted_from
-            .find(handle.wrapping_mul(SPREAD), |&h| h == handle)
+            .find(spread(handle), |&h| h == handle)
             .is_some()
     }
 
@@ -566,10 +571,11 @@ impl Held {
         let latest_hash = slot_hash(handle, user_hash);
         if let Ok(entry) = self.latest.find_entry(wide(latest_hash), |e| e.n == n) {
             entry.remove();
-            let h = handle.wrapping_mul(SPREAD);
-            if self.evicted_from.find(h, |&x| x == handle).is_none() {
+            if let Found::Vacant(v) =
                 self.evicted_from
-                    .insert_unique(h, handle, |&x| x.wrapping_mul(SPREAD));
+                    .entry(spread(handle), |&x| x == handle, |&x| spread(x))
+            {
+                v.insert(handle);
             }
         }
         // Out of the user's chain (doubly linked: a user with many records costs nothing more).
