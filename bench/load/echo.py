@@ -2,8 +2,8 @@
 
 It answers `Allocate`, `AllocateBatch` and `RecordConversion` of `allocsvc.v1.Allocator` with
 constant responses of the real messages and sizes, on the same stack as the real server (grpc.aio,
-the same event loop, SO_REUSEPORT, message limits) with health and the same method-aware
-reflection, so ghz reaches both servers the same way.
+the same event loop, SO_REUSEPORT, message limits, bound on waiting calls) with health and the
+same method-aware reflection, so ghz reaches both servers the same way.
 
 It does no work per call: its handlers take and return bytes (registered without protobuf
 (de)serializers, as allocsvc registers Allocate and AllocateBatch) and answer pre-serialized
@@ -94,6 +94,10 @@ async def serve(host: str, port: int) -> None:
             ("grpc.max_receive_message_length", 64 * 1024 * 1024),
             ("grpc.max_send_message_length", 64 * 1024 * 1024),
             ("grpc.so_reuseport", 1),
+            # The same bound on calls waiting for the event loop as allocsvc's default
+            # (backpressure.max_waiting_calls); gRPC's own refuses some from 1,000.
+            ("grpc.server.max_pending_requests", 20_000),
+            ("grpc.server.max_pending_requests_hard_limit", 20_001),
         ]
     )
     allocator = pb.DESCRIPTOR.services_by_name["Allocator"].full_name

@@ -85,6 +85,11 @@ class BackpressureSettings(Section):
     # RPCs accepted at once by this process (every service, health included); past it,
     # RESOURCE_EXHAUSTED at once.
     max_in_flight_rpcs: int = Field(default=1000, ge=1)
+    # Calls gRPC has read off the connections that no handler has taken yet (they wait while
+    # the event loop is busy); past it, gRPC refuses new calls at once, with CANCELLED (gRPC's
+    # own status for it). gRPC's default starts refusing at random from 1,000 waiting calls,
+    # which a busy second at a few thousand calls/s reaches while the process keeps up.
+    max_waiting_calls: int = Field(default=20_000, ge=1)
     # Assignments waiting in the write-behind buffer; past it, allocations are refused.
     max_pending_assignments: int = Field(default=200_000, ge=1)
     # Conversions waiting for their group commit; past it, conversions are refused.
