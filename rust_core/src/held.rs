@@ -27,6 +27,8 @@ use hashbrown::hash_table::Entry as Found;
 use hashbrown::HashTable;
 use xxhash_rust::xxh3::xxh3_64_with_seed;
 
+use crate::error::CoreError;
+
 const NONE: u32 = u32::MAX;
 const SPREAD: u64 = 0x9E37_79B9_7F4A_7C15;
 /// Another odd multiplier (splitmix64's), for the second step of a mix.
@@ -964,6 +966,190 @@ pub fn copy_trailer(out: &mut Vec<u8>) {
     out.extend_from_slice(&(-1i16).to_be_bytes());
 }
 
+/// The columns of the binary COPY stream [`Held::add_copied`] reads, in order (types text,
+/// text, smallint, text, smallint, double precision or NULL, timestamptz).
+pub const RESTORE_COLUMNS: [&str; 7] = [
+    "id",
+    "user_id",
+    "variant",
+    "segment_key",
+    "cascade_level",
+    "propensity",
+    "created_at",
+];
+
+/// PostgreSQL's epoch (2000-01-01 UTC) in Unix milliseconds.
+const POSTGRES_EPOCH_MS: i64 = 946_684_800_000;
+
+/// What one [`Held::add_copied`] call read.
+#[derive(Debug, Default, PartialEq)]
+pub struct Copied<'d> {
+    /// Bytes read: whole rows (and the header, the trailer). The rest is the start of a row
+    /// whose end is still to come.
+    pub consumed: usize,
+    /// Assignments held.
+    pub rows: usize,
+    /// Their distinct segment keys, in order of first appearance.
+    pub keys: Vec<&'d str>,
+    /// The stream's trailer was read: nothing may follow.
+    pub ended: bool,
+}
+
+/// A reader of whole fields of one row; `None` once the data ends within the row.
+struct Fields<'d> {
+    data: &'d [u8],
+    at: usize,
+}
+
+impl<'d> Fields<'d> {
+    fn take(&mut self, n: usize) -> Option<&'d [u8]> {
+        let bytes = self.data.get(self.at..self.at.checked_add(n)?)?;
+        self.at += n;
+        Some(bytes)
+    }
+
+    fn i16(&mut self) -> Option<i16> {
+        self.take(2).map(|b| i16::from_be_bytes([b[0], b[1]]))
+    }
+
+    fn i32(&mut self) -> Option<i32> {
+        self.take(4)
+            .map(|b| i32::from_be_bytes([b[0], b[1], b[2], b[3]]))
+    }
+
+    /// One field: its bytes, or `Some(None)` for NULL; `Ok(None)` if the data ends within it.
+    fn field(&mut self) -> Result<Option<Option<&'d [u8]>>, CoreError> {
+        Ok(match self.i32() {
+            None => None,
+            Some(-1) => Some(None),
+            Some(n) if n >= 0 => self.take(n as usize).map(Some),
+            Some(n) => {
+                return Err(CoreError::invalid(format!(
+                    "data: a copied field has length {n}"
+                )))
+            }
+        })
+    }
+}
+
+fn copied_field(column: usize, bytes: Option<&[u8]>) -> Result<&[u8], CoreError> {
+    bytes.ok_or_else(|| {
+        CoreError::invalid(format!(
+            "data: {} is NULL in a copied assignment",
+            RESTORE_COLUMNS[column]
+        ))
+    })
+}
+
+fn copied_text(column: usize, bytes: Option<&[u8]>) -> Result<&str, CoreError> {
+    std::str::from_utf8(copied_field(column, bytes)?).map_err(|_| {
+        CoreError::invalid(format!(
+            "data: {} of a copied assignment is not UTF-8",
+            RESTORE_COLUMNS[column]
+        ))
+    })
+}
+
+fn copied_number<const N: usize>(
+    column: usize,
+    bytes: Option<&[u8]>,
+) -> Result<[u8; N], CoreError> {
+    copied_field(column, bytes)?.try_into().map_err(|_| {
+        CoreError::invalid(format!(
+            "data: {} of a copied assignment is not {N} bytes",
+            RESTORE_COLUMNS[column]
+        ))
+    })
+}
+
+impl Held {
+    /// Hold the assignments of experiment `handle` in `data`, a piece of a PostgreSQL binary
+    /// COPY stream of [`RESTORE_COLUMNS`] (oldest first), each as its (experiment, user)'s
+    /// latest, as [`Held::add`] does. `at_start`: `data` begins with the stream's header. A
+    /// row cut off at the end of `data` is left unread (see [`Copied::consumed`]): the caller
+    /// passes it again with what follows. A NULL propensity is held as 0.
+    pub fn add_copied<'d>(
+        &mut self,
+        handle: u64,
+        data: &'d [u8],
+        at_start: bool,
+    ) -> Result<Copied<'d>, CoreError> {
+        const SIGNATURE: &[u8] = b"PGCOPY\n\xff\r\n\0";
+        let mut out = Copied::default();
+        let mut fields = Fields { data, at: 0 };
+        if at_start {
+            let Some(signature) = fields.take(SIGNATURE.len()) else {
+                return Ok(out);
+            };
+            if signature != SIGNATURE {
+                return Err(CoreError::invalid("data: not a binary COPY stream"));
+            }
+            let (Some(_flags), Some(extension)) = (fields.i32(), fields.i32()) else {
+                return Ok(out);
+            };
+            if extension < 0 || fields.take(extension as usize).is_none() {
+                return Ok(out);
+            }
+            out.consumed = fields.at;
+        }
+        let mut seen: HashSet<&'d str> = HashSet::new();
+        while let Some(count) = fields.i16() {
+            if count == -1 {
+                out.consumed = fields.at;
+                out.ended = true;
+                if fields.at != data.len() {
+                    return Err(CoreError::invalid("data: bytes after the COPY trailer"));
+                }
+                break;
+            }
+            if count as usize != RESTORE_COLUMNS.len() {
+                return Err(CoreError::invalid(format!(
+                    "data: a copied row has {count} columns, not {}",
+                    RESTORE_COLUMNS.len()
+                )));
+            }
+            let mut row: [Option<&'d [u8]>; RESTORE_COLUMNS.len()] = [None; RESTORE_COLUMNS.len()];
+            let mut whole = true;
+            for value in &mut row {
+                match fields.field()? {
+                    Some(v) => *value = v,
+                    None => {
+                        whole = false;
+                        break;
+                    }
+                }
+            }
+            if !whole {
+                break;
+            }
+            let [id, user_id, variant, segment_key, level, propensity, created_at] = row;
+            let segment_key = copied_text(3, segment_key)?;
+            let propensity = match propensity {
+                None => 0.0,
+                p => f64::from_be_bytes(copied_number(5, p)?),
+            };
+            let a = Assignment {
+                id: Cow::Borrowed(copied_text(0, id)?),
+                handle,
+                user_id: copied_text(1, user_id)?,
+                variant: i16::from_be_bytes(copied_number(2, variant)?).max(0) as usize,
+                segment_key,
+                level: i16::from_be_bytes(copied_number(4, level)?).max(0) as usize,
+                propensity,
+                created_ms: i64::from_be_bytes(copied_number(6, created_at)?).div_euclid(1000)
+                    + POSTGRES_EPOCH_MS,
+            };
+            self.add(&a, true);
+            out.rows += 1;
+            if out.keys.last() != Some(&segment_key) && seen.insert(segment_key) {
+                out.keys.push(segment_key);
+            }
+            out.consumed = fields.at;
+        }
+        Ok(out)
+    }
+}
+
 /// Append `n` in lower-case hexadecimal without leading zeros (as `{:x}` writes it).
 pub fn push_hex(out: &mut String, n: u64) {
     let digits = (64 - (n | 1).leading_zeros() as usize).div_ceil(4);
@@ -1316,5 +1502,160 @@ mod tests {
         assert_eq!(rest.len(), 1);
         rest.write_id(0, &mut id);
         assert_eq!((id.as_str(), rest.user_id(0)), ("p-b", "vv"));
+    }
+
+    /// A stored row: id, user, variant, key, level, propensity or NULL, created_at in
+    /// PostgreSQL microseconds.
+    type Stored = (
+        &'static str,
+        &'static str,
+        i16,
+        &'static str,
+        i16,
+        Option<f64>,
+        i64,
+    );
+
+    /// A binary COPY stream of [`RESTORE_COLUMNS`] rows.
+    fn copy_stream(rows: &[Stored]) -> Vec<u8> {
+        let mut out = Vec::new();
+        copy_header(&mut out);
+        let text = |out: &mut Vec<u8>, s: &str| {
+            out.extend_from_slice(&(s.len() as i32).to_be_bytes());
+            out.extend_from_slice(s.as_bytes());
+        };
+        for &(id, user, variant, key, level, propensity, created_us) in rows {
+            out.extend_from_slice(&(RESTORE_COLUMNS.len() as i16).to_be_bytes());
+            text(&mut out, id);
+            text(&mut out, user);
+            out.extend_from_slice(&2i32.to_be_bytes());
+            out.extend_from_slice(&variant.to_be_bytes());
+            text(&mut out, key);
+            out.extend_from_slice(&2i32.to_be_bytes());
+            out.extend_from_slice(&level.to_be_bytes());
+            match propensity {
+                Some(p) => {
+                    out.extend_from_slice(&8i32.to_be_bytes());
+                    out.extend_from_slice(&p.to_bits().to_be_bytes());
+                }
+                None => out.extend_from_slice(&(-1i32).to_be_bytes()),
+            }
+            out.extend_from_slice(&8i32.to_be_bytes());
+            out.extend_from_slice(&created_us.to_be_bytes());
+        }
+        copy_trailer(&mut out);
+        out
+    }
+
+    const COPIED: [Stored; 4] = [
+        ("old-1", "u", 0, "country:us", 1, Some(0.5), 1_000_000),
+        ("old-2", "v", 2, "country:fr", 1, None, 2_000_999),
+        ("old-3", "u", 1, "country:us", 1, Some(0.25), -1),
+        ("old-4", "w", 1, "", 0, Some(1.0), 0),
+    ];
+
+    /// (latest id and variant of u, v and w; by-id lookups of every row) of a store.
+    fn restored(held: &Held) -> Vec<(String, usize, usize, String, i64, u64)> {
+        ["old-1", "old-2", "old-3", "old-4"]
+            .iter()
+            .map(|id| {
+                let a = held.by_id(id).expect("held");
+                let latest = held.latest(9, a.user_id).expect("latest");
+                (
+                    latest.id.to_string(),
+                    a.variant,
+                    a.level,
+                    a.segment_key.to_string(),
+                    a.created_ms,
+                    a.propensity.to_bits(),
+                )
+            })
+            .collect()
+    }
+
+    #[test]
+    fn copied_rows_are_held_as_their_users_latest() {
+        let data = copy_stream(&COPIED);
+        let mut held = Held::new("new");
+        let read = held.add_copied(9, &data, true).unwrap();
+        assert_eq!(read.consumed, data.len());
+        assert_eq!(read.rows, 4);
+        assert!(read.ended);
+        assert_eq!(read.keys, ["country:us", "country:fr", ""]);
+        assert_eq!(held.len(), 4);
+        let epoch = POSTGRES_EPOCH_MS;
+        assert_eq!(
+            restored(&held),
+            [
+                (
+                    "old-3".into(),
+                    0,
+                    1,
+                    "country:us".into(),
+                    epoch + 1000,
+                    0.5f64.to_bits()
+                ),
+                (
+                    "old-2".into(),
+                    2,
+                    1,
+                    "country:fr".into(),
+                    epoch + 2000,
+                    0.0f64.to_bits()
+                ),
+                (
+                    "old-3".into(),
+                    1,
+                    1,
+                    "country:us".into(),
+                    epoch - 1,
+                    0.25f64.to_bits()
+                ),
+                ("old-4".into(), 1, 0, "".into(), epoch, 1.0f64.to_bits()),
+            ]
+        );
+    }
+
+    #[test]
+    fn a_stream_cut_anywhere_is_read_the_same() {
+        let data = copy_stream(&COPIED);
+        let whole = {
+            let mut held = Held::new("new");
+            held.add_copied(9, &data, true).unwrap();
+            restored(&held)
+        };
+        for size in 1..=data.len() {
+            // Pieces of `size` bytes, each appended to what the last call left unread.
+            let mut held = Held::new("new");
+            let (mut pending, mut at_start, mut rows, mut ended) = (Vec::new(), true, 0, false);
+            for piece in data.chunks(size) {
+                pending.extend_from_slice(piece);
+                let read = held.add_copied(9, &pending, at_start).unwrap();
+                if read.consumed > 0 {
+                    at_start = false;
+                }
+                rows += read.rows;
+                ended |= read.ended;
+                pending.drain(..read.consumed);
+            }
+            assert!(pending.is_empty() && ended, "size {size}");
+            assert_eq!(rows, 4, "size {size}");
+            assert_eq!(restored(&held), whole, "size {size}");
+        }
+    }
+
+    #[test]
+    fn a_stream_that_is_not_assignments_is_refused() {
+        let mut held = Held::new("new");
+        let mut data = copy_stream(&COPIED);
+        data[0] = b'X';
+        assert!(held.add_copied(9, &data, true).is_err());
+        let mut data = Vec::new();
+        copy_header(&mut data);
+        data.extend_from_slice(&3i16.to_be_bytes());
+        assert!(held.add_copied(9, &data, true).is_err());
+        let mut data = copy_stream(&COPIED);
+        data.push(0);
+        assert!(held.add_copied(9, &data, true).is_err());
     }
 }

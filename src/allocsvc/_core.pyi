@@ -10,6 +10,7 @@ from typing import final
 __version__: str
 __all__ = [
     "ASSIGNMENT_COPY_COLUMNS",
+    "RESTORE_COPY_COLUMNS",
     "BatchCatalogue",
     "Engine",
     "HeldAssignments",
@@ -54,6 +55,8 @@ def batch_items(request: bytes, positions: Sequence[int]) -> list[bytes]:
 
 # The `assignments` columns of `copy_assignments`' rows, in order.
 ASSIGNMENT_COPY_COLUMNS: list[str]
+# The columns HeldAssignments.add_copied reads, in order.
+RESTORE_COPY_COLUMNS: list[str]
 
 def copy_assignments(
     made: Sequence[MadeAssignments], singles: Sequence[HeldTuple] | None = None
@@ -315,6 +318,15 @@ class HeldAssignments:
         """Drop every assignment of the user; returns them, newest first."""
 
     def user_ids(self) -> list[str]: ...
+    def add_copied(
+        self, handle: int, data: bytes, at_start: bool
+    ) -> tuple[int, int, list[str], bool]:
+        """Hold the assignments of experiment `handle` in `data`, a piece of a PostgreSQL
+        binary COPY stream of `RESTORE_COPY_COLUMNS` (oldest first), each as its (experiment,
+        user)'s latest; a NULL propensity is held as 0. `at_start`: `data` begins with the
+        stream's header. A row cut off at the end is left unread, to be passed again with what
+        follows. Returns (bytes read, assignments held, their distinct segment keys, whether
+        the stream's trailer was read). ValueError if `data` is not such a stream."""
 
 @final
 class MadeAssignments:

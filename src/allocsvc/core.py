@@ -5,6 +5,7 @@ See `_core.pyi` for the typed surface. Everything in the package imports from he
 
 from allocsvc._core import (
     ASSIGNMENT_COPY_COLUMNS,
+    RESTORE_COPY_COLUMNS,
     BatchCatalogue,
     Engine,
     HeldAssignments,
@@ -27,6 +28,7 @@ from allocsvc._core import (
 
 __all__ = [
     "ASSIGNMENT_COPY_COLUMNS",
+    "RESTORE_COPY_COLUMNS",
     "BatchCatalogue",
     "Engine",
     "HeldAssignments",

@@ -326,10 +326,7 @@ async def restore(journal: PostgresJournal, service: AllocationService) -> dict[
     hold far more than a process could). What was read, by kind."""
     experiments, counts, segments = await journal.load()
     service.restore(experiments, counts, [], segments)
-    read = 0
-    async for chunk in journal.newest_assignments(experiments, service.held_capacity):
-        service.hold_restored(chunk)
-        read += len(chunk)
+    read = await journal.hold_newest(experiments, service.held_capacity, service.hold_copied)
     return {"experiments": len(experiments), "counters": len(counts), "assignments": read}
 
 

@@ -143,6 +143,10 @@ async def test_a_restart_holds_the_newest_and_finds_the_rest_in_postgres(
     assert len(restarted._held) == HELD
     held = [restarted.holds(experiment_key="sticky", user_id=f"user-{i}") for i in range(3 * HELD)]
     assert held == [False] * (2 * HELD) + [True] * HELD
+    # Held as they were made (read back through a binary COPY stream), but for the time.
+    for a in first[-HELD:]:
+        again = restarted._latest_of((a.handle, a.user_id))
+        assert again is not None and _same(again, a), (again, a)
     # Users only PostgreSQL holds keep their assignments: unary, and a conversion by id.
     again = await restarted.allocate(AllocationRequest("sticky", "user-0"))
     assert again.sticky and _same(again.assignment, first[0])

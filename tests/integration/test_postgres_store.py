@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import struct
 from collections.abc import AsyncIterator
-from datetime import date
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import pytest
 
+from allocsvc.core import RESTORE_COPY_COLUMNS
 from allocsvc.store import (
     AssignmentRow,
     ConflictError,
@@ -231,25 +234,71 @@ async def test_assignments_round_trip_and_stickiness(store: PostgresStore) -> No
     assert got == dataclasses.replace(first, created_at=got.created_at)
     assert await store.get_assignment_by_id("a-2") is not None
     assert await store.get_assignment(eid, "user-3") is None
-    assert [a.id for c in [c async for c in store.load_assignments(eid)] for a in c] == [
-        "a-1",
-        "a-2",
-        "a-3",
-    ]
+    assert [r[0] for r in await copied(store, eid)] == ["a-1", "a-2", "a-3"]
 
 
-async def test_assignments_load_in_chunks_and_newest_only(store: PostgresStore) -> None:
+async def copied(
+    store: PostgresStore, eid: int, newest: int | None = None
+) -> list[tuple[Any, ...]]:
+    """The rows of `copy_assignments`' binary COPY stream, decoded here (in Python, apart from
+    the Rust reader the server uses): (id, user, variant, key, level, propensity, created_at
+    in PostgreSQL's microseconds)."""
+    pieces: list[bytearray] = []
+
+    async def output(data: bytearray) -> None:
+        pieces.append(data)
+
+    await store.copy_assignments(eid, output, newest=newest)
+    data = b"".join(pieces)
+    assert data[:11] == b"PGCOPY\n\xff\r\n\0"
+    at = 19 + struct.unpack_from(">i", data, 15)[0]
+    rows = []
+    while (count := struct.unpack_from(">h", data, at)[0]) != -1:
+        assert count == len(RESTORE_COPY_COLUMNS)
+        at += 2
+        fields: list[bytes | None] = []
+        for _ in range(count):
+            (size,) = struct.unpack_from(">i", data, at)
+            at += 4
+            fields.append(None if size < 0 else data[at : at + size])
+            at += max(size, 0)
+        ident, user, variant, key, level, propensity, created = fields
+        assert ident and user and variant and key is not None and level and created
+        rows.append(
+            (
+                ident.decode(),
+                user.decode(),
+                struct.unpack(">h", variant)[0],
+                key.decode(),
+                struct.unpack(">h", level)[0],
+                None if propensity is None else struct.unpack(">d", propensity)[0],
+                struct.unpack(">q", created)[0],
+            )
+        )
+    assert at + 2 == len(data)
+    return rows
+
+
+async def test_assignments_copy_oldest_first_and_newest_only(store: PostgresStore) -> None:
     eid = await new_experiment(store)
-    rows = [AssignmentRow(f"a-{i:02}", eid, f"user-{i}", i % 3, "", 0) for i in range(25)]
+    rows = [
+        AssignmentRow(f"a-{i:02}", eid, f"user-{i}", i % 3, f"k:{i % 2}", 0, i % 2, 0.5)
+        for i in range(25)
+    ]
+    rows[3] = dataclasses.replace(rows[3], propensity=None)
     assert await store.insert_assignments(rows) == 25
-    # All of them, oldest first (one insert: the same time, then by id), at most 10 a chunk.
-    chunks = [c async for c in store.load_assignments(eid, chunk=10)]
-    assert [len(c) for c in chunks] == [10, 10, 5]
-    assert [a.id for c in chunks for a in c] == [r.id for r in rows]
+    # All of them, oldest first (one insert: the same time, then by id), every column.
+    every = await copied(store, eid)
+    assert [r[:6] for r in every] == [
+        (r.id, r.user_id, r.variant, r.segment_key, r.cascade_level, r.propensity) for r in rows
+    ]
+    stored = await store.get_assignment_by_id("a-00")
+    assert stored is not None and stored.created_at is not None
+    since_2000 = stored.created_at - datetime(2000, 1, 1, tzinfo=UTC)
+    assert {r[6] for r in every} == {since_2000 // timedelta(microseconds=1)}
     # Only the newest 7, still oldest first.
-    newest = [a.id for c in [c async for c in store.load_assignments(eid, newest=7)] for a in c]
-    assert newest == [r.id for r in rows[-7:]]
-    assert [c async for c in store.load_assignments(10**9)] == []
+    assert [r[0] for r in await copied(store, eid, newest=7)] == [r.id for r in rows[-7:]]
+    assert await copied(store, 10**9) == []
 
 
 PATH = [3244421341483603138, 2**64 - 5, 2**63]  # global, level 1, level 2

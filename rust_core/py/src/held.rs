@@ -7,6 +7,8 @@
 
 use allocsvc_core::held::{self, Assignment, Held, Made};
 use allocsvc_core::keys;
+
+use crate::error::to_py;
 use parking_lot::Mutex;
 use pyo3::prelude::*;
 use pyo3::pybacked::PyBackedStr;
@@ -194,6 +196,24 @@ impl PyHeld {
     fn user_ids<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
         let held = self.inner.lock();
         PyList::new(py, held.user_ids().collect::<Vec<_>>())
+    }
+
+    /// Hold the assignments of experiment `handle` in `data`, a piece of a PostgreSQL binary
+    /// COPY stream of `RESTORE_COPY_COLUMNS`, oldest first (see [`Held::add_copied`]):
+    /// (bytes read, assignments held, their distinct segment keys, whether the stream ended).
+    fn add_copied(
+        &self,
+        handle: u64,
+        data: &[u8],
+        at_start: bool,
+    ) -> PyResult<(usize, usize, Vec<String>, bool)> {
+        let read = self
+            .inner
+            .lock()
+            .add_copied(handle, data, at_start)
+            .map_err(to_py)?;
+        let keys = read.keys.iter().map(|k| k.to_string()).collect();
+        Ok((read.consumed, read.rows, keys, read.ended))
     }
 }
 

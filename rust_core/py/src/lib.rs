@@ -818,6 +818,10 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
         "ASSIGNMENT_COPY_COLUMNS",
         allocsvc_core::held::COPY_COLUMNS.to_vec(),
     )?;
+    m.add(
+        "RESTORE_COPY_COLUMNS",
+        allocsvc_core::held::RESTORE_COLUMNS.to_vec(),
+    )?;
     m.add_function(wrap_pyfunction!(segment_key, m)?)?;
     m.add_function(wrap_pyfunction!(path_keys, m)?)?;
     m.add_function(wrap_pyfunction!(key_hash, m)?)?;

@@ -385,6 +385,15 @@ class AllocationService:
             self._register_segment(handle, key)
         self.hold_restored(assignments)
 
+    def hold_copied(self, handle: int, data: bytes, at_start: bool) -> tuple[int, int, bool]:
+        """Hold the assignments of experiment `handle` in a piece of a binary COPY stream of
+        them read back from the store (oldest first; `HeldAssignments.add_copied`), as
+        `hold_restored` does: (bytes read, assignments held, whether the stream ended)."""
+        consumed, rows, keys, ended = self._held.add_copied(handle, data, at_start)
+        for key in keys:
+            self._register_segment(handle, key)
+        return consumed, rows, ended
+
     def hold_restored(self, assignments: Iterable[Assignment]) -> None:
         """Hold assignments read back from the store (oldest first), as `restore` does: past
         `held_capacity`, the oldest are evicted and looked up in the store when needed."""

@@ -10,7 +10,7 @@ never lose each other's updates.
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 from types import TracebackType
@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 
 import asyncpg
 
-from allocsvc.core import ASSIGNMENT_COPY_COLUMNS
+from allocsvc.core import ASSIGNMENT_COPY_COLUMNS, RESTORE_COPY_COLUMNS
 
 __all__ = [
     "AssignmentRow",
@@ -573,29 +573,31 @@ class PostgresStore:
         )
         return None if row is None else _assignment(row)
 
-    async def load_assignments(
-        self, experiment_id: int, *, newest: int | None = None, chunk: int = 50_000
-    ) -> AsyncIterator[list[AssignmentRow]]:
-        """An experiment's stored assignments, oldest first, in lists of at most `chunk`; with
-        `newest`, only its newest that many. Read through a cursor: the table may hold far
-        more rows than a process could keep at once."""
+    async def copy_assignments(
+        self,
+        experiment_id: int,
+        output: Callable[[bytearray], Awaitable[None]],
+        *,
+        newest: int | None = None,
+    ) -> None:
+        """An experiment's stored assignments, oldest first (with `newest`, only its newest
+        that many), as a binary COPY stream of `RESTORE_COPY_COLUMNS` given to `output` piece
+        by piece as PostgreSQL sends it: the table may hold far more rows than a process could
+        keep at once, and a restart reads them without a Python object per row."""
+        columns = ", ".join(RESTORE_COPY_COLUMNS)
         query = (
-            f"SELECT {_ASSIGNMENT_COLUMNS} FROM assignments WHERE experiment_id = $1"
-            " ORDER BY created_at, id"
+            f"SELECT {columns} FROM assignments WHERE experiment_id = $1 ORDER BY created_at, id"
         )
         args: tuple[int, ...] = (experiment_id,)
         if newest is not None:
             query = (
-                f"SELECT * FROM (SELECT {_ASSIGNMENT_COLUMNS} FROM assignments"
+                f"SELECT {columns} FROM (SELECT {columns} FROM assignments"
                 " WHERE experiment_id = $1 ORDER BY created_at DESC, id DESC LIMIT $2) AS newest"
                 " ORDER BY created_at, id"
             )
             args = (experiment_id, newest)
-        async with self._pool.acquire() as connection, connection.transaction():
-            # Fetched a chunk at a time: iterating the cursor row by row awaits once per row.
-            cursor = await connection.cursor(query, *args)
-            while records := await cursor.fetch(chunk):
-                yield [_assignment(r) for r in records]
+        async with self._pool.acquire() as connection:
+            await connection.copy_from_query(query, *args, output=output, format="binary")
 
     # conversions
 

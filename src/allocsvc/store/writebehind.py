@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import itertools
 import logging
 import secrets
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any, TypeVar
@@ -145,6 +146,55 @@ def experiment_from_row(row: ExperimentRow) -> Experiment:
 
 def _ms(moment: Any) -> int:
     return int(moment.timestamp() * 1000) if moment is not None else 0
+
+
+# Holds the rows of a piece of one experiment's binary COPY stream of stored assignments:
+# (handle, data, at_start) -> (bytes read, rows held, whether the stream ended).
+AddCopied = Callable[[int, bytes, bool], tuple[int, int, bool]]
+
+
+class CopyPieces:
+    """A binary COPY stream as PostgreSQL sends it, piece by piece, to a reader of whole rows
+    (`read(data, at_start)` -> (bytes read, rows, ended)): the unread end of a piece, a row cut
+    off, goes again at the front of the next.
+
+    `feed` never raises: asyncpg answers an exception of its output by cancelling the COPY, and
+    that cancellation did not end here (the embedded server, over a Unix socket). The first
+    error is kept, what follows it is dropped, and `finish` raises it once the COPY is over."""
+
+    def __init__(self, read: Callable[[bytes, bool], tuple[int, int, bool]]) -> None:
+        self._read = read
+        self._rest = b""
+        self._at_start = True
+        self._ended = False
+        self._error: Exception | None = None
+        self.rows = 0
+
+    async def feed(self, data: bytes | bytearray) -> None:
+        if self._error is not None:
+            return
+        # asyncpg hands over bytearrays; Rust reads bytes.
+        whole = self._rest + data if self._rest else bytes(data)
+        try:
+            consumed, rows, ended = self._read(whole, self._at_start)
+        except Exception as exc:  # raised again by finish()
+            self._error = exc
+            return
+        self._at_start = self._at_start and consumed == 0
+        self._rest = whole[consumed:]
+        self.rows += rows
+        self._ended = ended
+
+    def finish(self) -> int:
+        """The rows read; the reader's error, or ValueError if the stream stopped within a row
+        or before its end."""
+        if self._error is not None:
+            raise self._error
+        if not self._ended or self._rest:
+            raise ValueError(
+                f"assignments: the COPY stream stopped early ({len(self._rest)} bytes unread)"
+            )
+        return self.rows
 
 
 def assignment_from_row(row: AssignmentRow, experiment_key: str) -> Assignment:
@@ -370,7 +420,7 @@ class PostgresJournal:
 
     async def load(self) -> tuple[list[Experiment], list[CountRow], list[tuple[int, str]]]:
         """What the service needs at start but the assignments: experiments, counters and the
-        known segments (the assignments: `newest_assignments`)."""
+        known segments (the assignments: `hold_newest`)."""
         experiments = await self.experiments()
         counts = await self._store.load_counts()
         segments: list[tuple[int, str]] = []
@@ -380,17 +430,22 @@ class PostgresJournal:
                 segments.append((e.handle, seg.segment_key))
         return experiments, counts, segments
 
-    async def newest_assignments(
-        self, experiments: Iterable[Experiment], hold: int
-    ) -> AsyncIterator[list[Assignment]]:
-        """Each experiment's stored assignments to hold again at start, oldest first, in
-        chunks: all of them (`hold` 0), or its newest `hold` + 1. One more than memory keeps:
-        an experiment with more rows in PostgreSQL then evicts one as they are held, and is
-        known to have users only PostgreSQL holds (they are looked up there)."""
+    async def hold_newest(
+        self, experiments: Iterable[Experiment], hold: int, add_copied: AddCopied
+    ) -> int:
+        """Hold again at start each experiment's stored assignments, oldest first: all of them
+        (`hold` 0), or its newest `hold` + 1. One more than memory keeps: an experiment with
+        more rows in PostgreSQL then evicts one as they are held, and is known to have users
+        only PostgreSQL holds (they are looked up there). `add_copied(handle, data, at_start)`
+        holds the rows of a piece of the binary COPY stream (`HeldAssignments.add_copied`).
+        How many were held."""
+        held = 0
         for e in experiments:
-            rows = self._store.load_assignments(e.handle, newest=hold + 1 if hold else None)
-            async for chunk in rows:
-                yield [assignment_from_row(r, e.key) for r in chunk]
+            stream = CopyPieces(functools.partial(add_copied, e.handle))
+            newest = hold + 1 if hold else None
+            await self._store.copy_assignments(e.handle, stream.feed, newest=newest)
+            held += stream.finish()
+        return held
 
     # Traffic, recommendations, audit: written through.
 
