@@ -5,6 +5,8 @@ server registers them, generic handlers only) or as a server interceptor."""
 from __future__ import annotations
 
 import asyncio
+import logging
+import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -16,7 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from allocsvc.api.errors import maps_errors
 from allocsvc.api.registration import GenericOnly
 from allocsvc.api.telemetry import LATENCY_BUCKETS, RpcMetrics, TelemetryInterceptor
-from allocsvc.errors import InvalidRequest
+from allocsvc.errors import InvalidRequest, ResourceExhausted
 from allocsvc.logs import REQUEST_ID_KEY
 
 pytestmark = pytest.mark.unit
@@ -41,11 +43,23 @@ class _Refusing:
         raise InvalidRequest("user_id", "must not be empty")
 
 
+class _Busy:
+    @maps_errors
+    async def refuse(
+        self, request: bytes, context: grpc.aio.ServicerContext[bytes, bytes]
+    ) -> bytes:
+        # Work that holds the event loop (as Rust's does) while the client's deadline passes;
+        # then a refusal, which can no longer be sent.
+        time.sleep(0.3)
+        raise ResourceExhausted("write-behind buffer full")
+
+
 def _handlers() -> dict[str, Any]:
     return {
         "Echo": grpc.unary_unary_rpc_method_handler(_echo),
         "Fail": grpc.unary_unary_rpc_method_handler(_fail),
         "Refuse": grpc.unary_unary_rpc_method_handler(_Refusing().refuse),
+        "Busy": grpc.unary_unary_rpc_method_handler(_Busy().refuse),
     }
 
 
@@ -169,6 +183,33 @@ async def test_gate_request_ids_and_metrics(
     assert failed.value.code() == grpc.StatusCode.UNKNOWN
     assert len(_ids(failed.value.trailing_metadata())) == 1
     assert await _counted(metrics, "Fail", "UNKNOWN", 1) == 1
+
+
+async def test_a_failure_is_logged_and_a_call_gone_under_its_handler_is_not_unknown(
+    served: tuple[TelemetryInterceptor, RpcMetrics, grpc.aio.Channel],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    telemetry, metrics, channel = served
+    telemetry.ready = True
+    with caplog.at_level(logging.ERROR, logger="allocsvc.api.telemetry"):
+        with pytest.raises(grpc.aio.AioRpcError):
+            await channel.unary_unary(f"/{SERVICE}/Fail", None, None)(b"", timeout=10)
+        assert await _counted(metrics, "Fail", "UNKNOWN", 1) == 1
+    # An UNKNOWN leaves its traceback in the log.
+    (failure,) = [r for r in caplog.records if r.getMessage() == "rpc failed"]
+    assert failure.exc_info is not None and "boom" in str(failure.exc_info[1])
+    caplog.clear()
+    # The deadline passes while the handler holds the loop: its refusal cannot be sent
+    # (grpc raises on the attempt). That call is counted as what the client saw, not as a
+    # handler failure (UNKNOWN, as it was), and logs no traceback.
+    with caplog.at_level(logging.ERROR, logger="allocsvc.api.telemetry"):
+        with pytest.raises(grpc.aio.AioRpcError) as late:
+            await channel.unary_unary(f"/{SERVICE}/Busy", None, None)(b"", timeout=0.05)
+        assert late.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert await _counted(metrics, "Busy", "DEADLINE_EXCEEDED", 1) == 1
+    assert _count(metrics, "Busy", "UNKNOWN") == 0
+    assert _count(metrics, "Busy", "RESOURCE_EXHAUSTED") == 0
+    assert not [r for r in caplog.records if r.getMessage() == "rpc failed"]
 
 
 def _samples(registry: CollectorRegistry) -> set[tuple[str, tuple[tuple[str, str], ...], float]]:

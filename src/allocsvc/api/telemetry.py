@@ -220,8 +220,14 @@ class TelemetryInterceptor(Interceptor):
                 code = grpc.StatusCode.CANCELLED
                 raise
             except Exception:
+                if context.done():
+                    # The call ended while the handler ran without yielding (its deadline
+                    # passed, or the client left): what failed is the answer nobody can get.
+                    code = _ended(context)
+                    raise
                 # grpc answers UNKNOWN once this propagates, with the trailer set here.
                 code = grpc.StatusCode.UNKNOWN
+                log.error("rpc failed", exc_info=True, extra={"method": short})
                 context.set_trailing_metadata(logs.request_id_trailer())
                 raise
             finally:
@@ -242,6 +248,15 @@ class TelemetryInterceptor(Interceptor):
                 logs.request_id.reset(token)
 
         return observed
+
+
+def _ended(context: grpc.aio.ServicerContext[Any, Any]) -> grpc.StatusCode:
+    """The status of a call that ended under its handler: its deadline's, or the client's
+    cancellation."""
+    remaining = context.time_remaining()
+    if remaining is not None and remaining <= 0:
+        return grpc.StatusCode.DEADLINE_EXCEEDED
+    return grpc.StatusCode.CANCELLED
 
 
 class _InstrumentedGeneric(Generic):
