@@ -240,7 +240,7 @@ async def test_assignments_round_trip_and_stickiness(store: PostgresStore) -> No
 async def copied(
     store: PostgresStore, eid: int, newest: int | None = None
 ) -> list[tuple[Any, ...]]:
-    """The rows of `copy_assignments`' binary COPY stream, decoded here (in Python, apart from
+    """The rows of `copy_out_assignments`' binary COPY stream, decoded here (in Python, apart from
     the Rust reader the server uses): (id, user, variant, key, level, propensity, created_at
     in PostgreSQL's microseconds)."""
     pieces: list[bytearray] = []
@@ -248,7 +248,7 @@ async def copied(
     async def output(data: bytearray) -> None:
         pieces.append(data)
 
-    await store.copy_assignments(eid, output, newest=newest)
+    await store.copy_out_assignments(eid, output, newest=newest)
     data = b"".join(pieces)
     assert data[:11] == b"PGCOPY\n\xff\r\n\0"
     at = 19 + struct.unpack_from(">i", data, 15)[0]

@@ -573,7 +573,7 @@ class PostgresStore:
         )
         return None if row is None else _assignment(row)
 
-    async def copy_assignments(
+    async def copy_out_assignments(
         self,
         experiment_id: int,
         output: Callable[[bytearray], Awaitable[None]],

@@ -443,7 +443,7 @@ class PostgresJournal:
         for e in experiments:
             stream = CopyPieces(functools.partial(add_copied, e.handle))
             newest = hold + 1 if hold else None
-            await self._store.copy_assignments(e.handle, stream.feed, newest=newest)
+            await self._store.copy_out_assignments(e.handle, stream.feed, newest=newest)
             held += stream.finish()
         return held
 
