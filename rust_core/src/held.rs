@@ -1087,7 +1087,12 @@ impl Held {
             let (Some(_flags), Some(extension)) = (fields.i32(), fields.i32()) else {
                 return Ok(out);
             };
-            if extension < 0 || fields.take(extension as usize).is_none() {
+            if extension < 0 {
+                return Err(CoreError::invalid(format!(
+                    "data: a COPY header extension of length {extension}"
+                )));
+            }
+            if fields.take(extension as usize).is_none() {
                 return Ok(out);
             }
             out.consumed = fields.at;
@@ -1656,6 +1661,10 @@ mod tests {
         assert!(held.add_copied(9, &data, true).is_err());
         let mut data = copy_stream(&COPIED);
         data.push(0);
+        assert!(held.add_copied(9, &data, true).is_err());
+        let mut data = Vec::new();
+        copy_header(&mut data);
+        data[15..19].copy_from_slice(&(-1i32).to_be_bytes());
         assert!(held.add_copied(9, &data, true).is_err());
     }
 }
