@@ -89,6 +89,8 @@ class BackpressureSettings(Section):
     # the event loop is busy); past it, gRPC refuses new calls at once, with CANCELLED (gRPC's
     # own status for it). gRPC's default starts refusing at random from 1,000 waiting calls,
     # which a busy second at a few thousand calls/s reaches while the process keeps up.
+    # Memory: each accepted or waiting call holds ~15 KiB plus 1.1-1.7x its request
+    # (bench/RESULTS.md, "Memory of waiting calls"); lower both bounds for large batches.
     max_waiting_calls: int = Field(default=20_000, ge=1)
     # Assignments waiting in the write-behind buffer; past it, allocations are refused.
     max_pending_assignments: int = Field(default=200_000, ge=1)
