@@ -1,7 +1,8 @@
 """One user's personal data in a region's PostgreSQL and Redis: export and erasure.
 
-The SQL lives in the database (`sql/004_regions_user_data.sql`): every table with a `user_id`
-column is personal data, so tables added later are covered without a change here.
+The SQL lives in the database (`sql/004_regions_user_data.sql`, assignments found by experiment
+since `sql/009_assignments_without_user_index.sql`): every table with a `user_id` column is
+personal data, so tables added later are covered without a change here.
 """
 
 from __future__ import annotations
