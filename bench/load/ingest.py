@@ -18,35 +18,24 @@ import asyncio
 import secrets
 import tempfile
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import asyncpg
 import run  # bench/load/run.py
 
+from allocsvc.core import ASSIGNMENT_COPY_COLUMNS
 from allocsvc.store.migrations import migrate
 
 CHUNK = 200_000
-COLUMNS = [
-    "id",
-    "experiment_id",
-    "user_id",
-    "variant",
-    "segment_key",
-    "segment_hash",
-    "cascade_level",
-    "propensity",
-    "created_at",
-]
 USER_INDEX = "CREATE INDEX assignments_user_idx ON assignments (user_id)"
 
 
 def _rows(first: int, prefix: str) -> list[tuple[Any, ...]]:
-    now = datetime.now(UTC)
+    """The write-behind's columns (`ASSIGNMENT_COPY_COLUMNS`; created_at is the default)."""
     key = "device:iphone|source:instagram"
     return [
-        (f"{prefix}-{k:x}", 1, secrets.token_hex(8), k % 5, key, 1234567, 0, 0.2, now)
+        (f"{prefix}-{k:x}", 1, secrets.token_hex(8), k % 5, key, 1234567, 0, 0.2)
         for k in range(first, first + CHUNK)
     ]
 
@@ -65,7 +54,9 @@ async def ingest(dsn: str, chunks: int, index: str | None) -> tuple[list[float],
             start = time.monotonic()
             async with connection.transaction():
                 await connection.execute("SET LOCAL synchronous_commit = off")
-                await connection.copy_records_to_table("assignments", records=rows, columns=COLUMNS)
+                await connection.copy_records_to_table(
+                    "assignments", records=rows, columns=ASSIGNMENT_COPY_COLUMNS
+                )
             rates.append(CHUNK / (time.monotonic() - start))
         size = await connection.fetchval(
             "SELECT pg_size_pretty(pg_total_relation_size('assignments'))"
