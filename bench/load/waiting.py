@@ -4,12 +4,13 @@ gRPC core reads calls off the connections while the server's event loop is busy 
 each one, its headers and what HTTP/2 flow control let in of its message, until a handler
 takes it; `backpressure.max_waiting_calls` bounds how many. This measures what each costs:
 `allocsvc serve --in-memory` gets the same number of calls twice, once with few in flight
-(`--connections` x 2 streams) and once all at once (`--connections` x `--streams`), and the
-difference of the server's peak RSS (sampled every 50 ms) over the calls that were in flight
-is the memory of a waiting call. Unary `Allocate` (h2.py's request) and `AllocateBatch` of
-1,000 items (h2.py's batch), each with its own server.
+(2 per connection) and once all at once (1,000 per connection), and the difference of the
+server's peak RSS (sampled every 50 ms) over the calls that were in flight is the memory of a
+waiting call. Unary `Allocate` (h2.py's request) and `AllocateBatch` of 1,000 items (h2.py's
+batch), each with its own server; the batches again with `max_in_flight_rpcs` raised, as its
+default refuses some of them first.
 
-    python bench/load/waiting.py [--no-write]
+    python bench/load/waiting.py [--waiting 20000] [--no-write]
 
 Everything on 127.0.0.1, bounded in count and time.
 """
