@@ -23,7 +23,6 @@ import asyncio
 import json
 import os
 import shlex
-import shutil
 import signal
 import statistics
 import subprocess
@@ -43,8 +42,6 @@ from allocsvc._proto import allocsvc_pb2_grpc as pb_grpc
 HERE = Path(__file__).resolve().parent
 SECTION = "## Allocator over gRPC (issue 3)"
 EXPERIMENT_ID = "bench-checkout"
-# @latest resolves to the old v0.93.0, whose reflection client cannot resolve our services.
-GHZ_MODULE = "github.com/bojand/ghz/cmd/ghz@v0.120.0"
 START_TIMEOUT_S = 30.0
 BAR = 0.70
 
@@ -256,31 +253,13 @@ def _run_python_client(
 
 
 def _ghz(install: bool) -> str | None:
-    found = shutil.which("ghz") or next(
-        (
-            str(p)
-            for p in (Path.home() / "go" / "bin" / "ghz", Path("/root/go/bin/ghz"))
-            if p.exists()
-        ),
-        None,
-    )
-    if found or not install:
-        return found
-    go = shutil.which("go") or (
-        "/usr/local/go/bin/go" if Path("/usr/local/go/bin/go").exists() else None
-    )
-    if go is None:
+    found = benchkit.find_ghz(install)
+    if found is None:
         print(
-            "ghz: not installed and no Go toolchain; using the Python client only", file=sys.stderr
+            "ghz: not installed (or too old) and not installed now; the Python client only",
+            file=sys.stderr,
         )
-        return None
-    print(f"installing ghz: {go} install {GHZ_MODULE}", file=sys.stderr)
-    subprocess.run([go, "install", GHZ_MODULE], check=True, timeout=600)
-    gopath = subprocess.run(
-        [go, "env", "GOPATH"], capture_output=True, text=True, check=True
-    ).stdout.strip()
-    path = Path(gopath) / "bin" / "ghz"
-    return str(path) if path.exists() else None
+    return found
 
 
 def _protoset(workdir: Path) -> Path:

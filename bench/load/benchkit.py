@@ -1,5 +1,6 @@
 """What the benchmark scripts share: the request context they allocate with, their experiments'
-segmentation, a line describing the machine, and waiting for a server they started to serve.
+segmentation, a line describing the machine, waiting for a server they started to serve, and
+finding (or installing) ghz.
 
 Scripts in bench/load/ import it as `benchkit`, those in bench/ as `load.benchkit` (each runs
 with its own folder first on the path).
@@ -11,6 +12,9 @@ import json
 import os
 import platform
 import re
+import shutil
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -20,6 +24,12 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from allocsvc._proto import allocsvc_pb2 as pb
+
+# Pinned: through the Go module proxy `@latest` resolves to v0.93.0, which has no
+# --max-recv-message-size and whose reflection client cannot resolve allocsvc's services.
+GHZ_MODULE = "github.com/bojand/ghz/cmd/ghz@v0.120.0"
+# A flag v0.93.0 lacks and the harnesses pass: a ghz without it is too old to use.
+GHZ_NEEDED_FLAG = "--max-recv-message-size"
 
 # An Instagram visitor on an iPhone in the US: every request extracts source, device and country.
 CONTEXT = {
@@ -108,3 +118,34 @@ def write_section(section: str, text: str) -> None:
     else:
         updated = current.rstrip("\n") + "\n\n" + text.rstrip("\n") + "\n"
     RESULTS.write_text(updated)
+
+
+def _ghz_usable(path: str) -> bool:
+    """Whether the ghz at `path` is recent enough (`ghz --version` says only "dev" for builds
+    from `go install`, so its flags tell)."""
+    try:
+        done = subprocess.run([path, "--help"], capture_output=True, text=True, timeout=30)
+    except OSError:
+        return False
+    return GHZ_NEEDED_FLAG in done.stdout + done.stderr
+
+
+def find_ghz(install: bool = True) -> str | None:
+    """A usable ghz: on the PATH or in ~/go/bin, else (with `install`) GHZ_MODULE installed with
+    `go install` into GOPATH/bin, replacing an older one there. None without ghz or Go."""
+    candidates = [shutil.which("ghz"), str(Path.home() / "go" / "bin" / "ghz")]
+    for path in candidates:
+        if path and Path(path).exists() and _ghz_usable(path):
+            return path
+    go = shutil.which("go") or (
+        "/usr/local/go/bin/go" if Path("/usr/local/go/bin/go").exists() else None
+    )
+    if not install or go is None:
+        return None
+    print(f"installing ghz: {go} install {GHZ_MODULE}", file=sys.stderr)
+    subprocess.run([go, "install", GHZ_MODULE], check=True, timeout=900)
+    gopath = subprocess.run([go, "env", "GOPATH"], capture_output=True, text=True, check=True)
+    path = str(Path(gopath.stdout.strip()) / "bin" / "ghz")
+    if not _ghz_usable(path):
+        raise RuntimeError(f"{path} (from {GHZ_MODULE}) lacks {GHZ_NEEDED_FLAG}")
+    return path

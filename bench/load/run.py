@@ -10,7 +10,7 @@ a time: the echo server (`bench/load/echo.py`), `allocsvc serve --workers 1`, `-
 (SO_REUSEPORT), and two replicas on one port sharing Redis. Each gets the same ghz runs through
 server reflection: unary `Allocate` at fixed concurrencies, `AllocateBatch` at several batch
 sizes, durable `RecordConversion`, and unary `Allocate` at a fixed rate of 70% of the setup's
-saturation. ghz is installed with `go install` when it is missing.
+saturation. ghz (benchkit.GHZ_MODULE) is installed with `go install` when it is missing or too old.
 
 For each run: requests/s, allocations/s, latency percentiles (p99.9 from ghz's per-request
 details), errors, server CPU per request (CPU of the server's process tree over the run), its
@@ -27,7 +27,6 @@ import contextlib
 import json
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -48,7 +47,6 @@ from allocsvc._proto import allocsvc_pb2_grpc as pb_grpc
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent.parent
 SECTION = "## Load (issue 10)"
-GHZ_MODULE = "github.com/bojand/ghz/cmd/ghz@latest"
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 PAGE_KIB = os.sysconf("SC_PAGE_SIZE") // 1024
 EXPERIMENT = "load-web"
@@ -259,16 +257,10 @@ def _preallocate(setup: Setup, users: int) -> None:
 
 
 def find_ghz() -> str:
-    found = shutil.which("ghz") or next(
-        (str(p) for p in (Path.home() / "go" / "bin" / "ghz",) if p.exists()), None
-    )
-    if found:
-        return found
-    go = shutil.which("go") or "/usr/local/go/bin/go"
-    print(f"installing ghz: {go} install {GHZ_MODULE}", file=sys.stderr)
-    subprocess.run([go, "install", GHZ_MODULE], check=True, timeout=900)
-    gopath = subprocess.run([go, "env", "GOPATH"], capture_output=True, text=True, check=True)
-    return str(Path(gopath.stdout.strip()) / "bin" / "ghz")
+    found = benchkit.find_ghz(install=True)
+    if found is None:
+        raise RuntimeError("ghz is missing and there is no Go toolchain to install it with")
+    return found
 
 
 @dataclass(frozen=True)
