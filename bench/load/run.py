@@ -344,7 +344,8 @@ def run_ghz(ghz: str, setup: Setup, shape: Shape, seconds: float, run: str) -> d
     report = json.loads(done.stdout)
     details = report.get("details") or []
     ok_ms = sorted(d["latency"] / 1e6 for d in details if d.get("status") == "OK")
-    errors = sum(v for k, v in (report.get("statusCodeDistribution") or {}).items() if k != "OK")
+    codes = {k: v for k, v in (report.get("statusCodeDistribution") or {}).items() if k != "OK"}
+    errors = sum(codes.values())
     wall = report["total"] / 1e9
     count = report["count"]
     client_cpu = (client1.children_user + client1.children_system) - (
@@ -354,7 +355,7 @@ def run_ghz(ghz: str, setup: Setup, shape: Shape, seconds: float, run: str) -> d
         "shape": shape,
         "count": count,
         "errors": errors,
-        "error_kinds": report.get("errorDistribution") or {},
+        "error_codes": codes,
         "rps": count / wall,
         "items_per_s": count * shape.batch / wall,
         "p50": _percentile(ok_ms, 0.50),
@@ -366,6 +367,12 @@ def run_ghz(ghz: str, setup: Setup, shape: Shape, seconds: float, run: str) -> d
         "client_cores": client_cpu / wall,
         "rss_mib": _rss_kib(setup.pids()) / 1024,
     }
+
+
+def _errors(row: dict[str, Any]) -> str:
+    """A run's non-OK answers, with their gRPC codes when there are any: "501 (Unavailable 501)"."""
+    codes = ", ".join(f"{code} {n:,}" for code, n in sorted(row["error_codes"].items()))
+    return f"{row['errors']:,} ({codes})" if codes else f"{row['errors']:,}"
 
 
 # Stores ------------------------------------------------------------------------------------
@@ -476,7 +483,8 @@ def report(results: dict[str, list[dict[str, Any]]], args: argparse.Namespace, s
         "again (ghz templating a 1,000-item batch is slower than the servers), its items in a "
         "non-sticky experiment of the same shape, so every item is allocated anew; "
         "conversions are by experiment and user, each with a new idempotency key, answered "
-        "after their group commit. Latencies in ms over OK answers "
+        "after their group commit. Errors are the non-OK answers, with ghz's count per gRPC "
+        "code. Latencies in ms over OK answers "
         "(p99.9 from ghz's per-request details). Server CPU is the CPU time of the server's "
         "process tree (workers included, PostgreSQL and Redis not) over the run, per request; "
         "cores = CPU s / wall s. RSS is the tree's resident memory after the run. Setups: "
@@ -497,7 +505,7 @@ def report(results: dict[str, list[dict[str, Any]]], args: argparse.Namespace, s
             items = "-" if shape.kind == "conversion" else f"{r['items_per_s']:,.0f}"
             lines.append(
                 f"| {name} | {shape.label} | {r['rps']:,.0f} | {items} | {r['p50']:.2f} "
-                f"| {r['p95']:.2f} | {r['p99']:.2f} | {r['p999']:.2f} | {r['errors']} "
+                f"| {r['p95']:.2f} | {r['p99']:.2f} | {r['p999']:.2f} | {_errors(r)} "
                 f"| {r['cpu_us_per_request']:,.0f} | {r['server_cores']:.2f} "
                 f"| {r['client_cores']:.2f} | {r['rss_mib']:,.0f} "
                 f"| {_fmt_ratio(r['rps'] / base['rps'] if base else None)} |"
