@@ -125,7 +125,7 @@ def _ghz_usable(path: str) -> bool:
     from `go install`, so its flags tell)."""
     try:
         done = subprocess.run([path, "--help"], capture_output=True, text=True, timeout=30)
-    except OSError:
+    except (OSError, subprocess.TimeoutExpired):
         return False
     return GHZ_NEEDED_FLAG in done.stdout + done.stderr
 
