@@ -309,17 +309,39 @@ class Accounting:
         return out
 
 
+def h2load_command(
+    h2load: str,
+    target: str,
+    body: Path,
+    connections: int,
+    streams: int,
+    batch: bool,
+    options: list[str],
+) -> list[str]:
+    """h2load sending `body` as gRPC calls of Allocate (AllocateBatch with `batch`) to `target`
+    (host:port) on one thread, `streams` in flight on each of `connections`; `options` add to
+    it (how long or how many)."""
+    command = [h2load, "-t", "1", "-c", str(connections), "-m", str(streams), "-d", str(body)]
+    for header in HEADERS:
+        command += ["-H", header]
+    return [*command, *options, f"http://{target}{BATCH_PATH if batch else PATH}"]
+
+
 def run_h2load(
     h2load: str, target: Target, body: Path, shape: Shape, seconds: float
 ) -> dict[str, Any]:
     setup = target.setup
     log = target.workdir / "h2load.log"
     log.unlink(missing_ok=True)
-    command = [h2load, "-t", "1", "-c", str(shape.connections), "-m", str(shape.streams)]
-    command += ["-D", f"{max(1, round(seconds))}", "-d", str(body), "--log-file", str(log)]
-    for header in HEADERS:
-        command += ["-H", header]
-    command.append(f"http://{setup.target}{BATCH_PATH if shape.batch else PATH}")
+    command = h2load_command(
+        h2load,
+        setup.target,
+        body,
+        shape.connections,
+        shape.streams,
+        shape.batch > 0,
+        ["-D", f"{max(1, round(seconds))}", "--log-file", str(log)],
+    )
     accounting = Accounting(target, "AllocateBatch" if shape.batch else "Allocate")
     done = subprocess.run(command, capture_output=True, text=True, timeout=seconds + 120)
     if done.returncode != 0:

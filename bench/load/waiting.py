@@ -104,11 +104,15 @@ def burst(kind: Kind, streams: int, waiting: int, workdir: Path) -> dict[str, An
         body = unary if kind.method == "Allocate" else batch
         pids = setup.pids()
         before = _rss_mib(pids)
-        command = [h2.find_h2load(), "-t", "1", "-n", str(kind.calls)]
-        command += ["-c", str(kind.connections), "-m", str(streams), "-d", str(body)]
-        for header in h2.HEADERS:
-            command += ["-H", header]
-        command.append(f"http://{setup.target}/allocsvc.v1.Allocator/{kind.method}")
+        command = h2.h2load_command(
+            h2.find_h2load(),
+            setup.target,
+            body,
+            kind.connections,
+            streams,
+            kind.method == "AllocateBatch",
+            ["-n", str(kind.calls)],
+        )
         counted = h2.rpc_counts([port], kind.method)[0]
         start = time.monotonic()
         with Peak(pids) as peak:
