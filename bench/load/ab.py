@@ -1,10 +1,13 @@
 """This tree against an earlier commit, in one run (issue 10): what a change moved, under load.
 
     python bench/load/ab.py --base c4c640d [--rounds 3] [--seconds 10] [--kinds batch,unary]
+        [--durable] [--rate 1600]
 
 This VM's steal drifts over minutes, so two builds measured one after the other (or in two
 h2.py runs) cannot be compared. Here both run at once, each `allocsvc serve --in-memory
---workers 1` (no PostgreSQL: the allocation path alone), next to bench/load/echo.py; then rounds
+--workers 1` (no PostgreSQL: the allocation path alone), or with `--durable` each on its own
+database of one embedded PostgreSQL (every assignment written behind, as `allocsvc serve`
+runs by default), next to bench/load/echo.py; then rounds
 of h2.py's closed-loop runs, every setup in turn, the order rotated each round: unary
 `Allocate` at 16 connections x 2 streams, `AllocateBatch` of 1,000 items at 2 x 2. The base is
 the commit's source in a git worktree, its Rust extension built there with maturin (a few
@@ -13,6 +16,12 @@ next run) and served with PYTHONPATH pointing at that worktree. A ratio is taken
 round, then the median over the rounds that other work and steal left alone (h2.py's
 CONTENDED_CORES). Bounded: rounds x kinds x 3 runs of `--seconds` each, after a short warm-up.
 Prints a markdown table.
+
+With `--rate`, unary runs are at that fixed rate (h2load `--rps`, 16 connections x 1 stream)
+instead of as fast as possible: every setup does the same calls per second, and what differs is
+the CPU each call takes, in all and on the server's main thread (the event loop, where all of its
+Python runs; one worker saturates when that thread does). Steadier than calls/s at saturation,
+which h2load, PostgreSQL and other work on these two cores move by 10% from run to run.
 """
 
 from __future__ import annotations
@@ -32,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 import h2  # bench/load/h2.py
+import run  # bench/load/run.py
 
 ROOT = Path(__file__).resolve().parents[2]
 TARGET_DIR = Path(tempfile.gettempdir()) / "allocsvc-ab-target"
@@ -75,7 +85,8 @@ def base_tree(rev: str, workdir: Path, maturin: str) -> Iterator[Path]:
         )
 
 
-def start(name: str, workdir: Path, base_src: Path) -> h2.Target:
+def start(name: str, workdir: Path, base_src: Path, postgres: Any) -> h2.Target:
+    """Start `name` (echo, this, base): `--in-memory`, or on a database of `postgres`."""
     sub = workdir / name
     sub.mkdir()
     if name == "echo":
@@ -84,23 +95,32 @@ def start(name: str, workdir: Path, base_src: Path) -> h2.Target:
     try:
         if name == "base":
             os.environ["PYTHONPATH"] = str(base_src)
-        return h2.start("mem", sub, None)
+        if postgres is None:
+            return h2.start("mem", sub, None)
+        return h2.start("w1", sub, postgres, database=f"ab_{name}")
     finally:
         os.environ.clear()
         os.environ.update(env)
 
 
-def measure(args: argparse.Namespace, workdir: Path, base_src: Path) -> list[dict[str, Any]]:
+def measure(
+    args: argparse.Namespace, workdir: Path, base_src: Path, postgres: Any
+) -> list[dict[str, Any]]:
     bodies = h2.grpc_body(workdir)
+    unary = (
+        h2.Shape(h2.CONNECTIONS, 1, rate=args.rate)
+        if args.rate
+        else h2.Shape(h2.CONNECTIONS, h2.ALTERNATING_STREAMS)
+    )
     kinds = {
-        "unary": (bodies[0], h2.Shape(h2.CONNECTIONS, h2.ALTERNATING_STREAMS)),
+        "unary": (bodies[0], unary),
         "batch": (bodies[2], h2.Shape(*h2.BATCH_SHAPE, batch=h2.BATCH_ITEMS)),
     }
     targets: dict[str, h2.Target] = {}
     rows = []
     try:
         for name in SETUPS:
-            targets[name] = start(name, workdir, base_src)
+            targets[name] = start(name, workdir, base_src, postgres)
         for target in targets.values():
             for kind in args.kinds:
                 h2.run_h2load(args.h2load, target, *kinds[kind], WARMUP_S)
@@ -121,20 +141,26 @@ def measure(args: argparse.Namespace, workdir: Path, base_src: Path) -> list[dic
 def report(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
     lines = [
         f"Command: `python bench/load/ab.py --base {args.base} --rounds {args.rounds} "
-        f"--seconds {args.seconds:g} --kinds {','.join(args.kinds)}` ({args.started}). "
-        f"`this`: the working tree; `base`: {args.base}. Each run's allocations/s count the "
-        "calls answered OK (batches x 1,000); server CPU is per call (per batch for batches).",
+        f"--seconds {args.seconds:g} --kinds {','.join(args.kinds)}"
+        f"{' --durable' if args.durable else ''}{f' --rate {args.rate}' if args.rate else ''}` "
+        f"({args.started}). "
+        f"`this`: the working tree; `base`: {args.base}; both "
+        f"{'on the embedded PostgreSQL' if args.durable else '`--in-memory`'}. "
+        "Each run's allocations/s count the "
+        "calls answered OK (batches x 1,000); server CPU is per call (per batch for batches), "
+        "`main thread` its part on the server's main thread (the event loop).",
         "",
         "| round | kind | setup | calls/s | allocations/s | server CPU µs/call | "
-        "server cores | steal + other cores | errors |",
-        "|---:|---|---|---:|---:|---:|---:|---:|---:|",
+        "main thread µs/call | server cores | steal + other cores | errors |",
+        "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         items = h2.BATCH_ITEMS if r["kind"] == "batch" else 1
         lines.append(
             f"| {r['round']} | {r['kind']} | {r['setup']} | {r['rps']:,.0f} | "
             f"{r['ok_per_s'] * items:,.0f} | {r['cpu_us_per_request']:,.0f} | "
-            f"{r['server_cores']:.2f} | {h2._taken(r):.2f} | {r['errors']} |"
+            f"{r['loop_us_per_request']:,.0f} | {r['server_cores']:.2f} | "
+            f"{h2._taken(r):.2f} | {r['errors']} |"
         )
     lines += ["", "| kind | figure | per round | median of uncontended rounds |"]
     lines.append("|---|---|---|---:|")
@@ -143,6 +169,8 @@ def report(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
         for label, name, base, key in (
             ("`this` / `base`, calls/s", "this", "base", "rps"),
             ("`this` / `base`, server CPU per call", "this", "base", "cpu_us_per_request"),
+            ("`this` / `base`, main thread CPU per call", "this", "base", "loop_us_per_request"),
+            ("`this` / echo, main thread CPU per call", "this", "echo", "loop_us_per_request"),
             ("`this` / echo, calls/s", "this", "echo", "rps"),
             ("`base` / echo, calls/s", "base", "echo", "rps"),
         ):
@@ -166,6 +194,14 @@ def main() -> int:
         default=15.0,
         help="before each run, wait up to this long for other work to quiet down",
     )
+    parser.add_argument(
+        "--rate", type=int, default=0, help="unary calls per second (0: as fast as possible)"
+    )
+    parser.add_argument(
+        "--durable",
+        action="store_true",
+        help="serve `this` and `base` on an embedded PostgreSQL instead of --in-memory",
+    )
     args = parser.parse_args()
     args.kinds = [k for k in args.kinds.split(",") if k]
     if not set(args.kinds) <= {"batch", "unary"} or not args.kinds:
@@ -178,8 +214,12 @@ def main() -> int:
     args.started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     with tempfile.TemporaryDirectory(prefix="allocsvc-ab-") as tmp:
         workdir = Path(tmp)
-        with base_tree(args.base, workdir, args.maturin) as base_src:
-            rows = measure(args, workdir, base_src)
+        with contextlib.ExitStack() as stack:
+            base_src = stack.enter_context(base_tree(args.base, workdir, args.maturin))
+            postgres = None
+            if args.durable:
+                postgres, _ = stack.enter_context(run.stores(workdir))
+            rows = measure(args, workdir, base_src, postgres)
     print(report(rows, args))
     return 0
 

@@ -253,6 +253,7 @@ class Accounting:
         self.before = rpc_counts(target.metrics_ports, method) if target.metrics_ports else []
         self.pids, self.pg_pids = target.setup.pids(), _postgres_pids(target.workdir)
         self.cpu0, self.pg0 = run._cpu_seconds(self.pids), run._cpu_seconds(self.pg_pids)
+        self.loop0 = run._main_thread_cpu_seconds(self.pids)
         self.client0 = os.times()
         self.machine0, self.wall0 = _machine(), time.monotonic()
 
@@ -263,6 +264,7 @@ class Accounting:
         machine1, wall = _machine(), time.monotonic() - self.wall0
         client1 = os.times()
         cpu = run._cpu_seconds(self.pids) - self.cpu0
+        loop = run._main_thread_cpu_seconds(self.pids) - self.loop0
         pg = run._cpu_seconds(self.pg_pids) - self.pg0
         client = (client1.children_user + client1.children_system) - (
             self.client0.children_user + self.client0.children_system
@@ -270,6 +272,8 @@ class Accounting:
         busy = (machine1[0] - self.machine0[0]) / wall
         out: dict[str, Any] = {
             "cpu_us_per_request": cpu / max(served or count, 1) * 1e6,
+            # The part of it on the main threads (the event loops, where Python runs).
+            "loop_us_per_request": loop / max(served or count, 1) * 1e6,
             "server_cores": cpu / wall,
             "client_cores": client / wall,
             "postgres_cores": pg / wall,
@@ -342,6 +346,10 @@ def run_h2load(
         shape.batch > 0,
         ["-D", f"{max(1, round(seconds))}", "--log-file", str(log)],
     )
+    if shape.rate:
+        # h2load's own pacing (bursts per connection, see STEADY_CONNECTIONS): for CPU per
+        # call at a fixed load (bench/load/ab.py --rate), not for latencies.
+        command[-1:-1] = ["--rps", str(max(1, round(shape.rate / shape.connections)))]
     accounting = Accounting(target, "AllocateBatch" if shape.batch else "Allocate")
     done = subprocess.run(command, capture_output=True, text=True, timeout=seconds + 120)
     if done.returncode != 0:
@@ -898,8 +906,9 @@ def _port_free(port: int) -> bool:
     return True
 
 
-def start(name: str, workdir: Path, postgres: Any) -> Target:
-    """Start a setup and make it ready to measure (experiments created, metrics up)."""
+def start(name: str, workdir: Path, postgres: Any, database: str = "") -> Target:
+    """Start a setup and make it ready to measure (experiments created, metrics up); `w1` and
+    `w2` on their own database of `postgres` (`database`, else one named after the setup)."""
     if name == "echo":
         return Target(run.start_echo(workdir), [], workdir)
     if name not in ("w1", "w2", "mem"):
@@ -909,7 +918,7 @@ def start(name: str, workdir: Path, postgres: Any) -> Target:
     setup = run.start_allocsvc(
         name,
         workdir,
-        "" if name == "mem" else run.database(postgres, f"h2load_{name}"),
+        "" if name == "mem" else run.database(postgres, database or f"h2load_{name}"),
         workers=workers,
         metrics_port=first,
     )

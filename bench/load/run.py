@@ -70,14 +70,24 @@ def _tree(pid: int) -> list[int]:
 
 
 def _cpu_seconds(pids: list[int]) -> float:
+    return _cpu_seconds_of([f"/proc/{p}/stat" for p in pids])
+
+
+def _cpu_seconds_of(stat_files: list[str]) -> float:
     total = 0
-    for p in pids:
+    for stat in stat_files:
         try:
-            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+            fields = Path(stat).read_text().rsplit(")", 1)[1].split()
         except OSError:
             continue
         total += int(fields[11]) + int(fields[12])  # utime, stime
     return total / CLOCK_TICKS
+
+
+def _main_thread_cpu_seconds(pids: list[int]) -> float:
+    """CPU of the processes' main threads only: a server's event loop, where its Python runs
+    (gRPC core's own threads and the completion-queue poller are the others)."""
+    return _cpu_seconds_of([f"/proc/{p}/task/{p}/stat" for p in pids])
 
 
 def _rss_kib(pids: list[int]) -> int:

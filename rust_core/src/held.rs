@@ -203,6 +203,11 @@ pub struct Held {
 }
 
 impl Held {
+    /// The prefix of this process's own ids (`{prefix}-{seq:x}`).
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
     /// A store whose own ids are `{id_prefix}-{seq:x}`, with no bound.
     pub fn new(id_prefix: &str) -> Self {
         Self::bounded(id_prefix, 0)
@@ -470,7 +475,7 @@ impl Held {
                 key: keys[made.key_of[k] as usize],
                 level: usize::from(made.levels[k]),
                 propensity: made.propensities[k],
-                created_ms: made.created_ms,
+                created_ms: made.created_at(k),
             };
             let n = self.insert(&record);
             if !(own && self.add_to_runs(made.seqs[k], n)) {
@@ -706,12 +711,15 @@ impl Held {
     }
 }
 
-/// Assignments made in one call (a batch's new ones), as the write-behind takes them: one
-/// object with columns, no Python object per item.
+/// Assignments made in one call (a batch's new ones), or by unary calls since the write-behind
+/// last took them (see [`Made::push_at`]), as the write-behind takes them: one object with
+/// columns, no Python object per item.
 #[derive(Debug, Default, Clone)]
 pub struct Made {
     id_prefix: String,
     created_ms: i64,
+    /// Each assignment's time, where it is not `created_ms` (unary calls' logs); else empty.
+    created: Vec<i64>,
     seqs: Vec<u64>,
     handles: Vec<u64>,
     users: String,
@@ -744,6 +752,67 @@ impl Made {
         level: usize,
         propensity: f64,
     ) {
+        if !self.created.is_empty() {
+            self.created.push(self.created_ms);
+        }
+        self.push_columns(
+            seq,
+            handle,
+            user_id,
+            variant,
+            segment_key,
+            level,
+            propensity,
+        );
+    }
+
+    /// `push` of an assignment made at `created_ms` (the assignments of unary calls, each made
+    /// at its own time).
+    #[allow(clippy::too_many_arguments)]
+    pub fn push_at(
+        &mut self,
+        created_ms: i64,
+        seq: u64,
+        handle: u64,
+        user_id: &str,
+        variant: usize,
+        segment_key: &str,
+        level: usize,
+        propensity: f64,
+    ) {
+        if self.created.is_empty() {
+            if self.is_empty() {
+                self.created_ms = created_ms;
+            }
+            if created_ms != self.created_ms {
+                self.created = vec![self.created_ms; self.len()];
+            }
+        }
+        if !self.created.is_empty() {
+            self.created.push(created_ms);
+        }
+        self.push_columns(
+            seq,
+            handle,
+            user_id,
+            variant,
+            segment_key,
+            level,
+            propensity,
+        );
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn push_columns(
+        &mut self,
+        seq: u64,
+        handle: u64,
+        user_id: &str,
+        variant: usize,
+        segment_key: &str,
+        level: usize,
+        propensity: f64,
+    ) {
         if self.keys.last().map(|k| &**k) != Some(segment_key) {
             self.keys.push(segment_key.into());
         }
@@ -765,8 +834,21 @@ impl Made {
         self.seqs.is_empty()
     }
 
+    /// When the first assignment was made (all of them, unless made by `push_at` at
+    /// different times: see `created_at`).
     pub fn created_ms(&self) -> i64 {
         self.created_ms
+    }
+
+    /// When assignment `k` was made.
+    pub fn created_at(&self, k: usize) -> i64 {
+        self.created.get(k).copied().unwrap_or(self.created_ms)
+    }
+
+    /// Everything made so far; this log starts empty again (same id prefix).
+    pub fn take(&mut self) -> Made {
+        let fresh = Made::new(&self.id_prefix, 0);
+        std::mem::replace(self, fresh)
     }
 
     /// The id of assignment `k`, written into `out`.
@@ -815,7 +897,7 @@ impl Made {
             segment_key: self.segment_key(k),
             level: self.levels[k] as usize,
             propensity: self.propensities[k],
-            created_ms: self.created_ms,
+            created_ms: self.created_at(k),
         }
     }
 
@@ -824,7 +906,8 @@ impl Made {
         let mut out = Made::new(&self.id_prefix, self.created_ms);
         for k in 0..self.len() {
             if self.user_id(k) != user_id {
-                out.push(
+                out.push_at(
+                    self.created_at(k),
                     self.seqs[k],
                     self.handles[k],
                     self.user_id(k),
@@ -910,7 +993,7 @@ impl Made {
                     segment_key: &self.keys[key],
                     level: self.levels[k] as usize,
                     propensity: self.propensities[k],
-                    created_ms: self.created_ms,
+                    created_ms: self.created_at(k),
                 },
                 hashes[key],
             );
@@ -1507,6 +1590,34 @@ mod tests {
         assert_eq!(rest.len(), 1);
         rest.write_id(0, &mut id);
         assert_eq!((id.as_str(), rest.user_id(0)), ("p-b", "vv"));
+    }
+
+    #[test]
+    fn a_log_keeps_each_assignments_time_and_starts_empty_when_taken() {
+        let mut log = Made::new("p", 0);
+        log.push_at(100, 1, 1, "u", 0, "a", 1, 0.5);
+        log.push_at(100, 2, 1, "v", 1, "a", 1, 0.5);
+        // One time so far: no column of times yet.
+        assert!(log.created.is_empty());
+        log.push_at(107, 3, 2, "u", 2, "b", 0, 1.0);
+        log.push(4, 2, "w", 0, "b", 0, 1.0); // a batch's push: the first one's time
+        let times: Vec<i64> = (0..log.len()).map(|k| log.created_at(k)).collect();
+        assert_eq!(times, [100, 100, 107, 100]);
+        let rest = log.without_user("u");
+        let times: Vec<i64> = (0..rest.len()).map(|k| rest.created_at(k)).collect();
+        assert_eq!((rest.user_id(0), rest.user_id(1)), ("v", "w"));
+        assert_eq!(times, [100, 100]);
+        let mut held = Held::new("p");
+        held.add_made(&log);
+        assert_eq!(held.by_id("p-3").map(|a| a.created_ms), Some(107));
+        let taken = log.take();
+        assert_eq!((taken.len(), log.len(), log.created.len()), (4, 0, 0));
+        assert_eq!(taken.id_text(2), "p-3");
+        log.push_at(200, 5, 1, "x", 0, "a", 0, 0.5);
+        assert_eq!(
+            (log.created_ms(), log.created_at(0), log.id_text(0)),
+            (200, 200, "p-5".into())
+        );
     }
 
     /// A stored row: id, user, variant, key, level, propensity or NULL, created_at in

@@ -11,6 +11,7 @@ __version__: str
 __all__ = [
     "ASSIGNMENT_COPY_COLUMNS",
     "RESTORE_COPY_COLUMNS",
+    "AssignmentLog",
     "BatchCatalogue",
     "Engine",
     "HeldAssignments",
@@ -228,16 +229,23 @@ class BatchCatalogue:
         now_ms: int,
         shared: bool,
         region: str,
-        assignment_id: str,
+        seq: int,
         held: HeldAssignments,
-    ) -> str | tuple[bytes, tuple[int, str, int, str, int, float] | None] | None:
+        log: AssignmentLog | None = None,
+    ) -> (
+        str
+        | tuple[bytes, tuple[int, str, int] | tuple[int, str, int, str, int, float] | None]
+        | None
+    ):
         """Unary Allocate on the wire format (a serialized AllocateRequest), checked and
         decided as an item of a batch: None when the caller's path must answer (bad request,
         caller segments, sticky experiment under `shared`); a user agent to classify (with
         `learn_devices`) before calling again; (response, None) for a sticky user whose latest
-        assignment `held` has (None when `held` may have evicted it); or
-        (response, (handle, user id, variant, segment key, level, propensity)) for a new
-        decision named `assignment_id`, counted at every level of its path."""
+        assignment `held` has (None when `held` may have evicted it); or, for a new decision
+        named `{held's id prefix}-{seq:x}`, counted at every level of its path: with a `log`,
+        (response, (handle, segment key, level)), the assignment held by `held` and logged
+        already; without one, (response, (handle, user id, variant, segment key, level,
+        propensity)), for the caller to keep."""
 
 @final
 class PreparedBatch:
@@ -327,6 +335,28 @@ class HeldAssignments:
         stream's header. A row cut off at the end is left unread, to be passed again with what
         follows. Returns (bytes read, assignments held, their distinct segment keys, whether
         the stream's trailer was read). ValueError if `data` is not such a stream."""
+
+@final
+class AssignmentLog:
+    """New assignments of unary allocations not yet taken by the write-behind, as columns in
+    Rust: `BatchCatalogue.allocate_one` appends to it, `take` empties it."""
+
+    def __new__(cls, id_prefix: str) -> AssignmentLog:
+        """An empty log of assignments named `{id_prefix}-{seq:x}`."""
+
+    def __len__(self) -> int: ...
+    @property
+    def oldest_ms(self) -> int | None:
+        """When (ms since the epoch) the oldest one was made; None when empty."""
+
+    def take(self) -> MadeAssignments:
+        """Everything logged, as one MadeAssignments; the log starts empty again."""
+
+    def of_user(self, user_id: str) -> list[HeldTuple]:
+        """The user's logged assignments, oldest first."""
+
+    def forget_user(self, user_id: str) -> int:
+        """Drop the user's logged assignments; how many there were."""
 
 @final
 class MadeAssignments:

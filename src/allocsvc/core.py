@@ -6,6 +6,7 @@ See `_core.pyi` for the typed surface. Everything in the package imports from he
 from allocsvc._core import (
     ASSIGNMENT_COPY_COLUMNS,
     RESTORE_COPY_COLUMNS,
+    AssignmentLog,
     BatchCatalogue,
     Engine,
     HeldAssignments,
@@ -29,6 +30,7 @@ from allocsvc._core import (
 __all__ = [
     "ASSIGNMENT_COPY_COLUMNS",
     "RESTORE_COPY_COLUMNS",
+    "AssignmentLog",
     "BatchCatalogue",
     "Engine",
     "HeldAssignments",

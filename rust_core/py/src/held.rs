@@ -61,7 +61,7 @@ type HeldIn<'py> = (
 #[pyclass(name = "HeldAssignments", frozen, module = "allocsvc._core")]
 pub(crate) struct PyHeld {
     pub(crate) inner: Mutex<Held>,
-    names: Mutex<Names>,
+    pub(crate) names: Mutex<Names>,
 }
 
 impl PyHeld {
@@ -214,6 +214,115 @@ impl PyHeld {
             .map_err(to_py)?;
         let keys = read.keys.iter().map(|k| k.to_string()).collect();
         Ok((read.consumed, read.rows, keys, read.ended))
+    }
+}
+
+/// The new assignments of unary allocations that the write-behind has not taken yet: a
+/// [`Made`] that `BatchCatalogue.allocate_one` appends to (each at its own time), no Python
+/// object per assignment. The write-behind takes them as one `MadeAssignments`.
+#[pyclass(name = "AssignmentLog", frozen, module = "allocsvc._core")]
+pub(crate) struct PyLog {
+    inner: Mutex<Made>,
+    names: Mutex<Names>,
+}
+
+impl PyLog {
+    /// Log a new assignment; its experiment's key comes from `held` (which names it).
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn push(
+        &self,
+        py: Python<'_>,
+        held: &PyHeld,
+        created_ms: i64,
+        seq: u64,
+        handle: u64,
+        user_id: &str,
+        variant: usize,
+        segment_key: &str,
+        level: usize,
+        propensity: f64,
+    ) {
+        let mut names = self.names.lock();
+        names
+            .0
+            .entry(handle)
+            .or_insert_with(|| held.names.lock().get(py, handle).unbind());
+        drop(names);
+        self.inner.lock().push_at(
+            created_ms,
+            seq,
+            handle,
+            user_id,
+            variant,
+            segment_key,
+            level,
+            propensity,
+        );
+    }
+
+    fn names_copy(&self, py: Python<'_>) -> Names {
+        Names(
+            self.names
+                .lock()
+                .0
+                .iter()
+                .map(|(&h, name)| (h, name.clone_ref(py)))
+                .collect(),
+        )
+    }
+}
+
+#[pymethods]
+impl PyLog {
+    /// An empty log of assignments named `{id_prefix}-{seq:x}`.
+    #[new]
+    fn new(id_prefix: &str) -> Self {
+        PyLog {
+            inner: Mutex::new(Made::new(id_prefix, 0)),
+            names: Mutex::new(Names::default()),
+        }
+    }
+
+    fn __len__(&self) -> usize {
+        self.inner.lock().len()
+    }
+
+    /// When (ms since the epoch) the oldest assignment logged was made; None when empty.
+    #[getter]
+    fn oldest_ms(&self) -> Option<i64> {
+        let made = self.inner.lock();
+        (!made.is_empty()).then(|| made.created_at(0))
+    }
+
+    /// Everything logged, as one `MadeAssignments`; the log starts empty again.
+    fn take(&self, py: Python<'_>) -> PyMade {
+        let inner = self.inner.lock().take();
+        PyMade {
+            inner,
+            names: self.names_copy(py),
+        }
+    }
+
+    /// The user's logged assignments as `Held` tuples, oldest first.
+    fn of_user<'py>(&self, py: Python<'py>, user_id: &str) -> PyResult<Vec<Bound<'py, PyTuple>>> {
+        let made = self.inner.lock();
+        let names = self.names.lock();
+        let mut id = String::new();
+        made.positions_of_user(user_id)
+            .into_iter()
+            .map(|k| {
+                made.write_id(k, &mut id);
+                names.tuple(py, &made.get(k, &id))
+            })
+            .collect()
+    }
+
+    /// Drop the user's logged assignments; return how many there were.
+    fn forget_user(&self, user_id: &str) -> usize {
+        let mut made = self.inner.lock();
+        let before = made.len();
+        *made = made.without_user(user_id);
+        before - made.len()
     }
 }
 

@@ -13,14 +13,16 @@ use allocsvc_core::beta::{self, with_thread_rng};
 use allocsvc_core::cascade::Tree;
 use allocsvc_core::context::ContextLimits;
 use allocsvc_core::decide::{Engine, ExperimentConfig, Policy, MAX_LEVELS};
+use allocsvc_core::held::Assignment;
 use allocsvc_core::{keys, CountRow};
 use error::{invalid, to_py};
-use held::{copy_assignments, PyHeld, PyMade};
+use held::{copy_assignments, PyHeld, PyLog, PyMade};
 use pyo3::exceptions::PyTypeError;
 use pyo3::prelude::*;
 use pyo3::pybacked::PyBackedStr;
 use pyo3::types::{PyBytes, PyList, PyString, PyTuple};
 use pyo3::IntoPyObjectExt;
+use std::borrow::Cow;
 use std::cell::Cell;
 use std::collections::HashMap;
 
@@ -407,10 +409,12 @@ impl PyBatchCatalogue {
     /// Unary Allocate on the wire format, in one call: None when the caller's path must
     /// answer; a user agent (str) whose device class to learn before calling again;
     /// (response, None) for a sticky user whose latest assignment `held` has (None when `held`
-    /// may have evicted it); or
-    /// (response, (handle, user id, variant, segment key, level, propensity)) for a new,
-    /// counted decision named `assignment_id`. Short work: the GIL stays held.
-    #[pyo3(signature = (engine, request, *, now_ms, shared, region, assignment_id, held))]
+    /// may have evicted it); or, for a new, counted decision named `{held's prefix}-{seq:x}`:
+    /// with a `log`, (response, (handle, segment key, level)), the assignment held by `held`
+    /// and logged for the write-behind already; without one,
+    /// (response, (handle, user id, variant, segment key, level, propensity)), for the caller
+    /// to keep. Short work: the GIL stays held.
+    #[pyo3(signature = (engine, request, *, now_ms, shared, region, seq, held, log=None))]
     #[allow(clippy::too_many_arguments)]
     fn allocate_one<'py>(
         &self,
@@ -420,16 +424,17 @@ impl PyBatchCatalogue {
         now_ms: i64,
         shared: bool,
         region: &str,
-        assignment_id: &str,
+        seq: u64,
         held: &PyHeld,
+        log: Option<&PyLog>,
     ) -> PyResult<Bound<'py, PyAny>> {
         let one = match self.inner.check_one(request, now_ms, shared) {
             OneChecked::Caller => return Ok(py.None().into_bound(py)),
             OneChecked::UnknownUserAgent(ua) => return Ok(PyString::new(py, &ua).into_any()),
             OneChecked::Ready(one) => one,
         };
+        let store = held.inner.lock();
         if one.sticky() {
-            let store = held.inner.lock();
             let earlier = store
                 .latest(one.handle(), one.user_id())
                 .map(|a| GivenAllocation {
@@ -444,24 +449,55 @@ impl PyBatchCatalogue {
                 // The user's assignment may have been evicted: the caller looks it up.
                 return Ok(py.None().into_bound(py));
             }
-            drop(store);
             if let Some(given) = earlier {
+                drop(store);
                 let response = one.answer(&given, region).map_err(to_py)?;
                 return (PyBytes::new(py, &response), py.None()).into_bound_py_any(py);
             }
         }
+        let mut assignment_id = String::with_capacity(store.prefix().len() + 17);
+        assignment_id.push_str(store.prefix());
+        assignment_id.push('-');
+        allocsvc_core::held::push_hex(&mut assignment_id, seq);
+        drop(store);
         let d = one
-            .decide(&engine.inner, &self.inner, region, assignment_id)
+            .decide(&engine.inner, &self.inner, region, &assignment_id)
             .map_err(to_py)?;
-        let kept = (
+        let response = PyBytes::new(py, &d.response);
+        let Some(log) = log else {
+            let kept = (
+                one.handle(),
+                one.user_id(),
+                d.variant,
+                d.segment_key,
+                d.level,
+                d.propensity,
+            );
+            return (response, kept).into_bound_py_any(py);
+        };
+        held.inner.lock().add_new(&Assignment {
+            id: Cow::Borrowed(&assignment_id),
+            handle: one.handle(),
+            user_id: one.user_id(),
+            variant: d.variant,
+            segment_key: &d.segment_key,
+            level: d.level,
+            propensity: d.propensity,
+            created_ms: now_ms,
+        });
+        log.push(
+            py,
+            held,
+            now_ms,
+            seq,
             one.handle(),
             one.user_id(),
             d.variant,
-            d.segment_key,
+            &d.segment_key,
             d.level,
             d.propensity,
         );
-        (PyBytes::new(py, &d.response), kept).into_bound_py_any(py)
+        (response, (one.handle(), d.segment_key, d.level)).into_bound_py_any(py)
     }
 }
 
@@ -812,6 +848,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PyPreparedBatch>()?;
     m.add_class::<PyHeld>()?;
     m.add_class::<PyMade>()?;
+    m.add_class::<PyLog>()?;
     m.add_function(wrap_pyfunction!(batch_items, m)?)?;
     m.add_function(wrap_pyfunction!(copy_assignments, m)?)?;
     m.add(

@@ -20,7 +20,7 @@ from allocsvc.analytics import DailyTraffic
 if TYPE_CHECKING:
     from allocsvc.allocation.experiments import Experiment
     from allocsvc.allocation.service import Assignment
-    from allocsvc.core import MadeAssignments
+    from allocsvc.core import AssignmentLog, MadeAssignments
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,6 +93,10 @@ class Journal(Protocol):
     def assignments_made(self, made: MadeAssignments) -> None:
         """`assignment_made` for each of a batch's new assignments, in one call: their
         columns, no Python object per assignment."""
+
+    def attach_log(self, log: AssignmentLog) -> bool:
+        """Take the assignments Rust appends to `log` (unary allocations') as if each had been
+        passed to `assignment_made`; False when this journal needs each passed instead."""
 
     async def stored_latest(self, experiment: Experiment, user_id: str) -> Assignment | None:
         """The user's latest assignment in the experiment as the durable store has it (for
@@ -179,6 +183,10 @@ class MemoryJournal:
     def assignment_made(self, assignment: Assignment) -> None:
         self.assignments += 1
         self._visitors[(assignment.handle, self._day_of(assignment.created_ms))] += 1
+
+    def attach_log(self, log: AssignmentLog) -> bool:
+        # Visitors are counted per assignment as it is made.
+        return False
 
     def assignments_made(self, made: MadeAssignments) -> None:
         self.assignments += len(made)

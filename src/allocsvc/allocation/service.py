@@ -28,6 +28,7 @@ from allocsvc.allocation.experiments import (
 from allocsvc.allocation.journal import Conversion, Journal, SharedState
 from allocsvc.context import ExtractedContext, Extractor
 from allocsvc.core import (
+    AssignmentLog,
     BatchCatalogue,
     Engine,
     HeldAssignments,
@@ -216,6 +217,13 @@ class AllocationService:
         # Latest assignment per (experiment handle, user id), every assignment by id and by
         # user: in Rust, no Python object per assignment (none for the collector to walk).
         self._held = HeldAssignments(self._id_prefix, self._limits.max_held_assignments)
+        # Where Rust logs the new assignments of unary calls for the write-behind (held by
+        # Rust too): no Python object per assignment. None when each goes through `_keep`
+        # (a journal that counts them one by one; replicas, which share each one).
+        self._log: AssignmentLog | None = None
+        if shared is None:
+            log = AssignmentLog(self._id_prefix)
+            self._log = log if journal.attach_log(log) else None
         # Known segment keys per experiment (every level of every path seen), by key -> hash.
         self._segments: dict[int, dict[str, int]] = {}
         # Allocations and conversions per (experiment, cascade level) since start.
@@ -578,27 +586,30 @@ class AllocationService:
         return Allocation(assignment, experiment.variants[variant], sticky=False)
 
     def _keep(self, assignment: Assignment) -> None:
-        """What a new assignment leaves behind: the indexes, its segments, the cascade
-        count, the write-behind and the growth count."""
+        """What a new assignment leaves behind: the indexes, the write-behind, then `_count`."""
         self._remember(assignment)
-        self._register_segment(assignment.handle, assignment.segment_key)
-        self._cascade_allocations[(assignment.handle, assignment.cascade_level)] += 1
         self._journal.assignment_made(assignment)
+        self._count(assignment.handle, assignment.segment_key, assignment.cascade_level)
+
+    def _count(self, handle: int, segment_key: str, level: int) -> None:
+        """A new assignment's segments, cascade count and growth count."""
+        self._register_segment(handle, segment_key)
+        self._cascade_allocations[(handle, level)] += 1
         if self._on_growth is not None:
-            self._grown_handles.add(assignment.handle)
+            self._grown_handles.add(handle)
             self._grown(1)
 
     def allocate_wire(self, request: bytes, region: str) -> bytes | None:
         """Unary Allocate on the wire format in one Rust call (decoding, checks, context
-        extraction, the sticky answer or the decision, encoding): the serialized
-        AllocateResponse, or None when `allocate` must answer (a bad request, whose error it
-        words; `auto` segmentation; sticky claims in shared state; a full write-behind
-        buffer, under which `allocate` still answers returning users)."""
+        extraction, the sticky answer or the decision, encoding; with a log, holding and
+        logging the new assignment): the serialized AllocateResponse, or None when `allocate`
+        must answer (a bad request, whose error it words; `auto` segmentation; sticky claims
+        in shared state; a full write-behind buffer, under which `allocate` still answers
+        returning users)."""
         if not self._journal.has_room(1):
             return None
         now = _now_ms()
         seq = next(self._ids)
-        assignment_id = f"{self._id_prefix}-{seq:x}"
         out = None
         for _ in range(2):
             out = self._catalogue.allocate_one(
@@ -607,8 +618,9 @@ class AllocationService:
                 now_ms=now,
                 shared=self._shared is not None,
                 region=region,
-                assignment_id=assignment_id,
+                seq=seq,
                 held=self._held,
+                log=self._log,
             )
             if not isinstance(out, str):
                 break
@@ -619,22 +631,27 @@ class AllocationService:
         if out is None or isinstance(out, str):
             return None
         response, kept = out
-        if kept is not None:
-            handle, user_id, variant, segment_key, level, propensity = kept
-            assignment = Assignment(
-                assignment_id,
-                self._by_handle[handle].key,
-                handle,
-                user_id,
-                variant,
-                segment_key,
-                level,
-                propensity,
-                now,
-            )
-            if self._shared is not None:
-                self._shared.assignment_made(assignment)
-            self._keep(assignment)
+        if kept is None:
+            return response
+        if len(kept) == 3:
+            # Held and logged by Rust already.
+            self._count(*kept)
+            return response
+        handle, user_id, variant, segment_key, level, propensity = kept
+        assignment = Assignment(
+            f"{self._id_prefix}-{seq:x}",
+            self._by_handle[handle].key,
+            handle,
+            user_id,
+            variant,
+            segment_key,
+            level,
+            propensity,
+            now,
+        )
+        if self._shared is not None:
+            self._shared.assignment_made(assignment)
+        self._keep(assignment)
         return response
 
     def _register_segment(self, handle: int, segment_key: str) -> None:

@@ -42,7 +42,13 @@ from allocsvc.allocation.experiments import (
 from allocsvc.allocation.journal import Conversion, StoredRecommendation, TreeNodeRecord
 from allocsvc.allocation.service import Assignment
 from allocsvc.analytics import DailyTraffic
-from allocsvc.core import MadeAssignments, copy_assignments, key_hash, parent_keys
+from allocsvc.core import (
+    AssignmentLog,
+    MadeAssignments,
+    copy_assignments,
+    key_hash,
+    parent_keys,
+)
 from allocsvc.errors import AlreadyExists, ResourceExhausted, Unavailable
 from allocsvc.store.postgres import (
     AssignmentRow,
@@ -323,6 +329,9 @@ class PostgresJournal:
         self._assignments: list[Assignment] = []
         self._made: list[MadeAssignments] = []
         self._made_rows = 0
+        # Where unary allocations' assignments wait, appended by Rust (`attach_log`); their
+        # wait is timed from their own creation, not `_pending_since`.
+        self._logs: list[AssignmentLog] = []
         self._pending_since = 0.0
         # A flush that failed, retried as it is before anything newer is written.
         self._unwritten: _Unit | None = None
@@ -510,6 +519,8 @@ class PostgresJournal:
             self._assignments = [a for a in self._assignments if a.user_id != user_id]
             self._made = [m.without_user(user_id) for m in self._made]
             self._made_rows = sum(map(len, self._made))
+            for assignments in self._logs:
+                assignments.forget_user(user_id)
             if self._unwritten is not None:
                 self._unwritten = self._unwritten.without_user(user_id)
             return dropped, await erase()
@@ -519,12 +530,17 @@ class PostgresJournal:
         mine = [] if self._unwritten is None else self._unwritten.of_user(user_id)
         mine += [a for a in self._assignments if a.user_id == user_id]
         mine += [Assignment._make(h) for m in self._made for h in m.of_user(user_id)]
+        mine += [Assignment._make(h) for g in self._logs for h in g.of_user(user_id)]
         return [_row(a) for a in mine]
 
     # Allocations: written behind.
 
     def _pending(self) -> int:
-        """Assignments buffered (the unwritten unit's too)."""
+        """Assignments buffered (the unwritten unit's and the logs' too)."""
+        return self._buffered() + sum(map(len, self._logs))
+
+    def _buffered(self) -> int:
+        """Assignments passed to this journal and not written (the unwritten unit's too)."""
         unwritten = 0 if self._unwritten is None else self._unwritten.rows()
         return len(self._assignments) + self._made_rows + unwritten
 
@@ -540,15 +556,33 @@ class PostgresJournal:
 
     def assignment_made(self, assignment: Assignment) -> None:
         # Kept as is: the rows are built when they are written, off the allocation's path.
-        if not self._pending():
+        if not self._buffered():
             self._pending_since = time.monotonic()
         self._assignments.append(assignment)
 
     def assignments_made(self, made: MadeAssignments) -> None:
-        if not self._pending():
+        if not self._buffered():
             self._pending_since = time.monotonic()
         self._made.append(made)
         self._made_rows += len(made)
+
+    def attach_log(self, log: AssignmentLog) -> bool:
+        self._logs.append(log)
+        return True
+
+    def _take_logged(self) -> tuple[list[MadeAssignments], float | None]:
+        """What the logs hold (they start empty again), and when (monotonic) the oldest of it
+        was made; None when they held nothing."""
+        made: list[MadeAssignments] = []
+        oldest: int | None = None
+        for assignments in self._logs:
+            made_ms = assignments.oldest_ms
+            if made_ms is not None:
+                oldest = made_ms if oldest is None else min(oldest, made_ms)
+                made.append(assignments.take())
+        if oldest is None:
+            return made, None
+        return made, time.monotonic() - max(0.0, time.time() * 1000 - oldest) / 1000
 
     async def _flush_loop(self) -> None:
         since_refresh = 0.0
@@ -613,8 +647,13 @@ class PostgresJournal:
 
     def _take(self) -> _Unit | None:
         """Everything buffered, as the next flush's unit (None: nothing)."""
+        since = self._pending_since if self._assignments or self._made else None
         batch, self._assignments = self._assignments, []
         made, self._made, self._made_rows = self._made, [], 0
+        logged, logged_since = self._take_logged()
+        made += logged
+        if logged_since is not None:
+            since = logged_since if since is None else min(since, logged_since)
         counts = []
         if self._take_deltas is not None:
             counts = [(e, s, v, a, 0, 0.0) for e, s, v, a, _, _ in self._take_deltas() if a]
@@ -626,7 +665,14 @@ class PostgresJournal:
                 *(m.distinct_keys() for m in made),
             )
         )
-        return _Unit(secrets.token_hex(12), batch, made, counts, segments, self._pending_since)
+        return _Unit(
+            secrets.token_hex(12),
+            batch,
+            made,
+            counts,
+            segments,
+            self._pending_since if since is None else since,
+        )
 
     async def _write(self, unit: _Unit) -> bool:
         """Write a unit in one transaction; False (kept for a retry) when that fails."""

@@ -1,0 +1,211 @@
+"""Unary allocations' new assignments reach PostgreSQL through the Rust log the write-behind
+takes (`AssignmentLog`): held and counted as they are made, written with the columns they are
+held with, each with its own time, under the write-behind's bound, exported and erased before
+the flush like any buffered assignment, and timed from their own creation."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import asyncpg
+import pytest
+
+from allocsvc._proto import allocsvc_pb2 as pb
+from allocsvc.allocation.journal import MemoryJournal
+from allocsvc.allocation.service import AllocationService
+from allocsvc.api import convert
+from allocsvc.context import Extractor
+from allocsvc.core import Engine, key_hash
+from allocsvc.errors import ResourceExhausted
+from allocsvc.store import PostgresStore
+from allocsvc.store.postgres import to_signed64
+from allocsvc.store.writebehind import PostgresJournal
+
+pytestmark = pytest.mark.integration
+
+COUNTRIES = ("us", "de", "fr")
+
+
+@pytest.fixture
+async def store(migrated_db: str) -> AsyncIterator[PostgresStore]:
+    async with await PostgresStore.connect(migrated_db, min_size=1, max_size=2) as s:
+        yield s
+
+
+async def _service(journal: PostgresJournal | MemoryJournal) -> AllocationService:
+    service = AllocationService(Engine(), journal, Extractor())
+    for key, sticky in (("sticky", True), ("fresh", False)):
+        experiment = pb.Experiment(
+            id=key,
+            status=pb.EXPERIMENT_STATUS_RUNNING,
+            variants=[pb.Variant(id="A"), pb.Variant(id="B"), pb.Variant(id="C")],
+            segmentation=pb.SegmentationConfig(
+                mode=pb.SEGMENTATION_MODE_MANUAL, segment_by=["country"]
+            ),
+            sticky=sticky,
+        )
+        await service.create_experiment(convert.experiment_from_pb(experiment))
+    return service
+
+
+def _request(experiment: str, user: str, country: str = "us") -> bytes:
+    return pb.AllocateRequest(
+        experiment_id=experiment, user_id=user, context={"country_code": country}
+    ).SerializeToString()
+
+
+def _answer(response: bytes | None) -> pb.AllocateResponse:
+    assert response is not None
+    return pb.AllocateResponse.FromString(response)
+
+
+async def _rows(dsn: str) -> dict[str, tuple[object, ...]]:
+    conn = await asyncpg.connect(dsn)
+    try:
+        rows = await conn.fetch(
+            "SELECT id, experiment_id, user_id, variant, segment_key, segment_hash,"
+            " cascade_level, propensity FROM assignments"
+        )
+    finally:
+        await conn.close()
+    return {r["id"]: tuple(r.values()) for r in rows}
+
+
+async def test_unary_assignments_are_held_counted_and_written_from_the_log(
+    store: PostgresStore, migrated_db: str
+) -> None:
+    journal = PostgresJournal(store)
+    service = await _service(journal)
+    answers = []
+    for i in range(30):
+        answers.append(
+            _answer(service.allocate_wire(_request("fresh", f"u{i}", COUNTRIES[i % 3]), ""))
+        )
+        if i % 10 == 9:
+            await asyncio.sleep(0.003)  # assignments made at different times
+    first = _answer(service.allocate_wire(_request("sticky", "returning"), ""))
+    again = _answer(service.allocate_wire(_request("sticky", "returning"), ""))
+    # A batch and a Python-path allocation in the same flush as the logged ones.
+    prepared = service.prepare_batch(
+        pb.AllocateBatchRequest(
+            requests=[pb.AllocateRequest(experiment_id="fresh", user_id="b1")]
+        ).SerializeToString()
+    )
+    assert prepared is not None
+    service.finish_batch(prepared, "", {}, {})
+    python_path = await service.allocate(
+        convert.allocate_request(pb.AllocateRequest(experiment_id="fresh", user_id="p1"))
+    )
+
+    # The sticky user got the same assignment back, from memory, without a new one.
+    assert again.sticky and not first.sticky
+    assert again.assignment_id == first.assignment_id
+    assert len({a.assignment_id for a in answers} | {first.assignment_id}) == 31
+    # Nothing per assignment went through Python: the log holds the unary calls' ones.
+    assert journal._assignments == [python_path.assignment]
+    assert journal.stats.pending_assignments == 0 and journal._pending() == 33
+    fresh = service.get_experiment("fresh").handle
+    assert service.cascade_counts(fresh)[1][0] == 32  # 30 unary, the batch's, p1 (level 1)
+    # b1 and p1 sent no country.
+    keys = {f"country:{c}" for c in (*COUNTRIES, "unknown")}
+    assert {k for k, _ in service.segment_keys(fresh)} == {"", *keys}
+    held = {a.id: a for u in [f"u{i}" for i in range(30)] for a in service.user_assignments(u)}
+    assert set(held) == {a.assignment_id for a in answers}
+    times = sorted({a.created_ms for a in held.values()})
+    assert len(times) >= 2, "the calls were made in different milliseconds"
+    # Exported before the flush as held.
+    pending = journal.pending_assignments_of("u29")
+    assert [(r.id, r.variant, r.segment_key, r.cascade_level) for r in pending] == [
+        (a.id, a.variant, a.segment_key, a.cascade_level) for a in service.user_assignments("u29")
+    ]
+
+    await journal.flush()
+    assert journal.stats.assignments_written == 33 and journal._pending() == 0
+    rows = await _rows(migrated_db)
+    assert len(rows) == 33
+    held[first.assignment_id] = service.user_assignments("returning")[0]
+    for a in held.values():
+        assert rows[a.id] == (
+            a.id,
+            a.handle,
+            a.user_id,
+            a.variant,
+            a.segment_key,
+            to_signed64(key_hash(a.segment_key)),
+            a.cascade_level,
+            a.propensity,
+        )
+    for answer in answers:
+        row = rows[answer.assignment_id]
+        assert (row[4], row[6]) == (answer.segment_key, answer.cascade_level)
+    await journal.flush()
+    assert journal.stats.assignments_written == 33
+    await journal.close()
+
+
+async def test_the_write_behind_bound_counts_the_logged_assignments(
+    store: PostgresStore,
+) -> None:
+    journal = PostgresJournal(store, max_pending_assignments=5)
+    service = await _service(journal)
+    for i in range(5):
+        _answer(service.allocate_wire(_request("fresh", f"u{i}"), ""))
+    # Full: the wire path hands over, and the Python path refuses a new assignment.
+    assert service.allocate_wire(_request("fresh", "u5"), "") is None
+    with pytest.raises(ResourceExhausted):
+        await service.allocate(
+            convert.allocate_request(pb.AllocateRequest(experiment_id="fresh", user_id="u5"))
+        )
+    await journal.flush()
+    _answer(service.allocate_wire(_request("fresh", "u5"), ""))
+    await journal.close()
+
+
+async def test_a_user_erased_before_the_flush_leaves_the_log(
+    store: PostgresStore, migrated_db: str
+) -> None:
+    journal = PostgresJournal(store)
+    service = await _service(journal)
+    for i in range(10):
+        _answer(service.allocate_wire(_request("fresh", f"u{i}"), ""))
+        _answer(service.allocate_wire(_request("sticky", f"u{i}"), ""))
+
+    async def nothing() -> int:
+        return 0
+
+    dropped, _ = await journal.without_user("u3", nothing)
+    forgotten = service.forget_user("u3")
+    assert sorted(r.id for r in dropped) == sorted(a.id for a in forgotten)
+    assert len(dropped) == 2
+    assert journal.pending_assignments_of("u3") == []
+    await journal.flush()
+    rows = await _rows(migrated_db)
+    assert len(rows) == 18
+    assert "u3" not in {r[2] for r in rows.values()}
+    await journal.close()
+
+
+async def test_a_flush_is_timed_from_the_oldest_logged_assignment(
+    store: PostgresStore,
+) -> None:
+    journal = PostgresJournal(store)
+    service = await _service(journal)
+    _answer(service.allocate_wire(_request("fresh", "early"), ""))
+    await asyncio.sleep(0.2)
+    _answer(service.allocate_wire(_request("fresh", "late"), ""))
+    await journal.flush()
+    assert journal.stats.assignments_written == 2
+    # At least the 200 ms the first one waited (a lower bound: nothing can make it shorter).
+    assert journal.stats.last_flush_lag_ms >= 200
+    await journal.close()
+
+
+async def test_a_memory_journal_counts_each_unary_assignment() -> None:
+    journal = MemoryJournal()
+    service = await _service(journal)
+    for i in range(4):
+        _answer(service.allocate_wire(_request("fresh", f"u{i}"), ""))
+    assert journal.assignments == 4
+    handle = service.get_experiment("fresh").handle
+    assert sum(d.visitors for d in await journal.traffic(handle)) == 4
