@@ -10,6 +10,7 @@ import os
 import signal
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -383,16 +384,43 @@ def _write_behind_stats(stores: Stores) -> dict[str, float]:
 
 
 async def stop(running: Running, grace: float) -> None:
-    """Health NOT_SERVING, stop accepting, finish in-flight RPCs within `grace`, flush."""
+    """Health NOT_SERVING, stop accepting, finish in-flight RPCs within `grace`, flush. Each
+    step is logged as it begins, so that a stop that does not end names the step it is in
+    (SIGUSR1 then logs where each task waits: `dump_tasks`)."""
     running.health.enter_graceful_shutdown()
+    log.info("stopping", extra={"step": "rpcs"})
     await running.server.stop(grace)
+    log.info("stopping", extra={"step": "background jobs"})
     await running.scheduler.stop()
     if running.learning is not None:
+        log.info("stopping", extra={"step": "learning"})
         await running.learning.close()
     if running.regions is not None:
+        log.info("stopping", extra={"step": "regions"})
         await running.regions.close()
+    log.info("stopping", extra={"step": "stores (the last flush)"})
     await running.stores.close()
     log.info("stopped", extra={"pid": os.getpid()})
+
+
+def dump_tasks() -> None:
+    """Log every asyncio task of this loop with the stack it waits in (on SIGUSR1): what to
+    read when the server does not answer or does not stop."""
+    for task in asyncio.all_tasks():
+        log.warning("task", extra={"task": task.get_name(), "awaiting": _await_chain(task)})
+
+
+def _await_chain(task: asyncio.Task[Any]) -> list[str]:
+    """Where a task waits: its coroutine and each one it awaits, outermost first (Task's own
+    stack shows the outermost only)."""
+    chain = []
+    at: Any = task.get_coro()
+    while at is not None:
+        frame = getattr(at, "cr_frame", None) or getattr(at, "gi_frame", None)
+        if frame is not None:
+            chain.append(f"{frame.f_code.co_filename}:{frame.f_lineno} in {frame.f_code.co_name}")
+        at = getattr(at, "cr_await", None) or getattr(at, "gi_yieldfrom", None)
+    return chain
 
 
 async def serve_until_signalled(settings: Settings) -> None:
@@ -405,6 +433,7 @@ async def serve_until_signalled(settings: Settings) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stopping.set)
+    loop.add_signal_handler(signal.SIGUSR1, dump_tasks)
     await stopping.wait()
     log.info("shutting down", extra={"grace_seconds": settings.grace_seconds})
     await stop(running, settings.grace_seconds)

@@ -141,6 +141,9 @@ class Server:
         try:
             return self.process.wait(timeout=STOP_TIMEOUT_S)
         except subprocess.TimeoutExpired:
+            # Where its tasks wait, in its log (server.dump_tasks), before it is killed.
+            self.process.send_signal(signal.SIGUSR1)
+            time.sleep(1.0)
             self.kill()
             raise AssertionError(
                 f"server did not stop within {STOP_TIMEOUT_S} s of SIGTERM:\n{tail(self.log)}"
