@@ -741,6 +741,7 @@ impl Made {
         }
     }
 
+    /// `push_at` the time the log was made at (a batch's assignments, all made at once).
     #[allow(clippy::too_many_arguments)]
     pub fn push(
         &mut self,
@@ -752,10 +753,9 @@ impl Made {
         level: usize,
         propensity: f64,
     ) {
-        if !self.created.is_empty() {
-            self.created.push(self.created_ms);
-        }
-        self.push_columns(
+        let at = self.created_ms;
+        self.push_at(
+            at,
             seq,
             handle,
             user_id,
@@ -766,8 +766,8 @@ impl Made {
         );
     }
 
-    /// `push` of an assignment made at `created_ms` (the assignments of unary calls, each made
-    /// at its own time).
+    /// Add an assignment made at `created_ms` (the assignments of unary calls, each made at its
+    /// own time: `created` is kept only once two rows differ).
     #[allow(clippy::too_many_arguments)]
     pub fn push_at(
         &mut self,
@@ -791,28 +791,6 @@ impl Made {
         if !self.created.is_empty() {
             self.created.push(created_ms);
         }
-        self.push_columns(
-            seq,
-            handle,
-            user_id,
-            variant,
-            segment_key,
-            level,
-            propensity,
-        );
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    fn push_columns(
-        &mut self,
-        seq: u64,
-        handle: u64,
-        user_id: &str,
-        variant: usize,
-        segment_key: &str,
-        level: usize,
-        propensity: f64,
-    ) {
         if self.keys.last().map(|k| &**k) != Some(segment_key) {
             self.keys.push(segment_key.into());
         }

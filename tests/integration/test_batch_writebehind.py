@@ -5,10 +5,8 @@ user erased before the flush is never written."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-
-import asyncpg
 import pytest
+from store_support import assignment_rows
 
 from allocsvc._proto import allocsvc_pb2 as pb
 from allocsvc.allocation.service import AllocationService, Assignment
@@ -21,13 +19,12 @@ from allocsvc.store.writebehind import PostgresJournal
 
 pytestmark = pytest.mark.integration
 
+COLUMNS = (
+    "experiment_id, user_id, variant, segment_key, segment_hash, cascade_level,"
+    " propensity, context, region, created_at"
+)
+
 COUNTRIES = ("us", "de", "fr")
-
-
-@pytest.fixture
-async def store(migrated_db: str) -> AsyncIterator[PostgresStore]:
-    async with await PostgresStore.connect(migrated_db, min_size=1, max_size=2) as s:
-        yield s
 
 
 async def _service(store: PostgresStore) -> tuple[AllocationService, PostgresJournal]:
@@ -59,18 +56,6 @@ def _batch(users: range) -> bytes:
     ).SerializeToString()
 
 
-async def _rows(dsn: str) -> dict[str, tuple[object, ...]]:
-    conn = await asyncpg.connect(dsn)
-    try:
-        rows = await conn.fetch(
-            "SELECT id, experiment_id, user_id, variant, segment_key, segment_hash,"
-            " cascade_level, propensity, context, region, created_at FROM assignments"
-        )
-    finally:
-        await conn.close()
-    return {r["id"]: tuple(r.values()) for r in rows}
-
-
 async def _after_batch(
     store: PostgresStore, users: range
 ) -> tuple[AllocationService, PostgresJournal]:
@@ -93,7 +78,7 @@ async def test_a_batch_is_written_as_held_and_a_repeat_adds_nothing(
     assert sum(map(len, made)) == 300
     await journal.flush()
     assert journal.stats.assignments_written == 301
-    rows = await _rows(migrated_db)
+    rows = await assignment_rows(migrated_db, COLUMNS)
     assert len(rows) == 301
     held = [service.user_assignments(f"user-{i}")[0] for i in range(300)]
     held.append(single.assignment)
@@ -122,11 +107,11 @@ async def test_a_batch_is_written_as_held_and_a_repeat_adds_nothing(
     flush = WriteBehind("retried", copy_assignments(made), [], {one.handle: 1}, [count])
     # Rows written already under another flush: kept once, the rest of the flush applies.
     assert await store.write_behind(flush)
-    assert await _rows(migrated_db) == rows
+    assert await assignment_rows(migrated_db, COLUMNS) == rows
     assert await allocations() == before + 1
     # The same flush again (its commit was not acknowledged): nothing changes.
     assert not await store.write_behind(flush)
-    assert await _rows(migrated_db) == rows
+    assert await assignment_rows(migrated_db, COLUMNS) == rows
     assert await allocations() == before + 1
     await journal.close()
 
@@ -146,7 +131,7 @@ async def test_a_user_erased_before_the_flush_is_never_written(
     assert [r.id for r in dropped] == [a.id for a in forgotten]
     assert service.user_assignments("user-7") == []
     await journal.flush()
-    rows = await _rows(migrated_db)
+    rows = await assignment_rows(migrated_db, COLUMNS)
     assert len(rows) == 19
     assert "user-7" not in {r[2] for r in rows.values()}
     assert all(isinstance(a, Assignment) for a in service.user_assignments("user-8"))

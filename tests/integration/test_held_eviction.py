@@ -5,7 +5,6 @@ conversion finds its assignment by id or by experiment and user. Memory stays bo
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 
 import pytest
 
@@ -34,12 +33,6 @@ HELD = 40
 def _same(a: Assignment, b: Assignment) -> bool:
     """Equal but for the time (PostgreSQL keeps the write-behind's, up to a flush later)."""
     return a._replace(created_ms=0) == b._replace(created_ms=0)
-
-
-@pytest.fixture
-async def store(migrated_db: str) -> AsyncIterator[PostgresStore]:
-    async with await PostgresStore.connect(migrated_db, min_size=1, max_size=2) as s:
-        yield s
 
 
 async def _service(journal: PostgresJournal | MemoryJournal) -> AllocationService:

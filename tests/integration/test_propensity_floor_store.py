@@ -3,8 +3,6 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-
 import asyncpg
 import pytest
 
@@ -13,12 +11,6 @@ from allocsvc.store import PostgresStore
 from allocsvc.store.writebehind import experiment_from_row, experiment_row
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture
-async def store(migrated_db: str) -> AsyncIterator[PostgresStore]:
-    async with await PostgresStore.connect(migrated_db, min_size=1, max_size=2) as s:
-        yield s
 
 
 def _experiment(key: str, floor: float) -> Experiment:

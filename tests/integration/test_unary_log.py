@@ -6,10 +6,9 @@ the flush like any buffered assignment, and timed from their own creation."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 
-import asyncpg
 import pytest
+from store_support import assignment_rows
 
 from allocsvc._proto import allocsvc_pb2 as pb
 from allocsvc.allocation.journal import MemoryJournal
@@ -24,13 +23,9 @@ from allocsvc.store.writebehind import PostgresJournal
 
 pytestmark = pytest.mark.integration
 
+COLUMNS = "experiment_id, user_id, variant, segment_key, segment_hash, cascade_level, propensity"
+
 COUNTRIES = ("us", "de", "fr")
-
-
-@pytest.fixture
-async def store(migrated_db: str) -> AsyncIterator[PostgresStore]:
-    async with await PostgresStore.connect(migrated_db, min_size=1, max_size=2) as s:
-        yield s
 
 
 async def _service(journal: PostgresJournal | MemoryJournal) -> AllocationService:
@@ -58,18 +53,6 @@ def _request(experiment: str, user: str, country: str = "us") -> bytes:
 def _answer(response: bytes | None) -> pb.AllocateResponse:
     assert response is not None
     return pb.AllocateResponse.FromString(response)
-
-
-async def _rows(dsn: str) -> dict[str, tuple[object, ...]]:
-    conn = await asyncpg.connect(dsn)
-    try:
-        rows = await conn.fetch(
-            "SELECT id, experiment_id, user_id, variant, segment_key, segment_hash,"
-            " cascade_level, propensity FROM assignments"
-        )
-    finally:
-        await conn.close()
-    return {r["id"]: tuple(r.values()) for r in rows}
 
 
 async def test_unary_assignments_are_held_counted_and_written_from_the_log(
@@ -122,7 +105,7 @@ async def test_unary_assignments_are_held_counted_and_written_from_the_log(
 
     await journal.flush()
     assert journal.stats.assignments_written == 33 and journal._pending() == 0
-    rows = await _rows(migrated_db)
+    rows = await assignment_rows(migrated_db, COLUMNS)
     assert len(rows) == 33
     held[first.assignment_id] = service.user_assignments("returning")[0]
     for a in held.values():
@@ -180,7 +163,7 @@ async def test_a_user_erased_before_the_flush_leaves_the_log(
     assert len(dropped) == 2
     assert journal.pending_assignments_of("u3") == []
     await journal.flush()
-    rows = await _rows(migrated_db)
+    rows = await assignment_rows(migrated_db, COLUMNS)
     assert len(rows) == 18
     assert "u3" not in {r[2] for r in rows.values()}
     await journal.close()
