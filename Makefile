@@ -59,7 +59,7 @@ bench: $(STAMP) ## benchmarks (pytest-benchmark) of the core; see bench/RESULTS.
 bench-load: $(STAMP) ## load test with ghz: allocsvc vs a bare grpc.aio echo server (a few minutes; see bench/RESULTS.md)
 	$(PY) bench/load/run.py $(LOAD_ARGS)
 
-bench-load-h2: $(STAMP) ## load test with h2load (closed loop, unary and AllocateBatch x1000) and bench/load/openloop (Go, fixed rates): echo, --workers 1, --in-memory, --workers 2 (~16-25 minutes)
+bench-load-h2: $(STAMP) ## load test with h2load (closed loop, unary and AllocateBatch x1000) and bench/load/openloop (Go, fixed rates): echo, --workers 1, --in-memory, --workers 2 (~15-25 minutes)
 	$(PY) bench/load/h2.py $(LOAD_ARGS)
 
 bench-ab: $(STAMP) ## this tree against BASE=<commit> under h2load, both served at once, alternating rounds (~5 minutes)

@@ -1,0 +1,58 @@
+"""bench/load/h2.py judges a ratio taken from alternating rounds only on enough calm rounds:
+one uncontended round called the unary bar met in one run and missed in the next."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+LOAD = Path(__file__).resolve().parents[2] / "bench" / "load"
+
+
+def _load_h2():  # type: ignore[no-untyped-def]
+    """bench/load/h2.py under a name of its own (`h2` is also a PyPI package); its own imports
+    (run, echo, benchkit) are its neighbours."""
+    sys.path.insert(0, str(LOAD))
+    spec = importlib.util.spec_from_file_location("bench_load_h2", LOAD / "h2.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+h2 = _load_h2()
+
+
+def _rounds(*rows: tuple[str, float, float]) -> list[dict[str, object]]:
+    """Alternating rows: (setup, req/s, cores taken by other work and steal), round by round
+    for the setups in the order given, two setups per round."""
+    out: list[dict[str, object]] = []
+    for i, (setup, rps, taken) in enumerate(rows):
+        out.append(
+            {"setup": setup, "round": i // 2, "rps": rps, "other_cores": taken, "steal_cores": 0.0}
+        )
+    return out
+
+
+def test_ratios_are_taken_within_each_round_and_marked_when_contended() -> None:
+    rows = _rounds(("echo", 4000, 0), ("w1", 3200, 0), ("echo", 2000, 0), ("w1", 1000, 0.5))
+    assert h2.round_ratios(rows, "w1", "echo") == [(0.8, False), (0.5, True)]
+
+
+@pytest.mark.parametrize(
+    ("ratios", "median"),
+    [
+        ([(0.9, False)], None),
+        ([(0.9, False), (0.7, True), (0.8, False)], None),
+        ([(0.9, False), (0.7, False), (0.8, False)], 0.8),
+        ([(0.9, False), (0.1, True), (0.7, False), (0.8, False), (0.75, False)], 0.775),
+        ([(0.5, True)] * 5, None),
+    ],
+)
+def test_a_bar_needs_three_calm_rounds(ratios: list[tuple[float, bool]], median: float) -> None:
+    assert h2.MIN_CALM_ROUNDS == 3
+    assert h2.calm_median(ratios) == median
