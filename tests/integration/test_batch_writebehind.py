@@ -6,7 +6,7 @@ user erased before the flush is never written."""
 from __future__ import annotations
 
 import pytest
-from store_support import assignment_rows
+from store_support import HELD_COLUMNS, as_row, assignment_rows
 
 from allocsvc._proto import allocsvc_pb2 as pb
 from allocsvc.allocation.service import AllocationService, Assignment
@@ -14,15 +14,12 @@ from allocsvc.api import convert
 from allocsvc.context import Extractor
 from allocsvc.core import Engine, copy_assignments, key_hash
 from allocsvc.store import PostgresStore
-from allocsvc.store.postgres import WriteBehind, to_signed64
+from allocsvc.store.postgres import WriteBehind
 from allocsvc.store.writebehind import PostgresJournal
 
 pytestmark = pytest.mark.integration
 
-COLUMNS = (
-    "experiment_id, user_id, variant, segment_key, segment_hash, cascade_level,"
-    " propensity, context, region, created_at"
-)
+COLUMNS = f"{HELD_COLUMNS}, context, region, created_at"
 
 COUNTRIES = ("us", "de", "fr")
 
@@ -84,16 +81,7 @@ async def test_a_batch_is_written_as_held_and_a_repeat_adds_nothing(
     held.append(single.assignment)
     for a in held:
         row = rows[a.id]
-        assert row[:8] == (
-            a.id,
-            a.handle,
-            a.user_id,
-            a.variant,
-            a.segment_key,
-            to_signed64(key_hash(a.segment_key)),
-            a.cascade_level,
-            a.propensity,
-        )
+        assert row[:8] == as_row(a)
         assert row[8] == "{}" and row[9] is None and row[10] is not None
     assert {a.segment_key for a in held[:-1]} == {f"country:{c}" for c in COUNTRIES}
     one = held[0]

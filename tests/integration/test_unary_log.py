@@ -8,22 +8,20 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from store_support import assignment_rows
+from store_support import HELD_COLUMNS, as_row, assignment_rows
 
 from allocsvc._proto import allocsvc_pb2 as pb
 from allocsvc.allocation.journal import MemoryJournal
 from allocsvc.allocation.service import AllocationService
 from allocsvc.api import convert
 from allocsvc.context import Extractor
-from allocsvc.core import Engine, key_hash
+from allocsvc.core import Engine
 from allocsvc.errors import ResourceExhausted
 from allocsvc.store import PostgresStore
-from allocsvc.store.postgres import to_signed64
 from allocsvc.store.writebehind import PostgresJournal
 
 pytestmark = pytest.mark.integration
 
-COLUMNS = "experiment_id, user_id, variant, segment_key, segment_hash, cascade_level, propensity"
 
 COUNTRIES = ("us", "de", "fr")
 
@@ -105,20 +103,11 @@ async def test_unary_assignments_are_held_counted_and_written_from_the_log(
 
     await journal.flush()
     assert journal.stats.assignments_written == 33 and journal._pending() == 0
-    rows = await assignment_rows(migrated_db, COLUMNS)
+    rows = await assignment_rows(migrated_db, HELD_COLUMNS)
     assert len(rows) == 33
     held[first.assignment_id] = service.user_assignments("returning")[0]
     for a in held.values():
-        assert rows[a.id] == (
-            a.id,
-            a.handle,
-            a.user_id,
-            a.variant,
-            a.segment_key,
-            to_signed64(key_hash(a.segment_key)),
-            a.cascade_level,
-            a.propensity,
-        )
+        assert rows[a.id] == as_row(a)
     for answer in answers:
         row = rows[answer.assignment_id]
         assert (row[4], row[6]) == (answer.segment_key, answer.cascade_level)
@@ -163,7 +152,7 @@ async def test_a_user_erased_before_the_flush_leaves_the_log(
     assert len(dropped) == 2
     assert journal.pending_assignments_of("u3") == []
     await journal.flush()
-    rows = await assignment_rows(migrated_db, COLUMNS)
+    rows = await assignment_rows(migrated_db, HELD_COLUMNS)
     assert len(rows) == 18
     assert "u3" not in {r[2] for r in rows.values()}
     await journal.close()
