@@ -293,7 +293,8 @@ async def measure(settings: Settings, args: argparse.Namespace, workdir: Path) -
     probes = Probes(stall_s=args.stall_ms / 1000)
     with instrumented(probes):
         running = await server.start(settings)
-        if args.gc_freeze:
+        if args.gc_freeze and settings.gc.freeze_after_start:
+            # As `allocsvc serve` does once started (serve_until_signalled).
             gc.collect()
             gc.freeze()
         probes.heap = {"objects": len(gc.get_objects()), "frozen": gc.get_freeze_count()}
@@ -358,7 +359,11 @@ def main() -> int:
         "--no-metrics", dest="metrics", action="store_false", help="no --metrics-port"
     )
     parser.add_argument(
-        "--gc-freeze", action="store_true", help="gc.collect() and gc.freeze() after start"
+        "--no-gc-freeze",
+        dest="gc_freeze",
+        action="store_false",
+        help="no gc.collect() and gc.freeze() after start (`allocsvc serve` does both, unless "
+        "gc.freeze_after_start is off)",
     )
     args = parser.parse_args()
     import uvloop
