@@ -4,9 +4,14 @@ With PostgreSQL, `AllocateBatch` is bounded by how fast the write-behind's COPYs
 is refused RESOURCE_EXHAUSTED). This COPYs `--chunks` x 200,000 assignment rows (random 16-hex
 user ids, one transaction each, `synchronous_commit = off` as the write-behind) into a fresh,
 migrated database, and prints rows/s per chunk, for the schema as migrated and for the same
-schema with an index added back (`--index`, default the user_id index migration 009 dropped).
+schema changed by `--change` (SQL run after migrating; default: the user_id index migration 009
+dropped, created again). Migration 010's comparison, its columns back in the default collation:
 
-    python bench/load/ingest.py [--chunks 10] [--rounds 2] [--index "CREATE INDEX ..."]
+    python bench/load/ingest.py --rounds 4 --change 'ALTER TABLE assignments
+        ALTER COLUMN id TYPE text COLLATE "default",
+        ALTER COLUMN user_id TYPE text COLLATE "default"'
+
+    python bench/load/ingest.py [--chunks 10] [--rounds 2] [--change "CREATE INDEX ..."]
 
 Rows are built before each COPY is timed: the rates are PostgreSQL's (and asyncpg's encoding).
 """
@@ -40,13 +45,13 @@ def _rows(first: int, prefix: str) -> list[tuple[Any, ...]]:
     ]
 
 
-async def ingest(dsn: str, chunks: int, index: str | None) -> tuple[list[float], str]:
+async def ingest(dsn: str, chunks: int, change: str | None) -> tuple[list[float], str]:
     """Rows/s of each chunk, and the table's size with its indexes at the end."""
     await migrate(dsn)
     connection = await asyncpg.connect(dsn)
     try:
-        if index is not None:
-            await connection.execute(index)
+        if change is not None:
+            await connection.execute(change)
         prefix = secrets.token_hex(6)
         rates = []
         for chunk in range(chunks):
@@ -69,7 +74,9 @@ async def ingest(dsn: str, chunks: int, index: str | None) -> tuple[list[float],
 def main() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument("--chunks", type=int, default=10, help="COPYs of 200,000 rows each")
-    parser.add_argument("--index", default=USER_INDEX, help="the index to compare with")
+    parser.add_argument(
+        "--change", "--index", default=USER_INDEX, help="SQL making the schema to compare with"
+    )
     parser.add_argument("--rounds", type=int, default=2, help="rounds of both, order alternated")
     args = parser.parse_args()
     with (
@@ -77,11 +84,11 @@ def main() -> None:
         run.stores(Path(tmp)) as (postgres, _redis),
     ):
         # A B B A ...: whichever goes second runs after the other's checkpoints and WAL.
-        order = [("as migrated", None), ("with the index", args.index)]
+        order = [("as migrated", None), ("changed", args.change)]
         for round_ in range(args.rounds):
-            for name, index in order if round_ % 2 == 0 else order[::-1]:
+            for name, change in order if round_ % 2 == 0 else order[::-1]:
                 dsn = run.database(postgres, "ingest")
-                rates, size = asyncio.run(ingest(dsn, args.chunks, index))
+                rates, size = asyncio.run(ingest(dsn, args.chunks, change))
                 each = " ".join(f"{r / 1000:.0f}k" for r in rates)
                 mean = len(rates) * CHUNK / sum(CHUNK / r for r in rates)
                 print(

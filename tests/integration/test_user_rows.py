@@ -109,6 +109,7 @@ async def test_a_users_assignments_are_found_by_index_without_a_user_id_index(
         # The leading column bound (not the whole index walked with user_id as a filter).
         conditions = [line for line in text.splitlines() if "Index Cond" in line]
         assert any("experiment_id = ANY" in line for line in conditions), text
+        assert any("user_id = " in line for line in conditions), text
         found = await conn.fetch("SELECT * FROM user_assignment_ids('user-42')")
         assert Counter(r[0] for r in found) == Counter(["a-42"])
     finally:
