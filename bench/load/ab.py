@@ -151,8 +151,8 @@ def report(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
         "`main thread` its part on the server's main thread (the event loop).",
         "",
         "| round | kind | setup | calls/s | allocations/s | server CPU µs/call | "
-        "main thread µs/call | server cores | steal + other cores | errors |",
-        "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        "main thread µs/call | server cores | pg cores | steal + other cores | errors |",
+        "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         items = h2.BATCH_ITEMS if r["kind"] == "batch" else 1
@@ -160,7 +160,7 @@ def report(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
             f"| {r['round']} | {r['kind']} | {r['setup']} | {r['rps']:,.0f} | "
             f"{r['ok_per_s'] * items:,.0f} | {r['cpu_us_per_request']:,.0f} | "
             f"{r['loop_us_per_request']:,.0f} | {r['server_cores']:.2f} | "
-            f"{h2._taken(r):.2f} | {r['errors']} |"
+            f"{r['postgres_cores']:.2f} | {h2._taken(r):.2f} | {r['errors']} |"
         )
     lines += ["", "| kind | figure | per round | median of uncontended rounds |"]
     lines.append("|---|---|---|---:|")
@@ -168,6 +168,7 @@ def report(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
         picked = [r for r in rows if r["kind"] == kind]
         for label, name, base, key in (
             ("`this` / `base`, calls/s", "this", "base", "rps"),
+            ("`this` / `base`, calls/s answered OK", "this", "base", "ok_per_s"),
             ("`this` / `base`, server CPU per call", "this", "base", "cpu_us_per_request"),
             ("`this` / `base`, main thread CPU per call", "this", "base", "loop_us_per_request"),
             ("`this` / echo, main thread CPU per call", "this", "echo", "loop_us_per_request"),

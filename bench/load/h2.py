@@ -170,8 +170,8 @@ def _machine() -> tuple[float, float]:
     return busy / run.CLOCK_TICKS, values[7] / run.CLOCK_TICKS
 
 
-def _postgres_pids(workdir: Path) -> list[int]:
-    pidfile = workdir / "postgres" / "postmaster.pid"
+def _postgres_pids(target: Target) -> list[int]:
+    pidfile = (target.pg_dir or target.workdir / "postgres") / "postmaster.pid"
     try:
         return run._tree(int(pidfile.read_text().split()[0]))
     except (OSError, ValueError, IndexError):
@@ -246,6 +246,8 @@ class Target:
     setup: run.Setup
     metrics_ports: list[int]
     workdir: Path
+    # The embedded PostgreSQL's data directory, when not `workdir / "postgres"`.
+    pg_dir: Path | None = None
 
 
 class Accounting:
@@ -255,7 +257,7 @@ class Accounting:
     def __init__(self, target: Target, method: str = "Allocate") -> None:
         self.target, self.method = target, method
         self.before = rpc_counts(target.metrics_ports, method) if target.metrics_ports else []
-        self.pids, self.pg_pids = target.setup.pids(), _postgres_pids(target.workdir)
+        self.pids, self.pg_pids = target.setup.pids(), _postgres_pids(target)
         self.cpu0, self.pg0 = run._cpu_seconds(self.pids), run._cpu_seconds(self.pg_pids)
         self.loop0 = run._main_thread_cpu_seconds(self.pids)
         self.client0 = os.times()
@@ -569,7 +571,7 @@ def wait_quiet(target: Target, seconds: float) -> float:
     """Wait up to `seconds` for a second in which other work and steal took at most
     CONTENDED_CORES (the servers idle meanwhile); the seconds waited."""
     started = time.monotonic()
-    pids = target.setup.pids() + _postgres_pids(target.workdir)
+    pids = target.setup.pids() + _postgres_pids(target)
     while True:
         machine0, ours0, wall0 = _machine(), run._cpu_seconds(pids), time.monotonic()
         time.sleep(1.0)
@@ -939,7 +941,8 @@ def start(name: str, workdir: Path, postgres: Any, database: str = "") -> Target
         workers=workers,
         metrics_port=first,
     )
-    target = Target(setup, list(range(first, first + workers)), workdir)
+    pg_dir = None if postgres is None else Path(postgres.data_dir)
+    target = Target(setup, list(range(first, first + workers)), workdir, pg_dir)
     try:
         run._create_experiments(setup)
         run._wait_known(setup)
