@@ -262,12 +262,15 @@ def launch_process(
 def stop_process(
     process: subprocess.Popen[bytes], channel: grpc.Channel, timeout: float = STOP_TIMEOUT_S
 ) -> int:
-    """Close the channel, SIGTERM, and the exit code (killed after `timeout` seconds)."""
+    """Close the channel, SIGTERM, and the exit code (killed after `timeout` seconds, once
+    SIGUSR1 had it log where its tasks wait: the caller's assertion shows the log)."""
     channel.close()
     process.send_signal(signal.SIGTERM)
     try:
         return process.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
+        process.send_signal(signal.SIGUSR1)
+        time.sleep(1.0)
         process.kill()
         return process.wait()
 

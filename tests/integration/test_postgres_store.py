@@ -441,3 +441,25 @@ async def test_embedded_postgres_keeps_data_across_restarts(tmp_path: Path) -> N
         assert [v.key for v in kept.variants] == ["blue", "green", "red"]
     finally:
         await asyncio.to_thread(restarted.stop)
+
+
+async def test_close_ends_while_a_connection_is_still_held(migrated_db: str) -> None:
+    # asyncpg's Pool.close alone waits for the held connection for as long as it is held.
+    store = await PostgresStore.connect(migrated_db, min_size=1, max_size=2)
+    held = await store.pool.acquire()
+    backend = held.get_server_pid()
+    await asyncio.wait_for(store.close(timeout=0.5), 10)
+    assert store.pool.is_closing()
+    # The held connection was terminated: its backend goes away.
+    conn = await asyncpg.connect(migrated_db)
+    try:
+        for _ in range(100):
+            if not await conn.fetchval(
+                "SELECT count(*) FROM pg_stat_activity WHERE pid = $1", backend
+            ):
+                break
+            await asyncio.sleep(0.05)
+        else:
+            raise AssertionError(f"backend {backend} still there")
+    finally:
+        await conn.close()

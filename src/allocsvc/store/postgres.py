@@ -9,7 +9,9 @@ never lose each other's updates.
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
@@ -47,6 +49,10 @@ CountRow = tuple[int, int, int, int, int, float]
 
 _T = TypeVar("_T")
 _DEADLOCK_RETRIES = 3
+# asyncpg's Pool.close waits, without bound, for every connection to be released.
+POOL_CLOSE_TIMEOUT_S = 10.0
+
+log = logging.getLogger(__name__)
 
 
 def to_signed64(value: int) -> int:
@@ -324,8 +330,18 @@ class PostgresStore:
     def pool(self) -> asyncpg.Pool:
         return self._pool
 
-    async def close(self) -> None:
-        await self._pool.close()
+    async def close(self, timeout: float = POOL_CLOSE_TIMEOUT_S) -> None:
+        """Close the pool; connections still held after `timeout` seconds (a query that does
+        not return, a connection attempt to a server that does not answer) are terminated, so
+        that a stop ends."""
+        try:
+            await asyncio.wait_for(self._pool.close(), timeout)
+        except TimeoutError:
+            log.warning(
+                "postgres pool not closed in time: terminating its connections",
+                extra={"seconds": timeout},
+            )
+            self._pool.terminate()
 
     async def __aenter__(self) -> PostgresStore:
         return self
