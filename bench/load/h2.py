@@ -171,7 +171,9 @@ def _machine() -> tuple[float, float]:
 
 
 def _postgres_pids(target: Target) -> list[int]:
-    pidfile = (target.pg_dir or target.workdir / "postgres") / "postmaster.pid"
+    if target.pg_dir is None:
+        return []
+    pidfile = target.pg_dir / "postmaster.pid"
     try:
         return run._tree(int(pidfile.read_text().split()[0]))
     except (OSError, ValueError, IndexError):
@@ -246,8 +248,8 @@ class Target:
     setup: run.Setup
     metrics_ports: list[int]
     workdir: Path
-    # The embedded PostgreSQL's data directory, when not `workdir / "postgres"`.
-    pg_dir: Path | None = None
+    # The data directory of the embedded PostgreSQL the setup runs next to (None: none).
+    pg_dir: Path | None
 
 
 class Accounting:
@@ -928,8 +930,9 @@ def _port_free(port: int) -> bool:
 def start(name: str, workdir: Path, postgres: Any, database: str = "") -> Target:
     """Start a setup and make it ready to measure (experiments created, metrics up); `w1` and
     `w2` on their own database of `postgres` (`database`, else one named after the setup)."""
+    pg_dir = None if postgres is None else Path(postgres.data_dir)
     if name == "echo":
-        return Target(run.start_echo(workdir), [], workdir)
+        return Target(run.start_echo(workdir), [], workdir, pg_dir)
     if name not in ("w1", "w2", "mem"):
         raise SystemExit(f"unknown setup {name!r}")
     workers = 2 if name == "w2" else 1
@@ -941,7 +944,6 @@ def start(name: str, workdir: Path, postgres: Any, database: str = "") -> Target
         workers=workers,
         metrics_port=first,
     )
-    pg_dir = None if postgres is None else Path(postgres.data_dir)
     target = Target(setup, list(range(first, first + workers)), workdir, pg_dir)
     try:
         run._create_experiments(setup)

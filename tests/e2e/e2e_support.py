@@ -141,10 +141,7 @@ class Server:
         try:
             return self.process.wait(timeout=STOP_TIMEOUT_S)
         except subprocess.TimeoutExpired:
-            # Where its tasks wait, in its log (server.dump_tasks), before it is killed.
-            self.process.send_signal(signal.SIGUSR1)
-            time.sleep(1.0)
-            self.kill()
+            kill_dumping_tasks(self.process)
             raise AssertionError(
                 f"server did not stop within {STOP_TIMEOUT_S} s of SIGTERM:\n{tail(self.log)}"
             ) from None
@@ -269,10 +266,16 @@ def stop_process(
     try:
         return process.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
-        process.send_signal(signal.SIGUSR1)
-        time.sleep(1.0)
-        process.kill()
-        return process.wait()
+        return kill_dumping_tasks(process)
+
+
+def kill_dumping_tasks(process: subprocess.Popen[bytes]) -> int:
+    """Kill a server that did not stop, once SIGUSR1 had it log where each of its tasks waits
+    (server.dump_tasks); its exit code."""
+    process.send_signal(signal.SIGUSR1)
+    time.sleep(1.0)
+    process.kill()
+    return process.wait()
 
 
 # Stores, waiting, configuration --------------------------------------------------------------
