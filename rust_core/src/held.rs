@@ -157,12 +157,11 @@ fn reuse_text(old: Box<str>, new: &str) -> Box<str> {
     if old.len() != new.len() {
         return new.into();
     }
-    let mut bytes = old.into_boxed_bytes();
-    bytes.copy_from_slice(new.as_bytes());
-    match String::from_utf8(bytes.into_vec()) {
-        Ok(text) => text.into_boxed_str(),
-        Err(_) => new.into(),
-    }
+    // Through a String: its capacity stays, and text copied from a str is not validated again.
+    let mut text = old.into_string();
+    text.clear();
+    text.push_str(new);
+    text.into_boxed_str()
 }
 
 /// One assignment's fields as [`Held::insert`] takes them.
