@@ -66,6 +66,9 @@ bench-ab: $(STAMP) ## this tree against BASE=<commit> under h2load, both served 
 	$(if $(BASE),,$(error BASE=<commit> is required, e.g. make bench-ab BASE=HEAD~1))
 	$(PY) bench/load/ab.py --base $(BASE) $(LOAD_ARGS)
 
+bench-profile-batch: $(STAMP) ## where a --in-memory server's event loop spends AllocateBatch x1000 under h2load (LOAD_ARGS=--perf: perf samples by kind; ~1 minute)
+	$(PY) bench/load/batch_profile.py $(LOAD_ARGS)
+
 bench-waiting: $(STAMP) ## memory of calls waiting for a busy server (backpressure.max_waiting_calls), unary and AllocateBatch x1000 (~1 minute)
 	$(PY) bench/load/waiting.py $(LOAD_ARGS)
 
