@@ -30,11 +30,16 @@ WARMUP_S = 10.0
 PERF_HZ = 300
 
 
-def _h2load(h2load: str, target: h2.Target, body: Path, streams: int, seconds: float) -> Any:
+def _h2load(
+    h2load: str, target: h2.Target, body: Path, streams: int, seconds: float
+) -> subprocess.CompletedProcess[str]:
     command = h2.h2load_command(
         h2load, target.setup.target, body, 2, streams, True, ["-D", str(max(1, round(seconds)))]
     )
-    return subprocess.run(command, capture_output=True, text=True, timeout=seconds + 120)
+    done = subprocess.run(command, capture_output=True, text=True, timeout=seconds + 120)
+    if done.returncode != 0:
+        raise RuntimeError(f"h2load failed:\n{done.stderr[-2000:]}")
+    return done
 
 
 def category(frames: list[str]) -> str:
