@@ -2,7 +2,8 @@
 
 It answers `Allocate`, `AllocateBatch` and `RecordConversion` of `allocsvc.v1.Allocator` with
 constant responses of the real messages and sizes, on the same stack as the real server (grpc.aio,
-the same event loop, SO_REUSEPORT, message limits, bound on waiting calls) with health and the
+the same event loop, SO_REUSEPORT, the same number of servers on the port (allocsvc's
+`accept_loops`), message limits, bound on waiting calls) with health and the
 same method-aware reflection, so ghz reaches both servers the same way.
 
 It does no work per call: its handlers take and return bytes (registered without protobuf
@@ -23,6 +24,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import signal
 import sys
 from collections.abc import Coroutine
@@ -33,6 +35,11 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from allocsvc._proto import allocsvc_pb2 as pb
 from allocsvc.api import reflection
+from allocsvc.api.registration import ServerGroup
+from allocsvc.config import BackpressureSettings, Settings
+
+ACCEPT_LOOPS: int = Settings.model_fields["accept_loops"].default
+WAITING_CALLS: int = BackpressureSettings.model_fields["max_waiting_calls"].default
 
 ALLOCATION = pb.AllocateResponse(
     assignment_id="5f0c1e9a2b7d-1a2b3c",
@@ -88,16 +95,24 @@ class EchoAllocator:
         )
 
 
-async def serve(host: str, port: int) -> None:
-    server = grpc.aio.server(
-        options=[
-            ("grpc.max_receive_message_length", 64 * 1024 * 1024),
-            ("grpc.max_send_message_length", 64 * 1024 * 1024),
-            ("grpc.so_reuseport", 1),
-            # The same bound on calls waiting for the event loop as allocsvc's default
-            # (backpressure.max_waiting_calls); gRPC's own refuses some from 1,000.
-            ("grpc.server.max_pending_requests", 20_000),
-            ("grpc.server.max_pending_requests_hard_limit", 20_001),
+async def serve(host: str, port: int, accept_loops: int) -> None:
+    # As allocsvc serves: `accept_loops` servers on the port, each taking calls on its own.
+    waiting = math.ceil(WAITING_CALLS / accept_loops)
+    server = ServerGroup(
+        [
+            grpc.aio.server(
+                options=[
+                    ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+                    ("grpc.max_send_message_length", 64 * 1024 * 1024),
+                    ("grpc.so_reuseport", 1),
+                    # The same bound on calls waiting for the event loop as allocsvc's default
+                    # (backpressure.max_waiting_calls, shared by the accept loops); gRPC's own
+                    # refuses some from 1,000.
+                    ("grpc.server.max_pending_requests", waiting),
+                    ("grpc.server.max_pending_requests_hard_limit", waiting + 1),
+                ]
+            )
+            for _ in range(accept_loops)
         ]
     )
     allocator = pb.DESCRIPTOR.services_by_name["Allocator"].full_name
@@ -134,8 +149,14 @@ def main() -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=0, help="0 picks a free port")
     parser.add_argument("--event-loop", choices=("uvloop", "asyncio"), default="uvloop")
+    parser.add_argument(
+        "--accept-loops",
+        type=int,
+        default=ACCEPT_LOOPS,
+        help="gRPC servers on the port (allocsvc's accept_loops; its default here)",
+    )
     args = parser.parse_args()
-    _run(serve(args.host, args.port), args.event_loop)
+    _run(serve(args.host, args.port, args.accept_loops), args.event_loop)
 
 
 if __name__ == "__main__":

@@ -293,6 +293,12 @@ class Settings(BaseSettings):
     event_loop: Literal["uvloop", "asyncio"] = Field(
         "uvloop", description="event loop of each serving process (uvloop is faster)"
     )
+    # gRPC servers per process on the port, each taking calls on its own (a grpc.aio server
+    # takes the next call only once the last one reached the event loop). The backpressure
+    # bounds are the process's, shared evenly by them.
+    accept_loops: int = Field(
+        4, ge=1, le=32, description="gRPC servers per process taking calls (SO_REUSEPORT)"
+    )
     region: str = "local"
     seed: int | None = Field(None, ge=0, description="seed of the sampler (reproducible runs)")
     grace_seconds: float = Field(10.0, ge=0)
