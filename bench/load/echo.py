@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import math
 import signal
 import sys
 from collections.abc import Coroutine
@@ -96,24 +95,16 @@ class EchoAllocator:
 
 
 async def serve(host: str, port: int, accept_loops: int) -> None:
-    # As allocsvc serves: `accept_loops` servers on the port, each taking calls on its own.
-    waiting = math.ceil(WAITING_CALLS / accept_loops)
-    server = ServerGroup(
-        [
-            grpc.aio.server(
-                options=[
-                    ("grpc.max_receive_message_length", 64 * 1024 * 1024),
-                    ("grpc.max_send_message_length", 64 * 1024 * 1024),
-                    ("grpc.so_reuseport", 1),
-                    # The same bound on calls waiting for the event loop as allocsvc's default
-                    # (backpressure.max_waiting_calls, shared by the accept loops); gRPC's own
-                    # refuses some from 1,000.
-                    ("grpc.server.max_pending_requests", waiting),
-                    ("grpc.server.max_pending_requests_hard_limit", waiting + 1),
-                ]
-            )
-            for _ in range(accept_loops)
-        ]
+    # As allocsvc serves: `accept_loops` servers on the port, each taking calls on its own,
+    # with allocsvc's default bound on calls waiting for the event loop (gRPC's own refuses
+    # some from 1,000).
+    server = ServerGroup.sharing(
+        accept_loops,
+        options=[
+            ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+            ("grpc.max_send_message_length", 64 * 1024 * 1024),
+        ],
+        max_waiting_calls=WAITING_CALLS,
     )
     allocator = pb.DESCRIPTOR.services_by_name["Allocator"].full_name
     server.add_generic_rpc_handlers([EchoAllocator().handler(allocator)])

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
-import math
 import multiprocessing
 import os
 import signal
@@ -146,32 +145,21 @@ async def open_stores(settings: Settings, namespace: str = "allocsvc") -> Stores
 
 def _grpc_server(settings: Settings, telemetry: TelemetryInterceptor) -> grpc.aio.Server:
     auth = AuthInterceptor(settings.auth)
-    loops = settings.accept_loops
-    # The process's bounds, shared evenly by its accept loops (each server keeps its own).
-    waiting = math.ceil(settings.backpressure.max_waiting_calls / loops)
-    in_flight = math.ceil(settings.backpressure.max_in_flight_rpcs / loops)
-    servers = [
-        grpc.aio.server(
-            # Telemetry outermost, so that refusals are counted and carry request ids too.
-            # With no auth, telemetry wraps the handlers as they are registered (see `start`):
-            # no interceptor then runs per call.
-            interceptors=None if auth.open else [telemetry, auth],
-            options=[
-                ("grpc.max_receive_message_length", settings.max_message_bytes),
-                ("grpc.max_send_message_length", settings.max_message_bytes),
-                ("grpc.so_reuseport", 1),
-                # Waiting calls are refused past the bound, not at random below it (gRPC's
-                # default: at random from 1,000, all from 3,000).
-                ("grpc.server.max_pending_requests", waiting),
-                ("grpc.server.max_pending_requests_hard_limit", waiting + 1),
-            ],
-            # Past this many RPCs at once, gRPC answers RESOURCE_EXHAUSTED instead of queuing.
-            maximum_concurrent_rpcs=in_flight,
-        )
-        for _ in range(loops)
-    ]
+    group = ServerGroup.sharing(
+        settings.accept_loops,
+        options=[
+            ("grpc.max_receive_message_length", settings.max_message_bytes),
+            ("grpc.max_send_message_length", settings.max_message_bytes),
+        ],
+        max_waiting_calls=settings.backpressure.max_waiting_calls,
+        max_in_flight_rpcs=settings.backpressure.max_in_flight_rpcs,
+        # Telemetry outermost, so that refusals are counted and carry request ids too. With
+        # no auth, telemetry wraps the handlers as they are registered (see `start`):
+        # no interceptor then runs per call.
+        interceptors=None if auth.open else [telemetry, auth],
+    )
     # Generic handlers only: one outstanding request-call task per server, not one per method.
-    return GenericOnly(ServerGroup(servers))
+    return GenericOnly(group)
 
 
 def _listen(server: grpc.aio.Server, settings: Settings) -> int:

@@ -13,6 +13,7 @@ then found by name in the generic handlers' dictionaries, Allocator's first.
 from __future__ import annotations
 
 import asyncio
+import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -84,6 +85,37 @@ class ServerGroup(ServerView):
             raise ValueError("servers: at least one")
         super().__init__(servers[0])
         self._servers = list(servers)
+
+    @classmethod
+    def sharing(
+        cls,
+        count: int,
+        *,
+        options: Sequence[tuple[str, Any]],
+        max_waiting_calls: int,
+        max_in_flight_rpcs: int | None = None,
+        interceptors: Sequence[grpc.aio.ServerInterceptor[Any, Any]] | None = None,
+    ) -> ServerGroup:
+        """`count` servers for one port (SO_REUSEPORT, `options` added) that share a process's
+        bounds evenly, each taking its part rounded up: calls gRPC has read but no handler has
+        taken yet (past it gRPC refuses new ones, all of them, not at random below it as by its
+        default) and, if given, RPCs at once (past it RESOURCE_EXHAUSTED)."""
+        waiting = math.ceil(max_waiting_calls / count)
+        in_flight = None if max_in_flight_rpcs is None else math.ceil(max_in_flight_rpcs / count)
+        shared = [
+            *options,
+            ("grpc.so_reuseport", 1),
+            ("grpc.server.max_pending_requests", waiting),
+            ("grpc.server.max_pending_requests_hard_limit", waiting + 1),
+        ]
+        return cls(
+            [
+                grpc.aio.server(
+                    interceptors=interceptors, options=shared, maximum_concurrent_rpcs=in_flight
+                )
+                for _ in range(count)
+            ]
+        )
 
     def add_generic_rpc_handlers(self, generic_rpc_handlers: Iterable[Generic]) -> None:
         handlers = list(generic_rpc_handlers)
