@@ -30,18 +30,6 @@ WARMUP_S = 10.0
 PERF_HZ = 300
 
 
-def _h2load(
-    h2load: str, target: h2.Target, body: Path, streams: int, seconds: float
-) -> subprocess.CompletedProcess[str]:
-    command = h2.h2load_command(
-        h2load, target.setup.target, body, 2, streams, True, ["-D", str(max(1, round(seconds)))]
-    )
-    done = subprocess.run(command, capture_output=True, text=True, timeout=seconds + 120)
-    if done.returncode != 0:
-        raise RuntimeError(f"h2load failed:\n{done.stderr[-2000:]}")
-    return done
-
-
 def category(frames: list[str]) -> str:
     """What a main-thread sample (its frames, innermost first) was in."""
     joined = " ".join(frames)
@@ -88,7 +76,8 @@ def measure(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     _, _, batch = h2.grpc_body(workdir)
     target = h2.start("mem", workdir, None)
     try:
-        _h2load(h2load, target, batch, args.streams, WARMUP_S)
+        shape = h2.Shape(2, args.streams, batch=h2.BATCH_ITEMS)
+        h2.run_h2load(h2load, target, batch, shape, WARMUP_S)
         recorder = None
         data = workdir / "perf.data"
         if args.perf:
@@ -100,21 +89,18 @@ def measure(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
                 stderr=subprocess.DEVNULL,
             )
             time.sleep(1)
-        accounting = h2.Accounting(target, "AllocateBatch")
-        done = _h2load(h2load, target, batch, args.streams, args.seconds)
-        numbers = h2._parse(done.stdout)
-        used = accounting.finish(int(numbers["succeeded"]))
+        row = h2.run_h2load(h2load, target, batch, shape, args.seconds)
         if recorder is not None:
             recorder.send_signal(2)
             recorder.wait(timeout=120)
         out: dict[str, Any] = {
-            "allocations_per_s": round(numbers["rps"] * h2.BATCH_ITEMS),
-            "server_us_per_batch": round(used["cpu_us_per_request"]),
-            "main_thread_us_per_batch": round(used["loop_us_per_request"]),
-            "server_cores": round(used["server_cores"], 2),
-            "client_cores": round(used["client_cores"], 2),
-            "steal_cores": round(used["steal_cores"], 2),
-            "errors": used["server_errors"],
+            "allocations_per_s": round(row["rps"] * h2.BATCH_ITEMS),
+            "server_us_per_batch": round(row["cpu_us_per_request"]),
+            "main_thread_us_per_batch": round(row["loop_us_per_request"]),
+            "server_cores": round(row["server_cores"], 2),
+            "client_cores": round(row["client_cores"], 2),
+            "steal_cores": round(row["steal_cores"], 2),
+            "errors": row["errors"],
         }
         if recorder is not None:
             out["main_thread_samples"] = main_thread_shares(data, target.setup.pids()[0])
