@@ -22,6 +22,7 @@ __all__ = [
     "beta_throughput",
     "bucket",
     "copy_assignments",
+    "decompress_block",
     "key_hash",
     "parent_keys",
     "path_keys",
@@ -60,10 +61,19 @@ ASSIGNMENT_COPY_COLUMNS: list[str]
 RESTORE_COPY_COLUMNS: list[str]
 
 def copy_assignments(
-    made: Sequence[MadeAssignments], singles: Sequence[HeldTuple] | None = None
+    made: Sequence[MadeAssignments],
+    singles: Sequence[HeldTuple] | None = None,
+    *,
+    compressed: bool = False,
 ) -> bytes:
     """Assignments as one PostgreSQL binary COPY stream (header, rows, trailer): `singles`
-    first, then those of `made`, in order."""
+    first, then those of `made`, in order; with `compressed`, that stream as an LZ4 block with
+    its length in front (`decompress_block`). The rows of `made` and the compression are
+    written without the GIL."""
+
+def decompress_block(data: bytes) -> bytes:
+    """The COPY stream of a `copy_assignments(..., compressed=True)` block (without the GIL).
+    ValueError when `data` is not one."""
 
 def segment_key(dimensions: Sequence[str], values: Sequence[str]) -> str:
     """Canonical key `dim:value|dim:value` (values trimmed, lower-cased, `%|:` escaped)."""

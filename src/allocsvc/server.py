@@ -139,6 +139,7 @@ async def open_stores(settings: Settings, namespace: str = "allocsvc") -> Stores
         store,
         max_pending_assignments=settings.backpressure.max_pending_assignments,
         max_pending_conversions=settings.backpressure.max_pending_conversions,
+        max_unexpanded_assignments=settings.backpressure.max_unexpanded_assignments,
     )
     return Stores(journal, store, embedded, shared)
 
@@ -373,6 +374,7 @@ def _write_behind_stats(stores: Stores) -> dict[str, float]:
         "conversions_written": float(s.conversions_written),
         "refused": float(s.refused),
         "dropped": float(s.dropped),
+        "unexpanded_assignments": float(s.unexpanded_assignments),
     }
 
 

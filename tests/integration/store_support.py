@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import asyncpg
 
-from allocsvc.allocation.service import Assignment
-from allocsvc.core import key_hash
+from allocsvc._proto import allocsvc_pb2 as pb
+from allocsvc.allocation.service import AllocationService, Assignment
+from allocsvc.api import convert
+from allocsvc.context import Extractor
+from allocsvc.core import Engine, key_hash
 from allocsvc.store.postgres import to_signed64
+from allocsvc.store.writebehind import PostgresJournal
 
 # The columns an assignment is held with, after its id (`as_row`).
 HELD_COLUMNS = (
@@ -36,3 +40,38 @@ def as_row(a: Assignment) -> tuple[object, ...]:
         a.cascade_level,
         a.propensity,
     )
+
+
+COUNTRIES = ("us", "de", "fr")
+
+
+async def batch_service(journal: PostgresJournal) -> AllocationService:
+    """A service over `journal` with running experiments "one" and "two" (three variants,
+    segmented by country)."""
+    service = AllocationService(Engine(), journal, Extractor())
+    for key in ("one", "two"):
+        experiment = pb.Experiment(
+            id=key,
+            status=pb.EXPERIMENT_STATUS_RUNNING,
+            variants=[pb.Variant(id="A"), pb.Variant(id="B"), pb.Variant(id="C")],
+            segmentation=pb.SegmentationConfig(
+                mode=pb.SEGMENTATION_MODE_MANUAL, segment_by=["country"]
+            ),
+        )
+        await service.create_experiment(convert.experiment_from_pb(experiment))
+    return service
+
+
+def batch_request(users: range) -> bytes:
+    """An AllocateBatch request of `user-<i>` for each i of `users`, the experiments and
+    countries taking turns."""
+    return pb.AllocateBatchRequest(
+        requests=[
+            pb.AllocateRequest(
+                experiment_id=("one", "two")[i % 2],
+                user_id=f"user-{i}",
+                context={"country_code": COUNTRIES[i % 3]},
+            )
+            for i in users
+        ]
+    ).SerializeToString()

@@ -6,13 +6,19 @@ user erased before the flush is never written."""
 from __future__ import annotations
 
 import pytest
-from store_support import HELD_COLUMNS, as_row, assignment_rows
+from store_support import (
+    COUNTRIES,
+    HELD_COLUMNS,
+    as_row,
+    assignment_rows,
+    batch_request,
+    batch_service,
+)
 
 from allocsvc._proto import allocsvc_pb2 as pb
 from allocsvc.allocation.service import AllocationService, Assignment
 from allocsvc.api import convert
-from allocsvc.context import Extractor
-from allocsvc.core import Engine, copy_assignments, key_hash
+from allocsvc.core import copy_assignments, key_hash
 from allocsvc.store import PostgresStore
 from allocsvc.store.postgres import WriteBehind
 from allocsvc.store.writebehind import PostgresJournal
@@ -21,44 +27,14 @@ pytestmark = pytest.mark.integration
 
 COLUMNS = f"{HELD_COLUMNS}, context, region, created_at"
 
-COUNTRIES = ("us", "de", "fr")
-
-
-async def _service(store: PostgresStore) -> tuple[AllocationService, PostgresJournal]:
-    journal = PostgresJournal(store)
-    service = AllocationService(Engine(), journal, Extractor())
-    for key in ("one", "two"):
-        experiment = pb.Experiment(
-            id=key,
-            status=pb.EXPERIMENT_STATUS_RUNNING,
-            variants=[pb.Variant(id="A"), pb.Variant(id="B"), pb.Variant(id="C")],
-            segmentation=pb.SegmentationConfig(
-                mode=pb.SEGMENTATION_MODE_MANUAL, segment_by=["country"]
-            ),
-        )
-        await service.create_experiment(convert.experiment_from_pb(experiment))
-    return service, journal
-
-
-def _batch(users: range) -> bytes:
-    return pb.AllocateBatchRequest(
-        requests=[
-            pb.AllocateRequest(
-                experiment_id=("one", "two")[i % 2],
-                user_id=f"user-{i}",
-                context={"country_code": COUNTRIES[i % 3]},
-            )
-            for i in users
-        ]
-    ).SerializeToString()
-
 
 async def _after_batch(
     store: PostgresStore, users: range
 ) -> tuple[AllocationService, PostgresJournal]:
     """A service whose journal holds one allocated batch of `users`, not flushed yet."""
-    service, journal = await _service(store)
-    prepared = service.prepare_batch(_batch(users))
+    journal = PostgresJournal(store)
+    service = await batch_service(journal)
+    prepared = service.prepare_batch(batch_request(users))
     assert prepared is not None
     service.finish_batch(prepared, "", {}, {})
     return service, journal

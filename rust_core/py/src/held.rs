@@ -10,6 +10,7 @@ use allocsvc_core::keys;
 
 use crate::error::to_py;
 use parking_lot::Mutex;
+use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use pyo3::pybacked::PyBackedStr;
 use pyo3::types::{PyBytes, PyList, PyString, PyTuple};
@@ -406,13 +407,16 @@ impl PyMade {
 }
 
 /// Assignments as one PostgreSQL binary COPY stream (columns `ASSIGNMENT_COPY_COLUMNS`):
-/// `singles` (`Held` tuples) first, then those of `made`.
+/// `singles` (`Held` tuples) first, then those of `made`; with `compressed`, that stream as an
+/// LZ4 block with its length in front (`decompress_block` gives it back). The rows of `made`
+/// and the compression are written without the GIL.
 #[pyfunction]
-#[pyo3(signature = (made, singles=None))]
+#[pyo3(signature = (made, singles=None, *, compressed=false))]
 pub(crate) fn copy_assignments<'py>(
     py: Python<'py>,
     made: Vec<PyRef<'py, PyMade>>,
     singles: Option<Vec<HeldIn<'py>>>,
+    compressed: bool,
 ) -> Bound<'py, PyBytes> {
     let singles = singles.unwrap_or_default();
     let rows = singles.len() + made.iter().map(|m| m.inner.len()).sum::<usize>();
@@ -431,9 +435,38 @@ pub(crate) fn copy_assignments<'py>(
         };
         held::copy_row(&mut out, &a, keys::key_hash(segment_key));
     }
-    for m in &made {
-        m.inner.copy_rows(&mut out);
-    }
-    held::copy_trailer(&mut out);
+    let made: Vec<&Made> = made.iter().map(|m| &m.inner).collect();
+    let out = py.allow_threads(move || {
+        for m in made {
+            m.copy_rows(&mut out);
+        }
+        held::copy_trailer(&mut out);
+        if compressed {
+            lz4_flex::compress_prepend_size(&out)
+        } else {
+            out
+        }
+    });
     PyBytes::new(py, &out)
+}
+
+/// The COPY stream of a block `copy_assignments(..., compressed=True)` made, without the GIL.
+#[pyfunction]
+pub(crate) fn decompress_block<'py>(py: Python<'py>, data: &[u8]) -> PyResult<Bound<'py, PyBytes>> {
+    let out = py.allow_threads(|| {
+        let out = lz4_flex::decompress_size_prepended(data).map_err(|e| e.to_string())?;
+        // A block cut short can still decode, to fewer bytes than its length in front says.
+        let declared = data
+            .get(..4)
+            .map(|n| u32::from_le_bytes([n[0], n[1], n[2], n[3]]));
+        match declared {
+            Some(n) if n as usize == out.len() => Ok(out),
+            _ => Err(format!(
+                "{} bytes decoded, {declared:?} declared",
+                out.len()
+            )),
+        }
+    });
+    let out = out.map_err(|e| PyValueError::new_err(format!("not an assignment block: {e}")))?;
+    Ok(PyBytes::new(py, &out))
 }

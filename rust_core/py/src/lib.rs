@@ -16,7 +16,7 @@ use allocsvc_core::decide::{Engine, ExperimentConfig, Policy, MAX_LEVELS};
 use allocsvc_core::held::Assignment;
 use allocsvc_core::{keys, CountRow};
 use error::{invalid, to_py};
-use held::{copy_assignments, PyHeld, PyLog, PyMade};
+use held::{copy_assignments, decompress_block, PyHeld, PyLog, PyMade};
 use pyo3::exceptions::PyTypeError;
 use pyo3::prelude::*;
 use pyo3::pybacked::PyBackedStr;
@@ -851,6 +851,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PyLog>()?;
     m.add_function(wrap_pyfunction!(batch_items, m)?)?;
     m.add_function(wrap_pyfunction!(copy_assignments, m)?)?;
+    m.add_function(wrap_pyfunction!(decompress_block, m)?)?;
     m.add(
         "ASSIGNMENT_COPY_COLUMNS",
         allocsvc_core::held::COPY_COLUMNS.to_vec(),

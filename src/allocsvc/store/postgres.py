@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 
 import asyncpg
 
-from allocsvc.core import ASSIGNMENT_COPY_COLUMNS, RESTORE_COPY_COLUMNS
+from allocsvc.core import ASSIGNMENT_COPY_COLUMNS, RESTORE_COPY_COLUMNS, decompress_block
 
 __all__ = [
     "AssignmentRow",
@@ -129,6 +129,9 @@ class WriteBehind:
     segments: Sequence[SegmentRow]
     visitors: Mapping[int, int]  # new assignments per experiment (today's traffic)
     counts: Sequence[CountRow]
+    # > 0: `copy_rows` (this many assignments, compressed: `copy_assignments(...,
+    # compressed=True)`) go in as one block of `assignment_blocks`
+    block: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -295,6 +298,16 @@ FROM unnest($1::bigint[], $2::bigint[], $3::text[], $4::smallint[], $5::bigint[]
 ORDER BY s.experiment_id, s.segment_hash
 ON CONFLICT (experiment_id, segment_hash) DO NOTHING
 """
+
+_INSERT_BLOCK = "INSERT INTO assignment_blocks (rows, payload) VALUES ($1, $2)"
+
+# The oldest block up to id $1, locked; another connection's block is skipped (the background
+# expander) or waited for (a reader that must see every assignment: the block is gone once that
+# connection commits).
+_NEXT_BLOCK = (
+    "SELECT id, rows, payload FROM assignment_blocks WHERE id <= $1 ORDER BY id LIMIT 1 FOR UPDATE"
+)
+_LAST_BLOCK = "SELECT max(id) FROM assignment_blocks"
 
 _ASSIGNMENT_COLUMNS = (
     "id, experiment_id, user_id, variant, segment_key, segment_hash, cascade_level, propensity,"
@@ -532,6 +545,10 @@ class PostgresStore:
         when a flush with this token was committed already (a retry after an unacknowledged
         commit): then nothing changes.
 
+        With `flush.block`, the assignments go in as one row of `assignment_blocks` (see
+        `expand_blocks`): a large flush then costs PostgreSQL one write, not three index
+        entries per assignment.
+
         Committed without waiting for the WAL flush (`synchronous_commit = off`, this
         transaction only): everything here was answered before it was written, so a database
         crash may lose the last fraction of a second of it, as a server crash loses its
@@ -544,7 +561,9 @@ class PostgresStore:
                 await connection.execute("SET LOCAL synchronous_commit = off")
                 if await connection.fetchval(_CLAIM_FLUSH, flush.token) is None:
                     return False
-                if flush.copy_rows:
+                if flush.block:
+                    await connection.execute(_INSERT_BLOCK, flush.block, flush.copy_rows)
+                elif flush.copy_rows:
                     await self._copy_assignments(connection, flush.copy_rows)
                 if flush.segments:
                     await connection.execute(_INSERT_SEGMENTS, *_segment_arrays(flush.segments))
@@ -574,7 +593,52 @@ class PostgresStore:
             )
             await connection.execute(_INSERT_STAGED_ASSIGNMENTS)
 
+    async def expand_blocks(
+        self, *, limit: int | None = None, wait: bool = False, through: int = 2**63 - 1
+    ) -> int:
+        """Move blocks of `assignment_blocks` (ids up to `through`) into `assignments`, oldest
+        first, at most `limit` (None: all), each in a transaction of its own (its rows
+        inserted, the block deleted); how many assignments they held. A block another
+        connection is expanding is skipped, or with `wait` waited for (it is gone once that
+        commits)."""
+        query = _NEXT_BLOCK if wait else _NEXT_BLOCK + " SKIP LOCKED"
+        expanded = blocks = 0
+        async with self._pool.acquire() as connection:
+            while limit is None or blocks < limit:
+                async with connection.transaction():
+                    # The rows were durable as the block; a lost commit keeps the block.
+                    await connection.execute("SET LOCAL synchronous_commit = off")
+                    block = await connection.fetchrow(query, through)
+                    if block is None:
+                        break
+                    rows = await asyncio.to_thread(decompress_block, block["payload"])
+                    await self._copy_assignments(connection, rows)
+                    await connection.execute(
+                        "DELETE FROM assignment_blocks WHERE id = $1", block["id"]
+                    )
+                expanded += int(block["rows"])
+                blocks += 1
+        return expanded
+
+    async def unexpanded_assignments(self) -> int:
+        """Assignments in `assignment_blocks`, not yet expanded into `assignments`."""
+        return int(
+            await self._pool.fetchval("SELECT coalesce(sum(rows), 0) FROM assignment_blocks")
+        )
+
+    async def expand_all_blocks(self) -> int:
+        """Every block written before the call into `assignments` (a reader's first step: one
+        query when there are none); how many assignments they held. Blocks written meanwhile
+        are left, so that a reader is not held for as long as batches keep coming."""
+        last = await self._pool.fetchval(_LAST_BLOCK)
+        if last is None:
+            return 0
+        expanded = await self.expand_blocks(wait=True, through=last)
+        log.info("assignment blocks expanded for a read", extra={"assignments": expanded})
+        return expanded
+
     async def get_assignment(self, experiment_id: int, user_id: str) -> AssignmentRow | None:
+        await self.expand_all_blocks()  # the user's latest may be in one
         row = await self._pool.fetchrow(
             f"SELECT {_ASSIGNMENT_COLUMNS} FROM assignments"
             " WHERE experiment_id = $1 AND user_id = $2 ORDER BY created_at DESC, id DESC LIMIT 1",
@@ -584,9 +648,10 @@ class PostgresStore:
         return None if row is None else _assignment(row)
 
     async def get_assignment_by_id(self, assignment_id: str) -> AssignmentRow | None:
-        row = await self._pool.fetchrow(
-            f"SELECT {_ASSIGNMENT_COLUMNS} FROM assignments WHERE id = $1", assignment_id
-        )
+        query = f"SELECT {_ASSIGNMENT_COLUMNS} FROM assignments WHERE id = $1"
+        row = await self._pool.fetchrow(query, assignment_id)
+        if row is None and await self.expand_all_blocks():
+            row = await self._pool.fetchrow(query, assignment_id)
         return None if row is None else _assignment(row)
 
     async def copy_out_assignments(
@@ -599,7 +664,9 @@ class PostgresStore:
         """An experiment's stored assignments, oldest first (with `newest`, only its newest
         that many), as a binary COPY stream of `RESTORE_COPY_COLUMNS` given to `output` piece
         by piece as PostgreSQL sends it: the table may hold far more rows than a process could
-        keep at once, and a restart reads them without a Python object per row."""
+        keep at once, and a restart reads them without a Python object per row. Blocks are
+        expanded first."""
+        await self.expand_all_blocks()
         columns = ", ".join(RESTORE_COPY_COLUMNS)
         query = (
             f"SELECT {columns} FROM assignments WHERE experiment_id = $1 ORDER BY created_at, id"

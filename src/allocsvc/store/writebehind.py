@@ -67,6 +67,11 @@ from allocsvc.store.postgres import (
 log = logging.getLogger(__name__)
 _T = TypeVar("_T")
 
+# The expander looks for other processes' blocks every this many flush intervals, and waits
+# this long after a failed expansion.
+_BLOCK_LOOK_TICKS = 50
+_BLOCK_RETRY_S = 1.0
+
 # Failures that mean "the database is not reachable right now" (57P01-03: it is shutting
 # down or starting up).
 STORE_DOWN = (
@@ -256,7 +261,8 @@ class _Unit:
             made=[m.without_user(user_id) for m in self.made],
         )
 
-    def write(self) -> WriteBehind:
+    def write(self, block: bool = False) -> WriteBehind:
+        """The flush's writes; with `block`, its assignments as one block (compressed)."""
         visitors = Counter(a.handle for a in self.batch)
         for m in self.made:
             for (handle, _), n in m.level_counts():
@@ -265,7 +271,10 @@ class _Unit:
             token=self.token,
             # One binary COPY stream written in Rust: asyncpg's array encoding checked every
             # element of the single assignments' columns (an ABC isinstance each).
-            copy_rows=copy_assignments(self.made, self.batch) if self.rows() else b"",
+            copy_rows=(
+                copy_assignments(self.made, self.batch, compressed=block) if self.rows() else b""
+            ),
+            block=self.rows() if block else 0,
             segments=self.segments,
             visitors=visitors,
             counts=self.counts,
@@ -294,6 +303,11 @@ class FlushStats:
     refused: int = 0
     # Buffered assignments that could not be written before the journal closed (lost).
     dropped: int = 0
+    # Flushes whose assignments went in as one block, and assignments expanded from blocks
+    # into their table by this process; assignments in blocks (all processes', as last read).
+    blocks_written: int = 0
+    assignments_expanded: int = 0
+    unexpanded_assignments: int = 0
     lags_ms: list[float] = field(default_factory=list)
 
 
@@ -312,7 +326,14 @@ class PostgresJournal:
         analytics_interval: float = 60.0,
         max_pending_assignments: int = 200_000,
         max_pending_conversions: int = 50_000,
+        block_min_rows: int = 10_000,
+        max_unexpanded_assignments: int = 10_000_000,
     ) -> None:
+        # A flush of at least `block_min_rows` assignments writes them as one block while
+        # blocks hold fewer than `max_unexpanded_assignments` (0: never).
+        self._block_min_rows = max(1, block_min_rows)
+        self._max_unexpanded = max_unexpanded_assignments
+        self._last_flush_block = False
         self._max_pending_assignments = max_pending_assignments
         self._max_pending_conversions = max_pending_conversions
         self._waiting_rows = 0
@@ -354,6 +375,8 @@ class PostgresJournal:
             asyncio.create_task(self._flush_loop(), name="write-behind"),
             asyncio.create_task(self._commit_loop(), name="group-commit"),
         ]
+        if self._max_unexpanded:
+            self._tasks.append(asyncio.create_task(self._expand_loop(), name="expand-blocks"))
         if on_experiments is not None:
             self._tasks.append(
                 asyncio.create_task(self._experiment_loop(on_experiments), name="experiments")
@@ -595,6 +618,32 @@ class PostgresJournal:
                 since_refresh = 0.0
                 await self.refresh_analytics()
 
+    async def _expand_loop(self) -> None:
+        """Expand blocks into `assignments`, one per flush interval, while the last flush was
+        small enough to write rows: a flush of a block means the load is past what rows take,
+        and expanding would slow the flushes. Blocks of other processes are looked for every
+        few seconds when this process knows of none."""
+        idle = _BLOCK_LOOK_TICKS
+        while True:
+            await asyncio.sleep(self._flush_interval)
+            if self._last_flush_block:
+                continue
+            if not self.stats.unexpanded_assignments and idle < _BLOCK_LOOK_TICKS:
+                idle += 1
+                continue
+            idle = 0
+            try:
+                self.stats.unexpanded_assignments = await self._store.unexpanded_assignments()
+                if self.stats.unexpanded_assignments:
+                    expanded = await self._store.expand_blocks(limit=1)
+                    self.stats.assignments_expanded += expanded
+                    self.stats.unexpanded_assignments -= min(
+                        expanded, self.stats.unexpanded_assignments
+                    )
+            except Exception as exc:
+                log.warning("expanding assignment blocks failed", extra={"error": repr(exc)})
+                await asyncio.sleep(_BLOCK_RETRY_S)
+
     def _new_segments(self, paths: Iterable[tuple[int, str]]) -> list[SegmentRow]:
         """Segments (every level of each (experiment, key) path) not registered yet by this
         process."""
@@ -642,7 +691,9 @@ class PostgresJournal:
                 return
             self._unwritten = None
         unit = self._take()
-        if unit is not None and not await self._write(unit):
+        if unit is None:
+            self._last_flush_block = False
+        elif not await self._write(unit):
             self._unwritten = unit
 
     def _take(self) -> _Unit | None:
@@ -674,10 +725,17 @@ class PostgresJournal:
             self._pending_since if since is None else since,
         )
 
+    def _as_block(self, rows: int) -> bool:
+        """Whether a flush of `rows` assignments writes them as one block."""
+        unexpanded = self.stats.unexpanded_assignments + rows
+        return rows >= self._block_min_rows and unexpanded <= self._max_unexpanded
+
     async def _write(self, unit: _Unit) -> bool:
         """Write a unit in one transaction; False (kept for a retry) when that fails."""
+        block = self._as_block(unit.rows())
         try:
-            await self._store.write_behind(unit.write())
+            # Off the event loop: Rust writes the rows of a batch without the GIL.
+            await self._store.write_behind(await asyncio.to_thread(unit.write, block))
         except Exception as exc:
             self.stats.failures += 1
             self.healthy = False
@@ -685,6 +743,10 @@ class PostgresJournal:
             return False
         self.healthy = True
         written = unit.rows()
+        self._last_flush_block = block
+        if block:
+            self.stats.blocks_written += 1
+            self.stats.unexpanded_assignments += written
         self.stats.flushes += 1
         self.stats.assignments_written += written
         self.stats.allocation_rows_written += len(unit.counts)

@@ -1,0 +1,217 @@
+"""A large write-behind flush writes its assignments as one block (`assignment_blocks`, migration
+011); every reader of stored assignments expands the blocks first and finds them as rows; the
+background expander empties them once flushes are small; past the bound, flushes write rows."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from dataclasses import replace
+
+import asyncpg
+import pytest
+from store_support import HELD_COLUMNS, as_row, assignment_rows, batch_request, batch_service
+
+from allocsvc import server
+from allocsvc.allocation.service import AllocationService, Assignment
+from allocsvc.context import Extractor
+from allocsvc.core import Engine, decompress_block
+from allocsvc.store import PostgresStore
+from allocsvc.store.userdata import PostgresUserData
+from allocsvc.store.writebehind import PostgresJournal
+
+pytestmark = pytest.mark.integration
+
+USERS = 300
+
+
+async def _blocks(dsn: str) -> list[int]:
+    """The rows of each block, oldest first."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        return [
+            r["rows"] for r in await conn.fetch("SELECT rows FROM assignment_blocks ORDER BY id")
+        ]
+    finally:
+        await conn.close()
+
+
+def _allocate(service: AllocationService, users: range) -> list[Assignment]:
+    """One batch of `users` allocated (not flushed): their assignments."""
+    prepared = service.prepare_batch(batch_request(users))
+    assert prepared is not None
+    service.finish_batch(prepared, "", {}, {})
+    return [service.user_assignments(f"user-{i}")[0] for i in users]
+
+
+async def _in_a_block(store: PostgresStore, dsn: str) -> tuple[AllocationService, list[Assignment]]:
+    """A batch of USERS assignments flushed as one block; the assignments table empty."""
+    journal = PostgresJournal(store, block_min_rows=100)
+    service = await batch_service(journal)
+    held = _allocate(service, range(USERS))
+    await journal.flush()
+    assert journal.stats.blocks_written == 1
+    assert journal.stats.unexpanded_assignments == USERS
+    assert await _blocks(dsn) == [USERS]
+    assert await assignment_rows(dsn, HELD_COLUMNS) == {}
+    # The payload: the rows' COPY stream, compressed.
+    conn = await asyncpg.connect(dsn)
+    try:
+        payload = await conn.fetchval("SELECT payload FROM assignment_blocks")
+    finally:
+        await conn.close()
+    stream = decompress_block(payload)
+    assert len(payload) < len(stream)
+    assert stream.startswith(b"PGCOPY\n\xff\r\n\0")
+    with pytest.raises(ValueError, match="not an assignment block"):
+        decompress_block(payload[:-10])
+    return service, held
+
+
+async def _by_id(store: PostgresStore, a: Assignment, _dsn: str) -> object:
+    row = await store.get_assignment_by_id(a.id)
+    assert row is not None
+    return row.id
+
+
+async def _latest(store: PostgresStore, a: Assignment, _dsn: str) -> object:
+    row = await store.get_assignment(a.handle, a.user_id)
+    assert row is not None
+    return row.id
+
+
+async def _restart(store: PostgresStore, a: Assignment, _dsn: str) -> object:
+    restarted = AllocationService(Engine(), PostgresJournal(store), Extractor())
+    loaded = await server.restore(PostgresJournal(store), restarted)
+    assert loaded["assignments"] == USERS
+    return restarted.user_assignments(a.user_id)[0].id
+
+
+async def _export(store: PostgresStore, a: Assignment, _dsn: str) -> object:
+    rows = await PostgresUserData(store, PostgresJournal(store)).export(a.user_id)
+    (mine,) = rows["assignments"]
+    return mine["id"]
+
+
+async def _erase(store: PostgresStore, a: Assignment, dsn: str) -> object:
+    removed = await PostgresUserData(store, PostgresJournal(store)).erase(a.user_id, "erased")
+    assert removed["assignments"] == 1
+    left = await assignment_rows(dsn, HELD_COLUMNS)
+    assert len(left) == USERS - 1 and a.id not in left
+    return a.id
+
+
+Reader = Callable[[PostgresStore, Assignment, str], Awaitable[object]]
+
+
+@pytest.mark.parametrize("read", [_by_id, _latest, _restart, _export, _erase])
+async def test_every_reader_finds_assignments_of_a_block(
+    store: PostgresStore, migrated_db: str, read: Reader
+) -> None:
+    _, held = await _in_a_block(store, migrated_db)
+    one = held[7]
+    assert await read(store, one, migrated_db) == one.id
+    assert await _blocks(migrated_db) == []
+    rows = await assignment_rows(migrated_db, HELD_COLUMNS)
+    for a in held:
+        if a.id in rows:
+            assert rows[a.id] == as_row(a)
+    assert len(rows) == USERS - (read is _erase)
+
+
+async def test_a_block_another_connection_holds_is_skipped_or_waited_for(
+    store: PostgresStore, migrated_db: str
+) -> None:
+    await _in_a_block(store, migrated_db)
+    other = await asyncpg.connect(migrated_db)
+    try:
+        lock = other.transaction()
+        await lock.start()
+        await other.fetch("SELECT id FROM assignment_blocks FOR UPDATE")
+        assert await store.expand_blocks() == 0  # the background expander skips it
+        waiting = asyncio.create_task(store.expand_blocks(wait=True))
+        await asyncio.sleep(0.2)
+        assert not waiting.done()
+        await lock.rollback()
+        assert await waiting == USERS
+    finally:
+        await other.close()
+    assert len(await assignment_rows(migrated_db, HELD_COLUMNS)) == USERS
+    assert await store.unexpanded_assignments() == 0
+
+
+async def test_a_reader_expands_the_blocks_written_before_it_only(
+    store: PostgresStore, migrated_db: str
+) -> None:
+    journal = PostgresJournal(store, block_min_rows=100)
+    service = await batch_service(journal)
+    for first in (0, USERS):
+        _allocate(service, range(first, first + USERS))
+        await journal.flush()
+    conn = await asyncpg.connect(migrated_db)
+    try:
+        first_block, _ = [
+            r["id"] for r in await conn.fetch("SELECT id FROM assignment_blocks ORDER BY id")
+        ]
+    finally:
+        await conn.close()
+    assert await store.expand_blocks(wait=True, through=first_block) == USERS
+    assert await _blocks(migrated_db) == [USERS]
+    assert await store.expand_all_blocks() == USERS
+    assert await store.expand_all_blocks() == 0
+    assert len(await assignment_rows(migrated_db, HELD_COLUMNS)) == 2 * USERS
+
+
+async def test_rows_of_a_block_written_already_are_kept_once(
+    store: PostgresStore, migrated_db: str
+) -> None:
+    journal = PostgresJournal(store, block_min_rows=100)
+    held = _allocate(await batch_service(journal), range(USERS))
+    unit = journal._take()
+    assert unit is not None
+    # The same assignments as rows, then as a block of another flush (another token).
+    assert await store.write_behind(unit.write())
+    assert await store.write_behind(replace(unit.write(block=True), token="another"))
+    assert await _blocks(migrated_db) == [USERS]
+    assert await store.expand_blocks() == USERS
+    rows = await assignment_rows(migrated_db, HELD_COLUMNS)
+    assert rows == {a.id: as_row(a) for a in held}
+
+
+async def test_past_the_bound_a_flush_writes_rows(store: PostgresStore, migrated_db: str) -> None:
+    journal = PostgresJournal(store, block_min_rows=100, max_unexpanded_assignments=USERS + 50)
+    service = await batch_service(journal)
+    _allocate(service, range(USERS))
+    await journal.flush()
+    _allocate(service, range(USERS, 2 * USERS))
+    await journal.flush()
+    assert await _blocks(migrated_db) == [USERS]
+    assert len(await assignment_rows(migrated_db, HELD_COLUMNS)) == USERS
+    assert journal.stats.blocks_written == 1
+    # Below `block_min_rows`, rows too.
+    _allocate(service, range(2 * USERS, 2 * USERS + 99))
+    await journal.flush()
+    assert journal.stats.blocks_written == 1
+    assert await _blocks(migrated_db) == [USERS]
+
+
+async def test_the_expander_empties_blocks_once_flushes_are_small(
+    store: PostgresStore, migrated_db: str
+) -> None:
+    journal = PostgresJournal(store, block_min_rows=100, flush_interval=0.01)
+    service = await batch_service(journal)
+    _allocate(service, range(2 * USERS))
+    journal.start()
+    try:
+        for _ in range(500):
+            if journal.stats.assignments_expanded == 2 * USERS:
+                break
+            await asyncio.sleep(0.02)
+    finally:
+        await journal.close()
+    # One flush, one block, expanded by the loop after a flush of nothing.
+    assert journal.stats.blocks_written == 1
+    assert journal.stats.assignments_expanded == 2 * USERS
+    assert journal.stats.unexpanded_assignments == 0
+    assert await _blocks(migrated_db) == []
+    assert len(await assignment_rows(migrated_db, HELD_COLUMNS)) == 2 * USERS
