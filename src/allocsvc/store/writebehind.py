@@ -609,10 +609,15 @@ class PostgresJournal:
 
     async def _flush_loop(self) -> None:
         since_refresh = 0.0
+        took = 0.0
         while True:
-            await asyncio.sleep(self._flush_interval)
+            # A flush starts every interval, at once after one that took longer: under batch
+            # load a flush takes a good part of it, and the buffer grows while it waits.
+            await asyncio.sleep(max(0.0, self._flush_interval - took))
+            began = time.monotonic()
             # Shielded: cancelled half way (by close), a flush would drop the batch it took.
             await asyncio.shield(self.flush())
+            took = time.monotonic() - began
             since_refresh += self._flush_interval
             if since_refresh >= self._analytics_interval:
                 since_refresh = 0.0
