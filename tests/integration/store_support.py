@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncpg
 
 from allocsvc._proto import allocsvc_pb2 as pb
+from allocsvc.allocation.journal import MemoryJournal
 from allocsvc.allocation.service import AllocationService, Assignment
 from allocsvc.api import convert
 from allocsvc.context import Extractor
@@ -45,11 +46,14 @@ def as_row(a: Assignment) -> tuple[object, ...]:
 COUNTRIES = ("us", "de", "fr")
 
 
-async def batch_service(journal: PostgresJournal) -> AllocationService:
-    """A service over `journal` with running experiments "one" and "two" (three variants,
-    segmented by country)."""
+async def batch_service(
+    journal: PostgresJournal | MemoryJournal,
+    experiments: tuple[tuple[str, bool], ...] = (("one", False), ("two", False)),
+) -> AllocationService:
+    """A service over `journal` with running `experiments` ((key, sticky) pairs; three
+    variants, segmented by country)."""
     service = AllocationService(Engine(), journal, Extractor())
-    for key in ("one", "two"):
+    for key, sticky in experiments:
         experiment = pb.Experiment(
             id=key,
             status=pb.EXPERIMENT_STATUS_RUNNING,
@@ -57,6 +61,7 @@ async def batch_service(journal: PostgresJournal) -> AllocationService:
             segmentation=pb.SegmentationConfig(
                 mode=pb.SEGMENTATION_MODE_MANUAL, segment_by=["country"]
             ),
+            sticky=sticky,
         )
         await service.create_experiment(convert.experiment_from_pb(experiment))
     return service

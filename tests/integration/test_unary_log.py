@@ -8,14 +8,12 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from store_support import HELD_COLUMNS, as_row, assignment_rows
+from store_support import COUNTRIES, HELD_COLUMNS, as_row, assignment_rows, batch_service
 
 from allocsvc._proto import allocsvc_pb2 as pb
 from allocsvc.allocation.journal import MemoryJournal
 from allocsvc.allocation.service import AllocationService
 from allocsvc.api import convert
-from allocsvc.context import Extractor
-from allocsvc.core import Engine
 from allocsvc.errors import ResourceExhausted
 from allocsvc.store import PostgresStore
 from allocsvc.store.writebehind import PostgresJournal
@@ -23,23 +21,8 @@ from allocsvc.store.writebehind import PostgresJournal
 pytestmark = pytest.mark.integration
 
 
-COUNTRIES = ("us", "de", "fr")
-
-
 async def _service(journal: PostgresJournal | MemoryJournal) -> AllocationService:
-    service = AllocationService(Engine(), journal, Extractor())
-    for key, sticky in (("sticky", True), ("fresh", False)):
-        experiment = pb.Experiment(
-            id=key,
-            status=pb.EXPERIMENT_STATUS_RUNNING,
-            variants=[pb.Variant(id="A"), pb.Variant(id="B"), pb.Variant(id="C")],
-            segmentation=pb.SegmentationConfig(
-                mode=pb.SEGMENTATION_MODE_MANUAL, segment_by=["country"]
-            ),
-            sticky=sticky,
-        )
-        await service.create_experiment(convert.experiment_from_pb(experiment))
-    return service
+    return await batch_service(journal, (("sticky", True), ("fresh", False)))
 
 
 def _request(experiment: str, user: str, country: str = "us") -> bytes:
