@@ -664,9 +664,8 @@ class PostgresStore:
         """An experiment's stored assignments, oldest first (with `newest`, only its newest
         that many), as a binary COPY stream of `RESTORE_COPY_COLUMNS` given to `output` piece
         by piece as PostgreSQL sends it: the table may hold far more rows than a process could
-        keep at once, and a restart reads them without a Python object per row. Blocks are
-        expanded first."""
-        await self.expand_all_blocks()
+        keep at once, and a restart reads them without a Python object per row. Assignments
+        still in blocks are not read: `expand_all_blocks` first."""
         columns = ", ".join(RESTORE_COPY_COLUMNS)
         query = (
             f"SELECT {columns} FROM assignments WHERE experiment_id = $1 ORDER BY created_at, id"

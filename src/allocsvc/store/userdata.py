@@ -2,8 +2,8 @@
 
 The SQL lives in the database (`sql/004_regions_user_data.sql`, assignments found by experiment
 since `sql/009_assignments_without_user_index.sql`; blocks of `sql/011_assignment_blocks.sql`
-expanded first): every table with a `user_id` column is
-personal data, so tables added later are covered without a change here.
+expanded first): every table with a `user_id` column is personal data, so tables added later
+are covered without a change here.
 """
 
 from __future__ import annotations

@@ -472,6 +472,7 @@ class PostgresJournal:
         holds the rows of a piece of the binary COPY stream (`HeldAssignments.add_copied`).
         How many were held."""
         held = 0
+        await self._store.expand_all_blocks()  # once for all the experiments
         for e in experiments:
             stream = CopyPieces(functools.partial(add_copied, e.handle))
             newest = hold + 1 if hold else None
