@@ -1,7 +1,8 @@
 """Where a whole server's event loop spends its time under 1,000-item `AllocateBatch` calls
-(issue 10): `allocsvc serve --in-memory` under h2load, as h2.py's batch row runs it.
+(issue 10): `allocsvc serve --in-memory` under h2load, as h2.py's batch row runs it, or with
+`--durable` the server on PostgreSQL (h2.py's `w1`: the embedded server, or `ALLOCSVC_TEST_DSN`).
 
-    python bench/load/batch_profile.py [--seconds 20] [--streams 2] [--perf]
+    python bench/load/batch_profile.py [--seconds 20] [--streams 2] [--perf] [--durable]
 
 After a warm-up, h2load sends h2.py's pre-serialized batch (each item its own user id) for
 `--seconds` on 2 connections with `--streams` in flight each; the JSON line has allocations/s,
@@ -71,10 +72,10 @@ def main_thread_shares(data: Path, main_tid: int) -> dict[str, float]:
     return shares(done.stdout)
 
 
-def measure(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
+def measure(args: argparse.Namespace, workdir: Path, postgres: Any) -> dict[str, Any]:
     h2load = h2.find_h2load()
     _, _, batch = h2.grpc_body(workdir)
-    target = h2.start("mem", workdir, None)
+    target = h2.start("w1" if args.durable else "mem", workdir, postgres)
     try:
         shape = h2.Shape(2, args.streams, batch=h2.BATCH_ITEMS)
         h2.run_h2load(h2load, target, batch, shape, WARMUP_S)
@@ -101,6 +102,7 @@ def measure(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
             "client_cores": round(row["client_cores"], 2),
             "steal_cores": round(row["steal_cores"], 2),
             "errors": row["errors"],
+            "ok_allocations_per_s": round(row["ok_per_s"] * h2.BATCH_ITEMS),
         }
         if recorder is not None:
             out["main_thread_samples"] = main_thread_shares(data, target.setup.pids()[0])
@@ -114,11 +116,16 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=20.0)
     parser.add_argument("--streams", type=int, default=2, help="batches in flight per connection")
     parser.add_argument("--perf", action="store_true", help="sample the server with perf")
+    parser.add_argument("--durable", action="store_true", help="serve from PostgreSQL")
     args = parser.parse_args()
     if args.perf and shutil.which("perf") is None:
         raise SystemExit("--perf needs perf (apt-get install linux-perf)")
     with tempfile.TemporaryDirectory(prefix="allocsvc-batch-profile-") as tmp:
-        print(json.dumps(measure(args, Path(tmp))))
+        if not args.durable:
+            print(json.dumps(measure(args, Path(tmp), None)))
+            return
+        with h2.run.stores(Path(tmp)) as (postgres, _redis_url):
+            print(json.dumps(measure(args, Path(tmp), postgres)))
 
 
 if __name__ == "__main__":
