@@ -23,6 +23,7 @@ import asyncio
 import secrets
 import tempfile
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -37,10 +38,11 @@ USER_INDEX = "CREATE INDEX assignments_user_idx ON assignments (user_id)"
 
 
 def _rows(first: int, prefix: str) -> list[tuple[Any, ...]]:
-    """The write-behind's columns (`ASSIGNMENT_COPY_COLUMNS`; created_at is the default)."""
+    """The write-behind's columns (`ASSIGNMENT_COPY_COLUMNS`)."""
     key = "device:iphone|source:instagram"
+    made = datetime.now(UTC)
     return [
-        (f"{prefix}-{k:x}", 1, secrets.token_hex(8), k % 5, key, 1234567, 0, 0.2)
+        (f"{prefix}-{k:x}", 1, secrets.token_hex(8), k % 5, key, 1234567, 0, 0.2, made)
         for k in range(first, first + CHUNK)
     ]
 

@@ -999,11 +999,17 @@ pub fn copy_row(out: &mut Vec<u8>, a: &Assignment<'_>, segment_hash: u64) {
     out.extend_from_slice(&(a.level as i16).to_be_bytes());
     out.extend_from_slice(&8i32.to_be_bytes());
     out.extend_from_slice(&a.propensity.to_bits().to_be_bytes());
+    out.extend_from_slice(&8i32.to_be_bytes());
+    let micros = (a.created_ms - POSTGRES_EPOCH_MS).saturating_mul(1000);
+    out.extend_from_slice(&micros.to_be_bytes());
 }
 
 /// The `assignments` columns [`Made::copy_rows`] writes, in order (types text, bigint, text,
-/// smallint, text, bigint, smallint, double precision).
-pub const COPY_COLUMNS: [&str; 8] = [
+/// smallint, text, bigint, smallint, double precision, timestamptz). `created_at` is when the
+/// assignment was made, not when its row was written (a block's rows are written minutes
+/// later): the latest of a user is the one made last. Streams of blocks stored before it was
+/// written have the first eight.
+pub const COPY_COLUMNS: [&str; 9] = [
     "id",
     "experiment_id",
     "user_id",
@@ -1012,6 +1018,7 @@ pub const COPY_COLUMNS: [&str; 8] = [
     "segment_hash",
     "cascade_level",
     "propensity",
+    "created_at",
 ];
 
 /// The start of a binary COPY stream: signature, flags, header extension length.

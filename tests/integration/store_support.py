@@ -15,7 +15,8 @@ from allocsvc.store.writebehind import PostgresJournal
 
 # The columns an assignment is held with, after its id (`as_row`).
 HELD_COLUMNS = (
-    "experiment_id, user_id, variant, segment_key, segment_hash, cascade_level, propensity"
+    "experiment_id, user_id, variant, segment_key, segment_hash, cascade_level, propensity,"
+    " (extract(epoch FROM created_at) * 1000)::bigint"
 )
 
 
@@ -40,6 +41,7 @@ def as_row(a: Assignment) -> tuple[object, ...]:
         to_signed64(key_hash(a.segment_key)),
         a.cascade_level,
         a.propensity,
+        a.created_ms,
     )
 
 

@@ -5,6 +5,7 @@ background expander empties them once flushes are small; past the bound, flushes
 from __future__ import annotations
 
 import asyncio
+import struct
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
 
@@ -215,3 +216,73 @@ async def test_the_expander_empties_blocks_once_flushes_are_small(
     assert journal.stats.unexpanded_assignments == 0
     assert await _blocks(migrated_db) == []
     assert len(await assignment_rows(migrated_db, HELD_COLUMNS)) == 2 * USERS
+
+
+async def test_the_latest_is_the_one_made_last_though_an_older_one_was_in_a_block(
+    store: PostgresStore, migrated_db: str
+) -> None:
+    # A row takes the time its assignment was made, not the time it was written: the block's
+    # rows are written after the newer assignment's row.
+    journal = PostgresJournal(store, block_min_rows=100)
+    service = await batch_service(journal)
+    older = _allocate(service, range(USERS))[7]
+    await journal.flush()
+    await asyncio.sleep(0.01)
+    _allocate(service, range(7, 8))
+    first, newer = service.user_assignments(older.user_id)  # oldest first
+    assert first == older and newer.created_ms > older.created_ms
+    await journal.flush()
+    assert await _blocks(migrated_db) == [USERS]
+    latest = await store.get_assignment(older.handle, older.user_id)
+    assert latest is not None and latest.id == newer.id
+    rows = await assignment_rows(migrated_db, HELD_COLUMNS)
+    assert (rows[older.id], rows[newer.id]) == (as_row(older), as_row(newer))
+
+
+def _without_last_column(stream: bytes) -> bytes:
+    """A binary COPY stream with the last field of every row left out."""
+    out, at = bytearray(stream[:19]), 19
+    while (fields := struct.unpack_from(">h", stream, at)[0]) != -1:
+        out += struct.pack(">h", fields - 1)
+        start = at = at + 2
+        for field in range(fields):
+            if field == fields - 1:
+                out += stream[start:at]
+            (size,) = struct.unpack_from(">i", stream, at)
+            at += 4 + max(size, 0)
+    return bytes(out + stream[at:])
+
+
+def _lz4_block(data: bytes) -> bytes:
+    """`data` as an LZ4 block of literals only, its length in front (`decompress_block`'s
+    format)."""
+    rest, token = len(data) - 15, 0xF0
+    if rest < 0:
+        token, extra = len(data) << 4, b""
+    else:
+        extra = b"\xff" * (rest // 255) + bytes([rest % 255])
+    return struct.pack("<I", len(data)) + bytes([token]) + extra + data
+
+
+async def test_a_block_stored_without_creation_times_is_expanded(
+    store: PostgresStore, migrated_db: str
+) -> None:
+    # Blocks stored before rows carried `created_at`: their rows take the time of expansion.
+    journal = PostgresJournal(store, block_min_rows=100)
+    service = await batch_service(journal)
+    held = _allocate(service, range(USERS))
+    await journal.flush()
+    conn = await asyncpg.connect(migrated_db)
+    try:
+        old = _without_last_column(
+            decompress_block(await conn.fetchval("SELECT payload FROM assignment_blocks"))
+        )
+        assert decompress_block(_lz4_block(old)) == old
+        await conn.execute("UPDATE assignment_blocks SET payload = $1", _lz4_block(old))
+        before = await conn.fetchval("SELECT now()")
+    finally:
+        await conn.close()
+    assert await store.expand_all_blocks() == USERS
+    rows = await assignment_rows(migrated_db, HELD_COLUMNS)
+    assert {i: r[:-1] for i, r in rows.items()} == {a.id: as_row(a)[:-1] for a in held}
+    assert min(r[-1] for r in rows.values()) >= before.timestamp() * 1000 - 1

@@ -25,7 +25,7 @@ from allocsvc.store.writebehind import PostgresJournal
 
 pytestmark = pytest.mark.integration
 
-COLUMNS = f"{HELD_COLUMNS}, context, region, created_at"
+COLUMNS = f"{HELD_COLUMNS}, context, region"
 
 
 async def _after_batch(
@@ -57,8 +57,8 @@ async def test_a_batch_is_written_as_held_and_a_repeat_adds_nothing(
     held.append(single.assignment)
     for a in held:
         row = rows[a.id]
-        assert row[:8] == as_row(a)
-        assert row[8] == "{}" and row[9] is None and row[10] is not None
+        assert row[:9] == as_row(a)
+        assert row[9] == "{}" and row[10] is None
     assert {a.segment_key for a in held[:-1]} == {f"country:{c}" for c in COUNTRIES}
     one = held[0]
     count = (one.handle, key_hash(one.segment_key), one.variant, 1, 0, 0.0)
@@ -86,6 +86,9 @@ async def test_a_user_erased_before_the_flush_is_never_written(
     service, journal = await _after_batch(store, range(20))
     pending = journal.pending_assignments_of("user-7")
     assert [r.user_id for r in pending] == ["user-7"]
+    (held,) = service.user_assignments("user-7")
+    assert pending[0].created_at is not None
+    assert pending[0].created_at.timestamp() * 1000 == pytest.approx(held.created_ms, abs=0.5)
 
     async def nothing() -> int:
         return 0

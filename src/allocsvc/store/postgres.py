@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import struct
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
@@ -576,11 +577,12 @@ class PostgresStore:
         return await self._with_retry(run)
 
     @staticmethod
-    async def _copy_assignments(connection: Any, data: bytes) -> None:
+    async def _copy_assignments(
+        connection: Any, data: bytes, columns: list[str] = ASSIGNMENT_COPY_COLUMNS
+    ) -> None:
         """COPY cannot skip existing rows: when some exist (rows of a flush written before
         under another token, e.g. by an older server), they go through a temporary table."""
         rows = memoryview(data)  # asyncpg would take bytes for a file name
-        columns = ASSIGNMENT_COPY_COLUMNS
         try:
             async with connection.transaction():  # a savepoint
                 await connection.copy_to_table(
@@ -612,7 +614,7 @@ class PostgresStore:
                     if block is None:
                         break
                     rows = await asyncio.to_thread(decompress_block, block["payload"])
-                    await self._copy_assignments(connection, rows)
+                    await self._copy_assignments(connection, rows, _stream_columns(rows))
                     await connection.execute(
                         "DELETE FROM assignment_blocks WHERE id = $1", block["id"]
                     )
@@ -925,6 +927,16 @@ def _json(value: Any) -> str:
 def _affected(status: str) -> int:
     # asyncpg returns the command tag, e.g. "INSERT 0 3"
     return int(status.rsplit(" ", 1)[-1])
+
+
+def _stream_columns(stream: bytes) -> list[str]:
+    """The columns of an assignment COPY stream: `ASSIGNMENT_COPY_COLUMNS`, or as many of its
+    first as the stream's rows have (blocks stored before `created_at` was written have eight;
+    their rows take the database's now())."""
+    # Signature (11 bytes), flags and header extension length (4 each), then the first row's
+    # field count, or the trailer's -1 when there is no row.
+    fields = struct.unpack_from(">h", stream, 19)[0]
+    return ASSIGNMENT_COPY_COLUMNS[:fields] if fields > 0 else ASSIGNMENT_COPY_COLUMNS
 
 
 def _segment_arrays(rows: Sequence[SegmentRow]) -> tuple[list[Any], ...]:

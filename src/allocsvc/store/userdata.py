@@ -88,6 +88,7 @@ def _assignment_row(row: AssignmentRow) -> dict[str, Any]:
         "segment_key": row.segment_key,
         "cascade_level": row.cascade_level,
         "propensity": row.propensity,
+        "created_at": None if row.created_at is None else row.created_at.isoformat(),
     }
 
 

@@ -232,6 +232,7 @@ def _row(a: Assignment) -> AssignmentRow:
         segment_hash=key_hash(a.segment_key),
         cascade_level=a.cascade_level,
         propensity=a.propensity,
+        created_at=datetime.fromtimestamp(a.created_ms / 1000, UTC),
     )
 
 
