@@ -1,9 +1,11 @@
 """A batch's new assignments reach PostgreSQL as they are held in memory: columns in Rust,
 one binary COPY per flush, in one transaction with the flush's counts; a flush retried after
 an unacknowledged commit changes nothing, rows written under another flush are kept once; a
-user erased before the flush is never written."""
+user erased before the flush is never written; the analytics refresh is due by the clock."""
 
 from __future__ import annotations
+
+import asyncio
 
 import pytest
 from store_support import (
@@ -103,3 +105,32 @@ async def test_a_user_erased_before_the_flush_is_never_written(
     assert "user-7" not in {r[2] for r in rows.values()}
     assert all(isinstance(a, Assignment) for a in service.user_assignments("user-8"))
     await journal.close()
+
+
+async def test_analytics_are_refreshed_by_the_clock_when_flushes_outlast_the_interval(
+    store: PostgresStore,
+) -> None:
+    # Under batch load a flush takes longer than the flush interval: the analytics refresh is
+    # due by the time passed, not by the number of flushes times the interval.
+    journal = PostgresJournal(store, flush_interval=0.01, analytics_interval=0.1)
+    flushes = refreshes = 0
+
+    async def slow_flush() -> None:
+        nonlocal flushes
+        await asyncio.sleep(0.05)
+        flushes += 1
+
+    async def refresh() -> None:
+        nonlocal refreshes
+        refreshes += 1
+
+    journal.flush = slow_flush  # type: ignore[method-assign]
+    journal.refresh_analytics = refresh  # type: ignore[method-assign]
+    journal.start()
+    try:
+        while flushes < 10:
+            await asyncio.sleep(0.01)
+    finally:
+        await journal.close()
+    # Ten flushes of at least 0.05 s: at least 0.5 s, a refresh at least every second flush.
+    assert refreshes >= 5

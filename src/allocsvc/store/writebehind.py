@@ -610,7 +610,7 @@ class PostgresJournal:
         return made, time.monotonic() - max(0.0, time.time() * 1000 - oldest) / 1000
 
     async def _flush_loop(self) -> None:
-        since_refresh = 0.0
+        refreshed = time.monotonic()
         took = 0.0
         while True:
             # A flush starts every interval, at once after one that took longer: under batch
@@ -620,9 +620,9 @@ class PostgresJournal:
             # Shielded: cancelled half way (by close), a flush would drop the batch it took.
             await asyncio.shield(self.flush())
             took = time.monotonic() - began
-            since_refresh += self._flush_interval
-            if since_refresh >= self._analytics_interval:
-                since_refresh = 0.0
+            # By the clock: a turn lasts longer than the interval when its flush does.
+            if began + took - refreshed >= self._analytics_interval:
+                refreshed = began + took
                 await self.refresh_analytics()
 
     async def _expand_loop(self) -> None:
