@@ -952,6 +952,16 @@ impl Made {
         &self.handles
     }
 
+    /// Put each assignment's (experiment, user) and id in `filter` (see [`crate::filter`]).
+    pub fn add_to_filter(&self, filter: &mut crate::filter::Filter) {
+        let mut id = String::new();
+        for k in 0..self.len() {
+            self.write_id(k, &mut id);
+            filter.insert(crate::filter::id_key(&id));
+            filter.insert(crate::filter::user_key(self.handles[k], self.user_id(k)));
+        }
+    }
+
     /// Append the assignments as rows of PostgreSQL's binary COPY format, columns
     /// [`COPY_COLUMNS`] (see [`copy_header`] and [`copy_trailer`]).
     pub fn copy_rows(&self, out: &mut Vec<u8>) {

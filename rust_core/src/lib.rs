@@ -16,6 +16,7 @@ pub mod cascade;
 pub mod context;
 pub mod decide;
 pub mod error;
+pub mod filter;
 pub mod held;
 pub mod keys;
 pub mod propensity;

@@ -20,9 +20,12 @@ __all__ = [
     "__version__",
     "batch_items",
     "beta_throughput",
+    "block_filter",
     "bucket",
     "copy_assignments",
     "decompress_block",
+    "filter_may_hold_id",
+    "filter_may_hold_user",
     "key_hash",
     "parent_keys",
     "path_keys",
@@ -74,6 +77,21 @@ def copy_assignments(
 def decompress_block(data: bytes) -> bytes:
     """The COPY stream of a `copy_assignments(..., compressed=True)` block (without the GIL).
     ValueError when `data` is not one."""
+
+def block_filter(
+    made: Sequence[MadeAssignments], singles: Sequence[HeldTuple] | None = None
+) -> bytes:
+    """The Bloom filter of a block of these assignments (`copy_assignments`' arguments): their
+    (experiment, user) pairs and ids (xxh3, stable across processes); those of `made` put in
+    without the GIL. It never misses an assignment put in; about 0.05% of others pass."""
+
+def filter_may_hold_user(filter: bytes, handle: int, user_id: str) -> bool:
+    """Whether a block's `filter` may hold an assignment of (`handle`, `user_id`); an empty
+    filter (a block stored without one) may hold anything."""
+
+def filter_may_hold_id(filter: bytes, id: str) -> bool:
+    """Whether a block's `filter` may hold assignment `id`; an empty filter may hold
+    anything."""
 
 def segment_key(dimensions: Sequence[str], values: Sequence[str]) -> str:
     """Canonical key `dim:value|dim:value` (values trimmed, lower-cased, `%|:` escaped)."""

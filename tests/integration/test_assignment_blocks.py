@@ -1,6 +1,7 @@
 """A large write-behind flush writes its assignments as one block (`assignment_blocks`, migration
 011); every reader of stored assignments expands the blocks first and finds them as rows; the
-background expander empties them once flushes are small; past the bound, flushes write rows."""
+background expander empties them once flushes are small; past the bound, flushes write rows;
+a lookup of one user or id expands only the blocks whose filter may hold it."""
 
 from __future__ import annotations
 
@@ -14,9 +15,11 @@ import pytest
 from store_support import HELD_COLUMNS, as_row, assignment_rows, batch_request, batch_service
 
 from allocsvc import server
+from allocsvc._proto import allocsvc_pb2 as pb
 from allocsvc.allocation.service import AllocationService, Assignment
+from allocsvc.api import convert
 from allocsvc.context import Extractor
-from allocsvc.core import Engine, decompress_block
+from allocsvc.core import Engine, decompress_block, filter_may_hold_id, filter_may_hold_user
 from allocsvc.store import PostgresStore
 from allocsvc.store.userdata import PostgresUserData
 from allocsvc.store.writebehind import PostgresJournal
@@ -286,3 +289,64 @@ async def test_a_block_stored_without_creation_times_is_expanded(
     rows = await assignment_rows(migrated_db, HELD_COLUMNS)
     assert {i: r[:-1] for i, r in rows.items()} == {a.id: as_row(a)[:-1] for a in held}
     assert min(r[-1] for r in rows.values()) >= before.timestamp() * 1000 - 1
+
+
+async def test_a_lookup_expands_only_the_blocks_that_may_hold_it(
+    store: PostgresStore, migrated_db: str
+) -> None:
+    journal = PostgresJournal(store, block_min_rows=100)
+    service = await batch_service(journal)
+    first = _allocate(service, range(USERS))
+    await journal.flush()
+    # One assignment of the Python path in the second block too.
+    single = await service.allocate(
+        convert.allocate_request(pb.AllocateRequest(experiment_id="one", user_id="solo"))
+    )
+    second = [*_allocate(service, range(USERS, 2 * USERS)), single.assignment]
+    await journal.flush()
+    assert await _blocks(migrated_db) == [USERS, USERS + 1]
+    conn = await asyncpg.connect(migrated_db)
+    try:
+        filters = [
+            bytes(r["filter"])
+            for r in await conn.fetch("SELECT filter FROM assignment_blocks ORDER BY id")
+        ]
+    finally:
+        await conn.close()
+    for f, held in zip(filters, (first, second), strict=True):
+        assert all(filter_may_hold_user(f, a.handle, a.user_id) for a in held)
+        assert all(filter_may_hold_id(f, a.id) for a in held)
+    # A user in neither block (one whose key neither filter passes: a few in 10,000 others do).
+    handle = first[0].handle
+    absent = next(
+        u
+        for u in (f"new-{i}" for i in range(1000))
+        if not any(filter_may_hold_user(f, handle, u) for f in filters)
+    )
+    assert await store.get_assignment(handle, absent) is None
+    assert await _blocks(migrated_db) == [USERS, USERS + 1]
+    # A user of the second block: it alone is expanded (unless the first's filter passes too).
+    one = second[5]
+    both = filter_may_hold_user(filters[0], one.handle, one.user_id)
+    row = await store.get_assignment(one.handle, one.user_id)
+    assert row is not None and row.id == one.id
+    assert await _blocks(migrated_db) == ([] if both else [USERS])
+    # By id: the first block's assignment, in the first block.
+    row = await store.get_assignment_by_id(first[3].id)
+    assert row is not None and row.id == first[3].id
+    assert await _blocks(migrated_db) == []
+    assert len(await assignment_rows(migrated_db, HELD_COLUMNS)) == 2 * USERS + 1
+
+
+async def test_a_block_without_a_filter_is_expanded_for_any_lookup(
+    store: PostgresStore, migrated_db: str
+) -> None:
+    _, held = await _in_a_block(store, migrated_db)
+    conn = await asyncpg.connect(migrated_db)
+    try:
+        await conn.execute("UPDATE assignment_blocks SET filter = NULL")
+    finally:
+        await conn.close()
+    assert await store.get_assignment(held[0].handle, "nobody") is None
+    assert await _blocks(migrated_db) == []
+    assert len(await assignment_rows(migrated_db, HELD_COLUMNS)) == USERS

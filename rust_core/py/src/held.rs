@@ -5,6 +5,7 @@
 //! (id, experiment key, handle, user id, variant, segment key, cascade level, propensity,
 //! created ms).
 
+use allocsvc_core::filter::{self, Filter};
 use allocsvc_core::held::{self, Assignment, Held, Made};
 use allocsvc_core::keys;
 
@@ -448,6 +449,45 @@ pub(crate) fn copy_assignments<'py>(
         }
     });
     PyBytes::new(py, &out)
+}
+
+/// The filter of a block of these assignments (`copy_assignments`' arguments): their
+/// (experiment, user) pairs and ids; those of `made` put in without the GIL.
+#[pyfunction]
+#[pyo3(signature = (made, singles=None))]
+pub(crate) fn block_filter<'py>(
+    py: Python<'py>,
+    made: Vec<PyRef<'py, PyMade>>,
+    singles: Option<Vec<HeldIn<'py>>>,
+) -> Bound<'py, PyBytes> {
+    let singles = singles.unwrap_or_default();
+    let rows = singles.len() + made.iter().map(|m| m.inner.len()).sum::<usize>();
+    let mut out = Filter::for_keys(2 * rows);
+    for (id, _, handle, user_id, ..) in &singles {
+        out.insert(filter::id_key(id));
+        out.insert(filter::user_key(*handle, user_id));
+    }
+    let made: Vec<&Made> = made.iter().map(|m| &m.inner).collect();
+    let out = py.allow_threads(move || {
+        for m in made {
+            m.add_to_filter(&mut out);
+        }
+        out.into_bytes()
+    });
+    PyBytes::new(py, &out)
+}
+
+/// Whether a block's `filter` may hold an assignment of (`handle`, `user_id`); an empty filter
+/// (a block stored without one) may hold anything.
+#[pyfunction]
+pub(crate) fn filter_may_hold_user(filter: &[u8], handle: u64, user_id: &str) -> bool {
+    filter::may_hold(filter, filter::user_key(handle, user_id))
+}
+
+/// Whether a block's `filter` may hold assignment `id`; an empty filter may hold anything.
+#[pyfunction]
+pub(crate) fn filter_may_hold_id(filter: &[u8], id: &str) -> bool {
+    filter::may_hold(filter, filter::id_key(id))
 }
 
 /// The COPY stream of a block `copy_assignments(..., compressed=True)` made, without the GIL.

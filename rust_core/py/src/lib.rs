@@ -16,7 +16,10 @@ use allocsvc_core::decide::{Engine, ExperimentConfig, Policy, MAX_LEVELS};
 use allocsvc_core::held::Assignment;
 use allocsvc_core::{keys, CountRow};
 use error::{invalid, to_py};
-use held::{copy_assignments, decompress_block, PyHeld, PyLog, PyMade};
+use held::{
+    block_filter, copy_assignments, decompress_block, filter_may_hold_id, filter_may_hold_user,
+    PyHeld, PyLog, PyMade,
+};
 use pyo3::exceptions::PyTypeError;
 use pyo3::prelude::*;
 use pyo3::pybacked::PyBackedStr;
@@ -852,6 +855,9 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(batch_items, m)?)?;
     m.add_function(wrap_pyfunction!(copy_assignments, m)?)?;
     m.add_function(wrap_pyfunction!(decompress_block, m)?)?;
+    m.add_function(wrap_pyfunction!(block_filter, m)?)?;
+    m.add_function(wrap_pyfunction!(filter_may_hold_user, m)?)?;
+    m.add_function(wrap_pyfunction!(filter_may_hold_id, m)?)?;
     m.add(
         "ASSIGNMENT_COPY_COLUMNS",
         allocsvc_core::held::COPY_COLUMNS.to_vec(),

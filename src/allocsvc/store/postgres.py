@@ -21,7 +21,13 @@ from typing import Any, TypeVar
 
 import asyncpg
 
-from allocsvc.core import ASSIGNMENT_COPY_COLUMNS, RESTORE_COPY_COLUMNS, decompress_block
+from allocsvc.core import (
+    ASSIGNMENT_COPY_COLUMNS,
+    RESTORE_COPY_COLUMNS,
+    decompress_block,
+    filter_may_hold_id,
+    filter_may_hold_user,
+)
 
 __all__ = [
     "AssignmentRow",
@@ -131,8 +137,10 @@ class WriteBehind:
     visitors: Mapping[int, int]  # new assignments per experiment (today's traffic)
     counts: Sequence[CountRow]
     # > 0: `copy_rows` (this many assignments, compressed: `copy_assignments(...,
-    # compressed=True)`) go in as one block of `assignment_blocks`
+    # compressed=True)`) go in as one block of `assignment_blocks`, with `block_filter`
+    # (`block_filter(...)` of the same assignments)
     block: int = 0
+    block_filter: bytes = b""
 
 
 @dataclass(frozen=True, slots=True)
@@ -300,7 +308,7 @@ ORDER BY s.experiment_id, s.segment_hash
 ON CONFLICT (experiment_id, segment_hash) DO NOTHING
 """
 
-_INSERT_BLOCK = "INSERT INTO assignment_blocks (rows, payload) VALUES ($1, $2)"
+_INSERT_BLOCK = "INSERT INTO assignment_blocks (rows, payload, filter) VALUES ($1, $2, $3)"
 
 # The oldest block up to id $1, locked; another connection's block is skipped (the background
 # expander) or waited for (a reader that must see every assignment: the block is gone once that
@@ -309,6 +317,15 @@ _NEXT_BLOCK = (
     "SELECT id, rows, payload FROM assignment_blocks WHERE id <= $1 ORDER BY id LIMIT 1 FOR UPDATE"
 )
 _LAST_BLOCK = "SELECT max(id) FROM assignment_blocks"
+# The same, among the blocks $1 (a reader's: the others may not hold what it looks for).
+_NEXT_BLOCK_OF = (
+    "SELECT id, rows, payload FROM assignment_blocks WHERE id = ANY($1::bigint[])"
+    " ORDER BY id LIMIT 1 FOR UPDATE"
+)
+_BLOCK_FILTERS = (
+    "SELECT id, coalesce(filter, ''::bytea) AS filter FROM assignment_blocks"
+    " WHERE id = ANY($1::bigint[])"
+)
 
 _ASSIGNMENT_COLUMNS = (
     "id, experiment_id, user_id, variant, segment_key, segment_hash, cascade_level, propensity,"
@@ -321,6 +338,8 @@ class PostgresStore:
 
     def __init__(self, pool: asyncpg.Pool) -> None:
         self._pool = pool
+        # The filters of the blocks seen (blocks never change; an empty one: no filter).
+        self._block_filters: dict[int, bytes] = {}
 
     @classmethod
     async def connect(
@@ -563,7 +582,9 @@ class PostgresStore:
                 if await connection.fetchval(_CLAIM_FLUSH, flush.token) is None:
                     return False
                 if flush.block:
-                    await connection.execute(_INSERT_BLOCK, flush.block, flush.copy_rows)
+                    await connection.execute(
+                        _INSERT_BLOCK, flush.block, flush.copy_rows, flush.block_filter or None
+                    )
                 elif flush.copy_rows:
                     await self._copy_assignments(connection, flush.copy_rows)
                 if flush.segments:
@@ -596,21 +617,28 @@ class PostgresStore:
             await connection.execute(_INSERT_STAGED_ASSIGNMENTS)
 
     async def expand_blocks(
-        self, *, limit: int | None = None, wait: bool = False, through: int = 2**63 - 1
+        self,
+        *,
+        limit: int | None = None,
+        wait: bool = False,
+        through: int = 2**63 - 1,
+        only: Sequence[int] | None = None,
     ) -> int:
-        """Move blocks of `assignment_blocks` (ids up to `through`) into `assignments`, oldest
-        first, at most `limit` (None: all), each in a transaction of its own (its rows
-        inserted, the block deleted); how many assignments they held. A block another
-        connection is expanding is skipped, or with `wait` waited for (it is gone once that
-        commits)."""
-        query = _NEXT_BLOCK if wait else _NEXT_BLOCK + " SKIP LOCKED"
+        """Move blocks of `assignment_blocks` (ids up to `through`; with `only`, those of its
+        ids) into `assignments`, oldest first, at most `limit` (None: all), each in a
+        transaction of its own (its rows inserted, the block deleted); how many assignments
+        they held. A block another connection is expanding is skipped, or with `wait` waited
+        for (it is gone once that commits)."""
+        query = _NEXT_BLOCK if only is None else _NEXT_BLOCK_OF
+        query = query if wait else query + " SKIP LOCKED"
+        argument: Any = through if only is None else list(only)
         expanded = blocks = 0
         async with self._pool.acquire() as connection:
             while limit is None or blocks < limit:
                 async with connection.transaction():
                     # The rows were durable as the block; a lost commit keeps the block.
                     await connection.execute("SET LOCAL synchronous_commit = off")
-                    block = await connection.fetchrow(query, through)
+                    block = await connection.fetchrow(query, argument)
                     if block is None:
                         break
                     rows = await asyncio.to_thread(decompress_block, block["payload"])
@@ -639,8 +667,35 @@ class PostgresStore:
         log.info("assignment blocks expanded for a read", extra={"assignments": expanded})
         return expanded
 
+    async def expand_blocks_that_may_hold(self, may_hold: Callable[[bytes], bool]) -> int:
+        """`expand_all_blocks` for a lookup of one user or one id: only the blocks whose filter
+        `may_hold` passes (blocks without a filter always); how many assignments they held."""
+        ids = [r["id"] for r in await self._pool.fetch("SELECT id FROM assignment_blocks")]
+        cache = self._block_filters
+        for gone in cache.keys() - set(ids):
+            del cache[gone]
+        # Kept apart from the cache, which a concurrent lookup may prune meanwhile.
+        filters = {i: cache[i] for i in ids if i in cache}
+        unknown = [i for i in ids if i not in filters]
+        if unknown:
+            for r in await self._pool.fetch(_BLOCK_FILTERS, unknown):
+                filters[r["id"]] = cache[r["id"]] = bytes(r["filter"])
+        # A block gone meanwhile was expanded: its rows are in `assignments`.
+        wanted = [i for i in ids if i in filters and may_hold(filters[i])]
+        if not wanted:
+            return 0
+        expanded = await self.expand_blocks(wait=True, only=wanted)
+        log.info(
+            "assignment blocks expanded for a lookup",
+            extra={"assignments": expanded, "blocks": len(wanted), "of": len(ids)},
+        )
+        return expanded
+
     async def get_assignment(self, experiment_id: int, user_id: str) -> AssignmentRow | None:
-        await self.expand_all_blocks()  # the user's latest may be in one
+        # The user's latest may be in a block.
+        await self.expand_blocks_that_may_hold(
+            lambda f: filter_may_hold_user(f, experiment_id, user_id)
+        )
         row = await self._pool.fetchrow(
             f"SELECT {_ASSIGNMENT_COLUMNS} FROM assignments"
             " WHERE experiment_id = $1 AND user_id = $2 ORDER BY created_at DESC, id DESC LIMIT 1",
@@ -652,7 +707,9 @@ class PostgresStore:
     async def get_assignment_by_id(self, assignment_id: str) -> AssignmentRow | None:
         query = f"SELECT {_ASSIGNMENT_COLUMNS} FROM assignments WHERE id = $1"
         row = await self._pool.fetchrow(query, assignment_id)
-        if row is None and await self.expand_all_blocks():
+        if row is None and await self.expand_blocks_that_may_hold(
+            lambda f: filter_may_hold_id(f, assignment_id)
+        ):
             row = await self._pool.fetchrow(query, assignment_id)
         return None if row is None else _assignment(row)
 

@@ -45,6 +45,7 @@ from allocsvc.analytics import DailyTraffic
 from allocsvc.core import (
     AssignmentLog,
     MadeAssignments,
+    block_filter,
     copy_assignments,
     key_hash,
     parent_keys,
@@ -276,6 +277,7 @@ class _Unit:
                 copy_assignments(self.made, self.batch, compressed=block) if self.rows() else b""
             ),
             block=self.rows() if block else 0,
+            block_filter=block_filter(self.made, self.batch) if block and self.rows() else b"",
             segments=self.segments,
             visitors=visitors,
             counts=self.counts,
