@@ -1,0 +1,133 @@
+"""What a lookup of one stored assignment costs while assignment blocks wait to be expanded
+(issue 10, bench/RESULTS.md item 27): a sticky user's latest (`get_assignment`) or an
+assignment by id that memory no longer holds, against expanding every block (what each such
+lookup waited for before blocks had filters).
+
+    python bench/load/block_lookup.py [--blocks 20] [--rows 10000] [--lookups 50]
+
+On a fresh embedded PostgreSQL: `--blocks` blocks of `--rows` assignments each (new users, one
+experiment), written as the write-behind writes them; then `--lookups` lookups of users in no
+block, lookups of a user of every other block and of an id of each of the others (each
+expands the blocks it needs, so later ones find fewer left), then the blocks left expanded;
+then as many blocks again, all expanded at once (what each lookup waited for before). Prints
+one JSON line: milliseconds per lookup (median, max), assignments expanded by each kind, and
+the seconds of expanding all. Bounded: one database on 127.0.0.1, removed at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import secrets
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import run  # bench/load/run.py
+
+from allocsvc.core import block_filter, copy_assignments, filter_may_hold_user
+from allocsvc.store import PostgresStore
+from allocsvc.store.migrations import migrate
+from allocsvc.store.postgres import WriteBehind
+
+HANDLE = 1
+
+
+def _block(b: int, rows: int, prefix: str) -> list[Any]:
+    """Held tuples of block `b`: a new user each."""
+    now = int(time.time() * 1000)
+    return [
+        (f"{prefix}-{b * rows + k:x}", "e", HANDLE, f"u{b}-{k}", k % 5, "source:x", 1, 0.2, now)
+        for k in range(rows)
+    ]
+
+
+async def _write_blocks(store: PostgresStore, blocks: int, rows: int) -> list[list[Any]]:
+    """`blocks` blocks of `rows` new users each, written as the write-behind writes them."""
+    prefix = secrets.token_hex(6)
+    written = []
+    for b in range(blocks):
+        singles = _block(b, rows, prefix)
+        flush = WriteBehind(
+            token=f"{prefix}-{b}",
+            copy_rows=copy_assignments([], singles, compressed=True),
+            segments=[],
+            visitors={},
+            counts=[],
+            block=rows,
+            block_filter=block_filter([], singles),
+        )
+        assert await store.write_behind(flush)
+        written.append(singles)
+    return written
+
+
+async def _timed(lookups: list[Any]) -> list[float]:
+    out = []
+    for lookup in lookups:
+        start = time.perf_counter()
+        await lookup()
+        out.append((time.perf_counter() - start) * 1000)
+    return out
+
+
+def _summary(ms: list[float], expanded: int) -> dict[str, float]:
+    return {
+        "median_ms": round(statistics.median(ms), 2),
+        "max_ms": round(max(ms), 1),
+        "assignments_expanded": expanded,
+    }
+
+
+async def measure(dsn: str, blocks: int, rows: int, lookups: int) -> dict[str, Any]:
+    await migrate(dsn)
+    store = await PostgresStore.connect(dsn)
+    try:
+        written = await _write_blocks(store, blocks, rows)
+        out: dict[str, Any] = {"blocks": blocks, "rows_per_block": rows}
+        before = await store.unexpanded_assignments()
+        absent = [f"new-{i}" for i in range(lookups)]
+        ms = await _timed([lambda u=u: store.get_assignment(HANDLE, u) for u in absent])
+        left = await store.unexpanded_assignments()
+        out["user_in_no_block"] = _summary(ms, before - left)
+        filters = [block_filter([], s) for s in written]
+        passed = sum(filter_may_hold_user(f, HANDLE, u) for f in filters for u in absent)
+        out["user_in_no_block"]["filter_passes"] = passed
+        # A user of each even block, an id of each odd one (a block once expanded is gone).
+        users = [written[b][7][3] for b in range(0, blocks, 2)]
+        ms = await _timed([lambda u=u: store.get_assignment(HANDLE, u) for u in users])
+        out["user_in_a_block"] = _summary(ms, left - (left := await store.unexpanded_assignments()))
+        ids = [written[b][11][0] for b in range(1, blocks, 2)]
+        ms = await _timed([lambda i=i: store.get_assignment_by_id(i) for i in ids])
+        out["id_in_a_block"] = _summary(ms, left - (left := await store.unexpanded_assignments()))
+        out["rest_expanded"] = await store.expand_all_blocks()
+        # What every such lookup waited for before: as many blocks again, all expanded.
+        await _write_blocks(store, blocks, rows)
+        start = time.perf_counter()
+        out["all_expanded"] = await store.expand_all_blocks()
+        out["all_seconds"] = round(time.perf_counter() - start, 2)
+        return out
+    finally:
+        await store.close()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
+    parser.add_argument("--blocks", type=int, default=20)
+    parser.add_argument("--rows", type=int, default=10_000)
+    parser.add_argument("--lookups", type=int, default=50)
+    args = parser.parse_args()
+    with (
+        tempfile.TemporaryDirectory(prefix="allocsvc-block-lookup-") as tmp,
+        run.stores(Path(tmp)) as (postgres, _redis_url),
+    ):
+        dsn = run.database(postgres, "block_lookup")
+        result = asyncio.run(measure(dsn, args.blocks, args.rows, args.lookups))
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
