@@ -31,7 +31,7 @@ import run  # bench/load/run.py
 from allocsvc.core import block_filter, copy_assignments, filter_may_hold_user
 from allocsvc.store import PostgresStore
 from allocsvc.store.migrations import migrate
-from allocsvc.store.postgres import WriteBehind
+from allocsvc.store.postgres import AssignmentBlock, WriteBehind
 
 HANDLE = 1
 
@@ -51,15 +51,9 @@ async def _write_blocks(store: PostgresStore, blocks: int, rows: int) -> list[li
     written = []
     for b in range(blocks):
         singles = _block(b, rows, prefix)
-        flush = WriteBehind(
-            token=f"{prefix}-{b}",
-            copy_rows=copy_assignments([], singles, compressed=True),
-            segments=[],
-            visitors={},
-            counts=[],
-            block=rows,
-            block_filter=block_filter([], singles),
-        )
+        payload = copy_assignments([], singles, compressed=True)
+        block = AssignmentBlock(rows, payload, block_filter([], singles))
+        flush = WriteBehind(f"{prefix}-{b}", b"", [], {}, [], blocks=[block])
         assert await store.write_behind(flush)
         written.append(singles)
     return written

@@ -83,7 +83,7 @@ def block_filter(
 ) -> bytes:
     """The Bloom filter of a block of these assignments (`copy_assignments`' arguments): their
     (experiment, user) pairs and ids (xxh3, stable across processes); those of `made` put in
-    without the GIL. It never misses an assignment put in; about 0.05% of others pass."""
+    without the GIL. It never misses an assignment put in; about 0.1% of others pass."""
 
 def filter_may_hold_user(filter: bytes, handle: int, user_id: str) -> bool:
     """Whether a block's `filter` may hold an assignment of (`handle`, `user_id`); an empty

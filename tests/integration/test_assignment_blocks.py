@@ -40,6 +40,16 @@ async def _blocks(dsn: str) -> list[int]:
         await conn.close()
 
 
+async def _filters(dsn: str) -> list[bytes]:
+    """The filter of each block, oldest first."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        rows = await conn.fetch("SELECT filter FROM assignment_blocks ORDER BY id")
+    finally:
+        await conn.close()
+    return [bytes(r["filter"]) for r in rows]
+
+
 def _allocate(service: AllocationService, users: range) -> list[Assignment]:
     """One batch of `users` allocated (not flushed): their assignments."""
     prepared = service.prepare_batch(batch_request(users))
@@ -288,7 +298,8 @@ async def test_a_block_stored_without_creation_times_is_expanded(
     assert await store.expand_all_blocks() == USERS
     rows = await assignment_rows(migrated_db, HELD_COLUMNS)
     assert {i: r[:-1] for i, r in rows.items()} == {a.id: as_row(a)[:-1] for a in held}
-    assert min(r[-1] for r in rows.values()) >= before.timestamp() * 1000 - 1
+    expanded_at = [r[-1] for r in rows.values()]
+    assert all(isinstance(t, int) and t >= before.timestamp() * 1000 - 1 for t in expanded_at)
 
 
 async def test_a_lookup_expands_only_the_blocks_that_may_hold_it(
@@ -305,14 +316,7 @@ async def test_a_lookup_expands_only_the_blocks_that_may_hold_it(
     second = [*_allocate(service, range(USERS, 2 * USERS)), single.assignment]
     await journal.flush()
     assert await _blocks(migrated_db) == [USERS, USERS + 1]
-    conn = await asyncpg.connect(migrated_db)
-    try:
-        filters = [
-            bytes(r["filter"])
-            for r in await conn.fetch("SELECT filter FROM assignment_blocks ORDER BY id")
-        ]
-    finally:
-        await conn.close()
+    filters = await _filters(migrated_db)
     for f, held in zip(filters, (first, second), strict=True):
         assert all(filter_may_hold_user(f, a.handle, a.user_id) for a in held)
         assert all(filter_may_hold_id(f, a.id) for a in held)
@@ -350,3 +354,32 @@ async def test_a_block_without_a_filter_is_expanded_for_any_lookup(
     assert await store.get_assignment(held[0].handle, "nobody") is None
     assert await _blocks(migrated_db) == []
     assert len(await assignment_rows(migrated_db, HELD_COLUMNS)) == USERS
+
+
+async def test_a_large_flush_is_split_into_blocks_of_whole_batches(
+    store: PostgresStore, migrated_db: str
+) -> None:
+    # Smaller blocks: a lookup of a user in one waits for that block's expansion alone.
+    journal = PostgresJournal(store, block_min_rows=100, block_max_rows=250)
+    service = await batch_service(journal)
+    single = await service.allocate(
+        convert.allocate_request(pb.AllocateRequest(experiment_id="one", user_id="solo"))
+    )
+    held = [single.assignment]
+    for first in (0, 100, 200):
+        held += _allocate(service, range(first, first + 100))
+    await journal.flush()
+    # The single with two batches, then the third batch: a batch is not split.
+    assert await _blocks(migrated_db) == [201, 100]
+    assert journal.stats.blocks_written == 2
+    first_filter, _ = await _filters(migrated_db)
+    # A user of the third batch whom the first block's filter does not pass (nearly all).
+    one = next(
+        a for a in held[-100:] if not filter_may_hold_user(first_filter, a.handle, a.user_id)
+    )
+    row = await store.get_assignment(one.handle, one.user_id)
+    assert row is not None and row.id == one.id
+    assert await _blocks(migrated_db) == [201]
+    assert await store.expand_all_blocks() == 201
+    rows = await assignment_rows(migrated_db, HELD_COLUMNS)
+    assert rows == {a.id: as_row(a) for a in held}

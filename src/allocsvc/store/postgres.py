@@ -30,6 +30,7 @@ from allocsvc.core import (
 )
 
 __all__ = [
+    "AssignmentBlock",
     "AssignmentRow",
     "ConflictError",
     "ConversionRow",
@@ -127,6 +128,15 @@ class SegmentationConfigRow:
 
 
 @dataclass(frozen=True, slots=True)
+class AssignmentBlock:
+    """Assignments as one row of `assignment_blocks` (see `PostgresStore.expand_blocks`)."""
+
+    rows: int
+    payload: bytes  # `copy_assignments(..., compressed=True)`
+    filter: bytes  # `block_filter(...)` of the same assignments
+
+
+@dataclass(frozen=True, slots=True)
 class WriteBehind:
     """One flush of the write-behind (see `PostgresStore.write_behind`); `token` names it
     across retries."""
@@ -136,11 +146,8 @@ class WriteBehind:
     segments: Sequence[SegmentRow]
     visitors: Mapping[int, int]  # new assignments per experiment (today's traffic)
     counts: Sequence[CountRow]
-    # > 0: `copy_rows` (this many assignments, compressed: `copy_assignments(...,
-    # compressed=True)`) go in as one block of `assignment_blocks`, with `block_filter`
-    # (`block_filter(...)` of the same assignments)
-    block: int = 0
-    block_filter: bytes = b""
+    # The assignments as blocks instead (then `copy_rows` is empty)
+    blocks: Sequence[AssignmentBlock] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -565,9 +572,9 @@ class PostgresStore:
         when a flush with this token was committed already (a retry after an unacknowledged
         commit): then nothing changes.
 
-        With `flush.block`, the assignments go in as one row of `assignment_blocks` (see
-        `expand_blocks`): a large flush then costs PostgreSQL one write, not three index
-        entries per assignment.
+        With `flush.blocks`, the assignments go in as rows of `assignment_blocks` (see
+        `expand_blocks`): a large flush then costs PostgreSQL a write per block, not three
+        index entries per assignment.
 
         Committed without waiting for the WAL flush (`synchronous_commit = off`, this
         transaction only): everything here was answered before it was written, so a database
@@ -581,11 +588,11 @@ class PostgresStore:
                 await connection.execute("SET LOCAL synchronous_commit = off")
                 if await connection.fetchval(_CLAIM_FLUSH, flush.token) is None:
                     return False
-                if flush.block:
-                    await connection.execute(
-                        _INSERT_BLOCK, flush.block, flush.copy_rows, flush.block_filter or None
+                if flush.blocks:
+                    await connection.executemany(
+                        _INSERT_BLOCK, [(b.rows, b.payload, b.filter or None) for b in flush.blocks]
                     )
-                elif flush.copy_rows:
+                if flush.copy_rows:
                     await self._copy_assignments(connection, flush.copy_rows)
                 if flush.segments:
                     await connection.execute(_INSERT_SEGMENTS, *_segment_arrays(flush.segments))

@@ -52,6 +52,7 @@ from allocsvc.core import (
 )
 from allocsvc.errors import AlreadyExists, ResourceExhausted, Unavailable
 from allocsvc.store.postgres import (
+    AssignmentBlock,
     AssignmentRow,
     ConflictError,
     ConversionRow,
@@ -72,6 +73,10 @@ _T = TypeVar("_T")
 # this long after a failed expansion.
 _BLOCK_LOOK_TICKS = 50
 _BLOCK_RETRY_S = 1.0
+# Assignments per block, about (a batch's are not split): a lookup of a user in a block waits
+# for its expansion, about 0.2 s for 20,000 on the embedded server (one block of a 200,000
+# flush took 1.6-1.9 s; bench/RESULTS.md item 27).
+BLOCK_MAX_ROWS = 20_000
 
 # Failures that mean "the database is not reachable right now" (57P01-03: it is shutting
 # down or starting up).
@@ -252,6 +257,27 @@ class _Unit:
     def rows(self) -> int:
         return len(self.batch) + sum(map(len, self.made))
 
+    def _parts(self, rows: int) -> list[tuple[list[MadeAssignments], list[Assignment], int]]:
+        """The assignments in parts of about `rows` (made, singles, their number): the singles
+        first, then whole `made` groups (one may be larger than `rows`)."""
+        parts: list[tuple[list[MadeAssignments], list[Assignment], int]] = []
+        made: list[MadeAssignments] = []
+        singles: list[Assignment] = []
+        for i in range(0, len(self.batch), rows):
+            if singles:
+                parts.append(([], singles, len(singles)))
+            singles = self.batch[i : i + rows]
+        n = len(singles)
+        for m in self.made:
+            if n and n + len(m) > rows:
+                parts.append((made, singles, n))
+                made, singles, n = [], [], 0
+            made.append(m)
+            n += len(m)
+        if n:
+            parts.append((made, singles, n))
+        return parts
+
     def of_user(self, user_id: str) -> list[Assignment]:
         mine = [a for a in self.batch if a.user_id == user_id]
         return mine + [Assignment._make(h) for m in self.made for h in m.of_user(user_id)]
@@ -263,21 +289,27 @@ class _Unit:
             made=[m.without_user(user_id) for m in self.made],
         )
 
-    def write(self, block: bool = False) -> WriteBehind:
-        """The flush's writes; with `block`, its assignments as one block (compressed)."""
+    def write(self, block: bool = False, block_rows: int = BLOCK_MAX_ROWS) -> WriteBehind:
+        """The flush's writes; with `block`, its assignments as compressed blocks of about
+        `block_rows` each (a batch's are not split; see `_parts`)."""
         visitors = Counter(a.handle for a in self.batch)
         for m in self.made:
             for (handle, _), n in m.level_counts():
                 visitors[handle] += n
+        blocks = [
+            AssignmentBlock(
+                n, copy_assignments(made, singles, compressed=True), block_filter(made, singles)
+            )
+            for made, singles, n in (self._parts(block_rows) if block else [])
+        ]
         return WriteBehind(
             token=self.token,
             # One binary COPY stream written in Rust: asyncpg's array encoding checked every
             # element of the single assignments' columns (an ABC isinstance each).
             copy_rows=(
-                copy_assignments(self.made, self.batch, compressed=block) if self.rows() else b""
+                copy_assignments(self.made, self.batch) if self.rows() and not block else b""
             ),
-            block=self.rows() if block else 0,
-            block_filter=block_filter(self.made, self.batch) if block and self.rows() else b"",
+            blocks=blocks,
             segments=self.segments,
             visitors=visitors,
             counts=self.counts,
@@ -331,10 +363,12 @@ class PostgresJournal:
         max_pending_conversions: int = 50_000,
         block_min_rows: int = 10_000,
         max_unexpanded_assignments: int = 10_000_000,
+        block_max_rows: int = BLOCK_MAX_ROWS,
     ) -> None:
-        # A flush of at least `block_min_rows` assignments writes them as one block while
-        # blocks hold fewer than `max_unexpanded_assignments` (0: never).
+        # A flush of at least `block_min_rows` assignments writes them as blocks of about
+        # `block_max_rows` while blocks hold fewer than `max_unexpanded_assignments` (0: never).
         self._block_min_rows = max(1, block_min_rows)
+        self._block_max_rows = max(1, block_max_rows)
         self._max_unexpanded = max_unexpanded_assignments
         self._last_flush_block = False
         self._max_pending_assignments = max_pending_assignments
@@ -628,13 +662,16 @@ class PostgresJournal:
                 await self.refresh_analytics()
 
     async def _expand_loop(self) -> None:
-        """Expand blocks into `assignments`, one per flush interval, while the last flush was
-        small enough to write rows: a flush of a block means the load is past what rows take,
-        and expanding would slow the flushes. Blocks of other processes are looked for every
+        """Expand blocks into `assignments`, one after another, while the last flush was small
+        enough to write rows: a flush of blocks means the load is past what rows take, and
+        expanding would slow the flushes. Blocks of other processes are looked for every
         few seconds when this process knows of none."""
         idle = _BLOCK_LOOK_TICKS
+        expanded = 0
         while True:
-            await asyncio.sleep(self._flush_interval)
+            # At once again after a block: blocks are small (BLOCK_MAX_ROWS), the backlog not.
+            await asyncio.sleep(0 if expanded else self._flush_interval)
+            expanded = 0
             if self._last_flush_block:
                 continue
             if not self.stats.unexpanded_assignments and idle < _BLOCK_LOOK_TICKS:
@@ -744,7 +781,8 @@ class PostgresJournal:
         block = self._as_block(unit.rows())
         try:
             # Off the event loop: Rust writes the rows of a batch without the GIL.
-            await self._store.write_behind(await asyncio.to_thread(unit.write, block))
+            flush = await asyncio.to_thread(unit.write, block, self._block_max_rows)
+            await self._store.write_behind(flush)
         except Exception as exc:
             self.stats.failures += 1
             self.healthy = False
@@ -754,7 +792,7 @@ class PostgresJournal:
         written = unit.rows()
         self._last_flush_block = block
         if block:
-            self.stats.blocks_written += 1
+            self.stats.blocks_written += len(flush.blocks)
             self.stats.unexpanded_assignments += written
         self.stats.flushes += 1
         self.stats.assignments_written += written
