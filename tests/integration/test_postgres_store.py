@@ -237,6 +237,22 @@ async def test_assignments_round_trip_and_stickiness(store: PostgresStore) -> No
     assert [r[0] for r in await copied(store, eid)] == ["a-1", "a-2", "a-3"]
 
 
+async def test_of_assignments_made_in_one_millisecond_the_later_id_is_the_latest(
+    store: PostgresStore,
+) -> None:
+    # A batch's assignments share their millisecond, and own ids are `{prefix}-{seq:x}`, hex
+    # without padding: as text `p-ff` sorts after `p-100`, made after it.
+    eid = await new_experiment(store)
+    at = datetime(2026, 11, 23, 12, 0, tzinfo=UTC)
+    ids = ["p-fe", "p-ff", "p-100"]
+    rows = [AssignmentRow(i, eid, "user-1", v, "", 0, created_at=at) for v, i in enumerate(ids)]
+    assert await store.insert_assignments(rows) == 3
+    latest = await store.get_assignment(eid, "user-1")
+    assert latest is not None and latest.id == "p-100"
+    assert [r[0] for r in await copied(store, eid)] == ids
+    assert [r[0] for r in await copied(store, eid, newest=2)] == ids[1:]
+
+
 async def copied(
     store: PostgresStore, eid: int, newest: int | None = None
 ) -> list[tuple[Any, ...]]:

@@ -334,6 +334,12 @@ _BLOCK_FILTERS = (
     " WHERE id = ANY($1::bigint[])"
 )
 
+# Assignments in the order they were made. Ties of `created_at` (a batch's assignments share
+# their millisecond) go by id: own ids are `{prefix}-{seq:x}`, hex without padding, so a longer
+# one of a prefix is a later one (as text `p-ff` sorts after `p-100`).
+_MADE_ORDER = "created_at, length(id), id"
+_NEWEST_FIRST = "created_at DESC, length(id) DESC, id DESC"
+
 _ASSIGNMENT_COLUMNS = (
     "id, experiment_id, user_id, variant, segment_key, segment_hash, cascade_level, propensity,"
     " context, region, created_at"
@@ -705,7 +711,7 @@ class PostgresStore:
         )
         row = await self._pool.fetchrow(
             f"SELECT {_ASSIGNMENT_COLUMNS} FROM assignments"
-            " WHERE experiment_id = $1 AND user_id = $2 ORDER BY created_at DESC, id DESC LIMIT 1",
+            f" WHERE experiment_id = $1 AND user_id = $2 ORDER BY {_NEWEST_FIRST} LIMIT 1",
             experiment_id,
             user_id,
         )
@@ -733,15 +739,13 @@ class PostgresStore:
         keep at once, and a restart reads them without a Python object per row. Assignments
         still in blocks are not read: `expand_all_blocks` first."""
         columns = ", ".join(RESTORE_COPY_COLUMNS)
-        query = (
-            f"SELECT {columns} FROM assignments WHERE experiment_id = $1 ORDER BY created_at, id"
-        )
+        query = f"SELECT {columns} FROM assignments WHERE experiment_id = $1 ORDER BY {_MADE_ORDER}"
         args: tuple[int, ...] = (experiment_id,)
         if newest is not None:
             query = (
                 f"SELECT {columns} FROM (SELECT {columns} FROM assignments"
-                " WHERE experiment_id = $1 ORDER BY created_at DESC, id DESC LIMIT $2) AS newest"
-                " ORDER BY created_at, id"
+                f" WHERE experiment_id = $1 ORDER BY {_NEWEST_FIRST} LIMIT $2) AS newest"
+                f" ORDER BY {_MADE_ORDER}"
             )
             args = (experiment_id, newest)
         async with self._pool.acquire() as connection:
