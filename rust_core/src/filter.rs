@@ -54,6 +54,12 @@ impl Filter {
         }
     }
 
+    /// Put in the keys of an assignment: its id and its (experiment `handle`, user).
+    pub fn insert_assignment(&mut self, id: &str, handle: u64, user_id: &str) {
+        self.insert(id_key(id));
+        self.insert(user_key(handle, user_id));
+    }
+
     pub fn insert(&mut self, key: u64) {
         for p in positions(key, self.bytes.len() / LINE) {
             self.bytes[p / 8] |= 1 << (p % 8);

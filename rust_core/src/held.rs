@@ -957,8 +957,7 @@ impl Made {
         let mut id = String::new();
         for k in 0..self.len() {
             self.write_id(k, &mut id);
-            filter.insert(crate::filter::id_key(&id));
-            filter.insert(crate::filter::user_key(self.handles[k], self.user_id(k)));
+            filter.insert_assignment(&id, self.handles[k], self.user_id(k));
         }
     }
 

@@ -464,8 +464,7 @@ pub(crate) fn block_filter<'py>(
     let rows = singles.len() + made.iter().map(|m| m.inner.len()).sum::<usize>();
     let mut out = Filter::for_keys(2 * rows);
     for (id, _, handle, user_id, ..) in &singles {
-        out.insert(filter::id_key(id));
-        out.insert(filter::user_key(*handle, user_id));
+        out.insert_assignment(id, *handle, user_id);
     }
     let made: Vec<&Made> = made.iter().map(|m| &m.inner).collect();
     let out = py.allow_threads(move || {
