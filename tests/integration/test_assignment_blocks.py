@@ -40,13 +40,9 @@ async def _blocks(dsn: str) -> list[int]:
         await conn.close()
 
 
-async def _filters(dsn: str) -> list[bytes]:
+async def _filters(store: PostgresStore) -> list[bytes]:
     """The filter of each block, oldest first."""
-    conn = await asyncpg.connect(dsn)
-    try:
-        rows = await conn.fetch("SELECT filter FROM assignment_blocks ORDER BY id")
-    finally:
-        await conn.close()
+    rows = await store.pool.fetch("SELECT filter FROM assignment_blocks ORDER BY id")
     return [bytes(r["filter"]) for r in rows]
 
 
@@ -281,20 +277,12 @@ async def test_a_block_stored_without_creation_times_is_expanded(
     store: PostgresStore, migrated_db: str
 ) -> None:
     # Blocks stored before rows carried `created_at`: their rows take the time of expansion.
-    journal = PostgresJournal(store, block_min_rows=100)
-    service = await batch_service(journal)
-    held = _allocate(service, range(USERS))
-    await journal.flush()
-    conn = await asyncpg.connect(migrated_db)
-    try:
-        old = _without_last_column(
-            decompress_block(await conn.fetchval("SELECT payload FROM assignment_blocks"))
-        )
-        assert decompress_block(_lz4_block(old)) == old
-        await conn.execute("UPDATE assignment_blocks SET payload = $1", _lz4_block(old))
-        before = await conn.fetchval("SELECT now()")
-    finally:
-        await conn.close()
+    _, held = await _in_a_block(store, migrated_db)
+    payload = await store.pool.fetchval("SELECT payload FROM assignment_blocks")
+    old = _without_last_column(decompress_block(payload))
+    assert decompress_block(_lz4_block(old)) == old
+    await store.pool.execute("UPDATE assignment_blocks SET payload = $1", _lz4_block(old))
+    before = await store.pool.fetchval("SELECT now()")
     assert await store.expand_all_blocks() == USERS
     rows = await assignment_rows(migrated_db, HELD_COLUMNS)
     assert {i: r[:-1] for i, r in rows.items()} == {a.id: as_row(a)[:-1] for a in held}
@@ -316,7 +304,7 @@ async def test_a_lookup_expands_only_the_blocks_that_may_hold_it(
     second = [*_allocate(service, range(USERS, 2 * USERS)), single.assignment]
     await journal.flush()
     assert await _blocks(migrated_db) == [USERS, USERS + 1]
-    filters = await _filters(migrated_db)
+    filters = await _filters(store)
     for f, held in zip(filters, (first, second), strict=True):
         assert all(filter_may_hold_user(f, a.handle, a.user_id) for a in held)
         assert all(filter_may_hold_id(f, a.id) for a in held)
@@ -346,11 +334,7 @@ async def test_a_block_without_a_filter_is_expanded_for_any_lookup(
     store: PostgresStore, migrated_db: str
 ) -> None:
     _, held = await _in_a_block(store, migrated_db)
-    conn = await asyncpg.connect(migrated_db)
-    try:
-        await conn.execute("UPDATE assignment_blocks SET filter = NULL")
-    finally:
-        await conn.close()
+    await store.pool.execute("UPDATE assignment_blocks SET filter = NULL")
     assert await store.get_assignment(held[0].handle, "nobody") is None
     assert await _blocks(migrated_db) == []
     assert len(await assignment_rows(migrated_db, HELD_COLUMNS)) == USERS
@@ -372,7 +356,7 @@ async def test_a_large_flush_is_split_into_blocks_of_whole_batches(
     # The single with two batches, then the third batch: a batch is not split.
     assert await _blocks(migrated_db) == [201, 100]
     assert journal.stats.blocks_written == 2
-    first_filter, _ = await _filters(migrated_db)
+    first_filter, _ = await _filters(store)
     # A user of the third batch whom the first block's filter does not pass (nearly all).
     one = next(
         a for a in held[-100:] if not filter_may_hold_user(first_filter, a.handle, a.user_id)

@@ -338,8 +338,8 @@ class FlushStats:
     refused: int = 0
     # Buffered assignments that could not be written before the journal closed (lost).
     dropped: int = 0
-    # Flushes whose assignments went in as one block, and assignments expanded from blocks
-    # into their table by this process; assignments in blocks (all processes', as last read).
+    # Blocks written, and assignments expanded from blocks into their table by this process;
+    # assignments in blocks (all processes', as last read).
     blocks_written: int = 0
     assignments_expanded: int = 0
     unexpanded_assignments: int = 0
@@ -772,7 +772,7 @@ class PostgresJournal:
         )
 
     def _as_block(self, rows: int) -> bool:
-        """Whether a flush of `rows` assignments writes them as one block."""
+        """Whether a flush of `rows` assignments writes them as blocks."""
         unexpanded = self.stats.unexpanded_assignments + rows
         return rows >= self._block_min_rows and unexpanded <= self._max_unexpanded
 
