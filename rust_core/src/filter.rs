@@ -1,7 +1,8 @@
 //! Bloom filters of assignment blocks (`assignment_blocks.filter`): the (experiment, user) pairs
-//! and the assignment ids a block may hold. A lookup of one user or one id then expands only the
-//! blocks whose filter may hold it, instead of every block (minutes of work after a long batch
-//! burst). A filter never misses what was put in it; about 0.1% of other keys pass.
+//! and the assignment ids a block may hold. A lookup of one user or one id then reads only the
+//! blocks whose filter may hold it (see [`crate::block`]), instead of expanding every block
+//! (minutes of work after a long batch burst). A filter never misses what was put in it; about
+//! 0.1% of other keys pass.
 //!
 //! Keys are xxh3 hashes, stable across processes and versions: a filter is read by every
 //! replica and after restarts. A filter is its bits as bytes (bit `p` is bit `p % 8` of byte
@@ -9,7 +10,7 @@
 use xxhash_rust::xxh3::xxh3_64_with_seed;
 
 /// Bits per key: with [`PROBES`] probes in one 512-bit line, about 0.1% of absent keys pass. A
-/// lookup that a filter passes falsely waits for its block's expansion (about 0.2 s).
+/// lookup that a filter passes falsely reads its block for nothing (about 4 ms).
 const BITS_PER_KEY: usize = 16;
 const PROBES: u64 = 11;
 /// A key's bits are all in one line of this many bytes (one cache line: building a filter of

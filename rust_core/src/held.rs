@@ -1055,7 +1055,7 @@ pub const RESTORE_COLUMNS: [&str; 7] = [
 ];
 
 /// PostgreSQL's epoch (2000-01-01 UTC) in Unix milliseconds.
-const POSTGRES_EPOCH_MS: i64 = 946_684_800_000;
+pub(crate) const POSTGRES_EPOCH_MS: i64 = 946_684_800_000;
 
 /// What one [`Held::add_copied`] call read.
 #[derive(Debug, Default, PartialEq)]
@@ -1072,29 +1072,29 @@ pub struct Copied<'d> {
 }
 
 /// A reader of whole fields of one row; `None` once the data ends within the row.
-struct Fields<'d> {
-    data: &'d [u8],
-    at: usize,
+pub(crate) struct Fields<'d> {
+    pub(crate) data: &'d [u8],
+    pub(crate) at: usize,
 }
 
 impl<'d> Fields<'d> {
-    fn take(&mut self, n: usize) -> Option<&'d [u8]> {
+    pub(crate) fn take(&mut self, n: usize) -> Option<&'d [u8]> {
         let bytes = self.data.get(self.at..self.at.checked_add(n)?)?;
         self.at += n;
         Some(bytes)
     }
 
-    fn i16(&mut self) -> Option<i16> {
+    pub(crate) fn i16(&mut self) -> Option<i16> {
         self.take(2).map(|b| i16::from_be_bytes([b[0], b[1]]))
     }
 
-    fn i32(&mut self) -> Option<i32> {
+    pub(crate) fn i32(&mut self) -> Option<i32> {
         self.take(4)
             .map(|b| i32::from_be_bytes([b[0], b[1], b[2], b[3]]))
     }
 
     /// One field: its bytes, or `Some(None)` for NULL; `Ok(None)` if the data ends within it.
-    fn field(&mut self) -> Result<Option<Option<&'d [u8]>>, CoreError> {
+    pub(crate) fn field(&mut self) -> Result<Option<Option<&'d [u8]>>, CoreError> {
         Ok(match self.i32() {
             None => None,
             Some(-1) => Some(None),

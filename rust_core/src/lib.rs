@@ -1,6 +1,7 @@
 //! allocsvc-core: the allocation hot path in plain Rust, with no Python in sight.
 //!
 //! - [`beta`]: Gamma/Beta sampling, Thompson selection, the per-thread generator.
+//! - [`block`]: reading one user's or one id's rows out of a stored assignment block.
 //! - [`keys`]: canonical segment keys, their stable hash, hash bucketing of users.
 //! - [`propensity`]: exact selection probabilities of Thompson sampling (the logged
 //!   propensity).
@@ -12,6 +13,7 @@
 
 pub mod batch;
 pub mod beta;
+pub mod block;
 pub mod cascade;
 pub mod context;
 pub mod decide;

@@ -21,6 +21,8 @@ __all__ = [
     "batch_items",
     "beta_throughput",
     "block_filter",
+    "block_rows_of_id",
+    "block_rows_of_user",
     "bucket",
     "copy_assignments",
     "decompress_block",
@@ -77,6 +79,18 @@ def copy_assignments(
 def decompress_block(data: bytes) -> bytes:
     """The COPY stream of a `copy_assignments(..., compressed=True)` block (without the GIL).
     ValueError when `data` is not one."""
+
+# A row of an assignment block: (id, handle, user id, variant, segment key, segment hash,
+# cascade level, propensity, created ms or None in blocks stored before rows carried it).
+BlockRow = tuple[str, int, str, int, str, int, int, float, int | None]
+
+def block_rows_of_user(data: bytes, handle: int, user_id: str) -> list[BlockRow]:
+    """The rows of (`handle`, `user_id`) in a `copy_assignments(..., compressed=True)` block,
+    in its order, read without expanding it (decompressed and read without the GIL).
+    ValueError when `data` is not such a block."""
+
+def block_rows_of_id(data: bytes, id: str) -> list[BlockRow]:
+    """The rows with assignment id `id` in a compressed block (see `block_rows_of_user`)."""
 
 def block_filter(
     made: Sequence[MadeAssignments], singles: Sequence[HeldTuple] | None = None

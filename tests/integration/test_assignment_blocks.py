@@ -1,7 +1,8 @@
-"""A large write-behind flush writes its assignments as one block (`assignment_blocks`, migration
-011); every reader of stored assignments expands the blocks first and finds them as rows; the
-background expander empties them once flushes are small; past the bound, flushes write rows;
-a lookup of one user or id expands only the blocks whose filter may hold it."""
+"""A large write-behind flush writes its assignments as blocks (`assignment_blocks`, migration
+011); restarts, exports and erasures expand the blocks first and find them as rows; a lookup of
+one user or id reads them out of the blocks whose filter may hold it, without expanding them;
+the background expander empties them once flushes are small; past the bound, flushes write
+rows."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import asyncio
 import struct
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
+from datetime import UTC, datetime
 
 import asyncpg
 import pytest
@@ -19,8 +21,17 @@ from allocsvc._proto import allocsvc_pb2 as pb
 from allocsvc.allocation.service import AllocationService, Assignment
 from allocsvc.api import convert
 from allocsvc.context import Extractor
-from allocsvc.core import Engine, decompress_block, filter_may_hold_id, filter_may_hold_user
+from allocsvc.core import (
+    Engine,
+    block_filter,
+    copy_assignments,
+    decompress_block,
+    filter_may_hold_id,
+    filter_may_hold_user,
+    key_hash,
+)
 from allocsvc.store import PostgresStore
+from allocsvc.store.postgres import AssignmentBlock, AssignmentRow, WriteBehind
 from allocsvc.store.userdata import PostgresUserData
 from allocsvc.store.writebehind import PostgresJournal
 
@@ -121,12 +132,37 @@ async def test_every_reader_finds_assignments_of_a_block(
     _, held = await _in_a_block(store, migrated_db)
     one = held[7]
     assert await read(store, one, migrated_db) == one.id
-    assert await _blocks(migrated_db) == []
     rows = await assignment_rows(migrated_db, HELD_COLUMNS)
+    if read in (_by_id, _latest):
+        # Read out of the block: it is left for the expander.
+        assert await _blocks(migrated_db) == [USERS]
+        assert rows == {}
+        return
+    assert await _blocks(migrated_db) == []
     for a in held:
         if a.id in rows:
             assert rows[a.id] == as_row(a)
     assert len(rows) == USERS - (read is _erase)
+
+
+async def test_a_row_read_out_of_a_block_is_the_row_its_expansion_stores(
+    store: PostgresStore, migrated_db: str
+) -> None:
+    _, held = await _in_a_block(store, migrated_db)
+    single = held[11]
+    from_block = (
+        await store.get_assignment(single.handle, single.user_id),
+        await store.get_assignment_by_id(single.id),
+    )
+    assert from_block[0] is not None and from_block[0] == from_block[1]
+    assert await _blocks(migrated_db) == [USERS]
+    assert await store.expand_all_blocks() == USERS
+    from_table = (
+        await store.get_assignment(single.handle, single.user_id),
+        await store.get_assignment_by_id(single.id),
+    )
+    assert from_block == from_table
+    assert await store.get_assignment_by_id("p-nothing") is None
 
 
 async def test_a_block_another_connection_holds_is_skipped_or_waited_for(
@@ -244,6 +280,7 @@ async def test_the_latest_is_the_one_made_last_though_an_older_one_was_in_a_bloc
     assert await _blocks(migrated_db) == [USERS]
     latest = await store.get_assignment(older.handle, older.user_id)
     assert latest is not None and latest.id == newer.id
+    assert await store.expand_all_blocks() == USERS
     rows = await assignment_rows(migrated_db, HELD_COLUMNS)
     assert (rows[older.id], rows[newer.id]) == (as_row(older), as_row(newer))
 
@@ -282,6 +319,12 @@ async def test_a_block_stored_without_creation_times_is_expanded(
     old = _without_last_column(decompress_block(payload))
     assert decompress_block(_lz4_block(old)) == old
     await store.pool.execute("UPDATE assignment_blocks SET payload = $1", _lz4_block(old))
+    # Read out of the block, a row takes the time the block was written.
+    written = await store.pool.fetchval("SELECT created_at FROM assignment_blocks")
+    row = await store.get_assignment_by_id(held[3].id)
+    assert row is not None and row.created_at == written
+    fields = (row.id, row.experiment_id, row.user_id, row.variant, row.segment_key)
+    assert fields == as_row(held[3])[:5]
     before = await store.pool.fetchval("SELECT now()")
     assert await store.expand_all_blocks() == USERS
     rows = await assignment_rows(migrated_db, HELD_COLUMNS)
@@ -290,7 +333,7 @@ async def test_a_block_stored_without_creation_times_is_expanded(
     assert all(isinstance(t, int) and t >= before.timestamp() * 1000 - 1 for t in expanded_at)
 
 
-async def test_a_lookup_expands_only_the_blocks_that_may_hold_it(
+async def test_a_lookup_reads_only_the_blocks_that_may_hold_it(
     store: PostgresStore, migrated_db: str
 ) -> None:
     journal = PostgresJournal(store, block_min_rows=100)
@@ -308,26 +351,99 @@ async def test_a_lookup_expands_only_the_blocks_that_may_hold_it(
     for f, held in zip(filters, (first, second), strict=True):
         assert all(filter_may_hold_user(f, a.handle, a.user_id) for a in held)
         assert all(filter_may_hold_id(f, a.id) for a in held)
-    # A user in neither block (one whose key neither filter passes: a few in 10,000 others do).
+    ids = [r["id"] for r in await store.pool.fetch("SELECT id FROM assignment_blocks ORDER BY id")]
+    payloads = [
+        r["payload"] for r in await store.pool.fetch("SELECT payload FROM assignment_blocks")
+    ]
+
+    async def damage(block: int | None) -> None:
+        """Every block's payload as written but `block`'s, which no lookup can read."""
+        for i, payload in zip(ids, payloads, strict=True):
+            await store.pool.execute(
+                "UPDATE assignment_blocks SET payload = $2 WHERE id = $1",
+                i,
+                b"\0" if i == block else payload,
+            )
+
+    # A user in neither block (one whose key neither filter passes: a few in 10,000 others do)
+    # is looked up without reading either.
     handle = first[0].handle
     absent = next(
         u
         for u in (f"new-{i}" for i in range(1000))
         if not any(filter_may_hold_user(f, handle, u) for f in filters)
     )
-    assert await store.get_assignment(handle, absent) is None
+    for block in ids:
+        await damage(block)
+        assert await store.get_assignment(handle, absent) is None
+    # A user or id of one block: the other is not read (unless its filter passes too).
+    for block, (mine, other) in enumerate(((second, filters[0]), (first, filters[1]))):
+        await damage(ids[block])
+        one = next(a for a in mine if not filter_may_hold_user(other, a.handle, a.user_id))
+        row = await store.get_assignment(one.handle, one.user_id)
+        assert row is not None and row.id == one.id
+        one = next(a for a in mine if not filter_may_hold_id(other, a.id))
+        row = await store.get_assignment_by_id(one.id)
+        assert row is not None and row.id == one.id
+    # A damaged block is read for its own users: the lookup fails.
+    await damage(ids[0])
+    with pytest.raises(ValueError, match="not an assignment block"):
+        await store.get_assignment(first[0].handle, first[0].user_id)
+    await damage(None)
+    row = await store.get_assignment_by_id(single.assignment.id)
+    assert row is not None and row.user_id == "solo"
     assert await _blocks(migrated_db) == [USERS, USERS + 1]
-    # A user of the second block: it alone is expanded (unless the first's filter passes too).
-    one = second[5]
-    both = filter_may_hold_user(filters[0], one.handle, one.user_id)
-    row = await store.get_assignment(one.handle, one.user_id)
-    assert row is not None and row.id == one.id
-    assert await _blocks(migrated_db) == ([] if both else [USERS])
-    # By id: the first block's assignment, in the first block.
-    row = await store.get_assignment_by_id(first[3].id)
-    assert row is not None and row.id == first[3].id
-    assert await _blocks(migrated_db) == []
-    assert len(await assignment_rows(migrated_db, HELD_COLUMNS)) == 2 * USERS + 1
+    assert await assignment_rows(migrated_db, HELD_COLUMNS) == {}
+
+
+async def test_the_latest_is_read_out_of_a_block_when_it_was_made_last(
+    store: PostgresStore, migrated_db: str
+) -> None:
+    journal = PostgresJournal(store, block_min_rows=100)
+    service = await batch_service(journal)
+    older = _allocate(service, range(7, 8))[0]
+    await journal.flush()  # a row
+    await asyncio.sleep(0.01)
+    _allocate(service, range(USERS))
+    first, newer = service.user_assignments(older.user_id)  # oldest first
+    assert first == older and newer.created_ms > older.created_ms
+    await journal.flush()  # a block
+    assert await _blocks(migrated_db) == [USERS]
+    assert set(await assignment_rows(migrated_db, HELD_COLUMNS)) == {older.id}
+    latest = await store.get_assignment(older.handle, older.user_id)
+    assert latest is not None and latest.id == newer.id
+
+
+@pytest.mark.parametrize("in_block", ["p-100", "p-ff"])
+async def test_of_a_row_and_a_block_row_made_in_one_millisecond_the_later_id_is_the_latest(
+    store: PostgresStore, migrated_db: str, in_block: str
+) -> None:
+    # As `_NEWEST_FIRST` orders rows: by length of id, then id (own ids are unpadded hex).
+    made_ms, handle = 1_790_000_000_123, 5
+    in_table = "p-ff" if in_block == "p-100" else "p-100"
+    await store.insert_assignments(
+        [
+            AssignmentRow(
+                id=in_table,
+                experiment_id=handle,
+                user_id="ann",
+                variant=0,
+                segment_key="",
+                segment_hash=key_hash(""),
+                propensity=0.5,
+                created_at=datetime.fromtimestamp(made_ms / 1000, UTC),
+            )
+        ]
+    )
+    single = (in_block, "one", handle, "ann", 1, "", 0, 0.5, made_ms)
+    block = AssignmentBlock(
+        1, copy_assignments([], [single], compressed=True), block_filter([], [single])
+    )
+    assert await store.write_behind(WriteBehind("tie", b"", [], {}, [], blocks=[block]))
+    latest = await store.get_assignment(handle, "ann")
+    assert latest is not None and latest.id == "p-100"
+    assert await store.expand_all_blocks() == 1
+    assert await store.get_assignment(handle, "ann") == latest
 
 
 async def test_a_block_without_a_filter_is_expanded_for_any_lookup(
@@ -343,7 +459,7 @@ async def test_a_block_without_a_filter_is_expanded_for_any_lookup(
 async def test_a_large_flush_is_split_into_blocks_of_whole_batches(
     store: PostgresStore, migrated_db: str
 ) -> None:
-    # Smaller blocks: a lookup of a user in one waits for that block's expansion alone.
+    # Smaller blocks: a lookup of a user in one reads that block alone.
     journal = PostgresJournal(store, block_min_rows=100, block_max_rows=250)
     service = await batch_service(journal)
     single = await service.allocate(
@@ -363,7 +479,6 @@ async def test_a_large_flush_is_split_into_blocks_of_whole_batches(
     )
     row = await store.get_assignment(one.handle, one.user_id)
     assert row is not None and row.id == one.id
-    assert await _blocks(migrated_db) == [201]
-    assert await store.expand_all_blocks() == 201
+    assert await store.expand_all_blocks() == 301
     rows = await assignment_rows(migrated_db, HELD_COLUMNS)
     assert rows == {a.id: as_row(a) for a in held}

@@ -5,6 +5,7 @@
 //! (id, experiment key, handle, user id, variant, segment key, cascade level, propensity,
 //! created ms).
 
+use allocsvc_core::block;
 use allocsvc_core::filter::{self, Filter};
 use allocsvc_core::held::{self, Assignment, Held, Made};
 use allocsvc_core::keys;
@@ -489,23 +490,77 @@ pub(crate) fn filter_may_hold_id(filter: &[u8], id: &str) -> bool {
     filter::may_hold(filter, filter::id_key(id))
 }
 
+/// The COPY stream of a block `copy_assignments(..., compressed=True)` made.
+fn decompressed(data: &[u8]) -> Result<Vec<u8>, String> {
+    let out = lz4_flex::decompress_size_prepended(data).map_err(|e| e.to_string())?;
+    // A block cut short can still decode, to fewer bytes than its length in front says.
+    let declared = data
+        .get(..4)
+        .map(|n| u32::from_le_bytes([n[0], n[1], n[2], n[3]]));
+    match declared {
+        Some(n) if n as usize == out.len() => Ok(out),
+        _ => Err(format!(
+            "{} bytes decoded, {declared:?} declared",
+            out.len()
+        )),
+    }
+}
+
+fn not_a_block(e: String) -> PyErr {
+    PyValueError::new_err(format!("not an assignment block: {e}"))
+}
+
 /// The COPY stream of a block `copy_assignments(..., compressed=True)` made, without the GIL.
 #[pyfunction]
 pub(crate) fn decompress_block<'py>(py: Python<'py>, data: &[u8]) -> PyResult<Bound<'py, PyBytes>> {
-    let out = py.allow_threads(|| {
-        let out = lz4_flex::decompress_size_prepended(data).map_err(|e| e.to_string())?;
-        // A block cut short can still decode, to fewer bytes than its length in front says.
-        let declared = data
-            .get(..4)
-            .map(|n| u32::from_le_bytes([n[0], n[1], n[2], n[3]]));
-        match declared {
-            Some(n) if n as usize == out.len() => Ok(out),
-            _ => Err(format!(
-                "{} bytes decoded, {declared:?} declared",
-                out.len()
-            )),
-        }
-    });
-    let out = out.map_err(|e| PyValueError::new_err(format!("not an assignment block: {e}")))?;
+    let out = py
+        .allow_threads(|| decompressed(data))
+        .map_err(not_a_block)?;
     Ok(PyBytes::new(py, &out))
+}
+
+/// A row of a block as `block_rows_of_user` gives it: (id, handle, user id, variant, segment
+/// key, segment hash, cascade level, propensity, created ms or None).
+type BlockTuple = (String, u64, String, i16, String, u64, i16, f64, Option<i64>);
+
+/// The rows of a compressed block that are `wanted`, decompressed and read without the GIL.
+fn rows_of(py: Python<'_>, data: &[u8], wanted: block::Wanted<'_>) -> PyResult<Vec<BlockTuple>> {
+    py.allow_threads(|| {
+        let stream = decompressed(data)?;
+        let rows = block::rows_of(&stream, wanted).map_err(|e| e.to_string())?;
+        Ok(rows
+            .into_iter()
+            .map(|r| {
+                (
+                    r.id.to_owned(),
+                    r.handle,
+                    r.user_id.to_owned(),
+                    r.variant,
+                    r.segment_key.to_owned(),
+                    r.segment_hash,
+                    r.level,
+                    r.propensity,
+                    r.created_ms,
+                )
+            })
+            .collect())
+    })
+    .map_err(not_a_block)
+}
+
+/// The rows of (`handle`, `user_id`) in a compressed block, in the block's order.
+#[pyfunction]
+pub(crate) fn block_rows_of_user(
+    py: Python<'_>,
+    data: &[u8],
+    handle: u64,
+    user_id: &str,
+) -> PyResult<Vec<BlockTuple>> {
+    rows_of(py, data, block::Wanted::User { handle, user_id })
+}
+
+/// The rows with assignment id `id` in a compressed block.
+#[pyfunction]
+pub(crate) fn block_rows_of_id(py: Python<'_>, data: &[u8], id: &str) -> PyResult<Vec<BlockTuple>> {
+    rows_of(py, data, block::Wanted::Id(id))
 }

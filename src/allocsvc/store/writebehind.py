@@ -73,9 +73,10 @@ _T = TypeVar("_T")
 # this long after a failed expansion.
 _BLOCK_LOOK_TICKS = 50
 _BLOCK_RETRY_S = 1.0
-# Assignments per block, about (a batch's are not split): a lookup of a user in a block waits
-# for its expansion, about 0.2 s for 20,000 on the embedded server (one block of a 200,000
-# flush took 1.6-1.9 s; bench/RESULTS.md item 27).
+# Assignments per block, about (a batch's are not split): a lookup of a user in a block reads
+# the whole block, about 4 ms for 20,000 on the embedded server (expanding it, which lookups
+# did before, about 0.15-0.2 s; one block of a 200,000 flush 1.6-1.9 s; bench/RESULTS.md items
+# 27 and 28).
 BLOCK_MAX_ROWS = 20_000
 
 # Failures that mean "the database is not reachable right now" (57P01-03: it is shutting

@@ -1,0 +1,223 @@
+//! Reading one user's or one id's assignments out of an assignment block (the binary COPY
+//! stream of [`crate::held::COPY_COLUMNS`] the write-behind stores in `assignment_blocks`)
+//! without expanding it into `assignments`: a lookup that a block's filter passes reads the
+//! block, about 20,000 rows, instead of waiting for its expansion (about 0.2 s).
+use crate::error::CoreError;
+use crate::held::{Fields, COPY_COLUMNS, POSTGRES_EPOCH_MS};
+
+/// What a lookup looks for in a block.
+#[derive(Clone, Copy, Debug)]
+pub enum Wanted<'a> {
+    /// The assignments of (experiment `handle`, `user_id`).
+    User { handle: u64, user_id: &'a str },
+    /// The assignment with this id.
+    Id(&'a str),
+}
+
+/// A row of a block: the `assignments` row its expansion would insert (context empty, region
+/// NULL, as for every row of the write-behind's COPY stream).
+#[derive(Clone, Debug, PartialEq)]
+pub struct BlockRow<'d> {
+    pub id: &'d str,
+    pub handle: u64,
+    pub user_id: &'d str,
+    pub variant: i16,
+    pub segment_key: &'d str,
+    pub segment_hash: u64,
+    pub level: i16,
+    pub propensity: f64,
+    /// Unix milliseconds; `None` in blocks stored before rows carried `created_at` (eight
+    /// columns), whose rows take the time they are expanded.
+    pub created_ms: Option<i64>,
+}
+
+fn cut_short() -> CoreError {
+    CoreError::invalid("data: an assignment block ends within a row")
+}
+
+fn number<const N: usize>(column: usize, bytes: Option<&[u8]>) -> Result<[u8; N], CoreError> {
+    bytes.and_then(|b| b.try_into().ok()).ok_or_else(|| {
+        CoreError::invalid(format!(
+            "data: {} of a block's row is not {N} bytes",
+            COPY_COLUMNS[column]
+        ))
+    })
+}
+
+fn text(column: usize, bytes: Option<&[u8]>) -> Result<&str, CoreError> {
+    bytes
+        .and_then(|b| std::str::from_utf8(b).ok())
+        .ok_or_else(|| {
+            CoreError::invalid(format!(
+                "data: {} of a block's row is NULL or not UTF-8",
+                COPY_COLUMNS[column]
+            ))
+        })
+}
+
+/// The rows of `stream` (a whole block's COPY stream, rows of [`COPY_COLUMNS`] or of its first
+/// eight) that are `wanted`, in the block's order. Other rows are only skipped over.
+pub fn rows_of<'d>(stream: &'d [u8], wanted: Wanted<'_>) -> Result<Vec<BlockRow<'d>>, CoreError> {
+    const SIGNATURE: &[u8] = b"PGCOPY\n\xff\r\n\0";
+    let mut fields = Fields {
+        data: stream,
+        at: 0,
+    };
+    if fields.take(SIGNATURE.len()) != Some(SIGNATURE) {
+        return Err(CoreError::invalid("data: not a binary COPY stream"));
+    }
+    let (Some(_flags), Some(extension)) = (fields.i32(), fields.i32()) else {
+        return Err(cut_short());
+    };
+    let extension = usize::try_from(extension)
+        .map_err(|_| CoreError::invalid("data: a COPY header extension of negative length"))?;
+    fields.take(extension).ok_or_else(cut_short)?;
+    let mut out = Vec::new();
+    loop {
+        let count = fields.i16().ok_or_else(cut_short)?;
+        if count == -1 {
+            break;
+        }
+        if !(8..=COPY_COLUMNS.len() as i16).contains(&count) {
+            return Err(CoreError::invalid(format!(
+                "data: a block's row has {count} columns, not {}",
+                COPY_COLUMNS.len()
+            )));
+        }
+        let mut row: [Option<&'d [u8]>; COPY_COLUMNS.len()] = [None; COPY_COLUMNS.len()];
+        for value in row.iter_mut().take(count as usize) {
+            *value = fields.field()?.ok_or_else(cut_short)?;
+        }
+        let [id, handle, user_id, variant, segment_key, segment_hash, level, propensity, created] =
+            row;
+        let handle = u64::from_be_bytes(number(1, handle)?);
+        let hit = match wanted {
+            Wanted::User {
+                handle: h,
+                user_id: u,
+            } => h == handle && user_id == Some(u.as_bytes()),
+            Wanted::Id(i) => id == Some(i.as_bytes()),
+        };
+        if !hit {
+            continue;
+        }
+        out.push(BlockRow {
+            id: text(0, id)?,
+            handle,
+            user_id: text(2, user_id)?,
+            variant: i16::from_be_bytes(number(3, variant)?),
+            segment_key: text(4, segment_key)?,
+            segment_hash: u64::from_be_bytes(number(5, segment_hash)?),
+            level: i16::from_be_bytes(number(6, level)?),
+            propensity: f64::from_be_bytes(number(7, propensity)?),
+            created_ms: match created {
+                None => None,
+                micros => Some(
+                    i64::from_be_bytes(number(8, micros)?).div_euclid(1000) + POSTGRES_EPOCH_MS,
+                ),
+            },
+        });
+    }
+    if fields.at != stream.len() {
+        return Err(CoreError::invalid("data: bytes after the COPY trailer"));
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::held::{copy_header, copy_row, copy_trailer, Assignment};
+    use std::borrow::Cow;
+
+    fn stream(users: &[(&str, u64, &str, i64)]) -> Vec<u8> {
+        let mut out = Vec::new();
+        copy_header(&mut out);
+        for (i, &(id, handle, user_id, created_ms)) in users.iter().enumerate() {
+            let a = Assignment {
+                id: Cow::Borrowed(id),
+                handle,
+                user_id,
+                variant: i % 3,
+                segment_key: "source:ads",
+                level: 1,
+                propensity: 0.25,
+                created_ms,
+            };
+            copy_row(&mut out, &a, 42);
+        }
+        copy_trailer(&mut out);
+        out
+    }
+
+    const ROWS: [(&str, u64, &str, i64); 4] = [
+        ("p-1", 7, "ann", 1_700_000_000_001),
+        ("p-2", 7, "bob", 1_700_000_000_002),
+        ("p-3", 8, "ann", 1_700_000_000_003),
+        ("p-4", 7, "ann", 1_700_000_000_004),
+    ];
+
+    #[test]
+    fn finds_a_users_rows_of_one_experiment_and_an_id() {
+        let data = stream(&ROWS);
+        let ann = Wanted::User {
+            handle: 7,
+            user_id: "ann",
+        };
+        let found = rows_of(&data, ann).unwrap();
+        let ids: Vec<_> = found.iter().map(|r| (r.id, r.created_ms)).collect();
+        assert_eq!(
+            ids,
+            [
+                ("p-1", Some(1_700_000_000_001)),
+                ("p-4", Some(1_700_000_000_004))
+            ]
+        );
+        let row = &found[1];
+        assert_eq!((row.handle, row.user_id, row.variant), (7, "ann", 0));
+        assert_eq!(
+            (row.segment_key, row.segment_hash, row.level),
+            ("source:ads", 42, 1)
+        );
+        assert_eq!(row.propensity, 0.25);
+        let by_id = rows_of(&data, Wanted::Id("p-2")).unwrap();
+        assert_eq!(by_id.iter().map(|r| r.user_id).collect::<Vec<_>>(), ["bob"]);
+        assert!(rows_of(&data, Wanted::Id("p-9")).unwrap().is_empty());
+        let nobody = Wanted::User {
+            handle: 8,
+            user_id: "bob",
+        };
+        assert!(rows_of(&data, nobody).unwrap().is_empty());
+    }
+
+    #[test]
+    fn rows_without_creation_time_have_none() {
+        // Eight columns: each row's count, then its last field (8 bytes of time, 4 of length)
+        // left out.
+        let data = stream(&ROWS[..1]);
+        let mut old = data[..19].to_vec();
+        old.extend_from_slice(&8i16.to_be_bytes());
+        old.extend_from_slice(&data[21..data.len() - 2 - 12]);
+        copy_trailer(&mut old);
+        let found = rows_of(&old, Wanted::Id("p-1")).unwrap();
+        assert_eq!(found.len(), 1);
+        assert_eq!(found[0].created_ms, None);
+    }
+
+    #[test]
+    fn a_damaged_stream_is_an_error() {
+        let data = stream(&ROWS);
+        let ann = Wanted::User {
+            handle: 7,
+            user_id: "ann",
+        };
+        assert!(rows_of(&data[..data.len() - 5], ann).is_err());
+        assert!(rows_of(&data[1..], ann).is_err());
+        let mut extra = data.clone();
+        extra.push(0);
+        assert!(rows_of(&extra, ann).is_err());
+        let mut wide = data.clone();
+        wide[19..21].copy_from_slice(&10i16.to_be_bytes());
+        assert!(rows_of(&wide, ann).is_err());
+    }
+}
