@@ -15,7 +15,7 @@ import logging
 import struct
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, date, datetime
+from datetime import UTC, date, datetime, timedelta
 from types import TracebackType
 from typing import Any, TypeVar
 
@@ -1119,6 +1119,9 @@ def _recommendation(row: Any) -> RecommendationRow:
     )
 
 
+_UNIX_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
 def _block_row(r: BlockRow, written: datetime) -> AssignmentRow:
     """A row of a block as `assignments` would hold it once expanded. A block stored before
     rows carried `created_at` gives its rows the time it was written (expanded, they take the
@@ -1133,7 +1136,7 @@ def _block_row(r: BlockRow, written: datetime) -> AssignmentRow:
         segment_hash=segment_hash,
         cascade_level=level,
         propensity=propensity,
-        created_at=written if ms is None else datetime.fromtimestamp(ms / 1000, UTC),
+        created_at=written if ms is None else _UNIX_EPOCH + timedelta(milliseconds=ms),
     )
 
 
