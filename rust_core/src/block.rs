@@ -157,14 +157,15 @@ mod tests {
         ("p-4", 7, "ann", 1_700_000_000_004),
     ];
 
+    const ANN: Wanted<'static> = Wanted::User {
+        handle: 7,
+        user_id: "ann",
+    };
+
     #[test]
     fn finds_a_users_rows_of_one_experiment_and_an_id() {
         let data = stream(&ROWS);
-        let ann = Wanted::User {
-            handle: 7,
-            user_id: "ann",
-        };
-        let found = rows_of(&data, ann).unwrap();
+        let found = rows_of(&data, ANN).unwrap();
         let ids: Vec<_> = found.iter().map(|r| (r.id, r.created_ms)).collect();
         assert_eq!(
             ids,
@@ -207,17 +208,13 @@ mod tests {
     #[test]
     fn a_damaged_stream_is_an_error() {
         let data = stream(&ROWS);
-        let ann = Wanted::User {
-            handle: 7,
-            user_id: "ann",
-        };
-        assert!(rows_of(&data[..data.len() - 5], ann).is_err());
-        assert!(rows_of(&data[1..], ann).is_err());
+        assert!(rows_of(&data[..data.len() - 5], ANN).is_err());
+        assert!(rows_of(&data[1..], ANN).is_err());
         let mut extra = data.clone();
         extra.push(0);
-        assert!(rows_of(&extra, ann).is_err());
+        assert!(rows_of(&extra, ANN).is_err());
         let mut wide = data.clone();
         wide[19..21].copy_from_slice(&10i16.to_be_bytes());
-        assert!(rows_of(&wide, ann).is_err());
+        assert!(rows_of(&wide, ANN).is_err());
     }
 }

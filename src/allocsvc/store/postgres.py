@@ -46,6 +46,7 @@ __all__ = [
     "TrafficRow",
     "VariantRow",
     "WriteBehind",
+    "datetime_of_ms",
     "to_signed64",
     "to_unsigned64",
 ]
@@ -1122,6 +1123,11 @@ def _recommendation(row: Any) -> RecommendationRow:
 _UNIX_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
+def datetime_of_ms(ms: int) -> datetime:
+    """An assignment's `created_ms` (Unix milliseconds) as `created_at`, exactly (no float)."""
+    return _UNIX_EPOCH + timedelta(milliseconds=ms)
+
+
 def _block_row(r: BlockRow, written: datetime) -> AssignmentRow:
     """A row of a block as `assignments` would hold it once expanded. A block stored before
     rows carried `created_at` gives its rows the time it was written (expanded, they take the
@@ -1136,7 +1142,7 @@ def _block_row(r: BlockRow, written: datetime) -> AssignmentRow:
         segment_hash=segment_hash,
         cascade_level=level,
         propensity=propensity,
-        created_at=written if ms is None else _UNIX_EPOCH + timedelta(milliseconds=ms),
+        created_at=written if ms is None else datetime_of_ms(ms),
     )
 
 

@@ -64,6 +64,7 @@ from allocsvc.store.postgres import (
     SegmentRow,
     VariantRow,
     WriteBehind,
+    datetime_of_ms,
 )
 
 log = logging.getLogger(__name__)
@@ -239,7 +240,7 @@ def _row(a: Assignment) -> AssignmentRow:
         segment_hash=key_hash(a.segment_key),
         cascade_level=a.cascade_level,
         propensity=a.propensity,
-        created_at=datetime.fromtimestamp(a.created_ms / 1000, UTC),
+        created_at=datetime_of_ms(a.created_ms),
     )
 
 
