@@ -25,6 +25,7 @@ from redis.exceptions import RedisError
 
 from allocsvc.allocation.service import Assignment
 from allocsvc.store.pump import CountRow, DeltaPump
+from allocsvc.tasks.scheduler import stop_tasks
 
 log = logging.getLogger(__name__)
 SINK = "redis"
@@ -211,9 +212,7 @@ class RedisShared:
 
     async def close(self) -> None:
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await stop_tasks([self._task])
         with contextlib.suppress(RedisError, OSError):
             await self.push()
         await self._redis.aclose()

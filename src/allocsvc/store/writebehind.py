@@ -15,7 +15,6 @@ group-committed.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import itertools
 import logging
@@ -66,6 +65,7 @@ from allocsvc.store.postgres import (
     WriteBehind,
     datetime_of_ms,
 )
+from allocsvc.tasks.scheduler import stop_tasks
 
 log = logging.getLogger(__name__)
 _T = TypeVar("_T")
@@ -437,10 +437,7 @@ class PostgresJournal:
         """Stop the loops, then write what is buffered (conversions first)."""
         self._closing = True
         self._wake.set()
-        for task in self._tasks:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await stop_tasks(self._tasks)
         await self._commit_pending()
         await self.flush()
         lost = self._pending()

@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -28,14 +29,21 @@ class Scheduler:
                 log.exception("background job failed", extra={"job": name})
 
     async def stop(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            # A job may swallow one cancellation (e.g. asyncio.wait_for in Python 3.11, when
-            # its inner await finishes at that moment): ask again until the task has ended.
-            while not task.done():
-                await asyncio.wait({task}, timeout=1.0)
-                task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await stop_tasks(self._tasks)
         self._tasks.clear()
+
+
+async def stop_tasks(tasks: Iterable[asyncio.Task[Any]], *, every: float = 1.0) -> None:
+    """Cancel the tasks and wait until each has ended. A task may swallow a cancellation
+    (asyncio.wait_for in Python 3.11 when its inner await finishes at that moment; redis-py,
+    whose read timeout can turn one into its TimeoutError that a loop catches as a Redis
+    error): it is cancelled again every `every` seconds until it has ended."""
+    tasks = list(tasks)
+    for task in tasks:
+        task.cancel()
+    for task in tasks:
+        while not task.done():
+            await asyncio.wait({task}, timeout=every)
+            task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
