@@ -6,11 +6,12 @@
 
 After a warm-up, h2load sends h2.py's pre-serialized batch (each item its own user id) for
 `--seconds` on 2 connections with `--streams` in flight each; the JSON line has allocations/s,
-server CPU per batch (the whole process, and its main thread alone) and the cores of the server,
-the client and the hypervisor's steal. With `--perf`, `perf record --call-graph dwarf` samples the
-server during the run, and the main thread's samples are sorted by what they are in: Rust's
-`prepare` or `finish`, other Rust calls, system calls, the garbage collector, the rest (Python,
-gRPC's Cython layer, uvloop). Bounded: one server on 127.0.0.1, stopped at the end.
+server CPU per batch (the whole process, and its main thread alone), the cores of the server,
+the client and the hypervisor's steal, and the server's calls by gRPC status. With `--perf`,
+`perf record --call-graph dwarf` samples the server during the run, and the main thread's
+samples are sorted by what they are in: Rust's `prepare` or `finish`, other Rust calls, system
+calls, the garbage collector, the rest (Python, gRPC's Cython layer, uvloop). Bounded: one
+server on 127.0.0.1, stopped at the end.
 """
 
 from __future__ import annotations
@@ -103,6 +104,8 @@ def measure(args: argparse.Namespace, workdir: Path, postgres: Any) -> dict[str,
             "steal_cores": round(row["steal_cores"], 2),
             "errors": row["errors"],
             "ok_allocations_per_s": round(row["ok_per_s"] * h2.BATCH_ITEMS),
+            # The server's calls by gRPC status (h2load cannot read them).
+            "calls": row["detail"],
         }
         if recorder is not None:
             out["main_thread_samples"] = main_thread_shares(data, target.setup.pids()[0])
