@@ -18,9 +18,9 @@ NAMESPACE = "close-test"
 
 
 class StallsOnce(RedisShared):
-    """The first push stalls like a slow round trip; cancelled there, it raises redis-py's
-    TimeoutError instead of CancelledError, which redis-py can do when a cancellation meets
-    its socket timeout. The sync loop catches that as a Redis error and goes on."""
+    """The first push stalls like a slow round trip; cancelled there, it raises one of
+    redis-py's errors instead of CancelledError, as a replica's sync loop once lost its
+    cancellation inside a redis-py call. The loop catches that as a Redis error and goes on."""
 
     def __init__(self, url: str) -> None:
         super().__init__(url, namespace=NAMESPACE, push_interval=0.01, refresh_interval=3600)

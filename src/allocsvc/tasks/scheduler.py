@@ -35,9 +35,10 @@ class Scheduler:
 
 async def stop_tasks(tasks: Iterable[asyncio.Task[Any]], *, every: float = 1.0) -> None:
     """Cancel the tasks and wait until each has ended. A task may swallow a cancellation
-    (asyncio.wait_for in Python 3.11 when its inner await finishes at that moment; redis-py,
-    whose read timeout can turn one into its TimeoutError that a loop catches as a Redis
-    error): it is cancelled again every `every` seconds until it has ended."""
+    (asyncio.wait_for in Python 3.11 when its inner await finishes at that moment; a loop that
+    catches a library's errors, when the library lets one of them out in its place, as the
+    Redis sync loop once did inside a redis-py call): it is cancelled again every `every`
+    seconds until it has ended."""
     tasks = list(tasks)
     for task in tasks:
         task.cancel()
