@@ -3,7 +3,7 @@
 //! without expanding it into `assignments`: a lookup that a block's filter passes reads the
 //! block, about 20,000 rows, instead of waiting for its expansion (about 0.2 s).
 use crate::error::CoreError;
-use crate::held::{Fields, COPY_COLUMNS, POSTGRES_EPOCH_MS};
+use crate::held::{copied_number, copied_text, unix_ms, Fields, COPY_COLUMNS};
 
 /// What a lookup looks for in a block.
 #[derive(Clone, Copy, Debug)]
@@ -35,43 +35,16 @@ fn cut_short() -> CoreError {
     CoreError::invalid("data: an assignment block ends within a row")
 }
 
-fn number<const N: usize>(column: usize, bytes: Option<&[u8]>) -> Result<[u8; N], CoreError> {
-    bytes.and_then(|b| b.try_into().ok()).ok_or_else(|| {
-        CoreError::invalid(format!(
-            "data: {} of a block's row is not {N} bytes",
-            COPY_COLUMNS[column]
-        ))
-    })
-}
-
-fn text(column: usize, bytes: Option<&[u8]>) -> Result<&str, CoreError> {
-    bytes
-        .and_then(|b| std::str::from_utf8(b).ok())
-        .ok_or_else(|| {
-            CoreError::invalid(format!(
-                "data: {} of a block's row is NULL or not UTF-8",
-                COPY_COLUMNS[column]
-            ))
-        })
-}
-
 /// The rows of `stream` (a whole block's COPY stream, rows of [`COPY_COLUMNS`] or of its first
 /// eight) that are `wanted`, in the block's order. Other rows are only skipped over.
 pub fn rows_of<'d>(stream: &'d [u8], wanted: Wanted<'_>) -> Result<Vec<BlockRow<'d>>, CoreError> {
-    const SIGNATURE: &[u8] = b"PGCOPY\n\xff\r\n\0";
     let mut fields = Fields {
         data: stream,
         at: 0,
     };
-    if fields.take(SIGNATURE.len()) != Some(SIGNATURE) {
-        return Err(CoreError::invalid("data: not a binary COPY stream"));
-    }
-    let (Some(_flags), Some(extension)) = (fields.i32(), fields.i32()) else {
+    if !fields.header()? {
         return Err(cut_short());
-    };
-    let extension = usize::try_from(extension)
-        .map_err(|_| CoreError::invalid("data: a COPY header extension of negative length"))?;
-    fields.take(extension).ok_or_else(cut_short)?;
+    }
     let mut out = Vec::new();
     loop {
         let count = fields.i16().ok_or_else(cut_short)?;
@@ -90,7 +63,8 @@ pub fn rows_of<'d>(stream: &'d [u8], wanted: Wanted<'_>) -> Result<Vec<BlockRow<
         }
         let [id, handle, user_id, variant, segment_key, segment_hash, level, propensity, created] =
             row;
-        let handle = u64::from_be_bytes(number(1, handle)?);
+        let column = |i: usize| COPY_COLUMNS[i];
+        let handle = u64::from_be_bytes(copied_number(column(1), handle)?);
         let hit = match wanted {
             Wanted::User {
                 handle: h,
@@ -102,19 +76,17 @@ pub fn rows_of<'d>(stream: &'d [u8], wanted: Wanted<'_>) -> Result<Vec<BlockRow<
             continue;
         }
         out.push(BlockRow {
-            id: text(0, id)?,
+            id: copied_text(column(0), id)?,
             handle,
-            user_id: text(2, user_id)?,
-            variant: i16::from_be_bytes(number(3, variant)?),
-            segment_key: text(4, segment_key)?,
-            segment_hash: u64::from_be_bytes(number(5, segment_hash)?),
-            level: i16::from_be_bytes(number(6, level)?),
-            propensity: f64::from_be_bytes(number(7, propensity)?),
+            user_id: copied_text(column(2), user_id)?,
+            variant: i16::from_be_bytes(copied_number(column(3), variant)?),
+            segment_key: copied_text(column(4), segment_key)?,
+            segment_hash: u64::from_be_bytes(copied_number(column(5), segment_hash)?),
+            level: i16::from_be_bytes(copied_number(column(6), level)?),
+            propensity: f64::from_be_bytes(copied_number(column(7), propensity)?),
             created_ms: match created {
                 None => None,
-                micros => Some(
-                    i64::from_be_bytes(number(8, micros)?).div_euclid(1000) + POSTGRES_EPOCH_MS,
-                ),
+                micros => Some(unix_ms(copied_number(column(8), micros)?)),
             },
         });
     }

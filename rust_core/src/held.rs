@@ -1055,7 +1055,7 @@ pub const RESTORE_COLUMNS: [&str; 7] = [
 ];
 
 /// PostgreSQL's epoch (2000-01-01 UTC) in Unix milliseconds.
-pub(crate) const POSTGRES_EPOCH_MS: i64 = 946_684_800_000;
+const POSTGRES_EPOCH_MS: i64 = 946_684_800_000;
 
 /// What one [`Held::add_copied`] call read.
 #[derive(Debug, Default, PartialEq)]
@@ -1093,6 +1093,27 @@ impl<'d> Fields<'d> {
             .map(|b| i32::from_be_bytes([b[0], b[1], b[2], b[3]]))
     }
 
+    /// The header of a binary COPY stream (signature, flags, extension): `Ok(false)` if the
+    /// data ends within it.
+    pub(crate) fn header(&mut self) -> Result<bool, CoreError> {
+        const SIGNATURE: &[u8] = b"PGCOPY\n\xff\r\n\0";
+        let Some(signature) = self.take(SIGNATURE.len()) else {
+            return Ok(false);
+        };
+        if signature != SIGNATURE {
+            return Err(CoreError::invalid("data: not a binary COPY stream"));
+        }
+        let (Some(_flags), Some(extension)) = (self.i32(), self.i32()) else {
+            return Ok(false);
+        };
+        if extension < 0 {
+            return Err(CoreError::invalid(format!(
+                "data: a COPY header extension of length {extension}"
+            )));
+        }
+        Ok(self.take(extension as usize).is_some())
+    }
+
     /// One field: its bytes, or `Some(None)` for NULL; `Ok(None)` if the data ends within it.
     pub(crate) fn field(&mut self) -> Result<Option<Option<&'d [u8]>>, CoreError> {
         Ok(match self.i32() {
@@ -1108,34 +1129,36 @@ impl<'d> Fields<'d> {
     }
 }
 
-fn copied_field(column: usize, bytes: Option<&[u8]>) -> Result<&[u8], CoreError> {
-    bytes.ok_or_else(|| {
-        CoreError::invalid(format!(
-            "data: {} is NULL in a copied assignment",
-            RESTORE_COLUMNS[column]
-        ))
-    })
+fn copied_field<'d>(column: &str, bytes: Option<&'d [u8]>) -> Result<&'d [u8], CoreError> {
+    bytes
+        .ok_or_else(|| CoreError::invalid(format!("data: {column} is NULL in a copied assignment")))
 }
 
-fn copied_text(column: usize, bytes: Option<&[u8]>) -> Result<&str, CoreError> {
+/// The text of field `column` of a copied row (an error names the column).
+pub(crate) fn copied_text<'d>(column: &str, bytes: Option<&'d [u8]>) -> Result<&'d str, CoreError> {
     std::str::from_utf8(copied_field(column, bytes)?).map_err(|_| {
         CoreError::invalid(format!(
-            "data: {} of a copied assignment is not UTF-8",
-            RESTORE_COLUMNS[column]
+            "data: {column} of a copied assignment is not UTF-8"
         ))
     })
 }
 
-fn copied_number<const N: usize>(
-    column: usize,
+/// The `N` bytes of number field `column` of a copied row (an error names the column).
+pub(crate) fn copied_number<const N: usize>(
+    column: &str,
     bytes: Option<&[u8]>,
 ) -> Result<[u8; N], CoreError> {
     copied_field(column, bytes)?.try_into().map_err(|_| {
         CoreError::invalid(format!(
-            "data: {} of a copied assignment is not {N} bytes",
-            RESTORE_COLUMNS[column]
+            "data: {column} of a copied assignment is not {N} bytes"
         ))
     })
+}
+
+/// A `timestamptz` of a COPY stream (microseconds since PostgreSQL's epoch) in Unix
+/// milliseconds.
+pub(crate) fn unix_ms(micros: [u8; 8]) -> i64 {
+    i64::from_be_bytes(micros).div_euclid(1000) + POSTGRES_EPOCH_MS
 }
 
 impl Held {
@@ -1150,25 +1173,10 @@ impl Held {
         data: &'d [u8],
         at_start: bool,
     ) -> Result<Copied<'d>, CoreError> {
-        const SIGNATURE: &[u8] = b"PGCOPY\n\xff\r\n\0";
         let mut out = Copied::default();
         let mut fields = Fields { data, at: 0 };
         if at_start {
-            let Some(signature) = fields.take(SIGNATURE.len()) else {
-                return Ok(out);
-            };
-            if signature != SIGNATURE {
-                return Err(CoreError::invalid("data: not a binary COPY stream"));
-            }
-            let (Some(_flags), Some(extension)) = (fields.i32(), fields.i32()) else {
-                return Ok(out);
-            };
-            if extension < 0 {
-                return Err(CoreError::invalid(format!(
-                    "data: a COPY header extension of length {extension}"
-                )));
-            }
-            if fields.take(extension as usize).is_none() {
+            if !fields.header()? {
                 return Ok(out);
             }
             out.consumed = fields.at;
@@ -1204,21 +1212,21 @@ impl Held {
                 break;
             }
             let [id, user_id, variant, segment_key, level, propensity, created_at] = row;
-            let segment_key = copied_text(3, segment_key)?;
+            let column = |i: usize| RESTORE_COLUMNS[i];
+            let segment_key = copied_text(column(3), segment_key)?;
             let propensity = match propensity {
                 None => 0.0,
-                p => f64::from_be_bytes(copied_number(5, p)?),
+                p => f64::from_be_bytes(copied_number(column(5), p)?),
             };
             let a = Assignment {
-                id: Cow::Borrowed(copied_text(0, id)?),
+                id: Cow::Borrowed(copied_text(column(0), id)?),
                 handle,
-                user_id: copied_text(1, user_id)?,
-                variant: i16::from_be_bytes(copied_number(2, variant)?).max(0) as usize,
+                user_id: copied_text(column(1), user_id)?,
+                variant: i16::from_be_bytes(copied_number(column(2), variant)?).max(0) as usize,
                 segment_key,
-                level: i16::from_be_bytes(copied_number(4, level)?).max(0) as usize,
+                level: i16::from_be_bytes(copied_number(column(4), level)?).max(0) as usize,
                 propensity,
-                created_ms: i64::from_be_bytes(copied_number(6, created_at)?).div_euclid(1000)
-                    + POSTGRES_EPOCH_MS,
+                created_ms: unix_ms(copied_number(column(6), created_at)?),
             };
             self.add(&a, true);
             out.rows += 1;

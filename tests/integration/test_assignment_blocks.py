@@ -10,7 +10,6 @@ import asyncio
 import struct
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
-from datetime import UTC, datetime
 
 import asyncpg
 import pytest
@@ -31,7 +30,7 @@ from allocsvc.core import (
     key_hash,
 )
 from allocsvc.store import PostgresStore
-from allocsvc.store.postgres import AssignmentBlock, AssignmentRow, WriteBehind
+from allocsvc.store.postgres import AssignmentBlock, AssignmentRow, WriteBehind, datetime_of_ms
 from allocsvc.store.userdata import PostgresUserData
 from allocsvc.store.writebehind import PostgresJournal
 
@@ -431,7 +430,7 @@ async def test_of_a_row_and_a_block_row_made_in_one_millisecond_the_later_id_is_
                 segment_key="",
                 segment_hash=key_hash(""),
                 propensity=0.5,
-                created_at=datetime.fromtimestamp(made_ms / 1000, UTC),
+                created_at=datetime_of_ms(made_ms),
             )
         ]
     )

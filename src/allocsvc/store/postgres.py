@@ -17,7 +17,7 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import asyncpg
 
@@ -30,6 +30,9 @@ from allocsvc.core import (
     filter_may_hold_id,
     filter_may_hold_user,
 )
+
+if TYPE_CHECKING:
+    from allocsvc._core import BlockRow
 
 __all__ = [
     "AssignmentBlock",
@@ -57,9 +60,6 @@ _I64_MAX = (1 << 63) - 1
 
 # (experiment id, segment hash as unsigned 64-bit, variant, allocations, conversions, value sum)
 CountRow = tuple[int, int, int, int, int, float]
-# A row read out of an assignment block (`block_rows_of_user`): id, experiment, user, variant,
-# segment key, segment hash, cascade level, propensity, created ms (None: not in the block).
-BlockRow = tuple[str, int, str, int, str, int, int, float, int | None]
 
 _T = TypeVar("_T")
 _DEADLOCK_RETRIES = 3
