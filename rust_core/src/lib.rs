@@ -8,6 +8,7 @@
 //! - [`store`]: the concurrent posterior counter store.
 //! - [`cascade`]: choosing the cascade level over the segment tree.
 //! - [`decide`]: the [`decide::Engine`] that makes a whole allocation decision in one call.
+//! - [`holder`]: the held assignments, with a thread that holds a batch's new ones.
 //! - [`batch`]: `AllocateBatch` from request bytes to response bytes, with [`context`]
 //!   (the segment rules of context extraction) and [`wire`] (protobuf encoding).
 
@@ -20,6 +21,7 @@ pub mod decide;
 pub mod error;
 pub mod filter;
 pub mod held;
+pub mod holder;
 pub mod keys;
 pub mod propensity;
 pub mod store;

@@ -328,7 +328,8 @@ class PreparedBatch:
         """Decide and count every item not in `given` or `errors`, in request order, on the
         calling thread's generator with the GIL released; a user repeated in a sticky
         experiment gets the first answer again. New assignment ids are `{id_prefix}-{seq:x}`,
-        seq from `first_seq` on, made at `now_ms`, held in `held` before any other call runs.
+        seq from `first_seq` on, made at `now_ms`, handed to `held`: its thread holds them,
+        and any call on `held` made after this one returns holds them first if it has not.
         Returns the serialized response and the new assignments."""
 
 @final
@@ -340,6 +341,11 @@ class HeldAssignments:
     def __new__(cls, id_prefix: str, capacity: int = 0) -> HeldAssignments:
         """At most `capacity` assignments (0: no bound), the oldest evicted first; own
         assignment ids are `{id_prefix}-{seq:x}` (kept as numbers)."""
+
+    @property
+    def pending(self) -> int:
+        """New assignments of batches handed over by `PreparedBatch.finish` and not yet held:
+        a thread of the store's holds them; every other method holds them first."""
 
     @property
     def evictions(self) -> int:

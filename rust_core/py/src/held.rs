@@ -8,6 +8,7 @@
 use allocsvc_core::block;
 use allocsvc_core::filter::{self, Filter};
 use allocsvc_core::held::{self, Assignment, Held, Made};
+use allocsvc_core::holder::Holder;
 use allocsvc_core::keys;
 
 use crate::error::to_py;
@@ -18,6 +19,7 @@ use pyo3::pybacked::PyBackedStr;
 use pyo3::types::{PyBytes, PyList, PyString, PyTuple};
 use std::borrow::Cow;
 use std::collections::HashMap;
+use std::sync::Arc;
 
 /// Experiment keys by handle, as Python strs (shared by every tuple of the experiment).
 #[derive(Default)]
@@ -63,7 +65,7 @@ type HeldIn<'py> = (
 /// Python face of [`Held`].
 #[pyclass(name = "HeldAssignments", frozen, module = "allocsvc._core")]
 pub(crate) struct PyHeld {
-    pub(crate) inner: Mutex<Held>,
+    pub(crate) inner: Holder,
     pub(crate) names: Mutex<Names>,
 }
 
@@ -96,7 +98,7 @@ impl PyHeld {
     #[pyo3(signature = (id_prefix, capacity=0))]
     fn new(id_prefix: &str, capacity: usize) -> Self {
         PyHeld {
-            inner: Mutex::new(Held::bounded(id_prefix, capacity)),
+            inner: Holder::new(Held::bounded(id_prefix, capacity)),
             names: Mutex::new(Names::default()),
         }
     }
@@ -150,6 +152,13 @@ impl PyHeld {
         held.by_id(id)
             .map(|a| self.names.lock().tuple(py, &a))
             .transpose()
+    }
+
+    /// New assignments of batches handed over and not yet held (see
+    /// `allocsvc_core::holder`); every other method holds them first.
+    #[getter]
+    fn pending(&self) -> usize {
+        self.inner.pending()
     }
 
     /// Assignments evicted so far (the store was full).
@@ -301,7 +310,7 @@ impl PyLog {
     fn take(&self, py: Python<'_>) -> PyMade {
         let inner = self.inner.lock().take();
         PyMade {
-            inner,
+            inner: Arc::new(inner),
             names: self.names_copy(py),
         }
     }
@@ -332,13 +341,13 @@ impl PyLog {
 /// Python face of [`Made`].
 #[pyclass(name = "MadeAssignments", frozen, module = "allocsvc._core")]
 pub(crate) struct PyMade {
-    inner: Made,
+    inner: Arc<Made>,
     names: Names,
 }
 
 impl PyMade {
     /// A batch's new assignments, with the experiment keys `held` knows.
-    pub(crate) fn new(py: Python<'_>, inner: Made, held: &PyHeld) -> Self {
+    pub(crate) fn new(py: Python<'_>, inner: Arc<Made>, held: &PyHeld) -> Self {
         let names = held.names_of(py, inner.handles());
         PyMade { inner, names }
     }
@@ -386,7 +395,7 @@ impl PyMade {
     /// The same assignments without the user's.
     fn without_user(&self, py: Python<'_>, user_id: &str) -> PyMade {
         PyMade {
-            inner: self.inner.without_user(user_id),
+            inner: Arc::new(self.inner.without_user(user_id)),
             names: Names(
                 self.names
                     .0
@@ -437,7 +446,7 @@ pub(crate) fn copy_assignments<'py>(
         };
         held::copy_row(&mut out, &a, keys::key_hash(segment_key));
     }
-    let made: Vec<&Made> = made.iter().map(|m| &m.inner).collect();
+    let made: Vec<&Made> = made.iter().map(|m| &*m.inner).collect();
     let out = py.allow_threads(move || {
         for m in made {
             m.copy_rows(&mut out);
@@ -467,7 +476,7 @@ pub(crate) fn block_filter<'py>(
     for (id, _, handle, user_id, ..) in &singles {
         out.insert_assignment(id, *handle, user_id);
     }
-    let made: Vec<&Made> = made.iter().map(|m| &m.inner).collect();
+    let made: Vec<&Made> = made.iter().map(|m| &*m.inner).collect();
     let out = py.allow_threads(move || {
         for m in made {
             m.add_to_filter(&mut out);

@@ -28,6 +28,7 @@ use pyo3::IntoPyObjectExt;
 use std::borrow::Cow;
 use std::cell::Cell;
 use std::collections::HashMap;
+use std::sync::Arc;
 
 /// The segment key buffer `Engine.decide` reuses, and the last key it returned with its str
 /// and its result tuple.
@@ -606,7 +607,8 @@ impl PyPreparedBatch {
             })
             .collect();
         // Decided on this thread (its generator), with the GIL released; the new assignments
-        // are held before any other call can look for them.
+        // go to the holder's thread, and any call that looks for them waits until they are
+        // held (allocsvc_core::holder).
         let (response, made) = py
             .allow_threads(|| {
                 let out = self.inner.finish(
@@ -619,8 +621,9 @@ impl PyPreparedBatch {
                     &given,
                     &errors,
                 )?;
-                held.inner.lock().add_made(&out.made);
-                Ok::<_, allocsvc_core::CoreError>((out.response, out.made))
+                let made = Arc::new(out.made);
+                held.inner.hand_over(Arc::clone(&made));
+                Ok::<_, allocsvc_core::CoreError>((out.response, made))
             })
             .map_err(to_py)?;
         Ok((PyBytes::new(py, &response), PyMade::new(py, made, held)))
