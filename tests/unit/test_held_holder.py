@@ -34,12 +34,9 @@ async def _servicer() -> tuple[AllocationService, AllocatorServicer]:
     return service, AllocatorServicer(service, "local")
 
 
-def _batch(round_: int) -> bytes:
+def _batch() -> bytes:
     return pb.AllocateBatchRequest(
-        requests=[
-            pb.AllocateRequest(experiment_id="e", user_id=f"u{(round_ * 7 + i) % 1500}")
-            for i in range(USERS)
-        ]
+        requests=[pb.AllocateRequest(experiment_id="e", user_id=f"u{i}") for i in range(USERS)]
     ).SerializeToString()
 
 
@@ -50,7 +47,7 @@ def _ids(response: bytes) -> list[str]:
 
 async def test_the_store_s_thread_holds_a_batch_nobody_looks_for() -> None:
     service, api = await _servicer()
-    ids = _ids(await api.AllocateBatchBytes(_batch(0), None))  # type: ignore[arg-type]
+    ids = _ids(await api.AllocateBatchBytes(_batch(), None))  # type: ignore[arg-type]
     held = service._held
     deadline = time.monotonic() + 30  # a hang bound only; it takes milliseconds
     # `pending` is the one reader that holds nothing itself.
