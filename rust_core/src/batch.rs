@@ -865,20 +865,35 @@ impl PreparedBatch {
     /// answers those users it has an assignment for.
     pub fn sticky_candidates(&self) -> (Vec<usize>, Vec<u64>, Vec<&str>) {
         let mut out = (Vec::new(), Vec::new(), Vec::new());
-        for (i, item) in self.items.iter().enumerate() {
-            if let Item::Ready {
-                experiment, user, ..
-            } = *item
-            {
-                let experiment = &self.experiments[experiment];
-                if experiment.sticky {
-                    out.0.push(i);
-                    out.1.push(experiment.handle);
-                    out.2.push(self.user(user));
-                }
-            }
+        for (i, handle, user) in self.sticky_items() {
+            out.0.push(i);
+            out.1.push(handle);
+            out.2.push(user);
         }
         out
+    }
+
+    /// Whether an item is of a sticky experiment (`sticky_candidates` is not empty).
+    pub fn has_sticky(&self) -> bool {
+        self.sticky_items().next().is_some()
+    }
+
+    /// (position, experiment handle, user id) of each ready item of a sticky experiment.
+    fn sticky_items(&self) -> impl Iterator<Item = (usize, u64, &str)> + '_ {
+        self.items
+            .iter()
+            .enumerate()
+            .filter_map(|(i, item)| match *item {
+                Item::Ready {
+                    experiment, user, ..
+                } => {
+                    let experiment = &self.experiments[experiment];
+                    experiment
+                        .sticky
+                        .then(|| (i, experiment.handle, self.user(user)))
+                }
+                _ => None,
+            })
     }
 
     /// Decide every item the caller did not answer, in request order, counting each decision;
@@ -1234,6 +1249,7 @@ mod tests {
         seed_thread_rng(3);
         let prepared = catalogue.prepare(&batch(&items), 0, false).unwrap();
         assert!(!prepared.needs_caller && prepared.invalid().is_empty());
+        assert!(!prepared.has_sticky() && prepared.sticky_candidates().0.is_empty());
         let out = prepared
             .finish(
                 &engine,
@@ -1279,6 +1295,7 @@ mod tests {
         let prepared = catalogue.prepare(&batch(&items), 5, false).unwrap();
         assert_eq!(prepared.invalid(), vec![1, 2]);
         assert_eq!(prepared.unknown_user_agents(&catalogue), vec!["Bot/1"]);
+        assert!(prepared.has_sticky());
         let (pos, handles, users) = prepared.sticky_candidates();
         assert_eq!(
             (pos, handles, users),

@@ -307,6 +307,11 @@ class PreparedBatch:
     def sticky_candidates(self) -> tuple[list[int], list[int], list[str]]:
         """(positions, experiment handles, user ids) of the items of sticky experiments."""
 
+    @property
+    def has_sticky(self) -> bool:
+        """Whether an item is of a sticky experiment (`sticky_candidates` is not empty),
+        without building the candidates."""
+
     def features(self, catalogue: BatchCatalogue, positions: Sequence[int]) -> list[Features]:
         """What learning keeps (`RawFeatures`, after the user id) of the valid items at
         `positions`, in their order; invalid items are skipped. Their user agents must be

@@ -528,6 +528,11 @@ impl PyPreparedBatch {
         self.inner.sticky_candidates()
     }
 
+    #[getter]
+    fn has_sticky(&self) -> bool {
+        self.inner.has_sticky()
+    }
+
     /// (user id, channel, device, source, hour, day of week, pages_viewed, time_seconds,
     /// engagement_score, drop_risk) of the ready items at `positions`.
     fn features(

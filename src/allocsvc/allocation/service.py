@@ -711,11 +711,10 @@ class AllocationService:
     async def recall_sticky(self, prepared: PreparedBatch) -> None:
         """Hold again, before `finish_batch`, the evicted assignments of a batch's users of
         sticky experiments (read from the durable store)."""
-        candidates = prepared.sticky_candidates()
-        # Candidates first: the store's counts wait for the batches it is still holding.
-        if not candidates[0] or not self._held.evictions:
+        # The batch first: the store's counts wait for the batches it is still holding.
+        if not prepared.has_sticky or not self._held.evictions:
             return
-        for _, handle, user_id in zip(*candidates, strict=True):
+        for _, handle, user_id in zip(*prepared.sticky_candidates(), strict=True):
             if self._held.evicted(handle) and not self._held.has_latest(handle, user_id):
                 await self._recall(self._by_handle[handle], user_id)
 
