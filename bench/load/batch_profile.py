@@ -1,17 +1,21 @@
-"""Where a whole server's event loop spends its time under 1,000-item `AllocateBatch` calls
-(issue 10): `allocsvc serve --in-memory` under h2load, as h2.py's batch row runs it, or with
-`--durable` the server on PostgreSQL (h2.py's `w1`: the embedded server, or `ALLOCSVC_TEST_DSN`).
+"""Where a whole server's time goes under 1,000-item `AllocateBatch` calls, or with `--unary`
+single `Allocate`s (issue 10): `allocsvc serve --in-memory` under h2load, as h2.py's rows run
+it, or with `--durable` the server on PostgreSQL (h2.py's `w1`: the embedded server, or
+`ALLOCSVC_TEST_DSN`).
 
-    python bench/load/batch_profile.py [--seconds 20] [--streams 2] [--perf] [--durable]
+    python bench/load/batch_profile.py [--seconds 20] [--warmup 10] [--streams 2] [--unary]
+        [--durable] [--perf] [--perf-data FILE]
 
-After a warm-up, h2load sends h2.py's pre-serialized batch (each item its own user id) for
-`--seconds` on 2 connections with `--streams` in flight each; the JSON line has allocations/s,
-server CPU per batch (the whole process, and its main thread alone), the cores of the server,
-the client and the hypervisor's steal, and the server's calls by gRPC status. With `--perf`,
-`perf record --call-graph dwarf` samples the server during the run, and the main thread's
-samples are sorted by what they are in: Rust's `prepare` or `finish`, other Rust calls, system
-calls, the garbage collector, the rest (Python, gRPC's Cython layer, uvloop). Bounded: one
-server on 127.0.0.1, stopped at the end.
+After a warm-up (`--warmup` seconds), h2load sends h2.py's pre-serialized batch (each item its
+own user id) for `--seconds` on 2 connections with `--streams` in flight each (`--unary`: its
+single call, on 16 connections); the JSON line has allocations/s, server CPU per call (the
+whole process, and its main thread alone), the cores of the server, the client and the
+hypervisor's steal, how long the main thread waited for a core (ready to run; /proc schedstat),
+and the server's calls by gRPC status. With `--perf`, `perf record
+--call-graph dwarf` samples the server during the run; the main thread's samples are sorted by
+what they are in (Rust's `prepare` or `finish`, other Rust calls, system calls, the garbage
+collector, the rest: Python, gRPC's Cython layer, uvloop) and all the server's samples by
+thread (`--perf-data` keeps them). Bounded: one server on 127.0.0.1, stopped at the end.
 """
 
 from __future__ import annotations
@@ -73,13 +77,34 @@ def main_thread_shares(data: Path, main_tid: int) -> dict[str, float]:
     return shares(done.stdout)
 
 
+def _waited_s(tid: int) -> float:
+    """Seconds thread `tid` (of the same process id) has waited on a run queue so far."""
+    return int(Path(f"/proc/{tid}/task/{tid}/schedstat").read_text().split()[1]) / 1e9
+
+
+def thread_shares(data: Path, main_tid: int) -> dict[str, float]:
+    """Shares of the server's samples by thread: `main`, else the thread's name (`python` for
+    threads Python started, such as the write-behind's; `event_engine` gRPC's;
+    `allocsvc-holder` the store's): where the CPU goes besides the main thread."""
+    command = ["perf", "script", "-i", str(data), "-F", "tid,comm", "-G"]
+    done = subprocess.run(command, capture_output=True, text=True, check=True)
+    counts: Counter[str] = Counter()
+    for line in done.stdout.splitlines():
+        name, _, tid = line.strip().rpartition(" ")  # perf prints the name first
+        if tid.isdigit():
+            counts["main" if int(tid) == main_tid else name.strip()] += 1
+    total = sum(counts.values()) or 1
+    return {k: round(n / total, 3) for k, n in counts.most_common()}
+
+
 def measure(args: argparse.Namespace, workdir: Path, postgres: Any) -> dict[str, Any]:
     h2load = h2.find_h2load()
-    _, _, batch = h2.grpc_body(workdir)
+    unary, _, batch = h2.grpc_body(workdir)
+    body, items = (unary, 1) if args.unary else (batch, h2.BATCH_ITEMS)
     target = h2.start("w1" if args.durable else "mem", workdir, postgres)
     try:
-        shape = h2.Shape(2, args.streams, batch=h2.BATCH_ITEMS)
-        h2.run_h2load(h2load, target, batch, shape, WARMUP_S)
+        shape = h2.Shape(16, args.streams) if args.unary else h2.Shape(2, args.streams, batch=items)
+        h2.run_h2load(h2load, target, body, shape, args.warmup)
         recorder = None
         data = workdir / "perf.data"
         if args.perf:
@@ -91,24 +116,33 @@ def measure(args: argparse.Namespace, workdir: Path, postgres: Any) -> dict[str,
                 stderr=subprocess.DEVNULL,
             )
             time.sleep(1)
-        row = h2.run_h2load(h2load, target, batch, shape, args.seconds)
+        main_tid = target.setup.pids()[0]
+        waited = _waited_s(main_tid)
+        began = time.monotonic()
+        row = h2.run_h2load(h2load, target, body, shape, args.seconds)
+        waited = (_waited_s(main_tid) - waited) / (time.monotonic() - began)
         if recorder is not None:
             recorder.send_signal(2)
             recorder.wait(timeout=120)
         out: dict[str, Any] = {
-            "allocations_per_s": round(row["rps"] * h2.BATCH_ITEMS),
-            "server_us_per_batch": round(row["cpu_us_per_request"]),
-            "main_thread_us_per_batch": round(row["loop_us_per_request"]),
+            "allocations_per_s": round(row["rps"] * items),
+            "server_us_per_call": round(row["cpu_us_per_request"]),
+            "main_thread_us_per_call": round(row["loop_us_per_request"]),
             "server_cores": round(row["server_cores"], 2),
             "client_cores": round(row["client_cores"], 2),
             "steal_cores": round(row["steal_cores"], 2),
+            # Seconds per second the main thread was ready to run but had no core.
+            "main_thread_waiting_for_a_core": round(waited, 2),
             "errors": row["errors"],
-            "ok_allocations_per_s": round(row["ok_per_s"] * h2.BATCH_ITEMS),
+            "ok_allocations_per_s": round(row["ok_per_s"] * items),
             # The server's calls by gRPC status (h2load cannot read them).
             "calls": row["detail"],
         }
         if recorder is not None:
-            out["main_thread_samples"] = main_thread_shares(data, target.setup.pids()[0])
+            out["main_thread_samples"] = main_thread_shares(data, main_tid)
+            out["thread_samples"] = thread_shares(data, main_tid)
+            if args.perf_data:
+                shutil.copy(data, args.perf_data)
         return out
     finally:
         target.setup.stop()
@@ -117,9 +151,16 @@ def measure(args: argparse.Namespace, workdir: Path, postgres: Any) -> dict[str,
 def main() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=20.0)
-    parser.add_argument("--streams", type=int, default=2, help="batches in flight per connection")
+    # Durable: the warm-up and the run together under `max_unexpanded_assignments` (10M by
+    # default, about 12 s at 800,000/s), or past it the flushes write rows, not blocks.
+    parser.add_argument("--warmup", type=float, default=WARMUP_S, help="seconds of warm-up")
+    parser.add_argument("--streams", type=int, default=2, help="calls in flight per connection")
     parser.add_argument("--perf", action="store_true", help="sample the server with perf")
     parser.add_argument("--durable", action="store_true", help="serve from PostgreSQL")
+    parser.add_argument(
+        "--unary", action="store_true", help="unary `Allocate` on 16 connections, not batches"
+    )
+    parser.add_argument("--perf-data", type=Path, help="keep perf's samples in this file")
     args = parser.parse_args()
     if args.perf and shutil.which("perf") is None:
         raise SystemExit("--perf needs perf (apt-get install linux-perf)")
