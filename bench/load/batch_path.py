@@ -7,8 +7,11 @@ source and device, an iPhone/Instagram context, a new user id per item, a non-st
 the in-memory journal): the per-item Python path (parse the request with protobuf, allocate item
 by item, build and serialize the response) and the bytes path (Rust decodes, checks, extracts,
 decides, encodes and holds the new assignments; Python hands them to the journal whole). Also
-the Rust steps alone, and Rust's finish holding into a bounded store already full (every new
-assignment evicts one, as in a server after warm-up; `--full-store 0` skips it). CPU time
+the Rust steps alone, Rust's finish holding into a bounded store already full (every new
+assignment evicts one, as in a server after warm-up; `--full-store 0` skips it), and the
+write-behind's work on the rounds' new assignments as one block (`assignment_block`: what a
+durable server's flush thread does under batch load; and as `copy_assignments`, compressed,
+plus `block_filter`, two passes, as it was before). CPU time
 (`time.process_time`) per item; prints one JSON line.
 """
 
@@ -29,7 +32,14 @@ from allocsvc.api import convert
 from allocsvc.api.allocator import AllocatorServicer
 from allocsvc.config import ClusteringSettings, EmbeddingsSettings
 from allocsvc.context import Extractor
-from allocsvc.core import Engine, HeldAssignments
+from allocsvc.core import (
+    Engine,
+    HeldAssignments,
+    MadeAssignments,
+    assignment_block,
+    block_filter,
+    copy_assignments,
+)
 from allocsvc.learning.service import build_learning
 
 
@@ -75,8 +85,8 @@ async def measure(items: int, rounds: int, full_store: int, learning: bool) -> d
     prepared = [catalogue.prepare(data, 0, False) for _ in range(rounds)]
     rust_prepare = per_item(time.process_time() - start)
 
-    def finish(p: Any, held: HeldAssignments, first_seq: int) -> None:
-        p.finish(
+    def finish(p: Any, held: HeldAssignments, first_seq: int) -> MadeAssignments:
+        _, made = p.finish(
             engine,
             catalogue,
             held,
@@ -87,12 +97,24 @@ async def measure(items: int, rounds: int, full_store: int, learning: bool) -> d
             given={},
             errors={},
         )
+        return made
 
     held = HeldAssignments("x")
     start = time.process_time()
-    for r, p in enumerate(prepared):
-        finish(p, held, 1 + r * items)
+    made = [finish(p, held, 1 + r * items) for r, p in enumerate(prepared)]
     rust_finish = per_item(time.process_time() - start)
+    # The write-behind's thread under batch load: the rounds' assignments as one block
+    # (compressed COPY rows and their filter) in one pass, and as two passes (before item 31),
+    # best of five each.
+    one_pass, apart = [], []
+    for _ in range(5):
+        start = time.process_time()
+        assignment_block(made)
+        one_pass.append(time.process_time() - start)
+        start = time.process_time()
+        block_filter(made)
+        copy_assignments(made, compressed=True)
+        apart.append(time.process_time() - start)
     rust_finish_full = None
     if full_store:
         full = HeldAssignments("x", full_store)
@@ -116,6 +138,8 @@ async def measure(items: int, rounds: int, full_store: int, learning: bool) -> d
         "us_per_item_rust_finish": rust_finish,
         "us_per_item_rust_finish_full_store": rust_finish_full,
         "us_per_item_python_bookkeeping": round(bytes_path - rust_prepare - rust_finish, 2),
+        "us_per_item_block": per_item(min(one_pass)),
+        "us_per_item_block_two_passes": per_item(min(apart)),
     }
 
 

@@ -112,6 +112,27 @@ mod tests {
     }
 
     #[test]
+    fn bits_are_where_stored_filters_have_them() {
+        // Filters stored by earlier versions are read by this one: a key's bits are still at
+        // bit p of the whole filter, p = line * 512 + the top 9 bits of each multiplication.
+        let lines = 7;
+        let mut f = Filter::for_keys(lines * LINE * 8 / BITS_PER_KEY);
+        let key = id_key("p-2a");
+        f.insert(key);
+        let bytes = f.into_bytes();
+        let line = (((key >> 32) * lines as u64) >> 32) as usize;
+        let mut h = key ^ (key >> 31);
+        let mut expected = vec![0u8; lines * LINE];
+        for _ in 0..PROBES {
+            h = h.wrapping_mul(0xbf58_476d_1ce4_e5b9);
+            let p = line * LINE * 8 + (h >> 55) as usize;
+            expected[p / 8] |= 1 << (p % 8);
+        }
+        assert_eq!(bytes, expected);
+        assert!(may_hold(&bytes, key));
+    }
+
+    #[test]
     fn no_filter_may_hold_anything() {
         assert!(may_hold(&[], user_key(1, "anyone")));
         let empty = Filter::for_keys(0).into_bytes();

@@ -964,28 +964,43 @@ impl Made {
     /// Append the assignments as rows of PostgreSQL's binary COPY format, columns
     /// [`COPY_COLUMNS`] (see [`copy_header`] and [`copy_trailer`]).
     pub fn copy_rows(&self, out: &mut Vec<u8>) {
+        self.copy_rows_with(out, |_| {});
+    }
+
+    /// [`Made::copy_rows`] and [`Made::add_to_filter`] in one pass: each id is written once
+    /// (a block's rows and its filter, built on the write-behind's thread).
+    pub fn copy_rows_into_filter(&self, out: &mut Vec<u8>, filter: &mut crate::filter::Filter) {
+        self.copy_rows_with(out, |a| {
+            filter.insert_assignment(&a.id, a.handle, a.user_id);
+        });
+    }
+
+    fn copy_rows_with(&self, out: &mut Vec<u8>, mut each: impl FnMut(&Assignment<'_>)) {
         let hashes: Vec<u64> = self.keys.iter().map(|k| crate::keys::key_hash(k)).collect();
+        out.reserve(self.len() * COPY_ROW_BYTES);
         let mut id = String::new();
         for k in 0..self.len() {
             self.write_id(k, &mut id);
             let key = self.key_of[k] as usize;
-            copy_row(
-                out,
-                &Assignment {
-                    id: Cow::Borrowed(&id),
-                    handle: self.handles[k],
-                    user_id: self.user_id(k),
-                    variant: self.variants[k] as usize,
-                    segment_key: &self.keys[key],
-                    level: self.levels[k] as usize,
-                    propensity: self.propensities[k],
-                    created_ms: self.created_at(k),
-                },
-                hashes[key],
-            );
+            let a = Assignment {
+                id: Cow::Borrowed(&id),
+                handle: self.handles[k],
+                user_id: self.user_id(k),
+                variant: self.variants[k] as usize,
+                segment_key: &self.keys[key],
+                level: self.levels[k] as usize,
+                propensity: self.propensities[k],
+                created_ms: self.created_at(k),
+            };
+            each(&a);
+            copy_row(out, &a, hashes[key]);
         }
     }
 }
+
+/// Bytes to set aside per row of [`copy_row`] (its fixed part is 74 bytes; ids, user ids and
+/// segment keys make the rest): a block's stream is written without growing it again.
+pub const COPY_ROW_BYTES: usize = 128;
 
 /// Append one assignment as a row of PostgreSQL's binary COPY format, columns
 /// [`COPY_COLUMNS`]; `segment_hash` is its segment key's hash.
@@ -1591,6 +1606,24 @@ mod tests {
         assert_eq!(rest.len(), 1);
         rest.write_id(0, &mut id);
         assert_eq!((id.as_str(), rest.user_id(0)), ("p-b", "vv"));
+    }
+
+    #[test]
+    fn rows_and_filter_in_one_pass_equal_each_alone() {
+        let mut made = Made::new("p", 5);
+        for seq in 0..300u64 {
+            let user = format!("user-{}", seq % 97);
+            let key = if seq % 3 == 0 { "a" } else { "b|c" };
+            made.push(seq * 7, 1 + seq % 2, &user, (seq % 5) as usize, key, 1, 0.2);
+        }
+        let (mut rows, mut filter) = (Vec::new(), crate::filter::Filter::for_keys(600));
+        made.copy_rows(&mut rows);
+        made.add_to_filter(&mut filter);
+        let (mut both, mut both_filter) = (Vec::new(), crate::filter::Filter::for_keys(600));
+        made.copy_rows_into_filter(&mut both, &mut both_filter);
+        assert_eq!(both, rows);
+        assert_eq!(both_filter.into_bytes(), filter.into_bytes());
+        assert!(rows.len() > 300 * 74);
     }
 
     #[test]

@@ -8,30 +8,13 @@ import asyncio
 import time
 
 import pytest
+from batch_support import servicer
 
 from allocsvc._proto import allocsvc_pb2 as pb
-from allocsvc.allocation.journal import MemoryJournal
-from allocsvc.allocation.service import AllocationService
-from allocsvc.api import convert
-from allocsvc.api.allocator import AllocatorServicer
-from allocsvc.context import Extractor
-from allocsvc.core import Engine
 
 pytestmark = pytest.mark.unit
 
 USERS = 1_000
-
-
-async def _servicer() -> tuple[AllocationService, AllocatorServicer]:
-    service = AllocationService(Engine(), MemoryJournal(), Extractor())
-    experiment = pb.Experiment(
-        id="e",
-        status=pb.EXPERIMENT_STATUS_RUNNING,
-        variants=[pb.Variant(id="A"), pb.Variant(id="B"), pb.Variant(id="C")],
-        sticky=False,
-    )
-    await service.create_experiment(convert.experiment_from_pb(experiment))
-    return service, AllocatorServicer(service, "local")
 
 
 def _batch() -> bytes:
@@ -46,7 +29,7 @@ def _ids(response: bytes) -> list[str]:
 
 
 async def test_the_store_s_thread_holds_a_batch_nobody_looks_for() -> None:
-    service, api = await _servicer()
+    service, api = await servicer()
     ids = _ids(await api.AllocateBatchBytes(_batch(), None))  # type: ignore[arg-type]
     held = service._held
     deadline = time.monotonic() + 30  # a hang bound only; it takes milliseconds

@@ -417,6 +417,36 @@ impl PyMade {
     }
 }
 
+/// The start of a COPY stream of `singles` and `made` (`copy_assignments`' arguments): its
+/// header and the rows of `singles`, with room for those of `made`; with `filter`, the singles'
+/// keys put in it.
+fn copy_singles(
+    singles: &[HeldIn<'_>],
+    made: &[&Made],
+    mut filter: Option<&mut Filter>,
+) -> Vec<u8> {
+    let rows = singles.len() + made.iter().map(|m| m.len()).sum::<usize>();
+    let mut out = Vec::with_capacity(19 + rows * held::COPY_ROW_BYTES);
+    held::copy_header(&mut out);
+    for (id, _, handle, user_id, variant, segment_key, level, propensity, created_ms) in singles {
+        let a = Assignment {
+            id: Cow::Borrowed(id),
+            handle: *handle,
+            user_id,
+            variant: *variant,
+            segment_key,
+            level: *level,
+            propensity: *propensity,
+            created_ms: *created_ms,
+        };
+        if let Some(f) = filter.as_deref_mut() {
+            f.insert_assignment(id, *handle, user_id);
+        }
+        held::copy_row(&mut out, &a, keys::key_hash(segment_key));
+    }
+    out
+}
+
 /// Assignments as one PostgreSQL binary COPY stream (columns `ASSIGNMENT_COPY_COLUMNS`):
 /// `singles` (`Held` tuples) first, then those of `made`; with `compressed`, that stream as an
 /// LZ4 block with its length in front (`decompress_block` gives it back). The rows of `made`
@@ -429,24 +459,8 @@ pub(crate) fn copy_assignments<'py>(
     singles: Option<Vec<HeldIn<'py>>>,
     compressed: bool,
 ) -> Bound<'py, PyBytes> {
-    let singles = singles.unwrap_or_default();
-    let rows = singles.len() + made.iter().map(|m| m.inner.len()).sum::<usize>();
-    let mut out = Vec::with_capacity(19 + rows * 96);
-    held::copy_header(&mut out);
-    for (id, _, handle, user_id, variant, segment_key, level, propensity, created_ms) in &singles {
-        let a = Assignment {
-            id: Cow::Borrowed(id),
-            handle: *handle,
-            user_id,
-            variant: *variant,
-            segment_key,
-            level: *level,
-            propensity: *propensity,
-            created_ms: *created_ms,
-        };
-        held::copy_row(&mut out, &a, keys::key_hash(segment_key));
-    }
     let made: Vec<&Made> = made.iter().map(|m| &*m.inner).collect();
+    let mut out = copy_singles(&singles.unwrap_or_default(), &made, None);
     let out = py.allow_threads(move || {
         for m in made {
             m.copy_rows(&mut out);
@@ -484,6 +498,31 @@ pub(crate) fn block_filter<'py>(
         out.into_bytes()
     });
     PyBytes::new(py, &out)
+}
+
+/// A block of these assignments (`copy_assignments`' arguments) as stored: its compressed
+/// COPY stream (`copy_assignments(..., compressed=True)`) and its filter (`block_filter`),
+/// built in one pass, each id written once; those of `made` without the GIL.
+#[pyfunction]
+#[pyo3(signature = (made, singles=None))]
+pub(crate) fn assignment_block<'py>(
+    py: Python<'py>,
+    made: Vec<PyRef<'py, PyMade>>,
+    singles: Option<Vec<HeldIn<'py>>>,
+) -> (Bound<'py, PyBytes>, Bound<'py, PyBytes>) {
+    let singles = singles.unwrap_or_default();
+    let made: Vec<&Made> = made.iter().map(|m| &*m.inner).collect();
+    let rows = singles.len() + made.iter().map(|m| m.len()).sum::<usize>();
+    let mut filter = Filter::for_keys(2 * rows);
+    let mut out = copy_singles(&singles, &made, Some(&mut filter));
+    let (payload, filter) = py.allow_threads(move || {
+        for m in made {
+            m.copy_rows_into_filter(&mut out, &mut filter);
+        }
+        held::copy_trailer(&mut out);
+        (lz4_flex::compress_prepend_size(&out), filter.into_bytes())
+    });
+    (PyBytes::new(py, &payload), PyBytes::new(py, &filter))
 }
 
 /// Whether a block's `filter` may hold an assignment of (`handle`, `user_id`); an empty filter

@@ -44,7 +44,7 @@ from allocsvc.analytics import DailyTraffic
 from allocsvc.core import (
     AssignmentLog,
     MadeAssignments,
-    block_filter,
+    assignment_block,
     copy_assignments,
     key_hash,
     parent_keys,
@@ -299,9 +299,7 @@ class _Unit:
             for (handle, _), n in m.level_counts():
                 visitors[handle] += n
         blocks = [
-            AssignmentBlock(
-                n, copy_assignments(made, singles, compressed=True), block_filter(made, singles)
-            )
+            AssignmentBlock(n, *assignment_block(made, singles))
             for made, singles, n in (self._parts(block_rows) if block else [])
         ]
         return WriteBehind(
