@@ -262,6 +262,41 @@ async def test_the_expander_empties_blocks_once_flushes_are_small(
     assert len(await assignment_rows(migrated_db, HELD_COLUMNS)) == 2 * USERS
 
 
+async def _expanding(journal: PostgresJournal, done: Callable[[], bool]) -> None:
+    """Run `journal`'s loops until `done()` (a hang bound of 10 s), then 20 more of its flush
+    intervals of 10 ms."""
+    journal.start()
+    try:
+        for _ in range(1000):
+            if done():
+                break
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.2)
+    finally:
+        await journal.close()
+
+
+async def test_no_block_is_expanded_while_some_process_writes_blocks(
+    store: PostgresStore, migrated_db: str
+) -> None:
+    # A replica with no batches of its own leaves the block another one wrote just now (that
+    # one's batches are past what rows take), and expands it once blocks stop coming.
+    writer = PostgresJournal(store, block_min_rows=100)
+    _allocate(await batch_service(writer), range(USERS))
+    await writer.flush()
+    assert writer.stats.blocks_written == 1
+    idle = PostgresJournal(store, flush_interval=0.01, block_quiet_s=3600)
+    await _expanding(idle, lambda: idle.stats.unexpanded_assignments == USERS)
+    assert idle.stats.unexpanded_assignments == USERS  # it looked, and left the block
+    assert idle.stats.assignments_expanded == 0
+    assert await _blocks(migrated_db) == [USERS]
+    later = PostgresJournal(store, flush_interval=0.01, block_quiet_s=0.0)
+    await _expanding(later, lambda: later.stats.assignments_expanded == USERS)
+    assert later.stats.assignments_expanded == USERS
+    assert await _blocks(migrated_db) == []
+    assert len(await assignment_rows(migrated_db, HELD_COLUMNS)) == USERS
+
+
 async def test_the_latest_is_the_one_made_last_though_an_older_one_was_in_a_block(
     store: PostgresStore, migrated_db: str
 ) -> None:

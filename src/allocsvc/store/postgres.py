@@ -329,6 +329,11 @@ _INSERT_BLOCK = "INSERT INTO assignment_blocks (rows, payload, filter) VALUES ($
 _NEXT_BLOCK = (
     "SELECT id, rows, payload FROM assignment_blocks WHERE id <= $1 ORDER BY id LIMIT 1 FOR UPDATE"
 )
+_BLOCK_BACKLOG = """
+SELECT coalesce(sum(rows), 0) AS rows,
+       extract(epoch FROM clock_timestamp() - max(created_at)) AS newest_age_s
+FROM assignment_blocks
+"""
 _LAST_BLOCK = "SELECT max(id) FROM assignment_blocks"
 # The same, among the blocks $1 (a reader's: the others may not hold what it looks for).
 _NEXT_BLOCK_OF = (
@@ -672,9 +677,14 @@ class PostgresStore:
 
     async def unexpanded_assignments(self) -> int:
         """Assignments in `assignment_blocks`, not yet expanded into `assignments`."""
-        return int(
-            await self._pool.fetchval("SELECT coalesce(sum(rows), 0) FROM assignment_blocks")
-        )
+        return (await self.block_backlog())[0]
+
+    async def block_backlog(self) -> tuple[int, float | None]:
+        """`unexpanded_assignments`, and how long ago (s, by the database's clock) the newest
+        block was written; None when there is none."""
+        row = await self._pool.fetchrow(_BLOCK_BACKLOG)
+        age = row["newest_age_s"]
+        return int(row["rows"]), None if age is None else float(age)
 
     async def expand_all_blocks(self) -> int:
         """Every block written before the call into `assignments` (a reader's first step: one

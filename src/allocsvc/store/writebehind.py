@@ -79,6 +79,9 @@ _BLOCK_RETRY_S = 1.0
 # did before, about 0.15-0.2 s; one block of a 200,000 flush 1.6-1.9 s; bench/RESULTS.md items
 # 27 and 28).
 BLOCK_MAX_ROWS = 20_000
+# Blocks are expanded once no process wrote one for this long (they come every flush interval
+# while some replica's batches are past what rows take).
+BLOCK_QUIET_S = 1.0
 
 # Failures that mean "the database is not reachable right now" (57P01-03: it is shutting
 # down or starting up).
@@ -364,10 +367,13 @@ class PostgresJournal:
         block_min_rows: int = 10_000,
         max_unexpanded_assignments: int = 10_000_000,
         block_max_rows: int = BLOCK_MAX_ROWS,
+        block_quiet_s: float = BLOCK_QUIET_S,
     ) -> None:
         # A flush of at least `block_min_rows` assignments writes them as blocks of about
         # `block_max_rows` while blocks hold fewer than `max_unexpanded_assignments` (0: never).
+        # Blocks are expanded once none was written for `block_quiet_s`.
         self._block_min_rows = max(1, block_min_rows)
+        self._block_quiet_s = block_quiet_s
         self._block_max_rows = max(1, block_max_rows)
         self._max_unexpanded = max_unexpanded_assignments
         self._last_flush_block = False
@@ -660,9 +666,11 @@ class PostgresJournal:
 
     async def _expand_loop(self) -> None:
         """Expand blocks into `assignments`, one after another, while the last flush was small
-        enough to write rows: a flush of blocks means the load is past what rows take, and
-        expanding would slow the flushes. Blocks of other processes are looked for every
-        few seconds when this process knows of none."""
+        enough to write rows and no process wrote a block for `block_quiet_s`: a flush of
+        blocks means the load is past what rows take, and expanding would slow the flushes (a
+        replica with no load of its own would take PostgreSQL and the cores from the one
+        under load). Blocks of other processes are looked for every few seconds when this
+        process knows of none."""
         idle = _BLOCK_LOOK_TICKS
         expanded = 0
         while True:
@@ -676,8 +684,11 @@ class PostgresJournal:
                 continue
             idle = 0
             try:
-                self.stats.unexpanded_assignments = await self._store.unexpanded_assignments()
-                if self.stats.unexpanded_assignments:
+                unexpanded, newest_age_s = await self._store.block_backlog()
+                self.stats.unexpanded_assignments = unexpanded
+                if newest_age_s is not None and newest_age_s < self._block_quiet_s:
+                    continue
+                if unexpanded:
                     expanded = await self._store.expand_blocks(limit=1)
                     self.stats.assignments_expanded += expanded
                     self.stats.unexpanded_assignments -= min(
