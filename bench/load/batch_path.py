@@ -10,8 +10,7 @@ decides, encodes and holds the new assignments; Python hands them to the journal
 the Rust steps alone, Rust's finish holding into a bounded store already full (every new
 assignment evicts one, as in a server after warm-up; `--full-store 0` skips it), and the
 write-behind's work on the rounds' new assignments as one block (`assignment_block`: what a
-durable server's flush thread does under batch load; and as `copy_assignments`, compressed,
-plus `block_filter`, two passes, as it was before). CPU time
+durable server's flush thread does under batch load). CPU time
 (`time.process_time`) per item; prints one JSON line.
 """
 
@@ -37,8 +36,6 @@ from allocsvc.core import (
     HeldAssignments,
     MadeAssignments,
     assignment_block,
-    block_filter,
-    copy_assignments,
 )
 from allocsvc.learning.service import build_learning
 
@@ -104,17 +101,12 @@ async def measure(items: int, rounds: int, full_store: int, learning: bool) -> d
     made = [finish(p, held, 1 + r * items) for r, p in enumerate(prepared)]
     rust_finish = per_item(time.process_time() - start)
     # The write-behind's thread under batch load: the rounds' assignments as one block
-    # (compressed COPY rows and their filter) in one pass, and as two passes (before item 31),
-    # best of five each.
-    one_pass, apart = [], []
+    # (compressed COPY rows and their filter), best of five.
+    blocks = []
     for _ in range(5):
         start = time.process_time()
         assignment_block(made)
-        one_pass.append(time.process_time() - start)
-        start = time.process_time()
-        block_filter(made)
-        copy_assignments(made, compressed=True)
-        apart.append(time.process_time() - start)
+        blocks.append(time.process_time() - start)
     rust_finish_full = None
     if full_store:
         full = HeldAssignments("x", full_store)
@@ -138,8 +130,7 @@ async def measure(items: int, rounds: int, full_store: int, learning: bool) -> d
         "us_per_item_rust_finish": rust_finish,
         "us_per_item_rust_finish_full_store": rust_finish_full,
         "us_per_item_python_bookkeeping": round(bytes_path - rust_prepare - rust_finish, 2),
-        "us_per_item_block": per_item(min(one_pass)),
-        "us_per_item_block_two_passes": per_item(min(apart)),
+        "us_per_item_block": per_item(min(blocks)),
     }
 
 

@@ -952,23 +952,15 @@ impl Made {
         &self.handles
     }
 
-    /// Put each assignment's (experiment, user) and id in `filter` (see [`crate::filter`]).
-    pub fn add_to_filter(&self, filter: &mut crate::filter::Filter) {
-        let mut id = String::new();
-        for k in 0..self.len() {
-            self.write_id(k, &mut id);
-            filter.insert_assignment(&id, self.handles[k], self.user_id(k));
-        }
-    }
-
     /// Append the assignments as rows of PostgreSQL's binary COPY format, columns
     /// [`COPY_COLUMNS`] (see [`copy_header`] and [`copy_trailer`]).
     pub fn copy_rows(&self, out: &mut Vec<u8>) {
         self.copy_rows_with(out, |_| {});
     }
 
-    /// [`Made::copy_rows`] and [`Made::add_to_filter`] in one pass: each id is written once
-    /// (a block's rows and its filter, built on the write-behind's thread).
+    /// [`Made::copy_rows`], and each assignment's (experiment, user) and id put in `filter`
+    /// (see [`crate::filter`]), in one pass: each id is written once (a block's rows and its
+    /// filter, built on the write-behind's thread).
     pub fn copy_rows_into_filter(&self, out: &mut Vec<u8>, filter: &mut crate::filter::Filter) {
         self.copy_rows_with(out, |a| {
             filter.insert_assignment(&a.id, a.handle, a.user_id);
@@ -1609,7 +1601,7 @@ mod tests {
     }
 
     #[test]
-    fn rows_and_filter_in_one_pass_equal_each_alone() {
+    fn rows_and_filter_in_one_pass_equal_each_built_alone() {
         let mut made = Made::new("p", 5);
         for seq in 0..300u64 {
             let user = format!("user-{}", seq % 97);
@@ -1618,7 +1610,9 @@ mod tests {
         }
         let (mut rows, mut filter) = (Vec::new(), crate::filter::Filter::for_keys(600));
         made.copy_rows(&mut rows);
-        made.add_to_filter(&mut filter);
+        for k in 0..made.len() {
+            filter.insert_assignment(&made.id_text(k), made.handles()[k], made.user_id(k));
+        }
         let (mut both, mut both_filter) = (Vec::new(), crate::filter::Filter::for_keys(600));
         made.copy_rows_into_filter(&mut both, &mut both_filter);
         assert_eq!(both, rows);

@@ -21,7 +21,6 @@ __all__ = [
     "assignment_block",
     "batch_items",
     "beta_throughput",
-    "block_filter",
     "block_rows_of_id",
     "block_rows_of_user",
     "bucket",
@@ -93,19 +92,14 @@ def block_rows_of_user(data: bytes, handle: int, user_id: str) -> list[BlockRow]
 def block_rows_of_id(data: bytes, id: str) -> list[BlockRow]:
     """The rows with assignment id `id` in a compressed block (see `block_rows_of_user`)."""
 
-def block_filter(
-    made: Sequence[MadeAssignments], singles: Sequence[HeldTuple] | None = None
-) -> bytes:
-    """The Bloom filter of a block of these assignments (`copy_assignments`' arguments): their
-    (experiment, user) pairs and ids (xxh3, stable across processes); those of `made` put in
-    without the GIL. It never misses an assignment put in; about 0.1% of others pass."""
-
 def assignment_block(
     made: Sequence[MadeAssignments], singles: Sequence[HeldTuple] | None = None
 ) -> tuple[bytes, bytes]:
     """A block of these assignments as stored: `copy_assignments(made, singles,
-    compressed=True)` and `block_filter(made, singles)`, built in one pass (each id written
-    once); those of `made` without the GIL."""
+    compressed=True)` and its Bloom filter, built in one pass (each id written once); those of
+    `made` without the GIL. The filter holds their (experiment, user) pairs and ids (xxh3,
+    stable across processes): it never misses an assignment put in; about 0.1% of others
+    pass."""
 
 def filter_may_hold_user(filter: bytes, handle: int, user_id: str) -> bool:
     """Whether a block's `filter` may hold an assignment of (`handle`, `user_id`); an empty

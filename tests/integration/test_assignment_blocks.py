@@ -22,8 +22,7 @@ from allocsvc.api import convert
 from allocsvc.context import Extractor
 from allocsvc.core import (
     Engine,
-    block_filter,
-    copy_assignments,
+    assignment_block,
     decompress_block,
     filter_may_hold_id,
     filter_may_hold_user,
@@ -470,9 +469,7 @@ async def test_of_a_row_and_a_block_row_made_in_one_millisecond_the_later_id_is_
         ]
     )
     single = (in_block, "one", handle, "ann", 1, "", 0, 0.5, made_ms)
-    block = AssignmentBlock(
-        1, copy_assignments([], [single], compressed=True), block_filter([], [single])
-    )
+    block = AssignmentBlock(1, *assignment_block([], [single]))
     assert await store.write_behind(WriteBehind("tie", b"", [], {}, [], blocks=[block]))
     latest = await store.get_assignment(handle, "ann")
     assert latest is not None and latest.id == "p-100"

@@ -475,34 +475,10 @@ pub(crate) fn copy_assignments<'py>(
     PyBytes::new(py, &out)
 }
 
-/// The filter of a block of these assignments (`copy_assignments`' arguments): their
-/// (experiment, user) pairs and ids; those of `made` put in without the GIL.
-#[pyfunction]
-#[pyo3(signature = (made, singles=None))]
-pub(crate) fn block_filter<'py>(
-    py: Python<'py>,
-    made: Vec<PyRef<'py, PyMade>>,
-    singles: Option<Vec<HeldIn<'py>>>,
-) -> Bound<'py, PyBytes> {
-    let singles = singles.unwrap_or_default();
-    let rows = singles.len() + made.iter().map(|m| m.inner.len()).sum::<usize>();
-    let mut out = Filter::for_keys(2 * rows);
-    for (id, _, handle, user_id, ..) in &singles {
-        out.insert_assignment(id, *handle, user_id);
-    }
-    let made: Vec<&Made> = made.iter().map(|m| &*m.inner).collect();
-    let out = py.allow_threads(move || {
-        for m in made {
-            m.add_to_filter(&mut out);
-        }
-        out.into_bytes()
-    });
-    PyBytes::new(py, &out)
-}
-
 /// A block of these assignments (`copy_assignments`' arguments) as stored: its compressed
-/// COPY stream (`copy_assignments(..., compressed=True)`) and its filter (`block_filter`),
-/// built in one pass, each id written once; those of `made` without the GIL.
+/// COPY stream (`copy_assignments(..., compressed=True)`) and its filter (see
+/// `allocsvc_core::filter`: their (experiment, user) pairs and ids), built in one pass, each id
+/// written once; those of `made` without the GIL.
 #[pyfunction]
 #[pyo3(signature = (made, singles=None))]
 pub(crate) fn assignment_block<'py>(

@@ -17,8 +17,8 @@ use allocsvc_core::held::Assignment;
 use allocsvc_core::{keys, CountRow};
 use error::{invalid, to_py};
 use held::{
-    assignment_block, block_filter, block_rows_of_id, block_rows_of_user, copy_assignments,
-    decompress_block, filter_may_hold_id, filter_may_hold_user, PyHeld, PyLog, PyMade,
+    assignment_block, block_rows_of_id, block_rows_of_user, copy_assignments, decompress_block,
+    filter_may_hold_id, filter_may_hold_user, PyHeld, PyLog, PyMade,
 };
 use pyo3::exceptions::PyTypeError;
 use pyo3::prelude::*;
@@ -865,7 +865,6 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(decompress_block, m)?)?;
     m.add_function(wrap_pyfunction!(block_rows_of_user, m)?)?;
     m.add_function(wrap_pyfunction!(block_rows_of_id, m)?)?;
-    m.add_function(wrap_pyfunction!(block_filter, m)?)?;
     m.add_function(wrap_pyfunction!(assignment_block, m)?)?;
     m.add_function(wrap_pyfunction!(filter_may_hold_user, m)?)?;
     m.add_function(wrap_pyfunction!(filter_may_hold_id, m)?)?;

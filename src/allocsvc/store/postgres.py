@@ -138,8 +138,8 @@ class AssignmentBlock:
     """Assignments as one row of `assignment_blocks` (see `PostgresStore.expand_blocks`)."""
 
     rows: int
-    payload: bytes  # `copy_assignments(..., compressed=True)`
-    filter: bytes  # `block_filter(...)` of the same assignments
+    payload: bytes  # `copy_assignments(..., compressed=True)`, as `assignment_block` builds it
+    filter: bytes  # the filter `assignment_block` builds with it
 
 
 @dataclass(frozen=True, slots=True)
