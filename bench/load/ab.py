@@ -1,13 +1,14 @@
 """This tree against an earlier commit, in one run (issue 10): what a change moved, under load.
 
     python bench/load/ab.py --base c4c640d [--rounds 3] [--seconds 10] [--kinds batch,unary]
-        [--durable] [--rate 1600]
+        [--durable | --redis] [--rate 1600]
 
 This VM's steal drifts over minutes, so two builds measured one after the other (or in two
 h2.py runs) cannot be compared. Here both run at once, each `allocsvc serve --in-memory
 --workers 1` (no PostgreSQL: the allocation path alone), or with `--durable` each on its own
 database of one embedded PostgreSQL (every assignment written behind, as `allocsvc serve`
-runs by default), next to bench/load/echo.py; then rounds
+runs by default), or with `--redis` durable and each sharing state through its own database of
+one redis-server (a production replica), next to bench/load/echo.py; then rounds
 of h2.py's closed-loop runs, every setup in turn, the order rotated each round: unary
 `Allocate` at 16 connections x 2 streams, `AllocateBatch` of 1,000 items at 2 x 2. The base is
 the commit's source in a git worktree, its Rust extension built there with maturin (a few
@@ -85,8 +86,11 @@ def base_tree(rev: str, workdir: Path, maturin: str) -> Iterator[Path]:
         )
 
 
-def start(name: str, workdir: Path, base_src: Path, postgres: Any) -> h2.Target:
-    """Start `name` (echo, this, base): `--in-memory`, or on a database of `postgres`."""
+def start(
+    name: str, workdir: Path, base_src: Path, postgres: Any, redis: str = ""
+) -> h2.Target:
+    """Start `name` (echo, this, base): `--in-memory`, or on a database of `postgres`; with
+    `redis` (a server's URL), sharing state through a database of its own there."""
     sub = workdir / name
     sub.mkdir()
     if name == "echo":
@@ -97,14 +101,16 @@ def start(name: str, workdir: Path, base_src: Path, postgres: Any) -> h2.Target:
             os.environ["PYTHONPATH"] = str(base_src)
         if postgres is None:
             return h2.start("mem", sub, None)
-        return h2.start("w1", sub, postgres, database=f"ab_{name}")
+        if redis:
+            redis = f"{redis.rsplit('/', 1)[0]}/{SETUPS.index(name)}"
+        return h2.start("w1", sub, postgres, database=f"ab_{name}", redis=redis)
     finally:
         os.environ.clear()
         os.environ.update(env)
 
 
 def measure(
-    args: argparse.Namespace, workdir: Path, base_src: Path, postgres: Any
+    args: argparse.Namespace, workdir: Path, base_src: Path, postgres: Any, redis: str = ""
 ) -> list[dict[str, Any]]:
     bodies = h2.grpc_body(workdir)
     unary = (
@@ -120,7 +126,7 @@ def measure(
     rows = []
     try:
         for name in SETUPS:
-            targets[name] = start(name, workdir, base_src, postgres)
+            targets[name] = start(name, workdir, base_src, postgres, redis)
         for target in targets.values():
             for kind in args.kinds:
                 h2.run_h2load(args.h2load, target, *kinds[kind], WARMUP_S)
@@ -142,10 +148,12 @@ def report(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
     lines = [
         f"Command: `python bench/load/ab.py --base {args.base} --rounds {args.rounds} "
         f"--seconds {args.seconds:g} --kinds {','.join(args.kinds)}"
-        f"{' --durable' if args.durable else ''}{f' --rate {args.rate}' if args.rate else ''}` "
+        f"{' --redis' if args.redis else ' --durable' if args.durable else ''}"
+        f"{f' --rate {args.rate}' if args.rate else ''}` "
         f"({args.started}). "
         f"`this`: the working tree; `base`: {args.base}; both "
-        f"{'on the embedded PostgreSQL' if args.durable else '`--in-memory`'}. "
+        f"{'on the embedded PostgreSQL' if args.durable else '`--in-memory`'}"
+        f"{', each sharing state through its own Redis database' if args.redis else ''}. "
         "Each run's allocations/s count the "
         "calls answered OK (batches x 1,000); server CPU is per call (per batch for batches), "
         "`main thread` its part on the server's main thread (the event loop).",
@@ -203,7 +211,13 @@ def main() -> int:
         action="store_true",
         help="serve `this` and `base` on an embedded PostgreSQL instead of --in-memory",
     )
+    parser.add_argument(
+        "--redis",
+        action="store_true",
+        help="as --durable, and `this` and `base` each sharing state through Redis",
+    )
     args = parser.parse_args()
+    args.durable = args.durable or args.redis
     args.kinds = [k for k in args.kinds.split(",") if k]
     if not set(args.kinds) <= {"batch", "unary"} or not args.kinds:
         parser.error("--kinds: batch and/or unary")
@@ -217,10 +231,10 @@ def main() -> int:
         workdir = Path(tmp)
         with contextlib.ExitStack() as stack:
             base_src = stack.enter_context(base_tree(args.base, workdir, args.maturin))
-            postgres = None
+            postgres, redis = None, ""
             if args.durable:
-                postgres, _ = stack.enter_context(run.stores(workdir))
-            rows = measure(args, workdir, base_src, postgres)
+                postgres, redis = stack.enter_context(run.stores(workdir))
+            rows = measure(args, workdir, base_src, postgres, redis if args.redis else "")
     print(report(rows, args))
     return 0
 

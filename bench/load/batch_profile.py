@@ -1,10 +1,11 @@
 """Where a whole server's time goes under 1,000-item `AllocateBatch` calls, or with `--unary`
 single `Allocate`s (issue 10): `allocsvc serve --in-memory` under h2load, as h2.py's rows run
 it, or with `--durable` the server on PostgreSQL (h2.py's `w1`: the embedded server, or
-`ALLOCSVC_TEST_DSN`).
+`ALLOCSVC_TEST_DSN`), or with `--redis` durable and sharing state through a redis-server
+started for the run (a production replica; Redis's own CPU is not in the figures).
 
     python bench/load/batch_profile.py [--seconds 20] [--warmup 10] [--streams 2] [--unary]
-        [--durable] [--perf] [--perf-data FILE]
+        [--durable | --redis] [--perf] [--perf-data FILE]
 
 After a warm-up (`--warmup` seconds), h2load sends h2.py's pre-serialized batch (each item its
 own user id) for `--seconds` on 2 connections with `--streams` in flight each (`--unary`: its
@@ -97,11 +98,13 @@ def thread_shares(data: Path, main_tid: int) -> dict[str, float]:
     return {k: round(n / total, 3) for k, n in counts.most_common()}
 
 
-def measure(args: argparse.Namespace, workdir: Path, postgres: Any) -> dict[str, Any]:
+def measure(
+    args: argparse.Namespace, workdir: Path, postgres: Any, redis: str = ""
+) -> dict[str, Any]:
     h2load = h2.find_h2load()
     unary, _, batch = h2.grpc_body(workdir)
     body, items = (unary, 1) if args.unary else (batch, h2.BATCH_ITEMS)
-    target = h2.start("w1" if args.durable else "mem", workdir, postgres)
+    target = h2.start("w1" if args.durable else "mem", workdir, postgres, redis=redis)
     try:
         shape = h2.Shape(16, args.streams) if args.unary else h2.Shape(2, args.streams, batch=items)
         h2.run_h2load(h2load, target, body, shape, args.warmup)
@@ -158,18 +161,23 @@ def main() -> None:
     parser.add_argument("--perf", action="store_true", help="sample the server with perf")
     parser.add_argument("--durable", action="store_true", help="serve from PostgreSQL")
     parser.add_argument(
+        "--redis", action="store_true", help="serve from PostgreSQL, sharing state through Redis"
+    )
+    parser.add_argument(
         "--unary", action="store_true", help="unary `Allocate` on 16 connections, not batches"
     )
     parser.add_argument("--perf-data", type=Path, help="keep perf's samples in this file")
     args = parser.parse_args()
+    args.durable = args.durable or args.redis
     if args.perf and shutil.which("perf") is None:
         raise SystemExit("--perf needs perf (apt-get install linux-perf)")
     with tempfile.TemporaryDirectory(prefix="allocsvc-batch-profile-") as tmp:
         if not args.durable:
             print(json.dumps(measure(args, Path(tmp), None)))
             return
-        with h2.run.stores(Path(tmp)) as (postgres, _redis_url):
-            print(json.dumps(measure(args, Path(tmp), postgres)))
+        with h2.run.stores(Path(tmp)) as (postgres, redis_url):
+            redis = redis_url if args.redis else ""
+            print(json.dumps(measure(args, Path(tmp), postgres, redis)))
 
 
 if __name__ == "__main__":

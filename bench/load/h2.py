@@ -927,9 +927,10 @@ def _port_free(port: int) -> bool:
     return True
 
 
-def start(name: str, workdir: Path, postgres: Any, database: str = "") -> Target:
+def start(name: str, workdir: Path, postgres: Any, database: str = "", redis: str = "") -> Target:
     """Start a setup and make it ready to measure (experiments created, metrics up); `w1` and
-    `w2` on their own database of `postgres` (`database`, else one named after the setup)."""
+    `w2` on their own database of `postgres` (`database`, else one named after the setup),
+    sharing state through `redis` when given."""
     pg_dir = None if postgres is None else Path(postgres.data_dir)
     if name == "echo":
         return Target(run.start_echo(workdir), [], workdir, pg_dir)
@@ -942,6 +943,7 @@ def start(name: str, workdir: Path, postgres: Any, database: str = "") -> Target
         workdir,
         "" if name == "mem" else run.database(postgres, database or f"h2load_{name}"),
         workers=workers,
+        redis=redis,
         metrics_port=first,
     )
     target = Target(setup, list(range(first, first + workers)), workdir, pg_dir)

@@ -9,6 +9,7 @@
 //! - [`cascade`]: choosing the cascade level over the segment tree.
 //! - [`decide`]: the [`decide::Engine`] that makes a whole allocation decision in one call.
 //! - [`holder`]: the held assignments, with a thread that holds a batch's new ones.
+//! - [`shared`]: new assignments as records for the state replicas share (Redis).
 //! - [`batch`]: `AllocateBatch` from request bytes to response bytes, with [`context`]
 //!   (the segment rules of context extraction) and [`wire`] (protobuf encoding).
 
@@ -24,6 +25,7 @@ pub mod held;
 pub mod holder;
 pub mod keys;
 pub mod propensity;
+pub mod shared;
 pub mod store;
 pub mod wire;
 

@@ -35,6 +35,7 @@ __all__ = [
     "seed_rng",
     "segment_key",
     "selection_probabilities",
+    "shared_records",
     "thompson_select",
 ]
 
@@ -100,6 +101,14 @@ def assignment_block(
     `made` without the GIL. The filter holds their (experiment, user) pairs and ids (xxh3,
     stable across processes): it never misses an assignment put in; about 0.1% of others
     pass."""
+
+def shared_records(
+    made: Sequence[MadeAssignments], key_prefix: str, singles: Sequence[HeldTuple] | None = None
+) -> bytes:
+    """These assignments' records for shared state (`singles` first, then those of `made`):
+    each its key (`key_prefix` + id) and its value, the JSON array `json.dumps` writes of its
+    tuple, each preceded by its length (4 bytes, big-endian); those of `made` without the
+    GIL."""
 
 def filter_may_hold_user(filter: bytes, handle: int, user_id: str) -> bool:
     """Whether a block's `filter` may hold an assignment of (`handle`, `user_id`); an empty

@@ -30,6 +30,7 @@ from allocsvc._core import (
     seed_rng,
     segment_key,
     selection_probabilities,
+    shared_records,
     thompson_select,
 )
 
@@ -60,5 +61,6 @@ __all__ = [
     "seed_rng",
     "segment_key",
     "selection_probabilities",
+    "shared_records",
     "thompson_select",
 ]

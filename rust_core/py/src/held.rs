@@ -10,6 +10,7 @@ use allocsvc_core::filter::{self, Filter};
 use allocsvc_core::held::{self, Assignment, Held, Made};
 use allocsvc_core::holder::Holder;
 use allocsvc_core::keys;
+use allocsvc_core::shared;
 
 use crate::error::to_py;
 use parking_lot::Mutex;
@@ -473,6 +474,71 @@ pub(crate) fn copy_assignments<'py>(
         }
     });
     PyBytes::new(py, &out)
+}
+
+/// These assignments' records for shared state (`singles`, `Held` tuples, first, then those of
+/// `made`): each its key (`key_prefix` + id) and its JSON value, each preceded by its length
+/// (see `allocsvc_core::shared`); those of `made` written without the GIL.
+#[pyfunction]
+#[pyo3(signature = (made, key_prefix, singles=None))]
+pub(crate) fn shared_records<'py>(
+    py: Python<'py>,
+    made: Vec<PyRef<'py, PyMade>>,
+    key_prefix: &str,
+    singles: Option<Vec<HeldIn<'py>>>,
+) -> PyResult<Bound<'py, PyBytes>> {
+    let mut names: HashMap<u64, String> = HashMap::new();
+    for m in &made {
+        for (&handle, name) in &m.names.0 {
+            if let std::collections::hash_map::Entry::Vacant(e) = names.entry(handle) {
+                e.insert(name.bind(py).to_str()?.to_owned());
+            }
+        }
+    }
+    let singles = singles.unwrap_or_default();
+    let records = singles.len() + made.iter().map(|m| m.inner.len()).sum::<usize>();
+    let mut out = Vec::with_capacity(records * shared::RECORD_BYTES);
+    let mut value = Vec::new();
+    for (
+        id,
+        experiment_key,
+        handle,
+        user_id,
+        variant,
+        segment_key,
+        level,
+        propensity,
+        created_ms,
+    ) in &singles
+    {
+        let a = Assignment {
+            id: Cow::Borrowed(id),
+            handle: *handle,
+            user_id,
+            variant: *variant,
+            segment_key,
+            level: *level,
+            propensity: *propensity,
+            created_ms: *created_ms,
+        };
+        shared::push_record(
+            &mut out,
+            &mut value,
+            key_prefix,
+            &a,
+            experiment_key.to_str()?,
+        );
+    }
+    let made: Vec<&Made> = made.iter().map(|m| &*m.inner).collect();
+    let out = py.allow_threads(move || {
+        for m in made {
+            m.shared_records(&mut out, key_prefix, |handle| {
+                names.get(&handle).map_or("", String::as_str)
+            });
+        }
+        out
+    });
+    Ok(PyBytes::new(py, &out))
 }
 
 /// A block of these assignments (`copy_assignments`' arguments) as stored: its compressed

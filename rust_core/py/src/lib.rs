@@ -18,7 +18,7 @@ use allocsvc_core::{keys, CountRow};
 use error::{invalid, to_py};
 use held::{
     assignment_block, block_rows_of_id, block_rows_of_user, copy_assignments, decompress_block,
-    filter_may_hold_id, filter_may_hold_user, PyHeld, PyLog, PyMade,
+    filter_may_hold_id, filter_may_hold_user, shared_records, PyHeld, PyLog, PyMade,
 };
 use pyo3::exceptions::PyTypeError;
 use pyo3::prelude::*;
@@ -868,6 +868,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(assignment_block, m)?)?;
     m.add_function(wrap_pyfunction!(filter_may_hold_user, m)?)?;
     m.add_function(wrap_pyfunction!(filter_may_hold_id, m)?)?;
+    m.add_function(wrap_pyfunction!(shared_records, m)?)?;
     m.add(
         "ASSIGNMENT_COPY_COLUMNS",
         allocsvc_core::held::COPY_COLUMNS.to_vec(),

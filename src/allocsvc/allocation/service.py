@@ -811,15 +811,14 @@ class AllocationService:
 
     def _keep_made(self, made: MadeAssignments) -> None:
         """What `_keep` does, for a batch's new assignments (held already, by Rust): work per
-        distinct segment key and cascade level, none per assignment (unless shared)."""
+        distinct segment key and cascade level, none per assignment."""
         self._journal.assignments_made(made)
         segments = self._segments
         for handle, key in made.distinct_keys():
             if key not in segments.get(handle, ()):
                 self._register_segment(handle, key)
         if self._shared is not None:
-            for held in made.assignments():
-                self._shared.assignment_made(Assignment._make(held))
+            self._shared.assignments_made(made)
         levels = made.level_counts()
         for slot, n in levels:
             self._cascade_allocations[slot] += n

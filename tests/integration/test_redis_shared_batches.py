@@ -1,0 +1,142 @@
+"""A shared replica publishes a batch's new assignments to Redis in one script call built in
+Rust (`MadeAssignments.shared_records`), not a command each: another replica finds each by id
+as it was made, erasure finds and drops the ones not pushed yet, and more than one call's worth
+is all written."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import redis.asyncio as aioredis
+
+from allocsvc._proto import allocsvc_pb2 as pb
+from allocsvc.allocation.journal import MemoryJournal
+from allocsvc.allocation.service import AllocationRequest, AllocationService, Assignment
+from allocsvc.api import convert
+from allocsvc.api.allocator import AllocatorServicer
+from allocsvc.context import Extractor
+from allocsvc.core import Engine, MadeAssignments
+from allocsvc.store import redis as shared_redis
+from allocsvc.store.pump import DeltaPump
+from allocsvc.store.redis import ASSIGNMENT_TTL_SECONDS, RedisShared
+
+pytestmark = pytest.mark.integration
+
+# User ids JSON must escape, and some it need not.
+AWKWARD = ['quote"d', "back\\slash", "new\nline", "tab\tand\x01control", "ünï 😀", "plain"]
+_namespaces = itertools.count()
+
+
+class _Keeping(MemoryJournal):
+    """Keeps each batch's new assignments."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.made: list[MadeAssignments] = []
+
+    def assignments_made(self, made: MadeAssignments) -> None:
+        super().assignments_made(made)
+        self.made.append(made)
+
+
+def _shared(url: str, namespace: str) -> RedisShared:
+    shared = RedisShared(url, namespace=namespace)
+    shared.bind(
+        DeltaPump(list),
+        load_counts=lambda rows: None,
+        snapshot=lambda handle: [],
+        experiments=list,
+        on_health=lambda healthy: None,
+    )
+    return shared
+
+
+async def _replica(url: str) -> tuple[RedisShared, AllocationService, _Keeping, AllocatorServicer]:
+    shared = _shared(url, f"batches-{next(_namespaces)}")
+    journal = _Keeping()
+    service = AllocationService(Engine(), journal, Extractor(), shared=shared)
+    experiment = pb.Experiment(
+        id="e",
+        status=pb.EXPERIMENT_STATUS_RUNNING,
+        variants=[pb.Variant(id="A"), pb.Variant(id="B"), pb.Variant(id="C")],
+        sticky=False,
+    )
+    await service.create_experiment(convert.experiment_from_pb(experiment))
+    return shared, service, journal, AllocatorServicer(service, "local")
+
+
+async def _batch(api: AllocatorServicer, users: list[str]) -> None:
+    request = pb.AllocateBatchRequest(
+        requests=[
+            pb.AllocateRequest(experiment_id="e", user_id=u, context={"country": "us"})
+            for u in users
+        ]
+    )
+    await api.AllocateBatchBytes(request.SerializeToString(), None)  # type: ignore[arg-type]
+
+
+async def _stored_ids(url: str, namespace: str) -> set[str]:
+    client = aioredis.Redis.from_url(url)
+    try:
+        prefix = f"{namespace}:asg:"
+        return {key.decode()[len(prefix) :] async for key in client.scan_iter(match=f"{prefix}*")}
+    finally:
+        await client.aclose()
+
+
+async def test_another_replica_finds_each_of_a_batch_s_assignments_by_id(fresh_redis: str) -> None:
+    shared, service, journal, api = await _replica(fresh_redis)
+    other = _shared(fresh_redis, shared._ns)
+    try:
+        await _batch(api, [*AWKWARD, *(f"u{i}" for i in range(200))])
+        single = await service.allocate(AllocationRequest("e", 'single\\"one'))
+        await shared.push()
+        made = [Assignment._make(t) for m in journal.made for t in m.assignments()]
+        assert len(made) == len(AWKWARD) + 200
+        assert {a.user_id for a in made} >= set(AWKWARD)
+        for a in [*made, single.assignment]:
+            assert await other.assignment(a.id) == a
+        client = aioredis.Redis.from_url(fresh_redis)
+        try:
+            ttl = await client.ttl(f"{shared._ns}:asg:{made[0].id}")
+        finally:
+            await client.aclose()
+        assert 0 < ttl <= ASSIGNMENT_TTL_SECONDS
+    finally:
+        await shared.close()
+        await other.close()
+
+
+async def test_erasure_finds_and_drops_a_batch_s_assignments_not_pushed_yet(
+    fresh_redis: str,
+) -> None:
+    shared, _, journal, api = await _replica(fresh_redis)
+    try:
+        await _batch(api, ["gone", "kept-1", "kept-2"])
+        [made] = journal.made
+        by_user = {t[3]: t[0] for t in made.assignments()}
+        handle = made.assignments()[0][2]
+        found = await shared.user_keys("gone", [handle])
+        assert list(found) == [f"{shared._ns}:asg:{by_user['gone']}"]
+        assert await shared.erase_user("gone", [handle]) == 1
+        await shared.push()
+        assert await _stored_ids(fresh_redis, shared._ns) == {by_user["kept-1"], by_user["kept-2"]}
+    finally:
+        await shared.close()
+
+
+async def test_batches_past_one_script_call_are_all_written(
+    fresh_redis: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(shared_redis, "_RECORDS_PER_CALL", 250)
+    shared, _, journal, api = await _replica(fresh_redis)
+    try:
+        for b in range(3):
+            await _batch(api, [f"b{b}-{i}" for i in range(200)])
+        await shared.push()
+        ids = {t[0] for m in journal.made for t in m.assignments()}
+        assert len(ids) == 600
+        assert await _stored_ids(fresh_redis, shared._ns) == ids
+    finally:
+        await shared.close()
