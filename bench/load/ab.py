@@ -86,9 +86,7 @@ def base_tree(rev: str, workdir: Path, maturin: str) -> Iterator[Path]:
         )
 
 
-def start(
-    name: str, workdir: Path, base_src: Path, postgres: Any, redis: str = ""
-) -> h2.Target:
+def start(name: str, workdir: Path, base_src: Path, postgres: Any, redis: str = "") -> h2.Target:
     """Start `name` (echo, this, base): `--in-memory`, or on a database of `postgres`; with
     `redis` (a server's URL), sharing state through a database of its own there."""
     sub = workdir / name
@@ -138,6 +136,8 @@ def measure(
                     h2.wait_quiet(targets[name], args.quiet_wait)
                     row = h2.run_h2load(args.h2load, targets[name], *kinds[kind], args.seconds)
                     rows.append({**row, "round": k + 1, "kind": kind, "setup": name})
+                    ok = row["ok_per_s"] * (h2.BATCH_ITEMS if kind == "batch" else 1)
+                    print(f"  {ok:,.0f} allocations/s OK, {row['detail']}", file=sys.stderr)
     finally:
         for target in targets.values():
             target.setup.stop()

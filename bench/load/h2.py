@@ -589,12 +589,13 @@ def wait_quiet(target: Target, seconds: float) -> float:
 def round_ratios(
     alternating: list[dict[str, Any]], name: str, base: str, key: str = "rps"
 ) -> list[tuple[float, bool]]:
-    """Per round, `name`'s figure over `base`'s, and whether either run was contended."""
+    """Per round, `name`'s figure over `base`'s, and whether either run was contended (none
+    for a round where `base`'s figure is 0)."""
     by = {(r["round"], r["setup"]): r for r in alternating}
     out = []
     for k in sorted({r["round"] for r in alternating}):
         a, b = by.get((k, name)), by.get((k, base))
-        if a and b:
+        if a and b and b[key]:
             out.append((a[key] / b[key], _contended(a) or _contended(b)))
     return out
 

@@ -9,14 +9,11 @@ import itertools
 
 import pytest
 import redis.asyncio as aioredis
+from batch_support import Keeping, servicer
 
 from allocsvc._proto import allocsvc_pb2 as pb
-from allocsvc.allocation.journal import MemoryJournal
 from allocsvc.allocation.service import AllocationRequest, AllocationService, Assignment
-from allocsvc.api import convert
 from allocsvc.api.allocator import AllocatorServicer
-from allocsvc.context import Extractor
-from allocsvc.core import Engine, MadeAssignments
 from allocsvc.store import redis as shared_redis
 from allocsvc.store.pump import DeltaPump
 from allocsvc.store.redis import ASSIGNMENT_TTL_SECONDS, RedisShared
@@ -26,18 +23,6 @@ pytestmark = pytest.mark.integration
 # User ids JSON must escape, and some it need not.
 AWKWARD = ['quote"d', "back\\slash", "new\nline", "tab\tand\x01control", "ünï 😀", "plain"]
 _namespaces = itertools.count()
-
-
-class _Keeping(MemoryJournal):
-    """Keeps each batch's new assignments."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.made: list[MadeAssignments] = []
-
-    def assignments_made(self, made: MadeAssignments) -> None:
-        super().assignments_made(made)
-        self.made.append(made)
 
 
 def _shared(url: str, namespace: str) -> RedisShared:
@@ -52,18 +37,11 @@ def _shared(url: str, namespace: str) -> RedisShared:
     return shared
 
 
-async def _replica(url: str) -> tuple[RedisShared, AllocationService, _Keeping, AllocatorServicer]:
+async def _replica(url: str) -> tuple[RedisShared, AllocationService, Keeping, AllocatorServicer]:
     shared = _shared(url, f"batches-{next(_namespaces)}")
-    journal = _Keeping()
-    service = AllocationService(Engine(), journal, Extractor(), shared=shared)
-    experiment = pb.Experiment(
-        id="e",
-        status=pb.EXPERIMENT_STATUS_RUNNING,
-        variants=[pb.Variant(id="A"), pb.Variant(id="B"), pb.Variant(id="C")],
-        sticky=False,
-    )
-    await service.create_experiment(convert.experiment_from_pb(experiment))
-    return shared, service, journal, AllocatorServicer(service, "local")
+    journal = Keeping()
+    service, api = await servicer(journal, shared)
+    return shared, service, journal, api
 
 
 async def _batch(api: AllocatorServicer, users: list[str]) -> None:

@@ -5,10 +5,9 @@ others do (its bits are pinned by the Rust tests: stored filters must stay reada
 from __future__ import annotations
 
 import pytest
-from batch_support import servicer
+from batch_support import Keeping, servicer
 
 from allocsvc._proto import allocsvc_pb2 as pb
-from allocsvc.allocation.journal import MemoryJournal
 from allocsvc.core import (
     MadeAssignments,
     assignment_block,
@@ -21,20 +20,8 @@ from allocsvc.core import (
 pytestmark = pytest.mark.unit
 
 
-class _Keeping(MemoryJournal):
-    """Keeps each batch's new assignments."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.made: list[MadeAssignments] = []
-
-    def assignments_made(self, made: MadeAssignments) -> None:
-        super().assignments_made(made)
-        self.made.append(made)
-
-
 async def _made(batches: int, users: int) -> list[MadeAssignments]:
-    journal = _Keeping()
+    journal = Keeping()
     _, api = await servicer(journal)
     for b in range(batches):
         request = pb.AllocateBatchRequest(

@@ -429,23 +429,29 @@ fn copy_singles(
     let rows = singles.len() + made.iter().map(|m| m.len()).sum::<usize>();
     let mut out = Vec::with_capacity(19 + rows * held::COPY_ROW_BYTES);
     held::copy_header(&mut out);
-    for (id, _, handle, user_id, variant, segment_key, level, propensity, created_ms) in singles {
-        let a = Assignment {
-            id: Cow::Borrowed(id),
-            handle: *handle,
-            user_id,
-            variant: *variant,
-            segment_key,
-            level: *level,
-            propensity: *propensity,
-            created_ms: *created_ms,
-        };
+    for single in singles {
+        let a = assignment_of(single);
         if let Some(f) = filter.as_deref_mut() {
-            f.insert_assignment(id, *handle, user_id);
+            f.insert_assignment(&a.id, a.handle, a.user_id);
         }
-        held::copy_row(&mut out, &a, keys::key_hash(segment_key));
+        held::copy_row(&mut out, &a, keys::key_hash(a.segment_key));
     }
     out
+}
+
+/// The assignment a `Held` tuple is.
+fn assignment_of<'a>(single: &'a HeldIn<'_>) -> Assignment<'a> {
+    let (id, _, handle, user_id, variant, segment_key, level, propensity, created_ms) = single;
+    Assignment {
+        id: Cow::Borrowed(id),
+        handle: *handle,
+        user_id,
+        variant: *variant,
+        segment_key,
+        level: *level,
+        propensity: *propensity,
+        created_ms: *created_ms,
+    }
 }
 
 /// Assignments as one PostgreSQL binary COPY stream (columns `ASSIGNMENT_COPY_COLUMNS`):
@@ -499,35 +505,10 @@ pub(crate) fn shared_records<'py>(
     let records = singles.len() + made.iter().map(|m| m.inner.len()).sum::<usize>();
     let mut out = Vec::with_capacity(records * shared::RECORD_BYTES);
     let mut value = Vec::new();
-    for (
-        id,
-        experiment_key,
-        handle,
-        user_id,
-        variant,
-        segment_key,
-        level,
-        propensity,
-        created_ms,
-    ) in &singles
-    {
-        let a = Assignment {
-            id: Cow::Borrowed(id),
-            handle: *handle,
-            user_id,
-            variant: *variant,
-            segment_key,
-            level: *level,
-            propensity: *propensity,
-            created_ms: *created_ms,
-        };
-        shared::push_record(
-            &mut out,
-            &mut value,
-            key_prefix,
-            &a,
-            experiment_key.to_str()?,
-        );
+    for single in &singles {
+        let experiment_key = single.1.to_str()?;
+        let a = assignment_of(single);
+        shared::push_record(&mut out, &mut value, key_prefix, &a, experiment_key);
     }
     let made: Vec<&Made> = made.iter().map(|m| &*m.inner).collect();
     let out = py.allow_threads(move || {

@@ -1,21 +1,33 @@
 """A servicer with one running, non-sticky experiment "e" of three variants, for tests of what a
-batch makes."""
+batch makes; and a journal that keeps each batch's new assignments."""
 
 from __future__ import annotations
 
 from allocsvc._proto import allocsvc_pb2 as pb
-from allocsvc.allocation.journal import MemoryJournal
+from allocsvc.allocation.journal import MemoryJournal, SharedState
 from allocsvc.allocation.service import AllocationService
 from allocsvc.api import convert
 from allocsvc.api.allocator import AllocatorServicer
 from allocsvc.context import Extractor
-from allocsvc.core import Engine
+from allocsvc.core import Engine, MadeAssignments
+
+
+class Keeping(MemoryJournal):
+    """Keeps each batch's new assignments."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.made: list[MadeAssignments] = []
+
+    def assignments_made(self, made: MadeAssignments) -> None:
+        super().assignments_made(made)
+        self.made.append(made)
 
 
 async def servicer(
-    journal: MemoryJournal | None = None,
+    journal: MemoryJournal | None = None, shared: SharedState | None = None
 ) -> tuple[AllocationService, AllocatorServicer]:
-    service = AllocationService(Engine(), journal or MemoryJournal(), Extractor())
+    service = AllocationService(Engine(), journal or MemoryJournal(), Extractor(), shared=shared)
     experiment = pb.Experiment(
         id="e",
         status=pb.EXPERIMENT_STATUS_RUNNING,
