@@ -1,11 +1,15 @@
 """A shared replica publishes a batch's new assignments to Redis in one script call built in
 Rust (`MadeAssignments.shared_records`), not a command each: another replica finds each by id
 as it was made, erasure finds and drops the ones not pushed yet, and more than one call's worth
-is all written."""
+is all written, also after a push was cancelled half way."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import itertools
+import time
+from collections.abc import Sequence
 
 import pytest
 import redis.asyncio as aioredis
@@ -14,6 +18,7 @@ from batch_support import Keeping, servicer
 from allocsvc._proto import allocsvc_pb2 as pb
 from allocsvc.allocation.service import AllocationRequest, AllocationService, Assignment
 from allocsvc.api.allocator import AllocatorServicer
+from allocsvc.core import MadeAssignments
 from allocsvc.store import redis as shared_redis
 from allocsvc.store.pump import DeltaPump
 from allocsvc.store.redis import ASSIGNMENT_TTL_SECONDS, RedisShared
@@ -118,3 +123,34 @@ async def test_batches_past_one_script_call_are_all_written(
         assert await _stored_ids(fresh_redis, shared._ns) == ids
     finally:
         await shared.close()
+
+
+class _SlowRecords(RedisShared):
+    """Builds its records slowly, so that a push can be cancelled while it waits for them."""
+
+    def _records(
+        self, assignments: Sequence[Assignment], made: Sequence[MadeAssignments]
+    ) -> list[bytes]:
+        time.sleep(0.5)  # on the push's worker thread
+        return super()._records(assignments, made)
+
+
+async def test_a_cancelled_push_keeps_the_batch_for_the_next(fresh_redis: str) -> None:
+    shared, _, journal, api = await _replica(fresh_redis)
+    slow = _SlowRecords(fresh_redis, namespace=shared._ns)
+    slow.bind(DeltaPump(list), lambda rows: None, lambda handle: [], list, lambda healthy: None)
+    try:
+        await _batch(api, [f"c{i}" for i in range(50)])
+        [made] = journal.made
+        slow.assignments_made(made)
+        pushing = asyncio.create_task(slow.push())
+        await asyncio.sleep(0.1)
+        pushing.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await pushing
+        await slow.push()
+        ids = {t[0] for t in made.assignments()}
+        assert await _stored_ids(fresh_redis, shared._ns) == ids
+    finally:
+        await shared.close()
+        await slow.close()

@@ -316,13 +316,16 @@ class RedisShared:
                 for records in await asyncio.to_thread(self._records, assignments, made):
                     await self._set_records(args=[ASSIGNMENT_TTL_SECONDS, records], client=pipe)
                 await pipe.execute()
-        except (RedisError, OSError):
-            # Not written (or not known to be): keep for the next push. A pipeline that failed
-            # half way may apply twice; counts are approximate across an outage, Postgres
-            # holds the exact conversion counts.
-            self._pump.restore(SINK, rows)
+        except BaseException as exc:
+            # Not written (or not known to be): keep for the next push (close() pushes after
+            # cancelling the loop, which may cancel a push). Records are set again harmlessly;
+            # counts only after a Redis error: a pipeline that failed half way may apply twice
+            # (counts are approximate across an outage, Postgres holds the exact conversion
+            # counts).
             self._pending_assignments[:0] = assignments
             self._pending_made[:0] = made
+            if isinstance(exc, (RedisError, OSError)):
+                self._pump.restore(SINK, rows)
             raise
 
     def _records(
