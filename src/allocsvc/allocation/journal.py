@@ -154,6 +154,31 @@ class SharedState(Protocol):
     async def assignment(self, assignment_id: str) -> Assignment | None: ...
 
 
+def assignment_parts(
+    singles: Sequence[Assignment], made: Sequence[MadeAssignments], rows: int
+) -> list[tuple[list[MadeAssignments], list[Assignment], int]]:
+    """Assignments in parts of about `rows` (made, singles, their number): the singles first,
+    then whole `made` groups (one may be larger than `rows`): a write-behind flush's blocks, a
+    shared replica's script calls."""
+    parts: list[tuple[list[MadeAssignments], list[Assignment], int]] = []
+    group: list[MadeAssignments] = []
+    part: list[Assignment] = []
+    for i in range(0, len(singles), rows):
+        if part:
+            parts.append(([], part, len(part)))
+        part = list(singles[i : i + rows])
+    n = len(part)
+    for m in made:
+        if n and n + len(m) > rows:
+            parts.append((group, part, n))
+            group, part, n = [], [], 0
+        group.append(m)
+        n += len(m)
+    if n:
+        parts.append((group, part, n))
+    return parts
+
+
 class MemoryJournal:
     """Keeps experiments' handles, conversion idempotency, daily traffic, recommendations and
     the audit log in the process only."""

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
+from allocsvc.allocation.journal import assignment_parts
 from allocsvc.allocation.service import Assignment
 from allocsvc.core import shared_records
 from allocsvc.store.pump import CountRow, DeltaPump
@@ -312,9 +313,11 @@ class RedisShared:
                         pipe.hincrby(key, f"{s}:{v}:c", k)
                     if x:
                         pipe.hincrbyfloat(key, f"{s}:{v}:v", x)
-                # Built off the event loop (Rust, without the GIL).
-                for records in await asyncio.to_thread(self._records, assignments, made):
-                    await self._set_records(args=[ASSIGNMENT_TTL_SECONDS, records], client=pipe)
+                if assignments or made:
+                    # Built off the event loop (Rust, without the GIL).
+                    for records in await asyncio.to_thread(self._records, assignments, made):
+                        args: list[int | bytes] = [ASSIGNMENT_TTL_SECONDS, records]
+                        await self._set_records(args=args, client=pipe)
                 await pipe.execute()
         except BaseException as exc:
             # Not written (or not known to be): keep for the next push (close() pushes after
@@ -334,21 +337,8 @@ class RedisShared:
         """The assignments' records (`_SET_RECORDS`), about `_RECORDS_PER_CALL` a call (a
         batch's are not split)."""
         prefix = f"{self._ns}:asg:"
-        out = [
-            shared_records([], prefix, assignments[i : i + _RECORDS_PER_CALL])
-            for i in range(0, len(assignments), _RECORDS_PER_CALL)
-        ]
-        group: list[MadeAssignments] = []
-        n = 0
-        for m in made:
-            group.append(m)
-            n += len(m)
-            if n >= _RECORDS_PER_CALL:
-                out.append(shared_records(group, prefix))
-                group, n = [], 0
-        if group:
-            out.append(shared_records(group, prefix))
-        return out
+        parts = assignment_parts(assignments, made, _RECORDS_PER_CALL)
+        return [shared_records(group, prefix, singles) for group, singles, _ in parts]
 
     async def refresh(self) -> None:
         assert self._load_counts is not None

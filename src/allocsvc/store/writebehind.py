@@ -38,7 +38,12 @@ from allocsvc.allocation.experiments import (
     Status,
     Variant,
 )
-from allocsvc.allocation.journal import Conversion, StoredRecommendation, TreeNodeRecord
+from allocsvc.allocation.journal import (
+    Conversion,
+    StoredRecommendation,
+    TreeNodeRecord,
+    assignment_parts,
+)
 from allocsvc.allocation.service import Assignment
 from allocsvc.analytics import DailyTraffic
 from allocsvc.core import (
@@ -262,27 +267,6 @@ class _Unit:
     def rows(self) -> int:
         return len(self.batch) + sum(map(len, self.made))
 
-    def _parts(self, rows: int) -> list[tuple[list[MadeAssignments], list[Assignment], int]]:
-        """The assignments in parts of about `rows` (made, singles, their number): the singles
-        first, then whole `made` groups (one may be larger than `rows`)."""
-        parts: list[tuple[list[MadeAssignments], list[Assignment], int]] = []
-        made: list[MadeAssignments] = []
-        singles: list[Assignment] = []
-        for i in range(0, len(self.batch), rows):
-            if singles:
-                parts.append(([], singles, len(singles)))
-            singles = self.batch[i : i + rows]
-        n = len(singles)
-        for m in self.made:
-            if n and n + len(m) > rows:
-                parts.append((made, singles, n))
-                made, singles, n = [], [], 0
-            made.append(m)
-            n += len(m)
-        if n:
-            parts.append((made, singles, n))
-        return parts
-
     def of_user(self, user_id: str) -> list[Assignment]:
         mine = [a for a in self.batch if a.user_id == user_id]
         return mine + [Assignment._make(h) for m in self.made for h in m.of_user(user_id)]
@@ -296,14 +280,16 @@ class _Unit:
 
     def write(self, block: bool = False, block_rows: int = BLOCK_MAX_ROWS) -> WriteBehind:
         """The flush's writes; with `block`, its assignments as compressed blocks of about
-        `block_rows` each (a batch's are not split; see `_parts`)."""
+        `block_rows` each (a batch's are not split; see `assignment_parts`)."""
         visitors = Counter(a.handle for a in self.batch)
         for m in self.made:
             for (handle, _), n in m.level_counts():
                 visitors[handle] += n
         blocks = [
             AssignmentBlock(n, *assignment_block(made, singles))
-            for made, singles, n in (self._parts(block_rows) if block else [])
+            for made, singles, n in (
+                assignment_parts(self.batch, self.made, block_rows) if block else []
+            )
         ]
         return WriteBehind(
             token=self.token,
