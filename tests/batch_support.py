@@ -1,5 +1,5 @@
-"""A servicer with one running, non-sticky experiment "e" of three variants, for tests of what a
-batch makes; and a journal that keeps each batch's new assignments."""
+"""A servicer with one running experiment "e" of three variants (not sticky unless asked), for
+tests of what a batch makes; and a journal that keeps each batch's new assignments."""
 
 from __future__ import annotations
 
@@ -25,14 +25,14 @@ class Keeping(MemoryJournal):
 
 
 async def servicer(
-    journal: MemoryJournal | None = None, shared: SharedState | None = None
+    journal: MemoryJournal | None = None, shared: SharedState | None = None, sticky: bool = False
 ) -> tuple[AllocationService, AllocatorServicer]:
     service = AllocationService(Engine(), journal or MemoryJournal(), Extractor(), shared=shared)
     experiment = pb.Experiment(
         id="e",
         status=pb.EXPERIMENT_STATUS_RUNNING,
         variants=[pb.Variant(id="A"), pb.Variant(id="B"), pb.Variant(id="C")],
-        sticky=False,
+        sticky=sticky,
     )
     await service.create_experiment(convert.experiment_from_pb(experiment))
     return service, AllocatorServicer(service, "local")

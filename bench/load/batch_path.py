@@ -79,7 +79,7 @@ async def measure(items: int, rounds: int, full_store: int, learning: bool) -> d
 
     catalogue, engine = service._catalogue, service._engine
     start = time.process_time()
-    prepared = [catalogue.prepare(data, 0, False) for _ in range(rounds)]
+    prepared = [catalogue.prepare(data, 0) for _ in range(rounds)]
     rust_prepare = per_item(time.process_time() - start)
 
     def finish(p: Any, held: HeldAssignments, first_seq: int) -> MadeAssignments:

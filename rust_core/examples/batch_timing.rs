@@ -124,12 +124,14 @@ fn main() {
         ("a user agent per item", &varied),
         ("sticky experiment, one context", &sticky),
     ] {
-        let (ns, acc) = best_of(50, || catalogue.prepare(batch, 1, false).unwrap().len());
+        let (ns, acc) = best_of(50, || catalogue.prepare(batch, 1).unwrap().len());
         println!("{name}: prepare: {:.0} ns per item ({acc})", per_item(ns));
-        let prepared = catalogue.prepare(batch, 1, false).unwrap();
+        let prepared = catalogue.prepare(batch, 1).unwrap();
         let (ns, acc) = best_of(50, || {
             let out = prepared
-                .finish(&engine, &catalogue, "local", "x", 1, 0, &given, &errors)
+                .finish(
+                    &engine, &catalogue, "local", "x", 1, 0, &given, &errors, true,
+                )
                 .unwrap();
             out.response.len()
         });
@@ -145,14 +147,14 @@ fn main() {
     let finish_and_hold = |prepared: &PreparedBatch, held: &mut Held, first_seq: u64| {
         let out = prepared
             .finish(
-                &engine, &catalogue, "local", "x", first_seq, 0, &given, &errors,
+                &engine, &catalogue, "local", "x", first_seq, 0, &given, &errors, true,
             )
             .unwrap();
         held.add_made(&out.made);
         out.response.len() + out.made.len()
     };
     // The same 1,000 users in every batch (bench/load/h2.py's batch), a store of 1,000,000.
-    let prepared = catalogue.prepare(&data, 1, false).unwrap();
+    let prepared = catalogue.prepare(&data, 1).unwrap();
     let mut held = Held::bounded("x", 1_000_000);
     let mut seq = 1;
     while held.evictions() == 0 {
@@ -182,7 +184,7 @@ fn main() {
         .collect();
     let prepared: Vec<PreparedBatch> = batches
         .iter()
-        .map(|b| catalogue.prepare(b, 1, false).unwrap())
+        .map(|b| catalogue.prepare(b, 1).unwrap())
         .collect();
     let mut held = Held::bounded("x", 100_000);
     let mut round = 0;

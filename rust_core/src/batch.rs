@@ -44,12 +44,9 @@ pub struct ExperimentInfo {
 }
 
 impl ExperimentInfo {
-    /// Items of this experiment go the caller's way (with `shared`: sticky claims live in
-    /// shared state).
-    fn needs_caller(&self, shared: bool) -> bool {
-        self.caller_segments
-            || (shared && self.sticky)
-            || !self.dimensions.iter().all(|d| context::is_dimension(d))
+    /// Items of this experiment go the caller's way (segment values only it knows).
+    fn needs_caller(&self) -> bool {
+        self.caller_segments || !self.dimensions.iter().all(|d| context::is_dimension(d))
     }
 }
 
@@ -143,6 +140,8 @@ pub struct Features<'a> {
 pub struct BatchOutput {
     pub response: Vec<u8>,
     pub made: Made,
+    /// The item each new assignment answers (`made`'s order).
+    pub positions: Vec<usize>,
 }
 
 /// The answer of new assignment `k` of `made` under `assignment_id`.
@@ -405,14 +404,9 @@ impl Catalogue {
             && !user.contains('\0')
     }
 
-    /// Decode and check a batch. With `shared`, sticky experiments need the caller (their
-    /// assignments are claimed in a shared store).
-    pub fn prepare(
-        &self,
-        request: &[u8],
-        now_ms: i64,
-        shared: bool,
-    ) -> Result<PreparedBatch, CoreError> {
+    /// Decode and check a batch. (Under shared state, the caller claims the new assignments
+    /// of sticky experiments: see [`PreparedBatch::finish`]'s `record`.)
+    pub fn prepare(&self, request: &[u8], now_ms: i64) -> Result<PreparedBatch, CoreError> {
         let mut batch = PreparedBatch {
             items: Vec::new(),
             experiments: Vec::new(),
@@ -454,7 +448,7 @@ impl Catalogue {
                 Some(e) if e.key == item.experiment_id => batch.experiments.len() - 1,
                 _ => match self.running(item.experiment_id) {
                     Some(e) => {
-                        experiment_needs_caller.push(e.needs_caller(shared));
+                        experiment_needs_caller.push(e.needs_caller());
                         batch.experiments.push(e);
                         batch.experiments.len() - 1
                     }
@@ -528,7 +522,8 @@ impl Catalogue {
         ) else {
             return OneChecked::Caller;
         };
-        if experiment.needs_caller(shared) {
+        // Under shared state a sticky user's assignment is claimed there (the caller's way).
+        if experiment.needs_caller() || (shared && experiment.sticky) {
             return OneChecked::Caller;
         }
         match &context.device {
@@ -896,9 +891,11 @@ impl PreparedBatch {
             })
     }
 
-    /// Decide every item the caller did not answer, in request order, counting each decision;
-    /// a user seen twice in a sticky experiment gets the first answer again. Assignment ids are
-    /// `{id_prefix}-{seq:x}` from `first_seq` on, one per new assignment, made at `created_ms`.
+    /// Decide every item the caller did not answer, in request order, counting each decision
+    /// unless not `record` (the caller claims them first, then counts those that stand: see
+    /// [`Engine::record_made`]); a user seen twice in a sticky experiment gets the first answer
+    /// again. Assignment ids are `{id_prefix}-{seq:x}` from `first_seq` on, one per new
+    /// assignment, made at `created_ms`.
     #[allow(clippy::too_many_arguments)]
     pub fn finish(
         &self,
@@ -910,7 +907,9 @@ impl PreparedBatch {
         created_ms: i64,
         given: &HashMap<usize, GivenAllocation>,
         errors: &HashMap<usize, ItemError>,
+        record: bool,
     ) -> Result<BatchOutput, CoreError> {
+        let mut positions = Vec::new();
         let mut response = Vec::with_capacity(self.items.len() * 128);
         let mut scratch = Vec::with_capacity(256);
         let mut encoder = ResultEncoder::new(region, self.experiments.len());
@@ -1003,9 +1002,15 @@ impl PreparedBatch {
                         segment_values(experiment, context, device, &mut values);
                         values_of = Some((e, c));
                     }
-                    let (variant, level, propensity) =
-                        engine.decide_into(experiment.handle, user_id, &values, true, &mut key)?;
+                    let (variant, level, propensity) = engine.decide_into(
+                        experiment.handle,
+                        user_id,
+                        &values,
+                        record,
+                        &mut key,
+                    )?;
                     let k = made.len();
+                    positions.push(i);
                     made.push(
                         first_seq + k as u64,
                         experiment.handle,
@@ -1027,7 +1032,11 @@ impl PreparedBatch {
                 }
             }
         }
-        Ok(BatchOutput { response, made })
+        Ok(BatchOutput {
+            response,
+            made,
+            positions,
+        })
     }
 }
 
@@ -1202,7 +1211,7 @@ mod tests {
             request("nope", "x", &[]),
             request("exp", "f", &[("user_agent", ua)]),
         ];
-        let prepared = catalogue.prepare(&batch(&items), 0, false).unwrap();
+        let prepared = catalogue.prepare(&batch(&items), 0).unwrap();
         // The user agent has no class yet: an error names it.
         let err = prepared.features(&catalogue, &[2]).unwrap_err();
         assert!(format!("{err:?}").contains("Android 14"), "{err:?}");
@@ -1247,7 +1256,7 @@ mod tests {
             })
             .collect();
         seed_thread_rng(3);
-        let prepared = catalogue.prepare(&batch(&items), 0, false).unwrap();
+        let prepared = catalogue.prepare(&batch(&items), 0).unwrap();
         assert!(!prepared.needs_caller && prepared.invalid().is_empty());
         assert!(!prepared.has_sticky() && prepared.sticky_candidates().0.is_empty());
         let out = prepared
@@ -1260,6 +1269,7 @@ mod tests {
                 0,
                 &HashMap::new(),
                 &HashMap::new(),
+                true,
             )
             .unwrap();
         let (unary, _) = setup(false);
@@ -1292,7 +1302,7 @@ mod tests {
             request("exp", "same", &[]),
             request("exp", "known", &[("user_agent", "Bot/1")]),
         ];
-        let prepared = catalogue.prepare(&batch(&items), 5, false).unwrap();
+        let prepared = catalogue.prepare(&batch(&items), 5).unwrap();
         assert_eq!(prepared.invalid(), vec![1, 2]);
         assert_eq!(prepared.unknown_user_agents(&catalogue), vec!["Bot/1"]);
         assert!(prepared.has_sticky());
@@ -1310,7 +1320,8 @@ mod tests {
                 1,
                 0,
                 &HashMap::new(),
-                &HashMap::new()
+                &HashMap::new(),
+                true,
             )
             .is_err());
         catalogue.learn_devices(&[("Bot/1", "unknown")]).unwrap();
@@ -1339,7 +1350,7 @@ mod tests {
         )]
         .into();
         let out = prepared
-            .finish(&engine, &catalogue, "", "p", 1, 0, &given, &errors)
+            .finish(&engine, &catalogue, "", "p", 1, 0, &given, &errors, true)
             .unwrap();
         assert_eq!(
             (0..out.made.len())
@@ -1361,6 +1372,77 @@ mod tests {
             parsed[1].1,
             vec![(1, "3".into()), (2, "bad".into()), (3, "user_id".into())]
         );
+    }
+
+    #[test]
+    fn unrecorded_decisions_count_once_claimed() {
+        let (engine, catalogue) = setup(true);
+        let items = [
+            request("exp", "a", &[("utm_source", "x")]),
+            request("nope", "bad", &[]),
+            request("exp", "b", &[("utm_source", "x")]),
+            request("exp", "a", &[("utm_source", "x")]),
+            request("exp", "c", &[("utm_source", "y")]),
+        ];
+        let prepared = catalogue.prepare(&batch(&items), 0).unwrap();
+        let errors: HashMap<usize, ItemError> = [(
+            1,
+            ItemError {
+                code: 5,
+                message: "no".into(),
+                field: "experiment_id".into(),
+            },
+        )]
+        .into();
+        let total = |engine: &Engine| -> u64 {
+            let id = crate::store::NodeId::new(5, crate::keys::key_hash(""));
+            engine
+                .store()
+                .get(id)
+                .map_or(0, |n| n.counts().iter().map(|c| c.allocations).sum::<u64>())
+        };
+        let out = prepared
+            .finish(
+                &engine,
+                &catalogue,
+                "",
+                "p",
+                1,
+                0,
+                &HashMap::new(),
+                &errors,
+                false,
+            )
+            .unwrap();
+        // Items 0, 2 and 4 are new ("a" again at 3 repeats 0's answer); nothing counted.
+        assert_eq!(out.positions, [0, 2, 4]);
+        assert_eq!(out.made.len(), 3);
+        assert_eq!(total(&engine), 0);
+        // The claim of "b" (made's 1) did not stand: the others count, at every level.
+        let kept = out.made.without(&[1]);
+        assert_eq!(
+            (0..kept.len()).map(|k| kept.user_id(k)).collect::<Vec<_>>(),
+            ["a", "c"]
+        );
+        engine.record_made(&kept).unwrap();
+        assert_eq!(total(&engine), 2);
+        let leaf = crate::keys::key_hash(kept.segment_key(0));
+        let node = engine
+            .store()
+            .get(crate::store::NodeId::new(5, leaf))
+            .unwrap();
+        assert_eq!(
+            node.counts()[kept.variant(0)].allocations,
+            1 + u64::from(
+                kept.segment_key(1) == kept.segment_key(0) && kept.variant(1) == kept.variant(0)
+            )
+        );
+        // A variant the experiment does not have counts nothing.
+        let mut wrong = Made::new("p", 0);
+        wrong.push(9, 5, "d", 0, "", 0, 0.5);
+        wrong.push(10, 5, "e", 7, "", 0, 0.5);
+        assert!(engine.record_made(&wrong).is_err());
+        assert_eq!(total(&engine), 2);
     }
 
     #[test]
@@ -1399,7 +1481,7 @@ mod tests {
             .learn_devices(&[("Bot/1", "unknown")])
             .unwrap();
         let prepared = batch_catalogue
-            .prepare(&batch(std::slice::from_ref(&m)), 0, false)
+            .prepare(&batch(std::slice::from_ref(&m)), 0)
             .unwrap();
         seed_thread_rng(9);
         let out = prepared
@@ -1412,6 +1494,7 @@ mod tests {
                 0,
                 &HashMap::new(),
                 &HashMap::new(),
+                true,
             )
             .unwrap();
         let mut result = Vec::new();
@@ -1574,7 +1657,7 @@ mod tests {
             fields(&[exp.clone(), user("o"), src("z"), ua]),
         ];
         let now = 1_700_000_000_000;
-        let prepared = catalogue.prepare(&batch(&items), now, false).unwrap();
+        let prepared = catalogue.prepare(&batch(&items), now).unwrap();
         assert_eq!(prepared.len(), items.len());
         assert_eq!(prepared.invalid(), vec![9, 10, 13, 14]);
         // Runs with the same raw context and clock share one extraction.
@@ -1609,23 +1692,23 @@ mod tests {
     }
 
     #[test]
-    fn maps_keep_the_last_entry_and_shared_sticky_needs_the_caller() {
+    fn maps_keep_the_last_entry_and_only_caller_segments_need_the_caller() {
         let (_, catalogue) = setup(true);
         let m = request("exp", "u", &[("device", "phone"), ("device", "tablet")]);
         let raw = decode_request(&m).unwrap();
         assert_eq!(raw.context, vec![("device", "tablet")]);
-        assert!(
-            catalogue
-                .prepare(&batch(std::slice::from_ref(&m)), 0, true)
-                .unwrap()
-                .needs_caller
-        );
+        // A sticky experiment's batch is the batch path's (under shared state too: the caller
+        // claims what `finish` made without counting it).
         assert!(
             !catalogue
-                .prepare(&batch(&[m]), 0, false)
+                .prepare(&batch(std::slice::from_ref(&m)), 0)
                 .unwrap()
                 .needs_caller
         );
-        assert!(catalogue.prepare(&[0x0a, 0x09], 0, false).is_err());
+        let mut learned = ExperimentInfo::clone(&catalogue.running("exp").unwrap());
+        learned.caller_segments = true;
+        catalogue.put(learned);
+        assert!(catalogue.prepare(&batch(&[m]), 0).unwrap().needs_caller);
+        assert!(catalogue.prepare(&[0x0a, 0x09], 0).is_err());
     }
 }

@@ -12,6 +12,7 @@
 use crate::beta::with_thread_rng;
 use crate::cascade::{cascade_level, Tree};
 use crate::error::CoreError;
+use crate::held::Made;
 use crate::keys::{bucket, key_hash, path_hashes_of_key, push_canonical_value, valid_dimension};
 use crate::store::{Node, NodeId, PropensityCache, Segments, Store};
 use arc_swap::{ArcSwap, ArcSwapOption};
@@ -697,6 +698,44 @@ impl Engine {
             self.store
                 .get_or_create(NodeId::new(experiment, h), n)
                 .add_allocation(variant);
+        }
+        Ok(())
+    }
+
+    /// Count each of `made`'s assignments (decided without counting, then claimed: see
+    /// [`crate::batch::PreparedBatch::finish`]) as [`Engine::record_allocation`] would; a run of
+    /// one (experiment, segment key) looks its nodes up once. Every variant is checked before
+    /// any is counted.
+    pub fn record_made(&self, made: &Made) -> Result<(), CoreError> {
+        let handles = made.handles();
+        // (first, end, variants) of each run.
+        let mut runs = Vec::new();
+        let mut k = 0;
+        while k < made.len() {
+            let (handle, key) = (handles[k], made.segment_key(k));
+            let end = (k..made.len())
+                .find(|&j| handles[j] != handle || made.segment_key(j) != key)
+                .unwrap_or(made.len());
+            let n = self.entry(handle)?.config.variants;
+            if let Some(j) = (k..end).find(|&j| made.variant(j) >= n) {
+                return Err(CoreError::invalid(format!(
+                    "variant: {} is outside 0..{n}",
+                    made.variant(j)
+                )));
+            }
+            runs.push((k, end, n));
+            k = end;
+        }
+        for (first, end, n) in runs {
+            let nodes: Vec<Arc<Node>> = path_hashes_of_key(made.segment_key(first))
+                .into_iter()
+                .map(|h| self.store.get_or_create(NodeId::new(handles[first], h), n))
+                .collect();
+            for j in first..end {
+                for node in &nodes {
+                    node.add_allocation(made.variant(j));
+                }
+            }
         }
         Ok(())
     }

@@ -880,9 +880,20 @@ impl Made {
 
     /// The same without `user_id`'s assignments.
     pub fn without_user(&self, user_id: &str) -> Made {
+        self.retained(|k| self.user_id(k) != user_id)
+    }
+
+    /// The same without the assignments at `positions`.
+    pub fn without(&self, positions: &[usize]) -> Made {
+        let dropped: HashSet<usize> = positions.iter().copied().collect();
+        self.retained(|k| !dropped.contains(&k))
+    }
+
+    /// The assignments `keep` keeps, in order.
+    fn retained(&self, keep: impl Fn(usize) -> bool) -> Made {
         let mut out = Made::new(&self.id_prefix, self.created_ms);
         for k in 0..self.len() {
-            if self.user_id(k) != user_id {
+            if keep(k) {
                 out.push_at(
                     self.created_at(k),
                     self.seqs[k],

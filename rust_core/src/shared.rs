@@ -101,6 +101,12 @@ pub fn push_record(
     out.extend_from_slice(&((key_prefix.len() + a.id.len()) as u32).to_be_bytes());
     out.extend_from_slice(key_prefix.as_bytes());
     out.extend_from_slice(a.id.as_bytes());
+    write_value(value, a, experiment_key);
+    push_framed(out, value);
+}
+
+/// Write the JSON value of `a`'s record into `value` (cleared first).
+fn write_value(value: &mut Vec<u8>, a: &Assignment<'_>, experiment_key: &str) {
     value.clear();
     value.push(b'[');
     push_json_str(value, &a.id);
@@ -122,7 +128,6 @@ pub fn push_record(
     }
     push_decimal(value, a.created_ms.unsigned_abs());
     value.push(b']');
-    push_framed(out, value);
 }
 
 impl Made {
@@ -142,6 +147,37 @@ impl Made {
             let a = self.get(k, &id);
             push_record(out, &mut value, key_prefix, &a, experiment_key(a.handle));
         }
+    }
+}
+
+impl Made {
+    /// Append the sticky claim of each assignment whose experiment `sticky_key` gives a key
+    /// (its hash of sticky assignments): that key, the user id and the assignment's record
+    /// value (see [`push_record`]), each framed. Returns the positions of the claimed
+    /// assignments, in order.
+    pub fn sticky_claims<'k>(
+        &self,
+        out: &mut Vec<u8>,
+        mut sticky_key: impl FnMut(u64) -> Option<&'k str>,
+        mut experiment_key: impl FnMut(u64) -> &'k str,
+    ) -> Vec<usize> {
+        let mut claimed = Vec::new();
+        let mut id = String::new();
+        let mut value = Vec::with_capacity(160);
+        for k in 0..self.len() {
+            let handle = self.handles()[k];
+            let Some(key) = sticky_key(handle) else {
+                continue;
+            };
+            self.write_id(k, &mut id);
+            let a = self.get(k, &id);
+            push_framed(out, key.as_bytes());
+            push_framed(out, a.user_id.as_bytes());
+            write_value(&mut value, &a, experiment_key(handle));
+            push_framed(out, &value);
+            claimed.push(k);
+        }
+        claimed
     }
 }
 
@@ -214,6 +250,36 @@ mod tests {
                 "[\"p-1f\",\"e3\",3,\"u\\\"1\",2,\"country:us\",1,0.25,1700000000000]",
                 "ns:asg:p-20",
                 "[\"p-20\",\"e4\",4,\"u2\",0,\"\",0,1.0,1700000000000]",
+            ]
+        );
+    }
+
+    #[test]
+    fn claims_are_framed_hash_key_user_and_value_of_sticky_experiments_only() {
+        let mut made = Made::new("p", 5);
+        made.push(1, 3, "a", 0, "", 0, 0.5);
+        made.push(2, 4, "b\n", 1, "k", 1, 1.0);
+        made.push(3, 3, "c", 1, "", 0, 0.5);
+        let mut out = Vec::new();
+        let claimed =
+            made.sticky_claims(&mut out, |h| (h == 3).then_some("ns:{x3}:sticky"), |_| "e3");
+        assert_eq!(claimed, [0, 2]);
+        let mut fields = Vec::new();
+        let mut rest = &out[..];
+        while !rest.is_empty() {
+            let n = u32::from_be_bytes(rest[..4].try_into().unwrap()) as usize;
+            fields.push(String::from_utf8(rest[4..4 + n].to_vec()).unwrap());
+            rest = &rest[4 + n..];
+        }
+        assert_eq!(
+            fields,
+            [
+                "ns:{x3}:sticky",
+                "a",
+                "[\"p-1\",\"e3\",3,\"a\",0,\"\",0,0.5,5]",
+                "ns:{x3}:sticky",
+                "c",
+                "[\"p-3\",\"e3\",3,\"c\",1,\"\",0,0.5,5]",
             ]
         );
     }

@@ -36,6 +36,7 @@ __all__ = [
     "segment_key",
     "selection_probabilities",
     "shared_records",
+    "sticky_claims",
     "thompson_select",
 ]
 
@@ -109,6 +110,13 @@ def shared_records(
     each its key (`key_prefix` + id) and its value, the JSON array `json.dumps` writes of its
     tuple, each preceded by its length (4 bytes, big-endian); those of `made` without the
     GIL."""
+
+def sticky_claims(made: MadeAssignments, sticky_keys: Mapping[int, str]) -> tuple[bytes, list[int]]:
+    """The sticky claims of `made`'s assignments of the experiments `sticky_keys` names
+    (handle -> key of its hash of sticky assignments): each that key, the user id and the
+    assignment's record value (as `shared_records` writes it), each preceded by its length (4
+    bytes, big-endian), written without the GIL; and the positions in `made` of the claimed
+    assignments, in order."""
 
 def filter_may_hold_user(filter: bytes, handle: int, user_id: str) -> bool:
     """Whether a block's `filter` may hold an assignment of (`handle`, `user_id`); an empty
@@ -204,6 +212,11 @@ class Engine:
         """`decide` for many users of one experiment, with the GIL released."""
 
     def record_allocation(self, experiment: int, segment_key: str, variant: int) -> None: ...
+    def record_made(self, made: MadeAssignments) -> None:
+        """Count each of `made`'s assignments as `record_allocation` would (those of
+        `PreparedBatch.decide_unclaimed`, once claimed); every variant is checked before any
+        is counted."""
+
     def record_conversion(
         self, experiment: int, segment_key: str, variant: int, value: float = 0.0
     ) -> None:
@@ -270,10 +283,10 @@ class BatchCatalogue:
         One call's agents are kept together: a cache without room for them is emptied first.
         ValueError for a bad class, before anything is remembered."""
 
-    def prepare(self, request: bytes, now_ms: int, shared: bool) -> PreparedBatch:
+    def prepare(self, request: bytes, now_ms: int) -> PreparedBatch:
         """Decode a serialized AllocateBatchRequest and check every item (context extraction
-        included), with the GIL released. `now_ms` stands for a timestamp of 0; with `shared`,
-        items of sticky experiments need the caller. ValueError when the bytes are malformed."""
+        included), with the GIL released. `now_ms` stands for a timestamp of 0. ValueError when
+        the bytes are malformed."""
     def allocate_one(
         self,
         engine: Engine,
@@ -348,6 +361,24 @@ class PreparedBatch:
         and any call on `held` made after this one returns holds them first if it has not.
         Returns the serialized response and the new assignments."""
 
+    def decide_unclaimed(
+        self,
+        engine: Engine,
+        catalogue: BatchCatalogue,
+        held: HeldAssignments,
+        *,
+        region: str,
+        id_prefix: str,
+        first_seq: int,
+        now_ms: int,
+        given: Mapping[int, GivenAllocation],
+        errors: Mapping[int, ItemError],
+    ) -> tuple[bytes, MadeAssignments, list[int]]:
+        """`finish` that neither counts nor holds the new assignments (a replica sharing state
+        claims those of sticky experiments first, then counts with `Engine.record_made` and
+        holds with `HeldAssignments.hand_over` those that stand); also returns the position of
+        the item each new assignment answers."""
+
 @final
 class HeldAssignments:
     """The assignments a process holds: the latest of each (experiment, user) for sticky
@@ -383,6 +414,10 @@ class HeldAssignments:
     def by_id(self, id: str) -> HeldTuple | None: ...
     def has_id(self, id: str) -> bool: ...
     def has_latest(self, handle: int, user_id: str) -> bool: ...
+    def hand_over(self, made: MadeAssignments) -> None:
+        """Hold `made` (`PreparedBatch.decide_unclaimed`'s, once claimed) as
+        `PreparedBatch.finish` holds its own."""
+
     def of_user(self, user_id: str) -> list[HeldTuple]:
         """Every assignment of the user, newest first."""
 
@@ -434,6 +469,9 @@ class MadeAssignments:
 
     def of_user(self, user_id: str) -> list[HeldTuple]: ...
     def without_user(self, user_id: str) -> MadeAssignments: ...
+    def without(self, positions: Sequence[int]) -> MadeAssignments:
+        """The same assignments without those at `positions`."""
+
     def level_counts(self) -> list[tuple[tuple[int, int], int]]:
         """((handle, cascade level), assignments) pairs."""
 

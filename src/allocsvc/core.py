@@ -31,6 +31,7 @@ from allocsvc._core import (
     segment_key,
     selection_probabilities,
     shared_records,
+    sticky_claims,
     thompson_select,
 )
 
@@ -62,5 +63,6 @@ __all__ = [
     "segment_key",
     "selection_probabilities",
     "shared_records",
+    "sticky_claims",
     "thompson_select",
 ]

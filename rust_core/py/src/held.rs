@@ -155,6 +155,13 @@ impl PyHeld {
             .transpose()
     }
 
+    /// Hold `made` (`PreparedBatch.decide_unclaimed`'s new assignments, once claimed) as
+    /// `PreparedBatch.finish` holds its own: on the store's thread, before any other call
+    /// here looks.
+    fn hand_over(&self, made: PyRef<'_, PyMade>) {
+        self.inner.hand_over(Arc::clone(&made.inner));
+    }
+
     /// New assignments of batches handed over and not yet held (see
     /// `allocsvc_core::holder`); every other method holds them first.
     #[getter]
@@ -353,6 +360,19 @@ impl PyMade {
         PyMade { inner, names }
     }
 
+    pub(crate) fn inner(&self) -> &Made {
+        &self.inner
+    }
+
+    /// `inner` under this one's experiment keys.
+    fn with(&self, py: Python<'_>, inner: Made) -> PyMade {
+        let names = self.names.0.iter();
+        PyMade {
+            inner: Arc::new(inner),
+            names: Names(names.map(|(&h, name)| (h, name.clone_ref(py))).collect()),
+        }
+    }
+
     fn tuple_at<'py>(
         &self,
         py: Python<'py>,
@@ -395,16 +415,12 @@ impl PyMade {
 
     /// The same assignments without the user's.
     fn without_user(&self, py: Python<'_>, user_id: &str) -> PyMade {
-        PyMade {
-            inner: Arc::new(self.inner.without_user(user_id)),
-            names: Names(
-                self.names
-                    .0
-                    .iter()
-                    .map(|(&h, name)| (h, name.clone_ref(py)))
-                    .collect(),
-            ),
-        }
+        self.with(py, self.inner.without_user(user_id))
+    }
+
+    /// The same assignments without those at `positions`.
+    fn without(&self, py: Python<'_>, positions: Vec<usize>) -> PyMade {
+        self.with(py, self.inner.without(&positions))
     }
 
     /// ((handle, cascade level), assignments) pairs.
@@ -520,6 +536,33 @@ pub(crate) fn shared_records<'py>(
         out
     });
     Ok(PyBytes::new(py, &out))
+}
+
+/// The sticky claims of `made`'s assignments of the experiments `sticky_keys` names (handle ->
+/// key of its hash of sticky assignments): each that key, the user id and the record's value,
+/// framed as `shared_records` frames (see `allocsvc_core::shared`), written without the GIL;
+/// and the positions in `made` of the claimed assignments, in order.
+#[pyfunction]
+pub(crate) fn sticky_claims<'py>(
+    py: Python<'py>,
+    made: PyRef<'py, PyMade>,
+    sticky_keys: HashMap<u64, String>,
+) -> PyResult<(Bound<'py, PyBytes>, Vec<usize>)> {
+    let mut names: HashMap<u64, String> = HashMap::new();
+    for (&handle, name) in &made.names.0 {
+        names.insert(handle, name.bind(py).to_str()?.to_owned());
+    }
+    let inner = &*made.inner;
+    let (out, claimed) = py.allow_threads(|| {
+        let mut out = Vec::with_capacity(inner.len() * shared::RECORD_BYTES);
+        let claimed = inner.sticky_claims(
+            &mut out,
+            |handle| sticky_keys.get(&handle).map(String::as_str),
+            |handle| names.get(&handle).map_or("", String::as_str),
+        );
+        (out, claimed)
+    });
+    Ok((PyBytes::new(py, &out), claimed))
 }
 
 /// A block of these assignments (`copy_assignments`' arguments) as stored: its compressed

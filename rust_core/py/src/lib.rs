@@ -18,7 +18,7 @@ use allocsvc_core::{keys, CountRow};
 use error::{invalid, to_py};
 use held::{
     assignment_block, block_rows_of_id, block_rows_of_user, copy_assignments, decompress_block,
-    filter_may_hold_id, filter_may_hold_user, shared_records, PyHeld, PyLog, PyMade,
+    filter_may_hold_id, filter_may_hold_user, shared_records, sticky_claims, PyHeld, PyLog, PyMade,
 };
 use pyo3::exceptions::PyTypeError;
 use pyo3::prelude::*;
@@ -398,14 +398,8 @@ impl PyBatchCatalogue {
         self.inner.learn_devices(&pairs).map_err(to_py)
     }
 
-    fn prepare(
-        &self,
-        py: Python<'_>,
-        request: &[u8],
-        now_ms: i64,
-        shared: bool,
-    ) -> PyResult<PyPreparedBatch> {
-        py.allow_threads(|| self.inner.prepare(request, now_ms, shared))
+    fn prepare(&self, py: Python<'_>, request: &[u8], now_ms: i64) -> PyResult<PyPreparedBatch> {
+        py.allow_threads(|| self.inner.prepare(request, now_ms))
             .map(|inner| PyPreparedBatch { inner })
             .map_err(to_py)
     }
@@ -582,6 +576,53 @@ impl PyPreparedBatch {
         given: HashMap<usize, PyGiven>,
         errors: HashMap<usize, PyItemError>,
     ) -> PyResult<(Bound<'py, PyBytes>, PyMade)> {
+        let (response, made, _) = self.decided(
+            py, engine, catalogue, held, region, id_prefix, first_seq, now_ms, given, errors, true,
+        )?;
+        Ok((response, made))
+    }
+
+    /// `finish` that neither counts nor holds the new assignments (a shared replica claims
+    /// those of sticky experiments first); also returns the item each answers.
+    #[pyo3(signature = (engine, catalogue, held, *, region, id_prefix, first_seq, now_ms, given,
+        errors))]
+    #[allow(clippy::too_many_arguments)]
+    fn decide_unclaimed<'py>(
+        &self,
+        py: Python<'py>,
+        engine: &PyEngine,
+        catalogue: &PyBatchCatalogue,
+        held: &PyHeld,
+        region: &str,
+        id_prefix: &str,
+        first_seq: u64,
+        now_ms: i64,
+        given: HashMap<usize, PyGiven>,
+        errors: HashMap<usize, PyItemError>,
+    ) -> PyResult<(Bound<'py, PyBytes>, PyMade, Vec<usize>)> {
+        self.decided(
+            py, engine, catalogue, held, region, id_prefix, first_seq, now_ms, given, errors, false,
+        )
+    }
+}
+
+impl PyPreparedBatch {
+    /// `finish`, or with `record` false `decide_unclaimed`.
+    #[allow(clippy::too_many_arguments)]
+    fn decided<'py>(
+        &self,
+        py: Python<'py>,
+        engine: &PyEngine,
+        catalogue: &PyBatchCatalogue,
+        held: &PyHeld,
+        region: &str,
+        id_prefix: &str,
+        first_seq: u64,
+        now_ms: i64,
+        given: HashMap<usize, PyGiven>,
+        errors: HashMap<usize, PyItemError>,
+        record: bool,
+    ) -> PyResult<(Bound<'py, PyBytes>, PyMade, Vec<usize>)> {
         let given: HashMap<usize, GivenAllocation> = given
             .into_iter()
             .map(
@@ -614,7 +655,7 @@ impl PyPreparedBatch {
         // Decided on this thread (its generator), with the GIL released; the new assignments
         // go to the holder's thread, and any call that looks for them waits until they are
         // held (allocsvc_core::holder).
-        let (response, made) = py
+        let (response, made, positions) = py
             .allow_threads(|| {
                 let out = self.inner.finish(
                     &engine.inner,
@@ -625,13 +666,17 @@ impl PyPreparedBatch {
                     now_ms,
                     &given,
                     &errors,
+                    record,
                 )?;
                 let made = Arc::new(out.made);
-                held.inner.hand_over(Arc::clone(&made));
-                Ok::<_, allocsvc_core::CoreError>((out.response, made))
+                if record {
+                    held.inner.hand_over(Arc::clone(&made));
+                }
+                Ok::<_, allocsvc_core::CoreError>((out.response, made, out.positions))
             })
             .map_err(to_py)?;
-        Ok((PyBytes::new(py, &response), PyMade::new(py, made, held)))
+        let made = PyMade::new(py, made, held);
+        Ok((PyBytes::new(py, &response), made, positions))
     }
 }
 
@@ -796,6 +841,13 @@ impl PyEngine {
             .map_err(to_py)
     }
 
+    /// Count each of `made`'s assignments (`decide_unclaimed`'s, once claimed).
+    fn record_made(&self, py: Python<'_>, made: PyRef<'_, PyMade>) -> PyResult<()> {
+        let made = made.inner();
+        py.allow_threads(|| self.inner.record_made(made))
+            .map_err(to_py)
+    }
+
     #[pyo3(signature = (experiment, segment_key, variant, value=0.0))]
     fn record_conversion(
         &self,
@@ -869,6 +921,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(filter_may_hold_user, m)?)?;
     m.add_function(wrap_pyfunction!(filter_may_hold_id, m)?)?;
     m.add_function(wrap_pyfunction!(shared_records, m)?)?;
+    m.add_function(wrap_pyfunction!(sticky_claims, m)?)?;
     m.add(
         "ASSIGNMENT_COPY_COLUMNS",
         allocsvc_core::held::COPY_COLUMNS.to_vec(),

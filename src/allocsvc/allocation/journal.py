@@ -10,7 +10,7 @@ from __future__ import annotations
 import itertools
 import time
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, date, datetime, timedelta
 from typing import TYPE_CHECKING, Any, Protocol
@@ -146,6 +146,18 @@ class SharedState(Protocol):
     async def sticky(self, handle: int, user_id: str) -> Assignment | None: ...
 
     async def claim(self, assignment: Assignment) -> Assignment: ...
+
+    async def sticky_many(
+        self, wanted: Sequence[tuple[int, str]]
+    ) -> dict[tuple[int, str], Assignment]:
+        """The sticky assignments found of these (experiment handle, user id) pairs."""
+
+    async def claim_made(
+        self, made: MadeAssignments, sticky: Iterable[int]
+    ) -> dict[int, Assignment]:
+        """Claim `made`'s new assignments of the `sticky` experiments (handles) in one round
+        trip; return, by position in `made`, the ones that stand instead (another replica
+        answered that user first)."""
 
     def assignment_made(self, assignment: Assignment) -> None: ...
 

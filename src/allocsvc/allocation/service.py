@@ -7,6 +7,7 @@ says it is durable (and whether it was new: idempotency is the journal's to enfo
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import math
 import secrets
@@ -14,7 +15,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import NamedTuple, Protocol
+from typing import TYPE_CHECKING, NamedTuple, Protocol
 
 from allocsvc.allocation.experiments import (
     Experiment,
@@ -46,6 +47,9 @@ from allocsvc.errors import (
 )
 from allocsvc.learning.features import RawFeatures
 from allocsvc.learning.sampling import ObservationGaps
+
+if TYPE_CHECKING:
+    from allocsvc._core import GivenAllocation
 
 # Value used for the cluster dimension until a clustering model is deployed.
 NO_CLUSTER = "none"
@@ -741,11 +745,12 @@ class AllocationService:
     def prepare_batch(self, request: bytes) -> PreparedBatch | None:
         """Decode a serialized AllocateBatchRequest and check its items in Rust.
 
-        None when an item needs the per-item path (`auto` segmentation, or a sticky
-        experiment whose assignments are claimed in shared state): `allocate_many` then.
+        None when an item needs the per-item path (`auto` segmentation): `allocate_many`
+        then. A batch `claims` names is finished by `finish_shared_batch`, others by
+        `finish_batch`.
         """
         try:
-            prepared = self._catalogue.prepare(request, _now_ms(), self._shared is not None)
+            prepared = self._catalogue.prepare(request, _now_ms())
         except ValueError as exc:
             raise InvalidRequest("requests", f"not a valid AllocateBatchRequest: {exc}") from None
         self.check_batch(len(prepared))
@@ -764,6 +769,120 @@ class AllocationService:
         `allocated` and `errors` answer the items `prepared.invalid()` lists (the caller ran
         them through `allocate`). Sticky users found here are answered with their assignment.
         """
+        given = self._given(prepared, allocated)
+        # At most this many are new (repeated sticky users are fewer): refused before deciding.
+        self._journal.admit(len(prepared) - len(errors) - len(given))
+        first = next(self._ids)
+        response, made = prepared.finish(
+            self._engine,
+            self._catalogue,
+            self._held,
+            region=region,
+            id_prefix=self._id_prefix,
+            first_seq=first,
+            now_ms=_now_ms(),
+            given=given,
+            errors=errors,
+        )
+        self._ids = itertools.count(first + len(made))
+        if made:
+            self._keep_made(made)
+        return response
+
+    def claims(self, prepared: PreparedBatch) -> bool:
+        """Whether the batch's new assignments are claimed in shared state before they count
+        (`finish_shared_batch`): items of sticky experiments, on a replica sharing state."""
+        return self._shared is not None and prepared.has_sticky
+
+    async def finish_shared_batch(
+        self,
+        prepared: PreparedBatch,
+        region: str,
+        allocated: Mapping[int, Allocation],
+        errors: Mapping[int, tuple[int, str, str]],
+    ) -> bytes:
+        """`finish_batch` for a batch `claims` names, in two round trips to shared state
+        whatever its size (`allocate` takes two per new user): users of sticky experiments not
+        held here are looked up there, the rest decided without counting and their new
+        assignments claimed. A user another replica answered first meanwhile gets that answer
+        (as `allocate` does); only the claims that stand are counted, held and kept."""
+        shared = self._shared
+        assert shared is not None
+        _, handles, users = prepared.sticky_candidates()
+        has = self._held.has_latest
+        missing = [(h, u) for h, u in zip(handles, users, strict=True) if not has(h, u)]
+        for found in (await shared.sticky_many(missing)).values():
+            self._remember(found)
+        given = self._given(prepared, allocated)
+        self._journal.admit(len(prepared) - len(errors) - len(given))
+        first = next(self._ids)
+        response, made, answers = prepared.decide_unclaimed(
+            self._engine,
+            self._catalogue,
+            self._held,
+            region=region,
+            id_prefix=self._id_prefix,
+            first_seq=first,
+            now_ms=_now_ms(),
+            given=given,
+            errors=errors,
+        )
+        self._ids = itertools.count(first + len(made))
+        if not made:
+            return response
+        # Kept even if the call is cancelled meanwhile: its claims may stand in shared state.
+        claiming = self._claim_made(
+            prepared, region, given, errors, (response, made, answers), set(handles)
+        )
+        return await asyncio.shield(claiming)
+
+    async def _claim_made(
+        self,
+        prepared: PreparedBatch,
+        region: str,
+        given: Mapping[int, GivenAllocation],
+        errors: Mapping[int, tuple[int, str, str]],
+        decided: tuple[bytes, MadeAssignments, Sequence[int]],
+        sticky: set[int],
+    ) -> bytes:
+        """Claim the new assignments of `decided` (`decide_unclaimed`'s response, assignments
+        and the items they answer) of the `sticky` experiments; count, hold and keep those that
+        stand; return the response, answered again if one did not."""
+        assert self._shared is not None
+        response, made, answers = decided
+        standing = await self._shared.claim_made(made, sticky)
+        if standing:
+            for found in standing.values():
+                self._remember(found)
+            # Each new assignment answered as decided, but where a claim did not stand, with
+            # the assignment that stands.
+            again = dict(given)
+            for k, (i, held) in enumerate(zip(answers, made.assignments(), strict=True)):
+                lost = k in standing
+                a = standing[k] if lost else Assignment._make(held)
+                again[i] = (a.id, a.variant, a.segment_key, a.cascade_level, a.propensity, lost)
+            response, _, _ = prepared.decide_unclaimed(
+                self._engine,
+                self._catalogue,
+                self._held,
+                region=region,
+                id_prefix=self._id_prefix,
+                first_seq=0,
+                now_ms=_now_ms(),
+                given=again,
+                errors=errors,
+            )
+            made = made.without(list(standing))
+        self._engine.record_made(made)
+        self._held.hand_over(made)
+        self._keep_made(made)
+        return response
+
+    def _given(
+        self, prepared: PreparedBatch, allocated: Mapping[int, Allocation]
+    ) -> dict[int, GivenAllocation]:
+        """What the caller answers of a prepared batch: the items it allocated itself, and
+        the users of sticky experiments held here (answered with their assignment)."""
         unknown = prepared.unknown_user_agents(self._catalogue)
         if unknown:
             device = self._extractor.device
@@ -790,24 +909,7 @@ class AllocationService:
                     earlier.propensity,
                     True,
                 )
-        # At most this many are new (repeated sticky users are fewer): refused before deciding.
-        self._journal.admit(len(prepared) - len(errors) - len(given))
-        first = next(self._ids)
-        response, made = prepared.finish(
-            self._engine,
-            self._catalogue,
-            self._held,
-            region=region,
-            id_prefix=self._id_prefix,
-            first_seq=first,
-            now_ms=_now_ms(),
-            given=given,
-            errors=errors,
-        )
-        self._ids = itertools.count(first + len(made))
-        if made:
-            self._keep_made(made)
-        return response
+        return given
 
     def _keep_made(self, made: MadeAssignments) -> None:
         """What `_keep` does, for a batch's new assignments (held already, by Rust): work per

@@ -108,7 +108,12 @@ class AllocatorServicer(pb_grpc.AllocatorServicer):
             except AllocsvcError as exc:
                 errors[i] = (status_number(exc), str(exc), field_of(exc))
         await self._service.recall_sticky(prepared)
-        response = self._service.finish_batch(prepared, self._region, allocated, errors)
+        if self._service.claims(prepared):
+            response = await self._service.finish_shared_batch(
+                prepared, self._region, allocated, errors
+            )
+        else:
+            response = self._service.finish_batch(prepared, self._region, allocated, errors)
         self._service.observe_batch(prepared, BATCH_OBSERVED_ITEMS)
         return response
 

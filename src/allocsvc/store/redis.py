@@ -3,7 +3,8 @@
 Keys (hash tags keep one experiment's keys on one Redis Cluster slot):
 - `{ns}:{x<handle>}:counts`   hash: `<segment hash>:<variant>:a|c|v` -> totals of every replica
 - `{ns}:{x<handle>}:seeded`   set once the counts hash was seeded from a replica's totals
-- `{ns}:{x<handle>}:sticky`   hash: user id -> assignment (JSON)
+- `{ns}:{x<handle>}:sticky`   hash: user id -> assignment (JSON); a batch's new users are
+  claimed by one script call (`_CLAIM`, HSETNX each), found by one HMGET per experiment
 - `{ns}:asg:<assignment id>`  assignment (JSON), for conversions arriving at another replica;
   set with the next push, by a script that takes a framed blob of them (a batch's built in
   Rust), not by a command each
@@ -28,7 +29,7 @@ from redis.exceptions import RedisError
 
 from allocsvc.allocation.journal import assignment_parts
 from allocsvc.allocation.service import Assignment
-from allocsvc.core import shared_records
+from allocsvc.core import shared_records, sticky_claims
 from allocsvc.store.pump import CountRow, DeltaPump
 from allocsvc.tasks.scheduler import stop_tasks
 
@@ -59,6 +60,31 @@ return n
 """
 # Records per script call, about: Redis runs a script alone (about 1 ms per 1,000 here).
 _RECORDS_PER_CALL = 2_000
+# Claims each user of ARGV[1] (a key of sticky assignments, a user id and an assignment, each
+# preceded by its length as in _SET_RECORDS) unless the hash has one: false for a claim that
+# stood, else the assignment that stands. Undeclared keys, as _SET_RECORDS.
+_CLAIM = """
+local blob = ARGV[1]
+local pos = 1
+local function field()
+  local n = struct.unpack('>I4', blob, pos)
+  local text = string.sub(blob, pos + 4, pos + 3 + n)
+  pos = pos + 4 + n
+  return text
+end
+local out = {}
+while pos <= #blob do
+  local key = field()
+  local user = field()
+  local value = field()
+  if redis.call('HSETNX', key, user, value) == 1 then
+    out[#out + 1] = false
+  else
+    out[#out + 1] = redis.call('HGET', key, user)
+  end
+end
+return out
+"""
 
 
 def _encode(a: Assignment) -> str:
@@ -111,6 +137,7 @@ class RedisShared:
         self._pending_assignments: list[Assignment] = []
         self._pending_made: list[MadeAssignments] = []
         self._set_records = self._redis.register_script(_SET_RECORDS)
+        self._claim = self._redis.register_script(_CLAIM)
         self.healthy = True
 
     def _key(self, handle: int, what: str) -> str:
@@ -169,13 +196,58 @@ class RedisShared:
             return assignment
         return _decode(standing) or assignment
 
+    async def sticky_many(
+        self, wanted: Sequence[tuple[int, str]]
+    ) -> dict[tuple[int, str], Assignment]:
+        """The sticky assignments found of these (handle, user id) pairs: one HMGET per
+        experiment, in one round trip."""
+        if not self.healthy or not wanted:
+            return {}
+        users: dict[int, list[str]] = {}
+        for handle, user_id in wanted:
+            users.setdefault(handle, []).append(user_id)
+        try:
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for handle, ids in users.items():
+                    pipe.hmget(self._key(handle, "sticky"), ids)
+                replies = await pipe.execute()
+        except (RedisError, OSError) as exc:
+            self._mark(False, exc)
+            return {}
+        found: dict[tuple[int, str], Assignment] = {}
+        for (handle, ids), values in zip(users.items(), replies, strict=True):
+            for user_id, raw in zip(ids, values, strict=True):
+                if (a := _decode(raw)) is not None:
+                    found[(handle, user_id)] = a
+        return found
+
+    async def claim_made(
+        self, made: MadeAssignments, sticky: Iterable[int]
+    ) -> dict[int, Assignment]:
+        """Claim a batch's new assignments of sticky experiments (`sticky`: their handles) in
+        one script call; return, by position in `made`, those that stand instead. Their
+        records for lookups by id go with the next push (`assignments_made`)."""
+        keys = {handle: self._key(handle, "sticky") for handle in sticky}
+        if not self.healthy or not keys:
+            return {}
+        blob, claimed = sticky_claims(made, keys)
+        if not claimed:
+            return {}
+        try:
+            replies = await self._claim(args=[blob])
+        except (RedisError, OSError) as exc:
+            self._mark(False, exc)
+            return {}
+        standing = {k: _decode(raw) for k, raw in zip(claimed, replies, strict=True)}
+        return {k: a for k, a in standing.items() if a is not None}
+
     def assignment_made(self, assignment: Assignment) -> None:
         """Publish a (non-sticky) assignment for lookups by id, with the next push."""
         self._pending_assignments.append(assignment)
 
     def assignments_made(self, made: MadeAssignments) -> None:
-        """Publish a batch's new (non-sticky) assignments for lookups by id, with the next
-        push."""
+        """Publish a batch's new assignments (those of sticky experiments claimed already) for
+        lookups by id, with the next push."""
         self._pending_made.append(made)
 
     async def assignment(self, assignment_id: str) -> Assignment | None:

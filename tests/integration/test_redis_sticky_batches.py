@@ -1,0 +1,219 @@
+"""A replica sharing state through Redis finishes a batch of a sticky experiment in two round
+trips (one HMGET per experiment for the users it does not hold, one script call claiming the
+new ones), not two per user: answers, counts and what is kept are what `allocate` gives, across
+replicas, when another replica claims a user between the two, and when Redis is away."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Awaitable, Callable, Sequence
+
+import pytest
+import redis.asyncio as aioredis
+from batch_support import Keeping, servicer
+
+from allocsvc._proto import allocsvc_pb2 as pb
+from allocsvc.allocation.service import AllocationRequest, AllocationService, Assignment
+from allocsvc.api import convert
+from allocsvc.api.allocator import AllocatorServicer
+from allocsvc.core import MadeAssignments
+from allocsvc.store.pump import DeltaPump
+from allocsvc.store.redis import RedisShared, _decode
+
+pytestmark = pytest.mark.integration
+
+# User ids JSON must escape, and some it need not.
+AWKWARD = ['quote"d', "back\\slash", "new\nline", "tab\tand\x01control", "ünï 😀", "plain"]
+_namespaces = itertools.count()
+
+
+def _shared(url: str, namespace: str) -> RedisShared:
+    shared = RedisShared(url, namespace=namespace)
+    shared.bind(
+        DeltaPump(list),
+        load_counts=lambda rows: None,
+        snapshot=lambda handle: [],
+        experiments=list,
+        on_health=lambda healthy: None,
+    )
+    return shared
+
+
+class Replica:
+    """A service sharing `namespace` of Redis, with sticky experiment "e" (and non-sticky "n"
+    when asked)."""
+
+    def __init__(
+        self,
+        shared: RedisShared,
+        service: AllocationService,
+        journal: Keeping,
+        api: AllocatorServicer,
+    ) -> None:
+        self.shared, self.service, self.journal, self.api = shared, service, journal, api
+
+    @classmethod
+    async def start(cls, url: str, namespace: str, *, non_sticky: bool = False) -> Replica:
+        shared = _shared(url, namespace)
+        journal = Keeping()
+        service, api = await servicer(journal, shared, sticky=True)
+        if non_sticky:
+            n = pb.Experiment(
+                id="n",
+                status=pb.EXPERIMENT_STATUS_RUNNING,
+                variants=[pb.Variant(id="X"), pb.Variant(id="Y")],
+                sticky=False,
+            )
+            await service.create_experiment(convert.experiment_from_pb(n))
+        return cls(shared, service, journal, api)
+
+    async def batch(self, items: Sequence[tuple[str, str]]) -> list[pb.AllocateResponse]:
+        """(experiment, user) items, in one AllocateBatch; every item must be answered."""
+        request = pb.AllocateBatchRequest(
+            requests=[
+                pb.AllocateRequest(experiment_id=e, user_id=u, context={"country": "us"})
+                for e, u in items
+            ]
+        )
+        raw = await self.api.AllocateBatchBytes(request.SerializeToString(), None)  # type: ignore[arg-type]
+        results = pb.AllocateBatchResponse.FromString(raw).results
+        assert [r.WhichOneof("outcome") for r in results] == ["allocation"] * len(items)
+        return [r.allocation for r in results]
+
+    def kept(self) -> list[Assignment]:
+        return [Assignment._make(t) for m in self.journal.made for t in m.assignments()]
+
+    def allocations(self, key: str = "e") -> int:
+        return self.service.allocations(self.service.get_experiment(key).handle)
+
+
+async def _standing(url: str, namespace: str, handle: int, users: Sequence[str]) -> list[str]:
+    """The ids of the users' assignments in the shared sticky hash."""
+    client = aioredis.Redis.from_url(url)
+    try:
+        raw = await client.hmget(f"{namespace}:{{x{handle}}}:sticky", list(users))
+    finally:
+        await client.aclose()
+    return [a.id if (a := _decode(r)) is not None else "" for r in raw]
+
+
+async def test_a_batch_claims_its_new_users_and_another_replica_answers_them_the_same(
+    fresh_redis: str,
+) -> None:
+    namespace = f"sticky-{next(_namespaces)}"
+    first = await Replica.start(fresh_redis, namespace, non_sticky=True)
+    second = await Replica.start(fresh_redis, namespace)
+    try:
+        users = [*AWKWARD, *(f"u{i}" for i in range(300))]
+        # A repeated user gets the first answer; the non-sticky experiment is not claimed.
+        items = [("e", u) for u in users] + [("e", "u0"), ("n", "u1")]
+        answers = await first.batch(items)
+        assert not any(a.sticky for a in answers[: len(users)])
+        assert answers[len(users)].sticky
+        assert answers[len(users)].assignment_id == answers[users.index("u0")].assignment_id
+        handle = first.service.get_experiment("e").handle
+        ids = [a.assignment_id for a in answers[: len(users)]]
+        assert await _standing(fresh_redis, namespace, handle, users) == ids
+        n_handle = first.service.get_experiment("n").handle
+        assert await _standing(fresh_redis, namespace, n_handle, ["u1"]) == [""]
+        # Counted and kept once each, the non-sticky item too.
+        assert first.allocations() == len(users)
+        assert first.allocations("n") == 1
+        assert sorted(a.id for a in first.kept()) == sorted([*ids, answers[-1].assignment_id])
+        for user, answer in zip(users, answers, strict=False):
+            assert first.service.holds(experiment_key="e", user_id=user)
+            held = first.service.user_assignments(user)
+            assert answer.assignment_id in {a.id for a in held}
+
+        # Another replica answers those users with the first's assignments, claims its new ones.
+        later = [*users[::2], *(f"new{i}" for i in range(50))]
+        again = await second.batch([("e", u) for u in later])
+        by_user = dict(zip(users, answers, strict=False))
+        for user, answer in zip(later, again, strict=True):
+            if user in by_user:
+                assert answer.sticky
+                assert (answer.assignment_id, answer.variant_id, answer.segment_key) == (
+                    by_user[user].assignment_id,
+                    by_user[user].variant_id,
+                    by_user[user].segment_key,
+                )
+            else:
+                assert not answer.sticky
+        assert second.allocations() == 50
+        assert {a.user_id for a in second.kept()} == {f"new{i}" for i in range(50)}
+        # And the first finds the second's new users there too, one by one.
+        one = await first.service.allocate(AllocationRequest("e", "new7"))
+        assert one.sticky
+        assert one.assignment.id == again[later.index("new7")].assignment_id
+    finally:
+        await first.shared.close()
+        await second.shared.close()
+
+
+async def test_a_claim_another_replica_won_meanwhile_is_answered_with_what_stands(
+    fresh_redis: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    namespace = f"sticky-{next(_namespaces)}"
+    first = await Replica.start(fresh_redis, namespace)
+    second = await Replica.start(fresh_redis, namespace)
+    try:
+        contested = ["c1", 'c"2']
+        won: dict[str, Assignment] = {}
+        claim: Callable[[MadeAssignments, set[int]], Awaitable[dict[int, Assignment]]]
+        claim = first.shared.claim_made  # type: ignore[assignment]
+
+        async def late_claim(made: MadeAssignments, sticky: set[int]) -> dict[int, Assignment]:
+            # The first looked these users up (none) and decided; the second answers them
+            # before the first's claims arrive.
+            for user in contested:
+                won[user] = (await second.service.allocate(AllocationRequest("e", user))).assignment
+            return await claim(made, sticky)
+
+        monkeypatch.setattr(first.shared, "claim_made", late_claim)
+        users = ["a", "c1", "b", 'c"2', "c1", "d"]
+        answers = await first.batch([("e", u) for u in users])
+        assert len(won) == 2
+        for user, answer in zip(users, answers, strict=True):
+            if user in won:
+                assert answer.sticky
+                assert (answer.assignment_id, answer.variant_id) == (
+                    won[user].id,
+                    ("A", "B", "C")[won[user].variant],
+                )
+            else:
+                assert not answer.sticky
+        # Only the claims that stood count, are held and kept; the contested users' latest
+        # assignment here is the second's.
+        assert first.allocations() == 3
+        assert sorted(a.user_id for a in first.kept()) == ["a", "b", "d"]
+        for user in contested:
+            assert [a.id for a in first.service.user_assignments(user)] == [won[user].id]
+        handle = first.service.get_experiment("e").handle
+        assert await _standing(fresh_redis, namespace, handle, users) == [
+            a.assignment_id for a in answers
+        ]
+        # Ids were not reused: the next batch's are new.
+        later = await first.batch([("e", "z")])
+        assert later[0].assignment_id not in {a.assignment_id for a in answers}
+    finally:
+        await first.shared.close()
+        await second.shared.close()
+
+
+async def test_without_redis_a_batch_claims_locally() -> None:
+    # Nothing listens on port 1: the replica serves from memory, as `allocate` does.
+    shared = _shared("redis://127.0.0.1:1", "away")
+    journal = Keeping()
+    service, api = await servicer(journal, shared, sticky=True)
+    replica = Replica(shared, service, journal, api)
+    try:
+        answers = await replica.batch([("e", u) for u in ["x", "y", "x"]])
+        assert not shared.healthy
+        assert [a.sticky for a in answers] == [False, False, True]
+        assert replica.allocations() == 2
+        assert sorted(a.user_id for a in replica.kept()) == ["x", "y"]
+        again = await replica.batch([("e", "y")])
+        assert again[0].sticky
+        assert again[0].assignment_id == answers[1].assignment_id
+    finally:
+        await shared.close()
