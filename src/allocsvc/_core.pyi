@@ -28,6 +28,7 @@ __all__ = [
     "decompress_block",
     "filter_may_hold_id",
     "filter_may_hold_user",
+    "framed",
     "key_hash",
     "parent_keys",
     "path_keys",
@@ -110,6 +111,10 @@ def shared_records(
     each its key (`key_prefix` + id) and its value, the JSON array `json.dumps` writes of its
     tuple, each preceded by its length (4 bytes, big-endian); those of `made` without the
     GIL."""
+
+def framed(texts: Sequence[str]) -> bytes:
+    """`texts` in UTF-8, each preceded by its length (4 bytes, big-endian), as `shared_records`
+    frames its keys and values."""
 
 def sticky_claims(made: MadeAssignments, sticky_keys: Mapping[int, str]) -> tuple[bytes, list[int]]:
     """The sticky claims of `made`'s assignments of the experiments `sticky_keys` names

@@ -538,6 +538,17 @@ pub(crate) fn shared_records<'py>(
     Ok(PyBytes::new(py, &out))
 }
 
+/// `texts`, each preceded by its length (4 bytes, big-endian), as `shared_records` frames.
+#[pyfunction]
+pub(crate) fn framed<'py>(py: Python<'py>, texts: Vec<PyBackedStr>) -> Bound<'py, PyBytes> {
+    let mut out = Vec::with_capacity(texts.iter().map(|t| t.len() + 4).sum());
+    for text in &texts {
+        out.extend_from_slice(&(text.len() as u32).to_be_bytes());
+        out.extend_from_slice(text.as_bytes());
+    }
+    PyBytes::new(py, &out)
+}
+
 /// The sticky claims of `made`'s assignments of the experiments `sticky_keys` names (handle ->
 /// key of its hash of sticky assignments): each that key, the user id and the record's value,
 /// framed as `shared_records` frames (see `allocsvc_core::shared`), written without the GIL;

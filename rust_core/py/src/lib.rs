@@ -18,7 +18,8 @@ use allocsvc_core::{keys, CountRow};
 use error::{invalid, to_py};
 use held::{
     assignment_block, block_rows_of_id, block_rows_of_user, copy_assignments, decompress_block,
-    filter_may_hold_id, filter_may_hold_user, shared_records, sticky_claims, PyHeld, PyLog, PyMade,
+    filter_may_hold_id, filter_may_hold_user, framed, shared_records, sticky_claims, PyHeld, PyLog,
+    PyMade,
 };
 use pyo3::exceptions::PyTypeError;
 use pyo3::prelude::*;
@@ -922,6 +923,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(filter_may_hold_id, m)?)?;
     m.add_function(wrap_pyfunction!(shared_records, m)?)?;
     m.add_function(wrap_pyfunction!(sticky_claims, m)?)?;
+    m.add_function(wrap_pyfunction!(framed, m)?)?;
     m.add(
         "ASSIGNMENT_COPY_COLUMNS",
         allocsvc_core::held::COPY_COLUMNS.to_vec(),

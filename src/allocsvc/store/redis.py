@@ -3,8 +3,8 @@
 Keys (hash tags keep one experiment's keys on one Redis Cluster slot):
 - `{ns}:{x<handle>}:counts`   hash: `<segment hash>:<variant>:a|c|v` -> totals of every replica
 - `{ns}:{x<handle>}:seeded`   set once the counts hash was seeded from a replica's totals
-- `{ns}:{x<handle>}:sticky`   hash: user id -> assignment (JSON); a batch's new users are
-  claimed by one script call (`_CLAIM`, HSETNX each), found by one HMGET per experiment
+- `{ns}:{x<handle>}:sticky`   hash: user id -> assignment (JSON); a batch's users are looked
+  up by one script call (`_LOOKUP`) and its new ones claimed by another (`_CLAIM`, HSETNX each)
 - `{ns}:asg:<assignment id>`  assignment (JSON), for conversions arriving at another replica;
   set with the next push, by a script that takes a framed blob of them (a batch's built in
   Rust), not by a command each
@@ -21,7 +21,7 @@ import asyncio
 import contextlib
 import json
 import logging
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING
 
 import redis.asyncio as aioredis
@@ -29,7 +29,7 @@ from redis.exceptions import RedisError
 
 from allocsvc.allocation.journal import assignment_parts
 from allocsvc.allocation.service import Assignment
-from allocsvc.core import shared_records, sticky_claims
+from allocsvc.core import framed, shared_records, sticky_claims
 from allocsvc.store.pump import CountRow, DeltaPump
 from allocsvc.tasks.scheduler import stop_tasks
 
@@ -60,10 +60,8 @@ return n
 """
 # Records per script call, about: Redis runs a script alone (about 1 ms per 1,000 here).
 _RECORDS_PER_CALL = 2_000
-# Claims each user of ARGV[1] (a key of sticky assignments, a user id and an assignment, each
-# preceded by its length as in _SET_RECORDS) unless the hash has one: false for a claim that
-# stood, else the assignment that stands. Undeclared keys, as _SET_RECORDS.
-_CLAIM = """
+# Reads ARGV[1]: fields, each preceded by its length (4 bytes, big-endian).
+_FIELDS = """
 local blob = ARGV[1]
 local pos = 1
 local function field()
@@ -73,18 +71,54 @@ local function field()
   return text
 end
 local out = {}
+local i = 0
+"""
+# Both answer in one string (a reply of an element per user costs redis-py ~2 us each to
+# parse): for each user with a sticky assignment, its number in ARGV[1] (from 0) and the
+# assignment, each framed. _LOOKUP's ARGV[1]: (key of sticky assignments, user id) pairs.
+_LOOKUP = (
+    _FIELDS
+    + """
+while pos <= #blob do
+  local key = field()
+  local found = redis.call('HGET', key, field())
+  if found then
+    out[#out + 1] = struct.pack('>I4>I4', i, #found) .. found
+  end
+  i = i + 1
+end
+return table.concat(out)
+"""
+)
+# _CLAIM's ARGV[1]: (key, user id, assignment) triples; a user's assignment is set unless it
+# has one (HSETNX), which is answered. Undeclared keys, as _SET_RECORDS.
+_CLAIM = (
+    _FIELDS
+    + """
 while pos <= #blob do
   local key = field()
   local user = field()
-  local value = field()
-  if redis.call('HSETNX', key, user, value) == 1 then
-    out[#out + 1] = false
-  else
-    out[#out + 1] = redis.call('HGET', key, user)
+  if redis.call('HSETNX', key, user, field()) == 0 then
+    local found = redis.call('HGET', key, user)
+    out[#out + 1] = struct.pack('>I4>I4', i, #found) .. found
   end
+  i = i + 1
 end
-return out
+return table.concat(out)
 """
+)
+
+
+def _numbered(reply: bytes) -> Iterator[tuple[int, Assignment]]:
+    """The (number, assignment) pairs of a _LOOKUP or _CLAIM reply."""
+    at = 0
+    while at < len(reply):
+        number = int.from_bytes(reply[at : at + 4], "big")
+        size = int.from_bytes(reply[at + 4 : at + 8], "big")
+        found = _decode(reply[at + 8 : at + 8 + size])
+        at += 8 + size
+        if found is not None:
+            yield number, found
 
 
 def _encode(a: Assignment) -> str:
@@ -138,6 +172,7 @@ class RedisShared:
         self._pending_made: list[MadeAssignments] = []
         self._set_records = self._redis.register_script(_SET_RECORDS)
         self._claim = self._redis.register_script(_CLAIM)
+        self._lookup = self._redis.register_script(_LOOKUP)
         self.healthy = True
 
     def _key(self, handle: int, what: str) -> str:
@@ -199,27 +234,17 @@ class RedisShared:
     async def sticky_many(
         self, wanted: Sequence[tuple[int, str]]
     ) -> dict[tuple[int, str], Assignment]:
-        """The sticky assignments found of these (handle, user id) pairs: one HMGET per
-        experiment, in one round trip."""
+        """The sticky assignments found of these (handle, user id) pairs, in one script
+        call."""
         if not self.healthy or not wanted:
             return {}
-        users: dict[int, list[str]] = {}
-        for handle, user_id in wanted:
-            users.setdefault(handle, []).append(user_id)
+        keys = {handle: self._key(handle, "sticky") for handle, _ in wanted}
         try:
-            async with self._redis.pipeline(transaction=False) as pipe:
-                for handle, ids in users.items():
-                    pipe.hmget(self._key(handle, "sticky"), ids)
-                replies = await pipe.execute()
+            reply = await self._lookup(args=[framed([t for h, u in wanted for t in (keys[h], u)])])
         except (RedisError, OSError) as exc:
             self._mark(False, exc)
             return {}
-        found: dict[tuple[int, str], Assignment] = {}
-        for (handle, ids), values in zip(users.items(), replies, strict=True):
-            for user_id, raw in zip(ids, values, strict=True):
-                if (a := _decode(raw)) is not None:
-                    found[(handle, user_id)] = a
-        return found
+        return {wanted[i]: a for i, a in _numbered(reply)}
 
     async def claim_made(
         self, made: MadeAssignments, sticky: Iterable[int]
@@ -234,12 +259,11 @@ class RedisShared:
         if not claimed:
             return {}
         try:
-            replies = await self._claim(args=[blob])
+            reply = await self._claim(args=[blob])
         except (RedisError, OSError) as exc:
             self._mark(False, exc)
             return {}
-        standing = {k: _decode(raw) for k, raw in zip(claimed, replies, strict=True)}
-        return {k: a for k, a in standing.items() if a is not None}
+        return {claimed[i]: a for i, a in _numbered(reply)}
 
     def assignment_made(self, assignment: Assignment) -> None:
         """Publish a (non-sticky) assignment for lookups by id, with the next push."""
