@@ -1,5 +1,6 @@
 """A servicer with one running experiment "e" of three variants (not sticky unless asked), for
-tests of what a batch makes; and a journal that keeps each batch's new assignments."""
+tests of what a batch makes; a journal that keeps each batch's new assignments; shared state in
+Redis."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ from allocsvc.api import convert
 from allocsvc.api.allocator import AllocatorServicer
 from allocsvc.context import Extractor
 from allocsvc.core import Engine, MadeAssignments
+from allocsvc.store.pump import DeltaPump
+from allocsvc.store.redis import RedisShared
 
 
 class Keeping(MemoryJournal):
@@ -36,3 +39,16 @@ async def servicer(
     )
     await service.create_experiment(convert.experiment_from_pb(experiment))
     return service, AllocatorServicer(service, "local")
+
+
+def redis_shared(url: str, namespace: str) -> RedisShared:
+    """Shared state in Redis at `url` under `namespace`, its counts going nowhere."""
+    shared = RedisShared(url, namespace=namespace)
+    shared.bind(
+        DeltaPump(list),
+        load_counts=lambda rows: None,
+        snapshot=lambda handle: [],
+        experiments=list,
+        on_health=lambda healthy: None,
+    )
+    return shared

@@ -191,6 +191,18 @@ mod tests {
         String::from_utf8(out).unwrap()
     }
 
+    /// The framed fields of `out`, in order.
+    fn unframed(out: &[u8]) -> Vec<String> {
+        let mut fields = Vec::new();
+        let mut rest = out;
+        while !rest.is_empty() {
+            let n = u32::from_be_bytes(rest[..4].try_into().unwrap()) as usize;
+            fields.push(String::from_utf8(rest[4..4 + n].to_vec()).unwrap());
+            rest = &rest[4 + n..];
+        }
+        fields
+    }
+
     fn json_f64(x: f64) -> String {
         let mut out = Vec::new();
         push_json_f64(&mut out, x);
@@ -236,13 +248,7 @@ mod tests {
         made.push(0x20, 4, "u2", 0, "", 0, 1.0);
         let mut out = Vec::new();
         made.shared_records(&mut out, "ns:asg:", |h| if h == 3 { "e3" } else { "e4" });
-        let mut fields = Vec::new();
-        let mut rest = &out[..];
-        while !rest.is_empty() {
-            let n = u32::from_be_bytes(rest[..4].try_into().unwrap()) as usize;
-            fields.push(String::from_utf8(rest[4..4 + n].to_vec()).unwrap());
-            rest = &rest[4 + n..];
-        }
+        let fields = unframed(&out);
         assert_eq!(
             fields,
             [
@@ -264,13 +270,7 @@ mod tests {
         let claimed =
             made.sticky_claims(&mut out, |h| (h == 3).then_some("ns:{x3}:sticky"), |_| "e3");
         assert_eq!(claimed, [0, 2]);
-        let mut fields = Vec::new();
-        let mut rest = &out[..];
-        while !rest.is_empty() {
-            let n = u32::from_be_bytes(rest[..4].try_into().unwrap()) as usize;
-            fields.push(String::from_utf8(rest[4..4 + n].to_vec()).unwrap());
-            rest = &rest[4 + n..];
-        }
+        let fields = unframed(&out);
         assert_eq!(
             fields,
             [

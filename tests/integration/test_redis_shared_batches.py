@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 import pytest
 import redis.asyncio as aioredis
-from batch_support import Keeping, servicer
+from batch_support import Keeping, redis_shared, servicer
 
 from allocsvc._proto import allocsvc_pb2 as pb
 from allocsvc.allocation.service import AllocationRequest, AllocationService, Assignment
@@ -30,20 +30,8 @@ AWKWARD = ['quote"d', "back\\slash", "new\nline", "tab\tand\x01control", "ünï 
 _namespaces = itertools.count()
 
 
-def _shared(url: str, namespace: str) -> RedisShared:
-    shared = RedisShared(url, namespace=namespace)
-    shared.bind(
-        DeltaPump(list),
-        load_counts=lambda rows: None,
-        snapshot=lambda handle: [],
-        experiments=list,
-        on_health=lambda healthy: None,
-    )
-    return shared
-
-
 async def _replica(url: str) -> tuple[RedisShared, AllocationService, Keeping, AllocatorServicer]:
-    shared = _shared(url, f"batches-{next(_namespaces)}")
+    shared = redis_shared(url, f"batches-{next(_namespaces)}")
     journal = Keeping()
     service, api = await servicer(journal, shared)
     return shared, service, journal, api
@@ -70,7 +58,7 @@ async def _stored_ids(url: str, namespace: str) -> set[str]:
 
 async def test_another_replica_finds_each_of_a_batch_s_assignments_by_id(fresh_redis: str) -> None:
     shared, service, journal, api = await _replica(fresh_redis)
-    other = _shared(fresh_redis, shared._ns)
+    other = redis_shared(fresh_redis, shared._ns)
     try:
         await _batch(api, [*AWKWARD, *(f"u{i}" for i in range(200))])
         single = await service.allocate(AllocationRequest("e", 'single\\"one'))

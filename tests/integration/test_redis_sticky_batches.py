@@ -10,14 +10,13 @@ from collections.abc import Awaitable, Callable, Sequence
 
 import pytest
 import redis.asyncio as aioredis
-from batch_support import Keeping, servicer
+from batch_support import Keeping, redis_shared, servicer
 
 from allocsvc._proto import allocsvc_pb2 as pb
 from allocsvc.allocation.service import AllocationRequest, AllocationService, Assignment
 from allocsvc.api import convert
 from allocsvc.api.allocator import AllocatorServicer
 from allocsvc.core import MadeAssignments
-from allocsvc.store.pump import DeltaPump
 from allocsvc.store.redis import RedisShared, _decode
 
 pytestmark = pytest.mark.integration
@@ -25,18 +24,6 @@ pytestmark = pytest.mark.integration
 # User ids JSON must escape, and some it need not.
 AWKWARD = ['quote"d', "back\\slash", "new\nline", "tab\tand\x01control", "ünï 😀", "plain"]
 _namespaces = itertools.count()
-
-
-def _shared(url: str, namespace: str) -> RedisShared:
-    shared = RedisShared(url, namespace=namespace)
-    shared.bind(
-        DeltaPump(list),
-        load_counts=lambda rows: None,
-        snapshot=lambda handle: [],
-        experiments=list,
-        on_health=lambda healthy: None,
-    )
-    return shared
 
 
 class Replica:
@@ -54,7 +41,7 @@ class Replica:
 
     @classmethod
     async def start(cls, url: str, namespace: str, *, non_sticky: bool = False) -> Replica:
-        shared = _shared(url, namespace)
+        shared = redis_shared(url, namespace)
         journal = Keeping()
         service, api = await servicer(journal, shared, sticky=True)
         if non_sticky:
@@ -202,7 +189,7 @@ async def test_a_claim_another_replica_won_meanwhile_is_answered_with_what_stand
 
 async def test_without_redis_a_batch_claims_locally() -> None:
     # Nothing listens on port 1: the replica serves from memory, as `allocate` does.
-    shared = _shared("redis://127.0.0.1:1", "away")
+    shared = redis_shared("redis://127.0.0.1:1", "away")
     journal = Keeping()
     service, api = await servicer(journal, shared, sticky=True)
     replica = Replica(shared, service, journal, api)

@@ -15,7 +15,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, NamedTuple, Protocol
+from typing import TYPE_CHECKING, NamedTuple, Protocol, TypeVar
 
 from allocsvc.allocation.experiments import (
     Experiment,
@@ -51,6 +51,7 @@ from allocsvc.learning.sampling import ObservationGaps
 if TYPE_CHECKING:
     from allocsvc._core import GivenAllocation
 
+_Out = TypeVar("_Out")
 # Value used for the cluster dimension until a clustering model is deployed.
 NO_CLUSTER = "none"
 _TRANSITIONS = {
@@ -773,7 +774,23 @@ class AllocationService:
         # At most this many are new (repeated sticky users are fewer): refused before deciding.
         self._journal.admit(len(prepared) - len(errors) - len(given))
         first = next(self._ids)
-        response, made = prepared.finish(
+        response, made = self._decided(prepared.finish, region, first, given, errors)
+        self._ids = itertools.count(first + len(made))
+        if made:
+            self._keep_made(made)
+        return response
+
+    def _decided(
+        self,
+        step: Callable[..., _Out],
+        region: str,
+        first: int,
+        given: Mapping[int, GivenAllocation],
+        errors: Mapping[int, tuple[int, str, str]],
+    ) -> _Out:
+        """`step` (`PreparedBatch.finish` or `decide_unclaimed`) with this service's engine,
+        catalogue, held store and id prefix, ids from `first` on, made now."""
+        return step(
             self._engine,
             self._catalogue,
             self._held,
@@ -784,10 +801,6 @@ class AllocationService:
             given=given,
             errors=errors,
         )
-        self._ids = itertools.count(first + len(made))
-        if made:
-            self._keep_made(made)
-        return response
 
     def claims(self, prepared: PreparedBatch) -> bool:
         """Whether the batch's new assignments are claimed in shared state before they count
@@ -816,17 +829,8 @@ class AllocationService:
         given = self._given(prepared, allocated)
         self._journal.admit(len(prepared) - len(errors) - len(given))
         first = next(self._ids)
-        response, made, answers = prepared.decide_unclaimed(
-            self._engine,
-            self._catalogue,
-            self._held,
-            region=region,
-            id_prefix=self._id_prefix,
-            first_seq=first,
-            now_ms=_now_ms(),
-            given=given,
-            errors=errors,
-        )
+        decide = prepared.decide_unclaimed
+        response, made, answers = self._decided(decide, region, first, given, errors)
         self._ids = itertools.count(first + len(made))
         if not made:
             return response
@@ -861,17 +865,7 @@ class AllocationService:
                 lost = k in standing
                 a = standing[k] if lost else Assignment._make(held)
                 again[i] = (a.id, a.variant, a.segment_key, a.cascade_level, a.propensity, lost)
-            response, _, _ = prepared.decide_unclaimed(
-                self._engine,
-                self._catalogue,
-                self._held,
-                region=region,
-                id_prefix=self._id_prefix,
-                first_seq=0,
-                now_ms=_now_ms(),
-                given=again,
-                errors=errors,
-            )
+            response, _, _ = self._decided(prepared.decide_unclaimed, region, 0, again, errors)
             made = made.without(list(standing))
         self._engine.record_made(made)
         self._held.hand_over(made)
