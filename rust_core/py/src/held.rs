@@ -498,6 +498,20 @@ pub(crate) fn copy_assignments<'py>(
     PyBytes::new(py, &out)
 }
 
+/// The experiment keys of `made`'s assignments by handle, copied out of Python (for work done
+/// without the GIL).
+fn experiment_keys(py: Python<'_>, made: &[PyRef<'_, PyMade>]) -> PyResult<HashMap<u64, String>> {
+    let mut names: HashMap<u64, String> = HashMap::new();
+    for m in made {
+        for (&handle, name) in &m.names.0 {
+            if let std::collections::hash_map::Entry::Vacant(e) = names.entry(handle) {
+                e.insert(name.bind(py).to_str()?.to_owned());
+            }
+        }
+    }
+    Ok(names)
+}
+
 /// These assignments' records for shared state (`singles`, `Held` tuples, first, then those of
 /// `made`): each its key (`key_prefix` + id) and its JSON value, each preceded by its length
 /// (see `allocsvc_core::shared`); those of `made` written without the GIL.
@@ -509,14 +523,7 @@ pub(crate) fn shared_records<'py>(
     key_prefix: &str,
     singles: Option<Vec<HeldIn<'py>>>,
 ) -> PyResult<Bound<'py, PyBytes>> {
-    let mut names: HashMap<u64, String> = HashMap::new();
-    for m in &made {
-        for (&handle, name) in &m.names.0 {
-            if let std::collections::hash_map::Entry::Vacant(e) = names.entry(handle) {
-                e.insert(name.bind(py).to_str()?.to_owned());
-            }
-        }
-    }
+    let names = experiment_keys(py, &made)?;
     let singles = singles.unwrap_or_default();
     let records = singles.len() + made.iter().map(|m| m.inner.len()).sum::<usize>();
     let mut out = Vec::with_capacity(records * shared::RECORD_BYTES);
@@ -559,10 +566,7 @@ pub(crate) fn sticky_claims<'py>(
     made: PyRef<'py, PyMade>,
     sticky_keys: HashMap<u64, String>,
 ) -> PyResult<(Bound<'py, PyBytes>, Vec<usize>)> {
-    let mut names: HashMap<u64, String> = HashMap::new();
-    for (&handle, name) in &made.names.0 {
-        names.insert(handle, name.bind(py).to_str()?.to_owned());
-    }
+    let names = experiment_keys(py, std::slice::from_ref(&made))?;
     let inner = &*made.inner;
     let (out, claimed) = py.allow_threads(|| {
         let mut out = Vec::with_capacity(inner.len() * shared::RECORD_BYTES);

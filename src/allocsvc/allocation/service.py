@@ -770,7 +770,7 @@ class AllocationService:
         `allocated` and `errors` answer the items `prepared.invalid()` lists (the caller ran
         them through `allocate`). Sticky users found here are answered with their assignment.
         """
-        given = self._given(prepared, allocated)
+        given = self._given(prepared, allocated, prepared.sticky_candidates())
         # At most this many are new (repeated sticky users are fewer): refused before deciding.
         self._journal.admit(len(prepared) - len(errors) - len(given))
         first = next(self._ids)
@@ -821,12 +821,13 @@ class AllocationService:
         (as `allocate` does); only the claims that stand are counted, held and kept."""
         shared = self._shared
         assert shared is not None
-        _, handles, users = prepared.sticky_candidates()
+        candidates = prepared.sticky_candidates()
+        _, handles, users = candidates
         has = self._held.has_latest
         missing = [(h, u) for h, u in zip(handles, users, strict=True) if not has(h, u)]
         for found in (await shared.sticky_many(missing)).values():
             self._remember(found)
-        given = self._given(prepared, allocated)
+        given = self._given(prepared, allocated, candidates)
         self._journal.admit(len(prepared) - len(errors) - len(given))
         first = next(self._ids)
         decide = prepared.decide_unclaimed
@@ -873,10 +874,14 @@ class AllocationService:
         return response
 
     def _given(
-        self, prepared: PreparedBatch, allocated: Mapping[int, Allocation]
+        self,
+        prepared: PreparedBatch,
+        allocated: Mapping[int, Allocation],
+        candidates: tuple[list[int], list[int], list[str]],
     ) -> dict[int, GivenAllocation]:
         """What the caller answers of a prepared batch: the items it allocated itself, and
-        the users of sticky experiments held here (answered with their assignment)."""
+        the users of sticky experiments (`candidates`: `prepared.sticky_candidates()`) held
+        here, answered with their assignment."""
         unknown = prepared.unknown_user_agents(self._catalogue)
         if unknown:
             device = self._extractor.device
@@ -892,7 +897,7 @@ class AllocationService:
             )
             for i, a in allocated.items()
         }
-        for i, handle, user_id in zip(*prepared.sticky_candidates(), strict=True):
+        for i, handle, user_id in zip(*candidates, strict=True):
             earlier = self._latest_of((handle, user_id))
             if earlier is not None and i not in given:
                 given[i] = (

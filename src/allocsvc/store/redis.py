@@ -39,27 +39,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 SINK = "redis"
 ASSIGNMENT_TTL_SECONDS = 30 * 24 * 3600
-# Sets every record of ARGV[2] (a key, then its value, each preceded by its length, 4 bytes
-# big-endian) to expire in ARGV[1] seconds; returns how many. Its keys are not declared in
-# KEYS: a standalone Redis, as this module's client is (a batch's ids span every slot).
-_SET_RECORDS = """
-local ttl = ARGV[1]
-local blob = ARGV[2]
-local pos = 1
-local n = 0
-while pos <= #blob do
-  local klen = struct.unpack('>I4', blob, pos)
-  local key = string.sub(blob, pos + 4, pos + 3 + klen)
-  pos = pos + 4 + klen
-  local vlen = struct.unpack('>I4', blob, pos)
-  redis.call('SET', key, string.sub(blob, pos + 4, pos + 3 + vlen), 'EX', ttl)
-  pos = pos + 4 + vlen
-  n = n + 1
-end
-return n
-"""
-# Records per script call, about: Redis runs a script alone (about 1 ms per 1,000 here).
-_RECORDS_PER_CALL = 2_000
 # Reads ARGV[1]: fields, each preceded by its length (4 bytes, big-endian).
 _FIELDS = """
 local blob = ARGV[1]
@@ -73,6 +52,22 @@ end
 local out = {}
 local i = 0
 """
+# Sets every record of ARGV[1] (a key, then its value) to expire in ARGV[2] seconds; returns
+# how many. Its keys are not declared in KEYS: a standalone Redis, as this module's client is (a
+# batch's ids span every slot).
+_SET_RECORDS = (
+    _FIELDS
+    + """
+while pos <= #blob do
+  local key = field()
+  redis.call('SET', key, field(), 'EX', ARGV[2])
+  i = i + 1
+end
+return i
+"""
+)
+# Records per script call, about: Redis runs a script alone (about 1 ms per 1,000 here).
+_RECORDS_PER_CALL = 2_000
 # Both answer in one string (a reply of an element per user costs redis-py ~2 us each to
 # parse): for each user with a sticky assignment, its number in ARGV[1] (from 0) and the
 # assignment, each framed. _LOOKUP's ARGV[1]: (key of sticky assignments, user id) pairs.
@@ -412,7 +407,7 @@ class RedisShared:
                 if assignments or made:
                     # Built off the event loop (Rust, without the GIL).
                     for records in await asyncio.to_thread(self._records, assignments, made):
-                        args: list[int | bytes] = [ASSIGNMENT_TTL_SECONDS, records]
+                        args: list[int | bytes] = [records, ASSIGNMENT_TTL_SECONDS]
                         await self._set_records(args=args, client=pipe)
                 await pipe.execute()
         except BaseException as exc:
