@@ -18,7 +18,10 @@
 //!
 //! With a capacity, the records form a ring: once it is full each new record takes the place
 //! of the oldest, which leaves every index. The caller looks evicted assignments up in the
-//! durable store; [`Held::evicted`] says for which experiments a latest one was evicted.
+//! durable store; [`Held::may_be_stored`] says for which users: those whose latest one was
+//! evicted pass a growing filter of their (experiment, user) keys (a user never seen passes
+//! about one in a few hundred), or all users of an experiment a restart did not read whole
+//! until [`Held::list_copied`] has put its stored users in the filter.
 
 use std::borrow::Cow;
 use std::collections::{HashMap, HashSet, VecDeque};
@@ -28,8 +31,13 @@ use hashbrown::HashTable;
 use xxhash_rust::xxh3::xxh3_64_with_seed;
 
 use crate::error::CoreError;
+use crate::filter::{self, Growing};
 
 const NONE: u32 = u32::MAX;
+/// Parts of the filter of evicted keys: the first for a capacity's worth, the fifth for 16
+/// times that, 2 x 31 bytes per assignment held in all. Past that, every user not held may
+/// be stored (each is looked up).
+const EVICTED_FILTERS: usize = 5;
 const SPREAD: u64 = 0x9E37_79B9_7F4A_7C15;
 /// Another odd multiplier (splitmix64's), for the second step of a mix.
 const MIX: u64 = 0xBF58_476D_1CE4_E5B9;
@@ -199,6 +207,10 @@ pub struct Held {
     evictions: u64,
     /// Experiments whose latest assignment of some user was evicted (hashed by `wide`).
     evicted_from: HashTable<u64>,
+    /// The (experiment, user) keys (`filter::user_key`) of latest assignments evicted.
+    stored: Growing,
+    /// Experiments with stored users a restart did not read back nor list yet.
+    unlisted: HashSet<u64>,
 }
 
 impl Held {
@@ -231,6 +243,8 @@ impl Held {
             cursor: 0,
             evictions: 0,
             evicted_from: HashTable::new(),
+            stored: Growing::new(capacity.max(1 << 16), EVICTED_FILTERS),
+            unlisted: HashSet::new(),
         }
     }
 
@@ -245,6 +259,45 @@ impl Held {
         self.evicted_from
             .find(spread(handle), |&h| h == handle)
             .is_some()
+    }
+
+    fn mark_evicted(&mut self, handle: u64) {
+        if let Found::Vacant(v) =
+            self.evicted_from
+                .entry(spread(handle), |&x| x == handle, |&x| spread(x))
+        {
+            v.insert(handle);
+        }
+    }
+
+    /// Whether the latest assignment of `user_id` in experiment `handle` may be in the durable
+    /// store and not here (then look it up there): it is not held, and one of the experiment
+    /// was evicted and the user's key passes the filter of evicted ones, or the experiment
+    /// is [`Held::unlisted`].
+    pub fn may_be_stored(&self, handle: u64, user_id: &str) -> bool {
+        self.evicted(handle)
+            && self.latest(handle, user_id).is_none()
+            && (self.unlisted.contains(&handle)
+                || self.stored.may_hold(filter::user_key(handle, user_id)))
+    }
+
+    /// Experiment `handle` has stored assignments a restart did not read back: every user not
+    /// held may have one until its stored users are listed ([`Held::list_copied`], then
+    /// [`Held::listed`]).
+    pub fn unlisted(&mut self, handle: u64) {
+        self.mark_evicted(handle);
+        self.unlisted.insert(handle);
+    }
+
+    /// The stored users of experiment `handle` are listed: only those may have a stored
+    /// assignment not held.
+    pub fn listed(&mut self, handle: u64) {
+        self.unlisted.remove(&handle);
+    }
+
+    /// Bytes taken by the filter of evicted keys.
+    pub fn evicted_filter_size(&self) -> usize {
+        self.stored.size()
     }
 
     /// Live records.
@@ -577,12 +630,9 @@ impl Held {
         let latest_hash = slot_hash(handle, user_hash);
         if let Ok(entry) = self.latest.find_entry(wide(latest_hash), |e| e.n == n) {
             entry.remove();
-            if let Found::Vacant(v) =
-                self.evicted_from
-                    .entry(spread(handle), |&x| x == handle, |&x| spread(x))
-            {
-                v.insert(handle);
-            }
+            let user = &self.records[n as usize].user;
+            self.stored.insert(filter::user_key(handle, user));
+            self.mark_evicted(handle);
         }
         // Out of the user's chain (doubly linked: a user with many records costs nothing more).
         if older != NONE {
@@ -1081,7 +1131,7 @@ pub struct Copied<'d> {
     /// Bytes read: whole rows (and the header, the trailer). The rest is the start of a row
     /// whose end is still to come.
     pub consumed: usize,
-    /// Assignments held.
+    /// Rows read: assignments held, or users listed.
     pub rows: usize,
     /// Their distinct segment keys, in order of first appearance.
     pub keys: Vec<&'d str>,
@@ -1179,6 +1229,57 @@ pub(crate) fn unix_ms(micros: [u8; 8]) -> i64 {
     i64::from_be_bytes(micros).div_euclid(1000) + POSTGRES_EPOCH_MS
 }
 
+/// Read the whole rows of `N` fields in `data`, a piece of a binary COPY stream (`at_start`:
+/// it begins with the stream's header), giving each to `each`. A row cut off at the end of
+/// `data` is left unread (see [`Copied::consumed`]).
+fn read_copied<'d, const N: usize>(
+    data: &'d [u8],
+    at_start: bool,
+    mut each: impl FnMut([Option<&'d [u8]>; N]) -> Result<(), CoreError>,
+) -> Result<Copied<'d>, CoreError> {
+    let mut out = Copied::default();
+    let mut fields = Fields { data, at: 0 };
+    if at_start {
+        if !fields.header()? {
+            return Ok(out);
+        }
+        out.consumed = fields.at;
+    }
+    while let Some(count) = fields.i16() {
+        if count == -1 {
+            out.consumed = fields.at;
+            out.ended = true;
+            if fields.at != data.len() {
+                return Err(CoreError::invalid("data: bytes after the COPY trailer"));
+            }
+            break;
+        }
+        if count as usize != N {
+            return Err(CoreError::invalid(format!(
+                "data: a copied row has {count} columns, not {N}"
+            )));
+        }
+        let mut row: [Option<&'d [u8]>; N] = [None; N];
+        let mut whole = true;
+        for value in &mut row {
+            match fields.field()? {
+                Some(v) => *value = v,
+                None => {
+                    whole = false;
+                    break;
+                }
+            }
+        }
+        if !whole {
+            break;
+        }
+        each(row)?;
+        out.rows += 1;
+        out.consumed = fields.at;
+    }
+    Ok(out)
+}
+
 impl Held {
     /// Hold the assignments of experiment `handle` in `data`, a piece of a PostgreSQL binary
     /// COPY stream of [`RESTORE_COLUMNS`] (oldest first), each as its (experiment, user)'s
@@ -1191,44 +1292,9 @@ impl Held {
         data: &'d [u8],
         at_start: bool,
     ) -> Result<Copied<'d>, CoreError> {
-        let mut out = Copied::default();
-        let mut fields = Fields { data, at: 0 };
-        if at_start {
-            if !fields.header()? {
-                return Ok(out);
-            }
-            out.consumed = fields.at;
-        }
+        let mut keys = Vec::new();
         let mut seen: HashSet<&'d str> = HashSet::new();
-        while let Some(count) = fields.i16() {
-            if count == -1 {
-                out.consumed = fields.at;
-                out.ended = true;
-                if fields.at != data.len() {
-                    return Err(CoreError::invalid("data: bytes after the COPY trailer"));
-                }
-                break;
-            }
-            if count as usize != RESTORE_COLUMNS.len() {
-                return Err(CoreError::invalid(format!(
-                    "data: a copied row has {count} columns, not {}",
-                    RESTORE_COLUMNS.len()
-                )));
-            }
-            let mut row: [Option<&'d [u8]>; RESTORE_COLUMNS.len()] = [None; RESTORE_COLUMNS.len()];
-            let mut whole = true;
-            for value in &mut row {
-                match fields.field()? {
-                    Some(v) => *value = v,
-                    None => {
-                        whole = false;
-                        break;
-                    }
-                }
-            }
-            if !whole {
-                break;
-            }
+        let mut out = read_copied(data, at_start, |row| {
             let [id, user_id, variant, segment_key, level, propensity, created_at] = row;
             let column = |i: usize| RESTORE_COLUMNS[i];
             let segment_key = copied_text(column(3), segment_key)?;
@@ -1247,13 +1313,29 @@ impl Held {
                 created_ms: unix_ms(copied_number(column(6), created_at)?),
             };
             self.add(&a, true);
-            out.rows += 1;
-            if out.keys.last() != Some(&segment_key) && seen.insert(segment_key) {
-                out.keys.push(segment_key);
+            if keys.last() != Some(&segment_key) && seen.insert(segment_key) {
+                keys.push(segment_key);
             }
-            out.consumed = fields.at;
-        }
+            Ok(())
+        })?;
+        out.keys = keys;
         Ok(out)
+    }
+
+    /// Put the users of experiment `handle` in `data`, a piece of a binary COPY stream of one
+    /// text column (stored users' ids), among those that may have a stored assignment not
+    /// held ([`Held::may_be_stored`]), as [`Held::add_copied`] reads its pieces.
+    pub fn list_copied<'d>(
+        &mut self,
+        handle: u64,
+        data: &'d [u8],
+        at_start: bool,
+    ) -> Result<Copied<'d>, CoreError> {
+        read_copied(data, at_start, |[user_id]: [Option<&'d [u8]>; 1]| {
+            let user_id = copied_text("user_id", user_id)?;
+            self.stored.insert(filter::user_key(handle, user_id));
+            Ok(())
+        })
     }
 }
 
@@ -1424,6 +1506,56 @@ mod tests {
         held.add_new(&a("p-fff", 0, "user-3", 1));
         assert_eq!(held.len(), 99);
         assert_eq!(held.of_user("user-3").len(), 1);
+    }
+
+    #[test]
+    fn only_users_evicted_or_not_read_back_may_be_stored() {
+        let mut held = Held::bounded("p", 100);
+        for i in 0..1_000u64 {
+            held.add_new(&a(&format!("p-{i:x}"), i % 2, &format!("user-{i}"), 0));
+        }
+        // Evicted: 0..900; held: 900..1000; never seen: 1000.. (and experiment 2 entirely).
+        for i in 0..900u64 {
+            assert!(held.may_be_stored(i % 2, &format!("user-{i}")), "user-{i}");
+        }
+        assert!((900..1_000u64).all(|i| !held.may_be_stored(i % 2, &format!("user-{i}"))));
+        let passed = (1_000..101_000u64)
+            .filter(|i| held.may_be_stored(i % 2, &format!("user-{i}")))
+            .count();
+        assert!(
+            passed < 100_000 / 500,
+            "{passed} of 100,000 never seen passed"
+        );
+        assert!((0..1_000).all(|i| !held.may_be_stored(2, &format!("user-{i}"))));
+        assert_eq!(held.evicted_filter_size(), (1 << 16) * 2);
+
+        // A restart that did not read experiment 2 whole: anyone not held may be stored there,
+        // until its stored users are listed.
+        held.unlisted(2);
+        held.add_new(&a("p-1000", 2, "held", 0));
+        assert!(held.may_be_stored(2, "anyone") && !held.may_be_stored(2, "held"));
+        let mut listing = Vec::new();
+        copy_header(&mut listing);
+        for user in ["old", "older"] {
+            listing.extend_from_slice(&1i16.to_be_bytes());
+            listing.extend_from_slice(&(user.len() as i32).to_be_bytes());
+            listing.extend_from_slice(user.as_bytes());
+        }
+        copy_trailer(&mut listing);
+        let (first, rest) = listing.split_at(listing.len() - 9);
+        let read = held.list_copied(2, first, true).unwrap();
+        assert_eq!((read.rows, read.ended), (1, false));
+        let mut pending = first[read.consumed..].to_vec();
+        pending.extend_from_slice(rest);
+        let read = held.list_copied(2, &pending, false).unwrap();
+        assert_eq!(
+            (read.rows, read.ended, read.consumed),
+            (1, true, pending.len())
+        );
+        held.listed(2);
+        assert!(held.may_be_stored(2, "old") && held.may_be_stored(2, "older"));
+        assert!(!held.may_be_stored(2, "anyone") && !held.may_be_stored(2, "held"));
+        assert!(held.list_copied(2, &copy_stream(&COPIED), true).is_err());
     }
 
     #[test]

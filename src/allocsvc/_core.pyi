@@ -22,7 +22,7 @@ __all__ = [
     "batch_items",
     "beta_throughput",
     "block_rows_of_id",
-    "block_rows_of_user",
+    "block_rows_of_users",
     "bucket",
     "copy_assignments",
     "decompress_block",
@@ -87,13 +87,13 @@ def decompress_block(data: bytes) -> bytes:
 # cascade level, propensity, created ms or None in blocks stored before rows carried it).
 BlockRow = tuple[str, int, str, int, str, int, int, float, int | None]
 
-def block_rows_of_user(data: bytes, handle: int, user_id: str) -> list[BlockRow]:
-    """The rows of (`handle`, `user_id`) in a `copy_assignments(..., compressed=True)` block,
-    in its order, read without expanding it (decompressed and read without the GIL).
-    ValueError when `data` is not such a block."""
+def block_rows_of_users(data: bytes, handle: int, user_ids: list[str]) -> list[BlockRow]:
+    """The rows in experiment `handle` of `user_ids` in a `copy_assignments(...,
+    compressed=True)` block, in its order, read without expanding it (decompressed and read
+    without the GIL). ValueError when `data` is not such a block."""
 
 def block_rows_of_id(data: bytes, id: str) -> list[BlockRow]:
-    """The rows with assignment id `id` in a compressed block (see `block_rows_of_user`)."""
+    """The rows with assignment id `id` in a compressed block (see `block_rows_of_users`)."""
 
 def assignment_block(
     made: Sequence[MadeAssignments], singles: Sequence[HeldTuple] | None = None
@@ -403,9 +403,27 @@ class HeldAssignments:
     def evictions(self) -> int:
         """Assignments evicted so far (the store was full)."""
 
-    def evicted(self, handle: int) -> bool:
-        """Whether a latest assignment of experiment `handle` was evicted: a user not held
-        may have one in the durable store."""
+    @property
+    def evicted_filter_size(self) -> int:
+        """Bytes taken by the filter of evicted (experiment, user) keys."""
+
+    def may_be_stored(self, handles: list[int], user_ids: list[str]) -> list[int]:
+        """The positions of the (experiment `handles[i]`, `user_ids[i]`) whose latest
+        assignment may be in the durable store and not here: not held, and its key evicted
+        (a filter: a user never seen passes about one in a few hundred), or the experiment
+        `unlisted`. ValueError if the lists differ in length."""
+
+    def unlisted(self, handle: int) -> None:
+        """Experiment `handle` has stored assignments a restart did not read back: every user
+        not held may have one until `listed(handle)`."""
+
+    def list_copied(self, handle: int, data: bytes, at_start: bool) -> tuple[int, int, bool]:
+        """Put the stored users of experiment `handle` in `data`, a piece of a binary COPY
+        stream of their ids, among those that may have a stored assignment not held (read as
+        `add_copied` reads its pieces): (bytes read, users, whether the stream ended)."""
+
+    def listed(self, handle: int) -> None:
+        """Every stored user of experiment `handle` is listed (`list_copied`)."""
 
     def __len__(self) -> int: ...
     def name(self, handle: int, key: str) -> None:

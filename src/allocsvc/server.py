@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import gc
 import logging
 import multiprocessing
@@ -46,6 +47,8 @@ REGION_EXPERIMENTS_S = 0.25
 # Pause between two growth checks of the segment trees (each waits to be woken, see
 # `Insights.rebuild_grown_on_wake`): bounds how often trees are rebuilt under heavy traffic.
 GROWTH_PAUSE_S = 0.05
+# A listing of stored users that failed (PostgreSQL away) is tried again after this long.
+LIST_RETRY_S = 30.0
 
 
 @dataclass
@@ -290,6 +293,11 @@ async def start(settings: Settings) -> Running:
     if regions.multi:
         scheduler.every("region-experiments", REGION_EXPERIMENTS_S, regions.replicate_experiments)
         scheduler.every("region-sync", settings.regions.sync_interval, _sync(regions))
+    for region_stores, region_service in ((stores, service), *other_regions.values()):
+        journal = region_stores.journal
+        if isinstance(journal, PostgresJournal) and region_service.unlisted_experiments:
+            listing = functools.partial(region_service.list_stored_users, journal.list_users)
+            scheduler.once("list-stored-users", listing, retry=LIST_RETRY_S)
     log.info("serving", extra={"host": settings.host, "port": port, "pid": os.getpid()})
     return Running(server, health_servicer, service, stores, scheduler, port, regions, learning)
 
@@ -321,8 +329,18 @@ async def restore(journal: PostgresJournal, service: AllocationService) -> dict[
     hold far more than a process could). What was read, by kind."""
     experiments, counts, segments = await journal.load()
     service.restore(experiments, counts, [], segments)
-    read = await journal.hold_newest(experiments, service.held_capacity, service.hold_copied)
-    return {"experiments": len(experiments), "counters": len(counts), "assignments": read}
+    read, unread = await journal.hold_newest(
+        experiments, service.held_capacity, service.hold_copied
+    )
+    # Their users are listed in the background (`AllocationService.list_stored_users`);
+    # until then each user of theirs not held is looked up in PostgreSQL.
+    service.unlisted(unread)
+    return {
+        "experiments": len(experiments),
+        "counters": len(counts),
+        "assignments": read,
+        "unread": len(unread),
+    }
 
 
 async def _load_state(

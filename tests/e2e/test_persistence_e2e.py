@@ -1,10 +1,12 @@
 """Durability against the real server process on a real PostgreSQL: a graceful restart keeps
-every counter, sticky assignment and idempotency key; a SIGKILL under load loses no
-acknowledged conversion and counts none twice.
+every counter, sticky assignment and idempotency key (past the memory bound too: the users it
+does not read back are listed in the background); a SIGKILL under load loses no acknowledged
+conversion and counts none twice.
 """
 
 from __future__ import annotations
 
+import json
 import signal
 import threading
 import time
@@ -126,6 +128,47 @@ def test_graceful_restart_keeps_counters_sticky_assignments_and_idempotency(
     }
     for key in told:
         assert_conversion_counters_match_rows(fresh_db, key)
+
+
+def _allocate_retrying(server: Any, key: str, user: str) -> Any:
+    """Allocate, waiting out a full write-behind buffer (these tests keep it small)."""
+    for _ in range(200):
+        try:
+            return allocate(server, key, user, CONTEXTS[0])
+        except grpc.RpcError as exc:
+            if exc.code() != grpc.StatusCode.RESOURCE_EXHAUSTED:
+                raise
+            time.sleep(0.05)
+    raise AssertionError(f"{user}: write-behind buffer still full after 10 s")
+
+
+def test_a_restart_past_the_memory_bound_lists_stored_users_and_keeps_them_sticky(
+    fresh_db: str, launcher: Launcher
+) -> None:
+    # Memory for 40 assignments (twice the write-behind's bound); 120 users stored.
+    env = {
+        "ALLOCSVC_MAX_HELD_ASSIGNMENTS": "40",
+        "ALLOCSVC_BACKPRESSURE__MAX_PENDING_ASSIGNMENTS": "20",
+    }
+    first = launcher.start("--postgres-dsn", fresh_db, env=env)
+    request = experiment("bounded", ("A", "B", "C"))
+    request.experiment.sticky = True
+    first.admin.CreateExperiment(request, timeout=RPC_TIMEOUT_S)
+    answers = {f"user-{i}": _allocate_retrying(first, "bounded", f"user-{i}") for i in range(120)}
+    launcher.stop(first)
+
+    second = launcher.start("--postgres-dsn", fresh_db, env=env)
+    # The restart read the newest 41 and lists every stored user in the background.
+    wait_for("stored users listed", lambda: "stored users listed" in second.stderr(), 30)
+    listed = [
+        json.loads(line) for line in second.stderr().splitlines() if "stored users listed" in line
+    ]
+    assert [(e["experiment"], e["assignments"]) for e in listed] == [("bounded", 120)]
+    # Users memory does not hold keep their assignments; new users are new.
+    for user in ("user-0", "user-1", "user-50", "user-119"):
+        again = _allocate_retrying(second, "bounded", user)
+        assert again.sticky and again.assignment_id == answers[user].assignment_id, user
+    assert not _allocate_retrying(second, "bounded", "someone-new").sticky
 
 
 # Crash --------------------------------------------------------------------------------------

@@ -445,6 +445,15 @@ async def test_the_latest_is_read_out_of_a_block_when_it_was_made_last(
     assert set(await assignment_rows(migrated_db, HELD_COLUMNS)) == {older.id}
     latest = await store.get_assignment(older.handle, older.user_id)
     assert latest is not None and latest.id == newer.id
+    # Several users in one lookup: each one's latest, wherever it is; users without one (and
+    # repeats) left out.
+    others = [a for a in service.user_assignments("user-3") if a.handle == older.handle]
+    users = [older.user_id, "user-3", "nobody", older.user_id]
+    found = await store.get_latest_assignments(older.handle, users)
+    assert {u: r.id for u, r in found.items()} == {
+        older.user_id: newer.id,
+        "user-3": others[-1].id,
+    }
 
 
 @pytest.mark.parametrize("in_block", ["p-100", "p-ff"])

@@ -5,11 +5,13 @@ conversion finds its assignment by id or by experiment and user. Memory stays bo
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 
 import pytest
 
 from allocsvc import server
 from allocsvc._proto import allocsvc_pb2 as pb
+from allocsvc.allocation.experiments import Experiment
 from allocsvc.allocation.journal import MemoryJournal
 from allocsvc.allocation.service import (
     AllocationRequest,
@@ -60,6 +62,19 @@ async def _first_users(
     return made
 
 
+def _count_lookups(journal: PostgresJournal) -> list[str]:
+    """The users the journal is asked for from now on (`stored_latest`), in order."""
+    asked: list[str] = []
+    stored_latest = journal.stored_latest
+
+    async def counted(experiment: Experiment, user_ids: Sequence[str]) -> dict[str, Assignment]:
+        asked.extend(user_ids)
+        return await stored_latest(experiment, user_ids)
+
+    journal.stored_latest = counted  # type: ignore[method-assign]
+    return asked
+
+
 async def test_evicted_sticky_assignments_come_back_from_postgres(store: PostgresStore) -> None:
     journal = PostgresJournal(store, max_pending_assignments=HELD // 2)
     journal.start()  # the group commit answers conversions
@@ -97,9 +112,30 @@ async def test_evicted_sticky_assignments_come_back_from_postgres(store: Postgre
     assert not isinstance(by_id, Exception) and _same(by_id.assignment, first[10])
     assert by_id.counted
     assert not isinstance(by_user, Exception) and _same(by_user.assignment, first[11])
-    # A user never seen is still new (a miss in PostgreSQL too).
+    # A user never seen is still new, without a lookup in PostgreSQL but for the filter's
+    # few false passes: 500 of them in batches (of as many as the write-behind takes at
+    # once), and one alone.
+    lookups = _count_lookups(journal)
+    for start in range(0, 500, HELD // 2):
+        batch = pb.AllocateBatchRequest(
+            requests=[
+                pb.AllocateRequest(experiment_id="sticky", user_id=f"new-{i}")
+                for i in range(start, start + HELD // 2)
+            ]
+        )
+        reply = pb.AllocateBatchResponse.FromString(
+            await servicer.AllocateBatchBytes(batch.SerializeToString(), None)  # type: ignore[arg-type]
+        )
+        assert not any(r.allocation.sticky for r in reply.results)
+        await journal.flush()
+    assert len(lookups) < 10, lookups
+    lookups.clear()
     new = await service.allocate(AllocationRequest("sticky", "someone-else"))
     assert not new.sticky
+    # Evicted users are still looked up, each once.
+    again = await service.allocate(AllocationRequest("sticky", "user-12"))
+    assert again.sticky and _same(again.assignment, first[12])
+    assert "user-12" in lookups
     assert service._held.evictions >= 2 * HELD
     assert len(service._held) <= HELD
     await journal.close()
@@ -133,6 +169,7 @@ async def test_a_restart_holds_the_newest_and_finds_the_rest_in_postgres(
     restarted = AllocationService(Engine(), journal, Extractor(), Limits(max_held_assignments=HELD))
     loaded = await server.restore(journal, restarted)
     assert (loaded["experiments"], loaded["assignments"]) == (2, HELD + 1)
+    assert loaded["unread"] == 1 and restarted.unlisted_experiments == 1
     assert len(restarted._held) == HELD
     held = [restarted.holds(experiment_key="sticky", user_id=f"user-{i}") for i in range(3 * HELD)]
     assert held == [False] * (2 * HELD) + [True] * HELD
@@ -140,16 +177,33 @@ async def test_a_restart_holds_the_newest_and_finds_the_rest_in_postgres(
     for a in first[-HELD:]:
         again = restarted._latest_of((a.handle, a.user_id))
         assert again is not None and _same(again, a), (again, a)
+    # "sticky" has rows it did not read: until its stored users are listed, every user not
+    # held is looked up in PostgreSQL, even one never seen.
+    lookups = _count_lookups(journal)
+    assert not (await restarted.allocate(AllocationRequest("sticky", "never-seen"))).sticky
+    assert lookups == ["never-seen"]
+    lookups.clear()
+    # Listed (3 * HELD rows, the held ones too): then only users stored may be looked up.
+    await restarted.list_stored_users(journal.list_users)
+    assert restarted.unlisted_experiments == 0
+    for i in range(200):
+        await restarted.allocate(AllocationRequest("sticky", f"new-{i}"))
+        if i % 10 == 9:
+            await journal.flush()
+    assert len(lookups) < 5, lookups  # about one in a few hundred passes the filter
+    lookups.clear()
     # Users only PostgreSQL holds keep their assignments: unary, and a conversion by id.
     again = await restarted.allocate(AllocationRequest("sticky", "user-0"))
     assert again.sticky and _same(again.assignment, first[0])
+    assert lookups == ["user-0"]
     (converted,) = await restarted.record_conversions(
         [ConversionRequest(assignment_id=first[HELD].id)]
     )
     assert not isinstance(converted, Exception) and _same(converted.assignment, first[HELD])
     await journal.close()
-    # With no bound, a restart reads them all.
+    # With no bound, a restart reads them all (and the 201 new users' since), none unread.
     journal = PostgresJournal(store)
     unbounded = AllocationService(Engine(), journal, Extractor())
-    assert (await server.restore(journal, unbounded))["assignments"] == 3 * HELD
+    loaded = await server.restore(journal, unbounded)
+    assert (loaded["assignments"], loaded["unread"]) == (3 * HELD + 201, 0)
     assert all(unbounded.holds(assignment_id=a.id) for a in first)

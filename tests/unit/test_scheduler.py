@@ -1,4 +1,5 @@
-"""Stopping the background scheduler ends every job, even one that swallowed a cancellation."""
+"""Stopping the background scheduler ends every job, even one that swallowed a cancellation;
+a job run once is tried again until it succeeds."""
 
 from __future__ import annotations
 
@@ -37,3 +38,21 @@ async def test_stop_ends_a_job_that_swallows_one_cancellation() -> None:
     finally:
         for task in asyncio.all_tasks() - {asyncio.current_task()}:
             task.cancel()
+
+
+async def test_a_job_run_once_is_tried_again_until_it_succeeds() -> None:
+    runs: list[int] = []
+    done = asyncio.Event()
+
+    async def flaky() -> None:
+        runs.append(1)
+        if len(runs) < 3:
+            raise ConnectionError("not yet")
+        done.set()
+
+    scheduler = Scheduler()
+    scheduler.once("flaky", flaky, retry=0.001)
+    await asyncio.wait_for(done.wait(), timeout=30)
+    await asyncio.sleep(0.05)  # a job that succeeded is not run again
+    await scheduler.stop()
+    assert len(runs) == 3

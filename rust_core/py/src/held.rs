@@ -19,7 +19,7 @@ use pyo3::prelude::*;
 use pyo3::pybacked::PyBackedStr;
 use pyo3::types::{PyBytes, PyList, PyString, PyTuple};
 use std::borrow::Cow;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 /// Experiment keys by handle, as Python strs (shared by every tuple of the experiment).
@@ -175,10 +175,56 @@ impl PyHeld {
         self.inner.lock().evictions()
     }
 
-    /// Whether a latest assignment of experiment `handle` was evicted (a user not held may
-    /// have one in the durable store).
-    fn evicted(&self, handle: u64) -> bool {
-        self.inner.lock().evicted(handle)
+    /// The positions of the (experiment `handles[i]`, `user_ids[i]`) whose latest assignment
+    /// may be in the durable store and not here (look them up there; see [`Held::may_be_stored`]).
+    fn may_be_stored(&self, handles: Vec<u64>, user_ids: Vec<PyBackedStr>) -> PyResult<Vec<usize>> {
+        if handles.len() != user_ids.len() {
+            return Err(PyValueError::new_err(
+                "handles and user_ids are not of one length",
+            ));
+        }
+        let held = self.inner.lock();
+        Ok(handles
+            .iter()
+            .zip(&user_ids)
+            .enumerate()
+            .filter(|(_, (&h, u))| held.may_be_stored(h, u))
+            .map(|(i, _)| i)
+            .collect())
+    }
+
+    /// Experiment `handle` has stored assignments a restart did not read back: every user not
+    /// held may have one until `listed(handle)`.
+    fn unlisted(&self, handle: u64) {
+        self.inner.lock().unlisted(handle);
+    }
+
+    /// Put the stored users of experiment `handle` in `data`, a piece of a binary COPY stream
+    /// of their ids, among those that may have a stored assignment not held (as `add_copied`
+    /// reads its pieces): (bytes read, users, whether the stream ended).
+    fn list_copied(
+        &self,
+        handle: u64,
+        data: &[u8],
+        at_start: bool,
+    ) -> PyResult<(usize, usize, bool)> {
+        let read = self
+            .inner
+            .lock()
+            .list_copied(handle, data, at_start)
+            .map_err(to_py)?;
+        Ok((read.consumed, read.rows, read.ended))
+    }
+
+    /// Every stored user of experiment `handle` is listed.
+    fn listed(&self, handle: u64) {
+        self.inner.lock().listed(handle);
+    }
+
+    /// Bytes taken by the filter of evicted (experiment, user) keys.
+    #[getter]
+    fn evicted_filter_size(&self) -> usize {
+        self.inner.lock().evicted_filter_size()
     }
 
     fn has_id(&self, id: &str) -> bool {
@@ -648,7 +694,7 @@ pub(crate) fn decompress_block<'py>(py: Python<'py>, data: &[u8]) -> PyResult<Bo
     Ok(PyBytes::new(py, &out))
 }
 
-/// A row of a block as `block_rows_of_user` gives it: (id, handle, user id, variant, segment
+/// A row of a block as `block_rows_of_users` gives it: (id, handle, user id, variant, segment
 /// key, segment hash, cascade level, propensity, created ms or None).
 type BlockTuple = (String, u64, String, i16, String, u64, i16, f64, Option<i64>);
 
@@ -677,15 +723,23 @@ fn rows_of(py: Python<'_>, data: &[u8], wanted: block::Wanted<'_>) -> PyResult<V
     .map_err(not_a_block)
 }
 
-/// The rows of (`handle`, `user_id`) in a compressed block, in the block's order.
+/// The rows in experiment `handle` of `user_ids` in a compressed block, in the block's order.
 #[pyfunction]
-pub(crate) fn block_rows_of_user(
+pub(crate) fn block_rows_of_users(
     py: Python<'_>,
     data: &[u8],
     handle: u64,
-    user_id: &str,
+    user_ids: Vec<PyBackedStr>,
 ) -> PyResult<Vec<BlockTuple>> {
-    rows_of(py, data, block::Wanted::User { handle, user_id })
+    let user_ids: HashSet<&str> = user_ids.iter().map(|u| &**u).collect();
+    rows_of(
+        py,
+        data,
+        block::Wanted::Users {
+            handle,
+            user_ids: &user_ids,
+        },
+    )
 }
 
 /// The rows with assignment id `id` in a compressed block.

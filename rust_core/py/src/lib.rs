@@ -17,7 +17,7 @@ use allocsvc_core::held::Assignment;
 use allocsvc_core::{keys, CountRow};
 use error::{invalid, to_py};
 use held::{
-    assignment_block, block_rows_of_id, block_rows_of_user, copy_assignments, decompress_block,
+    assignment_block, block_rows_of_id, block_rows_of_users, copy_assignments, decompress_block,
     filter_may_hold_id, filter_may_hold_user, framed, shared_records, sticky_claims, PyHeld, PyLog,
     PyMade,
 };
@@ -916,7 +916,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(batch_items, m)?)?;
     m.add_function(wrap_pyfunction!(copy_assignments, m)?)?;
     m.add_function(wrap_pyfunction!(decompress_block, m)?)?;
-    m.add_function(wrap_pyfunction!(block_rows_of_user, m)?)?;
+    m.add_function(wrap_pyfunction!(block_rows_of_users, m)?)?;
     m.add_function(wrap_pyfunction!(block_rows_of_id, m)?)?;
     m.add_function(wrap_pyfunction!(assignment_block, m)?)?;
     m.add_function(wrap_pyfunction!(filter_may_hold_user, m)?)?;

@@ -98,9 +98,11 @@ class Journal(Protocol):
         """Take the assignments Rust appends to `log` (unary allocations') as if each had been
         passed to `assignment_made`; False when this journal needs each passed instead."""
 
-    async def stored_latest(self, experiment: Experiment, user_id: str) -> Assignment | None:
-        """The user's latest assignment in the experiment as the durable store has it (for
-        assignments evicted from memory); None when it has none. Unavailable when the store
+    async def stored_latest(
+        self, experiment: Experiment, user_ids: Sequence[str]
+    ) -> dict[str, Assignment]:
+        """The latest assignment in the experiment of each of `user_ids` that the durable store
+        has one of, by user (for assignments evicted from memory). Unavailable when the store
         cannot answer."""
 
     async def stored_assignment(
@@ -233,9 +235,11 @@ class MemoryJournal:
         for (handle, _), n in made.level_counts():
             self._visitors[(handle, day)] += n
 
-    async def stored_latest(self, experiment: Experiment, user_id: str) -> Assignment | None:
+    async def stored_latest(
+        self, experiment: Experiment, user_ids: Sequence[str]
+    ) -> dict[str, Assignment]:
         """Nothing outlives the process here: an evicted assignment is gone."""
-        return None
+        return {}
 
     async def stored_assignment(
         self, assignment_id: str, experiments: Mapping[int, Experiment]

@@ -8,12 +8,14 @@ says it is durable (and whether it was new: idempotency is the journal's to enfo
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
+import logging
 import math
 import secrets
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, NamedTuple, Protocol, TypeVar
 
@@ -52,6 +54,7 @@ if TYPE_CHECKING:
     from allocsvc._core import GivenAllocation
 
 _Out = TypeVar("_Out")
+log = logging.getLogger(__name__)
 # Value used for the cluster dimension until a clustering model is deployed.
 NO_CLUSTER = "none"
 _TRANSITIONS = {
@@ -112,6 +115,8 @@ class Assignment(NamedTuple):
 # An assignment as the Rust store of held assignments gives it back: its fields as a tuple.
 # It takes an `Assignment` as it is (a tuple of those fields).
 Held = tuple[str, str, int, str, int, str, int, float, int]
+# `PostgresJournal.list_users`: (handle, list_copied(data, at_start)) -> rows read.
+ListUsers = Callable[[int, Callable[[bytes, bool], tuple[int, int, bool]]], Awaitable[int]]
 
 
 def _made_at(a: Assignment) -> int:
@@ -222,6 +227,8 @@ class AllocationService:
         # Latest assignment per (experiment handle, user id), every assignment by id and by
         # user: in Rust, no Python object per assignment (none for the collector to walk).
         self._held = HeldAssignments(self._id_prefix, self._limits.max_held_assignments)
+        # Experiments whose stored users a restart did not read back (`unlisted`).
+        self._unlisted: list[int] = []
         # Where Rust logs the new assignments of unary calls for the write-behind (held by
         # Rust too): no Python object per assignment. None when each goes through `_keep`
         # (a journal that counts them one by one; replicas, which share each one).
@@ -406,6 +413,39 @@ class AllocationService:
         for key in keys:
             self._register_segment(handle, key)
         return consumed, rows, ended
+
+    def unlisted(self, handles: Iterable[int]) -> None:
+        """These experiments have stored assignments a restart did not read back: each user
+        not held is looked up in the store until `list_stored_users` has listed them."""
+        for handle in handles:
+            self._held.unlisted(handle)
+            self._unlisted.append(handle)
+
+    async def list_stored_users(self, list_users: ListUsers) -> None:
+        """List the stored users of the experiments `unlisted` named, one after another
+        (`list_users(handle, list_copied)`: `PostgresJournal.list_users`): then only those
+        users of theirs not held are looked up in the store, not every user not held. A call
+        that fails goes on, when called again, from the experiment it failed on."""
+        while self._unlisted:
+            handle = self._unlisted[0]
+            started = time.perf_counter()
+            rows = await list_users(handle, functools.partial(self._held.list_copied, handle))
+            self._held.listed(handle)
+            self._unlisted.pop(0)
+            log.info(
+                "stored users listed",
+                extra={
+                    "experiment": self.experiment_by_handle(handle).key,
+                    "assignments": rows,
+                    "seconds": round(time.perf_counter() - started, 3),
+                    "filter_bytes": self._held.evicted_filter_size,
+                },
+            )
+
+    @property
+    def unlisted_experiments(self) -> int:
+        """Experiments whose stored users are still to be listed."""
+        return len(self._unlisted)
 
     def hold_restored(self, assignments: Iterable[Assignment]) -> None:
         """Hold assignments read back from the store (oldest first), as `restore` does: past
@@ -706,22 +746,33 @@ class AllocationService:
     async def _recall(self, experiment: Experiment, user_id: str) -> Assignment | None:
         """The user's latest assignment in the experiment from the durable store, when memory
         may have evicted it (held again if found)."""
-        if not self._held.evicted(experiment.handle):
+        if not self._held.may_be_stored([experiment.handle], [user_id]):
             return None
-        found = await self._journal.stored_latest(experiment, user_id)
-        if found is not None and self._latest_of((found.handle, user_id)) is None:
-            self._remember(found)
+        return (await self._recall_users(experiment, [user_id])).get(user_id)
+
+    async def _recall_users(
+        self, experiment: Experiment, user_ids: Sequence[str]
+    ) -> dict[str, Assignment]:
+        """The latest assignments in the experiment of these users that the durable store has,
+        by user, held again (unless one was made meanwhile)."""
+        found = await self._journal.stored_latest(experiment, user_ids)
+        for user_id, assignment in found.items():
+            if self._latest_of((experiment.handle, user_id)) is None:
+                self._remember(assignment)
         return found
 
     async def recall_sticky(self, prepared: PreparedBatch) -> None:
         """Hold again, before `finish_batch`, the evicted assignments of a batch's users of
-        sticky experiments (read from the durable store)."""
+        sticky experiments (read from the durable store, one call per experiment)."""
         # The batch first: the store's counts wait for the batches it is still holding.
         if not prepared.has_sticky or not self._held.evictions:
             return
-        for _, handle, user_id in zip(*prepared.sticky_candidates(), strict=True):
-            if self._held.evicted(handle) and not self._held.has_latest(handle, user_id):
-                await self._recall(self._by_handle[handle], user_id)
+        _, handles, user_ids = prepared.sticky_candidates()
+        wanted: dict[int, list[str]] = {}
+        for i in self._held.may_be_stored(handles, user_ids):
+            wanted.setdefault(handles[i], []).append(user_ids[i])
+        for handle, users in wanted.items():
+            await self._recall_users(self._by_handle[handle], users)
 
     def _latest_of(self, slot: tuple[int, str]) -> Assignment | None:
         held = self._held.latest(*slot)

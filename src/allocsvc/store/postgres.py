@@ -10,6 +10,7 @@ never lose each other's updates.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import logging
 import struct
@@ -25,7 +26,7 @@ from allocsvc.core import (
     ASSIGNMENT_COPY_COLUMNS,
     RESTORE_COPY_COLUMNS,
     block_rows_of_id,
-    block_rows_of_user,
+    block_rows_of_users,
     decompress_block,
     filter_may_hold_id,
     filter_may_hold_user,
@@ -735,22 +736,33 @@ class PostgresStore:
         return found, bool(unfiltered) or len(blocks) < len(wanted)
 
     async def get_assignment(self, experiment_id: int, user_id: str) -> AssignmentRow | None:
-        # The user's latest may be in a block. Blocks first: one expanded after they are read
-        # has its rows in the table by the query that follows.
+        return (await self.get_latest_assignments(experiment_id, [user_id])).get(user_id)
+
+    async def get_latest_assignments(
+        self, experiment_id: int, user_ids: Sequence[str]
+    ) -> dict[str, AssignmentRow]:
+        """The latest assignment in the experiment of each of `user_ids` that has one, by user:
+        read from the blocks whose filters may hold one of them, and by one query."""
+        wanted = list(dict.fromkeys(user_ids))
+        # Blocks first: one expanded after they are read has its rows in the table by the
+        # query that follows.
         found, _ = await self._read_blocks_that_may_hold(
-            lambda f: filter_may_hold_user(f, experiment_id, user_id),
-            lambda b: block_rows_of_user(b, experiment_id, user_id),
+            lambda f: any(filter_may_hold_user(f, experiment_id, u) for u in wanted),
+            lambda b: block_rows_of_users(b, experiment_id, wanted),
         )
-        row = await self._pool.fetchrow(
-            f"SELECT {_ASSIGNMENT_COLUMNS} FROM assignments"
-            f" WHERE experiment_id = $1 AND user_id = $2 ORDER BY {_NEWEST_FIRST} LIMIT 1",
+        rows = await self._pool.fetch(
+            f"SELECT DISTINCT ON (user_id) {_ASSIGNMENT_COLUMNS} FROM assignments"
+            " WHERE experiment_id = $1 AND user_id = ANY($2::text[])"
+            f" ORDER BY user_id, {_NEWEST_FIRST}",
             experiment_id,
-            user_id,
+            wanted,
         )
-        if row is not None:
-            found.append(_assignment(row))
-        # As `_NEWEST_FIRST` orders them (ids are C-collated: by code point).
-        return max(found, key=lambda r: (r.created_at, len(r.id), r.id), default=None)
+        latest: dict[str, AssignmentRow] = {}
+        for row in itertools.chain(found, map(_assignment, rows)):
+            known = latest.get(row.user_id)
+            if known is None or _newer(row, known):
+                latest[row.user_id] = row
+        return latest
 
     async def get_assignment_by_id(self, assignment_id: str) -> AssignmentRow | None:
         query = f"SELECT {_ASSIGNMENT_COLUMNS} FROM assignments WHERE id = $1"
@@ -790,6 +802,16 @@ class PostgresStore:
             args = (experiment_id, newest)
         async with self._pool.acquire() as connection:
             await connection.copy_from_query(query, *args, output=output, format="binary")
+
+    async def copy_out_users(
+        self, experiment_id: int, output: Callable[[bytearray], Awaitable[None]]
+    ) -> None:
+        """The user ids of an experiment's stored assignments (one per assignment, in no
+        order), as a binary COPY stream of one text column given to `output` piece by piece.
+        Assignments still in blocks are not read (as `copy_out_assignments`)."""
+        query = "SELECT user_id FROM assignments WHERE experiment_id = $1"
+        async with self._pool.acquire() as connection:
+            await connection.copy_from_query(query, experiment_id, output=output, format="binary")
 
     # conversions
 
@@ -1136,6 +1158,12 @@ _UNIX_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 def datetime_of_ms(ms: int) -> datetime:
     """An assignment's `created_ms` (Unix milliseconds) as `created_at`, exactly (no float)."""
     return _UNIX_EPOCH + timedelta(milliseconds=ms)
+
+
+def _newer(a: AssignmentRow, b: AssignmentRow) -> bool:
+    """Whether `a` comes before `b` in `_NEWEST_FIRST`'s order (ids C-collated: by code
+    point)."""
+    return (a.created_at, len(a.id), a.id) > (b.created_at, len(b.id), b.id)
 
 
 def _block_row(r: BlockRow, written: datetime) -> AssignmentRow:

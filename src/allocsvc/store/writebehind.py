@@ -457,12 +457,14 @@ class PostgresJournal:
     # Assignments evicted from memory: read back. The memory holds at least twice the
     # write-behind bound, so an evicted assignment has left the buffer (server.build_service).
 
-    async def stored_latest(self, experiment: Experiment, user_id: str) -> Assignment | None:
+    async def stored_latest(
+        self, experiment: Experiment, user_ids: Sequence[str]
+    ) -> dict[str, Assignment]:
         try:
-            row = await self._store.get_assignment(experiment.handle, user_id)
+            rows = await self._store.get_latest_assignments(experiment.handle, user_ids)
         except STORE_DOWN as exc:
             raise Unavailable(f"assignment store unavailable: {type(exc).__name__}") from None
-        return None if row is None else assignment_from_row(row, experiment.key)
+        return {user: assignment_from_row(row, experiment.key) for user, row in rows.items()}
 
     async def stored_assignment(
         self, assignment_id: str, experiments: Mapping[int, Experiment]
@@ -490,21 +492,39 @@ class PostgresJournal:
 
     async def hold_newest(
         self, experiments: Iterable[Experiment], hold: int, add_copied: AddCopied
-    ) -> int:
+    ) -> tuple[int, list[int]]:
         """Hold again at start each experiment's stored assignments, oldest first: all of them
         (`hold` 0), or its newest `hold` + 1. One more than memory keeps: an experiment with
-        more rows in PostgreSQL then evicts one as they are held, and is known to have users
-        only PostgreSQL holds (they are looked up there). `add_copied(handle, data, at_start)`
-        holds the rows of a piece of the binary COPY stream (`HeldAssignments.add_copied`).
-        How many were held."""
+        more rows in PostgreSQL evicts one as they are held. `add_copied(handle, data,
+        at_start)` holds the rows of a piece of the binary COPY stream
+        (`HeldAssignments.add_copied`). How many were held, and the experiments with rows not
+        read (their users are listed later: `list_users`)."""
         held = 0
+        unread = []
         await self._store.expand_all_blocks()  # once for all the experiments
         for e in experiments:
             stream = CopyPieces(functools.partial(add_copied, e.handle))
             newest = hold + 1 if hold else None
             await self._store.copy_out_assignments(e.handle, stream.feed, newest=newest)
-            held += stream.finish()
-        return held
+            rows = stream.finish()
+            held += rows
+            if newest is not None and rows == newest:
+                unread.append(e.handle)
+        return held, unread
+
+    async def list_users(
+        self, handle: int, list_copied: Callable[[bytes, bool], tuple[int, int, bool]]
+    ) -> int:
+        """Give the users of experiment `handle`'s stored assignments to `list_copied(data,
+        at_start)` (`HeldAssignments.list_copied`) as pieces of a binary COPY stream; how many
+        rows were read. Rows still in blocks are not read: a restart expanded every block
+        (`hold_newest`), and this process's own are held or were evicted (and known so)."""
+        stream = CopyPieces(list_copied)
+        try:
+            await self._store.copy_out_users(handle, stream.feed)
+        except STORE_DOWN as exc:
+            raise Unavailable(f"assignment store unavailable: {type(exc).__name__}") from None
+        return stream.finish()
 
     # Traffic, recommendations, audit: written through.
 

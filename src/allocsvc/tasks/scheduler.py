@@ -1,4 +1,5 @@
-"""Runs periodic jobs on the event loop; a failing run is logged and the job goes on."""
+"""Runs periodic jobs (and jobs run until done) on the event loop; a failing run is logged
+and the job goes on."""
 
 from __future__ import annotations
 
@@ -27,6 +28,22 @@ class Scheduler:
                 await job()
             except Exception:
                 log.exception("background job failed", extra={"job": name})
+
+    def once(self, name: str, job: Callable[[], Awaitable[None]], *, retry: float) -> None:
+        """Run `job` now, and again `retry` seconds after each run that fails, until one
+        succeeds."""
+        self._tasks.append(asyncio.create_task(self._until_done(name, retry, job), name=name))
+
+    async def _until_done(
+        self, name: str, retry: float, job: Callable[[], Awaitable[None]]
+    ) -> None:
+        while True:
+            try:
+                await job()
+                return
+            except Exception:
+                log.exception("background job failed", extra={"job": name})
+            await asyncio.sleep(retry)
 
     async def stop(self) -> None:
         await stop_tasks(self._tasks)
