@@ -12,8 +12,9 @@ is known and answered from memory; here a Python gRPC client sends `AllocateBatc
 one serialized item), `--in-flight` calls at a time for `--seconds`, the setups in turn, the
 order rotated each round. Per run: allocations/s answered, and server CPU and main-thread CPU
 per call (the process tree's /proc counters; Redis's and PostgreSQL's own CPU not included).
-`--held` sets the servers' `max_held_assignments` (0: no bound): past it, a sticky experiment's
-new users are looked up in PostgreSQL one by one (the held store evicted some of its users).
+`--held` sets the servers' `max_held_assignments` (0: no bound): past it, the held store evicts
+users, and a batch's users whose keys pass its filter of evicted ones are looked up in
+PostgreSQL (one call per batch).
 Bounded: rounds x setups runs of `--seconds`, after a short warm-up, all on 127.0.0.1.
 """
 
