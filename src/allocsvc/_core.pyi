@@ -413,6 +413,10 @@ class HeldAssignments:
         (a filter: a user never seen passes about one in a few hundred), or the experiment
         `unlisted`. ValueError if the lists differ in length."""
 
+    def latest_many(self, handles: list[int], user_ids: list[str]) -> dict[int, HeldTuple]:
+        """The latest assignments held of (experiment `handles[i]`, `user_ids[i]`), by
+        position `i` (users not held left out). ValueError if the lists differ in length."""
+
     def unlisted(self, handle: int) -> None:
         """Experiment `handle` has stored assignments a restart did not read back: every user
         not held may have one until `listed(handle)`."""

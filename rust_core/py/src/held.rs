@@ -17,7 +17,7 @@ use parking_lot::Mutex;
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use pyo3::pybacked::PyBackedStr;
-use pyo3::types::{PyBytes, PyList, PyString, PyTuple};
+use pyo3::types::{PyBytes, PyDict, PyList, PyString, PyTuple};
 use std::borrow::Cow;
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -62,6 +62,23 @@ type HeldIn<'py> = (
     f64,
     i64,
 );
+
+/// (position, handle, user id) of two lists that must be of one length.
+fn pairs<'a>(
+    handles: &'a [u64],
+    user_ids: &'a [PyBackedStr],
+) -> PyResult<impl Iterator<Item = (usize, u64, &'a str)>> {
+    if handles.len() != user_ids.len() {
+        return Err(PyValueError::new_err(
+            "handles and user_ids are not of one length",
+        ));
+    }
+    Ok(handles
+        .iter()
+        .zip(user_ids)
+        .enumerate()
+        .map(|(i, (&h, u))| (i, h, &**u)))
+}
 
 /// Python face of [`Held`].
 #[pyclass(name = "HeldAssignments", frozen, module = "allocsvc._core")]
@@ -178,19 +195,30 @@ impl PyHeld {
     /// The positions of the (experiment `handles[i]`, `user_ids[i]`) whose latest assignment
     /// may be in the durable store and not here (look them up there; see [`Held::may_be_stored`]).
     fn may_be_stored(&self, handles: Vec<u64>, user_ids: Vec<PyBackedStr>) -> PyResult<Vec<usize>> {
-        if handles.len() != user_ids.len() {
-            return Err(PyValueError::new_err(
-                "handles and user_ids are not of one length",
-            ));
-        }
         let held = self.inner.lock();
-        Ok(handles
-            .iter()
-            .zip(&user_ids)
-            .enumerate()
-            .filter(|(_, (&h, u))| held.may_be_stored(h, u))
-            .map(|(i, _)| i)
+        Ok(pairs(&handles, &user_ids)?
+            .filter(|(_, h, u)| held.may_be_stored(*h, u))
+            .map(|(i, _, _)| i)
             .collect())
+    }
+
+    /// The latest assignments held of (experiment `handles[i]`, `user_ids[i]`), by position
+    /// `i`; positions of users not held are left out.
+    fn latest_many<'py>(
+        &self,
+        py: Python<'py>,
+        handles: Vec<u64>,
+        user_ids: Vec<PyBackedStr>,
+    ) -> PyResult<Bound<'py, PyDict>> {
+        let out = PyDict::new(py);
+        let held = self.inner.lock();
+        let names = self.names.lock();
+        for (i, h, u) in pairs(&handles, &user_ids)? {
+            if let Some(a) = held.latest(h, u) {
+                out.set_item(i, names.tuple(py, &a)?)?;
+            }
+        }
+        Ok(out)
     }
 
     /// Experiment `handle` has stored assignments a restart did not read back: every user not

@@ -874,8 +874,10 @@ class AllocationService:
         assert shared is not None
         candidates = prepared.sticky_candidates()
         _, handles, users = candidates
-        has = self._held.has_latest
-        missing = [(h, u) for h, u in zip(handles, users, strict=True) if not has(h, u)]
+        held = self._held.latest_many(handles, users)
+        missing = [
+            (h, u) for k, (h, u) in enumerate(zip(handles, users, strict=True)) if k not in held
+        ]
         for found in (await shared.sticky_many(missing)).values():
             self._remember(found)
         given = self._given(prepared, allocated, candidates)
@@ -948,10 +950,11 @@ class AllocationService:
             )
             for i, a in allocated.items()
         }
-        for i, handle, user_id in zip(*candidates, strict=True):
-            earlier = self._latest_of((handle, user_id))
-            if earlier is not None and i not in given:
-                given[i] = (
+        positions, handles, user_ids = candidates
+        for k, held in self._held.latest_many(handles, user_ids).items():
+            if positions[k] not in given:
+                earlier = Assignment._make(held)
+                given[positions[k]] = (
                     earlier.id,
                     earlier.variant,
                     earlier.segment_key,

@@ -233,7 +233,7 @@ class RedisShared:
         call."""
         if not self.healthy or not wanted:
             return {}
-        keys = {handle: self._key(handle, "sticky") for handle, _ in wanted}
+        keys = {handle: self._key(handle, "sticky") for handle in {h for h, _ in wanted}}
         try:
             reply = await self._lookup(args=[framed([t for h, u in wanted for t in (keys[h], u)])])
         except (RedisError, OSError) as exc:
