@@ -83,7 +83,7 @@ async def measure(items: int, rounds: int, full_store: int, learning: bool) -> d
     rust_prepare = per_item(time.process_time() - start)
 
     def finish(p: Any, held: HeldAssignments, first_seq: int) -> MadeAssignments:
-        _, made = p.finish(
+        _, made, _ = p.finish(
             engine,
             catalogue,
             held,

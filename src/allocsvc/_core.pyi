@@ -219,8 +219,8 @@ class Engine:
     def record_allocation(self, experiment: int, segment_key: str, variant: int) -> None: ...
     def record_made(self, made: MadeAssignments) -> None:
         """Count each of `made`'s assignments as `record_allocation` would (those of
-        `PreparedBatch.decide_unclaimed`, once claimed); every variant is checked before any
-        is counted."""
+        `PreparedBatch.finish(..., record=False)`, once claimed); every variant is checked
+        before any is counted."""
 
     def record_conversion(
         self, experiment: int, segment_key: str, variant: int, value: float = 0.0
@@ -358,31 +358,18 @@ class PreparedBatch:
         now_ms: int,
         given: Mapping[int, GivenAllocation],
         errors: Mapping[int, ItemError],
-    ) -> tuple[bytes, MadeAssignments]:
+        record: bool = True,
+    ) -> tuple[bytes, MadeAssignments, list[int]]:
         """Decide and count every item not in `given` or `errors`, in request order, on the
         calling thread's generator with the GIL released; a user repeated in a sticky
         experiment gets the first answer again. New assignment ids are `{id_prefix}-{seq:x}`,
         seq from `first_seq` on, made at `now_ms`, handed to `held`: its thread holds them,
         and any call on `held` made after this one returns holds them first if it has not.
-        Returns the serialized response and the new assignments."""
-
-    def decide_unclaimed(
-        self,
-        engine: Engine,
-        catalogue: BatchCatalogue,
-        held: HeldAssignments,
-        *,
-        region: str,
-        id_prefix: str,
-        first_seq: int,
-        now_ms: int,
-        given: Mapping[int, GivenAllocation],
-        errors: Mapping[int, ItemError],
-    ) -> tuple[bytes, MadeAssignments, list[int]]:
-        """`finish` that neither counts nor holds the new assignments (a replica sharing state
-        claims those of sticky experiments first, then counts with `Engine.record_made` and
-        holds with `HeldAssignments.hand_over` those that stand); also returns the position of
-        the item each new assignment answers."""
+        With `record` false the new assignments are neither counted nor held (a replica
+        sharing state claims those of sticky experiments first, then counts with
+        `Engine.record_made` and holds with `HeldAssignments.hand_over` those that stand).
+        Returns the serialized response, the new assignments and the position of the item
+        each answers."""
 
 @final
 class HeldAssignments:
@@ -442,7 +429,7 @@ class HeldAssignments:
     def has_id(self, id: str) -> bool: ...
     def has_latest(self, handle: int, user_id: str) -> bool: ...
     def hand_over(self, made: MadeAssignments) -> None:
-        """Hold `made` (`PreparedBatch.decide_unclaimed`'s, once claimed) as
+        """Hold `made` (`PreparedBatch.finish(..., record=False)`'s, once claimed) as
         `PreparedBatch.finish` holds its own."""
 
     def of_user(self, user_id: str) -> list[HeldTuple]:

@@ -172,7 +172,7 @@ impl PyHeld {
             .transpose()
     }
 
-    /// Hold `made` (`PreparedBatch.decide_unclaimed`'s new assignments, once claimed) as
+    /// Hold `made` (`PreparedBatch.finish(..., record=False)`'s new assignments, once claimed) as
     /// `PreparedBatch.finish` holds its own: on the store's thread, before any other call
     /// here looks.
     fn hand_over(&self, made: PyRef<'_, PyMade>) {

@@ -560,57 +560,13 @@ impl PyPreparedBatch {
     }
 
     /// Decide the items, hold the new assignments in `held` (ids `{id_prefix}-{seq:x}` from
-    /// `first_seq` on, made at `now_ms`); return the response and the new assignments.
+    /// `first_seq` on, made at `now_ms`); return the response, the new assignments and the
+    /// item each answers. With `record` false, neither count nor hold them (a shared replica
+    /// claims those of sticky experiments first).
     #[pyo3(signature = (engine, catalogue, held, *, region, id_prefix, first_seq, now_ms, given,
-        errors))]
+        errors, record=true))]
     #[allow(clippy::too_many_arguments)]
     fn finish<'py>(
-        &self,
-        py: Python<'py>,
-        engine: &PyEngine,
-        catalogue: &PyBatchCatalogue,
-        held: &PyHeld,
-        region: &str,
-        id_prefix: &str,
-        first_seq: u64,
-        now_ms: i64,
-        given: HashMap<usize, PyGiven>,
-        errors: HashMap<usize, PyItemError>,
-    ) -> PyResult<(Bound<'py, PyBytes>, PyMade)> {
-        let (response, made, _) = self.decided(
-            py, engine, catalogue, held, region, id_prefix, first_seq, now_ms, given, errors, true,
-        )?;
-        Ok((response, made))
-    }
-
-    /// `finish` that neither counts nor holds the new assignments (a shared replica claims
-    /// those of sticky experiments first); also returns the item each answers.
-    #[pyo3(signature = (engine, catalogue, held, *, region, id_prefix, first_seq, now_ms, given,
-        errors))]
-    #[allow(clippy::too_many_arguments)]
-    fn decide_unclaimed<'py>(
-        &self,
-        py: Python<'py>,
-        engine: &PyEngine,
-        catalogue: &PyBatchCatalogue,
-        held: &PyHeld,
-        region: &str,
-        id_prefix: &str,
-        first_seq: u64,
-        now_ms: i64,
-        given: HashMap<usize, PyGiven>,
-        errors: HashMap<usize, PyItemError>,
-    ) -> PyResult<(Bound<'py, PyBytes>, PyMade, Vec<usize>)> {
-        self.decided(
-            py, engine, catalogue, held, region, id_prefix, first_seq, now_ms, given, errors, false,
-        )
-    }
-}
-
-impl PyPreparedBatch {
-    /// `finish`, or with `record` false `decide_unclaimed`.
-    #[allow(clippy::too_many_arguments)]
-    fn decided<'py>(
         &self,
         py: Python<'py>,
         engine: &PyEngine,
@@ -842,7 +798,7 @@ impl PyEngine {
             .map_err(to_py)
     }
 
-    /// Count each of `made`'s assignments (`decide_unclaimed`'s, once claimed).
+    /// Count each of `made`'s assignments (`finish(..., record=False)`'s, once claimed).
     fn record_made(&self, py: Python<'_>, made: PyRef<'_, PyMade>) -> PyResult<()> {
         let made = made.inner();
         py.allow_threads(|| self.inner.record_made(made))

@@ -17,7 +17,7 @@ import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, NamedTuple, Protocol, TypeVar
+from typing import TYPE_CHECKING, NamedTuple, Protocol
 
 from allocsvc.allocation.experiments import (
     Experiment,
@@ -53,7 +53,6 @@ from allocsvc.learning.sampling import ObservationGaps
 if TYPE_CHECKING:
     from allocsvc._core import GivenAllocation
 
-_Out = TypeVar("_Out")
 log = logging.getLogger(__name__)
 # Value used for the cluster dimension until a clustering model is deployed.
 NO_CLUSTER = "none"
@@ -822,26 +821,42 @@ class AllocationService:
         them through `allocate`). Sticky users found here are answered with their assignment.
         """
         given = self._given(prepared, allocated, prepared.sticky_candidates())
-        # At most this many are new (repeated sticky users are fewer): refused before deciding.
-        self._journal.admit(len(prepared) - len(errors) - len(given))
-        first = next(self._ids)
-        response, made = self._decided(prepared.finish, region, first, given, errors)
-        self._ids = itertools.count(first + len(made))
+        response, made, _ = self._decide_new(prepared, region, given, errors, record=True)
         if made:
             self._keep_made(made)
         return response
 
+    def _decide_new(
+        self,
+        prepared: PreparedBatch,
+        region: str,
+        given: Mapping[int, GivenAllocation],
+        errors: Mapping[int, tuple[int, str, str]],
+        *,
+        record: bool,
+    ) -> tuple[bytes, MadeAssignments, list[int]]:
+        """`_decided` with this service's next ids, once the journal has admitted as many new
+        assignments as the batch may make."""
+        # At most this many are new (repeated sticky users are fewer): refused before deciding.
+        self._journal.admit(len(prepared) - len(errors) - len(given))
+        first = next(self._ids)
+        decided = self._decided(prepared, region, first, given, errors, record=record)
+        self._ids = itertools.count(first + len(decided[1]))
+        return decided
+
     def _decided(
         self,
-        step: Callable[..., _Out],
+        prepared: PreparedBatch,
         region: str,
         first: int,
         given: Mapping[int, GivenAllocation],
         errors: Mapping[int, tuple[int, str, str]],
-    ) -> _Out:
-        """`step` (`PreparedBatch.finish` or `decide_unclaimed`) with this service's engine,
-        catalogue, held store and id prefix, ids from `first` on, made now."""
-        return step(
+        *,
+        record: bool,
+    ) -> tuple[bytes, MadeAssignments, list[int]]:
+        """`PreparedBatch.finish` with this service's engine, catalogue, held store and id
+        prefix, ids from `first` on, made now."""
+        return prepared.finish(
             self._engine,
             self._catalogue,
             self._held,
@@ -851,6 +866,7 @@ class AllocationService:
             now_ms=_now_ms(),
             given=given,
             errors=errors,
+            record=record,
         )
 
     def claims(self, prepared: PreparedBatch) -> bool:
@@ -881,11 +897,7 @@ class AllocationService:
         for found in (await shared.sticky_many(missing)).values():
             self._remember(found)
         given = self._given(prepared, allocated, candidates)
-        self._journal.admit(len(prepared) - len(errors) - len(given))
-        first = next(self._ids)
-        decide = prepared.decide_unclaimed
-        response, made, answers = self._decided(decide, region, first, given, errors)
-        self._ids = itertools.count(first + len(made))
+        response, made, answers = self._decide_new(prepared, region, given, errors, record=False)
         if not made:
             return response
         # Kept even if the call is cancelled meanwhile: its claims may stand in shared state.
@@ -903,7 +915,7 @@ class AllocationService:
         decided: tuple[bytes, MadeAssignments, Sequence[int]],
         sticky: set[int],
     ) -> bytes:
-        """Claim the new assignments of `decided` (`decide_unclaimed`'s response, assignments
+        """Claim the new assignments of `decided` (`finish`'s response, assignments
         and the items they answer) of the `sticky` experiments; count, hold and keep those that
         stand; return the response, answered again if one did not."""
         assert self._shared is not None
@@ -919,7 +931,7 @@ class AllocationService:
                 lost = k in standing
                 a = standing[k] if lost else Assignment._make(held)
                 again[i] = (a.id, a.variant, a.segment_key, a.cascade_level, a.propensity, lost)
-            response, _, _ = self._decided(prepared.decide_unclaimed, region, 0, again, errors)
+            response, _, _ = self._decided(prepared, region, 0, again, errors, record=False)
             made = made.without(list(standing))
         self._engine.record_made(made)
         self._held.hand_over(made)
