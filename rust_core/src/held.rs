@@ -295,6 +295,13 @@ impl Held {
         self.unlisted.remove(&handle);
     }
 
+    /// The experiments [`Held::unlisted`] and not yet [`Held::listed`], in order of handle.
+    pub fn unlisted_experiments(&self) -> Vec<u64> {
+        let mut out: Vec<u64> = self.unlisted.iter().copied().collect();
+        out.sort_unstable();
+        out
+    }
+
     /// Bytes taken by the filter of evicted keys.
     pub fn evicted_filter_size(&self) -> usize {
         self.stored.size()
@@ -1552,7 +1559,9 @@ mod tests {
             (read.rows, read.ended, read.consumed),
             (1, true, pending.len())
         );
+        assert_eq!(held.unlisted_experiments(), [2]);
         held.listed(2);
+        assert!(held.unlisted_experiments().is_empty());
         assert!(held.may_be_stored(2, "old") && held.may_be_stored(2, "older"));
         assert!(!held.may_be_stored(2, "anyone") && !held.may_be_stored(2, "held"));
         assert!(held.list_copied(2, &copy_stream(&COPIED), true).is_err());

@@ -416,6 +416,10 @@ class HeldAssignments:
     def listed(self, handle: int) -> None:
         """Every stored user of experiment `handle` is listed (`list_copied`)."""
 
+    @property
+    def unlisted_experiments(self) -> list[int]:
+        """The experiments `unlisted` and not yet `listed`, in order of handle."""
+
     def __len__(self) -> int: ...
     def name(self, handle: int, key: str) -> None:
         """The experiment key that assignments of `handle` carry."""

@@ -38,8 +38,10 @@ def test_only_evicted_users_may_be_stored() -> None:
     assert held.may_be_stored([1] * len(users), users) == list(range(6))
     assert held.may_be_stored([2] * len(users), users) == []  # nothing evicted there
     held.unlisted(2)
+    assert held.unlisted_experiments == [2]
     assert held.may_be_stored([2, 2], ["anyone", "user-0"]) == [0, 1]
     held.listed(2)
+    assert held.unlisted_experiments == []
     assert held.may_be_stored([2, 2], ["anyone", "user-0"]) == []
     with pytest.raises(ValueError, match="not of one length"):
         held.may_be_stored([1, 2], ["user-0"])

@@ -249,6 +249,12 @@ impl PyHeld {
         self.inner.lock().listed(handle);
     }
 
+    /// The experiments `unlisted` and not yet `listed`, in order of handle.
+    #[getter]
+    fn unlisted_experiments(&self) -> Vec<u64> {
+        self.inner.lock().unlisted_experiments()
+    }
+
     /// Bytes taken by the filter of evicted (experiment, user) keys.
     #[getter]
     fn evicted_filter_size(&self) -> usize {

@@ -226,8 +226,6 @@ class AllocationService:
         # Latest assignment per (experiment handle, user id), every assignment by id and by
         # user: in Rust, no Python object per assignment (none for the collector to walk).
         self._held = HeldAssignments(self._id_prefix, self._limits.max_held_assignments)
-        # Experiments whose stored users a restart did not read back (`unlisted`).
-        self._unlisted: list[int] = []
         # Where Rust logs the new assignments of unary calls for the write-behind (held by
         # Rust too): no Python object per assignment. None when each goes through `_keep`
         # (a journal that counts them one by one; replicas, which share each one).
@@ -418,19 +416,16 @@ class AllocationService:
         not held is looked up in the store until `list_stored_users` has listed them."""
         for handle in handles:
             self._held.unlisted(handle)
-            self._unlisted.append(handle)
 
     async def list_stored_users(self, list_users: ListUsers) -> None:
         """List the stored users of the experiments `unlisted` named, one after another
         (`list_users(handle, list_copied)`: `PostgresJournal.list_users`): then only those
         users of theirs not held are looked up in the store, not every user not held. A call
         that fails goes on, when called again, from the experiment it failed on."""
-        while self._unlisted:
-            handle = self._unlisted[0]
+        for handle in self._held.unlisted_experiments:
             started = time.perf_counter()
             rows = await list_users(handle, functools.partial(self._held.list_copied, handle))
             self._held.listed(handle)
-            self._unlisted.pop(0)
             log.info(
                 "stored users listed",
                 extra={
@@ -444,7 +439,7 @@ class AllocationService:
     @property
     def unlisted_experiments(self) -> int:
         """Experiments whose stored users are still to be listed."""
-        return len(self._unlisted)
+        return len(self._held.unlisted_experiments)
 
     def hold_restored(self, assignments: Iterable[Assignment]) -> None:
         """Hold assignments read back from the store (oldest first), as `restore` does: past
