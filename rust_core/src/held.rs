@@ -307,6 +307,12 @@ impl Held {
         self.stored.size()
     }
 
+    /// Whether the filter of evicted keys is full: every user not held of an experiment that
+    /// evicted is then looked up in the durable store.
+    pub fn evicted_filter_full(&self) -> bool {
+        self.stored.full()
+    }
+
     /// Live records.
     pub fn len(&self) -> usize {
         self.live

@@ -394,6 +394,11 @@ class HeldAssignments:
     def evicted_filter_size(self) -> int:
         """Bytes taken by the filter of evicted (experiment, user) keys."""
 
+    @property
+    def evicted_filter_full(self) -> bool:
+        """Whether that filter is full: it then passes every key (each user not held of an
+        experiment that evicted is looked up in the durable store)."""
+
     def may_be_stored(self, handles: list[int], user_ids: list[str]) -> list[int]:
         """The positions of the (experiment `handles[i]`, `user_ids[i]`) whose latest
         assignment may be in the durable store and not here: not held, and its key evicted

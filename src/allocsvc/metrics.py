@@ -20,17 +20,33 @@ from allocsvc.dashboard.http import DashboardApp
 from allocsvc.dashboard.http import serve as serve_http
 from allocsvc.learning.service import JobMetrics
 
+# The held store's statistics (`AllocationService.held_statistics`) as metrics
+# `allocsvc_held_<name>`; those named in HELD_COUNTERS are counters (`_total`).
+HELD_HELP = {
+    "assignments": "Assignments held in memory",
+    "capacity": "The most assignments memory holds (max_held_assignments; 0: no bound)",
+    "evictions": "Assignments evicted from memory (it was full)",
+    "evicted_filter_bytes": "Bytes of the filter of evicted (experiment, user) keys",
+    "evicted_filter_full": "1 when that filter is full: every user not held is looked up",
+    "unlisted_experiments": "Experiments whose stored users a restart has still to list",
+    "store_lookups": "Users and assignment ids looked up in PostgreSQL, as maybe evicted",
+    "store_lookups_found": "Of those lookups, the ones PostgreSQL had",
+}
+HELD_COUNTERS = frozenset({"evictions", "store_lookups", "store_lookups_found"})
+
 
 @dataclass(frozen=True, slots=True)
 class MetricsSnapshot:
     """The numbers of one moment. `cascade`: (experiment, level, allocations, conversions);
-    `stores`: (store, reachable); `write_behind`: (statistic, value); `alerts`: (experiment,
+    `stores`: (store, reachable); `write_behind`: (statistic, value); `held`: the held
+    store's (statistic, value), `AllocationService.held_statistics`; `alerts`: (experiment,
     kind, open alerts)."""
 
     taken_ms: int = 0
     cascade: tuple[tuple[str, int, int, int], ...] = ()
     stores: tuple[tuple[str, bool], ...] = ()
     write_behind: tuple[tuple[str, float], ...] = ()
+    held: tuple[tuple[str, int], ...] = ()
     alerts: tuple[tuple[str, str, int], ...] = ()
 
 
@@ -65,6 +81,9 @@ class ServiceCollector(Collector):
         yield up
         for name, value in snapshot.write_behind:
             yield GaugeMetricFamily(f"allocsvc_writebehind_{name}", f"Write-behind {name}", value)
+        for name, value in snapshot.held:
+            family = CounterMetricFamily if name in HELD_COUNTERS else GaugeMetricFamily
+            yield family(f"allocsvc_held_{name}", HELD_HELP[name], value)
         alerts = GaugeMetricFamily(
             "allocsvc_alerts", "Open alerts by experiment and kind", labels=["experiment", "kind"]
         )

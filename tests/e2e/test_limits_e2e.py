@@ -7,7 +7,9 @@
 - a slow store (a TCP proxy that delays PostgreSQL traffic) does not slow allocation down;
 - a stalled store fills the bounded write-behind buffer: allocations are refused, never lost;
 - an RPC whose deadline passed while it waited is not worked on;
-- the same idempotency key sent 20 times at once through two replicas counts once.
+- the same idempotency key sent 20 times at once through two replicas counts once;
+- past `max_held_assignments` the held store evicts, and its metrics say so (evictions, the
+  evicted keys' filter, lookups in PostgreSQL and what they found, listing after a restart).
 
 Every latency check compares numbers measured in the same run (no wall-clock thresholds).
 """
@@ -143,6 +145,16 @@ class Server:
         """Sum of a metric's samples (those with `labels`, or all) from the /metrics page, once
         the service's numbers there were read after this call began (they are published about
         every second)."""
+        return _sum(self.metrics_page(), name, labels)
+
+    def metrics(self, prefix: str) -> dict[str, float]:
+        """Every unlabelled metric whose name starts with `prefix`, from one such page."""
+        lines = self.metrics_page().splitlines()
+        samples = (line.split(" ") for line in lines if line.startswith(prefix))
+        return {name: float(value) for name, value in samples if "{" not in name}
+
+    def metrics_page(self) -> str:
+        """The /metrics page, once its numbers were read after this call began."""
         url = f"http://127.0.0.1:{self.metrics_port}/metrics"
         asked = time.time()
         deadline = time.monotonic() + START_TIMEOUT_S
@@ -150,7 +162,7 @@ class Server:
             with urllib.request.urlopen(url, timeout=10) as reply:
                 text = reply.read().decode()
             if _sum(text, SNAPSHOT_TIME) >= asked:
-                return _sum(text, name, labels)
+                return text
             assert time.monotonic() < deadline, "the metrics snapshot stopped moving"
             time.sleep(0.1)
 
@@ -525,3 +537,93 @@ def test_same_idempotency_key_through_two_replicas_counts_once(
     assert rows[0]["n"] == 1
     assert a.metric("allocsvc_writebehind_dropped") == 0
     assert b.metric("allocsvc_writebehind_dropped") == 0
+
+
+def test_the_held_store_bound_shows_in_metrics(
+    migrated_db: str, launch: Callable[..., Server]
+) -> None:
+    bound = 40
+    settings = {
+        "postgres_dsn": migrated_db,
+        "max_held_assignments": bound,
+        "backpressure": {"max_pending_assignments": bound // 2},
+    }
+    server = launch(**settings)
+
+    async def allocate(target: str, users: list[str]) -> list[pb.AllocateResponse]:
+        async with grpc.aio.insecure_channel(target) as channel:
+            allocator = pb_grpc.AllocatorStub(channel)
+            return [
+                await allocator.Allocate(
+                    pb.AllocateRequest(experiment_id="held", user_id=u), timeout=RPC_TIMEOUT_S
+                )
+                for u in users
+            ]
+
+    async def create() -> None:
+        async with grpc.aio.insecure_channel(server.target) as channel:
+            await pb_grpc.AdminStub(channel).CreateExperiment(
+                pb.CreateExperimentRequest(experiment=experiment("held", sticky=True)),
+                timeout=RPC_TIMEOUT_S,
+            )
+
+    def stored() -> int:
+        rows = query(migrated_db, "SELECT count(*) AS n FROM assignments")
+        return int(rows[0]["n"])
+
+    def allocate_stored(target: str, users: list[str]) -> list[pb.AllocateResponse]:
+        """Allocated as many at a time as the write-behind's small bound takes, each lot stored
+        before the next."""
+        out: list[pb.AllocateResponse] = []
+        for start in range(0, len(users), bound // 2):
+            out += asyncio.run(allocate(target, users[start : start + bound // 2]))
+            deadline = time.monotonic() + 30
+            while stored() < before + len(out) and time.monotonic() < deadline:
+                time.sleep(0.05)
+        return out
+
+    asyncio.run(create())
+    before = stored()
+    first = allocate_stored(server.target, [f"user-{i}" for i in range(3 * bound)])
+    assert stored() == 3 * bound
+    # The first part of the evicted keys' filter: 65,536 keys of 2 bytes.
+    assert server.metrics("allocsvc_held_") == {
+        "allocsvc_held_assignments": bound,
+        "allocsvc_held_capacity": bound,
+        "allocsvc_held_evictions_total": 2 * bound,
+        "allocsvc_held_evicted_filter_bytes": 2 * 65_536,
+        "allocsvc_held_evicted_filter_full": 0,
+        "allocsvc_held_unlisted_experiments": 0,
+        "allocsvc_held_store_lookups_total": 0,
+        "allocsvc_held_store_lookups_found_total": 0,
+    }
+    # Ten evicted users come back: each looked up, found, sticky.
+    again = asyncio.run(allocate(server.target, [f"user-{i}" for i in range(10)]))
+    assert [a.assignment_id for a in again] == [a.assignment_id for a in first[:10]]
+    assert all(a.sticky for a in again)
+    held = server.metrics("allocsvc_held_store_")
+    assert held["allocsvc_held_store_lookups_total"] == 10
+    assert held["allocsvc_held_store_lookups_found_total"] == 10
+    # 200 users never seen: only the filter's false passes (about one in a few hundred) are
+    # looked up, and none is found.
+    before = stored()
+    allocate_stored(server.target, [f"new-{i}" for i in range(200)])
+    held = server.metrics("allocsvc_held_store_")
+    assert held["allocsvc_held_store_lookups_total"] < 10 + 5
+    assert held["allocsvc_held_store_lookups_found_total"] == 10
+
+    # A restart reads the newest `bound` + 1 rows: the experiment's other stored users are
+    # listed in the background, after which the metric says none is left to list.
+    server.process.send_signal(signal.SIGTERM)
+    assert server.process.wait(timeout=30) == 0
+    restarted = launch(**settings)
+    deadline = time.monotonic() + 30
+    while restarted.metric("allocsvc_held_unlisted_experiments") != 0:
+        assert time.monotonic() < deadline, "the stored users were never listed"
+        time.sleep(0.2)
+    assert "stored users listed" in restarted.log.read_text()
+    again = asyncio.run(allocate(restarted.target, ["user-0"]))
+    assert again[0].assignment_id == first[0].assignment_id and again[0].sticky
+    held = restarted.metrics("allocsvc_held_")
+    assert held["allocsvc_held_assignments"] == bound
+    assert held["allocsvc_held_store_lookups_found_total"] == 1

@@ -261,6 +261,12 @@ impl PyHeld {
         self.inner.lock().evicted_filter_size()
     }
 
+    /// Whether that filter is full (it then passes every key).
+    #[getter]
+    fn evicted_filter_full(&self) -> bool {
+        self.inner.lock().evicted_filter_full()
+    }
+
     fn has_id(&self, id: &str) -> bool {
         self.inner.lock().by_id(id).is_some()
     }

@@ -226,6 +226,10 @@ class AllocationService:
         # Latest assignment per (experiment handle, user id), every assignment by id and by
         # user: in Rust, no Python object per assignment (none for the collector to walk).
         self._held = HeldAssignments(self._id_prefix, self._limits.max_held_assignments)
+        # Users and assignment ids looked up in the durable store because memory may have
+        # evicted them, and how many of those it had (the rest: the filter's false passes).
+        self._store_lookups = 0
+        self._store_lookups_found = 0
         # Where Rust logs the new assignments of unary calls for the write-behind (held by
         # Rust too): no Python object per assignment. None when each goes through `_keep`
         # (a journal that counts them one by one; replicas, which share each one).
@@ -447,6 +451,28 @@ class AllocationService:
         for a in assignments:
             self._remember(a)
             self._register_segment(a.handle, a.segment_key)
+
+    def _counted_lookups(self, asked: int, found: int) -> None:
+        self._store_lookups += asked
+        self._store_lookups_found += found
+
+    def held_statistics(self) -> dict[str, int]:
+        """The held store's numbers: assignments held and the most it holds (0: no bound),
+        evictions so far, the evicted keys' filter (bytes; full: 1 when it passes every key),
+        experiments whose stored users are still to be listed after a restart, and the users
+        and ids looked up in the durable store because memory may have evicted them (and how
+        many it had)."""
+        held = self._held
+        return {
+            "assignments": len(held),
+            "capacity": self._limits.max_held_assignments,
+            "evictions": held.evictions,
+            "evicted_filter_bytes": held.evicted_filter_size,
+            "evicted_filter_full": int(held.evicted_filter_full),
+            "unlisted_experiments": len(held.unlisted_experiments),
+            "store_lookups": self._store_lookups,
+            "store_lookups_found": self._store_lookups_found,
+        }
 
     @property
     def held_capacity(self) -> int:
@@ -750,6 +776,7 @@ class AllocationService:
         """The latest assignments in the experiment of these users that the durable store has,
         by user, held again (unless one was made meanwhile)."""
         found = await self._journal.stored_latest(experiment, user_ids)
+        self._counted_lookups(len(user_ids), len(found))
         for user_id, assignment in found.items():
             if self._latest_of((experiment.handle, user_id)) is None:
                 self._remember(assignment)
@@ -1008,6 +1035,7 @@ class AllocationService:
                 found = await self._journal.stored_assignment(
                     request.assignment_id, self._by_handle
                 )
+                self._counted_lookups(1, int(found is not None))
                 if found is not None:
                     self._held.add(found, latest=False)
             if found is None and self._shared is not None:

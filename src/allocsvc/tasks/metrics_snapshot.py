@@ -49,6 +49,7 @@ class MetricsPublisher:
             cascade=cascade,
             stores=tuple(self._store_health().items()),
             write_behind=tuple(self._write_behind().items()),
+            held=tuple(service.held_statistics().items()),
             alerts=tuple((key, kind, n) for (key, kind), n in sorted(open_alerts.items())),
         )
 
