@@ -1,7 +1,8 @@
 """A shared replica publishes a batch's new assignments to Redis in one script call built in
 Rust (`MadeAssignments.shared_records`), not a command each: another replica finds each by id
-as it was made, erasure finds and drops the ones not pushed yet, and more than one call's worth
-is all written, also after a push was cancelled half way."""
+as it was made, erasure finds and drops the ones not pushed yet (also those a push under way
+holds), and more than one call's worth is all written, also after a push was cancelled half
+way."""
 
 from __future__ import annotations
 
@@ -139,6 +140,46 @@ async def test_a_cancelled_push_keeps_the_batch_for_the_next(fresh_redis: str) -
         await slow.push()
         ids = {t[0] for t in made.assignments()}
         assert await _stored_ids(fresh_redis, shared._ns) == ids
+    finally:
+        await shared.close()
+        await slow.close()
+
+
+async def _slow_replica(
+    url: str, users: list[str]
+) -> tuple[RedisShared, _SlowRecords, MadeAssignments]:
+    """A replica's shared state, and beside it one whose pushes build their records slowly,
+    with a batch of `users` made by the replica pending."""
+    shared, _, journal, api = await _replica(url)
+    slow = _SlowRecords(url, namespace=shared._ns)
+    slow.bind(DeltaPump(list), lambda rows: None, lambda handle: [], list, lambda healthy: None)
+    await _batch(api, users)
+    [made] = journal.made
+    slow.assignments_made(made)
+    return shared, slow, made
+
+
+@pytest.mark.parametrize("push_ends", ["written", "cancelled"])
+async def test_an_erasure_waits_for_the_push_under_way(fresh_redis: str, push_ends: str) -> None:
+    # The push took the batch's records (user "gone" among them) before the erasure began: the
+    # erasure must still leave none of the user's behind, whether that push writes them or is
+    # cancelled and keeps them for the next.
+    shared, slow, made = await _slow_replica(fresh_redis, ["gone", "kept-1", "kept-2"])
+    by_user = {t[3]: t[0] for t in made.assignments()}
+    handle = made.assignments()[0][2]
+    try:
+        pushing = asyncio.create_task(slow.push())
+        await asyncio.sleep(0.1)  # the push is building its records on a thread
+        erasing = asyncio.create_task(slow.erase_user("gone", [handle]))
+        await asyncio.sleep(0.1)
+        assert not erasing.done()  # it waits for the push
+        if push_ends == "cancelled":
+            pushing.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await pushing
+        assert await erasing == 1
+        await slow.push()
+        assert await _stored_ids(fresh_redis, slow._ns) == {by_user["kept-1"], by_user["kept-2"]}
     finally:
         await shared.close()
         await slow.close()

@@ -165,6 +165,8 @@ class RedisShared:
         self._task: asyncio.Task[None] | None = None
         self._pending_assignments: list[Assignment] = []
         self._pending_made: list[MadeAssignments] = []
+        # Set while a push writes what it took from the pending lists (see `erase_user`).
+        self._pushing: asyncio.Event | None = None
         self._set_records = self._redis.register_script(_SET_RECORDS)
         self._claim = self._redis.register_script(_CLAIM)
         self._lookup = self._redis.register_script(_LOOKUP)
@@ -327,6 +329,10 @@ class RedisShared:
     async def erase_user(self, user_id: str, handles: Iterable[int]) -> int:
         """Delete every sticky entry and assignment record of the user (those waiting for the
         next push dropped first, so that no push writes them after); return how many."""
+        # A push under way may hold the user's records: it writes them before the scan below
+        # finds them, or (failed, cancelled) puts them back in the pending lists to drop.
+        while self._pushing is not None:
+            await self._pushing.wait()
         dropped = {f"{self._ns}:asg:{a.id}" for a in self._pending_of(user_id)}
         self._pending_assignments = [a for a in self._pending_assignments if a.user_id != user_id]
         self._pending_made = [m.without_user(user_id) for m in self._pending_made]
@@ -394,6 +400,7 @@ class RedisShared:
         made, self._pending_made = self._pending_made, []
         if not rows and not assignments and not made:
             return
+        pushing = self._pushing = asyncio.Event()
         try:
             async with self._redis.pipeline(transaction=False) as pipe:
                 for e, s, v, a, k, x in rows:
@@ -421,6 +428,10 @@ class RedisShared:
             if isinstance(exc, (RedisError, OSError)):
                 self._pump.restore(SINK, rows)
             raise
+        finally:
+            if self._pushing is pushing:
+                self._pushing = None
+            pushing.set()
 
     def _records(
         self, assignments: Sequence[Assignment], made: Sequence[MadeAssignments]
