@@ -14,6 +14,10 @@ assignments to PostgreSQL (issue 10), in one process with no gRPC around it.
    starts) with memory for a quarter of them (`--restart-held`), then with no bound: rows
    read, wall seconds and the RSS they added; bounded, also the seconds to list every stored
    user into the filter of evicted keys (a server does that in the background after start).
+   The flush wrote the rows as assignment blocks (10,000 or more), so these restarts read
+   them out of the blocks; then the blocks are expanded into the table (`expand_s`: what a
+   restart waited for before it read blocks) and an unbounded restart reads the rows
+   (`restart_rows_*`).
 
 Prints one JSON line.
 """
@@ -114,6 +118,10 @@ async def flush(dsn: str, rows: int, restart_held: int) -> dict[str, Any]:
         del service, journal
         for name, held in (("restart_bounded", restart_held), ("restart_unbounded", 0)):
             out.update({f"{name}_{k}": v for k, v in (await restart(store, held)).items()})
+        expanding = time.perf_counter()
+        out["expanded"] = await store.expand_all_blocks()
+        out["expand_s"] = time.perf_counter() - expanding
+        out.update({f"restart_rows_{k}": v for k, v in (await restart(store, 0)).items()})
     return out
 
 
@@ -130,6 +138,7 @@ async def restart(store: PostgresStore, held: int) -> dict[str, Any]:
     out = {
         "held_cap": held,
         "rows_read": loaded["assignments"],
+        "block_rows_read": loaded["block_assignments"],
         "s": wall,
         "rss_kib_added": _rss_kib() - before,
     }

@@ -17,6 +17,8 @@ pub enum Wanted<'a> {
     },
     /// The assignment with this id.
     Id(&'a str),
+    /// Every row (a restart holding the block's assignments).
+    All,
 }
 
 /// A row of a block: the `assignments` row its expansion would insert (context empty, region
@@ -81,6 +83,7 @@ pub fn rows_of<'d>(stream: &'d [u8], wanted: Wanted<'_>) -> Result<Vec<BlockRow<
                         .is_some_and(|u| user_ids.contains(u))
             }
             Wanted::Id(i) => id == Some(i.as_bytes()),
+            Wanted::All => true,
         };
         if !hit {
             continue;

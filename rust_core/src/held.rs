@@ -30,6 +30,7 @@ use hashbrown::hash_table::Entry as Found;
 use hashbrown::HashTable;
 use xxhash_rust::xxh3::xxh3_64_with_seed;
 
+use crate::block;
 use crate::error::CoreError;
 use crate::filter::{self, Growing};
 
@@ -211,6 +212,9 @@ pub struct Held {
     stored: Growing,
     /// Experiments with stored users a restart did not read back nor list yet.
     unlisted: HashSet<u64>,
+    /// Per experiment, when the oldest row [`Held::add_copied`] read was made: a restart reads
+    /// an experiment's newest rows, so the rows it left were made no later.
+    read_from: HashMap<u64, i64>,
 }
 
 impl Held {
@@ -245,7 +249,14 @@ impl Held {
             evicted_from: HashTable::new(),
             stored: Growing::new(capacity.max(1 << 16), EVICTED_FILTERS),
             unlisted: HashSet::new(),
+            read_from: HashMap::new(),
         }
+    }
+
+    /// Whether some stored assignment may not be held: one was evicted, or a restart did not
+    /// read them all (then look up there what is not found here).
+    pub fn incomplete(&self) -> bool {
+        !self.evicted_from.is_empty()
     }
 
     /// Assignments evicted so far (the store was full).
@@ -1307,6 +1318,7 @@ impl Held {
     ) -> Result<Copied<'d>, CoreError> {
         let mut keys = Vec::new();
         let mut seen: HashSet<&'d str> = HashSet::new();
+        let mut oldest = i64::MAX;
         let mut out = read_copied(data, at_start, |row| {
             let [id, user_id, variant, segment_key, level, propensity, created_at] = row;
             let column = |i: usize| RESTORE_COLUMNS[i];
@@ -1325,6 +1337,7 @@ impl Held {
                 propensity,
                 created_ms: unix_ms(copied_number(column(6), created_at)?),
             };
+            oldest = oldest.min(a.created_ms);
             self.add(&a, true);
             if keys.last() != Some(&segment_key) && seen.insert(segment_key) {
                 keys.push(segment_key);
@@ -1332,7 +1345,59 @@ impl Held {
             Ok(())
         })?;
         out.keys = keys;
+        if oldest != i64::MAX {
+            let from = self.read_from.entry(handle).or_insert(oldest);
+            *from = (*from).min(oldest);
+        }
         Ok(out)
+    }
+
+    /// At a restart that leaves the assignment blocks unexpanded, take in one block's rows
+    /// (`stream`: its decompressed COPY stream; `made_ms`: when rows stored without
+    /// `created_at` were made), after the table's rows ([`Held::add_copied`]) and
+    /// [`Held::unlisted`]. A row is held as its (experiment, user)'s latest when it was made
+    /// after the latest held, or, none held, when no newer one may be stored: none of the user's
+    /// was evicted (filter) and it was made after the rows of its experiment the restart left
+    /// unread. Any other row is left to the store (found there by id), and when no latest is
+    /// held its user may have a newer one there: the key goes in the filter. (rows, held).
+    pub fn add_block(&mut self, stream: &[u8], made_ms: i64) -> Result<(usize, usize), CoreError> {
+        let rows = block::rows_of(stream, block::Wanted::All)?;
+        let mut held = 0;
+        for r in &rows {
+            let created_ms = r.created_ms.unwrap_or(made_ms);
+            let key = filter::user_key(r.handle, r.user_id);
+            let hold = match self.latest(r.handle, r.user_id) {
+                Some(l) => (created_ms, r.id.len(), r.id) > (l.created_ms, l.id.len(), &*l.id),
+                None => {
+                    let after_unread = !self.unlisted.contains(&r.handle)
+                        || self
+                            .read_from
+                            .get(&r.handle)
+                            .is_some_and(|&from| created_ms > from);
+                    after_unread && !self.stored.may_hold(key)
+                }
+            };
+            if hold {
+                let a = Assignment {
+                    id: Cow::Borrowed(r.id),
+                    handle: r.handle,
+                    user_id: r.user_id,
+                    variant: r.variant.max(0) as usize,
+                    segment_key: r.segment_key,
+                    level: r.level.max(0) as usize,
+                    propensity: r.propensity,
+                    created_ms,
+                };
+                self.add(&a, true);
+                held += 1;
+            } else {
+                if self.latest(r.handle, r.user_id).is_none() {
+                    self.stored.insert(key);
+                }
+                self.mark_evicted(r.handle);
+            }
+        }
+        Ok((rows.len(), held))
     }
 
     /// Put the users of experiment `handle` in `data`, a piece of a binary COPY stream of one
@@ -1519,6 +1584,52 @@ mod tests {
         held.add_new(&a("p-fff", 0, "user-3", 1));
         assert_eq!(held.len(), 99);
         assert_eq!(held.of_user("user-3").len(), 1);
+    }
+
+    #[test]
+    fn a_restart_holds_a_block_s_rows_unless_a_newer_one_may_be_stored() {
+        let at = |id: &'static str, handle: u64, user: &'static str, ms: i64| Assignment {
+            created_ms: ms,
+            ..a(id, handle, user, 0)
+        };
+        let mut held = Held::new("p");
+        // Read from the table: u1's latest (made at 10); experiment 2 only from 100 on.
+        held.add(&at("x-1", 1, "u1", 10), true);
+        held.unlisted(2);
+        held.read_from.insert(2, 100);
+        assert!(!held.evicted(1));
+        let mut stream = Vec::new();
+        copy_header(&mut stream);
+        for row in [
+            at("x-2", 1, "u1", 20),  // newer than the latest held: the latest now
+            at("x-3", 1, "u1", 5),   // older: left in the store
+            at("x-4", 1, "u2", 1),   // no other of u2's may be stored
+            at("x-5", 2, "u3", 150), // after the rows not read
+            at("x-6", 2, "u4", 50),  // maybe before one not read: looked up
+        ] {
+            copy_row(&mut stream, &row, 42);
+        }
+        copy_trailer(&mut stream);
+        assert_eq!(held.add_block(&stream, 0).unwrap(), (5, 3));
+        assert_eq!(held.latest(1, "u1").unwrap().id, "x-2");
+        assert!(held.by_id("x-1").is_some() && held.by_id("x-3").is_none());
+        assert_eq!(held.latest(1, "u2").unwrap().id, "x-4");
+        assert_eq!(held.latest(2, "u3").unwrap().id, "x-5");
+        assert!(held.latest(2, "u4").is_none() && held.may_be_stored(2, "u4"));
+        // x-3 is only in the store: lookups by id go there.
+        assert!(held.evicted(1) && held.incomplete());
+        assert!(!held.may_be_stored(1, "u1") && !held.may_be_stored(1, "nobody"));
+
+        // A user whose latest was evicted may have a newer one stored than the block's.
+        let mut small = Held::bounded("p", 1);
+        small.add(&at("x-7", 1, "u5", 30), true);
+        small.add(&at("x-8", 1, "u6", 40), true); // evicts x-7
+        let mut stream = Vec::new();
+        copy_header(&mut stream);
+        copy_row(&mut stream, &at("x-9", 1, "u5", 20), 42);
+        copy_trailer(&mut stream);
+        assert_eq!(small.add_block(&stream, 0).unwrap(), (1, 0));
+        assert!(small.latest(1, "u5").is_none() && small.may_be_stored(1, "u5"));
     }
 
     #[test]

@@ -399,6 +399,20 @@ class HeldAssignments:
         """Whether that filter is full: it then passes every key (each user not held of an
         experiment that evicted is looked up in the durable store)."""
 
+    @property
+    def incomplete(self) -> bool:
+        """Whether some stored assignment may not be held: one was evicted, or a restart did
+        not read them all (look up in the durable store what is not found here)."""
+
+    def add_block(self, data: bytes, made_ms: int) -> tuple[int, int]:
+        """At a restart that leaves assignment blocks unexpanded, take in a compressed block's
+        rows (`made_ms`: when rows stored without `created_at` were made), after the table's
+        rows (`add_copied`) and `unlisted`: a row is held as its user's latest when made after
+        the latest held, or, none held, when no newer one may be stored (none of the user's
+        evicted, made after the rows a restart left unread); other rows stay in the store,
+        their users' keys in the filter when no latest is held. (rows, rows held). Without
+        the GIL."""
+
     def may_be_stored(self, handles: list[int], user_ids: list[str]) -> list[int]:
         """The positions of the (experiment `handles[i]`, `user_ids[i]`) whose latest
         assignment may be in the durable store and not here: not held, and its key evicted

@@ -329,17 +329,17 @@ async def restore(journal: PostgresJournal, service: AllocationService) -> dict[
     hold far more than a process could). What was read, by kind."""
     experiments, counts, segments = await journal.load()
     service.restore(experiments, counts, [], segments)
-    read, unread = await journal.hold_newest(
-        experiments, service.held_capacity, service.hold_copied
-    )
-    # Their users are listed in the background (`AllocationService.list_stored_users`);
-    # until then each user of theirs not held is looked up in PostgreSQL.
-    service.unlisted(unread)
+    # Experiments with rows not read have their users listed in the background
+    # (`AllocationService.list_stored_users`); until then each user of theirs not held is
+    # looked up in PostgreSQL.
+    restored = await journal.hold_newest(experiments, service.held_capacity, service)
     return {
         "experiments": len(experiments),
         "counters": len(counts),
-        "assignments": read,
-        "unread": len(unread),
+        "assignments": restored.held,
+        "unread": len(restored.unread),
+        "blocks": restored.blocks,
+        "block_assignments": restored.block_rows,
     }
 
 

@@ -1,6 +1,7 @@
 """A large write-behind flush writes its assignments as blocks (`assignment_blocks`, migration
-011); restarts, exports and erasures expand the blocks first and find them as rows; a lookup of
-one user or id reads them out of the blocks whose filter may hold it, without expanding them;
+011); exports and erasures expand the blocks first and find them as rows; a restart, and a
+lookup of one user or id (out of the blocks whose filter may hold it), read them out of the
+blocks without expanding them;
 the background expander empties them once flushes are small; past the bound, flushes write
 rows."""
 
@@ -17,7 +18,13 @@ from store_support import HELD_COLUMNS, as_row, assignment_rows, batch_request, 
 
 from allocsvc import server
 from allocsvc._proto import allocsvc_pb2 as pb
-from allocsvc.allocation.service import AllocationService, Assignment
+from allocsvc.allocation.service import (
+    AllocationRequest,
+    AllocationService,
+    Assignment,
+    ConversionRequest,
+    Limits,
+)
 from allocsvc.api import convert
 from allocsvc.context import Extractor
 from allocsvc.core import (
@@ -131,7 +138,7 @@ async def test_every_reader_finds_assignments_of_a_block(
     one = held[7]
     assert await read(store, one, migrated_db) == one.id
     rows = await assignment_rows(migrated_db, HELD_COLUMNS)
-    if read in (_by_id, _latest):
+    if read in (_by_id, _latest, _restart):
         # Read out of the block: it is left for the expander.
         assert await _blocks(migrated_db) == [USERS]
         assert rows == {}
@@ -522,3 +529,97 @@ async def test_a_large_flush_is_split_into_blocks_of_whole_batches(
     assert await store.expand_all_blocks() == 301
     rows = await assignment_rows(migrated_db, HELD_COLUMNS)
     assert rows == {a.id: as_row(a) for a in held}
+
+
+async def _restarted(
+    store: PostgresStore, limits: Limits | None = None
+) -> tuple[AllocationService, dict[str, int], PostgresJournal]:
+    """A service restored from `store`, and its journal (started: it answers conversions)."""
+    journal = PostgresJournal(store)
+    restarted = AllocationService(Engine(), journal, Extractor(), limits)
+    loaded = await server.restore(journal, restarted)
+    journal.start()
+    return restarted, loaded, journal
+
+
+def _latest_held(service: AllocationService, a: Assignment) -> Assignment | None:
+    return service._latest_of((a.handle, a.user_id))
+
+
+async def test_a_restart_holds_the_newest_of_a_row_and_a_block_row_either_way(
+    store: PostgresStore, migrated_db: str
+) -> None:
+    journal = PostgresJournal(store, block_min_rows=100)
+    service = await batch_service(journal)
+    # user-7: a row, then (newer) in a block; user-8: in the block, then (newer) a row.
+    (older_7,) = _allocate(service, range(7, 8))
+    await journal.flush()
+    await asyncio.sleep(0.01)
+    _allocate(service, range(USERS))
+    await journal.flush()
+    await asyncio.sleep(0.01)
+    _allocate(service, range(8, 9))
+    await journal.flush()
+    # Each user's assignment in the block: user-7's newest, the others' oldest.
+    in_block = [service.user_assignments(f"user-{i}")[-(i == 7)] for i in range(USERS)]
+    (_, newer_7), (older_8, newer_8) = (service.user_assignments(u) for u in ("user-7", "user-8"))
+    assert await _blocks(migrated_db) == [USERS]
+    assert set(await assignment_rows(migrated_db, HELD_COLUMNS)) == {older_7.id, newer_8.id}
+
+    restarted, loaded, journal = await _restarted(store)
+    # The block is read, not expanded; of its rows all but user-8's older one are held.
+    assert (loaded["blocks"], loaded["block_assignments"]) == (1, USERS)
+    assert loaded["assignments"] == 2 + USERS - 1
+    assert await _blocks(migrated_db) == [USERS]
+    assert _latest_held(restarted, newer_7) == newer_7
+    assert _latest_held(restarted, newer_8) == newer_8
+    assert all(_latest_held(restarted, a) == a for a in in_block if a.user_id != "user-8")
+    # The one left in the block is found there by id.
+    (converted,) = await restarted.record_conversions([ConversionRequest(assignment_id=older_8.id)])
+    assert not isinstance(converted, Exception) and converted.assignment == older_8
+    await journal.close()
+
+
+async def test_a_bounded_restart_from_a_block_keeps_every_sticky_user_s_assignment(
+    store: PostgresStore, migrated_db: str
+) -> None:
+    journal = PostgresJournal(store, block_min_rows=100)
+    service = await batch_service(journal, (("one", True), ("two", True)))
+    made = _allocate(service, range(USERS))
+    await journal.flush()
+    assert await _blocks(migrated_db) == [USERS]
+    bound = USERS // 6
+    restarted, loaded, journal = await _restarted(store, Limits(max_held_assignments=bound))
+    assert loaded["block_assignments"] == USERS and len(restarted._held) == bound
+    # The newest `bound` are held; every other user is looked up (through the block's filter)
+    # and keeps the assignment it had.
+    again = [await restarted.allocate(AllocationRequest(a.experiment_key, a.user_id)) for a in made]
+    assert all(r.sticky for r in again)
+    assert [r.assignment.id for r in again] == [a.id for a in made]
+    await journal.close()
+
+
+async def test_a_snapshot_reads_a_block_expanded_meanwhile_once(
+    store: PostgresStore, migrated_db: str
+) -> None:
+    _, held = await _in_a_block(store, migrated_db)
+    taken: list[int] = []
+
+    def take(payload: bytes, made_ms: int) -> tuple[int, int]:
+        taken.append(len(decompress_block(payload)))
+        return USERS, 0
+
+    rows: list[bytes] = []
+
+    async def output(data: bytes | bytearray) -> None:
+        rows.append(bytes(data))
+
+    async with store.snapshot() as connection:
+        await connection.fetchval("SELECT 1")  # the snapshot is taken at its first query
+        # Another connection expands the block now: the snapshot still sees it, not its rows.
+        assert await store.expand_all_blocks() == USERS
+        assert await store.read_blocks(connection, take) == (1, USERS, 0)
+        await store.copy_out_assignments(held[0].handle, output, connection=connection)
+    assert len(taken) == 1
+    copied = b"".join(rows)
+    assert held[0].id.encode() not in copied and len(await _blocks(migrated_db)) == 0

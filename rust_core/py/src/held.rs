@@ -267,6 +267,21 @@ impl PyHeld {
         self.inner.lock().evicted_filter_full()
     }
 
+    /// Whether some stored assignment may not be held (see [`Held::incomplete`]).
+    #[getter]
+    fn incomplete(&self) -> bool {
+        self.inner.lock().incomplete()
+    }
+
+    /// At a restart, take in a compressed assignment block's rows after the table's (see
+    /// [`Held::add_block`]), without the GIL: (rows, rows held).
+    fn add_block(&self, py: Python<'_>, data: &[u8], made_ms: i64) -> PyResult<(usize, usize)> {
+        py.allow_threads(|| {
+            let stream = decompressed(data).map_err(not_a_block)?;
+            self.inner.lock().add_block(&stream, made_ms).map_err(to_py)
+        })
+    }
+
     fn has_id(&self, id: &str) -> bool {
         self.inner.lock().by_id(id).is_some()
     }

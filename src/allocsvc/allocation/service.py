@@ -415,6 +415,11 @@ class AllocationService:
             self._register_segment(handle, key)
         return consumed, rows, ended
 
+    def hold_block(self, data: bytes, made_ms: int) -> tuple[int, int]:
+        """At a restart, take in an unexpanded block's rows after the table's
+        (`HeldAssignments.add_block`): (rows, rows held)."""
+        return self._held.add_block(data, made_ms)
+
     def unlisted(self, handles: Iterable[int]) -> None:
         """These experiments have stored assignments a restart did not read back: each user
         not held is looked up in the store until `list_stored_users` has listed them."""
@@ -786,7 +791,7 @@ class AllocationService:
         """Hold again, before `finish_batch`, the evicted assignments of a batch's users of
         sticky experiments (read from the durable store, one call per experiment)."""
         # The batch first: the store's counts wait for the batches it is still holding.
-        if not prepared.has_sticky or not self._held.evictions:
+        if not prepared.has_sticky or not self._held.incomplete:
             return
         _, handles, user_ids = prepared.sticky_candidates()
         wanted: dict[int, list[str]] = {}
@@ -1031,7 +1036,7 @@ class AllocationService:
             if len(request.assignment_id) > 128:
                 raise InvalidRequest("assignment_id", "longer than 128 characters")
             found = self._by_id_of(request.assignment_id)
-            if found is None and self._held.evictions:
+            if found is None and self._held.incomplete:
                 found = await self._journal.stored_assignment(
                     request.assignment_id, self._by_handle
                 )

@@ -10,11 +10,12 @@ never lose each other's updates.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import json
 import logging
 import struct
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from types import TracebackType
@@ -342,6 +343,7 @@ _NEXT_BLOCK_OF = (
     " ORDER BY id LIMIT 1 FOR UPDATE"
 )
 _BLOCK_PAYLOADS = "SELECT payload, created_at FROM assignment_blocks WHERE id = ANY($1::bigint[])"
+_BLOCK_PAYLOAD = "SELECT payload, created_at FROM assignment_blocks WHERE id = $1"
 _BLOCK_FILTERS = (
     "SELECT id, coalesce(filter, ''::bytea) AS filter FROM assignment_blocks"
     " WHERE id = ANY($1::bigint[])"
@@ -778,18 +780,51 @@ class PostgresStore:
         row = await self._pool.fetchrow(query, assignment_id)
         return None if row is None else _assignment(row)
 
+    @contextlib.asynccontextmanager
+    async def snapshot(self) -> AsyncIterator[Any]:
+        """A connection in a read-only REPEATABLE READ transaction: what it reads is as of
+        one moment, so a block another process expands meanwhile is read as a block and its
+        rows are not in the table yet (a restart's reads: `copy_out_assignments`,
+        `read_blocks`)."""
+        async with (
+            self._pool.acquire() as connection,
+            connection.transaction(isolation="repeatable_read", readonly=True),
+        ):
+            yield connection
+
+    async def read_blocks(
+        self, connection: Any, take: Callable[[bytes, int], tuple[int, int]]
+    ) -> tuple[int, int, int]:
+        """Give each block of `assignment_blocks` as of `connection`'s snapshot, oldest first
+        and one at a time, to `take(payload, made_ms)` (`made_ms`: when the block was stored,
+        the time of rows stored without theirs), without expanding it: (blocks, their rows,
+        and what `take` returned second, summed). `take` runs on the event loop's thread (a
+        restart's, before it serves: about 20 ms a block; on a worker thread the held store
+        grew in another malloc arena, 1.5x the memory, bench/RESULTS.md item 36)."""
+        ids = await connection.fetch("SELECT id FROM assignment_blocks ORDER BY id")
+        rows = taken = 0
+        for r in ids:
+            block = await connection.fetchrow(_BLOCK_PAYLOAD, r["id"])
+            made_ms = int(block["created_at"].timestamp() * 1000)
+            n, k = take(block["payload"], made_ms)
+            rows += n
+            taken += k
+        return len(ids), rows, taken
+
     async def copy_out_assignments(
         self,
         experiment_id: int,
         output: Callable[[bytearray], Awaitable[None]],
         *,
         newest: int | None = None,
+        connection: Any = None,
     ) -> None:
         """An experiment's stored assignments, oldest first (with `newest`, only its newest
         that many), as a binary COPY stream of `RESTORE_COPY_COLUMNS` given to `output` piece
         by piece as PostgreSQL sends it: the table may hold far more rows than a process could
         keep at once, and a restart reads them without a Python object per row. Assignments
-        still in blocks are not read: `expand_all_blocks` first."""
+        still in blocks are not read (`read_blocks`). On `connection` (a `snapshot`'s), or one
+        of the pool's."""
         columns = ", ".join(RESTORE_COPY_COLUMNS)
         query = f"SELECT {columns} FROM assignments WHERE experiment_id = $1 ORDER BY {_MADE_ORDER}"
         args: tuple[int, ...] = (experiment_id,)
@@ -800,8 +835,9 @@ class PostgresStore:
                 f" ORDER BY {_MADE_ORDER}"
             )
             args = (experiment_id, newest)
-        async with self._pool.acquire() as connection:
-            await connection.copy_from_query(query, *args, output=output, format="binary")
+        given = None if connection is None else contextlib.nullcontext(connection)
+        async with given or self._pool.acquire() as reader:
+            await reader.copy_from_query(query, *args, output=output, format="binary")
 
     async def copy_out_users(
         self, experiment_id: int, output: Callable[[bytearray], Awaitable[None]]

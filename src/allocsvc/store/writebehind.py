@@ -24,7 +24,7 @@ from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import asyncpg
 
@@ -177,7 +177,32 @@ def _ms(moment: Any) -> int:
 
 # Holds the rows of a piece of one experiment's binary COPY stream of stored assignments:
 # (handle, data, at_start) -> (bytes read, rows held, whether the stream ended).
-AddCopied = Callable[[int, bytes, bool], tuple[int, int, bool]]
+class Restoring(Protocol):
+    """What a restart holds the stored assignments in (`AllocationService`)."""
+
+    def hold_copied(self, handle: int, data: bytes, at_start: bool) -> tuple[int, int, bool]:
+        """Hold the rows of experiment `handle` in a piece of a binary COPY stream (oldest
+        first): (bytes read, rows, whether the stream ended)."""
+        ...
+
+    def unlisted(self, handles: Iterable[int]) -> None:
+        """These experiments have stored rows not read."""
+        ...
+
+    def hold_block(self, data: bytes, made_ms: int) -> tuple[int, int]:
+        """Take in a compressed block's rows, after the table's: (rows, rows held)."""
+        ...
+
+
+@dataclass
+class Restored:
+    """What `hold_newest` read: assignments held (from the table and from blocks), the
+    experiments with rows in the table not read, the blocks read and their rows."""
+
+    held: int = 0
+    unread: list[int] = field(default_factory=list)
+    blocks: int = 0
+    block_rows: int = 0
 
 
 class CopyPieces:
@@ -491,33 +516,41 @@ class PostgresJournal:
         return experiments, counts, segments
 
     async def hold_newest(
-        self, experiments: Iterable[Experiment], hold: int, add_copied: AddCopied
-    ) -> tuple[int, list[int]]:
+        self, experiments: Iterable[Experiment], hold: int, into: Restoring
+    ) -> Restored:
         """Hold again at start each experiment's stored assignments, oldest first: all of them
         (`hold` 0), or its newest `hold` + 1. One more than memory keeps: an experiment with
-        more rows in PostgreSQL evicts one as they are held. `add_copied(handle, data,
-        at_start)` holds the rows of a piece of the binary COPY stream
-        (`HeldAssignments.add_copied`). How many were held, and the experiments with rows not
-        read (their users are listed later: `list_users`)."""
-        held = 0
-        unread = []
-        await self._store.expand_all_blocks()  # once for all the experiments
-        for e in experiments:
-            stream = CopyPieces(functools.partial(add_copied, e.handle))
-            newest = hold + 1 if hold else None
-            await self._store.copy_out_assignments(e.handle, stream.feed, newest=newest)
-            rows = stream.finish()
-            held += rows
-            if newest is not None and rows == newest:
-                unread.append(e.handle)
-        return held, unread
+        more rows in PostgreSQL evicts one as they are held. Then the rows of the blocks not
+        expanded yet, read out of them (`Restoring.hold_block`), not expanded first: a restart
+        under batch load does not wait for PostgreSQL to take millions of rows. The table and
+        the blocks are read as of one moment (`PostgresStore.snapshot`)."""
+        restored = Restored()
+        async with self._store.snapshot() as connection:
+            for e in experiments:
+                stream = CopyPieces(functools.partial(into.hold_copied, e.handle))
+                newest = hold + 1 if hold else None
+                await self._store.copy_out_assignments(
+                    e.handle, stream.feed, newest=newest, connection=connection
+                )
+                rows = stream.finish()
+                restored.held += rows
+                if newest is not None and rows == newest:
+                    restored.unread.append(e.handle)
+            # Their users are listed later (`list_users`); until then each user of theirs not
+            # held is looked up. Before the blocks: a block's row may be older than one not read.
+            into.unlisted(restored.unread)
+            restored.blocks, restored.block_rows, block_held = await self._store.read_blocks(
+                connection, into.hold_block
+            )
+            restored.held += block_held
+        return restored
 
     async def list_users(
         self, handle: int, list_copied: Callable[[bytes, bool], tuple[int, int, bool]]
     ) -> int:
         """Give the users of experiment `handle`'s stored assignments to `list_copied(data,
         at_start)` (`HeldAssignments.list_copied`) as pieces of a binary COPY stream; how many
-        rows were read. Rows still in blocks are not read: a restart expanded every block
+        rows were read. Rows still in blocks are not read: a restart read every block's
         (`hold_newest`), and this process's own are held or were evicted (and known so)."""
         stream = CopyPieces(list_copied)
         try:
