@@ -1,7 +1,8 @@
 """Durability against the real server process on a real PostgreSQL: a graceful restart keeps
 every counter, sticky assignment and idempotency key (past the memory bound too: the users it
-does not read back are listed in the background); a SIGKILL under load loses no acknowledged
-conversion and counts none twice.
+does not read back are listed in the background); a restart after batch load reads the
+assignments still in blocks without expanding them; a SIGKILL under load loses no
+acknowledged conversion and counts none twice.
 """
 
 from __future__ import annotations
@@ -169,6 +170,78 @@ def test_a_restart_past_the_memory_bound_lists_stored_users_and_keeps_them_stick
         again = _allocate_retrying(second, "bounded", user)
         assert again.sticky and again.assignment_id == answers[user].assignment_id, user
     assert not _allocate_retrying(second, "bounded", "someone-new").sticky
+
+
+def _blocked_rows(dsn: str) -> int:
+    rows = query(dsn, "SELECT coalesce(sum(rows), 0) AS n FROM assignment_blocks")
+    return int(rows[0]["n"])
+
+
+def test_a_restart_under_batch_load_reads_the_blocks_without_expanding_them(
+    fresh_db: str, launcher: Launcher
+) -> None:
+    first = launcher.start("--postgres-dsn", fresh_db)
+    request = experiment("batched", ("A", "B", "C"))
+    request.experiment.sticky = True
+    first.admin.CreateExperiment(request, timeout=RPC_TIMEOUT_S)
+    answers: dict[str, str] = {}
+
+    def batch_request(users: list[str]) -> pb.AllocateBatchRequest:
+        return pb.AllocateBatchRequest(
+            requests=[
+                pb.AllocateRequest(experiment_id="batched", user_id=u, context=CONTEXTS[0])
+                for u in users
+            ]
+        )
+
+    def send(users: list[str], message: pb.AllocateBatchRequest) -> None:
+        reply = first.allocator.AllocateBatch(message, timeout=RPC_TIMEOUT_S)
+        answers.update(
+            (u, r.allocation.assignment_id) for u, r in zip(users, reply.results, strict=True)
+        )
+
+    # Bursts of 24 batches of 1,000 at once (made beforehand, so that they arrive within a
+    # flush interval or two), until a write-behind flush took 10,000 or more and wrote them as
+    # a block; killed at once once the rows stored caught up with the answers (a process
+    # expands blocks only after a second with none written).
+    for burst in range(8):
+        parts = [[f"b{burst}-{k}-{i}" for i in range(1000)] for k in range(24)]
+        threads = [threading.Thread(target=send, args=(p, batch_request(p))) for p in parts]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        wait_for(
+            "every answered assignment stored",
+            lambda: _blocked_rows(fresh_db) + _stored_rows(fresh_db) == len(answers),
+            30,
+        )
+        if _blocked_rows(fresh_db):
+            break
+    first.kill()
+    in_blocks = _blocked_rows(fresh_db)
+    assert in_blocks >= 10_000
+
+    second = launcher.start("--postgres-dsn", fresh_db)
+    (loaded,) = [
+        json.loads(line) for line in second.stderr().splitlines() if '"state loaded"' in line
+    ]
+    assert loaded["block_assignments"] == in_blocks and loaded["blocks"] >= 1
+    assert loaded["assignments"] == len(answers)
+    # Every user keeps its assignment, whether it was read from a block or from a row.
+    users = sorted(answers)
+    for start in range(0, len(users), 1000):
+        part = users[start : start + 1000]
+        reply = second.allocator.AllocateBatch(batch_request(part), timeout=RPC_TIMEOUT_S)
+        got = {
+            u: (r.allocation.assignment_id, r.allocation.sticky)
+            for u, r in zip(part, reply.results, strict=True)
+        }
+        assert got == {u: (answers[u], True) for u in part}
+
+
+def _stored_rows(dsn: str) -> int:
+    return int(query(dsn, "SELECT count(*) AS n FROM assignments")[0]["n"])
 
 
 # Crash --------------------------------------------------------------------------------------
