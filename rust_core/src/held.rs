@@ -206,7 +206,8 @@ pub struct Held {
     capacity: usize,
     cursor: usize,
     evictions: u64,
-    /// Experiments whose latest assignment of some user was evicted (hashed by `wide`).
+    /// Experiments whose latest assignment of some user was evicted, or some of whose stored
+    /// assignments a restart did not read or hold (hashed by `wide`).
     evicted_from: HashTable<u64>,
     /// The (experiment, user) keys (`filter::user_key`) of latest assignments evicted.
     stored: Growing,
@@ -264,8 +265,8 @@ impl Held {
         self.evictions
     }
 
-    /// Whether a latest assignment of experiment `handle` was evicted: a user not found may
-    /// then have one in the durable store.
+    /// Whether a latest assignment of experiment `handle` was evicted (or a restart left some
+    /// of its stored ones): a user not found may then have one in the durable store.
     pub fn evicted(&self, handle: u64) -> bool {
         self.evicted_from
             .find(spread(handle), |&h| h == handle)

@@ -29,7 +29,7 @@ HELD_HELP = {
     "evicted_filter_bytes": "Bytes of the filter of evicted (experiment, user) keys",
     "evicted_filter_full": "1 when that filter is full: every user not held is looked up",
     "unlisted_experiments": "Experiments whose stored users a restart has still to list",
-    "store_lookups": "Users and assignment ids looked up in PostgreSQL, as maybe evicted",
+    "store_lookups": "Users and assignment ids looked up in PostgreSQL, as maybe not held",
     "store_lookups_found": "Of those lookups, the ones PostgreSQL had",
 }
 HELD_COUNTERS = frozenset({"evictions", "store_lookups", "store_lookups_found"})

@@ -226,8 +226,8 @@ class AllocationService:
         # Latest assignment per (experiment handle, user id), every assignment by id and by
         # user: in Rust, no Python object per assignment (none for the collector to walk).
         self._held = HeldAssignments(self._id_prefix, self._limits.max_held_assignments)
-        # Users and assignment ids looked up in the durable store because memory may have
-        # evicted them, and how many of those it had (the rest: the filter's false passes).
+        # Users and assignment ids looked up in the durable store because memory may not hold
+        # them, and how many of those it had (the rest: the filter's false passes).
         self._store_lookups = 0
         self._store_lookups_found = 0
         # Where Rust logs the new assignments of unary calls for the write-behind (held by
@@ -465,8 +465,8 @@ class AllocationService:
         """The held store's numbers: assignments held and the most it holds (0: no bound),
         evictions so far, the evicted keys' filter (bytes; full: 1 when it passes every key),
         experiments whose stored users are still to be listed after a restart, and the users
-        and ids looked up in the durable store because memory may have evicted them (and how
-        many it had)."""
+        and ids looked up in the durable store because memory may not hold them (and how many
+        it had)."""
         held = self._held
         return {
             "assignments": len(held),

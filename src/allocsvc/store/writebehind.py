@@ -175,8 +175,6 @@ def _ms(moment: Any) -> int:
     return int(moment.timestamp() * 1000) if moment is not None else 0
 
 
-# Holds the rows of a piece of one experiment's binary COPY stream of stored assignments:
-# (handle, data, at_start) -> (bytes read, rows held, whether the stream ended).
 class Restoring(Protocol):
     """What a restart holds the stored assignments in (`AllocationService`)."""
 
