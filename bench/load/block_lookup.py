@@ -9,9 +9,11 @@ it waited for before blocks had filters).
 On a fresh embedded PostgreSQL: `--blocks` blocks of `--rows` assignments each (new users, one
 experiment), written as the write-behind writes them; then `--lookups` lookups of users in no
 block, a lookup of a user of every block and of an id of every block; then each block expanded
-on its own (timed); then as many blocks again, all expanded at once. Prints one JSON line:
-milliseconds per lookup and per block expanded (median, max), assignments the lookups
-expanded (none: they read blocks), and the seconds of expanding all. Bounded: one database on
+on its own (timed); then as many blocks again: those that may hold one user expanded (what an
+export or erasure of that user does), then all the others at once (what it did before).
+Prints one JSON line: milliseconds per lookup and per block expanded (median, max),
+assignments the lookups expanded (none: they read blocks), and the seconds of expanding one
+user's blocks and all the rest. Bounded: one database on
 127.0.0.1, removed at the end.
 """
 
@@ -84,6 +86,11 @@ async def measure(dsn: str, blocks: int, rows: int, lookups: int) -> dict[str, A
     await migrate(dsn)
     store = await PostgresStore.connect(dsn)
     try:
+        # The experiment of the blocks' rows (a server writes rows only of experiments stored
+        # here; an export or erasure finds a user's assignments by experiment).
+        await store.pool.execute(
+            "INSERT INTO experiments (id, key) VALUES ($1, 'block-lookup')", HANDLE
+        )
         written, filters = await _write_blocks(store, blocks, rows)
         out: dict[str, Any] = {"blocks": blocks, "rows_per_block": rows}
         before = await store.unexpanded_assignments()
@@ -106,8 +113,12 @@ async def measure(dsn: str, blocks: int, rows: int, lookups: int) -> dict[str, A
             [lambda b=b: store.expand_blocks(wait=True, only=[b]) for b in sorted(block_ids)]
         )
         out["one_block_expanded"] = _summary(ms, left)
-        # What every such lookup waited for before: as many blocks again, all expanded.
-        await _write_blocks(store, blocks, rows)
+        # What every such lookup waited for before: as many blocks again, all expanded. First
+        # an export's or erasure's of one user of one of them: the blocks its filter may hold.
+        again, _ = await _write_blocks(store, blocks, rows)
+        start = time.perf_counter()
+        out["one_user_expanded"] = await store.expand_blocks_of_user(again[blocks // 2][7][3])
+        out["one_user_seconds"] = round(time.perf_counter() - start, 3)
         start = time.perf_counter()
         out["all_expanded"] = await store.expand_all_blocks()
         out["all_seconds"] = round(time.perf_counter() - start, 2)

@@ -96,10 +96,9 @@ class BackpressureSettings(Section):
     max_pending_assignments: int = Field(default=200_000, ge=1)
     # Assignments written as blocks (a flush of 10,000 or more, `sql/011_assignment_blocks.sql`;
     # about 20 bytes each) and not yet expanded into their table; past it, flushes write rows
-    # (slower). Data protection first expands every block: up to this many rows, at
-    # 65,000-170,000 rows/s on the embedded server; a restart reads the blocks' rows without
-    # expanding them, a lookup of one user or id only the blocks whose filter may hold it.
-    # 0: never blocks.
+    # (slower). A restart reads the blocks' rows without expanding them; a lookup of one user
+    # or id reads, and an export or erasure of one user expands, only the blocks whose filter
+    # may hold it. 0: never blocks.
     max_unexpanded_assignments: int = Field(default=10_000_000, ge=0)
     # Conversions waiting for their group commit; past it, conversions are refused.
     max_pending_conversions: int = Field(default=50_000, ge=1)

@@ -1,7 +1,7 @@
 """A large write-behind flush writes its assignments as blocks (`assignment_blocks`, migration
-011); exports and erasures expand the blocks first and find them as rows; a restart, and a
-lookup of one user or id (out of the blocks whose filter may hold it), read them out of the
-blocks without expanding them;
+011); exports and erasures expand the blocks whose filter may hold the user first and find
+them as rows; a restart, and a lookup of one user or id (out of the blocks whose filter may
+hold it), read them out of the blocks without expanding them;
 the background expander empties them once flushes are small; past the bound, flushes write
 rows."""
 
@@ -623,3 +623,30 @@ async def test_a_snapshot_reads_a_block_expanded_meanwhile_once(
     assert len(taken) == 1
     copied = b"".join(rows)
     assert held[0].id.encode() not in copied and len(await _blocks(migrated_db)) == 0
+
+
+async def test_an_export_or_erasure_expands_only_the_blocks_that_may_hold_the_user(
+    store: PostgresStore, migrated_db: str
+) -> None:
+    journal = PostgresJournal(store, block_min_rows=100)
+    service = await batch_service(journal)
+    first = _allocate(service, range(USERS))
+    await journal.flush()
+    second = _allocate(service, range(USERS, 2 * USERS))
+    await journal.flush()
+    assert await _blocks(migrated_db) == [USERS, USERS]
+    # A user in no block expands none.
+    assert await store.expand_blocks_of_user("nobody") == 0
+    assert await _blocks(migrated_db) == [USERS, USERS]
+    data = PostgresUserData(store, PostgresJournal(store))
+    # A user of the second block: that block is expanded, the first is left.
+    exported = await data.export(second[50].user_id)
+    assert [r["id"] for r in exported["assignments"]] == [second[50].id]
+    assert await _blocks(migrated_db) == [USERS]
+    assert set(await assignment_rows(migrated_db, HELD_COLUMNS)) == {a.id for a in second}
+    # A user of the first: now that one.
+    removed = await data.erase(first[7].user_id, "erased")
+    assert removed["assignments"] == 1
+    assert await _blocks(migrated_db) == []
+    rows = await assignment_rows(migrated_db, HELD_COLUMNS)
+    assert set(rows) == {a.id for a in first + second} - {first[7].id}

@@ -1,9 +1,10 @@
 """One user's personal data in a region's PostgreSQL and Redis: export and erasure.
 
 The SQL lives in the database (`sql/004_regions_user_data.sql`, assignments found by experiment
-since `sql/009_assignments_without_user_index.sql`; blocks of `sql/011_assignment_blocks.sql`
-expanded first): every table with a `user_id` column is personal data, so tables added later
-are covered without a change here.
+since `sql/009_assignments_without_user_index.sql`; the blocks of
+`sql/011_assignment_blocks.sql` whose filter may hold the user expanded first): every table
+with a `user_id` column is personal data, so tables added later are covered without a change
+here.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ class PostgresUserData:
 
     async def export(self, user_id: str) -> Rows:
         out: Rows = {}
-        await self._store.expand_all_blocks()  # the user's assignments may be in blocks
+        await self._store.expand_blocks_of_user(user_id)  # its assignments may be in blocks
         for record in await self._store.pool.fetch(
             "SELECT table_name, row_data FROM export_user_rows($1)", user_id
         ):
@@ -44,7 +45,7 @@ class PostgresUserData:
     async def erase(self, user_id: str, audit_target: str) -> dict[str, int]:
         async def run() -> dict[str, int]:
             # Under the flush lock: no block of this process's is written meanwhile.
-            await self._store.expand_all_blocks()
+            await self._store.expand_blocks_of_user(user_id)
             records = await self._store.pool.fetch(
                 "SELECT table_name, removed FROM erase_user_rows($1, $2)", user_id, audit_target
             )
