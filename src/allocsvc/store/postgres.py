@@ -690,14 +690,15 @@ class PostgresStore:
         return int(row["rows"]), None if age is None else float(age)
 
     async def expand_all_blocks(self) -> int:
-        """Every block written before the call into `assignments` (a reader's first step: one
-        query when there are none); how many assignments they held. Blocks written meanwhile
-        are left, so that a reader is not held for as long as batches keep coming."""
+        """Every block written before the call into `assignments` (one query when there are
+        none); how many assignments they held. Blocks written meanwhile are left. No reader
+        needs it any more (a restart and lookups read blocks, an export or erasure expands
+        `expand_blocks_of_user`); benches and tests use it to set the table straight."""
         last = await self._pool.fetchval(_LAST_BLOCK)
         if last is None:
             return 0
         expanded = await self.expand_blocks(wait=True, through=last)
-        log.info("assignment blocks expanded for a read", extra={"assignments": expanded})
+        log.info("assignment blocks expanded", extra={"assignments": expanded})
         return expanded
 
     async def _block_filters_now(
