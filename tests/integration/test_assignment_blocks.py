@@ -70,6 +70,17 @@ def _allocate(service: AllocationService, users: range) -> list[Assignment]:
     return [service.user_assignments(f"user-{i}")[0] for i in users]
 
 
+async def _flushed(store: PostgresStore, *lots: range) -> list[list[Assignment]]:
+    """Each lot of users allocated in one batch and flushed as a block of its own."""
+    journal = PostgresJournal(store, block_min_rows=100)
+    service = await batch_service(journal)
+    made = []
+    for users in lots:
+        made.append(_allocate(service, users))
+        await journal.flush()
+    return made
+
+
 async def _in_a_block(store: PostgresStore, dsn: str) -> tuple[AllocationService, list[Assignment]]:
     """A batch of USERS assignments flushed as one block; the assignments table empty."""
     journal = PostgresJournal(store, block_min_rows=100)
@@ -628,12 +639,7 @@ async def test_a_snapshot_reads_a_block_expanded_meanwhile_once(
 async def test_an_export_or_erasure_expands_only_the_blocks_that_may_hold_the_user(
     store: PostgresStore, migrated_db: str
 ) -> None:
-    journal = PostgresJournal(store, block_min_rows=100)
-    service = await batch_service(journal)
-    first = _allocate(service, range(USERS))
-    await journal.flush()
-    second = _allocate(service, range(USERS, 2 * USERS))
-    await journal.flush()
+    first, second = await _flushed(store, range(USERS), range(USERS, 2 * USERS))
     assert await _blocks(migrated_db) == [USERS, USERS]
     # A user in no block expands none.
     assert await store.expand_blocks_of_user("nobody") == 0
