@@ -1367,15 +1367,18 @@ impl Held {
         for r in &rows {
             let created_ms = r.created_ms.unwrap_or(made_ms);
             let key = filter::user_key(r.handle, r.user_id);
-            let hold = match self.latest(r.handle, r.user_id) {
-                Some(l) => (created_ms, r.id.len(), r.id) > (l.created_ms, l.id.len(), &*l.id),
+            let (has_latest, hold) = match self.latest(r.handle, r.user_id) {
+                Some(l) => (
+                    true,
+                    (created_ms, r.id.len(), r.id) > (l.created_ms, l.id.len(), &*l.id),
+                ),
                 None => {
                     let after_unread = !self.unlisted.contains(&r.handle)
                         || self
                             .read_from
                             .get(&r.handle)
                             .is_some_and(|&from| created_ms > from);
-                    after_unread && !self.stored.may_hold(key)
+                    (false, after_unread && !self.stored.may_hold(key))
                 }
             };
             if hold {
@@ -1392,7 +1395,7 @@ impl Held {
                 self.add(&a, true);
                 held += 1;
             } else {
-                if self.latest(r.handle, r.user_id).is_none() {
+                if !has_latest {
                     self.stored.insert(key);
                 }
                 self.mark_evicted(r.handle);

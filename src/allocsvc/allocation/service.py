@@ -474,7 +474,7 @@ class AllocationService:
             "evictions": held.evictions,
             "evicted_filter_bytes": held.evicted_filter_size,
             "evicted_filter_full": int(held.evicted_filter_full),
-            "unlisted_experiments": len(held.unlisted_experiments),
+            "unlisted_experiments": self.unlisted_experiments,
             "store_lookups": self._store_lookups,
             "store_lookups_found": self._store_lookups_found,
         }
