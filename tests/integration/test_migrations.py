@@ -132,6 +132,30 @@ async def test_failed_migration_is_rolled_back(fresh_db: str, tmp_path: Path) ->
         await conn.close()
 
 
+async def test_a_store_pool_keeps_no_migration_lock(fresh_db: str, tmp_path: Path) -> None:
+    """The store's pool does not reset a session when it takes a connection back (a round trip
+    per release, for state the store never leaves): the migration runner's session lock is
+    gone all the same, after a failed migration too, and the next migration takes it."""
+    sql_dir = tmp_path / "sql"
+    sql_dir.mkdir()
+    (sql_dir / "001_ok.sql").write_text("CREATE TABLE ok (id int);")
+    (sql_dir / "002_bad.sql").write_text("SELECT no_such_function();")
+    store = await PostgresStore.connect(fresh_db, min_size=1, max_size=1)
+    other = await asyncpg.connect(fresh_db)
+    try:
+        with pytest.raises(asyncpg.UndefinedFunctionError):
+            await migrate(store.pool, directory=sql_dir)
+        key = migrations_module.MIGRATION_LOCK_KEY
+        assert await other.fetchval("SELECT pg_try_advisory_lock($1)", key)
+        assert await other.fetchval("SELECT pg_advisory_unlock($1)", key)
+        (sql_dir / "002_bad.sql").write_text("CREATE TABLE fixed (id int);")
+        assert await migrate(store.pool, directory=sql_dir) == ["002_bad"]
+        assert await other.fetchval("SELECT pg_try_advisory_lock($1)", key)
+    finally:
+        await other.close()
+        await store.close()
+
+
 def test_malformed_migration_directories_are_refused(tmp_path: Path) -> None:
     with pytest.raises(MigrationError, match="no migration files"):
         load_migrations(tmp_path)

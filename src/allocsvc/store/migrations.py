@@ -149,9 +149,15 @@ async def migrate(
                 done.append(migration.name)
             return done
         finally:
-            # a lost connection has released the lock already
+            # A lost connection has released the lock already. One that fails to release it
+            # is closed: a pool does not reset sessions (`postgres._reset_connection`), so the
+            # lock would stay with the next user of the connection.
             if not conn.is_closed():
-                await conn.execute("SELECT pg_advisory_unlock($1)", MIGRATION_LOCK_KEY)
+                try:
+                    await conn.execute("SELECT pg_advisory_unlock($1)", MIGRATION_LOCK_KEY)
+                except BaseException:
+                    conn.terminate()
+                    raise
 
 
 @asynccontextmanager

@@ -384,6 +384,7 @@ class PostgresStore:
             max_size=max_size,
             command_timeout=command_timeout,
             init=_init_connection,
+            reset=_reset_connection,
         )
         return cls(pool)
 
@@ -1124,6 +1125,15 @@ class PostgresStore:
 async def _init_connection(conn: Any) -> None:
     for type_name in ("json", "jsonb"):
         await conn.set_type_codec(type_name, encoder=_json, decoder=json.loads, schema="pg_catalog")
+
+
+async def _reset_connection(conn: Any) -> None:
+    """Nothing beyond what asyncpg does on every release anyway (an open transaction rolled
+    back, listeners dropped): pooled connections keep no session state (locks are taken per
+    transaction, settings with SET LOCAL, cursors live in transactions, nothing LISTENs; the
+    migration runner's session lock is released or its connection closed), so the default reset
+    query (advisory unlock, CLOSE ALL, UNLISTEN, RESET ALL) was a round trip per release for
+    nothing: a lookup of a user not in memory paid it three times (bench/RESULTS.md item 38)."""
 
 
 def _json(value: Any) -> str:
