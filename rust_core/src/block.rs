@@ -15,8 +15,8 @@ pub enum Wanted<'a> {
         handle: u64,
         user_ids: &'a HashSet<&'a str>,
     },
-    /// The assignment with this id.
-    Id(&'a str),
+    /// The assignments with these ids.
+    Ids(&'a HashSet<&'a str>),
     /// Every row (a restart holding the block's assignments).
     All,
 }
@@ -82,7 +82,9 @@ pub fn rows_of<'d>(stream: &'d [u8], wanted: Wanted<'_>) -> Result<Vec<BlockRow<
                         .and_then(|u| std::str::from_utf8(u).ok())
                         .is_some_and(|u| user_ids.contains(u))
             }
-            Wanted::Id(i) => id == Some(i.as_bytes()),
+            Wanted::Ids(ids) => id
+                .and_then(|i| std::str::from_utf8(i).ok())
+                .is_some_and(|i| ids.contains(i)),
             Wanted::All => true,
         };
         if !hit {
@@ -166,9 +168,17 @@ mod tests {
             ("source:ads", 42, 1)
         );
         assert_eq!(row.propensity, 0.25);
-        let by_id = rows_of(&data, Wanted::Id("p-2")).unwrap();
+        let p2 = HashSet::from(["p-2"]);
+        let by_id = rows_of(&data, Wanted::Ids(&p2)).unwrap();
         assert_eq!(by_id.iter().map(|r| r.user_id).collect::<Vec<_>>(), ["bob"]);
-        assert!(rows_of(&data, Wanted::Id("p-9")).unwrap().is_empty());
+        let p9 = HashSet::from(["p-9"]);
+        assert!(rows_of(&data, Wanted::Ids(&p9)).unwrap().is_empty());
+        let some = HashSet::from(["p-4", "p-9", "p-1"]);
+        let by_ids = rows_of(&data, Wanted::Ids(&some)).unwrap();
+        assert_eq!(
+            by_ids.iter().map(|r| r.id).collect::<Vec<_>>(),
+            ["p-1", "p-4"]
+        );
         let bob = HashSet::from(["bob"]);
         assert!(rows_of(&data, users(8, &bob)).unwrap().is_empty());
         let both = HashSet::from(["ann", "bob", "cat"]);
@@ -186,7 +196,8 @@ mod tests {
         old.extend_from_slice(&8i16.to_be_bytes());
         old.extend_from_slice(&data[21..data.len() - 2 - 12]);
         copy_trailer(&mut old);
-        let found = rows_of(&old, Wanted::Id("p-1")).unwrap();
+        let p1 = HashSet::from(["p-1"]);
+        let found = rows_of(&old, Wanted::Ids(&p1)).unwrap();
         assert_eq!(found.len(), 1);
         assert_eq!(found[0].created_ms, None);
     }

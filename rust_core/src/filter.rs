@@ -148,9 +148,35 @@ pub fn may_hold(bytes: &[u8], key: u64) -> bool {
     positions(key, bytes.len() / LINE).all(|p| bytes[p / 8] & (1 << (p % 8)) != 0)
 }
 
+/// Positions in `filters` of those that may hold one of `keys` (a lookup's pass over every
+/// block for all the keys it looks for).
+pub fn holding_any<F: AsRef<[u8]>>(filters: &[F], keys: &[u64]) -> Vec<usize> {
+    filters
+        .iter()
+        .enumerate()
+        .filter(|(_, f)| keys.iter().any(|&k| may_hold(f.as_ref(), k)))
+        .map(|(i, _)| i)
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn filters_holding_any_of_the_keys_are_found_by_position() {
+        let mut with_a = Filter::for_keys(100);
+        with_a.insert(user_key(1, "a"));
+        let mut with_b = Filter::for_keys(100);
+        with_b.insert(user_key(1, "b"));
+        let filters = [with_a.into_bytes(), with_b.into_bytes(), Vec::new()];
+        let (a, b, c) = (user_key(1, "a"), user_key(1, "b"), user_key(1, "c"));
+        // The empty one (a block stored without a filter) may hold anything.
+        assert_eq!(holding_any(&filters, &[a]), vec![0, 2]);
+        assert_eq!(holding_any(&filters, &[b, a]), vec![0, 1, 2]);
+        assert_eq!(holding_any(&filters, &[c]), vec![2]);
+        assert_eq!(holding_any(&filters, &[]), Vec::<usize>::new());
+    }
 
     #[test]
     fn a_filter_holds_every_key_put_in_and_few_others() {

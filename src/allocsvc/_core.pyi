@@ -21,13 +21,15 @@ __all__ = [
     "assignment_block",
     "batch_items",
     "beta_throughput",
-    "block_rows_of_id",
+    "block_rows_of_ids",
     "block_rows_of_users",
     "bucket",
     "copy_assignments",
     "decompress_block",
     "filter_may_hold_id",
     "filter_may_hold_user",
+    "filters_may_hold_ids",
+    "filters_may_hold_users",
     "framed",
     "key_hash",
     "parent_keys",
@@ -92,8 +94,9 @@ def block_rows_of_users(data: bytes, handle: int, user_ids: list[str]) -> list[B
     compressed=True)` block, in its order, read without expanding it (decompressed and read
     without the GIL). ValueError when `data` is not such a block."""
 
-def block_rows_of_id(data: bytes, id: str) -> list[BlockRow]:
-    """The rows with assignment id `id` in a compressed block (see `block_rows_of_users`)."""
+def block_rows_of_ids(data: bytes, ids: Sequence[str]) -> list[BlockRow]:
+    """The rows with one of the assignment ids `ids` in a compressed block, in the block's
+    order (see `block_rows_of_users`)."""
 
 def assignment_block(
     made: Sequence[MadeAssignments], singles: Sequence[HeldTuple] | None = None
@@ -130,6 +133,16 @@ def filter_may_hold_user(filter: bytes, handle: int, user_id: str) -> bool:
 def filter_may_hold_id(filter: bytes, id: str) -> bool:
     """Whether a block's `filter` may hold assignment `id`; an empty filter may hold
     anything."""
+
+def filters_may_hold_users(
+    filters: Sequence[bytes], handle: int, user_ids: Sequence[str]
+) -> list[int]:
+    """Positions in `filters` of the blocks' filters that may hold an assignment of `handle`
+    and one of `user_ids` (an empty filter may hold anything)."""
+
+def filters_may_hold_ids(filters: Sequence[bytes], ids: Sequence[str]) -> list[int]:
+    """Positions in `filters` of the blocks' filters that may hold one of the assignments
+    `ids` (an empty filter may hold anything)."""
 
 def segment_key(dimensions: Sequence[str], values: Sequence[str]) -> str:
     """Canonical key `dim:value|dim:value` (values trimmed, lower-cased, `%|:` escaped)."""

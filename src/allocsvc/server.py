@@ -393,6 +393,7 @@ def _write_behind_stats(stores: Stores) -> dict[str, float]:
         "refused": float(s.refused),
         "dropped": float(s.dropped),
         "unexpanded_assignments": float(s.unexpanded_assignments),
+        "lookup_rounds": float(stores.journal.lookup_rounds),
     }
 
 

@@ -472,6 +472,37 @@ async def test_the_latest_is_read_out_of_a_block_when_it_was_made_last(
         older.user_id: newer.id,
         "user-3": others[-1].id,
     }
+    # Several ids in one lookup, the same way: a row's and a block row's.
+    by_id = await store.get_assignments_by_ids([older.id, newer.id, "p-nothing", older.id])
+    assert {i: (r.user_id, r.variant) for i, r in by_id.items()} == {
+        older.id: (older.user_id, older.variant),
+        newer.id: (newer.user_id, newer.variant),
+    }
+
+
+async def test_concurrent_lookups_are_answered_in_rounds(
+    store: PostgresStore, migrated_db: str
+) -> None:
+    """Lookups made while one is under way go to PostgreSQL together, one call per
+    experiment (or for ids) per round, and each caller gets its own users' or id's."""
+    journal = PostgresJournal(store, block_min_rows=100)
+    service = await batch_service(journal)
+    held = _allocate(service, range(USERS))
+    await journal.flush()
+    assert await _blocks(migrated_db) == [USERS]
+    # The batch's users are in two experiments: one call for each per round.
+    by_handle = {a.handle: service.experiment_by_handle(a.handle) for a in held}
+    assert len(by_handle) == 2
+    users, ids = held[:40], held[40:80]
+    found = await asyncio.gather(
+        *(journal.stored_latest(by_handle[a.handle], [a.user_id, "nobody"]) for a in users),
+        *(journal.stored_assignment(a.id, by_handle) for a in ids),
+        journal.stored_assignment("p-nothing", by_handle),
+    )
+    assert found[: len(users)] == [{a.user_id: a} for a in users]
+    assert found[len(users) :] == [*ids, None]
+    # The first lookup of each kind starts a round at once, the rest wait for one more.
+    assert journal.lookup_rounds <= 4
 
 
 @pytest.mark.parametrize("in_block", ["p-100", "p-ff"])

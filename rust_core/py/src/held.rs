@@ -16,7 +16,7 @@ use crate::error::to_py;
 use parking_lot::Mutex;
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
-use pyo3::pybacked::PyBackedStr;
+use pyo3::pybacked::{PyBackedBytes, PyBackedStr};
 use pyo3::types::{PyBytes, PyDict, PyList, PyString, PyTuple};
 use std::borrow::Cow;
 use std::collections::{HashMap, HashSet};
@@ -720,6 +720,33 @@ pub(crate) fn filter_may_hold_id(filter: &[u8], id: &str) -> bool {
     filter::may_hold(filter, filter::id_key(id))
 }
 
+/// Positions in `filters` of the blocks' filters that may hold an assignment of `handle` and
+/// one of `user_ids` (an empty filter may hold anything): a lookup's pass over every block in
+/// one call, each user hashed once.
+#[pyfunction]
+pub(crate) fn filters_may_hold_users(
+    filters: Vec<PyBackedBytes>,
+    handle: u64,
+    user_ids: Vec<PyBackedStr>,
+) -> Vec<usize> {
+    let keys: Vec<u64> = user_ids
+        .iter()
+        .map(|u| filter::user_key(handle, u))
+        .collect();
+    filter::holding_any(&filters, &keys)
+}
+
+/// Positions in `filters` of the blocks' filters that may hold one of the assignments `ids`
+/// (an empty filter may hold anything).
+#[pyfunction]
+pub(crate) fn filters_may_hold_ids(
+    filters: Vec<PyBackedBytes>,
+    ids: Vec<PyBackedStr>,
+) -> Vec<usize> {
+    let keys: Vec<u64> = ids.iter().map(|i| filter::id_key(i)).collect();
+    filter::holding_any(&filters, &keys)
+}
+
 /// The COPY stream of a block `copy_assignments(..., compressed=True)` made.
 fn decompressed(data: &[u8]) -> Result<Vec<u8>, String> {
     let out = lz4_flex::decompress_size_prepended(data).map_err(|e| e.to_string())?;
@@ -797,8 +824,13 @@ pub(crate) fn block_rows_of_users(
     )
 }
 
-/// The rows with assignment id `id` in a compressed block.
+/// The rows with one of the assignment ids `ids` in a compressed block, in the block's order.
 #[pyfunction]
-pub(crate) fn block_rows_of_id(py: Python<'_>, data: &[u8], id: &str) -> PyResult<Vec<BlockTuple>> {
-    rows_of(py, data, block::Wanted::Id(id))
+pub(crate) fn block_rows_of_ids(
+    py: Python<'_>,
+    data: &[u8],
+    ids: Vec<PyBackedStr>,
+) -> PyResult<Vec<BlockTuple>> {
+    let ids: HashSet<&str> = ids.iter().map(|i| &**i).collect();
+    rows_of(py, data, block::Wanted::Ids(&ids))
 }

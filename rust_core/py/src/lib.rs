@@ -17,9 +17,9 @@ use allocsvc_core::held::Assignment;
 use allocsvc_core::{keys, CountRow};
 use error::{invalid, to_py};
 use held::{
-    assignment_block, block_rows_of_id, block_rows_of_users, copy_assignments, decompress_block,
-    filter_may_hold_id, filter_may_hold_user, framed, shared_records, sticky_claims, PyHeld, PyLog,
-    PyMade,
+    assignment_block, block_rows_of_ids, block_rows_of_users, copy_assignments, decompress_block,
+    filter_may_hold_id, filter_may_hold_user, filters_may_hold_ids, filters_may_hold_users, framed,
+    shared_records, sticky_claims, PyHeld, PyLog, PyMade,
 };
 use pyo3::exceptions::PyTypeError;
 use pyo3::prelude::*;
@@ -873,10 +873,12 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(copy_assignments, m)?)?;
     m.add_function(wrap_pyfunction!(decompress_block, m)?)?;
     m.add_function(wrap_pyfunction!(block_rows_of_users, m)?)?;
-    m.add_function(wrap_pyfunction!(block_rows_of_id, m)?)?;
+    m.add_function(wrap_pyfunction!(block_rows_of_ids, m)?)?;
     m.add_function(wrap_pyfunction!(assignment_block, m)?)?;
     m.add_function(wrap_pyfunction!(filter_may_hold_user, m)?)?;
     m.add_function(wrap_pyfunction!(filter_may_hold_id, m)?)?;
+    m.add_function(wrap_pyfunction!(filters_may_hold_users, m)?)?;
+    m.add_function(wrap_pyfunction!(filters_may_hold_ids, m)?)?;
     m.add_function(wrap_pyfunction!(shared_records, m)?)?;
     m.add_function(wrap_pyfunction!(sticky_claims, m)?)?;
     m.add_function(wrap_pyfunction!(framed, m)?)?;

@@ -26,11 +26,11 @@ import asyncpg
 from allocsvc.core import (
     ASSIGNMENT_COPY_COLUMNS,
     RESTORE_COPY_COLUMNS,
-    block_rows_of_id,
+    block_rows_of_ids,
     block_rows_of_users,
     decompress_block,
-    filter_may_hold_id,
-    filter_may_hold_user,
+    filters_may_hold_ids,
+    filters_may_hold_users,
 )
 
 if TYPE_CHECKING:
@@ -736,14 +736,11 @@ class PostgresStore:
             return 0
         ids, filters = await self._block_filters_now(through=last)
         handles = [r["id"] for r in await self._pool.fetch("SELECT id FROM experiments")]
-        wanted = [
-            i
-            for i in ids
-            if i in filters
-            and (
-                not filters[i] or any(filter_may_hold_user(filters[i], h, user_id) for h in handles)
-            )
-        ]
+        unfiltered = [i for i in ids if i in filters and not filters[i]]
+        filtered = [i for i in ids if filters.get(i)]
+        bits = [filters[i] for i in filtered]
+        passed = {k for h in handles for k in filters_may_hold_users(bits, h, [user_id])}
+        wanted = sorted(unfiltered + [filtered[k] for k in passed])
         expanded = await self.expand_blocks(wait=True, only=wanted) if wanted else 0
         log.info(
             "assignment blocks of a user expanded",
@@ -752,14 +749,17 @@ class PostgresStore:
         return expanded
 
     async def _read_blocks_that_may_hold(
-        self, may_hold: Callable[[bytes], bool], rows_of: Callable[[bytes], list[BlockRow]]
+        self,
+        holding: Callable[[list[bytes]], list[int]],
+        rows_of: Callable[[bytes], list[BlockRow]],
     ) -> tuple[list[AssignmentRow], bool]:
-        """What a lookup of one user or one id finds in the blocks: `rows_of` each block whose
-        filter `may_hold` passes, read from its payload without expanding it (about 20,000 rows:
-        a few ms, against ~0.2 s to expand it); blocks without a filter (stored before filters)
-        are expanded first, as `expand_all_blocks` would. Also whether `assignments` may have
-        gained rows it looks for: blocks were expanded, here or (one whose filter passed was gone
-        when read) by another connection meanwhile."""
+        """What a lookup of users or ids finds in the blocks: `rows_of` each block whose filter
+        is among those `holding` gives (positions in the filters it is given, one call for
+        all: `filters_may_hold_users` / `_ids`), read from its payload without expanding it
+        (about 20,000 rows: a few ms, against ~0.2 s to expand it); blocks without a filter
+        (stored before filters) are expanded first, as `expand_all_blocks` would. Also whether
+        `assignments` may have gained rows it looks for: blocks were expanded, here or (one
+        whose filter passed was gone when read) by another connection meanwhile."""
         ids, filters = await self._block_filters_now()
         unfiltered = [i for i in ids if i in filters and not filters[i]]
         if unfiltered:
@@ -768,7 +768,8 @@ class PostgresStore:
                 "assignment blocks without a filter expanded for a lookup",
                 extra={"assignments": expanded, "blocks": len(unfiltered), "of": len(ids)},
             )
-        wanted = [i for i in ids if filters.get(i) and may_hold(filters[i])]
+        filtered = [i for i in ids if filters.get(i)]
+        wanted = [filtered[k] for k in holding([filters[i] for i in filtered])]
         if not wanted:
             return [], bool(unfiltered)
         blocks = await self._pool.fetch(_BLOCK_PAYLOADS, wanted)
@@ -790,7 +791,7 @@ class PostgresStore:
         # Blocks first: one expanded after they are read has its rows in the table by the
         # query that follows.
         found, _ = await self._read_blocks_that_may_hold(
-            lambda f: any(filter_may_hold_user(f, experiment_id, u) for u in wanted),
+            lambda f: filters_may_hold_users(f, experiment_id, wanted),
             lambda b: block_rows_of_users(b, experiment_id, wanted),
         )
         rows = await self._pool.fetch(
@@ -808,18 +809,29 @@ class PostgresStore:
         return latest
 
     async def get_assignment_by_id(self, assignment_id: str) -> AssignmentRow | None:
-        query = f"SELECT {_ASSIGNMENT_COLUMNS} FROM assignments WHERE id = $1"
-        row = await self._pool.fetchrow(query, assignment_id)
-        if row is not None:
-            return _assignment(row)
-        found, recheck = await self._read_blocks_that_may_hold(
-            lambda f: filter_may_hold_id(f, assignment_id),
-            lambda b: block_rows_of_id(b, assignment_id),
+        return (await self.get_assignments_by_ids([assignment_id])).get(assignment_id)
+
+    async def get_assignments_by_ids(self, ids: Sequence[str]) -> dict[str, AssignmentRow]:
+        """The assignments with these ids that are stored, by id: from the table, then those
+        not in it from the blocks whose filters may hold them (the table again for any a
+        block expanded meanwhile took there)."""
+        query = f"SELECT {_ASSIGNMENT_COLUMNS} FROM assignments WHERE id = ANY($1::text[])"
+        wanted = list(dict.fromkeys(ids))
+        found = {r.id: r for r in map(_assignment, await self._pool.fetch(query, wanted))}
+        missing = [i for i in wanted if i not in found]
+        if not missing:
+            return found
+        in_blocks, recheck = await self._read_blocks_that_may_hold(
+            lambda f: filters_may_hold_ids(f, missing),
+            lambda b: block_rows_of_ids(b, missing),
         )
-        if found or not recheck:
-            return found[0] if found else None
-        row = await self._pool.fetchrow(query, assignment_id)
-        return None if row is None else _assignment(row)
+        found.update((r.id, r) for r in in_blocks)
+        missing = [i for i in missing if i not in found]
+        if recheck and missing:
+            found.update(
+                (r.id, r) for r in map(_assignment, await self._pool.fetch(query, missing))
+            )
+        return found
 
     @contextlib.asynccontextmanager
     async def snapshot(self) -> AsyncIterator[Any]:

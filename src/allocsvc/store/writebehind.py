@@ -70,6 +70,7 @@ from allocsvc.store.postgres import (
     WriteBehind,
     datetime_of_ms,
 )
+from allocsvc.store.rounds import Rounds
 from allocsvc.tasks.scheduler import stop_tasks
 
 log = logging.getLogger(__name__)
@@ -413,9 +414,20 @@ class PostgresJournal:
         self._tasks: list[asyncio.Task[None]] = []
         self._closing = False
         self._flush_lock = asyncio.Lock()
+        # Lookups of assignments memory does not hold, taken together while others run.
+        self._latest_rounds: Rounds[int, str, AssignmentRow] = Rounds(store.get_latest_assignments)
+        self._id_rounds: Rounds[None, str, AssignmentRow] = Rounds(
+            lambda _, ids: store.get_assignments_by_ids(ids)
+        )
         # False after a failed write, True after a successful one.
         self.healthy = True
         self.stats = FlushStats()
+
+    @property
+    def lookup_rounds(self) -> int:
+        """Rounds of lookups in PostgreSQL so far (each one store call per experiment, or for
+        ids, however many callers it answered)."""
+        return self._latest_rounds.rounds + self._id_rounds.rounds
 
     def bind_deltas(self, take_deltas: Callable[[], list[CountRow]]) -> None:
         self._take_deltas = take_deltas
@@ -484,7 +496,7 @@ class PostgresJournal:
         self, experiment: Experiment, user_ids: Sequence[str]
     ) -> dict[str, Assignment]:
         try:
-            rows = await self._store.get_latest_assignments(experiment.handle, user_ids)
+            rows = await self._latest_rounds.find(experiment.handle, user_ids)
         except STORE_DOWN as exc:
             raise Unavailable(f"assignment store unavailable: {type(exc).__name__}") from None
         return {user: assignment_from_row(row, experiment.key) for user, row in rows.items()}
@@ -493,7 +505,7 @@ class PostgresJournal:
         self, assignment_id: str, experiments: Mapping[int, Experiment]
     ) -> Assignment | None:
         try:
-            row = await self._store.get_assignment_by_id(assignment_id)
+            row = (await self._id_rounds.find(None, [assignment_id])).get(assignment_id)
         except STORE_DOWN as exc:
             raise Unavailable(f"assignment store unavailable: {type(exc).__name__}") from None
         experiment = None if row is None else experiments.get(row.experiment_id)
