@@ -354,6 +354,13 @@ async def test_conversion_is_counted_once_per_idempotency_key(store: PostgresSto
     assert counts == sorted([(eid, h, 1, 0, 3, 7.5) for h in PATH], key=lambda r: to_signed64(r[1]))
     async with store.pool.acquire() as conn:
         assert await conn.fetchval("SELECT count(*) FROM conversions") == 3
+    # The day's conversions per experiment, in the same transaction: new ones only.
+    other = await new_experiment(store, "other")
+    assert await store.insert_conversions(
+        [conversion(other, "k1", assignment="b-1"), conversion(eid, "k3"), conversion(eid, "k3")]
+    ) == [True, True, False]
+    assert sum(t.conversions for t in await store.get_traffic(eid)) == 4
+    assert sum(t.conversions for t in await store.get_traffic(other)) == 1
 
 
 async def test_concurrent_retries_count_once(store: PostgresStore) -> None:
@@ -369,6 +376,7 @@ async def test_concurrent_retries_count_once(store: PostgresStore) -> None:
     assert all(r[1] for r in results)
     counts = await store.load_counts(eid)
     assert {(h, c, s) for _, h, _, _, c, s in counts} == {(h, 11, 11 * 2.5) for h in PATH}
+    assert sum(t.conversions for t in await store.get_traffic(eid)) == 11
 
 
 async def test_conversion_batch_is_atomic(store: PostgresStore) -> None:
@@ -377,6 +385,7 @@ async def test_conversion_batch_is_atomic(store: PostgresStore) -> None:
     with pytest.raises(asyncpg.ForeignKeyViolationError):
         await store.insert_conversions([conversion(eid, "k1"), bad])
     assert await store.load_counts(eid) == []
+    assert await store.get_traffic(eid) == []
     # nothing was recorded, so the retry counts
     assert await store.insert_conversions([conversion(eid, "k1")]) == [True]
 

@@ -15,6 +15,7 @@ import itertools
 import json
 import logging
 import struct
+from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
@@ -287,6 +288,14 @@ ON CONFLICT (experiment_id, day) DO UPDATE
 SET visitors = t.visitors + EXCLUDED.visitors,
     allocations = t.allocations + EXCLUDED.allocations,
     conversions = t.conversions + EXCLUDED.conversions
+"""
+
+# A conversion group's new conversions per experiment (experiments in ascending order, as a
+# flush adds its visitors: rows locked in one order).
+_ADD_CONVERSION_TRAFFIC = """
+INSERT INTO traffic_stats AS t (experiment_id, day, conversions)
+SELECT e, $2, n FROM unnest($1::bigint[], $3::bigint[]) AS c(e, n)
+ON CONFLICT (experiment_id, day) DO UPDATE SET conversions = t.conversions + EXCLUDED.conversions
 """
 
 _ASSIGNMENTS_STAGING = """
@@ -908,8 +917,9 @@ class PostgresStore:
         """Record conversions exactly once; return, per row, whether it was new and counted.
 
         In one transaction: insert each row unless its (assignment, idempotency key) is known,
-        then add one conversion (and its value) to the counters of every level of the path of
-        each new row. A repeat, also within the batch, is neither stored nor counted.
+        then add the new ones to their experiments' conversions of the day (`traffic_stats`)
+        and one conversion (and its value) to the counters of every level of the path of each.
+        A repeat, also within the batch, is neither stored nor counted.
         """
         first: dict[tuple[str, str], int] = {}
         for i, r in enumerate(rows):
@@ -933,6 +943,8 @@ class PostgresStore:
             ]
             for r in unique
         }
+        experiment_of = {(r.assignment_id, r.idempotency_key): r.experiment_id for r in unique}
+        today = datetime.now(UTC).date()
         # validate hashes before touching the database
         for deltas in deltas_for.values():
             for d in deltas:
@@ -942,6 +954,11 @@ class PostgresStore:
             async with conn.transaction():
                 inserted = await conn.fetch(_INSERT_CONVERSIONS, *args)
                 new = {(str(r["assignment_id"]), str(r["idempotency_key"])) for r in inserted}
+                per_experiment = Counter(experiment_of[key] for key in new)
+                if per_experiment:
+                    handles = sorted(per_experiment)
+                    counts = [per_experiment[h] for h in handles]
+                    await conn.execute(_ADD_CONVERSION_TRAFFIC, handles, today, counts)
                 deltas = [d for key in new for d in deltas_for[key]]
                 if deltas:
                     await conn.execute(_UPSERT_COUNTS, *_count_arrays(deltas))

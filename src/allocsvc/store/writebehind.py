@@ -23,7 +23,6 @@ import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from datetime import UTC, datetime
 from typing import Any, Protocol, TypeVar
 
 import asyncpg
@@ -762,20 +761,6 @@ class PostgresJournal:
                 parent = h
         return out
 
-    async def _count_conversion_traffic(
-        self, rows: Sequence[ConversionRow], counted: Sequence[bool]
-    ) -> None:
-        """Daily conversions per experiment (best effort: the counters are already durable)."""
-        per_experiment = Counter(
-            r.experiment_id for r, new in zip(rows, counted, strict=True) if new
-        )
-        today = datetime.now(UTC).date()
-        try:
-            for experiment_id, n in per_experiment.items():
-                await self._store.add_traffic(experiment_id, today, conversions=n)
-        except Exception as exc:
-            log.warning("traffic stats not updated", extra={"error": repr(exc)})
-
     async def refresh_analytics(self) -> None:
         try:
             await self._store.refresh_analytics()
@@ -925,7 +910,6 @@ class PostgresJournal:
                 continue
             self.stats.conversion_batches += 1
             self.stats.conversions_written += sum(counted)
-            await self._count_conversion_traffic(rows, counted)
             start = 0
             for w in group:
                 if not w.done.done():
