@@ -86,6 +86,19 @@ def base_tree(rev: str, workdir: Path, maturin: str) -> Iterator[Path]:
         )
 
 
+@contextlib.contextmanager
+def serving_from(src: Path | None) -> Iterator[None]:
+    """Servers started inside run the package in `src` (a `base_tree`), or this tree's."""
+    env = os.environ.copy()
+    try:
+        if src is not None:
+            os.environ["PYTHONPATH"] = str(src)
+        yield
+    finally:
+        os.environ.clear()
+        os.environ.update(env)
+
+
 def start(name: str, workdir: Path, base_src: Path, postgres: Any, redis: str = "") -> h2.Target:
     """Start `name` (echo, this, base): `--in-memory`, or on a database of `postgres`; with
     `redis` (a server's URL), sharing state through a database of its own there."""
@@ -93,18 +106,12 @@ def start(name: str, workdir: Path, base_src: Path, postgres: Any, redis: str = 
     sub.mkdir()
     if name == "echo":
         return h2.start("echo", sub, None)
-    env = os.environ.copy()
-    try:
-        if name == "base":
-            os.environ["PYTHONPATH"] = str(base_src)
+    with serving_from(base_src if name == "base" else None):
         if postgres is None:
             return h2.start("mem", sub, None)
         if redis:
             redis = f"{redis.rsplit('/', 1)[0]}/{SETUPS.index(name)}"
         return h2.start("w1", sub, postgres, database=f"ab_{name}", redis=redis)
-    finally:
-        os.environ.clear()
-        os.environ.update(env)
 
 
 def measure(
