@@ -281,21 +281,15 @@ WITH old AS (
 INSERT INTO write_behind_flushes (token) VALUES ($1) ON CONFLICT DO NOTHING RETURNING token
 """
 
+# A day's traffic of several experiments, one row each (`_add_traffic`).
 _ADD_TRAFFIC = """
 INSERT INTO traffic_stats AS t (experiment_id, day, visitors, allocations, conversions)
-VALUES ($1, $2, $3, $4, $5)
+SELECT e, $2, v, a, c FROM unnest($1::bigint[], $3::bigint[], $4::bigint[], $5::bigint[])
+    AS n(e, v, a, c)
 ON CONFLICT (experiment_id, day) DO UPDATE
 SET visitors = t.visitors + EXCLUDED.visitors,
     allocations = t.allocations + EXCLUDED.allocations,
     conversions = t.conversions + EXCLUDED.conversions
-"""
-
-# A conversion group's new conversions per experiment (experiments in ascending order, as a
-# flush adds its visitors: rows locked in one order).
-_ADD_CONVERSION_TRAFFIC = """
-INSERT INTO traffic_stats AS t (experiment_id, day, conversions)
-SELECT e, $2, n FROM unnest($1::bigint[], $3::bigint[]) AS c(e, n)
-ON CONFLICT (experiment_id, day) DO UPDATE SET conversions = t.conversions + EXCLUDED.conversions
 """
 
 _ASSIGNMENTS_STAGING = """
@@ -627,8 +621,9 @@ class PostgresStore:
                     await self._copy_assignments(connection, flush.copy_rows)
                 if flush.segments:
                     await connection.execute(_INSERT_SEGMENTS, *_segment_arrays(flush.segments))
-                for experiment_id, n in sorted(flush.visitors.items()):
-                    await connection.execute(_ADD_TRAFFIC, experiment_id, today, n, n, 0)
+                if flush.visitors:
+                    visits = {e: (n, n, 0) for e, n in flush.visitors.items()}
+                    await _add_traffic(connection, today, visits)
                 if flush.counts:
                     await connection.execute(_UPSERT_COUNTS, *_count_arrays(flush.counts))
                 return True
@@ -745,11 +740,14 @@ class PostgresStore:
             return 0
         ids, filters = await self._block_filters_now(through=last)
         handles = [r["id"] for r in await self._pool.fetch("SELECT id FROM experiments")]
-        unfiltered = [i for i in ids if i in filters and not filters[i]]
-        filtered = [i for i in ids if filters.get(i)]
-        bits = [filters[i] for i in filtered]
-        passed = {k for h in handles for k in filters_may_hold_users(bits, h, [user_id])}
-        wanted = sorted(unfiltered + [filtered[k] for k in passed])
+        unfiltered, passed = _blocks_to_read(
+            ids,
+            filters,
+            lambda bits: sorted(
+                {k for h in handles for k in filters_may_hold_users(bits, h, [user_id])}
+            ),
+        )
+        wanted = sorted(unfiltered + passed)
         expanded = await self.expand_blocks(wait=True, only=wanted) if wanted else 0
         log.info(
             "assignment blocks of a user expanded",
@@ -770,15 +768,13 @@ class PostgresStore:
         `assignments` may have gained rows it looks for: blocks were expanded, here or (one
         whose filter passed was gone when read) by another connection meanwhile."""
         ids, filters = await self._block_filters_now()
-        unfiltered = [i for i in ids if i in filters and not filters[i]]
+        unfiltered, wanted = _blocks_to_read(ids, filters, holding)
         if unfiltered:
             expanded = await self.expand_blocks(wait=True, only=unfiltered)
             log.info(
                 "assignment blocks without a filter expanded for a lookup",
                 extra={"assignments": expanded, "blocks": len(unfiltered), "of": len(ids)},
             )
-        filtered = [i for i in ids if filters.get(i)]
-        wanted = [filtered[k] for k in holding([filters[i] for i in filtered])]
         if not wanted:
             return [], bool(unfiltered)
         blocks = await self._pool.fetch(_BLOCK_PAYLOADS, wanted)
@@ -956,9 +952,8 @@ class PostgresStore:
                 new = {(str(r["assignment_id"]), str(r["idempotency_key"])) for r in inserted}
                 per_experiment = Counter(experiment_of[key] for key in new)
                 if per_experiment:
-                    handles = sorted(per_experiment)
-                    counts = [per_experiment[h] for h in handles]
-                    await conn.execute(_ADD_CONVERSION_TRAFFIC, handles, today, counts)
+                    conversions = {e: (0, 0, n) for e, n in per_experiment.items()}
+                    await _add_traffic(conn, today, conversions)
                 deltas = [d for key in new for d in deltas_for[key]]
                 if deltas:
                     await conn.execute(_UPSERT_COUNTS, *_count_arrays(deltas))
@@ -1008,9 +1003,7 @@ class PostgresStore:
         allocations: int = 0,
         conversions: int = 0,
     ) -> None:
-        await self._pool.execute(
-            _ADD_TRAFFIC, experiment_id, day, visitors, allocations, conversions
-        )
+        await _add_traffic(self._pool, day, {experiment_id: (visitors, allocations, conversions)})
 
     async def get_traffic(self, experiment_id: int, since: date | None = None) -> list[TrafficRow]:
         """Daily traffic of an experiment from `since` (inclusive), oldest first."""
@@ -1154,6 +1147,30 @@ class PostgresStore:
 async def _init_connection(conn: Any) -> None:
     for type_name in ("json", "jsonb"):
         await conn.set_type_codec(type_name, encoder=_json, decoder=json.loads, schema="pg_catalog")
+
+
+def _blocks_to_read(
+    ids: Sequence[int],
+    filters: Mapping[int, bytes],
+    holding: Callable[[list[bytes]], list[int]],
+) -> tuple[list[int], list[int]]:
+    """Of the blocks `ids` (`_block_filters_now`), those without a filter (stored before
+    filters: they may hold anything), and those whose filter `holding` passes (one call over
+    all of them; it answers positions in the filters it is given)."""
+    unfiltered = [i for i in ids if i in filters and not filters[i]]
+    filtered = [i for i in ids if filters.get(i)]
+    return unfiltered, [filtered[k] for k in holding([filters[i] for i in filtered])]
+
+
+async def _add_traffic(
+    connection: Any, day: date, per_experiment: Mapping[int, tuple[int, int, int]]
+) -> None:
+    """Add (visitors, allocations, conversions) to each experiment's traffic of `day`, in one
+    statement, experiments in ascending order: a flush (its visitors) and a conversion group
+    (its conversions) lock the rows in one order, each before its counters."""
+    handles = sorted(per_experiment)
+    columns = ([per_experiment[h][k] for h in handles] for k in range(3))
+    await connection.execute(_ADD_TRAFFIC, handles, day, *columns)
 
 
 async def _reset_connection(conn: Any) -> None:
