@@ -33,20 +33,28 @@ HELD_HELP = {
     "store_lookups_found": "Of those lookups, the ones PostgreSQL had",
 }
 HELD_COUNTERS = frozenset({"evictions", "store_lookups", "store_lookups_found"})
+# Shared state's statistics (`RedisShared.statistics`), as allocsvc_redis_<name>.
+SHARED_HELP = {
+    "pending_records": "Records of new assignments waiting for the next push to Redis",
+    "dropped_records": "Records of new assignments dropped unpushed (Redis behind or down)",
+}
+SHARED_COUNTERS = frozenset({"dropped_records"})
 
 
 @dataclass(frozen=True, slots=True)
 class MetricsSnapshot:
     """The numbers of one moment. `cascade`: (experiment, level, allocations, conversions);
     `stores`: (store, reachable); `write_behind`: (statistic, value); `held`: the held
-    store's (statistic, value), `AllocationService.held_statistics`; `alerts`: (experiment,
-    kind, open alerts)."""
+    store's (statistic, value), `AllocationService.held_statistics`; `shared`: shared state's
+    (statistic, value), `RedisShared.statistics`; `alerts`: (experiment, kind, open
+    alerts)."""
 
     taken_ms: int = 0
     cascade: tuple[tuple[str, int, int, int], ...] = ()
     stores: tuple[tuple[str, bool], ...] = ()
     write_behind: tuple[tuple[str, float], ...] = ()
     held: tuple[tuple[str, int], ...] = ()
+    shared: tuple[tuple[str, float], ...] = ()
     alerts: tuple[tuple[str, str, int], ...] = ()
 
 
@@ -84,6 +92,9 @@ class ServiceCollector(Collector):
         for name, value in snapshot.held:
             family = CounterMetricFamily if name in HELD_COUNTERS else GaugeMetricFamily
             yield family(f"allocsvc_held_{name}", HELD_HELP[name], value)
+        for name, value in snapshot.shared:
+            family = CounterMetricFamily if name in SHARED_COUNTERS else GaugeMetricFamily
+            yield family(f"allocsvc_redis_{name}", SHARED_HELP[name], value)
         alerts = GaugeMetricFamily(
             "allocsvc_alerts", "Open alerts by experiment and kind", labels=["experiment", "kind"]
         )

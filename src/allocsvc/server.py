@@ -260,6 +260,7 @@ async def start(settings: Settings) -> Running:
             lambda: _store_health(stores),
             lambda: _write_behind_stats(stores),
             lambda: [(k, a) for k, alerts in insights.alerts.items() for a in alerts],
+            dict if stores.shared is None else stores.shared.statistics,
         )
         await publisher.publish()
         serve_metrics(

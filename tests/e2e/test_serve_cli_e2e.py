@@ -209,6 +209,9 @@ def test_metrics_report_cascade_usage_store_health_and_write_behind(
             ("allocsvc_writebehind_conversions_written", ()): 1.0,
             ("allocsvc_writebehind_pending_assignments", ()): 0.0,
             ("allocsvc_writebehind_flush_failures", ()): 0.0,
+            # Every new assignment's record pushed to Redis, none dropped.
+            ("allocsvc_redis_pending_records", ()): 0.0,
+            ("allocsvc_redis_dropped_records_total", ()): 0.0,
         }
         url = f"http://127.0.0.1:{metrics_port}/metrics"
         deadline = time.monotonic() + 30

@@ -15,13 +15,15 @@ from collections.abc import Sequence
 import pytest
 import redis.asyncio as aioredis
 from batch_support import Keeping, redis_shared, servicer
+from redis.exceptions import RedisError
 
 from allocsvc._proto import allocsvc_pb2 as pb
+from allocsvc.allocation.journal import AssignmentPart
 from allocsvc.allocation.service import AllocationRequest, AllocationService, Assignment
 from allocsvc.api.allocator import AllocatorServicer
 from allocsvc.core import MadeAssignments
 from allocsvc.store import redis as shared_redis
-from allocsvc.store.pump import DeltaPump
+from allocsvc.store.pump import CountRow, DeltaPump
 from allocsvc.store.redis import ASSIGNMENT_TTL_SECONDS, RedisShared
 
 pytestmark = pytest.mark.integration
@@ -114,14 +116,119 @@ async def test_batches_past_one_script_call_are_all_written(
         await shared.close()
 
 
+class _Pipelines(RedisShared):
+    """Notes the records of each pipeline a push writes; fails the pipelines numbered in
+    `failing` (from 0) with a Redis error before they are sent."""
+
+    def __init__(self, url: str, namespace: str, failing: set[int]) -> None:
+        super().__init__(url, namespace=namespace)
+        self.bind(DeltaPump(list), lambda rows: None, lambda handle: [], list, lambda h: None)
+        self.failing = failing
+        self.written: list[int] = []
+
+    async def _write(self, rows: list[CountRow], parts: list[AssignmentPart]) -> None:
+        number = len(self.written)
+        self.written.append(0)
+        if number in self.failing:
+            raise RedisError("injected")
+        await super()._write(rows, parts)
+        self.written[number] = sum(n for _, _, n in parts)
+
+
+@pytest.fixture
+def small_pipelines(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(shared_redis, "_RECORDS_PER_CALL", 50)
+    monkeypatch.setattr(shared_redis, "_CALLS_PER_PIPELINE", 2)
+
+
+@pytest.mark.usefixtures("small_pipelines")
+async def test_a_backlog_is_written_in_pipelines_of_bounded_size(fresh_redis: str) -> None:
+    # A push of everything at once, after a burst of batches, outlasted the client's timeout,
+    # and each retry was larger (bench/RESULTS.md item 39).
+    shared, service, journal, api = await _replica(fresh_redis)
+    pipelines = _Pipelines(fresh_redis, shared._ns, failing=set())
+    try:
+        singles = [
+            (await service.allocate(AllocationRequest("e", f"s{i}"))).assignment for i in range(30)
+        ]
+        for b in range(8):
+            await _batch(api, [f"b{b}-{i}" for i in range(40)])
+        for a in singles:
+            pipelines.assignment_made(a)
+        for made in journal.made:
+            pipelines.assignments_made(made)
+        await pipelines.push()
+        # Parts of about 50: the 30 singles, then whole batches of 40 (one part each past 50).
+        assert len(pipelines.written) == 5
+        assert all(n <= 2 * 80 for n in pipelines.written)
+        assert sum(pipelines.written) == 30 + 8 * 40
+        ids = {a.id for a in singles} | {t[0] for m in journal.made for t in m.assignments()}
+        assert await _stored_ids(fresh_redis, shared._ns) >= ids
+    finally:
+        await shared.close()
+        await pipelines.close()
+
+
+@pytest.mark.usefixtures("small_pipelines")
+async def test_a_push_failing_half_way_keeps_only_what_it_did_not_write(fresh_redis: str) -> None:
+    shared, _, journal, api = await _replica(fresh_redis)
+    pipelines = _Pipelines(fresh_redis, shared._ns, failing={1})
+    try:
+        for b in range(6):
+            await _batch(api, [f"f{b}-{i}" for i in range(50)])
+        for made in journal.made:
+            pipelines.assignments_made(made)
+        with pytest.raises(RedisError):
+            await pipelines.push()
+        assert pipelines.written == [100, 0]
+        await pipelines.push()
+        # The rest, each record once: the first pipeline's are not written again.
+        assert pipelines.written == [100, 0, 100, 100]
+        ids = {t[0] for m in journal.made for t in m.assignments()}
+        assert await _stored_ids(fresh_redis, shared._ns) == ids
+    finally:
+        await shared.close()
+        await pipelines.close()
+
+
+async def test_records_past_the_bound_are_dropped_oldest_first(fresh_redis: str) -> None:
+    shared, service, journal, api = await _replica(fresh_redis)
+    bounded = RedisShared(fresh_redis, namespace=shared._ns, max_pending_records=100)
+    bounded.bind(DeltaPump(list), lambda rows: None, lambda handle: [], list, lambda h: None)
+    try:
+        for b in range(3):
+            await _batch(api, [f"d{b}-{i}" for i in range(40)])
+        singles = [
+            (await service.allocate(AllocationRequest("e", f"s{i}"))).assignment for i in range(30)
+        ]
+        for made in journal.made:
+            bounded.assignments_made(made)
+        for a in singles:
+            bounded.assignment_made(a)
+        assert bounded.pending_records == 150
+        bounded._bound_pending()
+        # The two oldest batches go (80 records, for the 50 too many); the newest and the
+        # singles stay.
+        assert bounded.statistics() == {"pending_records": 70, "dropped_records": 80}
+        await bounded.push()
+        kept = {a.id for a in singles} | {t[0] for t in journal.made[2].assignments()}
+        assert await _stored_ids(fresh_redis, shared._ns) == kept
+        for a in singles:
+            bounded.assignment_made(a)
+        bounded._max_pending_records = 10
+        bounded._bound_pending()
+        assert bounded.statistics() == {"pending_records": 10, "dropped_records": 100}
+    finally:
+        await shared.close()
+        await bounded.close()
+
+
 class _SlowRecords(RedisShared):
     """Builds its records slowly, so that a push can be cancelled while it waits for them."""
 
-    def _records(
-        self, assignments: Sequence[Assignment], made: Sequence[MadeAssignments]
-    ) -> list[bytes]:
+    def _records(self, parts: Sequence[AssignmentPart]) -> list[bytes]:
         time.sleep(0.5)  # on the push's worker thread
-        return super()._records(assignments, made)
+        return super()._records(parts)
 
 
 async def test_a_cancelled_push_keeps_the_batch_for_the_next(fresh_redis: str) -> None:

@@ -13,7 +13,7 @@ from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, date, datetime, timedelta
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, TypeAlias
 
 from allocsvc.analytics import DailyTraffic
 
@@ -168,13 +168,17 @@ class SharedState(Protocol):
     async def assignment(self, assignment_id: str) -> Assignment | None: ...
 
 
+# Some `MadeAssignments`, some single assignments, and their number: see `assignment_parts`.
+AssignmentPart: TypeAlias = "tuple[list[MadeAssignments], list[Assignment], int]"
+
+
 def assignment_parts(
     singles: Sequence[Assignment], made: Sequence[MadeAssignments], rows: int
-) -> list[tuple[list[MadeAssignments], list[Assignment], int]]:
+) -> list[AssignmentPart]:
     """Assignments in parts of about `rows` (made, singles, their number): the singles first,
     then whole `made` groups (one may be larger than `rows`): a write-behind flush's blocks, a
     shared replica's script calls."""
-    parts: list[tuple[list[MadeAssignments], list[Assignment], int]] = []
+    parts: list[AssignmentPart] = []
     group: list[MadeAssignments] = []
     part: list[Assignment] = []
     for i in range(0, len(singles), rows):

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from allocsvc.allocation.journal import assignment_parts
+from allocsvc.allocation.journal import AssignmentPart, assignment_parts
 from allocsvc.allocation.service import Assignment
 from allocsvc.core import framed, shared_records, sticky_claims
 from allocsvc.store.pump import CountRow, DeltaPump
@@ -68,6 +68,14 @@ return i
 )
 # Records per script call, about: Redis runs a script alone (about 1 ms per 1,000 here).
 _RECORDS_PER_CALL = 2_000
+# Records of new assignments kept for the next push at most (while Redis is down, or slower
+# than the replica makes them; a batch's take about 50 bytes each and the user id). Past it
+# the oldest are dropped (counted): a conversion by id at another replica then finds its
+# assignment in PostgreSQL instead.
+MAX_PENDING_RECORDS = 1_000_000
+# Script calls per pipeline of a push: about 20 ms of Redis and 3 MB sent, well inside the
+# client's timeout (0.5 s by default), however many records a push has to write.
+_CALLS_PER_PIPELINE = 10
 # Both answer in one string (a reply of an element per user costs redis-py ~2 us each to
 # parse): for each user with a sticky assignment, its number in ARGV[1] (from 0) and the
 # assignment, each framed. _LOOKUP's ARGV[1]: (key of sticky assignments, user id) pairs.
@@ -150,6 +158,7 @@ class RedisShared:
         push_interval: float = 0.1,
         refresh_interval: float = 0.5,
         timeout: float = 0.5,
+        max_pending_records: int = MAX_PENDING_RECORDS,
     ) -> None:
         self._redis: aioredis.Redis = aioredis.Redis.from_url(
             url, socket_timeout=timeout, socket_connect_timeout=timeout
@@ -165,6 +174,8 @@ class RedisShared:
         self._task: asyncio.Task[None] | None = None
         self._pending_assignments: list[Assignment] = []
         self._pending_made: list[MadeAssignments] = []
+        self._max_pending_records = max_pending_records
+        self.dropped_records = 0
         # Set while a push writes what it took from the pending lists (see `erase_user`).
         self._pushing: asyncio.Event | None = None
         self._set_records = self._redis.register_script(_SET_RECORDS)
@@ -359,11 +370,38 @@ class RedisShared:
             await self.push()
         await self._redis.aclose()
 
+    @property
+    def pending_records(self) -> int:
+        """Records of new assignments waiting for the next push."""
+        return len(self._pending_assignments) + sum(len(m) for m in self._pending_made)
+
+    def statistics(self) -> dict[str, float]:
+        return {"pending_records": self.pending_records, "dropped_records": self.dropped_records}
+
+    def _bound_pending(self) -> None:
+        """Drop the oldest pending records past `max_pending_records` (batches' first)."""
+        excess = self.pending_records - self._max_pending_records
+        if excess <= 0:
+            return
+        before = self.dropped_records
+        while excess > 0 and self._pending_made:
+            n = len(self._pending_made.pop(0))
+            excess -= n
+            self.dropped_records += n
+        if excess > 0:
+            del self._pending_assignments[:excess]
+            self.dropped_records += excess
+        log.warning(
+            "assignment records dropped: Redis is behind or down",
+            extra={"dropped": self.dropped_records - before, "kept": self.pending_records},
+        )
+
     async def _loop(self) -> None:
         since_refresh = 0.0
         while True:
             await asyncio.sleep(self._push_interval)
             since_refresh += self._push_interval
+            self._bound_pending()
             try:
                 if not self.healthy:
                     await self._redis.ping()
@@ -394,38 +432,32 @@ class RedisShared:
             log.info("seeded shared counts", extra={"experiment": handle, "rows": len(rows)})
 
     async def push(self) -> None:
+        """Write the counts' deltas and the assignment records made since the last push, in
+        pipelines of at most `_CALLS_PER_PIPELINE` script calls: each answered well inside the
+        client's timeout however many records waited (a push of all at once, after a burst of
+        batches, timed out, and each retry was larger: bench/RESULTS.md item 39)."""
         assert self._pump is not None
         rows = self._pump.drain(SINK)
         assignments, self._pending_assignments = self._pending_assignments, []
         made, self._pending_made = self._pending_made, []
         if not rows and not assignments and not made:
             return
+        parts = assignment_parts(assignments, made, _RECORDS_PER_CALL)
         pushing = self._pushing = asyncio.Event()
         try:
-            async with self._redis.pipeline(transaction=False) as pipe:
-                for e, s, v, a, k, x in rows:
-                    key = self._key(e, "counts")
-                    if a:
-                        pipe.hincrby(key, f"{s}:{v}:a", a)
-                    if k:
-                        pipe.hincrby(key, f"{s}:{v}:c", k)
-                    if x:
-                        pipe.hincrbyfloat(key, f"{s}:{v}:v", x)
-                if assignments or made:
-                    # Built off the event loop (Rust, without the GIL).
-                    for records in await asyncio.to_thread(self._records, assignments, made):
-                        args: list[int | bytes] = [records, ASSIGNMENT_TTL_SECONDS]
-                        await self._set_records(args=args, client=pipe)
-                await pipe.execute()
+            while rows or parts:
+                taken = parts[:_CALLS_PER_PIPELINE]
+                await self._write(rows, taken)
+                rows, parts = [], parts[len(taken) :]
         except BaseException as exc:
             # Not written (or not known to be): keep for the next push (close() pushes after
             # cancelling the loop, which may cancel a push). Records are set again harmlessly;
             # counts only after a Redis error: a pipeline that failed half way may apply twice
             # (counts are approximate across an outage, Postgres holds the exact conversion
             # counts).
-            self._pending_assignments[:0] = assignments
-            self._pending_made[:0] = made
-            if isinstance(exc, (RedisError, OSError)):
+            self._pending_assignments[:0] = [a for _, singles, _ in parts for a in singles]
+            self._pending_made[:0] = [m for group, _, _ in parts for m in group]
+            if rows and isinstance(exc, (RedisError, OSError)):
                 self._pump.restore(SINK, rows)
             raise
         finally:
@@ -433,13 +465,27 @@ class RedisShared:
                 self._pushing = None
             pushing.set()
 
-    def _records(
-        self, assignments: Sequence[Assignment], made: Sequence[MadeAssignments]
-    ) -> list[bytes]:
-        """The assignments' records (`_SET_RECORDS`), about `_RECORDS_PER_CALL` a call (a
-        batch's are not split)."""
+    async def _write(self, rows: list[CountRow], parts: list[AssignmentPart]) -> None:
+        """One pipeline: the counts' deltas, and these parts' records (a script call each)."""
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for e, s, v, a, k, x in rows:
+                key = self._key(e, "counts")
+                if a:
+                    pipe.hincrby(key, f"{s}:{v}:a", a)
+                if k:
+                    pipe.hincrby(key, f"{s}:{v}:c", k)
+                if x:
+                    pipe.hincrbyfloat(key, f"{s}:{v}:v", x)
+            if parts:
+                # Built off the event loop (Rust, without the GIL).
+                for records in await asyncio.to_thread(self._records, parts):
+                    args: list[int | bytes] = [records, ASSIGNMENT_TTL_SECONDS]
+                    await self._set_records(args=args, client=pipe)
+            await pipe.execute()
+
+    def _records(self, parts: Sequence[AssignmentPart]) -> list[bytes]:
+        """The records (`_SET_RECORDS`) of these parts (`assignment_parts`), a blob each."""
         prefix = f"{self._ns}:asg:"
-        parts = assignment_parts(assignments, made, _RECORDS_PER_CALL)
         return [shared_records(group, prefix, singles) for group, singles, _ in parts]
 
     async def refresh(self) -> None:

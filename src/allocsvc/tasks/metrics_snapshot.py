@@ -28,11 +28,13 @@ class MetricsPublisher:
         store_health: Callable[[], dict[str, bool]],
         write_behind: Callable[[], dict[str, float]],
         alerts: Callable[[], Iterable[tuple[str, Alert]]],
+        shared: Callable[[], dict[str, float]] = dict,
     ) -> None:
         self._service = service
         self._store_health = store_health
         self._write_behind = write_behind
         self._alerts = alerts
+        self._shared = shared
         self.latest = MetricsSnapshot()
 
     def take(self) -> MetricsSnapshot:
@@ -50,6 +52,7 @@ class MetricsPublisher:
             stores=tuple(self._store_health().items()),
             write_behind=tuple(self._write_behind().items()),
             held=tuple(service.held_statistics().items()),
+            shared=tuple(self._shared().items()),
             alerts=tuple((key, kind, n) for (key, kind), n in sorted(open_alerts.items())),
         )
 
