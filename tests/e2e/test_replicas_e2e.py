@@ -12,6 +12,7 @@ from typing import Any
 
 import grpc
 import pytest
+import redis
 from counters_support import (
     CONTEXTS,
     allocate,
@@ -144,3 +145,36 @@ def test_two_replicas_share_learning_sticky_assignments_and_counts(
         assert stored == len(new)
     assert sum(c[1] for c in global_counts(state, "shared").values()) == conversions
     assert assert_conversion_counters_match_rows(fresh_db, "shared") == conversions
+
+
+def test_a_conversion_by_id_finds_another_replica_s_assignment_redis_does_not_hold(
+    fresh_db: str, fresh_redis: str, launcher: Launcher
+) -> None:
+    # Redis lost the assignment's record (it was down when the replica made it, or the replica
+    # dropped its unpushed records): the replica converting it finds it in PostgreSQL.
+    one, two = launcher.start_together(2, "--postgres-dsn", fresh_db, "--redis-url", fresh_redis)
+    one.admin.CreateExperiment(experiment("byid", ("A", "B")), timeout=RPC_TIMEOUT_S)
+    wait_for("replica two sees 'byid'", lambda: knows(two, "byid"), timeout=3)
+    made = allocate_many(one, "byid", [f"byid-{i}" for i in range(3)])
+    ids = [a.assignment_id for a in made]
+    client = redis.Redis.from_url(fresh_redis)
+    try:
+        wait_for("the records in Redis", lambda: all(_records(client, i) for i in ids), timeout=5)
+        for i in ids:
+            client.delete(*_records(client, i))
+    finally:
+        client.close()
+    stored = "SELECT count(*) FROM assignments WHERE id = ANY($1::text[])"
+    wait_for("the rows in PostgreSQL", lambda: query(fresh_db, stored, ids)[0][0] == 3, timeout=10)
+    for i in ids:
+        assert convert(two, assignment_id=i).counted
+    with pytest.raises(grpc.RpcError) as missing:
+        convert(two, assignment_id="no-such-assignment")
+    assert missing.value.code() is grpc.StatusCode.NOT_FOUND
+    assert one.stop() == 0
+    assert two.stop() == 0
+    assert assert_conversion_counters_match_rows(fresh_db, "byid") == 3
+
+
+def _records(client: redis.Redis, assignment_id: str) -> list[bytes]:
+    return list(client.scan_iter(match=f"*:asg:{assignment_id}"))

@@ -1036,19 +1036,19 @@ class AllocationService:
             if len(request.assignment_id) > 128:
                 raise InvalidRequest("assignment_id", "longer than 128 characters")
             found = self._by_id_of(request.assignment_id)
-            if found is None and self._held.incomplete:
-                found = await self._journal.stored_assignment(
-                    request.assignment_id, self._by_handle
-                )
-                self._counted_lookups(1, int(found is not None))
-                if found is not None:
-                    self._held.add(found, latest=False)
+            stored_first = self._held.incomplete
+            if found is None and stored_first:
+                found = await self._stored_by_id(request.assignment_id)
             if found is None and self._shared is not None:
                 found = await self._shared.assignment(request.assignment_id)
                 if found is not None and found.handle in self._by_handle:
                     self._held.add(found, latest=False)
                 else:
                     found = None
+                if found is None and not stored_first:
+                    # Another replica's, whose record Redis has not (it was down, or the
+                    # record was dropped meanwhile): the durable store has it once written.
+                    found = await self._stored_by_id(request.assignment_id)
             if found is None:
                 raise NotFound(f"assignment {request.assignment_id!r} does not exist")
             return found
@@ -1071,6 +1071,15 @@ class AllocationService:
             raise NotFound(
                 f"user {request.user_id!r} has no assignment in {request.experiment_key!r}"
             )
+        return found
+
+    async def _stored_by_id(self, assignment_id: str) -> Assignment | None:
+        """The assignment by id as the durable store has it, held from now on; counted as a
+        store lookup."""
+        found = await self._journal.stored_assignment(assignment_id, self._by_handle)
+        self._counted_lookups(1, int(found is not None))
+        if found is not None:
+            self._held.add(found, latest=False)
         return found
 
     async def _conversion(self, request: ConversionRequest) -> Conversion:
