@@ -1,10 +1,12 @@
 """A replica sharing state through Redis finishes a batch of a sticky experiment in two round
 trips (one HMGET per experiment for the users it does not hold, one script call claiming the
 new ones), not two per user: answers, counts and what is kept are what `allocate` gives, across
-replicas, when another replica claims a user between the two, and when Redis is away."""
+replicas, when another replica claims a user between the two, and when Redis is away. Unary
+calls take one round trip per new user, concurrent calls' claims in one script call."""
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 from collections.abc import Awaitable, Callable, Sequence
 
@@ -13,10 +15,16 @@ import redis.asyncio as aioredis
 from batch_support import Keeping, redis_shared, servicer
 
 from allocsvc._proto import allocsvc_pb2 as pb
-from allocsvc.allocation.service import AllocationRequest, AllocationService, Assignment
+from allocsvc.allocation.service import (
+    Allocation,
+    AllocationRequest,
+    AllocationService,
+    Assignment,
+)
 from allocsvc.api import convert
 from allocsvc.api.allocator import AllocatorServicer
 from allocsvc.core import MadeAssignments
+from allocsvc.errors import ResourceExhausted
 from allocsvc.store.redis import RedisShared, _decode
 
 pytestmark = pytest.mark.integration
@@ -203,4 +211,105 @@ async def test_without_redis_a_batch_claims_locally() -> None:
         assert again[0].sticky
         assert again[0].assignment_id == answers[1].assignment_id
     finally:
+        await shared.close()
+
+
+# Unary calls: one round trip per new user (the claim answers another replica's assignment
+# when there is one), concurrent calls' claims in one script call.
+
+
+async def _allocate_all(replica: Replica, users: Sequence[str]) -> list[Allocation]:
+    return list(
+        await asyncio.gather(*(replica.service.allocate(AllocationRequest("e", u)) for u in users))
+    )
+
+
+async def test_concurrent_unary_calls_claim_together_and_another_replica_answers_the_same(
+    fresh_redis: str,
+) -> None:
+    namespace = f"sticky-{next(_namespaces)}"
+    first = await Replica.start(fresh_redis, namespace)
+    second = await Replica.start(fresh_redis, namespace)
+    try:
+        users = [*AWKWARD, *(f"u{i}" for i in range(60))]
+        # The same new user twice at once: one claim stands, both calls answer it.
+        answers = await _allocate_all(first, [*users, "u0"])
+        assert first.shared._claims.rounds <= 2
+        assert answers[-1].assignment.id == answers[len(AWKWARD)].assignment.id
+        assert [a.sticky for a in answers[:-1]] == [False] * len(users)
+        assert answers[-1].sticky
+        handle = first.service.get_experiment("e").handle
+        ids = [a.assignment.id for a in answers[: len(users)]]
+        assert await _standing(fresh_redis, namespace, handle, users) == ids
+        # Counted once each; each findable by id from the other replica.
+        assert first.allocations() == len(users)
+        for a in answers[:-1]:
+            assert await second.shared.assignment(a.assignment.id) == a.assignment
+
+        mixed = [*users[::3], *(f"new{i}" for i in range(20))]
+        again = await _allocate_all(second, mixed)
+        by_user = {a.assignment.user_id: a.assignment for a in answers}
+        for user, answer in zip(mixed, again, strict=True):
+            assert answer.sticky is (user in by_user)
+            if user in by_user:
+                assert answer.assignment == by_user[user]
+                assert second.service.holds(assignment_id=answer.assignment.id)
+        # Only the claims that stood count here.
+        assert second.allocations() == 20
+    finally:
+        await first.shared.close()
+        await second.shared.close()
+
+
+async def test_a_unary_call_cancelled_during_its_claim_keeps_what_stands(
+    fresh_redis: str,
+) -> None:
+    namespace = f"sticky-{next(_namespaces)}"
+    first = await Replica.start(fresh_redis, namespace)
+    try:
+        call = asyncio.create_task(first.service.allocate(AllocationRequest("e", "gone")))
+        await asyncio.sleep(0)  # the claim is on its way
+        call.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await call
+        handle = first.service.get_experiment("e").handle
+        for _ in range(100):
+            [standing] = await _standing(fresh_redis, namespace, handle, ["gone"])
+            if standing and first.service.holds(experiment_key="e", user_id="gone"):
+                break
+            await asyncio.sleep(0.02)
+        assert standing
+        # The claim stands in Redis: so it is counted and held here, as that assignment.
+        assert [a.id for a in first.service.user_assignments("gone")] == [standing]
+        assert first.allocations() == 1
+    finally:
+        await first.shared.close()
+
+
+class _Full(Keeping):
+    """A write-behind buffer with no room: new assignments are refused."""
+
+    def has_room(self, n: int) -> bool:
+        return False
+
+    def admit(self, n: int) -> None:
+        raise ResourceExhausted("write-behind buffer full")
+
+
+async def test_a_full_replica_still_answers_users_another_replica_claimed(
+    fresh_redis: str,
+) -> None:
+    namespace = f"sticky-{next(_namespaces)}"
+    first = await Replica.start(fresh_redis, namespace)
+    shared = redis_shared(fresh_redis, namespace)
+    service, _ = await servicer(_Full(), shared, sticky=True)
+    try:
+        earlier = (await first.service.allocate(AllocationRequest("e", "known"))).assignment
+        answer = await service.allocate(AllocationRequest("e", "known"))
+        assert answer.sticky
+        assert answer.assignment == earlier
+        with pytest.raises(ResourceExhausted):
+            await service.allocate(AllocationRequest("e", "unknown"))
+    finally:
+        await first.shared.close()
         await shared.close()

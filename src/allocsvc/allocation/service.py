@@ -593,8 +593,10 @@ class AllocationService:
     async def allocate(self, request: AllocationRequest) -> Allocation:
         """Which variant this user sees; sticky users get their earlier assignment.
 
-        Without shared state this does no I/O. With it, only a user this replica has not
-        seen costs a round trip (is there an assignment elsewhere? claim ours).
+        Without shared state this does no I/O. With it, only a user of a sticky experiment
+        this replica has not seen costs a round trip: the claim of the new assignment, which
+        answers another replica's instead if there is one (concurrent calls' claims go to
+        Redis together).
         """
         experiment = self._running(request.experiment_key)
         self._check_user(request.user_id)
@@ -610,7 +612,8 @@ class AllocationService:
         slot = (experiment.handle, request.user_id)
         if experiment.sticky:
             earlier = self._latest_of(slot) or await self._recall(experiment, request.user_id)
-            if earlier is None and self._shared is not None:
+            if earlier is None and self._shared is not None and not self._journal.has_room(1):
+                # A new assignment would be refused: answer the user's from elsewhere, if any.
                 earlier = await self._shared.sticky(experiment.handle, request.user_id)
                 if earlier is not None:
                     self._remember(earlier)
@@ -642,18 +645,28 @@ class AllocationService:
             propensity=propensity,
             created_ms=_now_ms(),
         )
+        if claiming:
+            # Kept even if the call is cancelled meanwhile: its claim may stand in Redis.
+            return await asyncio.shield(self._claim(experiment, assignment))
         if self._shared is not None:
-            if experiment.sticky:
-                standing = await self._shared.claim(assignment)
-                if standing.id != assignment.id:
-                    # Another replica answered this user first: its answer stands.
-                    self._remember(standing)
-                    return Allocation(standing, experiment.variants[standing.variant], True)
-                self._engine.record_allocation(experiment.handle, segment_key, variant)
-            else:
-                self._shared.assignment_made(assignment)
+            self._shared.assignment_made(assignment)
         self._keep(assignment)
         return Allocation(assignment, experiment.variants[variant], sticky=False)
+
+    async def _claim(self, experiment: Experiment, assignment: Assignment) -> Allocation:
+        """Claim a new assignment of a sticky experiment in shared state; count and keep it if
+        it stands, else answer the one that does."""
+        assert self._shared is not None
+        standing = await self._shared.claim(assignment)
+        if standing.id != assignment.id:
+            # Another replica answered this user first: its answer stands.
+            self._remember(standing)
+            return Allocation(standing, experiment.variants[standing.variant], sticky=True)
+        self._engine.record_allocation(
+            assignment.handle, assignment.segment_key, assignment.variant
+        )
+        self._keep(assignment)
+        return Allocation(assignment, experiment.variants[assignment.variant], sticky=False)
 
     def _keep(self, assignment: Assignment) -> None:
         """What a new assignment leaves behind: the indexes, the write-behind, then `_count`."""

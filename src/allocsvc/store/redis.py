@@ -31,6 +31,7 @@ from allocsvc.allocation.journal import AssignmentPart, assignment_parts
 from allocsvc.allocation.service import Assignment
 from allocsvc.core import framed, shared_records, sticky_claims
 from allocsvc.store.pump import CountRow, DeltaPump
+from allocsvc.store.rounds import Rounds
 from allocsvc.tasks.scheduler import stop_tasks
 
 if TYPE_CHECKING:
@@ -110,6 +111,28 @@ end
 return table.concat(out)
 """
 )
+# _CLAIM_KEPT's ARGV[1]: (key, user id, assignment, record key) quadruples: as _CLAIM, and a
+# claim that stands also sets the assignment's record for lookups by id, to expire in ARGV[2]
+# seconds (unary calls' claims, taken together: `RedisShared.claim`).
+_CLAIM_KEPT = (
+    _FIELDS
+    + """
+while pos <= #blob do
+  local key = field()
+  local user = field()
+  local value = field()
+  local record = field()
+  if redis.call('HSETNX', key, user, value) == 1 then
+    redis.call('SET', record, value, 'EX', ARGV[2])
+  else
+    local found = redis.call('HGET', key, user)
+    out[#out + 1] = struct.pack('>I4>I4', i, #found) .. found
+  end
+  i = i + 1
+end
+return table.concat(out)
+"""
+)
 
 
 def _numbered(reply: bytes) -> Iterator[tuple[int, Assignment]]:
@@ -180,6 +203,8 @@ class RedisShared:
         self._pushing: asyncio.Event | None = None
         self._set_records = self._redis.register_script(_SET_RECORDS)
         self._claim = self._redis.register_script(_CLAIM)
+        self._claim_kept = self._redis.register_script(_CLAIM_KEPT)
+        self._claims: Rounds[None, Assignment, Assignment] = Rounds(self._claim_round)
         self._lookup = self._redis.register_script(_LOOKUP)
         self.healthy = True
 
@@ -222,22 +247,35 @@ class RedisShared:
             return None
 
     async def claim(self, assignment: Assignment) -> Assignment:
-        """Make this the user's sticky assignment unless another replica was first; return the
-        one that stands."""
+        """Make this the user's sticky assignment unless another replica was first (then
+        return the one that stands), with its record for lookups by id. Claims made meanwhile
+        by other calls wait for the round under way and go in the next together, one script
+        call for all."""
         if not self.healthy:
             return assignment
-        key = self._key(assignment.handle, "sticky")
-        encoded = _encode(assignment)
         try:
-            async with self._redis.pipeline(transaction=False) as pipe:
-                pipe.hsetnx(key, assignment.user_id, encoded)
-                pipe.hget(key, assignment.user_id)
-                pipe.set(f"{self._ns}:asg:{assignment.id}", encoded, ex=ASSIGNMENT_TTL_SECONDS)
-                _, standing, _ = await pipe.execute()
+            standing = await self._claims.find(None, [assignment])
         except (RedisError, OSError) as exc:
             self._mark(False, exc)
             return assignment
-        return _decode(standing) or assignment
+        return standing.get(assignment, assignment)
+
+    async def _claim_round(self, _: None, claims: list[Assignment]) -> dict[Assignment, Assignment]:
+        """One `_CLAIM_KEPT` call: the standing assignments of the claims that lost."""
+        blob = framed(
+            [
+                text
+                for a in claims
+                for text in (
+                    self._key(a.handle, "sticky"),
+                    a.user_id,
+                    _encode(a),
+                    f"{self._ns}:asg:{a.id}",
+                )
+            ]
+        )
+        reply = await self._claim_kept(args=[blob, ASSIGNMENT_TTL_SECONDS])
+        return {claims[i]: a for i, a in _numbered(reply)}
 
     async def sticky_many(
         self, wanted: Sequence[tuple[int, str]]
