@@ -922,7 +922,7 @@ class AllocationService:
         errors: Mapping[int, tuple[int, str, str]],
     ) -> bytes:
         """`finish_batch` for a batch `claims` names, in two round trips to shared state
-        whatever its size (`allocate` takes two per new user): users of sticky experiments not
+        whatever its size (`allocate` takes one per new user): users of sticky experiments not
         held here are looked up there, the rest decided without counting and their new
         assignments claimed. A user another replica answered first meanwhile gets that answer
         (as `allocate` does); only the claims that stand are counted, held and kept."""

@@ -4,12 +4,13 @@ Keys (hash tags keep one experiment's keys on one Redis Cluster slot):
 - `{ns}:{x<handle>}:counts`   hash: `<segment hash>:<variant>:a|c|v` -> totals of every replica
 - `{ns}:{x<handle>}:seeded`   set once the counts hash was seeded from a replica's totals
 - `{ns}:{x<handle>}:sticky`   hash: user id -> assignment (JSON); a batch's users are looked
-  up by one script call (`_LOOKUP`) and its new ones claimed by another (`_CLAIM`, HSETNX each)
+  up by one script call (`_LOOKUP`) and its new ones claimed by another (`_CLAIM`, HSETNX each);
+  unary calls' new users are claimed together, one script call per round (`_CLAIM_KEPT`)
 - `{ns}:asg:<assignment id>`  assignment (JSON), for conversions arriving at another replica;
   set with the next push, by a script that takes a framed blob of them (a batch's built in
-  Rust), not by a command each
+  Rust), not by a command each (a unary claim's, by its claim)
 
-Each replica pushes its deltas (HINCRBY / HINCRBYFLOAT in one pipeline) and replaces its view
+Each replica pushes its deltas (HINCRBY / HINCRBYFLOAT, in bounded pipelines) and replaces its view
 of the totals with the merged ones (its unpushed deltas kept on top). When Redis is down, the
 replica serves from memory, keeps its deltas, reports itself degraded, and pushes and
 re-seeds when Redis is back.
