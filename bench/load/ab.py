@@ -50,6 +50,15 @@ SETUPS = ("echo", "this", "base")
 WARMUP_S = 3.0
 
 
+def find_maturin(parser: argparse.ArgumentParser) -> str:
+    """maturin, to build a base: the venv's, even when not activated, else the PATH's."""
+    beside = Path(sys.executable).with_name("maturin")
+    found = str(beside) if beside.exists() else shutil.which("maturin")
+    if found is None:
+        parser.error("maturin is needed to build the base (pip install maturin)")
+    return found
+
+
 @contextlib.contextmanager
 def base_tree(rev: str, workdir: Path, maturin: str) -> Iterator[Path]:
     """The `src` directory of `rev`, its Rust extension built in place."""
@@ -228,10 +237,7 @@ def main() -> int:
     args.kinds = [k for k in args.kinds.split(",") if k]
     if not set(args.kinds) <= {"batch", "unary"} or not args.kinds:
         parser.error("--kinds: batch and/or unary")
-    beside = Path(sys.executable).with_name("maturin")  # the venv's, even when not activated
-    args.maturin = str(beside) if beside.exists() else shutil.which("maturin")
-    if args.maturin is None:
-        parser.error("maturin is needed to build the base (pip install maturin)")
+    args.maturin = find_maturin(parser)
     args.h2load = h2.find_h2load()
     args.started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     with tempfile.TemporaryDirectory(prefix="allocsvc-ab-") as tmp:

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import shutil
 import signal
 import sys
 import tempfile
@@ -95,11 +94,7 @@ def main() -> int:
         work = Path(tmp)
         base_src = None
         if args.base:
-            beside = Path(sys.executable).with_name("maturin")
-            maturin = str(beside) if beside.exists() else shutil.which("maturin")
-            if maturin is None:
-                parser.error("maturin is needed to build the base (pip install maturin)")
-            base_src = stack.enter_context(ab.base_tree(args.base, work, maturin))
+            base_src = stack.enter_context(ab.base_tree(args.base, work, ab.find_maturin(parser)))
         for k in range(1, args.rounds + 1):
             names = ["this", "base"] if base_src is not None else ["this"]
             if k % 2 == 0:

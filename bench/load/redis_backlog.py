@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import shutil
 import signal
 import sys
 import tempfile
@@ -95,11 +94,7 @@ def main() -> int:
         names = ["this"]
         base_src = None
         if args.base:
-            beside = Path(sys.executable).with_name("maturin")
-            maturin = str(beside) if beside.exists() else shutil.which("maturin")
-            if maturin is None:
-                parser.error("maturin is needed to build the base (pip install maturin)")
-            base_src = stack.enter_context(ab.base_tree(args.base, work, maturin))
+            base_src = stack.enter_context(ab.base_tree(args.base, work, ab.find_maturin(parser)))
             names.insert(0, "base")
         for name in names:
             with ab.serving_from(base_src if name == "base" else None):

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import shutil
 import signal
 import subprocess
 import sys
@@ -35,10 +34,7 @@ def main() -> int:
     args, rest = parser.parse_known_args()
     command = [sys.executable, str(HERE / "run.py"), "--setups", args.setups, "--no-write"]
     command += [] if args.full else ["--quick"]
-    beside = Path(sys.executable).with_name("maturin")
-    maturin = str(beside) if beside.exists() else shutil.which("maturin")
-    if maturin is None:
-        parser.error("maturin is needed to build the base (pip install maturin)")
+    maturin = ab.find_maturin(parser)
     print(f"`python bench/load/run_ab.py {' '.join(sys.argv[1:])}`")
     with (
         tempfile.TemporaryDirectory(prefix="allocsvc-run-ab-") as tmp,

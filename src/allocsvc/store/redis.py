@@ -96,35 +96,21 @@ return table.concat(out)
 """
 )
 # _CLAIM's ARGV[1]: (key, user id, assignment) triples; a user's assignment is set unless it
-# has one (HSETNX), which is answered. Undeclared keys, as _SET_RECORDS.
-_CLAIM = (
-    _FIELDS
-    + """
-while pos <= #blob do
-  local key = field()
-  local user = field()
-  if redis.call('HSETNX', key, user, field()) == 0 then
-    local found = redis.call('HGET', key, user)
-    out[#out + 1] = struct.pack('>I4>I4', i, #found) .. found
-  end
-  i = i + 1
-end
-return table.concat(out)
-"""
-)
-# _CLAIM_KEPT's ARGV[1]: (key, user id, assignment, record key) quadruples: as _CLAIM, and a
-# claim that stands also sets the assignment's record for lookups by id, to expire in ARGV[2]
-# seconds (unary calls' claims, taken together: `RedisShared.claim`).
-_CLAIM_KEPT = (
+# has one (HSETNX), which is answered. Undeclared keys, as _SET_RECORDS. _CLAIM_KEPT's:
+# quadruples, the fourth the assignment's record key, set (to expire in ARGV[2] seconds) when
+# its claim stands: unary calls' claims, taken together (`RedisShared.claim`).
+_CLAIMS = (
     _FIELDS
     + """
 while pos <= #blob do
   local key = field()
   local user = field()
   local value = field()
-  local record = field()
+  local record = RECORD
   if redis.call('HSETNX', key, user, value) == 1 then
-    redis.call('SET', record, value, 'EX', ARGV[2])
+    if record then
+      redis.call('SET', record, value, 'EX', ARGV[2])
+    end
   else
     local found = redis.call('HGET', key, user)
     out[#out + 1] = struct.pack('>I4>I4', i, #found) .. found
@@ -134,6 +120,8 @@ end
 return table.concat(out)
 """
 )
+_CLAIM = _CLAIMS.replace("RECORD", "false")
+_CLAIM_KEPT = _CLAIMS.replace("RECORD", "field()")
 
 
 def _numbered(reply: bytes) -> Iterator[tuple[int, Assignment]]:
