@@ -191,7 +191,9 @@ async def test_a_push_failing_half_way_keeps_only_what_it_did_not_write(fresh_re
         await pipelines.close()
 
 
-async def test_records_past_the_bound_are_dropped_oldest_first(fresh_redis: str) -> None:
+async def test_records_past_the_bound_are_dropped_oldest_first(
+    fresh_redis: str, caplog: pytest.LogCaptureFixture
+) -> None:
     shared, service, journal, api = await _replica(fresh_redis)
     bounded = RedisShared(fresh_redis, namespace=shared._ns, max_pending_records=100)
     bounded.bind(DeltaPump(list), lambda rows: None, lambda handle: [], list, lambda h: None)
@@ -218,6 +220,9 @@ async def test_records_past_the_bound_are_dropped_oldest_first(fresh_redis: str)
         bounded._max_pending_records = 10
         bounded._bound_pending()
         assert bounded.statistics() == {"pending_records": 10, "dropped_records": 100}
+        # Said once, not at each check (the sync loop's push that succeeds resets it).
+        dropped = [r for r in caplog.records if r.getMessage().startswith("assignment records")]
+        assert len(dropped) == 1
     finally:
         await shared.close()
         await bounded.close()

@@ -188,6 +188,7 @@ class RedisShared:
         self._pending_made: list[MadeAssignments] = []
         self._max_pending_records = max_pending_records
         self.dropped_records = 0
+        self._dropping = False
         # Set while a push writes what it took from the pending lists (see `erase_user`).
         self._pushing: asyncio.Event | None = None
         self._set_records = self._redis.register_script(_SET_RECORDS)
@@ -418,10 +419,13 @@ class RedisShared:
         if excess > 0:
             del self._pending_assignments[:excess]
             self.dropped_records += excess
-        log.warning(
-            "assignment records dropped: Redis is behind or down",
-            extra={"dropped": self.dropped_records - before, "kept": self.pending_records},
-        )
+        if not self._dropping:
+            # Once until a push succeeds again (the counter has the rest).
+            self._dropping = True
+            log.warning(
+                "assignment records dropped: Redis is behind or down",
+                extra={"dropped": self.dropped_records - before, "kept": self.pending_records},
+            )
 
     async def _loop(self) -> None:
         since_refresh = 0.0
@@ -434,6 +438,7 @@ class RedisShared:
                     await self._redis.ping()
                 await self.seed_missing()
                 await self.push()
+                self._dropping = False
                 if since_refresh >= self._refresh_interval:
                     since_refresh = 0.0
                     await self.refresh()
