@@ -59,6 +59,44 @@ def find_maturin(parser: argparse.ArgumentParser) -> str:
     return found
 
 
+def invocation() -> str:
+    """How this bench was run, as RESULTS.md quotes it: `python bench/load/<script> <args>`."""
+    return " ".join(["python", f"bench/load/{Path(sys.argv[0]).name}", *sys.argv[1:]])
+
+
+def heading() -> str:
+    """A bench's table heading: how it was run (`invocation`), and when."""
+    return f"`{invocation()}`, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}"
+
+
+def turns(base_src: Path | None, rounds: int = 1, first: str = "this") -> Iterator[tuple[int, str]]:
+    """(round from 1, setup) of this tree and, given its `src`, the base, `first` first in the
+    first round and the order reversed each round after; the caller's work for each runs
+    inside `serving_from` that setup's build."""
+    for k in range(1, rounds + 1):
+        names = ["this"] if base_src is None else [first, "base" if first == "this" else "this"]
+        if k % 2 == 0:
+            names.reverse()
+        for name in names:
+            with serving_from(base_src if name == "base" else None):
+                yield k, name
+
+
+@contextlib.contextmanager
+def stores_and_base(
+    prefix: str, base: str | None, parser: argparse.ArgumentParser
+) -> Iterator[tuple[Path, Any, str, Path | None]]:
+    """A work directory; `base`'s build in it (`base_tree`), when given; an embedded
+    PostgreSQL and a redis-server (`run.stores`): (work, postgres, redis URL, base src)."""
+    with tempfile.TemporaryDirectory(prefix=prefix) as tmp, contextlib.ExitStack() as stack:
+        work = Path(tmp)
+        base_src = None
+        if base:
+            base_src = stack.enter_context(base_tree(base, work, find_maturin(parser)))
+        postgres, redis = stack.enter_context(run.stores(work))
+        yield work, postgres, redis, base_src
+
+
 @contextlib.contextmanager
 def base_tree(rev: str, workdir: Path, maturin: str) -> Iterator[Path]:
     """The `src` directory of `rev`, its Rust extension built in place."""

@@ -19,10 +19,8 @@ alternating, each round on new databases. Bounded: about 70 s plus `--batch-seco
 from __future__ import annotations
 
 import argparse
-import contextlib
 import signal
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -78,30 +76,17 @@ def main() -> int:
     parser.add_argument("--base", help="also measure this commit, alternating with this tree")
     args = parser.parse_args()
     args.ghz = run.find_ghz()
-    started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     lines = [
-        f"`{' '.join(['python', 'bench/load/conversions.py', *sys.argv[1:]])}`, {started}",
+        ab.heading(),
         "",
         "| round | setup | phase | conversions/s | p50 ms | p99 ms | errors "
         "| server CPU µs/call | server cores |",
         "|---:|---|---|---:|---:|---:|---:|---:|---:|",
     ]
-    with (
-        tempfile.TemporaryDirectory(prefix="allocsvc-conversions-") as tmp,
-        run.stores(Path(tmp)) as (postgres, _redis),
-        contextlib.ExitStack() as stack,
-    ):
-        work = Path(tmp)
-        base_src = None
-        if args.base:
-            base_src = stack.enter_context(ab.base_tree(args.base, work, ab.find_maturin(parser)))
-        for k in range(1, args.rounds + 1):
-            names = ["this", "base"] if base_src is not None else ["this"]
-            if k % 2 == 0:
-                names.reverse()
-            for name in names:
-                with ab.serving_from(base_src if name == "base" else None):
-                    lines += measure(args, name, k, work, postgres)
+    stores = ab.stores_and_base("allocsvc-conversions-", args.base, parser)
+    with stores as (work, postgres, _redis, base_src):
+        for k, name in ab.turns(base_src, args.rounds):
+            lines += measure(args, name, k, work, postgres)
     print("\n".join(lines))
     return 0
 

@@ -15,10 +15,8 @@ the same on that commit's build (ab.py's worktree) first. Bounded: about 20 s pl
 from __future__ import annotations
 
 import argparse
-import contextlib
 import signal
 import sys
-import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -78,27 +76,16 @@ def main() -> int:
     parser.add_argument("--base", help="also measure this commit, before this tree")
     args = parser.parse_args()
     args.ghz = run.find_ghz()
-    started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     lines = [
-        f"`{' '.join(['python', 'bench/load/redis_backlog.py', *sys.argv[1:]])}`, {started}",
+        ab.heading(),
         "",
         "| setup | when | allocations (rate) | RSS MiB | Redis up | records pending |",
         "|---|---|---:|---:|---:|---:|",
     ]
-    with (
-        tempfile.TemporaryDirectory(prefix="allocsvc-backlog-") as tmp,
-        run.stores(Path(tmp)) as (postgres, redis),
-        contextlib.ExitStack() as stack,
-    ):
-        work = Path(tmp)
-        names = ["this"]
-        base_src = None
-        if args.base:
-            base_src = stack.enter_context(ab.base_tree(args.base, work, ab.find_maturin(parser)))
-            names.insert(0, "base")
-        for name in names:
-            with ab.serving_from(base_src if name == "base" else None):
-                lines += measure(args, name, work, postgres, redis)
+    stores = ab.stores_and_base("allocsvc-backlog-", args.base, parser)
+    with stores as (work, postgres, redis, base_src):
+        for _, name in ab.turns(base_src, first="base"):
+            lines += measure(args, name, work, postgres, redis)
     print("\n".join(lines))
     return 0
 

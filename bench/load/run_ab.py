@@ -11,7 +11,6 @@ about a minute.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import signal
 import subprocess
 import sys
@@ -35,25 +34,19 @@ def main() -> int:
     command = [sys.executable, str(HERE / "run.py"), "--setups", args.setups, "--no-write"]
     command += [] if args.full else ["--quick"]
     maturin = ab.find_maturin(parser)
-    print(f"`python bench/load/run_ab.py {' '.join(sys.argv[1:])}`")
+    print(f"`{ab.invocation()}`")
     with (
         tempfile.TemporaryDirectory(prefix="allocsvc-run-ab-") as tmp,
-        contextlib.ExitStack() as stack,
+        ab.base_tree(args.base, Path(tmp), maturin) as base_src,
     ):
-        base_src = stack.enter_context(ab.base_tree(args.base, Path(tmp), maturin))
-        for k in range(1, args.rounds + 1):
-            names = ["this", "base"] if k % 2 else ["base", "this"]
-            for name in names:
-                with ab.serving_from(base_src if name == "base" else None):
-                    done = subprocess.run([*command, *rest], capture_output=True, text=True)
-                if done.returncode != 0:
-                    print(done.stderr[-3000:], file=sys.stderr)
-                    return done.returncode
-                print(f"\nround {k}, {name}:", flush=True)
-                rows = [line for line in done.stdout.splitlines() if line.startswith("| ")]
-                print(
-                    "\n".join(r for r in rows if r.split("|")[1].strip() in args.setups.split(","))
-                )
+        for k, name in ab.turns(base_src, args.rounds):
+            done = subprocess.run([*command, *rest], capture_output=True, text=True)
+            if done.returncode != 0:
+                print(done.stderr[-3000:], file=sys.stderr)
+                return done.returncode
+            print(f"\nround {k}, {name}:", flush=True)
+            rows = [line for line in done.stdout.splitlines() if line.startswith("| ")]
+            print("\n".join(r for r in rows if r.split("|")[1].strip() in args.setups.split(",")))
     return 0
 
 

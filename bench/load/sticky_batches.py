@@ -22,15 +22,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import itertools
 import json
 import os
-import shutil
 import sys
-import tempfile
 import time
-from pathlib import Path
 from typing import Any
 
 import ab  # bench/load/ab.py
@@ -124,35 +120,26 @@ def main() -> int:
     if args.held is not None:
         os.environ["ALLOCSVC_MAX_HELD_ASSIGNMENTS"] = str(args.held)
     setups = ["this", "base"] if args.base else ["this"]
-    maturin = str(Path(sys.executable).with_name("maturin"))
-    if args.base and not Path(maturin).exists():
-        maturin = shutil.which("maturin") or parser.error("--base needs maturin")
     rows = []
-    with tempfile.TemporaryDirectory(prefix="allocsvc-sticky-") as tmp:
-        workdir = Path(tmp)
-        with contextlib.ExitStack() as stack:
-            base_src = (
-                stack.enter_context(ab.base_tree(args.base, workdir, maturin))
-                if args.base
-                else workdir
-            )
-            postgres, redis = stack.enter_context(run.stores(workdir))
-            targets: dict[str, h2.Target] = {}
-            try:
-                for name in setups:
-                    targets[name] = ab.start(name, workdir, base_src, postgres, redis)
-                batches = {name: Batches(f"s{i}") for i, name in enumerate(setups)}
-                for name in setups:
-                    measure(targets[name], batches[name], WARMUP_S, args.in_flight)
-                for k in range(args.rounds):
-                    order = setups[k % len(setups) :] + setups[: k % len(setups)]
-                    for name in order:
-                        row = measure(targets[name], batches[name], args.seconds, args.in_flight)
-                        rows.append({"round": k + 1, "setup": name, **row})
-                        print(json.dumps(rows[-1]), file=sys.stderr)
-            finally:
-                for target in targets.values():
-                    target.setup.stop()
+    with ab.stores_and_base("allocsvc-sticky-", args.base, parser) as stores:
+        workdir, postgres, redis, base = stores
+        base_src = base or workdir
+        targets: dict[str, h2.Target] = {}
+        try:
+            for name in setups:
+                targets[name] = ab.start(name, workdir, base_src, postgres, redis)
+            batches = {name: Batches(f"s{i}") for i, name in enumerate(setups)}
+            for name in setups:
+                measure(targets[name], batches[name], WARMUP_S, args.in_flight)
+            for k in range(args.rounds):
+                order = setups[k % len(setups) :] + setups[: k % len(setups)]
+                for name in order:
+                    row = measure(targets[name], batches[name], args.seconds, args.in_flight)
+                    rows.append({"round": k + 1, "setup": name, **row})
+                    print(json.dumps(rows[-1]), file=sys.stderr)
+        finally:
+            for target in targets.values():
+                target.setup.stop()
     for name in setups:
         mine = [r for r in rows if r["setup"] == name]
         rates = sorted(r["allocations_per_s"] for r in mine)
