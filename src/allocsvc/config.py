@@ -305,6 +305,14 @@ class Settings(BaseSettings):
     accept_loops: int = Field(
         4, ge=1, le=32, description="gRPC servers per process taking calls (SO_REUSEPORT)"
     )
+    # Seconds a client connection is served before the server asks the client to reconnect
+    # (HTTP/2 GOAWAY after gRPC's own +-10% jitter; calls under way finish first). The kernel
+    # gives each new connection to a worker (and gRPC server) by a hash of its addresses, so a
+    # few long-lived connections can stay split unevenly for good; reconnecting draws again.
+    # 0: never.
+    max_connection_age: float = Field(
+        10.0, ge=0, description="seconds before a connection is asked to reconnect (0: never)"
+    )
     region: str = "local"
     seed: int | None = Field(None, ge=0, description="seed of the sampler (reproducible runs)")
     grace_seconds: float = Field(10.0, ge=0)

@@ -154,6 +154,7 @@ def _grpc_server(settings: Settings, telemetry: TelemetryInterceptor) -> grpc.ai
         options=[
             ("grpc.max_receive_message_length", settings.max_message_bytes),
             ("grpc.max_send_message_length", settings.max_message_bytes),
+            *_connection_age(settings.max_connection_age),
         ],
         max_waiting_calls=settings.backpressure.max_waiting_calls,
         max_in_flight_rpcs=settings.backpressure.max_in_flight_rpcs,
@@ -164,6 +165,11 @@ def _grpc_server(settings: Settings, telemetry: TelemetryInterceptor) -> grpc.ai
     )
     # Generic handlers only: one outstanding request-call task per server, not one per method.
     return GenericOnly(group)
+
+
+def _connection_age(seconds: float) -> list[tuple[str, int]]:
+    """gRPC's options for `max_connection_age` (none for 0: connections live until closed)."""
+    return [] if seconds == 0 else [("grpc.max_connection_age_ms", max(1, round(seconds * 1000)))]
 
 
 def _listen(server: grpc.aio.Server, settings: Settings) -> int:

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import signal
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -24,6 +27,19 @@ def _free_port() -> int:
         return port
 
 
+def _free_port_pair() -> int:
+    """A port whose next one up is free too (two workers' metrics)."""
+    for _ in range(50):
+        port = _free_port()
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port + 1))
+            except OSError:
+                continue
+        return port
+    raise AssertionError("no two free ports in a row")
+
+
 def _log_lines(path: Path) -> list[dict[str, object]]:
     lines = []
     for line in path.read_text().splitlines():
@@ -32,9 +48,28 @@ def _log_lines(path: Path) -> list[dict[str, object]]:
     return lines
 
 
-def test_workers_share_the_port_and_stop_on_sigterm(tmp_path: Path) -> None:
-    port = _free_port()
-    log = tmp_path / "serve.log"
+@contextlib.contextmanager
+def _killed_at_exit(proc: subprocess.Popen[bytes]) -> Iterator[subprocess.Popen[bytes]]:
+    """`proc`, killed at the end of the block if it still runs (the test failed)."""
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def _stop_cleanly(proc: subprocess.Popen[bytes]) -> None:
+    """SIGTERM: the server drains, stops and exits 0."""
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=30) == 0
+
+
+def _start_two_workers(
+    log: Path, port: int, *extra: str, env: dict[str, str] | None = None
+) -> tuple[subprocess.Popen[bytes], list[dict[str, object]]]:
+    """`allocsvc serve --in-memory --workers 2` on `port`, once both workers log "serving"
+    (their log lines returned)."""
     with log.open("w") as err:
         proc = subprocess.Popen(
             [
@@ -47,17 +82,30 @@ def test_workers_share_the_port_and_stop_on_sigterm(tmp_path: Path) -> None:
                 "2",
                 "--port",
                 str(port),
+                *extra,
             ],
             stderr=err,
+            env={**os.environ, **(env or {})},
         )
-    try:
-        deadline = time.monotonic() + 60
-        serving: list[dict[str, object]] = []
-        while time.monotonic() < deadline and len(serving) < 2:
-            assert proc.poll() is None, log.read_text()
-            serving = [e for e in _log_lines(log) if e.get("msg") == "serving"]
-            time.sleep(0.2)
-        assert len(serving) == 2, log.read_text()
+    deadline = time.monotonic() + 60
+    serving: list[dict[str, object]] = []
+    while time.monotonic() < deadline and len(serving) < 2:
+        if proc.poll() is not None:
+            break
+        serving = [e for e in _log_lines(log) if e.get("msg") == "serving"]
+        time.sleep(0.2)
+    if len(serving) < 2:
+        proc.kill()
+        proc.wait()
+        raise AssertionError(log.read_text())
+    return proc, serving
+
+
+def test_workers_share_the_port_and_stop_on_sigterm(tmp_path: Path) -> None:
+    port = _free_port()
+    log = tmp_path / "serve.log"
+    proc, serving = _start_two_workers(log, port)
+    with _killed_at_exit(proc):
         assert {e["port"] for e in serving} == {port}
         assert len({e["pid"] for e in serving}) == 2
         for _ in range(4):
@@ -66,13 +114,58 @@ def test_workers_share_the_port_and_stop_on_sigterm(tmp_path: Path) -> None:
                     health_pb2.HealthCheckRequest(), timeout=10
                 )
                 assert answer.status == health_pb2.HealthCheckResponse.SERVING
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=30) == 0
+        _stop_cleanly(proc)
         assert sum(e.get("msg") == "stopped" for e in _log_lines(log)) == 2
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+
+
+@pytest.mark.parametrize("age", ["0.25", "0"])
+def test_aged_connections_are_drawn_again_over_the_workers(tmp_path: Path, age: str) -> None:
+    """The kernel gives a connection to one worker for its life; with `max_connection_age`
+    the server asks the client to reconnect (GOAWAY), and the new connection is drawn again.
+    One channel calling for 5 s: with 0.25 s it reconnects about 18 times and reaches both
+    workers (each draw lands on either with even odds: all on one, 2 in 2^17); with 0 (never)
+    its one connection stays on one worker. No call fails either way."""
+    from allocsvc._proto import allocsvc_pb2 as pb
+    from allocsvc._proto import allocsvc_pb2_grpc as pb_grpc
+
+    port, metrics_port = _free_port(), _free_port_pair()
+    proc, _ = _start_two_workers(
+        tmp_path / "serve.log",
+        port,
+        "--metrics-port",
+        str(metrics_port),
+        env={"ALLOCSVC_MAX_CONNECTION_AGE": age},
+    )
+    with _killed_at_exit(proc):
+        calls = 0
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            allocator = pb_grpc.AllocatorStub(channel)  # type: ignore[no-untyped-call]
+            deadline = time.monotonic() + 5
+            while time.monotonic() < deadline:
+                # An experiment no worker has: NOT_FOUND, counted by the worker that answers.
+                with pytest.raises(grpc.RpcError) as raised:
+                    allocator.Allocate(
+                        pb.AllocateRequest(experiment_id="none", user_id="u"), timeout=10
+                    )
+                assert raised.value.code() == grpc.StatusCode.NOT_FOUND
+                calls += 1
+                time.sleep(0.02)
+        by_worker = [
+            sum(
+                value
+                for (name, labels), value in _scrape(
+                    f"http://127.0.0.1:{metrics_port + i}/metrics"
+                ).items()
+                if name == "allocsvc_rpcs_total" and ("method", "Allocate") in labels
+            )
+            for i in range(2)
+        ]
+        assert sum(by_worker) == calls
+        if age == "0":
+            assert sorted(by_worker) == [0, calls]
+        else:
+            assert min(by_worker) > 0, by_worker
+        _stop_cleanly(proc)
 
 
 def test_migrate_applies_once(tmp_path: Path) -> None:
@@ -151,7 +244,7 @@ def test_metrics_report_cascade_usage_store_health_and_write_behind(
             ],
             stderr=err,
         )
-    try:
+    with _killed_at_exit(proc):
         deadline = time.monotonic() + 60
         while not any(e.get("msg") == "serving" for e in _log_lines(log)):
             assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
@@ -229,9 +322,4 @@ def test_metrics_report_cascade_usage_store_health_and_write_behind(
         while _scrape(url)[("allocsvc_metrics_snapshot_timestamp_seconds", ())] == first:
             assert time.monotonic() < deadline, "metrics snapshot not refreshed"
             time.sleep(0.2)
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=30) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        _stop_cleanly(proc)
