@@ -173,9 +173,14 @@ def start_allocsvc(
     redis: str = "",
     event_loop: str = "uvloop",
     metrics_port: int | None = None,
+    connection_age: float | None = None,
 ) -> Setup:
     """`dsn` "": serve from memory only (`--in-memory`: no PostgreSQL, no write-behind).
-    `metrics_port`: serve Prometheus metrics there (each worker on the next port up)."""
+    `metrics_port`: serve Prometheus metrics there (each worker on the next port up).
+    `connection_age`: the servers' `max_connection_age` (None: their default)."""
+    env = {"ALLOCSVC_EVENT_LOOP": event_loop}
+    if connection_age is not None:
+        env["ALLOCSVC_MAX_CONNECTION_AGE"] = f"{connection_age:g}"
     setup = Setup(name, _free_port())
     for i in range(replicas):
         args = [sys.executable, "-m", "allocsvc", "serve", "--port", str(setup.port)]
@@ -188,7 +193,7 @@ def start_allocsvc(
         if i > 0:
             args.append("--no-migrate")
         log = workdir / f"{name}-{i}.log"
-        setup.processes.append(_spawn(args, log, ALLOCSVC_EVENT_LOOP=event_loop))
+        setup.processes.append(_spawn(args, log, **env))
         try:
             _wait_serving(setup)
         except RuntimeError as exc:

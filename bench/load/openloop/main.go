@@ -16,7 +16,8 @@
 //
 // -body is the serialized request message (no gRPC frame). It prints one JSON object on
 // stdout: counts, results by gRPC status, achieved rate, latency percentiles (ms, from the due
-// time), the send lag's percentiles, and the response message sizes seen.
+// time), the send lag's percentiles, the response message sizes seen, and how often a
+// connection was replaced after the server's GOAWAY (its calls in flight are answered on it).
 package main
 
 import (
@@ -84,6 +85,7 @@ type conn struct {
 	sendWin   int64 // the peer's connection-level window for our DATA
 	unacked   int64 // DATA bytes received since our last connection WINDOW_UPDATE
 	broken    error
+	goaway    bool // the server sent GOAWAY: no new calls here, the ones in flight end
 	headers   []byte
 	message   []byte
 	results   chan<- sample
@@ -126,19 +128,23 @@ func dial(target string, headers, message []byte, results chan<- sample, done fu
 	return c, nil
 }
 
-// send writes one call (headers and its one DATA frame); the caller flushes.
-func (c *conn) send(due time.Time, measured bool) {
+// send writes one call (headers and its one DATA frame); the caller flushes. False: the
+// server asked for no more calls on this connection (GOAWAY), nothing was written.
+func (c *conn) send(due time.Time, measured bool) bool {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	for c.broken == nil && c.sendWin < int64(len(c.message)) {
+	for c.broken == nil && !c.goaway && c.sendWin < int64(len(c.message)) {
 		c.canSend.Wait()
+	}
+	if c.goaway {
+		return false
 	}
 	id := c.nextID
 	c.nextID += 2
 	k := &call{due: due, measured: measured}
 	if c.broken != nil {
 		c.finish(k, "CONNECTION_BROKEN", 0)
-		return
+		return true
 	}
 	c.inflight[id] = k
 	err := c.framer.WriteHeaders(http2.HeadersFrameParam{
@@ -152,6 +158,7 @@ func (c *conn) send(due time.Time, measured bool) {
 	if err != nil {
 		c.fail(err)
 	}
+	return true
 }
 
 func (c *conn) flush() {
@@ -193,7 +200,10 @@ func (c *conn) read() {
 		frame, err := c.framer.ReadFrame()
 		c.mu.Lock()
 		if err != nil {
-			if c.broken == nil {
+			if c.broken == nil && c.goaway && len(c.inflight) == 0 {
+				// Closed by the server after a GOAWAY, every call answered.
+				c.broken = err
+			} else if c.broken == nil {
 				c.fail(err)
 			}
 			c.mu.Unlock()
@@ -270,7 +280,22 @@ func (c *conn) handle(frame http2.Frame) {
 			c.finish(k, "RST_STREAM_"+f.ErrCode.String(), 0)
 		}
 	case *http2.GoAwayFrame:
-		c.fail(errors.New("GOAWAY " + f.ErrCode.String()))
+		if f.ErrCode != http2.ErrCodeNo {
+			c.fail(errors.New("GOAWAY " + f.ErrCode.String()))
+			return
+		}
+		// A graceful GOAWAY (gRPC's max connection age, or the server stopping): the calls up
+		// to LastStreamID are answered here, later ones were not taken (a gRPC client would
+		// retry them; gRPC announces with LastStreamID 2^31-1 first, so normally there are
+		// none). New calls go to a new connection (see main).
+		c.goaway = true
+		for id, k := range c.inflight {
+			if id > f.LastStreamID {
+				delete(c.inflight, id)
+				c.finish(k, "REFUSED_BY_GOAWAY", 0)
+			}
+		}
+		c.canSend.Broadcast()
 	}
 }
 
@@ -366,7 +391,7 @@ func main() {
 	gap := float64(time.Second) / *rate
 	due := start
 	dirty := make([]bool, len(clients))
-	sent := 0
+	sent, reconnects := 0, 0
 	for i := 0; ; i++ {
 		if *poisson {
 			due = due.Add(time.Duration(rng.ExpFloat64() * gap))
@@ -392,7 +417,17 @@ func main() {
 		}
 		j := i % len(clients)
 		pending.Add(1)
-		clients[j].send(due, measured)
+		for !clients[j].send(due, measured) {
+			// GOAWAY: what was written goes out, and this call and the next ones of this
+			// slot go to a new connection (the kernel may give it to another worker).
+			clients[j].flush()
+			clients[j], err = dial(*target, headers, message, results, pending.Done)
+			if err != nil {
+				fmt.Fprintln(os.Stderr, "openloop: reconnecting:", err)
+				os.Exit(1)
+			}
+			reconnects++
+		}
 		dirty[j] = true
 	}
 	for j, d := range dirty {
@@ -446,6 +481,7 @@ func main() {
 		"poisson":        *poisson,
 		"window_s":       duration.Seconds(),
 		"sent":           sent,
+		"reconnects":     reconnects,
 		"codes":          codes,
 		"response_sizes": sizes,
 		// Answered calls due in the window over the time until the last of them ended.

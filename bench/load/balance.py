@@ -1,0 +1,97 @@
+"""How two workers share a fixed rate of unary calls on a few connections, with and without
+`max_connection_age` (issue 10).
+
+    python bench/load/balance.py [--ages 0,15] [--rounds 3] [--rate 3200] [--seconds 60]
+        [--conns 8]
+
+The kernel gives each connection to one worker (SO_REUSEPORT, a hash of its addresses) for as
+long as it lives, so 8 connections may split 4 / 4 or 7 / 1. With a connection age, the server
+has each client reconnect now and then (GOAWAY) and the next connection is drawn again. For
+each round and each age in `--ages` (their order reversed each round): `allocsvc serve
+--workers 2` on the embedded PostgreSQL (a database of its own) with that
+`max_connection_age`, then bench/load/openloop at `--rate` calls/s round robin over `--conns`
+connections for `--seconds` (after 2 s unmeasured; h2.py's fixed-rate call, a non-sticky
+experiment), reconnecting after each GOAWAY. Per run: the rate kept, errors (openloop's non-OK
+calls and the servers' non-OK counts), p50 and p99 from each call's due time, the busier
+worker's share of the calls (from each worker's `allocsvc_rpcs_total`), reconnections, and
+the cores other work and the hypervisor took. Bounded: rounds x ages runs of about
+`--seconds` + 15 s, one server at a time, on 127.0.0.1. Prints a markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import signal
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import ab  # bench/load/ab.py
+import h2  # bench/load/h2.py
+import run  # bench/load/run.py
+
+WARMUP_S = 2.0
+
+
+def _busier_share(detail: str) -> str:
+    """The busier worker's share of the calls, from the detail's "(by worker: a / b)"."""
+    found = re.search(r"by worker: ([\d,]+) / ([\d,]+)", detail)
+    if found is None:
+        return "?"
+    a, b = (int(x.replace(",", "")) for x in found.groups())
+    return f"{max(a, b) / max(a + b, 1):.0%}"
+
+
+def measure(
+    args: argparse.Namespace, age: str, k: int, work: Path, postgres: Any, openloop: Path
+) -> str:
+    database = f"balance_{k}_{age.replace('.', '_')}"
+    target = h2.start("w2", work, postgres, database=database, connection_age=float(age))
+    try:
+        _, message, _ = h2.grpc_body(work)
+        shape = h2.Shape(args.conns, 0, rate=args.rate)
+        r = h2.run_openloop(openloop, target, message, shape, args.seconds, WARMUP_S)
+    finally:
+        target.setup.stop()
+    found = re.search(r"(\d+) reconnections", r["detail"])
+    line = (
+        f"| {k} | {age} | {r['rps']:,.0f} | {r['errors']:,} | {r['p50']:.1f} | {r['p99']:.1f} "
+        f"| {_busier_share(r['detail'])} | {found.group(1) if found else 0} "
+        f"| {r['other_cores']:.2f} + {r['steal_cores']:.2f} |"
+    )
+    print(line, f"({r['detail']})", file=sys.stderr)
+    return line
+
+
+def main() -> int:
+    signal.signal(signal.SIGTERM, run._exit_on_sigterm)  # stop the servers and the stores
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
+    parser.add_argument("--ages", default="0,15", help="max_connection_age values, seconds")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rate", type=float, default=3200.0, help="calls per second")
+    parser.add_argument("--seconds", type=float, default=60.0, help="measured seconds per run")
+    parser.add_argument("--conns", type=int, default=8, help="openloop's connections")
+    args = parser.parse_args()
+    ages = [f"{float(a):g}" for a in args.ages.split(",")]
+    lines = [
+        ab.heading(),
+        "",
+        "| round | max_connection_age s | calls/s kept | errors | p50 ms | p99 ms "
+        "| busier worker's share | reconnections | other + steal cores |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    with tempfile.TemporaryDirectory(prefix="allocsvc-balance-") as tmp:
+        work = Path(tmp)
+        openloop = h2.build_openloop(work)
+        with run.stores(work) as (postgres, _):
+            for k in range(1, args.rounds + 1):
+                for age in ages if k % 2 else reversed(ages):
+                    lines.append(measure(args, age, k, work, postgres, openloop))
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
