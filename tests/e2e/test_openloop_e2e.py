@@ -26,12 +26,13 @@ REQUEST = b"\x0a\x04load\x12\x04user"  # any bytes: the server below does not pa
 ANSWER = b"\x0a\x07answer!"  # 9 bytes
 
 # A gRPC server (grpc.aio) answering METHOD with ANSWER; the call numbered STALL_AT blocks the
-# event loop for STALL_S first. It prints its port once serving.
+# event loop for STALL_S first; with AGE_MS, each connection is aged out after that long
+# (GOAWAY). It prints its port once serving.
 SERVER = """
 import asyncio, sys, time
 import grpc
 
-STALL_AT, STALL_S = int(sys.argv[1]), float(sys.argv[2])
+STALL_AT, STALL_S, AGE_MS = int(sys.argv[1]), float(sys.argv[2]), int(sys.argv[3])
 calls = 0
 
 async def allocate(request: bytes, context: object) -> bytes:
@@ -42,7 +43,8 @@ async def allocate(request: bytes, context: object) -> bytes:
     return ANSWER
 
 async def main() -> None:
-    server = grpc.aio.server()
+    options = [("grpc.max_connection_age_ms", AGE_MS)] if AGE_MS else []
+    server = grpc.aio.server(options=options)
     handler = grpc.unary_unary_rpc_method_handler(allocate)
     server.add_generic_rpc_handlers(
         [grpc.method_handlers_generic_handler("allocsvc.v1.Allocator", {"Allocate": handler})]
@@ -67,9 +69,9 @@ def openloop(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return binary
 
 
-def _server(stall_at: int, stall_s: float) -> Iterator[int]:
+def _server(stall_at: int, stall_s: float, age_ms: int = 0) -> Iterator[int]:
     process = subprocess.Popen(
-        [sys.executable, "-c", SERVER % ANSWER, str(stall_at), str(stall_s)],
+        [sys.executable, "-c", SERVER % ANSWER, str(stall_at), str(stall_s), str(age_ms)],
         stdout=subprocess.PIPE,
         text=True,
     )
@@ -87,6 +89,12 @@ def _server(stall_at: int, stall_s: float) -> Iterator[int]:
 def stalling_server() -> Iterator[int]:
     """Its 600th call stops the loop for 300 ms: 1 s into the measured window below."""
     yield from _server(600, 0.3)
+
+
+@pytest.fixture
+def aging_server() -> Iterator[int]:
+    """No stall; every connection is sent GOAWAY after 300 ms (gRPC's max connection age)."""
+    yield from _server(0, 0.0, age_ms=300)
 
 
 def _drive(openloop: Path, port: int, tmp_path: Path, *extra: str) -> dict[str, object]:
@@ -135,3 +143,14 @@ def test_latency_runs_from_the_due_time(
             caught.append(int(lag_ns) / int(latency_ns))
     assert len(caught) >= 60
     assert statistics.median(caught) < 0.25
+
+
+def test_a_connection_the_server_ages_out_is_replaced_and_no_call_is_lost(
+    openloop: Path, aging_server: int, tmp_path: Path
+) -> None:
+    # 3.5 s on 2 connections aged every ~300 ms: about 20 GOAWAYs. The calls in flight on an
+    # aged connection are answered on it, the next ones go to a new connection.
+    result = _drive(openloop, aging_server, tmp_path)
+    assert result["sent"] == 1200
+    assert result["codes"] == {"OK": 1200}
+    assert int(str(result["reconnects"])) >= 4
