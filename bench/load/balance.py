@@ -1,7 +1,7 @@
 """How two workers share a fixed rate of unary calls on a few connections, with and without
 `max_connection_age` (issue 10).
 
-    python bench/load/balance.py [--ages 0,15] [--rounds 3] [--rate 3200] [--seconds 60]
+    python bench/load/balance.py [--ages 0,10] [--rounds 3] [--rate 3200] [--seconds 60]
         [--conns 8]
 
 The kernel gives each connection to one worker (SO_REUSEPORT, a hash of its addresses) for as
@@ -21,7 +21,6 @@ the cores other work and the hypervisor took. Bounded: rounds x ages runs of abo
 from __future__ import annotations
 
 import argparse
-import re
 import signal
 import sys
 import tempfile
@@ -35,30 +34,26 @@ import run  # bench/load/run.py
 WARMUP_S = 2.0
 
 
-def _busier_share(detail: str) -> str:
-    """The busier worker's share of the calls, from the detail's "(by worker: a / b)"."""
-    found = re.search(r"by worker: ([\d,]+) / ([\d,]+)", detail)
-    if found is None:
-        return "?"
-    a, b = (int(x.replace(",", "")) for x in found.groups())
-    return f"{max(a, b) / max(a + b, 1):.0%}"
-
-
 def measure(
-    args: argparse.Namespace, age: str, k: int, work: Path, postgres: Any, openloop: Path
+    args: argparse.Namespace,
+    age: str,
+    k: int,
+    work: Path,
+    postgres: Any,
+    openloop: Path,
+    message: Path,
 ) -> str:
     database = f"balance_{k}_{age.replace('.', '_')}"
     target = h2.start("w2", work, postgres, database=database, connection_age=float(age))
     try:
-        _, message, _ = h2.grpc_body(work)
         shape = h2.Shape(args.conns, 0, rate=args.rate)
         r = h2.run_openloop(openloop, target, message, shape, args.seconds, WARMUP_S)
     finally:
         target.setup.stop()
-    found = re.search(r"(\d+) reconnections", r["detail"])
+    by_worker = r["by_worker"]
     line = (
         f"| {k} | {age} | {r['rps']:,.0f} | {r['errors']:,} | {r['p50']:.1f} | {r['p99']:.1f} "
-        f"| {_busier_share(r['detail'])} | {found.group(1) if found else 0} "
+        f"| {max(by_worker) / max(sum(by_worker), 1):.0%} | {r['reconnects']} "
         f"| {r['other_cores']:.2f} + {r['steal_cores']:.2f} |"
     )
     print(line, f"({r['detail']})", file=sys.stderr)
@@ -68,7 +63,7 @@ def measure(
 def main() -> int:
     signal.signal(signal.SIGTERM, run._exit_on_sigterm)  # stop the servers and the stores
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
-    parser.add_argument("--ages", default="0,15", help="max_connection_age values, seconds")
+    parser.add_argument("--ages", default="0,10", help="max_connection_age values, seconds")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--rate", type=float, default=3200.0, help="calls per second")
     parser.add_argument("--seconds", type=float, default=60.0, help="measured seconds per run")
@@ -85,10 +80,11 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="allocsvc-balance-") as tmp:
         work = Path(tmp)
         openloop = h2.build_openloop(work)
+        _, message, _ = h2.grpc_body(work)
         with run.stores(work) as (postgres, _):
             for k in range(1, args.rounds + 1):
                 for age in ages if k % 2 else reversed(ages):
-                    lines.append(measure(args, age, k, work, postgres, openloop))
+                    lines.append(measure(args, age, k, work, postgres, openloop, message))
     print("\n".join(lines))
     return 0
 

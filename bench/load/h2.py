@@ -312,8 +312,10 @@ class Accounting:
         detail = ", ".join(f"{c} {n:,}" for c, n in sorted(by_code.items()) if n)
         if missing:
             detail += f", {missing:,} answered but not counted"
+        # Calls each worker counted (its share).
+        out["by_worker"] = [sum(c.values()) for c in per_worker]
         if len(per_worker) > 1:
-            split = " / ".join(f"{sum(c.values()):,}" for c in per_worker)
+            split = " / ".join(f"{n:,}" for n in out["by_worker"])
             detail += f" (by worker: {split})"
         out["server_errors"] = errors + missing
         out["server_ok"] = by_code.get("OK", 0)
@@ -453,9 +455,10 @@ def run_openloop(
         detail = f"{count - wrong:,} answers of {ECHO_RESPONSE - 5} B"
     detail = f"client: {client}" + (f"; server: {detail}" if detail else "")
     detail += f"; send lag p99 {numbers['lag_p99_ms']:.2f} ms"
-    if numbers.get("reconnects"):
-        # Connections the server aged out (GOAWAY, `max_connection_age`), replaced.
-        detail += f"; {numbers['reconnects']} reconnections"
+    # Connections the server aged out (GOAWAY, `max_connection_age`), replaced.
+    used["reconnects"] = numbers.get("reconnects", 0)
+    if used["reconnects"]:
+        detail += f"; {used['reconnects']} reconnections"
     percentiles = [numbers[f"{p}_ms"] for p in ("p50", "p95", "p99", "p999")]
     return _row(shape, seconds, count, errors, detail, numbers["rps"], percentiles, used)
 
