@@ -8,6 +8,7 @@ rows."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import struct
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
@@ -255,6 +256,45 @@ async def test_past_the_bound_a_flush_writes_rows(store: PostgresStore, migrated
     await journal.flush()
     assert journal.stats.blocks_written == 1
     assert await _blocks(migrated_db) == [USERS]
+
+
+async def test_the_bound_is_logged_once_when_reached_and_when_blocks_come_back(
+    store: PostgresStore, caplog: pytest.LogCaptureFixture
+) -> None:
+    journal = PostgresJournal(
+        store,
+        block_min_rows=100,
+        max_unexpanded_assignments=USERS + 50,
+        flush_interval=0.01,
+        block_quiet_s=0.0,
+    )
+    service = await batch_service(journal)
+    caplog.set_level(logging.INFO, logger="allocsvc.store.writebehind")
+
+    def said(text: str) -> list[str]:
+        return [r.levelname for r in caplog.records if text in r.getMessage()]
+
+    for lot in range(3):  # a block, then two flushes the bound turns into rows
+        _allocate(service, range(lot * USERS, (lot + 1) * USERS))
+        await journal.flush()
+    assert journal.stats.blocks_written == 1
+    assert said("at max_unexpanded_assignments") == ["WARNING"]
+    journal.start()
+    try:
+        for _ in range(1000):  # the expander empties the block: flushes were rows
+            if journal.stats.assignments_expanded == USERS:
+                break
+            await asyncio.sleep(0.01)
+        _allocate(service, range(3 * USERS, 4 * USERS))
+        for _ in range(1000):
+            if journal.stats.blocks_written == 2:
+                break
+            await asyncio.sleep(0.01)
+    finally:
+        await journal.close()
+    assert journal.stats.blocks_written == 2
+    assert said("at max_unexpanded_assignments") == ["WARNING"]
+    assert said("large flushes write blocks again") == ["INFO"]
 
 
 async def test_the_expander_empties_blocks_once_flushes_are_small(

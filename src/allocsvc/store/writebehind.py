@@ -386,6 +386,8 @@ class PostgresJournal:
         self._block_max_rows = max(1, block_max_rows)
         self._max_unexpanded = max_unexpanded_assignments
         self._last_flush_block = False
+        # Whether the last large flush found the blocks at `max_unexpanded_assignments`.
+        self._at_bound = False
         self._max_pending_assignments = max_pending_assignments
         self._max_pending_conversions = max_pending_conversions
         self._waiting_rows = 0
@@ -814,9 +816,23 @@ class PostgresJournal:
         )
 
     def _as_block(self, rows: int) -> bool:
-        """Whether a flush of `rows` assignments writes them as blocks."""
+        """Whether a flush of `rows` assignments writes them as blocks. A large flush the bound
+        turns into rows is logged once, until blocks are written again."""
+        if rows < self._block_min_rows or not self._max_unexpanded:
+            return False
         unexpanded = self.stats.unexpanded_assignments + rows
-        return rows >= self._block_min_rows and unexpanded <= self._max_unexpanded
+        at_bound = unexpanded > self._max_unexpanded
+        if at_bound and not self._at_bound:
+            log.warning(
+                "assignment blocks at max_unexpanded_assignments: large flushes write rows"
+                " (slower; allocations are refused once they fall behind) until blocks are"
+                " expanded",
+                extra={"unexpanded": self.stats.unexpanded_assignments, "flush": rows},
+            )
+        elif self._at_bound and not at_bound:
+            log.info("large flushes write blocks again", extra={"unexpanded": unexpanded - rows})
+        self._at_bound = at_bound
+        return not at_bound
 
     async def _write(self, unit: _Unit) -> bool:
         """Write a unit in one transaction; False (kept for a retry) when that fails."""
