@@ -231,6 +231,17 @@ impl Held {
 
     /// A store of at most `capacity` assignments (0: no bound); the oldest go first.
     pub fn bounded(id_prefix: &str, capacity: usize) -> Self {
+        Self::with_filter(id_prefix, capacity, 0)
+    }
+
+    /// [`Held::bounded`], the first part of whose filter of evicted keys holds `evicted_keys`
+    /// (0: `capacity`, at least 65,536).
+    pub fn with_filter(id_prefix: &str, capacity: usize, evicted_keys: usize) -> Self {
+        let first = if evicted_keys > 0 {
+            evicted_keys
+        } else {
+            capacity.max(1 << 16)
+        };
         Held {
             prefix: id_prefix.to_string(),
             records: Vec::new(),
@@ -248,7 +259,7 @@ impl Held {
             cursor: 0,
             evictions: 0,
             evicted_from: HashTable::new(),
-            stored: Growing::new(capacity.max(1 << 16), EVICTED_FILTERS),
+            stored: Growing::new(first, EVICTED_FILTERS),
             unlisted: HashSet::new(),
             read_from: HashMap::new(),
         }
@@ -1419,6 +1430,40 @@ impl Held {
             Ok(())
         })
     }
+
+    /// Once the filter of evicted keys is full (it passes every key, so each user not held of
+    /// an experiment that evicted is looked up), start a new one, sized for the keys the full
+    /// one took and what memory holds, and mark every experiment that evicted unlisted: looked
+    /// up all the same until its stored users are listed into the new filter. The caller
+    /// first has every assignment made before this call stored, then lists, in one snapshot
+    /// of the store, every block's users ([`Held::list_block`]) and the table's
+    /// ([`Held::list_copied`]), then calls [`Held::listed`]. Evictions from now on go into
+    /// the new filter. False (nothing done) unless the filter is full, or while a listing
+    /// (a restart's) is under way: its keys would go partly into the old filter.
+    pub fn renew_filter(&mut self) -> bool {
+        if !self.stored.full() || !self.unlisted.is_empty() {
+            return false;
+        }
+        let took = usize::try_from(self.evictions).unwrap_or(usize::MAX);
+        self.stored = Growing::new(
+            took.saturating_add(self.capacity).max(1 << 16),
+            EVICTED_FILTERS,
+        );
+        self.unlisted.extend(self.evicted_from.iter().copied());
+        true
+    }
+
+    /// Put the users of a block's rows (its decompressed COPY stream) of experiments that
+    /// evicted among those that may have a stored assignment not held: the block's rows.
+    pub fn list_block(&mut self, stream: &[u8]) -> Result<usize, CoreError> {
+        let rows = block::rows_of(stream, block::Wanted::All)?;
+        for r in &rows {
+            if self.evicted(r.handle) {
+                self.stored.insert(filter::user_key(r.handle, r.user_id));
+            }
+        }
+        Ok(rows.len())
+    }
 }
 
 /// Append `n` in lower-case hexadecimal without leading zeros (as `{:x}` writes it).
@@ -1686,6 +1731,67 @@ mod tests {
         assert!(held.may_be_stored(2, "old") && held.may_be_stored(2, "older"));
         assert!(!held.may_be_stored(2, "anyone") && !held.may_be_stored(2, "held"));
         assert!(held.list_copied(2, &copy_stream(&COPIED), true).is_err());
+    }
+
+    #[test]
+    fn a_full_filter_of_evicted_keys_is_renewed_from_a_listing() {
+        // Parts of at least a line (32 keys): 992 keys, then full.
+        let mut held = Held::with_filter("p", 10, 2);
+        for i in 0..1_100u64 {
+            held.add_new(&a(&format!("p-{i:x}"), i % 2, &format!("user-{i}"), 0));
+        }
+        assert!(held.evicted_filter_full());
+        assert!(held.may_be_stored(0, "never seen") && held.may_be_stored(1, "never seen"));
+        // A restart's listing under way: not now.
+        held.unlisted(1);
+        assert!(!held.renew_filter());
+        held.listed(1);
+        assert!(held.renew_filter());
+        assert!(!held.evicted_filter_full() && !held.renew_filter());
+        assert_eq!(held.unlisted_experiments(), [0, 1]);
+        // Unlisted: everyone not held may be stored, as with the full filter.
+        assert!(held.may_be_stored(0, "never seen") && !held.may_be_stored(1, "user-1099"));
+        // Evicted from now on (user-1090): into the new filter.
+        held.add_new(&a("p-1100", 0, "user-1100", 0));
+        // The listing: a block's users (and one of an experiment that evicted nothing), and
+        // the table's.
+        let mut stream = Vec::new();
+        copy_header(&mut stream);
+        for i in (0..500u64).chain([5_000]) {
+            let id = format!("p-{i:x}");
+            let user = format!("user-{i}");
+            let handle = if i == 5_000 { 2 } else { i % 2 };
+            copy_row(&mut stream, &a(&id, handle, &user, 0), 42);
+        }
+        copy_trailer(&mut stream);
+        assert_eq!(held.list_block(&stream).unwrap(), 501);
+        for handle in [0, 1] {
+            let mut listing = Vec::new();
+            copy_header(&mut listing);
+            for i in (500..1_090u64).filter(|i| i % 2 == handle) {
+                let user = format!("user-{i}");
+                listing.extend_from_slice(&1i16.to_be_bytes());
+                listing.extend_from_slice(&(user.len() as i32).to_be_bytes());
+                listing.extend_from_slice(user.as_bytes());
+            }
+            copy_trailer(&mut listing);
+            held.list_copied(handle, &listing, true).unwrap();
+            held.listed(handle);
+        }
+        assert!(!held.evicted_filter_full());
+        // Every evicted user may be stored; few never-seen users pass; experiment 2 evicted
+        // nothing: its block's user is not looked up.
+        for i in 0..1_091u64 {
+            assert!(held.may_be_stored(i % 2, &format!("user-{i}")), "user-{i}");
+        }
+        let passed = (10_000..20_000u64)
+            .filter(|i| held.may_be_stored(i % 2, &format!("user-{i}")))
+            .count();
+        assert!(
+            passed < 10_000 / 200,
+            "{passed} of 10,000 never seen passed"
+        );
+        assert!(!held.may_be_stored(2, "user-5000") && !held.evicted(2));
     }
 
     #[test]

@@ -390,9 +390,11 @@ class HeldAssignments:
     answers, every one by id for conversions and by user for data protection. Compact records
     in Rust (about 64 bytes plus the user id each), out of the garbage collector's sight."""
 
-    def __new__(cls, id_prefix: str, capacity: int = 0) -> HeldAssignments:
+    def __new__(cls, id_prefix: str, capacity: int = 0, evicted_keys: int = 0) -> HeldAssignments:
         """At most `capacity` assignments (0: no bound), the oldest evicted first; own
-        assignment ids are `{id_prefix}-{seq:x}` (kept as numbers)."""
+        assignment ids are `{id_prefix}-{seq:x}` (kept as numbers). The first part of the
+        filter of evicted keys holds `evicted_keys` (0: `capacity`, at least 65,536), its five
+        parts 31 times that."""
 
     @property
     def pending(self) -> int:
@@ -447,6 +449,17 @@ class HeldAssignments:
 
     def listed(self, handle: int) -> None:
         """Every stored user of experiment `handle` is listed (`list_copied`)."""
+
+    def renew_filter(self) -> bool:
+        """Once the filter of evicted keys is full (it passes every key), start a new one and
+        mark every experiment that evicted unlisted until it is listed again (`list_block`,
+        `list_copied`, `listed`, in one snapshot of the store, after every assignment made
+        before this call is stored). False (nothing done) unless full, or while a listing is
+        under way."""
+
+    def list_block(self, data: bytes) -> int:
+        """Put the users of a compressed assignment block's rows, of experiments that evicted,
+        among those that may have a stored assignment not held: its rows. Without the GIL."""
 
     @property
     def unlisted_experiments(self) -> list[int]:

@@ -49,6 +49,9 @@ REGION_EXPERIMENTS_S = 0.25
 GROWTH_PAUSE_S = 0.05
 # A listing of stored users that failed (PostgreSQL away) is tried again after this long.
 LIST_RETRY_S = 30.0
+# How often a process with bounded memory of assignments checks whether its filter of evicted
+# users is full (then renews it from the stored users: `AllocationService.renew_evicted_filter`).
+FILTER_CHECK_S = 5.0
 
 
 @dataclass
@@ -305,6 +308,9 @@ async def start(settings: Settings) -> Running:
         if isinstance(journal, PostgresJournal) and region_service.unlisted_experiments:
             listing = functools.partial(region_service.list_stored_users, journal.list_users)
             scheduler.once("list-stored-users", listing, retry=LIST_RETRY_S)
+        if isinstance(journal, PostgresJournal) and region_service.held_capacity:
+            renewal = functools.partial(region_service.renew_evicted_filter, journal)
+            scheduler.every("renew-evicted-filter", FILTER_CHECK_S, renewal)
     log.info("serving", extra={"host": settings.host, "port": port, "pid": os.getpid()})
     return Running(server, health_servicer, service, stores, scheduler, port, regions, learning)
 

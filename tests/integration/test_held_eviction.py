@@ -24,6 +24,7 @@ from allocsvc.api import convert
 from allocsvc.api.allocator import AllocatorServicer
 from allocsvc.context import Extractor
 from allocsvc.core import Engine
+from allocsvc.errors import Unavailable
 from allocsvc.store import PostgresStore
 from allocsvc.store.writebehind import PostgresJournal
 
@@ -37,8 +38,11 @@ def _same(a: Assignment, b: Assignment) -> bool:
     return a._replace(created_ms=0) == b._replace(created_ms=0)
 
 
-async def _service(journal: PostgresJournal | MemoryJournal) -> AllocationService:
-    service = AllocationService(Engine(), journal, Extractor(), Limits(max_held_assignments=HELD))
+async def _service(
+    journal: PostgresJournal | MemoryJournal, limits: Limits | None = None
+) -> AllocationService:
+    limits = limits or Limits(max_held_assignments=HELD)
+    service = AllocationService(Engine(), journal, Extractor(), limits)
     for key, sticky in (("sticky", True), ("plain", False)):
         experiment = pb.Experiment(
             id=key,
@@ -207,3 +211,67 @@ async def test_a_restart_holds_the_newest_and_finds_the_rest_in_postgres(
     loaded = await server.restore(journal, unbounded)
     assert (loaded["assignments"], loaded["unread"]) == (3 * HELD + 201, 0)
     assert all(unbounded.holds(assignment_id=a.id) for a in first)
+
+
+async def _batch(servicer: AllocatorServicer, users: Sequence[str]) -> list[tuple[str, bool]]:
+    """(assignment id, sticky) of each user of one `AllocateBatch` of the sticky experiment."""
+    batch = pb.AllocateBatchRequest(
+        requests=[pb.AllocateRequest(experiment_id="sticky", user_id=u) for u in users]
+    )
+    reply = pb.AllocateBatchResponse.FromString(
+        await servicer.AllocateBatchBytes(batch.SerializeToString(), None)  # type: ignore[arg-type]
+    )
+    return [(r.allocation.assignment_id, r.allocation.sticky) for r in reply.results]
+
+
+async def test_a_full_filter_of_evicted_users_is_renewed_from_postgres(
+    store: PostgresStore,
+) -> None:
+    # Its parts hold at least 32 keys each: 992 evicted users fill it. Large flushes are
+    # written as blocks, so the listing reads blocks and rows.
+    journal = PostgresJournal(store, max_pending_assignments=10_000, block_min_rows=300)
+    service = await _service(journal, Limits(max_held_assignments=HELD, evicted_filter_keys=1))
+    servicer = AllocatorServicer(service, "local")
+    users = [f"user-{i}" for i in range(1_200)]
+    first = await _batch(servicer, users[:600])
+    await journal.flush()  # a block
+    first += await _batch(servicer, users[600:650])
+    await journal.flush()  # rows
+    first += await _batch(servicer, users[650:])  # not written yet: the renewal flushes them
+    assert service.held_statistics()["evicted_filter_full"] == 1
+    # Full: every user not held is looked up, never-seen ones too.
+    lookups = _count_lookups(journal)
+    assert not any(sticky for _, sticky in await _batch(servicer, ["new-0", "new-1"]))
+    assert {"new-0", "new-1"} <= set(lookups)
+
+    # A renewal whose flush fails leaves the experiment unlisted (looked up, as when full)
+    # and goes on at the next call, though the new filter is no longer full.
+    class Unflushed:
+        async def flushed(self) -> bool:
+            return False
+
+        list_stored = journal.list_stored
+
+    with pytest.raises(Unavailable, match="not written"):
+        await service.renew_evicted_filter(Unflushed())
+    statistics = service.held_statistics()
+    assert statistics["evicted_filter_full"] == 0 and statistics["unlisted_experiments"] == 1
+    await service.renew_evicted_filter(journal)
+    statistics = service.held_statistics()
+    assert statistics["evicted_filter_full"] == 0 and statistics["unlisted_experiments"] == 0
+    assert journal.stats.blocks_written >= 1 and journal.stats.pending_assignments == 0
+    # Never-seen users: new, and looked up only on the filter's few false passes.
+    lookups.clear()
+    for start in range(0, 400, 100):
+        new = [f"new-{i}" for i in range(start + 2, start + 102)]
+        assert not any(sticky for _, sticky in await _batch(servicer, new))
+    assert len(lookups) < 10, lookups
+    # Every user made before, evicted (in the block, in rows, or flushed by the renewal):
+    # the same assignment again (in batches memory can hold again at once).
+    step = HELD // 2
+    for start in range(0, 1_200, step):
+        again = await _batch(servicer, users[start : start + step])
+        assert again == [(i, True) for i, _ in first[start : start + step]]
+    # Not full: nothing more to do.
+    await service.renew_evicted_filter(journal)
+    assert service.held_statistics()["unlisted_experiments"] == 0

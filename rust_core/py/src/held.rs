@@ -113,10 +113,10 @@ impl PyHeld {
     /// A store of at most `capacity` assignments (0: no bound; the oldest go first) whose
     /// own assignment ids are `{id_prefix}-{seq:x}` (kept as numbers).
     #[new]
-    #[pyo3(signature = (id_prefix, capacity=0))]
-    fn new(id_prefix: &str, capacity: usize) -> Self {
+    #[pyo3(signature = (id_prefix, capacity=0, evicted_keys=0))]
+    fn new(id_prefix: &str, capacity: usize, evicted_keys: usize) -> Self {
         PyHeld {
-            inner: Holder::new(Held::bounded(id_prefix, capacity)),
+            inner: Holder::new(Held::with_filter(id_prefix, capacity, evicted_keys)),
             names: Mutex::new(Names::default()),
         }
     }
@@ -242,6 +242,22 @@ impl PyHeld {
             .list_copied(handle, data, at_start)
             .map_err(to_py)?;
         Ok((read.consumed, read.rows, read.ended))
+    }
+
+    /// Once the filter of evicted keys is full, start a new one and mark every experiment
+    /// that evicted unlisted, to be listed again (`list_block`, `list_copied`, `listed`):
+    /// whether it did (see [`Held::renew_filter`]).
+    fn renew_filter(&self) -> bool {
+        self.inner.lock().renew_filter()
+    }
+
+    /// Put the users of a compressed assignment block's rows of experiments that evicted
+    /// among those that may have a stored assignment not held, without the GIL: its rows.
+    fn list_block(&self, py: Python<'_>, data: &[u8]) -> PyResult<usize> {
+        py.allow_threads(|| {
+            let stream = decompressed(data).map_err(not_a_block)?;
+            self.inner.lock().list_block(&stream).map_err(to_py)
+        })
     }
 
     /// Every stored user of experiment `handle` is listed.

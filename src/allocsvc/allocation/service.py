@@ -46,6 +46,7 @@ from allocsvc.errors import (
     FailedPrecondition,
     InvalidRequest,
     NotFound,
+    Unavailable,
 )
 from allocsvc.learning.features import RawFeatures
 from allocsvc.learning.sampling import ObservationGaps
@@ -86,6 +87,9 @@ class Limits:
     # Assignments held in memory (0: no bound); past it the oldest are evicted and read back
     # from the journal's durable store when asked for.
     max_held_assignments: int = 0
+    # Keys the first part of the filter of evicted users holds (0: max_held_assignments, at
+    # least 65,536); it fills at 31 times that (then `renew_evicted_filter`).
+    evicted_filter_keys: int = 0
 
 
 # The objects made on every allocation are NamedTuples: immutable like frozen dataclasses,
@@ -116,6 +120,23 @@ class Assignment(NamedTuple):
 Held = tuple[str, str, int, str, int, str, int, float, int]
 # `PostgresJournal.list_users`: (handle, list_copied(data, at_start)) -> rows read.
 ListUsers = Callable[[int, Callable[[bytes, bool], tuple[int, int, bool]]], Awaitable[int]]
+
+
+class StoredUsers(Protocol):
+    """What renewing the filter of evicted users asks of the durable store
+    (`PostgresJournal`)."""
+
+    async def flushed(self) -> bool:
+        """Flush: whether everything buffered before the call is written."""
+
+    async def list_stored(
+        self,
+        handles: Sequence[int],
+        list_block: Callable[[bytes], int],
+        list_copied: Callable[[int, bytes, bool], tuple[int, int, bool]],
+    ) -> int:
+        """In one snapshot, every block to `list_block` and the users of each experiment's
+        rows to `list_copied(handle, data, at_start)`: rows read."""
 
 
 def _made_at(a: Assignment) -> int:
@@ -225,7 +246,13 @@ class AllocationService:
         self._id_prefix = secrets.token_hex(6)
         # Latest assignment per (experiment handle, user id), every assignment by id and by
         # user: in Rust, no Python object per assignment (none for the collector to walk).
-        self._held = HeldAssignments(self._id_prefix, self._limits.max_held_assignments)
+        self._held = HeldAssignments(
+            self._id_prefix,
+            self._limits.max_held_assignments,
+            self._limits.evicted_filter_keys,
+        )
+        # A renewal of the evicted users' filter started and not listed yet.
+        self._renewing = False
         # Users and assignment ids looked up in the durable store because memory may not hold
         # them, and how many of those it had (the rest: the filter's false passes).
         self._store_lookups = 0
@@ -444,6 +471,40 @@ class AllocationService:
                     "filter_bytes": self._held.evicted_filter_size,
                 },
             )
+
+    async def renew_evicted_filter(self, store: StoredUsers) -> None:
+        """Once the filter of evicted users is full (every user not held of an experiment
+        that evicted is then looked up in the store, a query per new sticky user), start a new
+        one and list into it every stored user of those experiments: the assignments made
+        before are flushed first, then blocks and rows are read in one snapshot (a row is in
+        its block or, expanded meanwhile, in the table). Until the listing ends those users
+        are looked up, as with the full filter; a listing that fails (the store away) is
+        tried again at the next call."""
+        if not self._renewing:
+            if not self._held.renew_filter():
+                return
+            self._renewing = True
+            log.warning(
+                "filter of evicted users full: renewing it from the stored users",
+                extra={"evictions": self._held.evictions},
+            )
+        started = time.perf_counter()
+        if not await store.flushed():
+            raise Unavailable("assignment store unavailable: buffered assignments not written")
+        handles = self._held.unlisted_experiments
+        rows = await store.list_stored(handles, self._held.list_block, self._held.list_copied)
+        for handle in handles:
+            self._held.listed(handle)
+        self._renewing = False
+        log.info(
+            "filter of evicted users renewed",
+            extra={
+                "experiments": len(handles),
+                "assignments": rows,
+                "seconds": round(time.perf_counter() - started, 3),
+                "filter_bytes": self._held.evicted_filter_size,
+            },
+        )
 
     @property
     def unlisted_experiments(self) -> int:

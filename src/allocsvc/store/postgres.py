@@ -898,14 +898,20 @@ class PostgresStore:
             await reader.copy_from_query(query, *args, output=output, format="binary")
 
     async def copy_out_users(
-        self, experiment_id: int, output: Callable[[bytearray], Awaitable[None]]
+        self,
+        experiment_id: int,
+        output: Callable[[bytearray], Awaitable[None]],
+        *,
+        connection: Any = None,
     ) -> None:
         """The user ids of an experiment's stored assignments (one per assignment, in no
         order), as a binary COPY stream of one text column given to `output` piece by piece.
-        Assignments still in blocks are not read (as `copy_out_assignments`)."""
+        Assignments still in blocks are not read (as `copy_out_assignments`). On `connection`
+        (a `snapshot`'s), or one of the pool's."""
         query = "SELECT user_id FROM assignments WHERE experiment_id = $1"
-        async with self._pool.acquire() as connection:
-            await connection.copy_from_query(query, experiment_id, output=output, format="binary")
+        given = None if connection is None else contextlib.nullcontext(connection)
+        async with given or self._pool.acquire() as reader:
+            await reader.copy_from_query(query, experiment_id, output=output, format="binary")
 
     # conversions
 

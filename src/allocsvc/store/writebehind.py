@@ -570,6 +570,30 @@ class PostgresJournal:
             raise Unavailable(f"assignment store unavailable: {type(exc).__name__}") from None
         return stream.finish()
 
+    async def list_stored(
+        self,
+        handles: Sequence[int],
+        list_block: Callable[[bytes], int],
+        list_copied: Callable[[int, bytes, bool], tuple[int, int, bool]],
+    ) -> int:
+        """In one snapshot of the store, give every assignment block's payload to
+        `list_block` (`HeldAssignments.list_block`) and the users of each of `handles`'
+        stored rows to `list_copied(handle, data, at_start)` as pieces of a binary COPY
+        stream: a row is read in its block or, expanded meanwhile, in the table, never
+        neither. How many rows were read."""
+        try:
+            async with self._store.snapshot() as connection:
+                _, rows, _ = await self._store.read_blocks(
+                    connection, lambda payload, _made_ms: (list_block(payload), 0)
+                )
+                for handle in handles:
+                    stream = CopyPieces(functools.partial(list_copied, handle))
+                    await self._store.copy_out_users(handle, stream.feed, connection=connection)
+                    rows += stream.finish()
+        except STORE_DOWN as exc:
+            raise Unavailable(f"assignment store unavailable: {type(exc).__name__}") from None
+        return rows
+
     # Traffic, recommendations, audit: written through.
 
     async def traffic(self, handle: int) -> list[DailyTraffic]:
@@ -774,6 +798,11 @@ class PostgresJournal:
         # One at a time, so that close() waits for a flush the loop had started.
         async with self._flush_lock:
             await self._flush()
+
+    async def flushed(self) -> bool:
+        """`flush`: whether everything buffered before the call is written."""
+        await self.flush()
+        return self._unwritten is None
 
     async def _flush(self) -> None:
         if self._unwritten is not None:
