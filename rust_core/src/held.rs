@@ -1707,14 +1707,7 @@ mod tests {
         held.unlisted(2);
         held.add_new(&a("p-1000", 2, "held", 0));
         assert!(held.may_be_stored(2, "anyone") && !held.may_be_stored(2, "held"));
-        let mut listing = Vec::new();
-        copy_header(&mut listing);
-        for user in ["old", "older"] {
-            listing.extend_from_slice(&1i16.to_be_bytes());
-            listing.extend_from_slice(&(user.len() as i32).to_be_bytes());
-            listing.extend_from_slice(user.as_bytes());
-        }
-        copy_trailer(&mut listing);
+        let listing = user_listing(["old", "older"]);
         let (first, rest) = listing.split_at(listing.len() - 9);
         let read = held.list_copied(2, first, true).unwrap();
         assert_eq!((read.rows, read.ended), (1, false));
@@ -1766,15 +1759,8 @@ mod tests {
         copy_trailer(&mut stream);
         assert_eq!(held.list_block(&stream).unwrap(), 501);
         for handle in [0, 1] {
-            let mut listing = Vec::new();
-            copy_header(&mut listing);
-            for i in (500..1_090u64).filter(|i| i % 2 == handle) {
-                let user = format!("user-{i}");
-                listing.extend_from_slice(&1i16.to_be_bytes());
-                listing.extend_from_slice(&(user.len() as i32).to_be_bytes());
-                listing.extend_from_slice(user.as_bytes());
-            }
-            copy_trailer(&mut listing);
+            let users = (500..1_090u64).filter(|i| i % 2 == handle);
+            let listing = user_listing(users.map(|i| format!("user-{i}")));
             held.list_copied(handle, &listing, true).unwrap();
             held.listed(handle);
         }
@@ -2040,6 +2026,20 @@ mod tests {
     );
 
     /// A binary COPY stream of [`RESTORE_COLUMNS`] rows.
+    /// A binary COPY stream of one text column: user ids, as a listing of stored users reads.
+    fn user_listing<S: AsRef<str>>(users: impl IntoIterator<Item = S>) -> Vec<u8> {
+        let mut out = Vec::new();
+        copy_header(&mut out);
+        for user in users {
+            let user = user.as_ref();
+            out.extend_from_slice(&1i16.to_be_bytes());
+            out.extend_from_slice(&(user.len() as i32).to_be_bytes());
+            out.extend_from_slice(user.as_bytes());
+        }
+        copy_trailer(&mut out);
+        out
+    }
+
     fn copy_stream(rows: &[Stored]) -> Vec<u8> {
         let mut out = Vec::new();
         copy_header(&mut out);

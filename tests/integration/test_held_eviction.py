@@ -79,6 +79,17 @@ def _count_lookups(journal: PostgresJournal) -> list[str]:
     return asked
 
 
+async def _batch(servicer: AllocatorServicer, users: Sequence[str]) -> list[tuple[str, bool]]:
+    """(assignment id, sticky) of each user of one `AllocateBatch` of the sticky experiment."""
+    batch = pb.AllocateBatchRequest(
+        requests=[pb.AllocateRequest(experiment_id="sticky", user_id=u) for u in users]
+    )
+    reply = pb.AllocateBatchResponse.FromString(
+        await servicer.AllocateBatchBytes(batch.SerializeToString(), None)  # type: ignore[arg-type]
+    )
+    return [(r.allocation.assignment_id, r.allocation.sticky) for r in reply.results]
+
+
 async def test_evicted_sticky_assignments_come_back_from_postgres(store: PostgresStore) -> None:
     journal = PostgresJournal(store, max_pending_assignments=HELD // 2)
     journal.start()  # the group commit answers conversions
@@ -96,15 +107,7 @@ async def test_evicted_sticky_assignments_come_back_from_postgres(store: Postgre
     assert again.sticky and _same(again.assignment, first[1])
     # A batch: every evicted user answered with the assignment made first.
     servicer = AllocatorServicer(service, "local")
-    batch = pb.AllocateBatchRequest(
-        requests=[
-            pb.AllocateRequest(experiment_id="sticky", user_id=f"user-{i}") for i in range(2, 8)
-        ]
-    )
-    reply = pb.AllocateBatchResponse.FromString(
-        await servicer.AllocateBatchBytes(batch.SerializeToString(), None)  # type: ignore[arg-type]
-    )
-    got = [(r.allocation.assignment_id, r.allocation.sticky) for r in reply.results]
+    got = await _batch(servicer, [f"user-{i}" for i in range(2, 8)])
     assert got == [(first[i].id, True) for i in range(2, 8)]
     # Conversions by id and by experiment and user, of evicted assignments.
     by_id, by_user = await service.record_conversions(
@@ -121,16 +124,8 @@ async def test_evicted_sticky_assignments_come_back_from_postgres(store: Postgre
     # once), and one alone.
     lookups = _count_lookups(journal)
     for start in range(0, 500, HELD // 2):
-        batch = pb.AllocateBatchRequest(
-            requests=[
-                pb.AllocateRequest(experiment_id="sticky", user_id=f"new-{i}")
-                for i in range(start, start + HELD // 2)
-            ]
-        )
-        reply = pb.AllocateBatchResponse.FromString(
-            await servicer.AllocateBatchBytes(batch.SerializeToString(), None)  # type: ignore[arg-type]
-        )
-        assert not any(r.allocation.sticky for r in reply.results)
+        new_users = [f"new-{i}" for i in range(start, start + HELD // 2)]
+        assert not any(sticky for _, sticky in await _batch(servicer, new_users))
         await journal.flush()
     assert len(lookups) < 10, lookups
     lookups.clear()
@@ -211,17 +206,6 @@ async def test_a_restart_holds_the_newest_and_finds_the_rest_in_postgres(
     loaded = await server.restore(journal, unbounded)
     assert (loaded["assignments"], loaded["unread"]) == (3 * HELD + 201, 0)
     assert all(unbounded.holds(assignment_id=a.id) for a in first)
-
-
-async def _batch(servicer: AllocatorServicer, users: Sequence[str]) -> list[tuple[str, bool]]:
-    """(assignment id, sticky) of each user of one `AllocateBatch` of the sticky experiment."""
-    batch = pb.AllocateBatchRequest(
-        requests=[pb.AllocateRequest(experiment_id="sticky", user_id=u) for u in users]
-    )
-    reply = pb.AllocateBatchResponse.FromString(
-        await servicer.AllocateBatchBytes(batch.SerializeToString(), None)  # type: ignore[arg-type]
-    )
-    return [(r.allocation.assignment_id, r.allocation.sticky) for r in reply.results]
 
 
 async def test_a_full_filter_of_evicted_users_is_renewed_from_postgres(

@@ -557,15 +557,21 @@ class PostgresJournal:
         return restored
 
     async def list_users(
-        self, handle: int, list_copied: Callable[[bytes, bool], tuple[int, int, bool]]
+        self,
+        handle: int,
+        list_copied: Callable[[bytes, bool], tuple[int, int, bool]],
+        *,
+        connection: Any = None,
     ) -> int:
         """Give the users of experiment `handle`'s stored assignments to `list_copied(data,
         at_start)` (`HeldAssignments.list_copied`) as pieces of a binary COPY stream; how many
         rows were read. Rows still in blocks are not read: a restart read every block's
-        (`hold_newest`), and this process's own are held or were evicted (and known so)."""
+        (`hold_newest`), and this process's own are held or were evicted (and known so); a
+        renewal reads them in the same snapshot (`list_stored`). On `connection` (a
+        `snapshot`'s), or one of the pool's."""
         stream = CopyPieces(list_copied)
         try:
-            await self._store.copy_out_users(handle, stream.feed)
+            await self._store.copy_out_users(handle, stream.feed, connection=connection)
         except STORE_DOWN as exc:
             raise Unavailable(f"assignment store unavailable: {type(exc).__name__}") from None
         return stream.finish()
@@ -587,9 +593,8 @@ class PostgresJournal:
                     connection, lambda payload, _made_ms: (list_block(payload), 0)
                 )
                 for handle in handles:
-                    stream = CopyPieces(functools.partial(list_copied, handle))
-                    await self._store.copy_out_users(handle, stream.feed, connection=connection)
-                    rows += stream.finish()
+                    listing = functools.partial(list_copied, handle)
+                    rows += await self.list_users(handle, listing, connection=connection)
         except STORE_DOWN as exc:
             raise Unavailable(f"assignment store unavailable: {type(exc).__name__}") from None
         return rows
