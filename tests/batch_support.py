@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from allocsvc._proto import allocsvc_pb2 as pb
 from allocsvc.allocation.journal import MemoryJournal, SharedState
-from allocsvc.allocation.service import AllocationService
+from allocsvc.allocation.service import AllocationService, Limits
 from allocsvc.api import convert
 from allocsvc.api.allocator import AllocatorServicer
 from allocsvc.context import Extractor
@@ -28,9 +28,14 @@ class Keeping(MemoryJournal):
 
 
 async def servicer(
-    journal: MemoryJournal | None = None, shared: SharedState | None = None, sticky: bool = False
+    journal: MemoryJournal | None = None,
+    shared: SharedState | None = None,
+    sticky: bool = False,
+    limits: Limits | None = None,
 ) -> tuple[AllocationService, AllocatorServicer]:
-    service = AllocationService(Engine(), journal or MemoryJournal(), Extractor(), shared=shared)
+    service = AllocationService(
+        Engine(), journal or MemoryJournal(), Extractor(), limits or Limits(), shared=shared
+    )
     experiment = pb.Experiment(
         id="e",
         status=pb.EXPERIMENT_STATUS_RUNNING,

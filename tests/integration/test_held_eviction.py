@@ -259,3 +259,19 @@ async def test_a_full_filter_of_evicted_users_is_renewed_from_postgres(
     # Not full: nothing more to do.
     await service.renew_evicted_filter(journal)
     assert service.held_statistics()["unlisted_experiments"] == 0
+
+
+async def test_a_batch_with_more_evicted_users_than_memory_holds_answers_each_from_postgres(
+    store: PostgresStore,
+) -> None:
+    journal = PostgresJournal(store)
+    service = await _service(journal)
+    first = await _first_users(service, journal, 3 * HELD)
+    await journal.flush()
+    # 2 * HELD evicted users in one batch: more than memory holds, all found in PostgreSQL.
+    servicer = AllocatorServicer(service, "local")
+    users = range(2 * HELD)
+    got = await _batch(servicer, [f"user-{i}" for i in users])
+    assert got == [(first[i].id, True) for i in users]
+    assert len(service._held) <= HELD
+    await journal.close()

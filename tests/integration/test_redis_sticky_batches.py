@@ -20,6 +20,7 @@ from allocsvc.allocation.service import (
     AllocationRequest,
     AllocationService,
     Assignment,
+    Limits,
 )
 from allocsvc.api import convert
 from allocsvc.api.allocator import AllocatorServicer
@@ -48,10 +49,12 @@ class Replica:
         self.shared, self.service, self.journal, self.api = shared, service, journal, api
 
     @classmethod
-    async def start(cls, url: str, namespace: str, *, non_sticky: bool = False) -> Replica:
+    async def start(
+        cls, url: str, namespace: str, *, non_sticky: bool = False, limits: Limits | None = None
+    ) -> Replica:
         shared = redis_shared(url, namespace)
         journal = Keeping()
-        service, api = await servicer(journal, shared, sticky=True)
+        service, api = await servicer(journal, shared, sticky=True, limits=limits)
         if non_sticky:
             n = pb.Experiment(
                 id="n",
@@ -313,3 +316,26 @@ async def test_a_full_replica_still_answers_users_another_replica_claimed(
     finally:
         await first.shared.close()
         await shared.close()
+
+
+async def test_a_batch_finds_more_claimed_users_than_its_memory_holds(fresh_redis: str) -> None:
+    namespace = f"sticky-{next(_namespaces)}"
+    first = await Replica.start(fresh_redis, namespace)
+    # Memory for 10: the 30 users found in Redis are held in turn, evicting one another.
+    second = await Replica.start(fresh_redis, namespace, limits=Limits(max_held_assignments=10))
+    try:
+        users = [f"u{i}" for i in range(30)]
+        answers = await first.batch([("e", u) for u in users])
+        admitted: list[int] = []
+        second.journal.admit = admitted.append  # type: ignore[method-assign]
+        again = await second.batch([("e", u) for u in users])
+        assert [(a.assignment_id, a.sticky) for a in again] == [
+            (a.assignment_id, True) for a in answers
+        ]
+        # Answered as found, none decided anew (for a claim that would lose).
+        assert admitted == [0]
+        assert second.allocations() == 0
+        assert not second.kept()
+    finally:
+        await first.shared.close()
+        await second.shared.close()

@@ -120,6 +120,8 @@ class Assignment(NamedTuple):
 Held = tuple[str, str, int, str, int, str, int, float, int]
 # `PostgresJournal.list_users`: (handle, list_copied(data, at_start)) -> rows read.
 ListUsers = Callable[[int, Callable[[bytes, bool], tuple[int, int, bool]]], Awaitable[int]]
+# `recall_sticky`: the assignments read back from the durable store, by (handle, user id).
+Recalled = dict[tuple[int, str], Assignment]
 
 
 class StoredUsers(Protocol):
@@ -861,18 +863,23 @@ class AllocationService:
                 self._remember(assignment)
         return found
 
-    async def recall_sticky(self, prepared: PreparedBatch) -> None:
-        """Hold again, before `finish_batch`, the evicted assignments of a batch's users of
-        sticky experiments (read from the durable store, one call per experiment)."""
+    async def recall_sticky(self, prepared: PreparedBatch) -> Recalled:
+        """The evicted assignments of a batch's users of sticky experiments, read from the
+        durable store (one call per experiment) and held again, for `finish_batch`: a batch
+        may recall more than memory holds, so they are answered from here, not the held
+        store."""
         # The batch first: the store's counts wait for the batches it is still holding.
         if not prepared.has_sticky or not self._held.incomplete:
-            return
+            return {}
         _, handles, user_ids = prepared.sticky_candidates()
         wanted: dict[int, list[str]] = {}
         for i in self._held.may_be_stored(handles, user_ids):
             wanted.setdefault(handles[i], []).append(user_ids[i])
+        recalled: Recalled = {}
         for handle, users in wanted.items():
-            await self._recall_users(self._by_handle[handle], users)
+            found = await self._recall_users(self._by_handle[handle], users)
+            recalled.update(((handle, user_id), a) for user_id, a in found.items())
+        return recalled
 
     def _latest_of(self, slot: tuple[int, str]) -> Assignment | None:
         held = self._held.latest(*slot)
@@ -914,14 +921,16 @@ class AllocationService:
         region: str,
         allocated: Mapping[int, Allocation],
         errors: Mapping[int, tuple[int, str, str]],
+        recalled: Recalled | None = None,
     ) -> bytes:
         """Allocate the items of a prepared batch exactly as `allocate` would, in order, in one
         Rust call; return the serialized AllocateBatchResponse.
 
         `allocated` and `errors` answer the items `prepared.invalid()` lists (the caller ran
-        them through `allocate`). Sticky users found here are answered with their assignment.
+        them through `allocate`). Sticky users held here or `recalled` (`recall_sticky`) are
+        answered with their assignment.
         """
-        given = self._given(prepared, allocated, prepared.sticky_candidates())
+        given = self._given(prepared, allocated, prepared.sticky_candidates(), recalled or {})
         response, made, _ = self._decide_new(prepared, region, given, errors, record=True)
         if made:
             self._keep_made(made)
@@ -981,6 +990,7 @@ class AllocationService:
         region: str,
         allocated: Mapping[int, Allocation],
         errors: Mapping[int, tuple[int, str, str]],
+        recalled: Recalled | None = None,
     ) -> bytes:
         """`finish_batch` for a batch `claims` names, in two round trips to shared state
         whatever its size (`allocate` takes one per new user): users of sticky experiments not
@@ -995,9 +1005,10 @@ class AllocationService:
         missing = [
             (h, u) for k, (h, u) in enumerate(zip(handles, users, strict=True)) if k not in held
         ]
-        for found in (await shared.sticky_many(missing)).values():
-            self._remember(found)
-        given = self._given(prepared, allocated, candidates)
+        found = await shared.sticky_many(missing)
+        for assignment in found.values():
+            self._remember(assignment)
+        given = self._given(prepared, allocated, candidates, {**(recalled or {}), **found})
         response, made, answers = self._decide_new(prepared, region, given, errors, record=False)
         if not made:
             return response
@@ -1044,10 +1055,12 @@ class AllocationService:
         prepared: PreparedBatch,
         allocated: Mapping[int, Allocation],
         candidates: tuple[list[int], list[int], list[str]],
+        recalled: Recalled,
     ) -> dict[int, GivenAllocation]:
         """What the caller answers of a prepared batch: the items it allocated itself, and
         the users of sticky experiments (`candidates`: `prepared.sticky_candidates()`) held
-        here, answered with their assignment."""
+        here or else `recalled` (held again, but perhaps evicted since by one another),
+        answered with their assignment."""
         unknown = prepared.unknown_user_agents(self._catalogue)
         if unknown:
             device = self._extractor.device
@@ -1064,15 +1077,21 @@ class AllocationService:
             for i, a in allocated.items()
         }
         positions, handles, user_ids = candidates
-        for k, held in self._held.latest_many(handles, user_ids).items():
+        earlier = {
+            k: Assignment._make(a) for k, a in self._held.latest_many(handles, user_ids).items()
+        }
+        if recalled:
+            for k, slot in enumerate(zip(handles, user_ids, strict=True)):
+                if k not in earlier and slot in recalled:
+                    earlier[k] = recalled[slot]
+        for k, a in earlier.items():
             if positions[k] not in given:
-                earlier = Assignment._make(held)
                 given[positions[k]] = (
-                    earlier.id,
-                    earlier.variant,
-                    earlier.segment_key,
-                    earlier.cascade_level,
-                    earlier.propensity,
+                    a.id,
+                    a.variant,
+                    a.segment_key,
+                    a.cascade_level,
+                    a.propensity,
                     True,
                 )
         return given

@@ -107,13 +107,15 @@ class AllocatorServicer(pb_grpc.AllocatorServicer):
                 allocated[i] = await self._service.allocate(convert.allocate_request(item))
             except AllocsvcError as exc:
                 errors[i] = (status_number(exc), str(exc), field_of(exc))
-        await self._service.recall_sticky(prepared)
+        recalled = await self._service.recall_sticky(prepared)
         if self._service.claims(prepared):
             response = await self._service.finish_shared_batch(
-                prepared, self._region, allocated, errors
+                prepared, self._region, allocated, errors, recalled
             )
         else:
-            response = self._service.finish_batch(prepared, self._region, allocated, errors)
+            response = self._service.finish_batch(
+                prepared, self._region, allocated, errors, recalled
+            )
         self._service.observe_batch(prepared, BATCH_OBSERVED_ITEMS)
         return response
 
