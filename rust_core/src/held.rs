@@ -1456,14 +1456,30 @@ impl Held {
     /// Put the users of a block's rows (its decompressed COPY stream) of experiments that
     /// evicted among those that may have a stored assignment not held: the block's rows.
     pub fn list_block(&mut self, stream: &[u8]) -> Result<usize, CoreError> {
-        let rows = block::rows_of(stream, block::Wanted::All)?;
-        for r in &rows {
-            if self.evicted(r.handle) {
-                self.stored.insert(filter::user_key(r.handle, r.user_id));
+        let keys = block_user_keys(stream)?;
+        self.list_keys(&keys);
+        Ok(keys.len())
+    }
+
+    /// [`Held::list_block`] once the block is read ([`block_user_keys`], which needs no
+    /// store): the keys of experiments that evicted go into the filter.
+    pub fn list_keys(&mut self, keys: &[(u64, u64)]) {
+        for &(handle, key) in keys {
+            if self.evicted(handle) {
+                self.stored.insert(key);
             }
         }
-        Ok(rows.len())
     }
+}
+
+/// The (experiment handle, user key) of each row of a block (its decompressed COPY stream),
+/// for [`Held::list_keys`].
+pub fn block_user_keys(stream: &[u8]) -> Result<Vec<(u64, u64)>, CoreError> {
+    let rows = block::rows_of(stream, block::Wanted::All)?;
+    Ok(rows
+        .iter()
+        .map(|r| (r.handle, filter::user_key(r.handle, r.user_id)))
+        .collect())
 }
 
 /// Append `n` in lower-case hexadecimal without leading zeros (as `{:x}` writes it).

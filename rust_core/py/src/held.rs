@@ -255,8 +255,11 @@ impl PyHeld {
     /// among those that may have a stored assignment not held, without the GIL: its rows.
     fn list_block(&self, py: Python<'_>, data: &[u8]) -> PyResult<usize> {
         py.allow_threads(|| {
+            // Read without the store's lock: only the keys' insertion holds it.
             let stream = decompressed(data).map_err(not_a_block)?;
-            self.inner.lock().list_block(&stream).map_err(to_py)
+            let keys = held::block_user_keys(&stream).map_err(to_py)?;
+            self.inner.lock().list_keys(&keys);
+            Ok(keys.len())
         })
     }
 

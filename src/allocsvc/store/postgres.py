@@ -859,15 +859,20 @@ class PostgresStore:
         and what `take` returned second, summed). `take` runs on the event loop's thread (a
         restart's, before it serves: about 20 ms a block; on a worker thread the held store
         grew in another malloc arena, 1.5x the memory, bench/RESULTS.md item 36)."""
-        ids = await connection.fetch("SELECT id FROM assignment_blocks ORDER BY id")
-        rows = taken = 0
-        for r in ids:
-            block = await connection.fetchrow(_BLOCK_PAYLOAD, r["id"])
-            made_ms = int(block["created_at"].timestamp() * 1000)
-            n, k = take(block["payload"], made_ms)
+        blocks = rows = taken = 0
+        async for payload, made_ms in self.stored_blocks(connection):
+            n, k = take(payload, made_ms)
+            blocks += 1
             rows += n
             taken += k
-        return len(ids), rows, taken
+        return blocks, rows, taken
+
+    async def stored_blocks(self, connection: Any) -> AsyncIterator[tuple[bytes, int]]:
+        """Each block of `assignment_blocks` as of `connection`'s snapshot, oldest first and
+        one at a time: (payload, made_ms) as `read_blocks` gives them to `take`."""
+        for r in await connection.fetch("SELECT id FROM assignment_blocks ORDER BY id"):
+            block = await connection.fetchrow(_BLOCK_PAYLOAD, r["id"])
+            yield block["payload"], int(block["created_at"].timestamp() * 1000)
 
     async def copy_out_assignments(
         self,
