@@ -67,8 +67,9 @@ async def _service(journal: Journal) -> AllocationService:
     return service
 
 
-def _allocate(service: AllocationService, n: int) -> float:
-    """Allocate `n` new users in 1,000-item batches; seconds of CPU per item."""
+def allocate(service: AllocationService, n: int) -> float:
+    """Allocate `n` new users of experiment "e" in 1,000-item batches; seconds of CPU per
+    item."""
     start = time.process_time()
     for b in range(n // 1000):
         request = pb.AllocateBatchRequest(
@@ -89,7 +90,7 @@ async def memory(held: int) -> dict[str, Any]:
     service = await _service(MemoryJournal())
     gc.collect()
     before = _rss_kib()
-    _allocate(service, held)
+    allocate(service, held)
     gc.collect()
     after = _rss_kib()
     return {
@@ -104,7 +105,7 @@ async def flush(dsn: str, rows: int, restart_held: int) -> dict[str, Any]:
     async with await PostgresStore.connect(dsn, min_size=1, max_size=4) as store:
         journal = PostgresJournal(store, max_pending_assignments=rows)
         service = await _service(journal)
-        _allocate(service, rows)
+        allocate(service, rows)
         wall, cpu = time.perf_counter(), time.process_time()
         await journal.flush()
         wall, cpu = time.perf_counter() - wall, time.process_time() - cpu

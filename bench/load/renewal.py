@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import held  # bench/load/held.py
 import run  # bench/load/run.py
 
 from allocsvc._proto import allocsvc_pb2 as pb
@@ -35,9 +36,10 @@ from allocsvc.store.migrations import migrate
 from allocsvc.store.writebehind import PostgresJournal
 
 
-async def _filled(journal: PostgresJournal, users: int, held: int) -> AllocationService:
-    """A service whose filter of evicted users is full, every assignment flushed."""
-    limits = Limits(max_held_assignments=held, evicted_filter_keys=1)
+async def _filled(journal: PostgresJournal, users: int, memory: int) -> AllocationService:
+    """A service holding at most `memory` assignments whose filter of evicted users is full,
+    every assignment flushed."""
+    limits = Limits(max_held_assignments=memory, evicted_filter_keys=1)
     service = AllocationService(Engine(), journal, Extractor(), limits)
     experiment = pb.Experiment(
         id="e",
@@ -46,28 +48,17 @@ async def _filled(journal: PostgresJournal, users: int, held: int) -> Allocation
         variants=[pb.Variant(id=v) for v in "ABCDE"],
     )
     await service.create_experiment(convert.experiment_from_pb(experiment))
-    for b in range(users // 1000):
-        request = pb.AllocateBatchRequest(
-            requests=[
-                pb.AllocateRequest(experiment_id="e", user_id=f"user-{b:04d}-{i:04d}")
-                for i in range(1000)
-            ]
-        ).SerializeToString()
-        prepared = service.prepare_batch(request)
-        assert prepared is not None
-        service.finish_batch(prepared, "", {}, {})
-        if b % 100 == 99:
-            await journal.flush()
+    held.allocate(service, users)
     await journal.flush()
     assert service.held_statistics()["evicted_filter_full"] == 1
     return service
 
 
-async def renewal(dsn: str, users: int, held: int) -> dict[str, Any]:
+async def renewal(dsn: str, users: int, memory: int) -> dict[str, Any]:
     await migrate(dsn)
     async with await PostgresStore.connect(dsn, min_size=1, max_size=4) as store:
         journal = PostgresJournal(store, max_pending_assignments=users)
-        service = await _filled(journal, users, held)
+        service = await _filled(journal, users, memory)
         async with store.snapshot() as connection:
             blocks = await connection.fetchval("SELECT count(*) FROM assignment_blocks")
         gaps: list[float] = []
@@ -93,7 +84,7 @@ async def renewal(dsn: str, users: int, held: int) -> dict[str, Any]:
     gaps.sort()
     return {
         "users": users,
-        "held": held,
+        "held": memory,
         "blocks": blocks,
         "renew_s": round(seconds, 3),
         "wake_ups": len(gaps),

@@ -1436,7 +1436,7 @@ impl Held {
     /// one took and what memory holds, and mark every experiment that evicted unlisted: looked
     /// up all the same until its stored users are listed into the new filter. The caller
     /// first has every assignment made before this call stored, then lists, in one snapshot
-    /// of the store, every block's users ([`Held::list_block`]) and the table's
+    /// of the store, every block's users ([`Held::list_keys`]) and the table's
     /// ([`Held::list_copied`]), then calls [`Held::listed`]. Evictions from now on go into
     /// the new filter. False (nothing done) unless the filter is full, or while a listing
     /// (a restart's) is under way: its keys would go partly into the old filter.
@@ -1453,16 +1453,8 @@ impl Held {
         true
     }
 
-    /// Put the users of a block's rows (its decompressed COPY stream) of experiments that
-    /// evicted among those that may have a stored assignment not held: the block's rows.
-    pub fn list_block(&mut self, stream: &[u8]) -> Result<usize, CoreError> {
-        let keys = block_user_keys(stream)?;
-        self.list_keys(&keys);
-        Ok(keys.len())
-    }
-
-    /// [`Held::list_block`] once the block is read ([`block_user_keys`], which needs no
-    /// store): the keys of experiments that evicted go into the filter.
+    /// Put a block's users ([`block_user_keys`], read without the store) of experiments that
+    /// evicted among those that may have a stored assignment not held.
     pub fn list_keys(&mut self, keys: &[(u64, u64)]) {
         for &(handle, key) in keys {
             if self.evicted(handle) {
@@ -1773,7 +1765,9 @@ mod tests {
             copy_row(&mut stream, &a(&id, handle, &user, 0), 42);
         }
         copy_trailer(&mut stream);
-        assert_eq!(held.list_block(&stream).unwrap(), 501);
+        let keys = block_user_keys(&stream).unwrap();
+        assert_eq!(keys.len(), 501);
+        held.list_keys(&keys);
         for handle in [0, 1] {
             let users = (500..1_090u64).filter(|i| i % 2 == handle);
             let listing = user_listing(users.map(|i| format!("user-{i}")));
@@ -2041,7 +2035,6 @@ mod tests {
         i64,
     );
 
-    /// A binary COPY stream of [`RESTORE_COLUMNS`] rows.
     /// A binary COPY stream of one text column: user ids, as a listing of stored users reads.
     fn user_listing<S: AsRef<str>>(users: impl IntoIterator<Item = S>) -> Vec<u8> {
         let mut out = Vec::new();
@@ -2056,6 +2049,7 @@ mod tests {
         out
     }
 
+    /// A binary COPY stream of [`RESTORE_COLUMNS`] rows.
     fn copy_stream(rows: &[Stored]) -> Vec<u8> {
         let mut out = Vec::new();
         copy_header(&mut out);
