@@ -1,7 +1,7 @@
 """This tree against an earlier commit, in one run (issue 10): what a change moved, under load.
 
     python bench/load/ab.py --base c4c640d [--rounds 3] [--seconds 10] [--kinds batch,unary]
-        [--durable | --redis] [--rate 1600]
+        [--durable | --redis] [--rate 1600] [--sticky]
 
 This VM's steal drifts over minutes, so two builds measured one after the other (or in two
 h2.py runs) cannot be compared. Here both run at once, each `allocsvc serve --in-memory
@@ -17,6 +17,9 @@ next run) and served with PYTHONPATH pointing at that worktree. A ratio is taken
 round, then the median over the rounds that other work and steal left alone (h2.py's
 CONTENDED_CORES). Bounded: rounds x kinds x 3 runs of `--seconds` each, after a short warm-up.
 Prints a markdown table.
+
+With `--sticky`, every unary call names one user in run.py's sticky experiment: after the
+first, each is that user returning (a replica answers it from what it holds).
 
 With `--rate`, unary runs are at that fixed rate (h2load `--rps`, 16 connections x 1 stream)
 instead of as fast as possible: every setup does the same calls per second, and what differs is
@@ -165,6 +168,9 @@ def measure(
     args: argparse.Namespace, workdir: Path, base_src: Path, postgres: Any, redis: str = ""
 ) -> list[dict[str, Any]]:
     bodies = h2.grpc_body(workdir)
+    if args.sticky:
+        # One user in the sticky experiment: every call after the first is that user back.
+        bodies = (h2.unary_body(workdir, run.EXPERIMENT)[0], *bodies[1:])
     unary = (
         h2.Shape(h2.CONNECTIONS, 1, rate=args.rate)
         if args.rate
@@ -203,7 +209,7 @@ def report(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
         f"Command: `python bench/load/ab.py --base {args.base} --rounds {args.rounds} "
         f"--seconds {args.seconds:g} --kinds {','.join(args.kinds)}"
         f"{' --redis' if args.redis else ' --durable' if args.durable else ''}"
-        f"{f' --rate {args.rate}' if args.rate else ''}` "
+        f"{f' --rate {args.rate}' if args.rate else ''}{' --sticky' if args.sticky else ''}` "
         f"({args.started}). "
         f"`this`: the working tree; `base`: {args.base}; both "
         f"{'on the embedded PostgreSQL' if args.durable else '`--in-memory`'}"
@@ -269,6 +275,12 @@ def main() -> int:
         "--redis",
         action="store_true",
         help="as --durable, and `this` and `base` each sharing state through Redis",
+    )
+    parser.add_argument(
+        "--sticky",
+        action="store_true",
+        help="unary calls of one user in the sticky experiment (a returning user) instead of "
+        "the non-sticky one",
     )
     args = parser.parse_args()
     args.durable = args.durable or args.redis

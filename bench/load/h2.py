@@ -121,13 +121,7 @@ def grpc_body(workdir: Path) -> tuple[Path, Path, Path]:
     """The POST body of every unary call (one uncompressed gRPC message, for h2load), the bare
     serialized message (for openloop, which frames it itself) and the body of every batch
     (BATCH_ITEMS items, each its own user id, same context)."""
-    message = pb.AllocateRequest(
-        experiment_id=run.BATCH_EXPERIMENT, user_id="h2load-user", context=benchkit.CONTEXT
-    ).SerializeToString()
-    path = workdir / "allocate.bin"
-    path.write_bytes(b"\x00" + struct.pack(">I", len(message)) + message)
-    bare = workdir / "allocate.msg"
-    bare.write_bytes(message)
+    path, bare = unary_body(workdir, run.BATCH_EXPERIMENT)
     batch = pb.AllocateBatchRequest(
         requests=[
             pb.AllocateRequest(
@@ -139,6 +133,20 @@ def grpc_body(workdir: Path) -> tuple[Path, Path, Path]:
     batch_path = workdir / "allocate_batch.bin"
     batch_path.write_bytes(b"\x00" + struct.pack(">I", len(batch)) + batch)
     return path, bare, batch_path
+
+
+def unary_body(workdir: Path, experiment: str) -> tuple[Path, Path]:
+    """`grpc_body`'s unary call (one user id, the same context) in `experiment`: its POST body
+    and its bare message, in files named after the experiment."""
+    message = pb.AllocateRequest(
+        experiment_id=experiment, user_id="h2load-user", context=benchkit.CONTEXT
+    ).SerializeToString()
+    name = "allocate" if experiment == run.BATCH_EXPERIMENT else f"allocate-{experiment}"
+    path = workdir / f"{name}.bin"
+    path.write_bytes(b"\x00" + struct.pack(">I", len(message)) + message)
+    bare = workdir / f"{name}.msg"
+    bare.write_bytes(message)
+    return path, bare
 
 
 @dataclass(frozen=True)

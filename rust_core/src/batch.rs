@@ -502,7 +502,7 @@ impl Catalogue {
     }
 
     /// Decode and check one `AllocateRequest` (unary Allocate), as an item of a batch.
-    pub fn check_one(&self, request: &[u8], now_ms: i64, shared: bool) -> OneChecked {
+    pub fn check_one(&self, request: &[u8], now_ms: i64) -> OneChecked {
         let Ok(raw) = decode_request(request) else {
             return OneChecked::Caller;
         };
@@ -522,8 +522,7 @@ impl Catalogue {
         ) else {
             return OneChecked::Caller;
         };
-        // Under shared state a sticky user's assignment is claimed there (the caller's way).
-        if experiment.needs_caller() || (shared && experiment.sticky) {
+        if experiment.needs_caller() {
             return OneChecked::Caller;
         }
         match &context.device {
@@ -541,8 +540,8 @@ impl Catalogue {
 
 /// What [`Catalogue::check_one`] found.
 pub enum OneChecked {
-    /// The caller's path must answer: a bad request (it words the error), sticky claims in
-    /// shared state, or segments only the caller knows.
+    /// The caller's path must answer: a bad request (it words the error), or segments only
+    /// the caller knows.
     Caller,
     /// The device class of this user agent is unknown: learn it and check again.
     UnknownUserAgent(String),
@@ -1454,22 +1453,14 @@ mod tests {
             request("exp", "", &[]),
             request("nope", "x", &[]),
         ] {
-            assert!(matches!(
-                catalogue.check_one(&bad, 0, false),
-                OneChecked::Caller
-            ));
+            assert!(matches!(catalogue.check_one(&bad, 0), OneChecked::Caller));
         }
-        // A sticky experiment under shared state needs the caller (claims live there).
-        assert!(matches!(
-            catalogue.check_one(&m, 0, true),
-            OneChecked::Caller
-        ));
-        match catalogue.check_one(&m, 0, false) {
+        match catalogue.check_one(&m, 0) {
             OneChecked::UnknownUserAgent(ua) => assert_eq!(ua, "Bot/1"),
             _ => panic!("an unseen user agent must be named"),
         }
         catalogue.learn_devices(&[("Bot/1", "unknown")]).unwrap();
-        let OneChecked::Ready(one) = catalogue.check_one(&m, 0, false) else {
+        let OneChecked::Ready(one) = catalogue.check_one(&m, 0) else {
             panic!("a valid request must be ready");
         };
         assert_eq!((one.handle(), one.user_id(), one.sticky()), (5, "u1", true));

@@ -323,9 +323,10 @@ class BatchCatalogue:
     ):
         """Unary Allocate on the wire format (a serialized AllocateRequest), checked and
         decided as an item of a batch: None when the caller's path must answer (bad request,
-        caller segments, sticky experiment under `shared`); a user agent to classify (with
-        `learn_devices`) before calling again; (response, None) for a sticky user whose latest
-        assignment `held` has (None when `held` may have evicted it); or, for a new decision
+        caller segments, a sticky user `held` does not have under `shared`, whose new
+        assignment is claimed there); a user agent to classify (with `learn_devices`) before
+        calling again; (response, None) for a sticky user whose latest assignment `held` has
+        (None when `held` may have evicted it); or, for a new decision
         named `{held's id prefix}-{seq:x}`, counted at every level of its path: with a `log`,
         (response, (handle, segment key, level)), the assignment held by `held` and logged
         already; without one, (response, (handle, user id, variant, segment key, level,

@@ -2,7 +2,8 @@
 trips (one HMGET per experiment for the users it does not hold, one script call claiming the
 new ones), not two per user: answers, counts and what is kept are what `allocate` gives, across
 replicas, when another replica claims a user between the two, and when Redis is away. Unary
-calls take one round trip per new user, concurrent calls' claims in one script call."""
+calls take one round trip per new user, concurrent calls' claims in one script call, and none
+for a user the replica holds (answered by the one Rust call of the wire path)."""
 
 from __future__ import annotations
 
@@ -93,6 +94,13 @@ async def _standing(url: str, namespace: str, handle: int, users: Sequence[str])
     finally:
         await client.aclose()
     return [a.id if (a := _decode(r)) is not None else "" for r in raw]
+
+
+async def _unary(replica: Replica, user: str) -> pb.AllocateResponse:
+    """One unary Allocate of `user` in "e", on the wire format, as the server answers it."""
+    request = pb.AllocateRequest(experiment_id="e", user_id=user, context={"country": "us"})
+    raw = await replica.api.AllocateBytes(request.SerializeToString(), None)  # type: ignore[arg-type]
+    return pb.AllocateResponse.FromString(raw)
 
 
 async def test_a_batch_claims_its_new_users_and_another_replica_answers_them_the_same(
@@ -264,13 +272,18 @@ async def test_concurrent_unary_calls_claim_together_and_another_replica_answers
         await second.shared.close()
 
 
+@pytest.mark.parametrize("wire", [False, True], ids=["allocate", "wire"])
 async def test_a_unary_call_cancelled_during_its_claim_keeps_what_stands(
-    fresh_redis: str,
+    fresh_redis: str, wire: bool
 ) -> None:
     namespace = f"sticky-{next(_namespaces)}"
     first = await Replica.start(fresh_redis, namespace)
     try:
-        call = asyncio.create_task(first.service.allocate(AllocationRequest("e", "gone")))
+        call = asyncio.create_task(
+            _unary(first, "gone")
+            if wire
+            else first.service.allocate(AllocationRequest("e", "gone"))
+        )
         await asyncio.sleep(0)  # the claim is on its way
         call.cancel()
         with pytest.raises(asyncio.CancelledError):
@@ -287,6 +300,54 @@ async def test_a_unary_call_cancelled_during_its_claim_keeps_what_stands(
         assert first.allocations() == 1
     finally:
         await first.shared.close()
+
+
+async def test_a_unary_call_of_a_sticky_user_the_replica_holds_is_answered_in_rust(
+    fresh_redis: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    namespace = f"sticky-{next(_namespaces)}"
+    first = await Replica.start(fresh_redis, namespace)
+    second = await Replica.start(fresh_redis, namespace)
+    calls: list[AllocationRequest] = []
+
+    def counting(replica: Replica) -> None:
+        allocate = replica.service.allocate
+
+        async def counted(request: AllocationRequest) -> Allocation:
+            calls.append(request)
+            return await allocate(request)
+
+        monkeypatch.setattr(replica.service, "allocate", counted)
+
+    counting(first)
+    counting(second)
+    try:
+        handle = first.service.get_experiment("e").handle
+        new = await _unary(first, "back")
+        # A new user: the Python way, which claims it in Redis.
+        assert (len(calls), first.shared._claims.rounds, new.sticky) == (1, 1, False)
+        assert await _standing(fresh_redis, namespace, handle, ["back"]) == [new.assignment_id]
+        again = await _unary(first, "back")
+        # Held here: answered by the one Rust call, with no claim and no `allocate`.
+        assert (len(calls), first.shared._claims.rounds) == (1, 1)
+        assert again.sticky
+        again.sticky = False
+        assert again == new
+        # The other replica does not hold it: its Python way finds the claim that stands...
+        other = await _unary(second, "back")
+        assert len(calls) == 2
+        assert (other.assignment_id, other.variant_id, other.sticky) == (
+            new.assignment_id,
+            new.variant_id,
+            True,
+        )
+        # ...and holds it, so the next call there is answered in Rust too.
+        assert await _unary(second, "back") == other
+        assert (len(calls), second.shared._claims.rounds) == (2, 1)
+        assert (first.allocations(), second.allocations()) == (1, 0)
+    finally:
+        await first.shared.close()
+        await second.shared.close()
 
 
 class _Full(Keeping):

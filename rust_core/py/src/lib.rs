@@ -408,7 +408,8 @@ impl PyBatchCatalogue {
     /// Unary Allocate on the wire format, in one call: None when the caller's path must
     /// answer; a user agent (str) whose device class to learn before calling again;
     /// (response, None) for a sticky user whose latest assignment `held` has (None when `held`
-    /// may have evicted it); or, for a new, counted decision named `{held's prefix}-{seq:x}`:
+    /// may have evicted it, or when `shared`: a new sticky user is claimed in shared state,
+    /// the caller's way); or, for a new, counted decision named `{held's prefix}-{seq:x}`:
     /// with a `log`, (response, (handle, segment key, level)), the assignment held by `held`
     /// and logged for the write-behind already; without one,
     /// (response, (handle, user id, variant, segment key, level, propensity)), for the caller
@@ -427,7 +428,7 @@ impl PyBatchCatalogue {
         held: &PyHeld,
         log: Option<&PyLog>,
     ) -> PyResult<Bound<'py, PyAny>> {
-        let one = match self.inner.check_one(request, now_ms, shared) {
+        let one = match self.inner.check_one(request, now_ms) {
             OneChecked::Caller => return Ok(py.None().into_bound(py)),
             OneChecked::UnknownUserAgent(ua) => return Ok(PyString::new(py, &ua).into_any()),
             OneChecked::Ready(one) => one,
@@ -444,8 +445,9 @@ impl PyBatchCatalogue {
                     propensity: a.propensity,
                     sticky: true,
                 });
-            if earlier.is_none() && store.evicted(one.handle()) {
-                // The user's assignment may have been evicted: the caller looks it up.
+            if earlier.is_none() && (shared || store.evicted(one.handle())) {
+                // A new user's claim in shared state, or an assignment memory may have
+                // evicted: the caller's way.
                 return Ok(py.None().into_bound(py));
             }
             if let Some(given) = earlier {

@@ -749,9 +749,9 @@ class AllocationService:
         """Unary Allocate on the wire format in one Rust call (decoding, checks, context
         extraction, the sticky answer or the decision, encoding; with a log, holding and
         logging the new assignment): the serialized AllocateResponse, or None when `allocate`
-        must answer (a bad request, whose error it words; `auto` segmentation; sticky claims
-        in shared state; a full write-behind buffer, under which `allocate` still answers
-        returning users)."""
+        must answer (a bad request, whose error it words; `auto` segmentation; a sticky user
+        this replica does not hold, under shared state: its claim; a full write-behind buffer,
+        under which `allocate` still answers returning users)."""
         if not self._journal.has_room(1):
             return None
         now = _now_ms()

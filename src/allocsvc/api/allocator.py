@@ -69,8 +69,8 @@ class AllocatorServicer(pb_grpc.AllocatorServicer):
         """Allocate on the wire format. A well-formed request that the Rust path takes is
         decided exactly as AllocateBatch decides an item (decoding, checks, extraction, the
         sticky lookup, decision and encoding in one Rust call); anything else
-        (a bad request, `auto` segmentation, sticky claims in shared state, several regions)
-        goes through `Allocate`, whose errors name their field."""
+        (a bad request, `auto` segmentation, a new sticky user's claim in shared state,
+        several regions) goes through `Allocate`, whose errors name their field."""
         if self._regions is None:
             answer = self._allocate_in_rust(request)
             if answer is not None:
