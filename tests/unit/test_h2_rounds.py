@@ -1,13 +1,18 @@
 """bench/load/h2.py judges a ratio taken from alternating rounds only on enough calm rounds:
-one uncontended round called the unary bar met in one run and missed in the next."""
+one uncontended round called the unary bar met in one run and missed in the next. It also says
+when a durable batch run reached the block bound, past which refusals are the bound's."""
 
 from __future__ import annotations
 
 import importlib.util
+import logging
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
+
+from allocsvc.store.writebehind import PostgresJournal
 
 LOAD = Path(__file__).resolve().parents[2] / "bench" / "load"
 
@@ -56,3 +61,20 @@ def test_ratios_are_taken_within_each_round_and_marked_when_contended() -> None:
 def test_a_bar_needs_three_calm_rounds(ratios: list[tuple[float, bool]], median: float) -> None:
     assert h2.MIN_CALM_ROUNDS == 3
     assert h2.calm_median(ratios) == median
+
+
+def test_a_durable_batch_run_says_when_blocks_reached_their_bound(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The warning as the write-behind logs it past `max_unexpanded_assignments`.
+    store = SimpleNamespace(get_latest_assignments=None, get_assignments_by_ids=None)
+    journal = PostgresJournal(store, max_unexpanded_assignments=100)  # type: ignore[arg-type]
+    journal.stats.unexpanded_assignments = 90
+    with caplog.at_level(logging.WARNING, logger="allocsvc.store.writebehind"):
+        assert not journal._as_block(20_000)
+    target = SimpleNamespace(setup=SimpleNamespace(name="w1"), workdir=tmp_path)
+    (tmp_path / "w1-0.log").write_text('{"msg": "serving"}\n')
+    (tmp_path / "w2-0.log").write_text(caplog.text)  # another setup's
+    assert not h2.past_block_bound(target)
+    (tmp_path / "w1-1.log").write_text(caplog.text)
+    assert h2.past_block_bound(target)
