@@ -72,6 +72,9 @@ bench-profile-batch: $(STAMP) ## where a --in-memory server's event loop spends 
 bench-waiting: $(STAMP) ## memory of calls waiting for a busy server (backpressure.max_waiting_calls), unary and AllocateBatch x1000 (~1 minute)
 	$(PY) bench/load/waiting.py $(LOAD_ARGS)
 
+bench-unary-parts: $(STAMP) ## what each part of a unary Allocate costs under load: echo and allocsvc with parts taken out, at one fixed rate (~6 minutes)
+	$(PY) bench/load/unary_parts.py $(LOAD_ARGS)
+
 clean: ## remove build outputs (keeps .venv)
 	rm -rf target dist .pytest_cache .mypy_cache .ruff_cache
 
