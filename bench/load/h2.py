@@ -49,9 +49,10 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import benchkit  # bench/load/benchkit.py
 import echo  # bench/load/echo.py
@@ -99,6 +100,9 @@ ECHO_BATCH_RESPONSE = (
         results=[pb.AllocateResult(allocation=echo.ALLOCATION)] * BATCH_ITEMS
     ).ByteSize()
 )
+
+
+T = TypeVar("T")
 
 
 # h2load ------------------------------------------------------------------------------------
@@ -480,6 +484,12 @@ def plan(args: argparse.Namespace) -> list[Shape]:
     return [Shape(CONNECTIONS, s) for s in streams]
 
 
+def rotated(items: Sequence[T], round_: int) -> list[T]:
+    """`items` in the order of round `round_` (0 first): each round starts one further on."""
+    k = round_ % len(items)
+    return [*items[k:], *items[:k]]
+
+
 def alternate(
     h2load: str, targets: dict[str, Target], body: Path, args: argparse.Namespace
 ) -> list[dict[str, Any]]:
@@ -488,10 +498,9 @@ def alternate(
     apart, so that the host's load drifting over the run (other VMs' steal comes and goes
     over minutes) does not land on one setup only."""
     shape = Shape(CONNECTIONS, ALTERNATING_STREAMS)
-    names = list(targets)
     rows = []
     for k in range(args.rounds):
-        for name in names[k % len(names) :] + names[: k % len(names)]:
+        for name in rotated(list(targets), k):
             target = targets[name]
             waited = wait_quiet(target, args.quiet_wait)
             print(f"round {k + 1}: {name} {shape.label} (waited {waited:.0f} s)", file=sys.stderr)

@@ -132,8 +132,7 @@ def main() -> int:
             for name in setups:
                 measure(targets[name], batches[name], WARMUP_S, args.in_flight)
             for k in range(args.rounds):
-                order = setups[k % len(setups) :] + setups[: k % len(setups)]
-                for name in order:
+                for name in h2.rotated(setups, k):
                     row = measure(targets[name], batches[name], args.seconds, args.in_flight)
                     rows.append({"round": k + 1, "setup": name, **row})
                     print(json.dumps(rows[-1]), file=sys.stderr)

@@ -59,12 +59,6 @@ PARTS = (
 WARMUP_S = 3.0
 
 
-def rotated(setups: tuple[Any, ...], round_: int) -> list[Any]:
-    """The setups in the order of round `round_` (each round starts one further on)."""
-    k = round_ % len(setups)
-    return [*setups[k:], *setups[:k]]
-
-
 def medians(rows: list[dict[str, Any]], key: str) -> dict[str, float]:
     """The median of `key` over each setup's calm rows (all of its rows if none was calm)."""
     by_setup: dict[str, list[float]] = {}
@@ -123,7 +117,7 @@ def main() -> None:
         body, _ = h2.unary_body(workdir, h2.run.BATCH_EXPERIMENT)
         shape = h2.Shape(16, 1, rate=args.rate)
         for round_ in range(1, args.rounds + 1):
-            for setup, server, part in rotated(SETUPS, round_ - 1):
+            for setup, server, part in h2.rotated(SETUPS, round_ - 1):
                 os.environ["ALLOCSVC_BENCH_PART"] = part
                 target = h2.start(server, workdir, None)
                 try:
@@ -138,8 +132,8 @@ def main() -> None:
                         "rps": row["rps"],
                         "loop_us": row["loop_us_per_request"],
                         "cpu_us": row["cpu_us_per_request"],
-                        "taken": row["other_cores"] + row["steal_cores"],
-                        "contended": row["other_cores"] + row["steal_cores"] > h2.CONTENDED_CORES,
+                        "taken": h2._taken(row),
+                        "contended": h2._contended(row),
                         "detail": row["detail"],
                     }
                 )

@@ -2,27 +2,9 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
+from bench_support import load_bench
 
-LOAD = Path(__file__).resolve().parents[2] / "bench" / "load"
-
-
-def _load():  # type: ignore[no-untyped-def]
-    # Its neighbours (h2, run, echo, benchkit) import each other by their plain names.
-    sys.path.insert(0, str(LOAD))
-    spec = importlib.util.spec_from_file_location(
-        "bench_load_batch_profile", LOAD / "batch_profile.py"
-    )
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-profile = _load()
+profile = load_bench("bench_load_batch_profile", "batch_profile.py")
 
 # Four samples as `perf script -F ip,sym --no-inline` prints them: frames innermost first.
 SCRIPT = """\

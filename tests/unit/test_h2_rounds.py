@@ -4,32 +4,16 @@ when a durable batch run reached the block bound, past which refusals are the bo
 
 from __future__ import annotations
 
-import importlib.util
 import logging
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from bench_support import load_bench
 
 from allocsvc.store.writebehind import PostgresJournal
 
-LOAD = Path(__file__).resolve().parents[2] / "bench" / "load"
-
-
-def _load_h2():  # type: ignore[no-untyped-def]
-    """bench/load/h2.py under a name of its own (`h2` is also a PyPI package); its own imports
-    (run, echo, benchkit) are its neighbours."""
-    sys.path.insert(0, str(LOAD))
-    spec = importlib.util.spec_from_file_location("bench_load_h2", LOAD / "h2.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
-
-
-h2 = _load_h2()
+h2 = load_bench("bench_load_h2", "h2.py")
 
 
 def _rounds(*rows: tuple[str, float, float]) -> list[dict[str, object]]:
@@ -78,3 +62,10 @@ def test_a_durable_batch_run_says_when_blocks_reached_their_bound(
     assert not h2.past_block_bound(target)
     (tmp_path / "w1-1.log").write_text(caplog.text)
     assert h2.past_block_bound(target)
+
+
+def test_each_round_starts_one_setup_further_on() -> None:
+    setups = ["echo", "bare", "constant", "untraced", "allocsvc"]
+    assert h2.rotated(setups, 1) == ["bare", "constant", "untraced", "allocsvc", "echo"]
+    assert h2.rotated(setups, 5) == setups
+    assert h2.rotated(tuple(setups), 0) == setups

@@ -1,39 +1,29 @@
 """bench/load/unary_parts.py takes a part out of allocsvc's unary Allocate in the servers it
-starts (through its sitecustomize), and takes its medians over the calm runs only."""
+starts (through its sitecustomize), and takes its medians over the calm runs only (its rounds'
+order is h2.py's `rotated`, tested with h2.py)."""
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import subprocess
 import sys
-from pathlib import Path
+from types import ModuleType
 
 import pytest
+from bench_support import LOAD, load_bench
 
-LOAD = Path(__file__).resolve().parents[2] / "bench" / "load"
 SITE = LOAD / "unary_parts_site"
 
 pytestmark = pytest.mark.unit
 
 
-def _load(name: str, path: Path):  # type: ignore[no-untyped-def]
-    spec = importlib.util.spec_from_file_location(name, path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-def _parts():  # type: ignore[no-untyped-def]
+def _parts() -> ModuleType:
     """unary_parts.py, with bench/load/h2.py as its `h2` (also a PyPI package's name)."""
-    sys.path.insert(0, str(LOAD))
-    h2 = _load("bench_load_h2_for_parts", LOAD / "h2.py")
+    h2 = load_bench("bench_load_h2_for_parts", "h2.py")
     saved = sys.modules.get("h2")
     sys.modules["h2"] = h2
     try:
-        return _load("bench_load_unary_parts", LOAD / "unary_parts.py")
+        return load_bench("bench_load_unary_parts", "unary_parts.py")
     finally:
         if saved is None:
             del sys.modules["h2"]
@@ -55,13 +45,6 @@ def test_medians_leave_out_contended_runs_unless_a_setup_has_no_other() -> None:
         _row("bare", 500, contended=True),
     ]
     assert parts.medians(rows, "loop_us") == {"echo": 105, "bare": 400}
-
-
-def test_each_round_starts_one_setup_further_on() -> None:
-    parts = _parts()
-    names = [s[0] for s in parts.rotated(parts.SETUPS, 1)]
-    assert names == ["bare", "constant", "untraced", "allocsvc", "echo"]
-    assert [s[0] for s in parts.rotated(parts.SETUPS, 5)] == [s[0] for s in parts.SETUPS]
 
 
 def _in_a_server_process(part: str, code: str) -> subprocess.CompletedProcess[str]:
