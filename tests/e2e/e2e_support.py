@@ -10,6 +10,7 @@ default import mode puts the folder of a test module, which has no `__init__.py`
   runs and prints the logs (for tests that kill servers on purpose).
 - `launch_process(tmp, *args)` / `stop_process(...)`: the bare process and a channel, for tests
   that only need the serving line (regions, GDPR).
+- `log_entries(log, msg)` / `Server.logged(msg)`: the server's JSON log entries with a message.
 - `query` / `fetch`: one SQL statement on its own asyncpg connection (sync / async).
 - `wait_for`, `free_port`, `bearer`, `write_config`.
 """
@@ -48,16 +49,24 @@ _LOG_NUMBERS = itertools.count()
 # The server process --------------------------------------------------------------------------
 
 
-def serving_port(log: Path) -> int | None:
-    """Port of the "serving" log line, once the server has written it."""
+def log_entries(log: Path, msg: str) -> list[dict[str, object]]:
+    """The JSON log entries with this message written so far (a line still being written, or
+    one that is not JSON, is left out)."""
+    entries = []
     for line in log.read_text(errors="replace").splitlines():
         try:
             entry = json.loads(line)
         except ValueError:
             continue
-        if isinstance(entry, dict) and entry.get("msg") == "serving":
-            return int(entry["port"])
-    return None
+        if isinstance(entry, dict) and entry.get("msg") == msg:
+            entries.append(entry)
+    return entries
+
+
+def serving_port(log: Path) -> int | None:
+    """Port of the "serving" log line, once the server has written it."""
+    serving = log_entries(log, "serving")
+    return int(str(serving[0]["port"])) if serving else None
 
 
 def tail(log: Path, chars: int = LOG_TAIL_CHARS) -> str:
@@ -120,6 +129,10 @@ class Server:
 
     def stderr(self) -> str:
         return self.log.read_text(errors="replace")
+
+    def logged(self, msg: str) -> list[dict[str, object]]:
+        """The JSON log entries with this message, so far."""
+        return log_entries(self.log, msg)
 
     def alive(self) -> bool:
         return self.process.poll() is None

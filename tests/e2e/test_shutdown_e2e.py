@@ -4,7 +4,6 @@ SIGUSR1 logs where each task waits; a stop logs each of its steps as it begins."
 
 from __future__ import annotations
 
-import json
 import signal
 import threading
 
@@ -83,19 +82,14 @@ def test_sigint_finishes_calls_flushes_and_exits_zero(launcher: Launcher, fresh_
     assert set(answered) <= stored, f"{len(set(answered) - stored)} acknowledged, not stored"
 
 
-def _logged(server: Server, msg: str) -> list[dict[str, object]]:
-    lines = [line for line in server.log.read_text().splitlines() if line.startswith("{")]
-    return [entry for entry in map(json.loads, lines) if entry.get("msg") == msg]
-
-
 def test_sigusr1_logs_where_tasks_wait_and_a_stop_names_its_steps(
     launcher: Launcher, fresh_db: str
 ) -> None:
     server = launcher.start("--postgres-dsn", fresh_db, "--seed", "5")
     server.create_experiment(Server.experiment("dump"))
     server.process.send_signal(signal.SIGUSR1)
-    wait_for("the task dump", lambda: len(_logged(server, "task")) > 1, timeout=RPC_TIMEOUT_S)
-    tasks = _logged(server, "task")
+    wait_for("the task dump", lambda: len(server.logged("task")) > 1, timeout=RPC_TIMEOUT_S)
+    tasks = server.logged("task")
     # The main task waits for the stop signal, in serve_until_signalled (under uvloop's own
     # wrapper coroutine: the whole chain of awaits is logged).
     assert any("in serve_until_signalled" in str(t["awaiting"]) for t in tasks), tasks
@@ -106,6 +100,6 @@ def test_sigusr1_logs_where_tasks_wait_and_a_stop_names_its_steps(
     )
     assert reply.assignment_id
     launcher.stop(server)
-    steps = [entry["step"] for entry in _logged(server, "stopping")]
+    steps = [entry["step"] for entry in server.logged("stopping")]
     assert steps[0] == "rpcs" and steps[-1] == "stores (the last flush)", steps
-    assert len(_logged(server, "stopped")) == 1
+    assert len(server.logged("stopped")) == 1
