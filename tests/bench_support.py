@@ -14,7 +14,8 @@ LOAD = Path(__file__).resolve().parents[1] / "bench" / "load"
 
 def load_bench(name: str, file: str) -> ModuleType:
     """bench/load/`file` as the module `name` (registered: dataclasses look their module up)."""
-    sys.path.insert(0, str(LOAD))
+    if str(LOAD) not in sys.path:
+        sys.path.insert(0, str(LOAD))
     spec = importlib.util.spec_from_file_location(name, LOAD / file)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)

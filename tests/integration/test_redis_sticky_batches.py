@@ -37,8 +37,8 @@ _namespaces = itertools.count()
 
 
 class Replica:
-    """A service sharing `namespace` of Redis, with sticky experiment "e" (and non-sticky "n"
-    when asked)."""
+    """A service sharing a namespace of Redis (`Replicas.start`), with sticky experiment "e"
+    (and non-sticky "n" when asked)."""
 
     def __init__(
         self,
@@ -48,23 +48,6 @@ class Replica:
         api: AllocatorServicer,
     ) -> None:
         self.shared, self.service, self.journal, self.api = shared, service, journal, api
-
-    @classmethod
-    async def start(
-        cls, url: str, namespace: str, *, non_sticky: bool = False, limits: Limits | None = None
-    ) -> Replica:
-        shared = redis_shared(url, namespace)
-        journal = Keeping()
-        service, api = await servicer(journal, shared, sticky=True, limits=limits)
-        if non_sticky:
-            n = pb.Experiment(
-                id="n",
-                status=pb.EXPERIMENT_STATUS_RUNNING,
-                variants=[pb.Variant(id="X"), pb.Variant(id="Y")],
-                sticky=False,
-            )
-            await service.create_experiment(convert.experiment_from_pb(n))
-        return cls(shared, service, journal, api)
 
     async def batch(self, items: Sequence[tuple[str, str]]) -> list[pb.AllocateResponse]:
         """(experiment, user) items, in one AllocateBatch; every item must be answered."""
@@ -95,14 +78,22 @@ class Replicas:
         self._shared: list[RedisShared] = []
 
     async def start(self, *, non_sticky: bool = False, limits: Limits | None = None) -> Replica:
-        replica = await Replica.start(
-            self.url, self.namespace, non_sticky=non_sticky, limits=limits
-        )
-        self._shared.append(replica.shared)
-        return replica
+        shared = self.shared()
+        journal = Keeping()
+        service, api = await servicer(journal, shared, sticky=True, limits=limits)
+        if non_sticky:
+            n = pb.Experiment(
+                id="n",
+                status=pb.EXPERIMENT_STATUS_RUNNING,
+                variants=[pb.Variant(id="X"), pb.Variant(id="Y")],
+                sticky=False,
+            )
+            await service.create_experiment(convert.experiment_from_pb(n))
+        return Replica(shared, service, journal, api)
 
     def shared(self) -> RedisShared:
-        """A bare connection to the namespace, for a service built by the test itself."""
+        """A connection of its own to the namespace (each replica has one; a test may build a
+        service on one itself), closed with the others."""
         shared = redis_shared(self.url, self.namespace)
         self._shared.append(shared)
         return shared

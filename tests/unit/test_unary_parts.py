@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from types import ModuleType
 
 import pytest
 from bench_support import LOAD, load_bench
@@ -17,26 +16,12 @@ SITE = LOAD / "unary_parts_site"
 pytestmark = pytest.mark.unit
 
 
-def _parts() -> ModuleType:
-    """unary_parts.py, with bench/load/h2.py as its `h2` (also a PyPI package's name)."""
-    h2 = load_bench("bench_load_h2_for_parts", "h2.py")
-    saved = sys.modules.get("h2")
-    sys.modules["h2"] = h2
-    try:
-        return load_bench("bench_load_unary_parts", "unary_parts.py")
-    finally:
-        if saved is None:
-            del sys.modules["h2"]
-        else:
-            sys.modules["h2"] = saved
-
-
 def _row(setup: str, loop_us: float, contended: bool = False) -> dict[str, object]:
     return {"setup": setup, "loop_us": loop_us, "contended": contended}
 
 
 def test_medians_leave_out_contended_runs_unless_a_setup_has_no_other() -> None:
-    parts = _parts()
+    parts = load_bench("bench_load_unary_parts", "unary_parts.py")
     rows = [
         _row("echo", 100),
         _row("echo", 900, contended=True),
@@ -88,9 +73,7 @@ def _probe(part: str) -> tuple[bool, bool, bytes]:
     ],
 )
 def test_the_site_takes_out_the_part_it_names(part: str, unwrapped: bool, constant: bool) -> None:
-    sys.path.insert(0, str(LOAD))
-    import echo  # bench/load/echo.py
-
+    echo = load_bench("bench_load_echo", "echo.py")
     got = _probe(part)
     assert got[:2] == (unwrapped, constant)
     if constant:
