@@ -60,6 +60,7 @@ import grpc
 import run  # bench/load/run.py: the ghz harness's helpers
 
 from allocsvc._proto import allocsvc_pb2 as pb
+from allocsvc.config import BackpressureSettings
 
 SECTION = "## Load with h2load (issue 10)"
 PATH = "/allocsvc.v1.Allocator/Allocate"
@@ -792,6 +793,14 @@ def bars(
             f"{per_s:,.0f}/s{bound}",
             per_s >= 1_000_000,
         )
+        if per_s:
+            row(
+                "  how long the default `max_unexpanded_assignments` "
+                f"({DEFAULT_MAX_UNEXPANDED:,}) holds that rate from an empty backlog; past "
+                "it, flushes write rows (PostgreSQL's row rate) and batches are refused",
+                f"{DEFAULT_MAX_UNEXPANDED / per_s:,.1f} s",
+                None,
+            )
     for name, r in (("mem", bm), ("echo", be)):
         if r:
             row(
@@ -905,7 +914,10 @@ def report(
         "`w1` (`allocsvc serve --workers 1`), `w2` (`--workers 2`, SO_REUSEPORT; connections "
         f"aged after {TWO_WORKER_AGE_S:g} s, past the closed-loop runs, which h2load cannot "
         "carry on after a GOAWAY; one worker's never), each on "
-        "the embedded PostgreSQL (one database each), and `mem` (`--workers 1 --in-memory`: "
+        "the embedded PostgreSQL (one database each; `backpressure.max_unexpanded_assignments` "
+        f"{BENCH_MAX_UNEXPANDED:,} instead of its default {DEFAULT_MAX_UNEXPANDED:,}, so that "
+        "a batch row measures the rate, not how long the default lasts at it: see the bars), "
+        "and `mem` (`--workers 1 --in-memory`: "
         "no PostgreSQL, so no write-behind; it shows what persistence costs per call). "
         f"Last, per setup, {args.duration:g} s of `AllocateBatch` with {BATCH_ITEMS:,} items "
         "(each its own user id, the same context, the non-sticky experiment: every item is "
@@ -953,6 +965,16 @@ def report(
 # 10 s), past the closed-loop runs' end, so that the 60-s fixed-rate run (openloop reconnects)
 # still has its connections drawn again over the workers (bench/load/balance.py).
 TWO_WORKER_AGE_S = 20.0
+
+# `backpressure.max_unexpanded_assignments` of the durable setups (w1, w2; the server's default
+# is 10,000,000). Past it, flushes write rows, at PostgreSQL's row rate (bench/RESULTS.md, item
+# 26), and batches are refused: at 1.2M allocations/s the default lasts about 8 s, less than a
+# batch row's warm-up and run. Raised, the row measures the rate; the bar's line says how long
+# the default would have held it.
+BENCH_MAX_UNEXPANDED = 40_000_000
+DEFAULT_MAX_UNEXPANDED: int = BackpressureSettings.model_fields[
+    "max_unexpanded_assignments"
+].default
 
 
 def _metrics_ports(workers: int) -> int:
@@ -1005,6 +1027,7 @@ def start(
         redis=redis,
         metrics_port=first,
         connection_age=connection_age,
+        max_unexpanded=None if name == "mem" else BENCH_MAX_UNEXPANDED,
     )
     target = Target(setup, list(range(first, first + workers)), workdir, pg_dir)
     try:

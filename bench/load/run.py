@@ -163,6 +163,18 @@ def start_echo(workdir: Path) -> Setup:
     return setup
 
 
+def server_env(
+    event_loop: str, connection_age: float | None = None, max_unexpanded: int | None = None
+) -> dict[str, str]:
+    """The settings `start_allocsvc` gives its servers, as environment variables."""
+    env = {"ALLOCSVC_EVENT_LOOP": event_loop}
+    if connection_age is not None:
+        env["ALLOCSVC_MAX_CONNECTION_AGE"] = f"{connection_age:g}"
+    if max_unexpanded is not None:
+        env["ALLOCSVC_BACKPRESSURE__MAX_UNEXPANDED_ASSIGNMENTS"] = str(max_unexpanded)
+    return env
+
+
 def start_allocsvc(
     name: str,
     workdir: Path,
@@ -174,13 +186,13 @@ def start_allocsvc(
     event_loop: str = "uvloop",
     metrics_port: int | None = None,
     connection_age: float | None = None,
+    max_unexpanded: int | None = None,
 ) -> Setup:
     """`dsn` "": serve from memory only (`--in-memory`: no PostgreSQL, no write-behind).
     `metrics_port`: serve Prometheus metrics there (each worker on the next port up).
-    `connection_age`: the servers' `max_connection_age` (None: their default)."""
-    env = {"ALLOCSVC_EVENT_LOOP": event_loop}
-    if connection_age is not None:
-        env["ALLOCSVC_MAX_CONNECTION_AGE"] = f"{connection_age:g}"
+    `connection_age`: the servers' `max_connection_age`, `max_unexpanded`: their
+    `backpressure.max_unexpanded_assignments` (None: their defaults)."""
+    env = server_env(event_loop, connection_age, max_unexpanded)
     setup = Setup(name, _free_port())
     for i in range(replicas):
         args = [sys.executable, "-m", "allocsvc", "serve", "--port", str(setup.port)]

@@ -1,6 +1,7 @@
 """bench/load/h2.py judges a ratio taken from alternating rounds only on enough calm rounds:
 one uncontended round called the unary bar met in one run and missed in the next. It also says
-when a durable batch run reached the block bound, past which refusals are the bound's."""
+when a durable batch run reached the block bound, past which refusals are the bound's, and
+raises that bound for its durable setups so that a batch row measures the rate."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from types import SimpleNamespace
 import pytest
 from bench_support import load_bench
 
+from allocsvc.config import Settings
 from allocsvc.store.writebehind import PostgresJournal
 
 h2 = load_bench("bench_load_h2", "h2.py")
@@ -69,3 +71,17 @@ def test_each_round_starts_one_setup_further_on() -> None:
     assert h2.rotated(setups, 1) == ["bare", "constant", "untraced", "allocsvc", "echo"]
     assert h2.rotated(setups, 5) == setups
     assert h2.rotated(tuple(setups), 0) == setups
+
+
+def test_durable_setups_get_the_raised_block_bound(monkeypatch: pytest.MonkeyPatch) -> None:
+    # As the servers read the environment the harness gives them (a misspelt variable would
+    # leave them at the default and the batch row at the bound again).
+    env = h2.run.server_env("uvloop", 0.0, h2.BENCH_MAX_UNEXPANDED)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    settings = Settings()
+    assert settings.backpressure.max_unexpanded_assignments == h2.BENCH_MAX_UNEXPANDED
+    assert h2.BENCH_MAX_UNEXPANDED > h2.DEFAULT_MAX_UNEXPANDED
+    assert settings.max_connection_age == 0.0
+    monkeypatch.delenv("ALLOCSVC_BACKPRESSURE__MAX_UNEXPANDED_ASSIGNMENTS")
+    assert Settings().backpressure.max_unexpanded_assignments == h2.DEFAULT_MAX_UNEXPANDED
