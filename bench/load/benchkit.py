@@ -106,18 +106,30 @@ def wait_health(
 RESULTS = Path(__file__).resolve().parent.parent / "RESULTS.md"
 
 
-def write_section(section: str, text: str) -> None:
+# In a section a bench writes, what follows this line (written by hand: earlier runs side by
+# side, what each showed) is kept when the bench writes the section again.
+BY_HAND = "<!-- by hand below: kept when the bench rewrites this section -->"
+
+
+def write_section(section: str, text: str, results: Path = RESULTS) -> None:
     """Replace the section of bench/RESULTS.md headed by the line `section` (up to the next
-    `## ` heading) with `text`, or append it. The file is read just before writing: other
-    benchmarks write their own sections."""
-    current = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
+    `## ` heading) with `text`, or append it; a part of the old section from a `BY_HAND` line
+    on stays, after `text`. The file is read just before writing: other benchmarks write
+    their own sections."""
+    current = results.read_text() if results.exists() else "# Benchmark results\n"
     pattern = re.compile(rf"^{re.escape(section)}\n.*?(?=^## |\Z)", re.S | re.M)
+
+    def replaced(old: re.Match[str]) -> str:
+        _, marker, by_hand = old.group(0).partition(f"\n{BY_HAND}\n")
+        kept = f"\n{BY_HAND}\n{by_hand.rstrip()}\n" if marker else ""
+        return text.rstrip("\n") + "\n" + kept + "\n"
+
     if pattern.search(current):
-        updated = pattern.sub(lambda _: text.rstrip("\n") + "\n\n", current, count=1)
+        updated = pattern.sub(replaced, current, count=1)
         updated = updated.rstrip("\n") + "\n"
     else:
         updated = current.rstrip("\n") + "\n\n" + text.rstrip("\n") + "\n"
-    RESULTS.write_text(updated)
+    results.write_text(updated)
 
 
 def _ghz_usable(path: str) -> bool:
