@@ -189,7 +189,7 @@ def measure(
             for kind in args.kinds:
                 h2.run_h2load(args.h2load, target, *kinds[kind], WARMUP_S)
         for k in range(args.rounds):
-            order = SETUPS[k % 3 :] + SETUPS[: k % 3]
+            order = h2.rotated(SETUPS, k)
             for kind in args.kinds:
                 for name in order:
                     print(f"round {k + 1}: {kind} {name}", file=sys.stderr)
