@@ -12,7 +12,9 @@ own user id) for `--seconds` on 2 connections with `--streams` in flight each (`
 single call, on 16 connections); the JSON line has allocations/s, server CPU per call (the
 whole process, and its main thread alone), the cores of the server, the client and the
 hypervisor's steal, how long the main thread waited for a core (ready to run; /proc schedstat),
-and the server's calls by gRPC status. With `--perf`, `perf record
+the server's context switches per call by thread (/proc status: voluntary, a thread that
+blocked and was woken; involuntary, one a waking thread took the core from), and the server's
+calls by gRPC status. With `--perf`, `perf record
 --call-graph dwarf` samples the server during the run; the main thread's samples are sorted by
 what they are in (Rust's `prepare` or `finish`, other Rust calls, system calls, the garbage
 collector, the rest: Python, gRPC's Cython layer, uvloop) and all the server's samples by
@@ -35,6 +37,7 @@ import h2  # bench/load/h2.py
 
 WARMUP_S = 10.0
 PERF_HZ = 300
+KINDS = ("voluntary", "involuntary")
 
 
 def category(frames: list[str]) -> str:
@@ -83,6 +86,36 @@ def _waited_s(tid: int) -> float:
     return int(Path(f"/proc/{tid}/task/{tid}/schedstat").read_text().split()[1]) / 1e9
 
 
+def switches(pids: list[int]) -> Counter[tuple[str, str]]:
+    """Context switches so far of the processes' threads, by (thread, kind): the thread `main`
+    for each process's main thread, else its name (as `thread_shares`); the kind `voluntary`
+    (it blocked, and was woken) or `involuntary` (a thread woken on its core took it)."""
+    counts: Counter[tuple[str, str]] = Counter()
+    for pid in pids:
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            try:
+                name = "main" if task.name == str(pid) else (task / "comm").read_text().strip()
+                status = (task / "status").read_text()
+            except FileNotFoundError:  # the thread ended meanwhile
+                continue
+            for line in status.splitlines():
+                kind, _, n = line.partition("_ctxt_switches:")
+                if n:
+                    counts[name, "involuntary" if kind.startswith("non") else "voluntary"] += int(n)
+    return counts
+
+
+def per_call(counts: Counter[tuple[str, str]], calls: int) -> dict[str, dict[str, float]]:
+    """`switches` (a difference of two) over `calls` calls, by thread, the most switched first."""
+    totals: Counter[str] = Counter()
+    for (name, _), n in counts.items():
+        totals[name] += n
+    return {
+        name: {kind: round(counts[name, kind] / max(calls, 1), 2) for kind in KINDS}
+        for name, _ in totals.most_common()
+    }
+
+
 def thread_shares(data: Path, main_tid: int) -> dict[str, float]:
     """Shares of the server's samples by thread: `main`, else the thread's name (`python` for
     threads Python started, such as the write-behind's; `event_engine` gRPC's;
@@ -121,9 +154,11 @@ def measure(
             time.sleep(1)
         main_tid = target.setup.pids()[0]
         waited = _waited_s(main_tid)
+        switched = switches(target.setup.pids())
         began = time.monotonic()
         row = h2.run_h2load(h2load, target, body, shape, args.seconds)
         waited = (_waited_s(main_tid) - waited) / (time.monotonic() - began)
+        switched = switches(target.setup.pids()) - switched
         if recorder is not None:
             recorder.send_signal(2)
             recorder.wait(timeout=120)
@@ -136,6 +171,7 @@ def measure(
             "steal_cores": round(row["steal_cores"], 2),
             # Seconds per second the main thread was ready to run but had no core.
             "main_thread_waiting_for_a_core": round(waited, 2),
+            "switches_per_call": per_call(switched, row["count"]),
             "errors": row["errors"],
             "ok_allocations_per_s": round(row["ok_per_s"] * items),
             # The server's calls by gRPC status (h2load cannot read them).
