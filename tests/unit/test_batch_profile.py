@@ -1,4 +1,5 @@
-"""bench/load/batch_profile.py sorts the event loop's perf samples by what they were in."""
+"""bench/load/batch_profile.py sorts the event loop's perf samples by what they were in, and
+counts the server's context switches by thread."""
 
 from __future__ import annotations
 
