@@ -96,7 +96,7 @@ def switches(pids: list[int]) -> Counter[tuple[str, str]]:
             try:
                 name = "main" if task.name == str(pid) else (task / "comm").read_text().strip()
                 status = (task / "status").read_text()
-            except FileNotFoundError:  # the thread ended meanwhile
+            except OSError:  # the thread ended meanwhile (as run.py's readers of /proc)
                 continue
             for line in status.splitlines():
                 kind, _, n = line.partition("_ctxt_switches:")
