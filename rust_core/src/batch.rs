@@ -135,6 +135,26 @@ pub struct Features<'a> {
     pub signals: [Option<f64>; 4],
 }
 
+impl<'a> Features<'a> {
+    /// What learning keeps of `user_id`'s request `context`, its user agent classed in `known`
+    /// (an error when it is not).
+    fn of(
+        user_id: &'a str,
+        context: &'a Extracted,
+        known: &HashMap<String, &'static str>,
+    ) -> Result<Self, CoreError> {
+        Ok(Features {
+            user_id,
+            channel: context.channel,
+            device: resolved(context, class_of(context, known))?,
+            source: &context.source,
+            hour: context.hour,
+            day_of_week: context.day_of_week,
+            signals: context.learned,
+        })
+    }
+}
+
 /// The encoded `AllocateBatchResponse` and the new assignments in it (in request order, for
 /// the caller to hold and write behind).
 pub struct BatchOutput {
@@ -577,6 +597,12 @@ impl PreparedOne {
         &self.user_id
     }
 
+    /// What learning keeps of this request, as [`PreparedBatch::features`] gives a batch
+    /// item's.
+    pub fn features(&self, catalogue: &Catalogue) -> Result<Features<'_>, CoreError> {
+        Features::of(&self.user_id, &self.context, &catalogue.devices.read())
+    }
+
     /// The response for an earlier assignment of this user (answered as sticky).
     pub fn answer(&self, given: &GivenAllocation, region: &str) -> Result<Vec<u8>, CoreError> {
         let experiment = &self.experiment;
@@ -842,15 +868,7 @@ impl PreparedBatch {
                 continue;
             };
             let context = &self.contexts[context];
-            out.push(Features {
-                user_id: self.user(user),
-                channel: context.channel,
-                device: resolved(context, class_of(context, &devices))?,
-                source: &context.source,
-                hour: context.hour,
-                day_of_week: context.day_of_week,
-                signals: context.learned,
-            });
+            out.push(Features::of(self.user(user), context, &devices)?);
         }
         Ok(out)
     }

@@ -305,6 +305,11 @@ class BatchCatalogue:
         """Decode a serialized AllocateBatchRequest and check every item (context extraction
         included), with the GIL released. `now_ms` stands for a timestamp of 0. ValueError when
         the bytes are malformed."""
+    def features_one(self, request: bytes, now_ms: int) -> Features | None:
+        """What learning keeps (user id, then `RawFeatures`) of a unary request `allocate_one`
+        takes, as `PreparedBatch.features` gives a batch item's; None when the caller's path
+        answers it or its user agent is not classified yet."""
+
     def allocate_one(
         self,
         engine: Engine,

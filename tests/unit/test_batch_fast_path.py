@@ -194,6 +194,34 @@ async def test_batch_features_equal_what_python_extraction_gives_learning() -> N
     assert {k for row in got for k in range(6, 10) if row[k] is not None} == {6, 7, 8, 9}
 
 
+async def test_unary_features_equal_what_python_extraction_gives_learning() -> None:
+    # A sampled unary call is observed through Rust's extraction too (features_one): the
+    # same rows as Python's; None for a request the caller's path answers (a batch's invalid
+    # items).
+    requests = []
+    for i, r in enumerate(_requests()):
+        r.timestamp_unix_ms = r.timestamp_unix_ms or T0 + i * 60_000  # 0 reads the clock
+        r.signals["pages_viewed"] = float(i)
+        requests.append(r)
+    service = await _service()
+    prepared = service.prepare_batch(pb.AllocateBatchRequest(requests=requests).SerializeToString())
+    assert prepared is not None
+    catalogue, extractor = service._catalogue, Extractor()
+    catalogue.learn_devices(
+        [(ua, extractor.device(ua)) for ua in prepared.unknown_user_agents(catalogue)]
+    )
+    invalid = set(prepared.invalid())
+    assert 0 < len(invalid) < len(requests)
+    for i, message in enumerate(requests):
+        got = catalogue.features_one(message.SerializeToString(), T0)
+        if i in invalid:
+            assert got is None
+            continue
+        r = convert.allocate_request(message)
+        context = extractor.extract(r.channel, r.context, r.signals, r.timestamp_ms)
+        assert got == (r.user_id, *raw_features(context))
+
+
 async def test_unary_after_batch_sees_the_batch_assignments() -> None:
     service = await _service()
     api = AllocatorServicer(service, "eu")

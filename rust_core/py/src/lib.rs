@@ -6,7 +6,7 @@ mod error;
 mod held;
 
 use allocsvc_core::batch::{
-    self, BatchLimits, Catalogue, ExperimentInfo, GivenAllocation, ItemError, OneChecked,
+    self, BatchLimits, Catalogue, ExperimentInfo, Features, GivenAllocation, ItemError, OneChecked,
     PreparedBatch, VariantInfo,
 };
 use allocsvc_core::beta::{self, with_thread_rng};
@@ -319,6 +319,22 @@ type PyFeatures<'a> = (
     Option<f64>,
 );
 
+fn py_features(f: Features<'_>) -> PyFeatures<'_> {
+    let [pages, seconds, engagement, drop] = f.signals;
+    (
+        f.user_id,
+        f.channel,
+        f.device,
+        f.source,
+        f.hour,
+        f.day_of_week,
+        pages,
+        seconds,
+        engagement,
+        drop,
+    )
+}
+
 /// Python face of [`PreparedBatch`].
 #[pyclass(name = "PreparedBatch", frozen, module = "allocsvc._core")]
 struct PyPreparedBatch {
@@ -403,6 +419,22 @@ impl PyBatchCatalogue {
         py.allow_threads(|| self.inner.prepare(request, now_ms))
             .map(|inner| PyPreparedBatch { inner })
             .map_err(to_py)
+    }
+
+    /// What learning keeps of a unary request `allocate_one` takes, as
+    /// `PreparedBatch.features` gives a batch item's: None when the caller's path answers it
+    /// or its user agent is not classified yet.
+    fn features_one<'py>(
+        &self,
+        py: Python<'py>,
+        request: &[u8],
+        now_ms: i64,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let OneChecked::Ready(one) = self.inner.check_one(request, now_ms) else {
+            return Ok(py.None().into_bound(py));
+        };
+        let features = one.features(&self.inner).map_err(to_py)?;
+        py_features(features).into_bound_py_any(py)
     }
 
     /// Unary Allocate on the wire format, in one call: None when the caller's path must
@@ -541,24 +573,7 @@ impl PyPreparedBatch {
             .inner
             .features(&catalogue.inner, &positions)
             .map_err(to_py)?;
-        Ok(features
-            .into_iter()
-            .map(|f| {
-                let [pages, seconds, engagement, drop] = f.signals;
-                (
-                    f.user_id,
-                    f.channel,
-                    f.device,
-                    f.source,
-                    f.hour,
-                    f.day_of_week,
-                    pages,
-                    seconds,
-                    engagement,
-                    drop,
-                )
-            })
-            .collect())
+        Ok(features.into_iter().map(py_features).collect())
     }
 
     /// Decide the items, hold the new assignments in `held` (ids `{id_prefix}-{seq:x}` from

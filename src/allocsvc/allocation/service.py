@@ -341,6 +341,16 @@ class AllocationService:
             return
         self._learning.observe(request.user_id, context)
 
+    def observe_wire(self, request: bytes) -> None:
+        """`observe` of a unary request on the wire format that `allocate_wire` answered: its
+        features as Rust extracts them (a batch item's way), with no protobuf parsing or
+        Python extraction, which cost the sampled call about as much as the call itself."""
+        if self._learning is None:
+            return
+        row = self._catalogue.features_one(request, _now_ms())
+        if row is not None:
+            self._learning.observe_features(row[0], RawFeatures._make(row[1:]))
+
     def observe_batch(self, prepared: PreparedBatch, at_most: int) -> None:
         """Feed the learning hook a sample of a finished batch's items (about one in
         `observe_every`, at most `at_most`), as Rust extracted them; invalid items are left

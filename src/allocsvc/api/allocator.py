@@ -85,7 +85,7 @@ class AllocatorServicer(pb_grpc.AllocatorServicer):
         """The serialized AllocateResponse, or None when the request needs the Python path."""
         answer = self._service.allocate_wire(request, self._region)
         if answer is not None and self._service.observes_next():
-            self._service.observe(convert.allocate_request(pb.AllocateRequest.FromString(request)))
+            self._service.observe_wire(request)
         return answer
 
     @maps_errors
