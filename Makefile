@@ -75,6 +75,9 @@ bench-waiting: $(STAMP) ## memory of calls waiting for a busy server (backpressu
 bench-unary-parts: $(STAMP) ## what each part of a unary Allocate costs under load: echo and allocsvc with parts taken out, at one fixed rate (~6 minutes)
 	$(PY) bench/load/unary_parts.py $(LOAD_ARGS)
 
+bench-instructions: $(STAMP) ## instructions a unary Allocate costs, counted under callgrind (not moved by the host's drift): echo and allocsvc with parts taken out (~2 minutes)
+	$(PY) bench/load/instructions.py $(LOAD_ARGS)
+
 clean: ## remove build outputs (keeps .venv)
 	rm -rf target dist .pytest_cache .mypy_cache .ruff_cache
 

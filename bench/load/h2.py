@@ -222,7 +222,8 @@ def _wait_metrics(ports: list[int], seconds: float = 60) -> None:
 
 def _parse(stdout: str) -> dict[str, float]:
     numbers: dict[str, float] = {}
-    done = re.search(r"finished in ([\d.]+)s, ([\d.]+) req/s", stdout)
+    # "finished in 10.00s, ..." (or "967.00ms" for a run shorter than a second)
+    done = re.search(r"finished in ([\d.]+)m?s, ([\d.]+) req/s", stdout)
     requests = re.search(
         r"requests: (\d+) total, (\d+) started, (\d+) done, (\d+) succeeded, (\d+) failed, "
         r"(\d+) errored, (\d+) timeout",

@@ -32,7 +32,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -151,15 +151,17 @@ def _spawn(args: list[str], log: Path, **env_vars: str) -> subprocess.Popen[byte
         return subprocess.Popen(args, stdout=out, stderr=out, env=env, cwd=ROOT)
 
 
-def start_echo(workdir: Path) -> Setup:
+def start_echo(workdir: Path, wrap: Sequence[str] = (), start_s: float = 90) -> Setup:
+    """`wrap`: a command the server runs under (a profiler), `start_s`: how long it may take
+    to serve."""
     setup = Setup("echo", _free_port(), real=False)
     setup.processes.append(
         _spawn(
-            [sys.executable, str(HERE / "echo.py"), "--port", str(setup.port)],
+            [*wrap, sys.executable, str(HERE / "echo.py"), "--port", str(setup.port)],
             workdir / "echo.log",
         )
     )
-    _wait_serving(setup)
+    _wait_serving(setup, start_s)
     return setup
 
 
@@ -187,15 +189,18 @@ def start_allocsvc(
     metrics_port: int | None = None,
     connection_age: float | None = None,
     max_unexpanded: int | None = None,
+    wrap: Sequence[str] = (),
+    start_s: float = 90,
 ) -> Setup:
     """`dsn` "": serve from memory only (`--in-memory`: no PostgreSQL, no write-behind).
     `metrics_port`: serve Prometheus metrics there (each worker on the next port up).
     `connection_age`: the servers' `max_connection_age`, `max_unexpanded`: their
-    `backpressure.max_unexpanded_assignments` (None: their defaults)."""
+    `backpressure.max_unexpanded_assignments` (None: their defaults). `wrap`: a command each
+    server runs under (a profiler), `start_s`: how long each may take to serve."""
     env = server_env(event_loop, connection_age, max_unexpanded)
     setup = Setup(name, _free_port())
     for i in range(replicas):
-        args = [sys.executable, "-m", "allocsvc", "serve", "--port", str(setup.port)]
+        args = [*wrap, sys.executable, "-m", "allocsvc", "serve", "--port", str(setup.port)]
         args += ["--postgres-dsn", dsn] if dsn else ["--in-memory"]
         args += ["--workers", str(workers), "--seed", str(7 + i)]
         if redis:
@@ -207,7 +212,7 @@ def start_allocsvc(
         log = workdir / f"{name}-{i}.log"
         setup.processes.append(_spawn(args, log, **env))
         try:
-            _wait_serving(setup)
+            _wait_serving(setup, start_s)
         except RuntimeError as exc:
             setup.stop()
             raise RuntimeError(f"{exc}\n{log.read_text()[-3000:]}") from None
