@@ -161,9 +161,10 @@ async def test_batch_from_bytes_equals_the_python_path_with_the_same_seed() -> N
             assert kept is not None and kept.segment_key == r.allocation.segment_key
 
 
-async def test_batch_features_equal_what_python_extraction_gives_learning() -> None:
-    # Learning's sample of a batch comes from Rust's extraction: it must be raw_features of
-    # Python's, channel by channel, signals included (only the channel's own count).
+async def _features_case() -> tuple[list[pb.AllocateRequest], AllocationService, Any, set[int]]:
+    """`_requests()` with a time each and some of the learned signals, prepared as one batch
+    whose user agents are then classified: the requests, the service, the batch, its invalid
+    positions."""
     signals = ["pages_viewed", "time_seconds", "engagement_score", "drop_risk", "previous_opens"]
     requests = []
     for i, r in enumerate(_requests()):
@@ -174,19 +175,28 @@ async def test_batch_features_equal_what_python_extraction_gives_learning() -> N
     service = await _service()
     prepared = service.prepare_batch(pb.AllocateBatchRequest(requests=requests).SerializeToString())
     assert prepared is not None
-    catalogue, extractor = service._catalogue, Extractor()
+    catalogue = service._catalogue
     catalogue.learn_devices(
-        [(ua, extractor.device(ua)) for ua in prepared.unknown_user_agents(catalogue)]
+        [(ua, Extractor().device(ua)) for ua in prepared.unknown_user_agents(catalogue)]
     )
-    invalid = set(prepared.invalid())
-    positions = list(range(0, len(requests), 3)) + list(invalid)
-    expected = []
-    for i in sorted(set(positions) - invalid):
-        r = convert.allocate_request(requests[i])
-        context = extractor.extract(r.channel, r.context, r.signals, r.timestamp_ms)
-        expected.append((r.user_id, *raw_features(context)))
+    return requests, service, prepared, set(prepared.invalid())
 
-    got = prepared.features(catalogue, sorted(positions))
+
+def _python_features(message: pb.AllocateRequest) -> tuple[Any, ...]:
+    """What learning keeps of a request by Python's extraction: the user, then RawFeatures."""
+    r = convert.allocate_request(message)
+    context = Extractor().extract(r.channel, r.context, r.signals, r.timestamp_ms)
+    return (r.user_id, *raw_features(context))
+
+
+async def test_batch_features_equal_what_python_extraction_gives_learning() -> None:
+    # Learning's sample of a batch comes from Rust's extraction: it must be raw_features of
+    # Python's, channel by channel, signals included (only the channel's own count).
+    requests, service, prepared, invalid = await _features_case()
+    positions = list(range(0, len(requests), 3)) + list(invalid)
+    expected = [_python_features(requests[i]) for i in sorted(set(positions) - invalid)]
+
+    got = prepared.features(service._catalogue, sorted(positions))
 
     assert got == expected
     assert {row[1] for row in got} == {"web", "email", "funnel", "push"}
@@ -198,28 +208,11 @@ async def test_unary_features_equal_what_python_extraction_gives_learning() -> N
     # A sampled unary call is observed through Rust's extraction too (features_one): the
     # same rows as Python's; None for a request the caller's path answers (a batch's invalid
     # items).
-    requests = []
-    for i, r in enumerate(_requests()):
-        r.timestamp_unix_ms = r.timestamp_unix_ms or T0 + i * 60_000  # 0 reads the clock
-        r.signals["pages_viewed"] = float(i)
-        requests.append(r)
-    service = await _service()
-    prepared = service.prepare_batch(pb.AllocateBatchRequest(requests=requests).SerializeToString())
-    assert prepared is not None
-    catalogue, extractor = service._catalogue, Extractor()
-    catalogue.learn_devices(
-        [(ua, extractor.device(ua)) for ua in prepared.unknown_user_agents(catalogue)]
-    )
-    invalid = set(prepared.invalid())
+    requests, service, _, invalid = await _features_case()
     assert 0 < len(invalid) < len(requests)
     for i, message in enumerate(requests):
-        got = catalogue.features_one(message.SerializeToString(), T0)
-        if i in invalid:
-            assert got is None
-            continue
-        r = convert.allocate_request(message)
-        context = extractor.extract(r.channel, r.context, r.signals, r.timestamp_ms)
-        assert got == (r.user_id, *raw_features(context))
+        got = service._catalogue.features_one(message.SerializeToString(), T0)
+        assert got == (None if i in invalid else _python_features(message))
 
 
 async def test_unary_after_batch_sees_the_batch_assignments() -> None:
