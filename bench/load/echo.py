@@ -6,6 +6,11 @@ the same event loop, SO_REUSEPORT, the same number of servers on the port (alloc
 `accept_loops`), message limits, bound on waiting calls) with health and the
 same method-aware reflection, so ghz reaches both servers the same way.
 
+Like allocsvc, it registers every service through its generic handler alone
+(`allocsvc.api.registration.GenericOnly`): a registered method costs grpc.aio a waiting task
+on every call (RESULTS.md item 4), about 17k instructions a call here with health's and
+reflection's (item 50); until 2026-11-25 echo paid that and allocsvc did not.
+
 It does no work per call: its handlers take and return bytes (registered without protobuf
 (de)serializers, as allocsvc registers Allocate and AllocateBatch) and answer pre-serialized
 responses. A batch's answer has as many results as the request has items; it is serialized
@@ -34,7 +39,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from allocsvc._proto import allocsvc_pb2 as pb
 from allocsvc.api import reflection
-from allocsvc.api.registration import ServerGroup
+from allocsvc.api.registration import GenericOnly, ServerGroup
 from allocsvc.config import BackpressureSettings, Settings
 
 ACCEPT_LOOPS: int = Settings.model_fields["accept_loops"].default
@@ -98,13 +103,15 @@ async def serve(host: str, port: int, accept_loops: int) -> None:
     # As allocsvc serves: `accept_loops` servers on the port, each taking calls on its own,
     # with allocsvc's default bound on calls waiting for the event loop (gRPC's own refuses
     # some from 1,000).
-    server = ServerGroup.sharing(
-        accept_loops,
-        options=[
-            ("grpc.max_receive_message_length", 64 * 1024 * 1024),
-            ("grpc.max_send_message_length", 64 * 1024 * 1024),
-        ],
-        max_waiting_calls=WAITING_CALLS,
+    server = GenericOnly(
+        ServerGroup.sharing(
+            accept_loops,
+            options=[
+                ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+                ("grpc.max_send_message_length", 64 * 1024 * 1024),
+            ],
+            max_waiting_calls=WAITING_CALLS,
+        )
     )
     allocator = pb.DESCRIPTOR.services_by_name["Allocator"].full_name
     server.add_generic_rpc_handlers([EchoAllocator().handler(allocator)])
