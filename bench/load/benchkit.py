@@ -132,6 +132,20 @@ def write_section(section: str, text: str, results: Path = RESULTS) -> None:
     results.write_text(updated)
 
 
+def debian_programs(package: str, *programs: str) -> list[str]:
+    """The paths of `programs`, with Debian's `package` installed by apt-get first when one of
+    them is not on the PATH; RuntimeError naming the package when one is still missing."""
+    if not all(shutil.which(p) for p in programs):
+        command = ["apt-get", "install", "-y", package]
+        print(f"installing {package}: {' '.join(command)}", file=sys.stderr)
+        subprocess.run(command, check=True, timeout=600, stdout=subprocess.DEVNULL)
+    found = [shutil.which(p) for p in programs]
+    missing = [p for p, path in zip(programs, found, strict=True) if not path]
+    if missing:
+        raise RuntimeError(f"{', '.join(missing)} missing: apt-get install {package}")
+    return [path for path in found if path]
+
+
 def _ghz_usable(path: str) -> bool:
     """Whether the ghz at `path` is recent enough (`ghz --version` says only "dev" for builds
     from `go install`, so its flags tell)."""

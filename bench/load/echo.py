@@ -8,7 +8,7 @@ same method-aware reflection, so ghz reaches both servers the same way.
 
 Like allocsvc, it registers every service through its generic handler alone
 (`allocsvc.api.registration.GenericOnly`): a registered method costs grpc.aio a waiting task
-on every call (RESULTS.md item 4), about 17k instructions a call here with health's and
+on every call (RESULTS.md item 4), about 22k instructions a call here with health's and
 reflection's (item 50); until 2026-11-25 echo paid that and allocsvc did not.
 
 It does no work per call: its handlers take and return bytes (registered without protobuf

@@ -110,16 +110,7 @@ T = TypeVar("T")
 
 
 def find_h2load() -> str:
-    found = shutil.which("h2load")
-    if found:
-        return found
-    command = ["apt-get", "install", "-y", "nghttp2-client"]
-    print(f"installing h2load: {' '.join(command)}", file=sys.stderr)
-    subprocess.run(command, check=True, timeout=600, stdout=subprocess.DEVNULL)
-    found = shutil.which("h2load")
-    if not found:
-        raise RuntimeError("h2load is missing: apt-get install nghttp2-client")
-    return found
+    return benchkit.debian_programs("nghttp2-client", "h2load")[0]
 
 
 def grpc_body(workdir: Path) -> tuple[Path, Path, Path]:

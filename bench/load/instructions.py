@@ -33,13 +33,13 @@ from __future__ import annotations
 import argparse
 import os
 import re
-import shutil
 import subprocess
 import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+import benchkit  # bench/load/benchkit.py
 import h2  # bench/load/h2.py
 import run  # bench/load/run.py
 import unary_parts  # bench/load/unary_parts.py
@@ -69,18 +69,6 @@ class Counted:
     @property
     def threads_per_call(self) -> float:
         return self.threads / self.calls
-
-
-def find_valgrind() -> tuple[str, str]:
-    """valgrind and callgrind_control, installed with apt-get if missing."""
-    if not (shutil.which("valgrind") and shutil.which("callgrind_control")):
-        command = ["apt-get", "install", "-y", "valgrind"]
-        print(f"installing valgrind: {' '.join(command)}", file=sys.stderr)
-        subprocess.run(command, check=True, capture_output=True, timeout=900)
-    valgrind, control = shutil.which("valgrind"), shutil.which("callgrind_control")
-    if not (valgrind and control):
-        raise RuntimeError("valgrind is missing: apt-get install valgrind")
-    return valgrind, control
 
 
 def summaries(directory: Path, pid: int) -> dict[int, int]:
@@ -115,7 +103,7 @@ def errors_logged(log: Path) -> int:
 
 
 def count(setup: str, server: str, part: str, calls: int, workdir: Path) -> Counted:
-    valgrind, control = find_valgrind()
+    valgrind, control = benchkit.debian_programs("valgrind", "valgrind", "callgrind_control")
     dumps = workdir / setup
     dumps.mkdir()
     wrap = [
@@ -191,9 +179,7 @@ def main() -> None:
     unknown = set(chosen) - set(names)
     if unknown:
         parser.error(f"unknown setups: {', '.join(sorted(unknown))}")
-    path = os.environ.get("PYTHONPATH", "")
-    site = str(unary_parts.SITE)
-    os.environ["PYTHONPATH"] = f"{site}{os.pathsep}{path}" if path else site
+    unary_parts.use_site()
     counted = []
     with tempfile.TemporaryDirectory(prefix="allocsvc-instructions-") as tmp:
         for setup, server, part in unary_parts.SETUPS:

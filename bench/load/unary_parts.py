@@ -102,14 +102,20 @@ def table(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
     return "\n".join(lines)
 
 
+def use_site() -> None:
+    """Put SITE first on the PYTHONPATH of the servers started from here on (they take their
+    part from ALLOCSVC_BENCH_PART)."""
+    path = os.environ.get("PYTHONPATH", "")
+    os.environ["PYTHONPATH"] = f"{SITE}{os.pathsep}{path}" if path else str(SITE)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument("--rate", type=int, default=2000, help="calls/s, every setup")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--seconds", type=float, default=10.0, help="each measured run")
     args = parser.parse_args()
-    path = os.environ.get("PYTHONPATH", "")
-    os.environ["PYTHONPATH"] = f"{SITE}{os.pathsep}{path}" if path else str(SITE)
+    use_site()
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="allocsvc-unary-parts-") as tmp:
         workdir = Path(tmp)
