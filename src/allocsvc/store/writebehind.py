@@ -680,13 +680,15 @@ class PostgresJournal:
     # Allocations: written behind.
 
     def _pending(self) -> int:
-        """Assignments buffered (the unwritten unit's and the logs' too)."""
-        return self._buffered() + sum(map(len, self._logs))
+        """Assignments buffered (the unwritten unit's and the logs' too). In one frame: asked
+        before every unary allocation (`has_room`)."""
+        unwritten = 0 if self._unwritten is None else self._unwritten.rows()
+        logged = sum(map(len, self._logs))
+        return len(self._assignments) + self._made_rows + unwritten + logged
 
     def _buffered(self) -> int:
         """Assignments passed to this journal and not written (the unwritten unit's too)."""
-        unwritten = 0 if self._unwritten is None else self._unwritten.rows()
-        return len(self._assignments) + self._made_rows + unwritten
+        return self._pending() - sum(map(len, self._logs))
 
     def has_room(self, n: int) -> bool:
         return self._pending() + n <= self._max_pending_assignments
