@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import itertools
 import json
 import logging
 import secrets
@@ -13,16 +14,27 @@ from contextvars import ContextVar
 from typing import Any
 
 _RESERVED = set(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {"message"}
-# Id of the RPC being served (set by the server's interceptor); every log line carries it.
-request_id: ContextVar[str | None] = ContextVar("request_id", default=None)
+# Id of the RPC being served (set by the server's telemetry); every log line carries it. The
+# client's id as it sent it, or the number of a fresh one: formatted (`current_request_id`)
+# only when a log line or a trailer needs it, which most successful calls never do.
+request_id: ContextVar[str | int | None] = ContextVar("request_id", default=None)
 # The metadata key of request ids, in both directions.
 REQUEST_ID_KEY = "x-request-id"
+# Fresh request ids: a random per-process prefix and a counter (unique, and cheap per call).
+_ID_PREFIX = secrets.token_hex(4)
+REQUEST_NUMBERS = itertools.count(1)
+
+
+def current_request_id() -> str | None:
+    """The current RPC's request id (None outside an RPC)."""
+    rid = request_id.get()
+    return f"{_ID_PREFIX}-{rid:x}" if isinstance(rid, int) else rid
 
 
 def request_id_trailer() -> tuple[tuple[str, str], ...]:
     """Trailing metadata naming the current RPC's request id (none outside an RPC): what a
     failing call answers with, so that its client can find the server's log lines."""
-    rid = request_id.get()
+    rid = current_request_id()
     return () if rid is None else ((REQUEST_ID_KEY, rid),)
 
 
@@ -50,7 +62,7 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "msg": record.getMessage(),
         }
-        rid = request_id.get()
+        rid = current_request_id()
         if rid is not None:
             entry["request_id"] = rid
         for key, value in record.__dict__.items():

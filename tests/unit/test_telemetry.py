@@ -5,6 +5,7 @@ server registers them, generic handlers only) or as a server interceptor."""
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
@@ -15,9 +16,15 @@ import pytest
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from allocsvc.api.errors import maps_errors
+from allocsvc import logs
+from allocsvc.api.errors import maps_errors, tries_first
 from allocsvc.api.registration import GenericOnly
-from allocsvc.api.telemetry import LATENCY_BUCKETS, RpcMetrics, TelemetryInterceptor
+from allocsvc.api.telemetry import (
+    LATENCY_BUCKETS,
+    RpcMetrics,
+    TelemetryInterceptor,
+    _InstrumentedGeneric,
+)
 from allocsvc.errors import InvalidRequest, ResourceExhausted
 from allocsvc.logs import REQUEST_ID_KEY
 
@@ -43,6 +50,34 @@ class _Refusing:
         raise InvalidRequest("user_id", "must not be empty")
 
 
+class _TwoPart:
+    """A `tries_first` method: its first try answers requests starting with b"f", refuses
+    b"bad" (a domain error), fails on b"bug" and declines the rest, which `_slowly` answers."""
+
+    def __init__(self) -> None:
+        self.slow_calls = 0
+
+    def _first(self, request: bytes) -> bytes | None:
+        if request == b"bad":
+            raise InvalidRequest("user_id", "must not be empty")
+        if request == b"bug":
+            raise KeyError("boom")
+        return b"first:" + request if request.startswith(b"f") else None
+
+    @maps_errors
+    async def _slowly(
+        self, request: bytes, context: grpc.aio.ServicerContext[bytes, bytes]
+    ) -> bytes:
+        self.slow_calls += 1
+        await asyncio.sleep(0)
+        return b"slow:" + request
+
+    answer = tries_first(_first, _slowly)
+
+
+TWO_PART = _TwoPart()
+
+
 class _Busy:
     @maps_errors
     async def refuse(
@@ -60,6 +95,7 @@ def _handlers() -> dict[str, Any]:
         "Fail": grpc.unary_unary_rpc_method_handler(_fail),
         "Refuse": grpc.unary_unary_rpc_method_handler(_Refusing().refuse),
         "Busy": grpc.unary_unary_rpc_method_handler(_Busy().refuse),
+        "TwoPart": grpc.unary_unary_rpc_method_handler(TWO_PART.answer),
     }
 
 
@@ -212,6 +248,62 @@ async def test_a_failure_is_logged_and_a_call_gone_under_its_handler_is_not_unkn
     assert not [r for r in caplog.records if r.getMessage() == "rpc failed"]
 
 
+async def _two_part_calls(channel: grpc.aio.Channel, slow_calls: int) -> None:
+    """What a `tries_first` method answers, with or without the telemetry wrapper."""
+    two_part = channel.unary_unary(f"/{SERVICE}/TwoPart", None, None)
+    assert await two_part(b"fast", timeout=10) == b"first:fast"
+    assert TWO_PART.slow_calls == slow_calls  # the first try answered alone
+    assert await two_part(b"other", timeout=10) == b"slow:other"
+    assert TWO_PART.slow_calls == slow_calls + 1
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await two_part(b"bad", timeout=10)
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert refused.value.details() == "user_id: must not be empty"
+    with pytest.raises(grpc.aio.AioRpcError) as failed:
+        await two_part(b"bug", timeout=10)
+    assert failed.value.code() == grpc.StatusCode.INTERNAL
+    assert failed.value.details() == "internal error"
+    assert TWO_PART.slow_calls == slow_calls + 1  # neither error went on to the rest
+
+
+async def test_a_method_that_tries_first_answers_as_it_would_unwrapped(
+    served: tuple[TelemetryInterceptor, RpcMetrics, grpc.aio.Channel],
+) -> None:
+    """The wrapper calls a `tries_first` method's parts itself: the same answers and errors
+    as the method gives on a server without the wrapper, each counted, the failure's log line
+    under the request id its trailer names."""
+    telemetry, metrics, channel = served
+    telemetry.ready = True
+    lines: list[dict[str, Any]] = []
+    capture = logging.Handler()
+    capture.emit = lambda record: lines.append(json.loads(logs.JsonFormatter().format(record)))  # type: ignore[method-assign]
+    logging.getLogger("allocsvc.api.errors").addHandler(capture)
+    try:
+        await _two_part_calls(channel, TWO_PART.slow_calls)
+        with pytest.raises(grpc.aio.AioRpcError) as failed:
+            await channel.unary_unary(f"/{SERVICE}/TwoPart", None, None)(b"bug", timeout=10)
+    finally:
+        logging.getLogger("allocsvc.api.errors").removeHandler(capture)
+    assert await _counted(metrics, "TwoPart", "OK", 2) == 2
+    assert await _counted(metrics, "TwoPart", "INTERNAL", 2) == 2
+    assert _count(metrics, "TwoPart", "INVALID_ARGUMENT") == 1
+    (trailer_id,) = _ids(failed.value.trailing_metadata())
+    (line,) = [entry for entry in lines if entry["request_id"] == trailer_id]
+    assert line["msg"].startswith("unexpected error in") and "boom" in line["exc"]
+
+    unwrapped = grpc.aio.server()
+    unwrapped.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler(SERVICE, _handlers()),)
+    )
+    port = unwrapped.add_insecure_port("127.0.0.1:0")
+    await unwrapped.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as plain:
+            await _two_part_calls(plain, TWO_PART.slow_calls)
+    finally:
+        await unwrapped.stop(None)
+
+
 def _samples(registry: CollectorRegistry) -> set[tuple[str, tuple[tuple[str, str], ...], float]]:
     text = generate_latest(registry).decode()
     return {
@@ -248,3 +340,23 @@ def test_rpc_metrics_expose_what_prometheus_client_would() -> None:
     got, expected = _samples(registry), _samples(library)
     assert got == expected
     assert ("allocsvc_rpcs_total", (("code", "OK"), ("method", "Allocate")), 12.0) in got
+
+
+class _Details(grpc.HandlerCallDetails):
+    def __init__(self, method: str) -> None:
+        self.method = method
+        self.invocation_metadata = ()
+
+
+def test_a_handler_found_by_name_is_wrapped_once_and_unknown_names_are_not_kept() -> None:
+    """grpc asks the generic handlers for every call's handler: one found by name is wrapped
+    on the first call and found again, already wrapped, on the next ones."""
+    generic = _InstrumentedGeneric(
+        grpc.method_handlers_generic_handler(SERVICE, _handlers()), TelemetryInterceptor(None)
+    )
+    first = generic.service(_Details(METHOD))
+    assert first is not None and first.unary_unary.__name__ == "observed"  # type: ignore[union-attr]
+    assert generic.service(_Details(METHOD)) is first
+    for i in range(50):
+        assert generic.service(_Details(f"/{SERVICE}/Unknown{i}")) is None
+    assert generic._by_name == {METHOD: first}

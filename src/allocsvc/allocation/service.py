@@ -748,12 +748,17 @@ class AllocationService:
         self._count(assignment.handle, assignment.segment_key, assignment.cascade_level)
 
     def _count(self, handle: int, segment_key: str, level: int) -> None:
-        """A new assignment's segments, cascade count and growth count."""
-        self._register_segment(handle, segment_key)
+        """A new assignment's segments, cascade count and growth count (on every unary call
+        that makes one: the common case, a known segment, in this frame)."""
+        known = self._segments.get(handle)
+        if known is None or segment_key not in known:
+            self._register_segment(handle, segment_key)
         self._cascade_allocations[(handle, level)] += 1
         if self._on_growth is not None:
             self._grown_handles.add(handle)
-            self._grown(1)
+            self._growth_countdown -= 1
+            if self._growth_countdown <= 0:
+                self._grown(0)
 
     def allocate_wire(self, request: bytes, region: str) -> bytes | None:
         """Unary Allocate on the wire format in one Rust call (decoding, checks, context
@@ -761,7 +766,8 @@ class AllocationService:
         logging the new assignment): the serialized AllocateResponse, or None when `allocate`
         must answer (a bad request, whose error it words; `auto` segmentation; a sticky user
         this replica does not hold, under shared state: its claim; a full write-behind buffer,
-        under which `allocate` still answers returning users)."""
+        under which `allocate` still answers returning users). Learning observes a sample of
+        the calls it answers, as it does `allocate`'s."""
         if not self._journal.has_room(1):
             return None
         now = _now_ms()
@@ -782,17 +788,28 @@ class AllocationService:
                 break
             # A user agent Rust has not classified yet: classify it once, then decide.
             self._catalogue.learn_devices([(out, self._extractor.device(out))])
-        if out is None or isinstance(out, str) or out[1] is None:
-            self._ids = itertools.count(seq)  # the id was not used: the next one takes it
         if out is None or isinstance(out, str):
+            self._ids = itertools.count(seq)  # the id was not used: the next one takes it
             return None
         response, kept = out
         if kept is None:
-            return response
-        if len(kept) == 3:
+            self._ids = itertools.count(seq)  # a sticky answer: no new id
+        elif len(kept) == 3:
             # Held and logged by Rust already.
             self._count(*kept)
-            return response
+        else:
+            self._keep_wire(seq, now, kept)
+        if self._gaps is not None:
+            # Most calls stop at the decrement; learning sees about one in gaps.every.
+            self._until_observed -= 1
+            if self._until_observed <= 0:
+                self._until_observed = self._gaps.next()
+                self.observe_wire(request)
+        return response
+
+    def _keep_wire(self, seq: int, now: int, kept: tuple[int, str, int, str, int, float]) -> None:
+        """`_keep` of the assignment `allocate_wire` made (a journal that counts each one, or a
+        replica, which shares each one)."""
         handle, user_id, variant, segment_key, level, propensity = kept
         assignment = Assignment(
             f"{self._id_prefix}-{seq:x}",
@@ -808,7 +825,6 @@ class AllocationService:
         if self._shared is not None:
             self._shared.assignment_made(assignment)
         self._keep(assignment)
-        return response
 
     def _register_segment(self, handle: int, segment_key: str) -> None:
         known = self._segments.setdefault(handle, {})

@@ -17,7 +17,7 @@ from allocsvc.allocation.service import (
     ConversionResult,
 )
 from allocsvc.api import convert
-from allocsvc.api.errors import field_of, maps_errors, status_number
+from allocsvc.api.errors import field_of, maps_errors, status_number, tries_first
 from allocsvc.core import batch_items
 from allocsvc.errors import AllocsvcError, InvalidRequest
 from allocsvc.regions.router import Regions
@@ -64,29 +64,27 @@ class AllocatorServicer(pb_grpc.AllocatorServicer):
         allocation = await service.allocate(convert.allocate_request(request))
         return convert.allocate_response(allocation, region)
 
+    def _allocate_in_rust(self, request: bytes) -> bytes | None:
+        """The serialized AllocateResponse of a well-formed request that the Rust path takes
+        (decided exactly as AllocateBatch decides an item: decoding, checks, extraction, the
+        sticky lookup, decision and encoding in one Rust call), or None."""
+        if self._regions is not None:
+            return None
+        return self._service.allocate_wire(request, self._region)
+
     @maps_errors
-    async def AllocateBytes(self, request: bytes, context: Context[bytes, bytes]) -> bytes:
-        """Allocate on the wire format. A well-formed request that the Rust path takes is
-        decided exactly as AllocateBatch decides an item (decoding, checks, extraction, the
-        sticky lookup, decision and encoding in one Rust call); anything else
-        (a bad request, `auto` segmentation, a new sticky user's claim in shared state,
-        several regions) goes through `Allocate`, whose errors name their field."""
-        if self._regions is None:
-            answer = self._allocate_in_rust(request)
-            if answer is not None:
-                return answer
+    async def _allocate_decoded(self, request: bytes, context: Context[bytes, bytes]) -> bytes:
+        """Allocate on the wire format through `Allocate`, whose errors name their field: a
+        bad request, `auto` segmentation, a new sticky user's claim in shared state, several
+        regions."""
         try:
             message = pb.AllocateRequest.FromString(request)
         except DecodeError:
             raise InvalidRequest("request", "not a valid AllocateRequest") from None
         return (await self.Allocate(message, context)).SerializeToString()  # type: ignore[arg-type]
 
-    def _allocate_in_rust(self, request: bytes) -> bytes | None:
-        """The serialized AllocateResponse, or None when the request needs the Python path."""
-        answer = self._service.allocate_wire(request, self._region)
-        if answer is not None and self._service.observes_next():
-            self._service.observe_wire(request)
-        return answer
+    # Allocate on the wire format: Rust answers what it takes, `Allocate` the rest.
+    AllocateBytes = tries_first(_allocate_in_rust, _allocate_decoded)
 
     @maps_errors
     async def AllocateBatchBytes(self, request: bytes, context: Context[bytes, bytes]) -> bytes:

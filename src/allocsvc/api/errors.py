@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 import logging
 from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import grpc
 
@@ -71,13 +71,54 @@ def maps_errors(
     ) -> Response:
         try:
             return await method(self, request, context)
-        except AllocsvcError as exc:
-            await context.abort(status_code(exc), str(exc), request_id_trailer())
         except (grpc.aio.AbortError, grpc.aio.UsageError):
             raise
-        except Exception:
-            log.exception("unexpected error in %s", method.__qualname__)
-            await context.abort(grpc.StatusCode.INTERNAL, "internal error", request_id_trailer())
+        except Exception as exc:
+            await abort_for(exc, context, method.__qualname__)
         raise AssertionError("abort returned")  # pragma: no cover
 
     return wrapper
+
+
+async def abort_for(
+    exc: Exception, context: grpc.aio.ServicerContext[Any, Any], where: str
+) -> NoReturn:
+    """End the call as `maps_errors` ends it on `exc`: a domain error's status and message, or
+    INTERNAL without details (logged, naming `where`)."""
+    if isinstance(exc, AllocsvcError):
+        await context.abort(status_code(exc), str(exc), request_id_trailer())
+    else:
+        log.error("unexpected error in %s", where, exc_info=exc)
+        await context.abort(grpc.StatusCode.INTERNAL, "internal error", request_id_trailer())
+    raise AssertionError("abort returned")  # pragma: no cover
+
+
+# The attribute under which `tries_first` leaves its two parts for the telemetry wrapper.
+ANSWERS_FIRST = "answers_first"
+
+
+def tries_first(
+    first_try: Callable[[Servicer, Request], Response | None],
+    otherwise: Callable[
+        [Servicer, Request, grpc.aio.ServicerContext[Request, Response]], Awaitable[Response]
+    ],
+) -> Callable[
+    [Servicer, Request, grpc.aio.ServicerContext[Request, Response]], Awaitable[Response]
+]:
+    """A unary servicer method that answers with `first_try(self, request)` (synchronous;
+    None declines) and, when that declines, with `otherwise` (a `maps_errors` method); errors
+    of either end the call as `maps_errors` ends them. The telemetry wrapper
+    (allocsvc.api.telemetry) calls the two parts itself, from the attribute ANSWERS_FIRST:
+    that spares the calls `first_try` answers two coroutines and their frames."""
+
+    @maps_errors
+    async def method(
+        self: Servicer, request: Request, context: grpc.aio.ServicerContext[Request, Response]
+    ) -> Response:
+        answer = first_try(self, request)
+        if answer is not None:
+            return answer
+        return await otherwise(self, request, context)
+
+    setattr(method, ANSWERS_FIRST, (first_try, otherwise))
+    return method

@@ -23,7 +23,6 @@ import inspect
 import itertools
 import logging
 import re
-import secrets
 import time
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any, cast
@@ -34,6 +33,7 @@ from prometheus_client.registry import Collector
 
 from allocsvc import logs
 from allocsvc._proto import allocsvc_pb2 as pb
+from allocsvc.api.errors import ANSWERS_FIRST, abort_for
 from allocsvc.api.registration import ServerView
 from allocsvc.logs import REQUEST_ID_KEY
 
@@ -78,10 +78,10 @@ class RpcMetrics(Collector):
 
     def __init__(self) -> None:
         # (method, code) -> [calls, seconds, one count per bucket of LATENCY_BUCKETS, +Inf]
-        self._slots: dict[tuple[str, str], list[float]] = {}
+        self._slots: dict[tuple[str, grpc.StatusCode], list[float]] = {}
 
     def observe(self, method: str, code: grpc.StatusCode, seconds: float) -> None:
-        key = (method, code.name)
+        key = (method, code)  # named when scraped: an enum's `name` is a Python-level property
         slot = self._slots.get(key)
         if slot is None:
             slot = self._slots[key] = [0.0] * (len(LATENCY_BUCKETS) + 3)
@@ -99,19 +99,15 @@ class RpcMetrics(Collector):
             "Time from the start of the handler to its answer, by method and status code",
             labels=["method", "code"],
         )
-        for (method, code), slot in list(self._slots.items()):
+        for (method, status), slot in list(self._slots.items()):
             count, total, *per_bucket = list(slot)
+            code = status.name
             calls.add_metric([method, code], count)
             cumulative = list(itertools.accumulate(per_bucket))
             buckets = [(str(b), c) for b, c in zip(LATENCY_BUCKETS, cumulative, strict=False)]
             latency.add_metric([method, code], [*buckets, ("+Inf", cumulative[-1])], total)
         yield calls
         yield latency
-
-
-# Fresh request ids: a random per-process prefix and a counter (unique, and cheap per call).
-_ID_PREFIX = secrets.token_hex(4)
-_ID_SEQUENCE = itertools.count(1)
 
 
 # Methods registered on the wire format (allocsvc.api.allocator): their request messages.
@@ -127,18 +123,6 @@ def _user_id(method: str, request: Any) -> str:
         except Exception:  # the handler answered a malformed request already
             return ""
     return str(getattr(request, "user_id", ""))
-
-
-def client_request_id(metadata: Iterable[tuple[str, str | bytes]] | None) -> str | None:
-    """The client's usable `x-request-id`, if it sent one."""
-    for key, value in metadata or ():
-        if key == REQUEST_ID_KEY and isinstance(value, str) and _USABLE_ID.fullmatch(value):
-            return value
-    return None
-
-
-def fresh_request_id() -> str:
-    return f"{_ID_PREFIX}-{next(_ID_SEQUENCE):x}"
 
 
 Behavior = Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[Any]]
@@ -190,14 +174,23 @@ class TelemetryInterceptor(Interceptor):
         metrics = self._metrics
         interceptor = self
         short = method.rsplit("/", 1)[-1]
+        # A servicer's method made by `tries_first` is taken apart: its synchronous first try
+        # runs in this frame, and the rest is awaited only when that declines.
+        first_try: Callable[[Any], Any] | None = None
+        parts = getattr(behavior, ANSWERS_FIRST, None)
+        servicer = getattr(behavior, "__self__", None)
+        if parts is not None and servicer is not None:
+            first_try, behavior = parts[0].__get__(servicer), parts[1].__get__(servicer)
 
         async def observed(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-            rid = client_request_id(context.invocation_metadata())
-            if rid is not None:
-                context.set_trailing_metadata(((REQUEST_ID_KEY, rid),))
-            else:
-                rid = fresh_request_id()
-            token = logs.request_id.set(rid)
+            rid: str | int | None = None
+            for key, value in context.invocation_metadata() or ():
+                if key == REQUEST_ID_KEY and isinstance(value, str) and _USABLE_ID.fullmatch(value):
+                    rid = value
+                    context.set_trailing_metadata(((REQUEST_ID_KEY, rid),))
+                    break
+            # A fresh id is a number until a log line or a trailer formats it.
+            token = logs.request_id.set(next(logs.REQUEST_NUMBERS) if rid is None else rid)
             start = time.perf_counter()
             code = grpc.StatusCode.OK
             try:
@@ -212,6 +205,13 @@ class TelemetryInterceptor(Interceptor):
                     await context.abort(
                         code, "the deadline passed before the work began", logs.request_id_trailer()
                     )
+                if first_try is not None:
+                    try:
+                        answer = first_try(request)
+                    except Exception as exc:
+                        await abort_for(exc, context, short)
+                    if answer is not None:
+                        return answer
                 return await behavior(request, context)
             except grpc.aio.AbortError:
                 code = context.code() or grpc.StatusCode.UNKNOWN
@@ -259,16 +259,32 @@ def _ended(context: grpc.aio.ServicerContext[Any, Any]) -> grpc.StatusCode:
     return grpc.StatusCode.CANCELLED
 
 
+# What `grpc.method_handlers_generic_handler` builds: a service's handlers by method name.
+_BY_NAME = type(grpc.method_handlers_generic_handler("", {}))
+
+
 class _InstrumentedGeneric(Generic):
     def __init__(self, inner: Generic, telemetry: TelemetryInterceptor) -> None:
         self._inner = inner
         self._telemetry = telemetry
+        # grpc looks a call's handler up on every call. One found by name alone is wrapped
+        # once and then found here (names of no handler are not kept: any client sends them).
+        self._by_name: dict[str, Handler] | None = {} if type(inner) is _BY_NAME else None
 
     def service(self, handler_call_details: grpc.HandlerCallDetails) -> Handler | None:
+        method = handler_call_details.method
+        by_name = self._by_name
+        if by_name is not None:
+            known = by_name.get(method)
+            if known is not None:
+                return known
         handler = self._inner.service(handler_call_details)
         if handler is None:
             return None
-        return self._telemetry.wrap(handler_call_details.method, handler)
+        wrapped = self._telemetry.wrap(method, handler)
+        if by_name is not None:
+            by_name[method] = wrapped
+        return wrapped
 
 
 class _Instrumenting(ServerView):
