@@ -748,17 +748,12 @@ class AllocationService:
         self._count(assignment.handle, assignment.segment_key, assignment.cascade_level)
 
     def _count(self, handle: int, segment_key: str, level: int) -> None:
-        """A new assignment's segments, cascade count and growth count (on every unary call
-        that makes one: the common case, a known segment, in this frame)."""
-        known = self._segments.get(handle)
-        if known is None or segment_key not in known:
-            self._register_segment(handle, segment_key)
+        """A new assignment's segments, cascade count and growth count."""
+        self._register_segment(handle, segment_key)
         self._cascade_allocations[(handle, level)] += 1
         if self._on_growth is not None:
             self._grown_handles.add(handle)
-            self._growth_countdown -= 1
-            if self._growth_countdown <= 0:
-                self._grown(0)
+            self._grown(1)
 
     def allocate_wire(self, request: bytes, region: str) -> bytes | None:
         """Unary Allocate on the wire format in one Rust call (decoding, checks, context
@@ -799,12 +794,8 @@ class AllocationService:
             self._count(*kept)
         else:
             self._keep_wire(seq, now, kept)
-        if self._gaps is not None:
-            # Most calls stop at the decrement; learning sees about one in gaps.every.
-            self._until_observed -= 1
-            if self._until_observed <= 0:
-                self._until_observed = self._gaps.next()
-                self.observe_wire(request)
+        if self.observes_next():
+            self.observe_wire(request)
         return response
 
     def _keep_wire(self, seq: int, now: int, kept: tuple[int, str, int, str, int, float]) -> None:
