@@ -526,6 +526,14 @@ class AssignmentLog:
     def forget_user(self, user_id: str) -> int:
         """Drop the user's logged assignments; how many there were."""
 
+    def count_days(self) -> None:
+        """From now on, count each assignment logged by experiment and UTC day instead of
+        keeping it (for a journal that keeps nothing else of them); what was kept stays."""
+
+    def take_days(self) -> list[tuple[int, int, int]]:
+        """(handle, UTC day number since the epoch, assignments) counted since the last call,
+        sorted; empty unless `count_days` was called."""
+
 @final
 class MadeAssignments:
     """The new assignments of one call (a batch), for the write-behind: columns in Rust."""

@@ -6,11 +6,13 @@ the flush like any buffered assignment, and timed from their own creation."""
 from __future__ import annotations
 
 import asyncio
+from datetime import UTC, date, datetime
 
 import pytest
 from store_support import COUNTRIES, HELD_COLUMNS, as_row, assignment_rows, batch_service
 
 from allocsvc._proto import allocsvc_pb2 as pb
+from allocsvc.allocation import service as service_module
 from allocsvc.allocation.journal import MemoryJournal
 from allocsvc.allocation.service import AllocationService
 from allocsvc.api import convert
@@ -156,11 +158,26 @@ async def test_a_flush_is_timed_from_the_oldest_logged_assignment(
     await journal.close()
 
 
-async def test_a_memory_journal_counts_each_unary_assignment() -> None:
+async def test_a_memory_journal_counts_each_unary_assignment(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     journal = MemoryJournal()
     service = await _service(journal)
-    for i in range(4):
-        _answer(service.allocate_wire(_request("fresh", f"u{i}"), ""))
-    assert journal.assignments == 4
+    # Two calls in the last millisecond of a UTC day, three in the first of the next.
+    late = int(datetime(2026, 3, 1, 23, 59, 59, 999_000, tzinfo=UTC).timestamp() * 1000)
+    clock = iter([late, late, late + 1, late + 1, late + 1])
+    monkeypatch.setattr(service_module, "_now_ms", lambda: next(clock))
+    answers = [_answer(service.allocate_wire(_request("fresh", f"u{i}"), "")) for i in range(5)]
+    assert journal.assignments == 5
     handle = service.get_experiment("fresh").handle
-    assert sum(d.visitors for d in await journal.traffic(handle)) == 4
+    days = [(d.day, d.visitors) for d in await journal.traffic(handle)]
+    assert days == [(date(2026, 3, 1), 2), (date(2026, 3, 2), 3)]
+    # Counted in Rust, taken once: asked again, the same.
+    assert journal.assignments == 5
+    assert [(d.day, d.visitors) for d in await journal.traffic(handle)] == days
+    # Held by Rust, with their own times; the journal's log keeps counts, no rows.
+    held = [service.user_assignments(f"u{i}") for i in range(5)]
+    assert [[a.id for a in h] for h in held] == [[a.assignment_id] for a in answers]
+    assert [h[0].created_ms for h in held] == [late, late, late + 1, late + 1, late + 1]
+    assert service.cascade_counts(handle)[1][0] == 5
+    assert [len(log) for log in journal._logs] == [0]

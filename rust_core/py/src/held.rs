@@ -364,7 +364,12 @@ impl PyHeld {
 pub(crate) struct PyLog {
     inner: Mutex<Made>,
     names: Mutex<Names>,
+    /// Set by `count_days`: assignments counted by (experiment handle, UTC day number since
+    /// the epoch) instead of kept, for a journal that keeps nothing else of them.
+    days: Mutex<Option<HashMap<(u64, i64), u64>>>,
 }
+
+const DAY_MS: i64 = 86_400_000;
 
 impl PyLog {
     /// Log a new assignment; its experiment's key comes from `held` (which names it).
@@ -382,6 +387,12 @@ impl PyLog {
         level: usize,
         propensity: f64,
     ) {
+        if let Some(days) = self.days.lock().as_mut() {
+            *days
+                .entry((handle, created_ms.div_euclid(DAY_MS)))
+                .or_insert(0) += 1;
+            return;
+        }
         let mut names = self.names.lock();
         names
             .0
@@ -420,7 +431,26 @@ impl PyLog {
         PyLog {
             inner: Mutex::new(Made::new(id_prefix, 0)),
             names: Mutex::new(Names::default()),
+            days: Mutex::new(None),
         }
+    }
+
+    /// From now on, count each assignment logged by its experiment and UTC day instead of
+    /// keeping it (what `take_days` returns); what was kept before stays.
+    fn count_days(&self) {
+        self.days.lock().get_or_insert_with(HashMap::new);
+    }
+
+    /// (handle, UTC day number since the epoch, assignments) counted since the last call,
+    /// sorted; empty unless `count_days` was called.
+    fn take_days(&self) -> Vec<(u64, i64, u64)> {
+        let mut days = self.days.lock();
+        let mut taken: Vec<(u64, i64, u64)> = days
+            .as_mut()
+            .map(|d| d.drain().map(|((h, day), n)| (h, day, n)).collect())
+            .unwrap_or_default();
+        taken.sort_unstable();
+        taken
     }
 
     fn __len__(&self) -> usize {

@@ -204,8 +204,11 @@ class MemoryJournal:
     def __init__(self) -> None:
         self._handles = itertools.count(1)
         self._seen: set[tuple[str, str]] = set()
-        self.assignments = 0
+        self._assignments = 0
         self._visitors: Counter[tuple[int, date]] = Counter()
+        # Where Rust counts unary assignments by experiment and day (`attach_log`), not taken
+        # into `_visitors` yet.
+        self._logs: list[AssignmentLog] = []
         self._conversions: Counter[tuple[int, date]] = Counter()
         self._recommendations: dict[str, StoredRecommendation] = {}
         self._recommendation_ids = itertools.count(1)
@@ -225,16 +228,30 @@ class MemoryJournal:
     def has_room(self, n: int) -> bool:
         return True
 
+    @property
+    def assignments(self) -> int:
+        """Assignments made since start."""
+        self._take_logged()
+        return self._assignments
+
     def assignment_made(self, assignment: Assignment) -> None:
-        self.assignments += 1
+        self._assignments += 1
         self._visitors[(assignment.handle, self._day_of(assignment.created_ms))] += 1
 
     def attach_log(self, log: AssignmentLog) -> bool:
-        # Visitors are counted per assignment as it is made.
-        return False
+        # Only counts by experiment and day are kept of them: Rust keeps those, no rows.
+        log.count_days()
+        self._logs.append(log)
+        return True
+
+    def _take_logged(self) -> None:
+        for log in self._logs:
+            for handle, day, n in log.take_days():
+                self._assignments += n
+                self._visitors[(handle, _EPOCH + timedelta(days=day))] += n
 
     def assignments_made(self, made: MadeAssignments) -> None:
-        self.assignments += len(made)
+        self._assignments += len(made)
         day = self._day_of(made.created_ms)
         for (handle, _), n in made.level_counts():
             self._visitors[(handle, day)] += n
@@ -267,6 +284,7 @@ class MemoryJournal:
         return counted
 
     async def traffic(self, handle: int) -> list[DailyTraffic]:
+        self._take_logged()
         days = sorted({d for h, d in self._visitors if h == handle})
         return [
             DailyTraffic(

@@ -261,7 +261,7 @@ class AllocationService:
         self._store_lookups_found = 0
         # Where Rust logs the new assignments of unary calls for the write-behind (held by
         # Rust too): no Python object per assignment. None when each goes through `_keep`
-        # (a journal that counts them one by one; replicas, which share each one).
+        # (a journal that needs each one passed; replicas, which share each one).
         self._log: AssignmentLog | None = None
         if shared is None:
             log = AssignmentLog(self._id_prefix)
@@ -799,8 +799,8 @@ class AllocationService:
         return response
 
     def _keep_wire(self, seq: int, now: int, kept: tuple[int, str, int, str, int, float]) -> None:
-        """`_keep` of the assignment `allocate_wire` made (a journal that counts each one, or a
-        replica, which shares each one)."""
+        """`_keep` of the assignment `allocate_wire` made without a log (a replica, which
+        shares each one, or a journal that needs each one passed)."""
         handle, user_id, variant, segment_key, level, propensity = kept
         assignment = Assignment(
             f"{self._id_prefix}-{seq:x}",
