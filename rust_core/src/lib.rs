@@ -27,6 +27,7 @@ pub mod keys;
 pub mod propensity;
 pub mod shared;
 pub mod store;
+pub mod unary;
 pub mod wire;
 
 pub use decide::{Decision, Engine, ExperimentConfig, Policy};

@@ -17,6 +17,7 @@ __all__ = [
     "HeldAssignments",
     "MadeAssignments",
     "PreparedBatch",
+    "UnaryLane",
     "__version__",
     "assignment_block",
     "batch_items",
@@ -314,28 +315,62 @@ class BatchCatalogue:
         self,
         engine: Engine,
         request: bytes,
-        *,
+        held: HeldAssignments,
+        lane: UnaryLane,
+        log: AssignmentLog | None,
         now_ms: int,
         shared: bool,
         region: str,
-        seq: int,
-        held: HeldAssignments,
-        log: AssignmentLog | None = None,
     ) -> (
-        str
-        | tuple[bytes, tuple[int, str, int] | tuple[int, str, int, str, int, float] | None]
+        bytes
+        | str
+        | tuple[bytes, tuple[int, str] | None, bool, bool]
+        | tuple[bytes, tuple[int, int, str, int, str, int, float]]
         | None
     ):
         """Unary Allocate on the wire format (a serialized AllocateRequest), checked and
         decided as an item of a batch: None when the caller's path must answer (bad request,
         caller segments, a sticky user `held` does not have under `shared`, whose new
-        assignment is claimed there); a user agent to classify (with `learn_devices`) before
-        calling again; (response, None) for a sticky user whose latest assignment `held` has
-        (None when `held` may have evicted it); or, for a new decision
-        named `{held's id prefix}-{seq:x}`, counted at every level of its path: with a `log`,
-        (response, (handle, segment key, level)), the assignment held by `held` and logged
-        already; without one, (response, (handle, user id, variant, segment key, level,
-        propensity)), for the caller to keep."""
+        assignment is claimed there; one `held` may have evicted); a user agent to classify
+        (with `learn_devices`) before calling again; the response when the caller has nothing
+        more to do. A sticky user whose latest assignment `held` has is answered it. A new
+        decision is named `{held's id prefix}-{seq:x}`, `seq` taken from `lane`, and counted
+        at every level of its path. With a `log` it is held by `held`, logged and counted by
+        `lane`; when the caller has something to do the answer is (response, (handle,
+        segment key) when the key is new to `lane`, whether `lane`'s growth countdown ended,
+        whether learning observes this call: `lane`'s countdown then waits for `observe_in`).
+        Without a log: (response, (seq, handle, user id, variant, segment key, level,
+        propensity)), for the caller to keep, count and observe."""
+
+@final
+class UnaryLane:
+    """What a process counts of the unary calls `BatchCatalogue.allocate_one` answers whole,
+    so that most need no Python after it: ids of new assignments, their counts per cascade
+    level, the segment keys seen, and the countdowns to the next call learning observes and
+    to the next growth report."""
+
+    def __new__(cls) -> UnaryLane:
+        """Ids from 1; neither countdown running."""
+
+    def take_seqs(self, n: int) -> int:
+        """The first of the next `n` ids (the next one, not taken, when `n` is 0)."""
+
+    def observes_next(self) -> bool:
+        """Count one call down to the next observed one: True when this is it (the countdown
+        then waits for `observe_in`)."""
+
+    def observe_in(self, calls: int | None) -> None:
+        """Observe the `calls`-th call from now (None: none)."""
+
+    def grow_in(self, allocations: int | None) -> None:
+        """Report growth after `allocations` more new assignments (None: stop counting)."""
+
+    def take_grown(self) -> tuple[int, list[int]]:
+        """New assignments counted toward growth since the last call, and their experiments'
+        handles."""
+
+    def level_counts(self, handle: int) -> list[tuple[int, int]]:
+        """(cascade level, new assignments counted here) of the experiment, by level."""
 
 @final
 class PreparedBatch:

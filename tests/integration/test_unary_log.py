@@ -181,3 +181,37 @@ async def test_a_memory_journal_counts_each_unary_assignment(
     assert [h[0].created_ms for h in held] == [late, late, late + 1, late + 1, late + 1]
     assert service.cascade_counts(handle)[1][0] == 5
     assert [len(log) for log in journal._logs] == [0]
+
+
+async def test_growth_is_reported_once_per_every_new_assignment_of_any_path() -> None:
+    service = await _service(MemoryJournal())
+    fresh = service.get_experiment("fresh").handle
+    sticky = service.get_experiment("sticky").handle
+    woken: list[set[int]] = []
+    service.on_growth(woken.append, every=10)
+    # Counted in Rust (`UnaryLane`) for unary calls it answers whole, in Python for the rest.
+    for i in range(15):
+        _answer(service.allocate_wire(_request("fresh", f"w{i}"), ""))
+    assert woken == [{fresh}]
+    for i in range(4):
+        await service.allocate(
+            convert.allocate_request(pb.AllocateRequest(experiment_id="sticky", user_id=f"d{i}"))
+        )
+    assert woken == [{fresh}], "19 so far"
+    prepared = service.prepare_batch(
+        pb.AllocateBatchRequest(
+            requests=[pb.AllocateRequest(experiment_id="sticky", user_id=f"b{i}") for i in range(6)]
+        ).SerializeToString()
+    )
+    assert prepared is not None
+    service.finish_batch(prepared, "", {}, {})
+    assert woken == [{fresh}, {fresh, sticky}]
+    # Returning users make no new assignment: they count for nothing.
+    for i in range(9):
+        assert _answer(service.allocate_wire(_request("sticky", f"d{i % 4}"), "")).sticky
+        _answer(service.allocate_wire(_request("fresh", f"x{i}"), ""))
+    assert len(woken) == 2
+    _answer(service.allocate_wire(_request("fresh", "x9"), ""))
+    assert woken == [{fresh}, {fresh, sticky}, {fresh}]
+    assert service.cascade_counts(fresh)[1][0] == 25
+    assert service.cascade_counts(sticky)[1][0] == 10

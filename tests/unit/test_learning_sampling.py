@@ -99,6 +99,29 @@ async def test_unary_allocations_are_observed_about_one_in_every() -> None:
     assert {user for user, _ in learn._buffer} <= {f"u{i}" for i in range(n)}
 
 
+async def test_wire_allocations_are_observed_about_one_in_every() -> None:
+    # Counted down in Rust (`UnaryLane`) for the calls it answers whole.
+    every, n = 10, 5000
+    learn = learning(every)
+    service = await service_with(learn)
+    for i in range(n):
+        assert service.allocate_wire(request(i).SerializeToString(), "") is not None
+    observed = len(learn._buffer)
+    assert abs(observed - n / every) < 5 * count_spread(n, every)
+    assert {user for user, _ in learn._buffer} <= {f"u{i}" for i in range(n)}
+
+
+async def test_wire_and_decoded_calls_count_down_to_the_same_sample() -> None:
+    learn = learning(1)
+    service = await service_with(learn)
+    for i in range(300):
+        if i % 3:
+            assert service.allocate_wire(request(i).SerializeToString(), "") is not None
+        else:
+            await service.allocate(convert.allocate_request(request(i)))
+    assert [user for user, _ in learn._buffer] == [f"u{i}" for i in range(300)]
+
+
 def count_spread(n: int, every: int) -> float:
     """Standard deviation of the number of observations in n requests: a renewal count, with
     gaps of mean `every` and variance ((2·every − 1)² − 1) / 12, spreads sqrt(n·var/every³)."""

@@ -14,6 +14,7 @@ use allocsvc_core::cascade::Tree;
 use allocsvc_core::context::ContextLimits;
 use allocsvc_core::decide::{Engine, ExperimentConfig, Policy, MAX_LEVELS};
 use allocsvc_core::held::Assignment;
+use allocsvc_core::unary::UnaryLane;
 use allocsvc_core::{keys, CountRow};
 use error::{invalid, to_py};
 use held::{
@@ -336,6 +337,48 @@ fn py_features(f: Features<'_>) -> PyFeatures<'_> {
 }
 
 /// Python face of [`PreparedBatch`].
+/// Python face of [`UnaryLane`].
+#[pyclass(name = "UnaryLane", frozen, module = "allocsvc._core")]
+struct PyUnaryLane {
+    inner: parking_lot::Mutex<UnaryLane>,
+}
+
+#[pymethods]
+impl PyUnaryLane {
+    #[new]
+    fn new() -> Self {
+        PyUnaryLane {
+            inner: parking_lot::Mutex::new(UnaryLane::new()),
+        }
+    }
+
+    fn take_seqs(&self, n: u64) -> u64 {
+        self.inner.lock().take_seqs(n)
+    }
+
+    fn observes_next(&self) -> bool {
+        self.inner.lock().observes_next()
+    }
+
+    #[pyo3(signature = (calls))]
+    fn observe_in(&self, calls: Option<i64>) {
+        self.inner.lock().observe_in(calls)
+    }
+
+    #[pyo3(signature = (allocations))]
+    fn grow_in(&self, allocations: Option<i64>) {
+        self.inner.lock().grow_in(allocations)
+    }
+
+    fn take_grown(&self) -> (u64, Vec<u64>) {
+        self.inner.lock().take_grown()
+    }
+
+    fn level_counts(&self, handle: u64) -> Vec<(usize, u64)> {
+        self.inner.lock().level_counts(handle)
+    }
+}
+
 #[pyclass(name = "PreparedBatch", frozen, module = "allocsvc._core")]
 struct PyPreparedBatch {
     inner: PreparedBatch,
@@ -438,27 +481,31 @@ impl PyBatchCatalogue {
     }
 
     /// Unary Allocate on the wire format, in one call: None when the caller's path must
-    /// answer; a user agent (str) whose device class to learn before calling again;
-    /// (response, None) for a sticky user whose latest assignment `held` has (None when `held`
-    /// may have evicted it, or when `shared`: a new sticky user is claimed in shared state,
-    /// the caller's way); or, for a new, counted decision named `{held's prefix}-{seq:x}`:
-    /// with a `log`, (response, (handle, segment key, level)), the assignment held by `held`
-    /// and logged for the write-behind already; without one,
-    /// (response, (handle, user id, variant, segment key, level, propensity)), for the caller
-    /// to keep. Short work: the GIL stays held.
-    #[pyo3(signature = (engine, request, *, now_ms, shared, region, seq, held, log=None))]
+    /// answer; a user agent (str) whose device class to learn before calling again; the
+    /// response (bytes) when the caller has nothing more to do; else a tuple. A sticky user
+    /// whose latest assignment `held` has is answered it (when `held` may have evicted it, or
+    /// under `shared` for a new sticky user, whose claim is made in shared state, the caller's
+    /// way). A new decision is named `{held's prefix}-{seq:x}`, `seq` taken from `lane`. With
+    /// a `log`, it is held by `held`, logged for the write-behind and counted by `lane`; the
+    /// tuple, when the caller has something to do, is (response, (handle, segment key) when
+    /// the key is new to `lane`, else None, whether `lane`'s growth countdown ended, whether
+    /// learning observes this call: then `lane`'s countdown stops until `observe_in`).
+    /// Without a log, it is (response, (seq, handle, user id, variant, segment key, level,
+    /// propensity)), for the caller to keep, count and observe. Short work: the GIL stays
+    /// held.
+    #[pyo3(signature = (engine, request, held, lane, log, now_ms, shared, region))]
     #[allow(clippy::too_many_arguments)]
     fn allocate_one<'py>(
         &self,
         py: Python<'py>,
         engine: &PyEngine,
         request: &[u8],
+        held: &PyHeld,
+        lane: &PyUnaryLane,
+        log: Option<&PyLog>,
         now_ms: i64,
         shared: bool,
         region: &str,
-        seq: u64,
-        held: &PyHeld,
-        log: Option<&PyLog>,
     ) -> PyResult<Bound<'py, PyAny>> {
         let one = match self.inner.check_one(request, now_ms) {
             OneChecked::Caller => return Ok(py.None().into_bound(py)),
@@ -484,10 +531,14 @@ impl PyBatchCatalogue {
             }
             if let Some(given) = earlier {
                 drop(store);
-                let response = one.answer(&given, region).map_err(to_py)?;
-                return (PyBytes::new(py, &response), py.None()).into_bound_py_any(py);
+                let response = PyBytes::new(py, &one.answer(&given, region).map_err(to_py)?);
+                if !lane.inner.lock().observes_next() {
+                    return Ok(response.into_any());
+                }
+                return (response, py.None(), false, true).into_bound_py_any(py);
             }
         }
+        let seq = lane.inner.lock().peek_seq();
         let mut assignment_id = String::with_capacity(store.prefix().len() + 17);
         assignment_id.push_str(store.prefix());
         assignment_id.push('-');
@@ -496,9 +547,11 @@ impl PyBatchCatalogue {
         let d = one
             .decide(&engine.inner, &self.inner, region, &assignment_id)
             .map_err(to_py)?;
+        lane.inner.lock().take_seqs(1);
         let response = PyBytes::new(py, &d.response);
         let Some(log) = log else {
             let kept = (
+                seq,
                 one.handle(),
                 one.user_id(),
                 d.variant,
@@ -530,7 +583,18 @@ impl PyBatchCatalogue {
             d.level,
             d.propensity,
         );
-        (response, (one.handle(), d.segment_key, d.level)).into_bound_py_any(py)
+        let (counted, observe) = {
+            let mut lane = lane.inner.lock();
+            (
+                lane.count(one.handle(), &d.segment_key, d.level),
+                lane.observes_next(),
+            )
+        };
+        if !counted.new_key && !counted.grow && !observe {
+            return Ok(response.into_any());
+        }
+        let new_key = counted.new_key.then(|| (one.handle(), d.segment_key));
+        (response, new_key, counted.grow, observe).into_bound_py_any(py)
     }
 }
 
@@ -883,6 +947,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PyEngine>()?;
     m.add_class::<PyBatchCatalogue>()?;
     m.add_class::<PyPreparedBatch>()?;
+    m.add_class::<PyUnaryLane>()?;
     m.add_class::<PyHeld>()?;
     m.add_class::<PyMade>()?;
     m.add_class::<PyLog>()?;

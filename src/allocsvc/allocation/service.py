@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import itertools
 import logging
 import math
 import secrets
@@ -37,6 +36,7 @@ from allocsvc.core import (
     HeldAssignments,
     MadeAssignments,
     PreparedBatch,
+    UnaryLane,
     key_hash,
     parent_keys,
 )
@@ -213,9 +213,8 @@ class AllocationService:
 
     # Set by attach_learning; None: `auto` experiments use the NO_CLUSTER segment.
     _learning: LearningHook | None = None
-    # Sampling of allocations for learning (None: off) and requests until the next observed.
+    # Sampling of allocations for learning (None: off); the countdown is the lane's.
     _gaps: ObservationGaps | None = None
-    _until_observed: int = 0
     # Set by on_growth: called once per `_growth_every` allocations made here, with the
     # handles of the experiments they were made in.
     _on_growth: Callable[[set[int]], None] | None = None
@@ -244,8 +243,11 @@ class AllocationService:
         self._remote: dict[tuple[int, int, int], tuple[int, int, float]] = {}
         # Each experiment as allocation serves it (`SegmentationDefaults.served`), by handle.
         self._served: dict[int, Experiment] = {}
-        self._ids = itertools.count(1)
         self._id_prefix = secrets.token_hex(6)
+        # Ids of new assignments (every path's), and what Rust counts of the unary calls it
+        # answers whole: their cascade levels, segment keys seen, the countdowns to the next
+        # observed call and the next growth report (`allocate_wire`).
+        self._lane = UnaryLane()
         # Latest assignment per (experiment handle, user id), every assignment by id and by
         # user: in Rust, no Python object per assignment (none for the collector to walk).
         self._held = HeldAssignments(
@@ -295,7 +297,7 @@ class AllocationService:
     def attach_learning(self, learning: LearningHook) -> None:
         self._learning = learning
         self._gaps = learning.gaps
-        self._until_observed = 0 if self._gaps is None else self._gaps.next()
+        self._lane.observe_in(None if self._gaps is None else self._gaps.next())
 
     def on_growth(self, callback: Callable[[set[int]], None], every: int) -> None:
         """Call `callback` once per `every` allocations made by this process (unary and batch),
@@ -305,13 +307,19 @@ class AllocationService:
         self._on_growth = callback
         self._growth_every = self._growth_countdown = max(1, every)
         self._grown_handles: set[int] = set()
+        self._lane.grow_in(self._growth_countdown)
 
     def _grown(self, allocations: int) -> None:
-        self._growth_countdown -= allocations
+        """Count `allocations` more (their handles added to `_grown_handles`) and those the
+        lane counted, toward the next growth report."""
+        counted, taken = self._lane.take_grown()
+        self._grown_handles.update(taken)
+        self._growth_countdown -= allocations + counted
         if self._growth_countdown <= 0 and self._on_growth is not None:
             self._growth_countdown = self._growth_every
             handles, self._grown_handles = self._grown_handles, set()
             self._on_growth(handles)
+        self._lane.grow_in(self._growth_countdown)
 
     @property
     def learns(self) -> bool:
@@ -320,12 +328,9 @@ class AllocationService:
 
     def observes_next(self) -> bool:
         """Whether learning observes the next allocation (a unary one): one countdown step."""
-        if self._gaps is None:
+        if self._gaps is None or not self._lane.observes_next():
             return False
-        self._until_observed -= 1
-        if self._until_observed > 0:
-            return False
-        self._until_observed = self._gaps.next()
+        self._lane.observe_in(self._gaps.next())
         return True
 
     def observe(self, request: AllocationRequest) -> None:
@@ -708,7 +713,7 @@ class AllocationService:
             experiment.handle, request.user_id, values, record=not claiming
         )
         assignment = Assignment(
-            id=f"{self._id_prefix}-{next(self._ids):x}",
+            id=f"{self._id_prefix}-{self._lane.take_seqs(1):x}",
             experiment_key=experiment.key,
             handle=experiment.handle,
             user_id=request.user_id,
@@ -757,51 +762,67 @@ class AllocationService:
 
     def allocate_wire(self, request: bytes, region: str) -> bytes | None:
         """Unary Allocate on the wire format in one Rust call (decoding, checks, context
-        extraction, the sticky answer or the decision, encoding; with a log, holding and
-        logging the new assignment): the serialized AllocateResponse, or None when `allocate`
-        must answer (a bad request, whose error it words; `auto` segmentation; a sticky user
-        this replica does not hold, under shared state: its claim; a full write-behind buffer,
-        under which `allocate` still answers returning users). Learning observes a sample of
-        the calls it answers, as it does `allocate`'s."""
+        extraction, the sticky answer or the decision, encoding; with a log, holding,
+        logging and counting the new assignment): the serialized AllocateResponse, or None
+        when `allocate` must answer (a bad request, whose error it words; `auto`
+        segmentation; a sticky user this replica does not hold, under shared state: its
+        claim; a full write-behind buffer, under which `allocate` still answers returning
+        users). Learning observes a sample of the calls it answers, as it does `allocate`'s."""
         if not self._journal.has_room(1):
             return None
         now = _now_ms()
-        seq = next(self._ids)
         out = None
         for _ in range(2):
             out = self._catalogue.allocate_one(
                 self._engine,
                 request,
-                now_ms=now,
-                shared=self._shared is not None,
-                region=region,
-                seq=seq,
-                held=self._held,
-                log=self._log,
+                self._held,
+                self._lane,
+                self._log,
+                now,
+                self._shared is not None,
+                region,
             )
             if not isinstance(out, str):
                 break
             # A user agent Rust has not classified yet: classify it once, then decide.
             self._catalogue.learn_devices([(out, self._extractor.device(out))])
+        if isinstance(out, bytes):
+            return out  # nothing left to do: most calls
         if out is None or isinstance(out, str):
-            self._ids = itertools.count(seq)  # the id was not used: the next one takes it
             return None
-        response, kept = out
-        if kept is None:
-            self._ids = itertools.count(seq)  # a sticky answer: no new id
-        elif len(kept) == 3:
-            # Held and logged by Rust already.
-            self._count(*kept)
+        return self._after_rust(request, now, out)
+
+    def _after_rust(
+        self,
+        request: bytes,
+        now: int,
+        out: tuple[bytes, tuple[int, str] | None, bool, bool]
+        | tuple[bytes, tuple[int, int, str, int, str, int, float]],
+    ) -> bytes:
+        """What is left to do of a call `allocate_one` answered: the rare calls of a new
+        segment key, a growth report or a learning sample; every new assignment of a replica,
+        which shares and counts it here."""
+        if len(out) == 2:
+            response, kept = out
+            self._keep_wire(now, kept)
+            observe = self.observes_next()
         else:
-            self._keep_wire(seq, now, kept)
-        if self.observes_next():
+            response, new_key, grow, observe = out
+            if new_key is not None:
+                self._register_segment(*new_key)
+            if grow:
+                self._grown(0)
+            if observe and self._gaps is not None:
+                self._lane.observe_in(self._gaps.next())
+        if observe:
             self.observe_wire(request)
         return response
 
-    def _keep_wire(self, seq: int, now: int, kept: tuple[int, str, int, str, int, float]) -> None:
+    def _keep_wire(self, now: int, kept: tuple[int, int, str, int, str, int, float]) -> None:
         """`_keep` of the assignment `allocate_wire` made without a log (a replica, which
         shares each one, or a journal that needs each one passed)."""
-        handle, user_id, variant, segment_key, level, propensity = kept
+        seq, handle, user_id, variant, segment_key, level, propensity = kept
         assignment = Assignment(
             f"{self._id_prefix}-{seq:x}",
             self._by_handle[handle].key,
@@ -829,10 +850,13 @@ class AllocationService:
 
     def cascade_counts(self, handle: int) -> dict[int, tuple[int, int]]:
         """Allocations and conversions per cascade level of the experiment, since start."""
-        levels = {lv for h, lv in self._cascade_allocations if h == handle}
+        allocations = Counter(
+            {lv: n for (h, lv), n in self._cascade_allocations.items() if h == handle}
+        )
+        allocations.update(dict(self._lane.level_counts(handle)))
         return {
-            lv: (self._cascade_allocations[(handle, lv)], self._cascade_conversions[(handle, lv)])
-            for lv in sorted(levels)
+            lv: (allocations[lv], self._cascade_conversions[(handle, lv)])
+            for lv in sorted(allocations)
         }
 
     def set_tree(self, handle: int, nodes: list[int] | None) -> None:
@@ -966,9 +990,9 @@ class AllocationService:
         assignments as the batch may make."""
         # At most this many are new (repeated sticky users are fewer): refused before deciding.
         self._journal.admit(len(prepared) - len(errors) - len(given))
-        first = next(self._ids)
+        first = self._lane.take_seqs(0)
         decided = self._decided(prepared, region, first, given, errors, record=record)
-        self._ids = itertools.count(first + len(decided[1]))
+        self._lane.take_seqs(len(decided[1]))
         return decided
 
     def _decided(
