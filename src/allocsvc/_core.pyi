@@ -561,6 +561,10 @@ class AssignmentLog:
     def forget_user(self, user_id: str) -> int:
         """Drop the user's logged assignments; how many there were."""
 
+    def set_room(self, room: int) -> None:
+        """Hold at most `room` assignments (those logged included): past it,
+        `allocate_one` leaves new assignments to its caller, whose journal refuses them."""
+
     def count_days(self) -> None:
         """From now on, count each assignment logged by experiment and UTC day instead of
         keeping it (for a journal that keeps nothing else of them); what was kept stays."""

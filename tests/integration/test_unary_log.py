@@ -106,14 +106,29 @@ async def test_the_write_behind_bound_counts_the_logged_assignments(
 ) -> None:
     journal = PostgresJournal(store, max_pending_assignments=5)
     service = await _service(journal)
-    for i in range(5):
+    # Five pending, of every path: Rust checks the room the journal shares with its log.
+    first = _answer(service.allocate_wire(_request("sticky", "returning"), ""))
+    for i in range(2):
         _answer(service.allocate_wire(_request("fresh", f"u{i}"), ""))
-    # Full: the wire path hands over, and the Python path refuses a new assignment.
+    await service.allocate(
+        convert.allocate_request(pb.AllocateRequest(experiment_id="fresh", user_id="p1"))
+    )
+    prepared = service.prepare_batch(
+        pb.AllocateBatchRequest(
+            requests=[pb.AllocateRequest(experiment_id="fresh", user_id="b1")]
+        ).SerializeToString()
+    )
+    assert prepared is not None
+    service.finish_batch(prepared, "", {}, {})
+    # Full: the wire path hands a new assignment over, and the Python path refuses it.
     assert service.allocate_wire(_request("fresh", "u5"), "") is None
     with pytest.raises(ResourceExhausted):
         await service.allocate(
             convert.allocate_request(pb.AllocateRequest(experiment_id="fresh", user_id="u5"))
         )
+    # A returning user makes no new assignment: Rust still answers them.
+    again = _answer(service.allocate_wire(_request("sticky", "returning"), ""))
+    assert again.sticky and again.assignment_id == first.assignment_id
     await journal.flush()
     _answer(service.allocate_wire(_request("fresh", "u5"), ""))
     await journal.close()

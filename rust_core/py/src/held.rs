@@ -20,6 +20,7 @@ use pyo3::pybacked::{PyBackedBytes, PyBackedStr};
 use pyo3::types::{PyBytes, PyDict, PyList, PyString, PyTuple};
 use std::borrow::Cow;
 use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
 
 /// Experiment keys by handle, as Python strs (shared by every tuple of the experiment).
@@ -367,11 +368,20 @@ pub(crate) struct PyLog {
     /// Set by `count_days`: assignments counted by (experiment handle, UTC day number since
     /// the epoch) instead of kept, for a journal that keeps nothing else of them.
     days: Mutex<Option<HashMap<(u64, i64), u64>>>,
+    /// The most assignments it may hold before `allocate_one` leaves new ones to its caller
+    /// (`set_room`: the write-behind's bound less what else is pending); unbounded until set.
+    room: AtomicI64,
 }
 
 const DAY_MS: i64 = 86_400_000;
 
 impl PyLog {
+    /// Whether one more assignment fits (`set_room`).
+    pub(crate) fn has_room(&self) -> bool {
+        let len = i64::try_from(self.inner.lock().len()).unwrap_or(i64::MAX);
+        len < self.room.load(Ordering::Relaxed)
+    }
+
     /// Log a new assignment; its experiment's key comes from `held` (which names it).
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn push(
@@ -432,7 +442,14 @@ impl PyLog {
             inner: Mutex::new(Made::new(id_prefix, 0)),
             names: Mutex::new(Names::default()),
             days: Mutex::new(None),
+            room: AtomicI64::new(i64::MAX),
         }
+    }
+
+    /// Hold at most `room` assignments (those logged already included): past it,
+    /// `allocate_one` leaves new assignments to its caller, whose journal refuses them.
+    fn set_room(&self, room: i64) {
+        self.room.store(room, Ordering::Relaxed);
     }
 
     /// From now on, count each assignment logged by its experiment and UTC day instead of

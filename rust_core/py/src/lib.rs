@@ -485,7 +485,7 @@ impl PyBatchCatalogue {
     /// response (bytes) when the caller has nothing more to do; else a tuple. A sticky user
     /// whose latest assignment `held` has is answered it (when `held` may have evicted it, or
     /// under `shared` for a new sticky user, whose claim is made in shared state, the caller's
-    /// way). A new decision is named `{held's prefix}-{seq:x}`, `seq` taken from `lane`. With
+    /// way; so is a new assignment past `log`'s room). A new decision is named `{held's prefix}-{seq:x}`, `seq` taken from `lane`. With
     /// a `log`, it is held by `held`, logged for the write-behind and counted by `lane`; the
     /// tuple, when the caller has something to do, is (response, (handle, segment key) when
     /// the key is new to `lane`, else None, whether `lane`'s growth countdown ended, whether
@@ -537,6 +537,10 @@ impl PyBatchCatalogue {
                 }
                 return (response, py.None(), false, true).into_bound_py_any(py);
             }
+        }
+        if log.is_some_and(|log| !log.has_room()) {
+            // The write-behind is full: the caller's journal refuses a new assignment.
+            return Ok(py.None().into_bound(py));
         }
         let seq = lane.inner.lock().peek_seq();
         let mut assignment_id = String::with_capacity(store.prefix().len() + 17);

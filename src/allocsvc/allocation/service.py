@@ -768,7 +768,8 @@ class AllocationService:
         segmentation; a sticky user this replica does not hold, under shared state: its
         claim; a full write-behind buffer, under which `allocate` still answers returning
         users). Learning observes a sample of the calls it answers, as it does `allocate`'s."""
-        if not self._journal.has_room(1):
+        # With a log, Rust checks the write-behind's room itself (the journal shares it).
+        if self._log is None and not self._journal.has_room(1):
             return None
         now = _now_ms()
         out = None

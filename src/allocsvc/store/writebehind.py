@@ -667,6 +667,7 @@ class PostgresJournal:
                 assignments.forget_user(user_id)
             if self._unwritten is not None:
                 self._unwritten = self._unwritten.without_user(user_id)
+            self._share_room()
             return dropped, await erase()
 
     def pending_assignments_of(self, user_id: str) -> list[AssignmentRow]:
@@ -693,6 +694,17 @@ class PostgresJournal:
     def has_room(self, n: int) -> bool:
         return self._pending() + n <= self._max_pending_assignments
 
+    def _share_room(self) -> None:
+        """Tell each log how many assignments it may hold, so that Rust checks the bound for
+        the unary calls it answers: the bound less everything else pending. Called wherever
+        that changes but for the logs themselves (other logs are counted as they are now: a
+        server has one)."""
+        rest = self._buffered()
+        logged = [len(log) for log in self._logs]
+        total = sum(logged)
+        for log, n in zip(self._logs, logged, strict=True):
+            log.set_room(self._max_pending_assignments - rest - (total - n))
+
     def admit(self, n: int) -> None:
         if not self.has_room(n):
             self.stats.refused += n
@@ -705,15 +717,18 @@ class PostgresJournal:
         if not self._buffered():
             self._pending_since = time.monotonic()
         self._assignments.append(assignment)
+        self._share_room()
 
     def assignments_made(self, made: MadeAssignments) -> None:
         if not self._buffered():
             self._pending_since = time.monotonic()
         self._made.append(made)
         self._made_rows += len(made)
+        self._share_room()
 
     def attach_log(self, log: AssignmentLog) -> bool:
         self._logs.append(log)
+        self._share_room()
         return True
 
     def _take_logged(self) -> tuple[list[MadeAssignments], float | None]:
@@ -805,7 +820,10 @@ class PostgresJournal:
         """Write buffered assignments and allocation deltas; keep them on failure."""
         # One at a time, so that close() waits for a flush the loop had started.
         async with self._flush_lock:
-            await self._flush()
+            try:
+                await self._flush()
+            finally:
+                self._share_room()
 
     async def flushed(self) -> bool:
         """`flush`: whether everything buffered before the call is written."""
