@@ -38,6 +38,12 @@ async def _echo(request: bytes, context: grpc.aio.ServicerContext[bytes, bytes])
     return request
 
 
+async def _name(request: bytes, context: grpc.aio.ServicerContext[bytes, bytes]) -> bytes:
+    """The request id this call's log lines carry, after other calls ran meanwhile."""
+    await asyncio.sleep(0.01)
+    return (logs.current_request_id() or "").encode()
+
+
 async def _fail(request: bytes, context: grpc.aio.ServicerContext[bytes, bytes]) -> bytes:
     raise ValueError("boom")
 
@@ -93,6 +99,7 @@ def _handlers() -> dict[str, Any]:
     return {
         "Echo": grpc.unary_unary_rpc_method_handler(_echo),
         "Fail": grpc.unary_unary_rpc_method_handler(_fail),
+        "Name": grpc.unary_unary_rpc_method_handler(_name),
         "Refuse": grpc.unary_unary_rpc_method_handler(_Refusing().refuse),
         "Busy": grpc.unary_unary_rpc_method_handler(_Busy().refuse),
         "TwoPart": grpc.unary_unary_rpc_method_handler(TWO_PART.answer),
@@ -219,6 +226,26 @@ async def test_gate_request_ids_and_metrics(
     assert failed.value.code() == grpc.StatusCode.UNKNOWN
     assert len(_ids(failed.value.trailing_metadata())) == 1
     assert await _counted(metrics, "Fail", "UNKNOWN", 1) == 1
+
+
+async def test_concurrent_calls_each_carry_their_own_request_id(
+    served: tuple[TelemetryInterceptor, RpcMetrics, grpc.aio.Channel],
+) -> None:
+    telemetry, _, channel = served
+    telemetry.ready = True
+    name = channel.unary_unary(f"/{SERVICE}/Name", None, None)
+    tagged = [name(b"", metadata=((REQUEST_ID_KEY, f"req-{i}"),), timeout=10) for i in range(20)]
+    untagged = [name(b"", timeout=10) for _ in range(20)]
+    answers = await asyncio.gather(*tagged, *untagged)
+    # Named where the handler was found (the call's own task), seen by its handler after
+    # the others had run: the client's id, or a fresh one of its own.
+    assert [a.decode() for a in answers[:20]] == [f"req-{i}" for i in range(20)]
+    assert [_ids(await c.trailing_metadata()) for c in tagged] == [[f"req-{i}"] for i in range(20)]
+    fresh = [a.decode() for a in answers[20:]]
+    assert all(fresh) and len(set(fresh)) == 20
+    assert not {f"req-{i}" for i in range(20)} & set(fresh)
+    assert [_ids(await c.trailing_metadata()) for c in untagged] == [[]] * 20
+    assert logs.request_id.get() is None, "nothing set in the caller's context"
 
 
 async def test_a_failure_is_logged_and_a_call_gone_under_its_handler_is_not_unknown(

@@ -1,7 +1,10 @@
 """Per-RPC request ids, deadlines, metrics and debug logs.
 
 Every unary RPC gets a request id (the client's `x-request-id` metadata when it sends a
-usable one, a fresh one otherwise) that every log line written while serving it carries. It
+usable one, a fresh one otherwise) that every log line written while serving it carries;
+it is read from the metadata grpc looks the handler up with (`name_call`), not built again
+from the call's context, which costs a unary call about 10k instructions (bench/RESULTS.md,
+item 53). It
 goes back in the trailing metadata when the client sent it, and on every failed call (whose
 error the server logs), but not on a successful call the client did not tag: a trailer costs
 grpc about 50 µs of CPU per call, an eighth of a bare unary call (bench/RESULTS.md), and such
@@ -19,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import contextvars
 import inspect
 import itertools
 import logging
@@ -141,6 +145,7 @@ class TelemetryInterceptor(Interceptor):
         continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Handler]],
         handler_call_details: grpc.HandlerCallDetails,
     ) -> Handler:
+        name_call(handler_call_details.invocation_metadata)
         return self.wrap(handler_call_details.method, await continuation(handler_call_details))
 
     def registering(self, server: grpc.aio.Server) -> grpc.aio.Server:
@@ -183,14 +188,14 @@ class TelemetryInterceptor(Interceptor):
             first_try, behavior = parts[0].__get__(servicer), parts[1].__get__(servicer)
 
         async def observed(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-            rid: str | int | None = None
-            for key, value in context.invocation_metadata() or ():
-                if key == REQUEST_ID_KEY and isinstance(value, str) and _USABLE_ID.fullmatch(value):
-                    rid = value
-                    context.set_trailing_metadata(((REQUEST_ID_KEY, rid),))
-                    break
-            # A fresh id is a number until a log line or a trailer formats it.
-            token = logs.request_id.set(next(logs.REQUEST_NUMBERS) if rid is None else rid)
+            # Named where grpc found the handler, in this call's task (`name_call`); else here.
+            rid = logs.request_id.get()
+            token = None
+            if rid is None:
+                token = name_call(context.invocation_metadata())
+                rid = logs.request_id.get()
+            if isinstance(rid, str):
+                context.set_trailing_metadata(((REQUEST_ID_KEY, rid),))
             start = time.perf_counter()
             code = grpc.StatusCode.OK
             try:
@@ -245,9 +250,22 @@ class TelemetryInterceptor(Interceptor):
                             "user": logs.pseudonym(user_id) if user_id else None,
                         },
                     )
-                logs.request_id.reset(token)
+                if token is not None:
+                    logs.request_id.reset(token)
 
         return observed
+
+
+def name_call(metadata: Iterable[tuple[str, str | bytes]] | None) -> contextvars.Token[Any]:
+    """Set the request id of the call whose metadata this is: the client's when it sent a
+    usable one, else a fresh one (a number until a log line or a trailer formats it).
+
+    grpc.aio looks a call's handler up and runs it in the same task, a context of its own:
+    set while the handler is looked up, the id is the handler's and no other call's."""
+    for key, value in metadata or ():
+        if key == REQUEST_ID_KEY and isinstance(value, str) and _USABLE_ID.fullmatch(value):
+            return logs.request_id.set(value)
+    return logs.request_id.set(next(logs.REQUEST_NUMBERS))
 
 
 def _ended(context: grpc.aio.ServicerContext[Any, Any]) -> grpc.StatusCode:
@@ -272,6 +290,7 @@ class _InstrumentedGeneric(Generic):
         self._by_name: dict[str, Handler] | None = {} if type(inner) is _BY_NAME else None
 
     def service(self, handler_call_details: grpc.HandlerCallDetails) -> Handler | None:
+        name_call(handler_call_details.invocation_metadata)
         method = handler_call_details.method
         by_name = self._by_name
         if by_name is not None:
