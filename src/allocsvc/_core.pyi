@@ -331,7 +331,8 @@ class BatchCatalogue:
         """Unary Allocate on the wire format (a serialized AllocateRequest), checked and
         decided as an item of a batch: None when the caller's path must answer (bad request,
         caller segments, a sticky user `held` does not have under `shared`, whose new
-        assignment is claimed there; one `held` may have evicted); a user agent to classify
+        assignment is claimed there; one `held` may have evicted; a new assignment past
+        `log`'s room, which the caller's journal refuses); a user agent to classify
         (with `learn_devices`) before calling again; the response when the caller has nothing
         more to do. A sticky user whose latest assignment `held` has is answered it. A new
         decision is named `{held's id prefix}-{seq:x}`, `seq` taken from `lane`, and counted
