@@ -38,6 +38,17 @@ def _answer(response: bytes | None) -> pb.AllocateResponse:
     return pb.AllocateResponse.FromString(response)
 
 
+def _batch(service: AllocationService, experiment: str, users: list[str]) -> None:
+    """Allocate `users` in `experiment` as one AllocateBatch (held by Rust, handed over whole)."""
+    prepared = service.prepare_batch(
+        pb.AllocateBatchRequest(
+            requests=[pb.AllocateRequest(experiment_id=experiment, user_id=u) for u in users]
+        ).SerializeToString()
+    )
+    assert prepared is not None
+    service.finish_batch(prepared, "", {}, {})
+
+
 async def test_unary_assignments_are_held_counted_and_written_from_the_log(
     store: PostgresStore, migrated_db: str
 ) -> None:
@@ -53,13 +64,7 @@ async def test_unary_assignments_are_held_counted_and_written_from_the_log(
     first = _answer(service.allocate_wire(_request("sticky", "returning"), ""))
     again = _answer(service.allocate_wire(_request("sticky", "returning"), ""))
     # A batch and a Python-path allocation in the same flush as the logged ones.
-    prepared = service.prepare_batch(
-        pb.AllocateBatchRequest(
-            requests=[pb.AllocateRequest(experiment_id="fresh", user_id="b1")]
-        ).SerializeToString()
-    )
-    assert prepared is not None
-    service.finish_batch(prepared, "", {}, {})
+    _batch(service, "fresh", ["b1"])
     python_path = await service.allocate(
         convert.allocate_request(pb.AllocateRequest(experiment_id="fresh", user_id="p1"))
     )
@@ -113,13 +118,7 @@ async def test_the_write_behind_bound_counts_the_logged_assignments(
     await service.allocate(
         convert.allocate_request(pb.AllocateRequest(experiment_id="fresh", user_id="p1"))
     )
-    prepared = service.prepare_batch(
-        pb.AllocateBatchRequest(
-            requests=[pb.AllocateRequest(experiment_id="fresh", user_id="b1")]
-        ).SerializeToString()
-    )
-    assert prepared is not None
-    service.finish_batch(prepared, "", {}, {})
+    _batch(service, "fresh", ["b1"])
     # Full: the wire path hands a new assignment over, and the Python path refuses it.
     assert service.allocate_wire(_request("fresh", "u5"), "") is None
     with pytest.raises(ResourceExhausted):
@@ -213,13 +212,7 @@ async def test_growth_is_reported_once_per_every_new_assignment_of_any_path() ->
             convert.allocate_request(pb.AllocateRequest(experiment_id="sticky", user_id=f"d{i}"))
         )
     assert woken == [{fresh}], "19 so far"
-    prepared = service.prepare_batch(
-        pb.AllocateBatchRequest(
-            requests=[pb.AllocateRequest(experiment_id="sticky", user_id=f"b{i}") for i in range(6)]
-        ).SerializeToString()
-    )
-    assert prepared is not None
-    service.finish_batch(prepared, "", {}, {})
+    _batch(service, "sticky", [f"b{i}" for i in range(6)])
     assert woken == [{fresh}, {fresh, sticky}]
     # Returning users make no new assignment: they count for nothing.
     for i in range(9):
