@@ -15,6 +15,7 @@ use crate::context::{self, Clock, ContextLimits, Device, Extracted};
 use crate::decide::{Decision, Engine};
 use crate::error::CoreError;
 use crate::held::{push_hex, spread, Made};
+use crate::keyed::KeyedMap;
 use crate::wire::{self, Reader, Value};
 use hashbrown::HashTable;
 use parking_lot::RwLock;
@@ -61,8 +62,8 @@ pub struct BatchLimits {
 
 /// Experiments by id and device classes by user agent, shared by every batch.
 pub struct Catalogue {
-    experiments: RwLock<HashMap<String, Arc<ExperimentInfo>>>,
-    devices: RwLock<HashMap<String, &'static str>>,
+    experiments: RwLock<KeyedMap<String, Arc<ExperimentInfo>>>,
+    devices: RwLock<KeyedMap<String, &'static str>>,
     limits: BatchLimits,
 }
 
@@ -141,7 +142,7 @@ impl<'a> Features<'a> {
     fn of(
         user_id: &'a str,
         context: &'a Extracted,
-        known: &HashMap<String, &'static str>,
+        known: &KeyedMap<String, &'static str>,
     ) -> Result<Self, CoreError> {
         Ok(Features {
             user_id,
@@ -369,8 +370,8 @@ pub fn batch_items<'a>(bytes: &'a [u8], positions: &[usize]) -> Result<Vec<&'a [
 impl Catalogue {
     pub fn new(limits: BatchLimits) -> Self {
         Catalogue {
-            experiments: RwLock::new(HashMap::new()),
-            devices: RwLock::new(HashMap::new()),
+            experiments: RwLock::new(KeyedMap::default()),
+            devices: RwLock::new(KeyedMap::default()),
             limits,
         }
     }
@@ -647,7 +648,7 @@ impl PreparedOne {
 }
 
 /// The device class of a context: given, or its user agent's in `known` (None: not learned).
-fn class_of(context: &Extracted, known: &HashMap<String, &'static str>) -> Option<&'static str> {
+fn class_of(context: &Extracted, known: &KeyedMap<String, &'static str>) -> Option<&'static str> {
     match &context.device {
         Device::Known(d) => Some(*d),
         Device::UserAgent(ua) => known.get(ua.as_str()).copied(),

@@ -33,6 +33,7 @@ use xxhash_rust::xxh3::xxh3_64_with_seed;
 use crate::block;
 use crate::error::CoreError;
 use crate::filter::{self, Growing};
+use crate::keyed::KeyedMap;
 
 const NONE: u32 = u32::MAX;
 /// Parts of the filter of evicted keys: the first for a capacity's worth, the fifth for 16
@@ -191,7 +192,7 @@ pub struct Held {
     records: Vec<Record>,
     free: Vec<u32>,
     keys: Vec<Box<str>>,
-    key_numbers: HashMap<Box<str>, u32>,
+    key_numbers: KeyedMap<Box<str>, u32>,
     /// (handle, user) -> the latest record given as latest.
     latest: HashTable<Entry>,
     /// id -> record, for records not in `own_runs`.
@@ -247,7 +248,7 @@ impl Held {
             records: Vec::new(),
             free: Vec::new(),
             keys: Vec::new(),
-            key_numbers: HashMap::new(),
+            key_numbers: KeyedMap::default(),
             latest: HashTable::new(),
             by_id: HashTable::new(),
             own_runs: VecDeque::new(),

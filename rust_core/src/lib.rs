@@ -23,6 +23,7 @@ pub mod error;
 pub mod filter;
 pub mod held;
 pub mod holder;
+pub mod keyed;
 pub mod keys;
 pub mod propensity;
 pub mod shared;

@@ -4,16 +4,16 @@
 //! countdowns, to the next call learning observes and to the next growth report. A call
 //! needs its caller only when one of those ends, or at a segment key seen for the first time.
 
-use std::collections::{HashMap, HashSet};
+use crate::keyed::{KeyedMap, KeyedSet};
 
 /// The counts; see the module's documentation.
 #[derive(Debug)]
 pub struct UnaryLane {
     next_seq: u64,
-    levels: HashMap<(u64, usize), u64>,
-    keys: HashMap<u64, HashSet<String>>,
+    levels: KeyedMap<(u64, usize), u64>,
+    keys: KeyedMap<u64, KeyedSet<String>>,
     grown: u64,
-    grown_handles: HashSet<u64>,
+    grown_handles: KeyedSet<u64>,
     until_growth: Option<i64>,
     until_observed: Option<i64>,
 }
@@ -38,10 +38,10 @@ impl UnaryLane {
     pub fn new() -> Self {
         UnaryLane {
             next_seq: 1,
-            levels: HashMap::new(),
-            keys: HashMap::new(),
+            levels: KeyedMap::default(),
+            keys: KeyedMap::default(),
             grown: 0,
-            grown_handles: HashSet::new(),
+            grown_handles: KeyedSet::default(),
             until_growth: None,
             until_observed: None,
         }

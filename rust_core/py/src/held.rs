@@ -9,6 +9,7 @@ use allocsvc_core::block;
 use allocsvc_core::filter::{self, Filter};
 use allocsvc_core::held::{self, Assignment, Held, Made};
 use allocsvc_core::holder::Holder;
+use allocsvc_core::keyed::KeyedMap;
 use allocsvc_core::keys;
 use allocsvc_core::shared;
 
@@ -25,7 +26,7 @@ use std::sync::Arc;
 
 /// Experiment keys by handle, as Python strs (shared by every tuple of the experiment).
 #[derive(Default)]
-pub(crate) struct Names(HashMap<u64, Py<PyString>>);
+pub(crate) struct Names(KeyedMap<u64, Py<PyString>>);
 
 impl Names {
     fn get<'py>(&self, py: Python<'py>, handle: u64) -> Bound<'py, PyString> {
@@ -367,7 +368,7 @@ pub(crate) struct PyLog {
     names: Mutex<Names>,
     /// Set by `count_days`: assignments counted by (experiment handle, UTC day number since
     /// the epoch) instead of kept, for a journal that keeps nothing else of them.
-    days: Mutex<Option<HashMap<(u64, i64), u64>>>,
+    days: Mutex<Option<KeyedMap<(u64, i64), u64>>>,
     /// The most assignments it may hold before `allocate_one` leaves new ones to its caller
     /// (`set_room`: the write-behind's bound less what else is pending); unbounded until set.
     room: AtomicI64,
@@ -455,7 +456,7 @@ impl PyLog {
     /// From now on, count each assignment logged by its experiment and UTC day instead of
     /// keeping it (what `take_days` returns); what was kept before stays.
     fn count_days(&self) {
-        self.days.lock().get_or_insert_with(HashMap::new);
+        self.days.lock().get_or_insert_with(KeyedMap::default);
     }
 
     /// (handle, UTC day number since the epoch, assignments) counted since the last call,
