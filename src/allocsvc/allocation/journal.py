@@ -215,7 +215,7 @@ class MemoryJournal:
         self.audit_log: list[tuple[str, str, str, dict[str, Any]]] = []
         self.trees: dict[int, list[Sequence[TreeNodeRecord]]] = {}
         # The UTC day of the latest assignment, by day number since the epoch (a cache).
-        self._day = (-1, _EPOCH)
+        self._latest_day = (-1, _EPOCH)
 
     async def save_experiment(self, experiment: Experiment, *, new: bool) -> Experiment:
         if new:
@@ -248,7 +248,7 @@ class MemoryJournal:
         for log in self._logs:
             for handle, day, n in log.take_days():
                 self._assignments += n
-                self._visitors[(handle, _EPOCH + timedelta(days=day))] += n
+                self._visitors[(handle, self._day(day))] += n
 
     def assignments_made(self, made: MadeAssignments) -> None:
         self._assignments += len(made)
@@ -268,10 +268,13 @@ class MemoryJournal:
         return None
 
     def _day_of(self, created_ms: int) -> date:
-        number = created_ms // _DAY_MS
-        if number != self._day[0]:
-            self._day = (number, _EPOCH + timedelta(days=number))
-        return self._day[1]
+        return self._day(created_ms // _DAY_MS)
+
+    def _day(self, number: int) -> date:
+        """The UTC day `number` days after the epoch."""
+        if number != self._latest_day[0]:
+            self._latest_day = (number, _EPOCH + timedelta(days=number))
+        return self._latest_day[1]
 
     async def record_conversions(self, conversions: Sequence[Conversion]) -> list[bool]:
         counted = []

@@ -330,8 +330,13 @@ class AllocationService:
         """Whether learning observes the next allocation (a unary one): one countdown step."""
         if self._gaps is None or not self._lane.observes_next():
             return False
-        self._lane.observe_in(self._gaps.next())
+        self._sample_again()
         return True
+
+    def _sample_again(self) -> None:
+        """The lane's countdown to learning's next sample ended (it waits): start the next."""
+        if self._gaps is not None:
+            self._lane.observe_in(self._gaps.next())
 
     def observe(self, request: AllocationRequest) -> None:
         """Feed the learning hook the context of a request; one that fails extraction is
@@ -814,8 +819,8 @@ class AllocationService:
                 self._register_segment(*new_key)
             if grow:
                 self._grown(0)
-            if observe and self._gaps is not None:
-                self._lane.observe_in(self._gaps.next())
+            if observe:
+                self._sample_again()
         if observe:
             self.observe_wire(request)
         return response

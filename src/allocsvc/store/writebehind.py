@@ -681,15 +681,13 @@ class PostgresJournal:
     # Allocations: written behind.
 
     def _pending(self) -> int:
-        """Assignments buffered (the unwritten unit's and the logs' too). In one frame: asked
-        before every unary allocation (`has_room`)."""
-        unwritten = 0 if self._unwritten is None else self._unwritten.rows()
-        logged = sum(map(len, self._logs))
-        return len(self._assignments) + self._made_rows + unwritten + logged
+        """Assignments buffered (the unwritten unit's and the logs' too)."""
+        return self._buffered() + sum(map(len, self._logs))
 
     def _buffered(self) -> int:
         """Assignments passed to this journal and not written (the unwritten unit's too)."""
-        return self._pending() - sum(map(len, self._logs))
+        unwritten = 0 if self._unwritten is None else self._unwritten.rows()
+        return len(self._assignments) + self._made_rows + unwritten
 
     def has_room(self, n: int) -> bool:
         return self._pending() + n <= self._max_pending_assignments
