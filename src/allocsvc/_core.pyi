@@ -4,10 +4,19 @@ Internal: import it only through `allocsvc.core`, which re-exports it.
 Segment hashes are unsigned 64-bit integers (xxh3-64 of the canonical key's UTF-8 bytes, seed 0).
 """
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import final
 
 __version__: str
+
+# What `BatchCatalogue.allocate_one` answers (see there).
+UnaryOutcome = (
+    bytes
+    | str
+    | tuple[bytes, tuple[int, str] | None, bool, bool]
+    | tuple[bytes, tuple[int, int, str, int, str, int, float]]
+    | None
+)
 __all__ = [
     "ASSIGNMENT_COPY_COLUMNS",
     "RESTORE_COPY_COLUMNS",
@@ -18,6 +27,7 @@ __all__ = [
     "MadeAssignments",
     "PreparedBatch",
     "UnaryLane",
+    "UnaryPath",
     "__version__",
     "assignment_block",
     "batch_items",
@@ -321,13 +331,7 @@ class BatchCatalogue:
         now_ms: int,
         shared: bool,
         region: str,
-    ) -> (
-        bytes
-        | str
-        | tuple[bytes, tuple[int, str] | None, bool, bool]
-        | tuple[bytes, tuple[int, int, str, int, str, int, float]]
-        | None
-    ):
+    ) -> UnaryOutcome:
         """Unary Allocate on the wire format (a serialized AllocateRequest), checked and
         decided as an item of a batch: None when the caller's path must answer (bad request,
         caller segments, a sticky user `held` does not have under `shared`, whose new
@@ -372,6 +376,27 @@ class UnaryLane:
 
     def level_counts(self, handle: int) -> list[tuple[int, int]]:
         """(cascade level, new assignments counted here) of the experiment, by level."""
+
+@final
+class UnaryPath:
+    """`BatchCatalogue.allocate_one` bound to everything but the request, for a server's unary
+    `Allocate` with a log (no shared state): no Python runs between gRPC's handler and the
+    answer of the calls it answers whole."""
+
+    def __new__(
+        cls,
+        catalogue: BatchCatalogue,
+        engine: Engine,
+        held: HeldAssignments,
+        lane: UnaryLane,
+        log: AssignmentLog,
+        region: str,
+        after: Callable[[bytes, int, UnaryOutcome, str], bytes | None],
+    ) -> UnaryPath: ...
+    def allocate(self, request: bytes) -> bytes | None:
+        """`allocate_one` of the request at the clock's time in milliseconds: its response
+        when that is all it answers, else what `after(request, now_ms, outcome, region)`
+        answers."""
 
 @final
 class PreparedBatch:

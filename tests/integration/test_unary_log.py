@@ -223,3 +223,43 @@ async def test_growth_is_reported_once_per_every_new_assignment_of_any_path() ->
     assert woken == [{fresh}, {fresh, sticky}, {fresh}]
     assert service.cascade_counts(fresh)[1][0] == 25
     assert service.cascade_counts(sticky)[1][0] == 10
+
+
+async def test_a_servers_unary_path_answers_as_allocate_wire_does() -> None:
+    """`unary_path`, the Rust method a server's Allocate tries first, reads the clock itself
+    and calls back into Python for what is left of a call: growth, new segment keys, a user
+    agent to classify, a request the caller's path must word."""
+    journal = MemoryJournal()
+    service = await _service(journal)
+    fresh = service.get_experiment("fresh").handle
+    woken: list[set[int]] = []
+    service.on_growth(woken.append, every=10)
+    path = service.unary_path("eu")
+    start = service_module._now_ms()
+    answers = [_answer(path(_request("fresh", f"p{i}", COUNTRIES[i % 3]))) for i in range(10)]
+    end = service_module._now_ms()
+    assert woken == [{fresh}]
+    assert {a.region for a in answers} == {"eu"}
+    assert len({a.segment_key for a in answers}) == 3
+    assert {k for k, _ in service.segment_keys(fresh)} >= {a.segment_key for a in answers}
+    held = [service.user_assignments(f"p{i}") for i in range(10)]
+    assert [[h.id for h in one] for one in held] == [[a.assignment_id] for a in answers]
+    assert all(start <= one[0].created_ms <= end for one in held)
+    assert service.cascade_counts(fresh)[1][0] == 10
+    assert journal.assignments == 10
+    # A returning sticky user is given their assignment again, by either entry.
+    first = _answer(path(_request("sticky", "returning")))
+    assert not first.sticky
+    first.sticky = True
+    assert _answer(service.allocate_wire(_request("sticky", "returning"), "eu")) == first
+    assert _answer(path(_request("sticky", "returning"))) == first
+    # A user agent not classified yet: classified in Python, then decided.
+    phone = "Mozilla/5.0 (iPhone; CPU iPhone OS 17_0 like Mac OS X) Mobile/15E148"
+    request = pb.AllocateRequest(
+        experiment_id="fresh", user_id="phone", context={"user_agent": phone}
+    ).SerializeToString()
+    assert _answer(path(request)).experiment_id == "fresh"
+    assert service.user_assignments("phone")[0].experiment_key == "fresh"
+    # What the caller's path must answer (and word): declined.
+    assert path(_request("fresh", "")) is None
+    assert path(b"\xff\xff") is None

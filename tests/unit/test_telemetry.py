@@ -78,7 +78,7 @@ class _TwoPart:
         await asyncio.sleep(0)
         return b"slow:" + request
 
-    answer = tries_first(_first, _slowly)
+    answer = tries_first("_first", _slowly)
 
 
 TWO_PART = _TwoPart()

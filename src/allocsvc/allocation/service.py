@@ -37,6 +37,7 @@ from allocsvc.core import (
     MadeAssignments,
     PreparedBatch,
     UnaryLane,
+    UnaryPath,
     key_hash,
     parent_keys,
 )
@@ -52,7 +53,7 @@ from allocsvc.learning.features import RawFeatures
 from allocsvc.learning.sampling import ObservationGaps
 
 if TYPE_CHECKING:
-    from allocsvc._core import GivenAllocation
+    from allocsvc._core import GivenAllocation, UnaryOutcome
 
 log = logging.getLogger(__name__)
 # Value used for the cluster dimension until a clustering model is deployed.
@@ -777,26 +778,53 @@ class AllocationService:
         if self._log is None and not self._journal.has_room(1):
             return None
         now = _now_ms()
-        out = None
-        for _ in range(2):
-            out = self._catalogue.allocate_one(
-                self._engine,
-                request,
-                self._held,
-                self._lane,
-                self._log,
-                now,
-                self._shared is not None,
-                region,
-            )
-            if not isinstance(out, str):
-                break
-            # A user agent Rust has not classified yet: classify it once, then decide.
-            self._catalogue.learn_devices([(out, self._extractor.device(out))])
+        out = self._allocate_one(request, now, region)
         if isinstance(out, bytes):
             return out  # nothing left to do: most calls
+        return self._after_unary(request, now, out, region)
+
+    def unary_path(self, region: str) -> Callable[[bytes], bytes | None]:
+        """`allocate_wire` for `region` as one callable, for a server's unary `Allocate`. With
+        a log, a Rust method (`UnaryPath`) that reads the clock itself and calls back into
+        Python only for what `_after_unary` does: most calls run no Python of ours."""
+        if self._log is None:
+            return functools.partial(self.allocate_wire, region=region)
+        return UnaryPath(
+            self._catalogue,
+            self._engine,
+            self._held,
+            self._lane,
+            self._log,
+            region,
+            self._after_unary,
+        ).allocate
+
+    def _allocate_one(self, request: bytes, now: int, region: str) -> UnaryOutcome:
+        return self._catalogue.allocate_one(
+            self._engine,
+            request,
+            self._held,
+            self._lane,
+            self._log,
+            now,
+            self._shared is not None,
+            region,
+        )
+
+    def _after_unary(
+        self, request: bytes, now: int, out: UnaryOutcome, region: str
+    ) -> bytes | None:
+        """What is left of a call whose `allocate_one` answered more than its response: None
+        (the caller's path answers), a user agent to classify before it decides, or a tuple
+        (`_after_rust`)."""
+        if isinstance(out, str):
+            # A user agent Rust has not classified yet: classify it once, then decide.
+            self._catalogue.learn_devices([(out, self._extractor.device(out))])
+            out = self._allocate_one(request, now, region)
         if out is None or isinstance(out, str):
             return None
+        if isinstance(out, bytes):
+            return out
         return self._after_rust(request, now, out)
 
     def _after_rust(

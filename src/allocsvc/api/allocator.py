@@ -30,6 +30,10 @@ SERVICE = "allocsvc.v1.Allocator"
 BATCH_OBSERVED_ITEMS = 8
 
 
+def _declines(request: bytes) -> None:
+    return None
+
+
 class AllocatorServicer(pb_grpc.AllocatorServicer):
     def __init__(
         self, service: AllocationService, region: str, regions: Regions | None = None
@@ -38,6 +42,11 @@ class AllocatorServicer(pb_grpc.AllocatorServicer):
         self._region = region
         # Several regions: each request goes to its country's region (allocsvc.regions).
         self._regions = regions
+        # Unary Allocate's first try (`AllocateBytes`): the serialized AllocateResponse of a
+        # well-formed request that the Rust path takes (decided exactly as AllocateBatch
+        # decides an item: decoding, checks, extraction, the sticky lookup, decision and
+        # encoding in one Rust call), or None. Several regions route by country in Python.
+        self._allocate_in_rust = service.unary_path(region) if regions is None else _declines
 
     def _for_country(self, request: pb.AllocateRequest) -> tuple[AllocationService, str]:
         if self._regions is None:
@@ -64,14 +73,6 @@ class AllocatorServicer(pb_grpc.AllocatorServicer):
         allocation = await service.allocate(convert.allocate_request(request))
         return convert.allocate_response(allocation, region)
 
-    def _allocate_in_rust(self, request: bytes) -> bytes | None:
-        """The serialized AllocateResponse of a well-formed request that the Rust path takes
-        (decided exactly as AllocateBatch decides an item: decoding, checks, extraction, the
-        sticky lookup, decision and encoding in one Rust call), or None."""
-        if self._regions is not None:
-            return None
-        return self._service.allocate_wire(request, self._region)
-
     @maps_errors
     async def _allocate_decoded(self, request: bytes, context: Context[bytes, bytes]) -> bytes:
         """Allocate on the wire format through `Allocate`, whose errors name their field: a
@@ -84,7 +85,7 @@ class AllocatorServicer(pb_grpc.AllocatorServicer):
         return (await self.Allocate(message, context)).SerializeToString()  # type: ignore[arg-type]
 
     # Allocate on the wire format: Rust answers what it takes, `Allocate` the rest.
-    AllocateBytes = tries_first(_allocate_in_rust, _allocate_decoded)
+    AllocateBytes = tries_first("_allocate_in_rust", _allocate_decoded)
 
     @maps_errors
     async def AllocateBatchBytes(self, request: bytes, context: Context[bytes, bytes]) -> bytes:

@@ -98,16 +98,17 @@ ANSWERS_FIRST = "answers_first"
 
 
 def tries_first(
-    first_try: Callable[[Servicer, Request], Response | None],
+    first_try: str,
     otherwise: Callable[
         [Servicer, Request, grpc.aio.ServicerContext[Request, Response]], Awaitable[Response]
     ],
 ) -> Callable[
     [Servicer, Request, grpc.aio.ServicerContext[Request, Response]], Awaitable[Response]
 ]:
-    """A unary servicer method that answers with `first_try(self, request)` (synchronous;
-    None declines) and, when that declines, with `otherwise` (a `maps_errors` method); errors
-    of either end the call as `maps_errors` ends them. The telemetry wrapper
+    """A unary servicer method that answers with `getattr(self, first_try)(request)` (the
+    name of a synchronous callable: a method, or one the servicer made, such as a Rust
+    method; None declines) and, when that declines, with `otherwise` (a `maps_errors`
+    method); errors of either end the call as `maps_errors` ends them. The telemetry wrapper
     (allocsvc.api.telemetry) calls the two parts itself, from the attribute ANSWERS_FIRST:
     that spares the calls `first_try` answers two coroutines and their frames."""
 
@@ -115,7 +116,7 @@ def tries_first(
     async def method(
         self: Servicer, request: Request, context: grpc.aio.ServicerContext[Request, Response]
     ) -> Response:
-        answer = first_try(self, request)
+        answer: Response | None = getattr(self, first_try)(request)
         if answer is not None:
             return answer
         return await otherwise(self, request, context)

@@ -185,7 +185,7 @@ class TelemetryInterceptor(Interceptor):
         parts = getattr(behavior, ANSWERS_FIRST, None)
         servicer = getattr(behavior, "__self__", None)
         if parts is not None and servicer is not None:
-            first_try, behavior = parts[0].__get__(servicer), parts[1].__get__(servicer)
+            first_try, behavior = getattr(servicer, parts[0]), parts[1].__get__(servicer)
 
         async def observed(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
             # Named where grpc found the handler, in this call's task (`name_call`); else here.
