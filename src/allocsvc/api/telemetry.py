@@ -26,6 +26,7 @@ import contextvars
 import inspect
 import itertools
 import logging
+import operator
 import re
 import time
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
@@ -52,6 +53,7 @@ else:
     Generic = grpc.GenericRpcHandler
 
 _USABLE_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
+_KEY = operator.itemgetter(0)
 # Latency buckets in seconds: from tens of microseconds (in-memory allocation) to seconds.
 LATENCY_BUCKETS = (
     0.0001,
@@ -262,9 +264,11 @@ def name_call(metadata: Iterable[tuple[str, str | bytes]] | None) -> contextvars
 
     grpc.aio looks a call's handler up and runs it in the same task, a context of its own:
     set while the handler is looked up, the id is the handler's and no other call's."""
-    for key, value in metadata or ():
-        if key == REQUEST_ID_KEY and isinstance(value, str) and _USABLE_ID.fullmatch(value):
-            return logs.request_id.set(value)
+    # Most calls carry no id: looked for without a Python loop over their metadata first.
+    if metadata and REQUEST_ID_KEY in map(_KEY, metadata):
+        for key, value in metadata:
+            if key == REQUEST_ID_KEY and isinstance(value, str) and _USABLE_ID.fullmatch(value):
+                return logs.request_id.set(value)
     return logs.request_id.set(next(logs.REQUEST_NUMBERS))
 
 
