@@ -507,118 +507,99 @@ impl PyBatchCatalogue {
         shared: bool,
         region: &str,
     ) -> PyResult<Bound<'py, PyAny>> {
-        allocate_one(
-            py, self, engine, request, held, lane, log, now_ms, shared, region,
-        )
-    }
-}
-
-/// `BatchCatalogue.allocate_one`'s work (see there).
-#[allow(clippy::too_many_arguments)]
-fn allocate_one<'py>(
-    py: Python<'py>,
-    catalogue: &PyBatchCatalogue,
-    engine: &PyEngine,
-    request: &[u8],
-    held: &PyHeld,
-    lane: &PyUnaryLane,
-    log: Option<&PyLog>,
-    now_ms: i64,
-    shared: bool,
-    region: &str,
-) -> PyResult<Bound<'py, PyAny>> {
-    let one = match catalogue.inner.check_one(request, now_ms) {
-        OneChecked::Caller => return Ok(py.None().into_bound(py)),
-        OneChecked::UnknownUserAgent(ua) => return Ok(PyString::new(py, &ua).into_any()),
-        OneChecked::Ready(one) => one,
-    };
-    let store = held.inner.lock();
-    if one.sticky() {
-        let earlier = store
-            .latest(one.handle(), one.user_id())
-            .map(|a| GivenAllocation {
-                assignment_id: a.id.to_string(),
-                variant: a.variant,
-                segment_key: a.segment_key.to_string(),
-                level: a.level,
-                propensity: a.propensity,
-                sticky: true,
-            });
-        if earlier.is_none() && (shared || store.evicted(one.handle())) {
-            // A new user's claim in shared state, or an assignment memory may have
-            // evicted: the caller's way.
+        let one = match self.inner.check_one(request, now_ms) {
+            OneChecked::Caller => return Ok(py.None().into_bound(py)),
+            OneChecked::UnknownUserAgent(ua) => return Ok(PyString::new(py, &ua).into_any()),
+            OneChecked::Ready(one) => one,
+        };
+        let store = held.inner.lock();
+        if one.sticky() {
+            let earlier = store
+                .latest(one.handle(), one.user_id())
+                .map(|a| GivenAllocation {
+                    assignment_id: a.id.to_string(),
+                    variant: a.variant,
+                    segment_key: a.segment_key.to_string(),
+                    level: a.level,
+                    propensity: a.propensity,
+                    sticky: true,
+                });
+            if earlier.is_none() && (shared || store.evicted(one.handle())) {
+                // A new user's claim in shared state, or an assignment memory may have
+                // evicted: the caller's way.
+                return Ok(py.None().into_bound(py));
+            }
+            if let Some(given) = earlier {
+                drop(store);
+                let response = PyBytes::new(py, &one.answer(&given, region).map_err(to_py)?);
+                if !lane.inner.lock().observes_next() {
+                    return Ok(response.into_any());
+                }
+                return (response, py.None(), false, true).into_bound_py_any(py);
+            }
+        }
+        if log.is_some_and(|log| !log.has_room()) {
+            // The write-behind is full: the caller's journal refuses a new assignment.
             return Ok(py.None().into_bound(py));
         }
-        if let Some(given) = earlier {
-            drop(store);
-            let response = PyBytes::new(py, &one.answer(&given, region).map_err(to_py)?);
-            if !lane.inner.lock().observes_next() {
-                return Ok(response.into_any());
-            }
-            return (response, py.None(), false, true).into_bound_py_any(py);
-        }
-    }
-    if log.is_some_and(|log| !log.has_room()) {
-        // The write-behind is full: the caller's journal refuses a new assignment.
-        return Ok(py.None().into_bound(py));
-    }
-    let seq = lane.inner.lock().peek_seq();
-    let mut assignment_id = String::with_capacity(store.prefix().len() + 17);
-    assignment_id.push_str(store.prefix());
-    assignment_id.push('-');
-    allocsvc_core::held::push_hex(&mut assignment_id, seq);
-    drop(store);
-    let d = one
-        .decide(&engine.inner, &catalogue.inner, region, &assignment_id)
-        .map_err(to_py)?;
-    lane.inner.lock().take_seqs(1);
-    let response = PyBytes::new(py, &d.response);
-    let Some(log) = log else {
-        let kept = (
+        let seq = lane.inner.lock().peek_seq();
+        let mut assignment_id = String::with_capacity(store.prefix().len() + 17);
+        assignment_id.push_str(store.prefix());
+        assignment_id.push('-');
+        allocsvc_core::held::push_hex(&mut assignment_id, seq);
+        drop(store);
+        let d = one
+            .decide(&engine.inner, &self.inner, region, &assignment_id)
+            .map_err(to_py)?;
+        lane.inner.lock().take_seqs(1);
+        let response = PyBytes::new(py, &d.response);
+        let Some(log) = log else {
+            let kept = (
+                seq,
+                one.handle(),
+                one.user_id(),
+                d.variant,
+                d.segment_key,
+                d.level,
+                d.propensity,
+            );
+            return (response, kept).into_bound_py_any(py);
+        };
+        held.inner.lock().add_new(&Assignment {
+            id: Cow::Borrowed(&assignment_id),
+            handle: one.handle(),
+            user_id: one.user_id(),
+            variant: d.variant,
+            segment_key: &d.segment_key,
+            level: d.level,
+            propensity: d.propensity,
+            created_ms: now_ms,
+        });
+        log.push(
+            py,
+            held,
+            now_ms,
             seq,
             one.handle(),
             one.user_id(),
             d.variant,
-            d.segment_key,
+            &d.segment_key,
             d.level,
             d.propensity,
         );
-        return (response, kept).into_bound_py_any(py);
-    };
-    held.inner.lock().add_new(&Assignment {
-        id: Cow::Borrowed(&assignment_id),
-        handle: one.handle(),
-        user_id: one.user_id(),
-        variant: d.variant,
-        segment_key: &d.segment_key,
-        level: d.level,
-        propensity: d.propensity,
-        created_ms: now_ms,
-    });
-    log.push(
-        py,
-        held,
-        now_ms,
-        seq,
-        one.handle(),
-        one.user_id(),
-        d.variant,
-        &d.segment_key,
-        d.level,
-        d.propensity,
-    );
-    let (counted, observe) = {
-        let mut lane = lane.inner.lock();
-        (
-            lane.count(one.handle(), &d.segment_key, d.level),
-            lane.observes_next(),
-        )
-    };
-    if !counted.new_key && !counted.grow && !observe {
-        return Ok(response.into_any());
+        let (counted, observe) = {
+            let mut lane = lane.inner.lock();
+            (
+                lane.count(one.handle(), &d.segment_key, d.level),
+                lane.observes_next(),
+            )
+        };
+        if !counted.new_key && !counted.grow && !observe {
+            return Ok(response.into_any());
+        }
+        let new_key = counted.new_key.then(|| (one.handle(), d.segment_key));
+        (response, new_key, counted.grow, observe).into_bound_py_any(py)
     }
-    let new_key = counted.new_key.then(|| (one.handle(), d.segment_key));
-    (response, new_key, counted.grow, observe).into_bound_py_any(py)
 }
 
 /// `BatchCatalogue.allocate_one` bound to everything but the request, for a server's unary
@@ -668,9 +649,8 @@ impl PyUnaryPath {
         let now_ms = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_millis() as i64);
-        let out = allocate_one(
+        let out = self.catalogue.get().allocate_one(
             py,
-            self.catalogue.get(),
             self.engine.get(),
             request.as_bytes(),
             self.held.get(),
