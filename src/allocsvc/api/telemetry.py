@@ -29,7 +29,7 @@ import logging
 import operator
 import re
 import time
-from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Collection, Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any, cast
 
 import grpc
@@ -258,7 +258,7 @@ class TelemetryInterceptor(Interceptor):
         return observed
 
 
-def name_call(metadata: Iterable[tuple[str, str | bytes]] | None) -> contextvars.Token[Any]:
+def name_call(metadata: Collection[tuple[str, str | bytes]] | None) -> contextvars.Token[Any]:
     """Set the request id of the call whose metadata this is: the client's when it sent a
     usable one, else a fresh one (a number until a log line or a trailer formats it).
 
