@@ -336,7 +336,6 @@ fn py_features(f: Features<'_>) -> PyFeatures<'_> {
     )
 }
 
-/// Python face of [`PreparedBatch`].
 /// Python face of [`UnaryLane`].
 #[pyclass(name = "UnaryLane", frozen, module = "allocsvc._core")]
 struct PyUnaryLane {
@@ -379,6 +378,7 @@ impl PyUnaryLane {
     }
 }
 
+/// Python face of [`PreparedBatch`].
 #[pyclass(name = "PreparedBatch", frozen, module = "allocsvc._core")]
 struct PyPreparedBatch {
     inner: PreparedBatch,
@@ -485,14 +485,14 @@ impl PyBatchCatalogue {
     /// response (bytes) when the caller has nothing more to do; else a tuple. A sticky user
     /// whose latest assignment `held` has is answered it (when `held` may have evicted it, or
     /// under `shared` for a new sticky user, whose claim is made in shared state, the caller's
-    /// way; so is a new assignment past `log`'s room). A new decision is named `{held's prefix}-{seq:x}`, `seq` taken from `lane`. With
-    /// a `log`, it is held by `held`, logged for the write-behind and counted by `lane`; the
-    /// tuple, when the caller has something to do, is (response, (handle, segment key) when
-    /// the key is new to `lane`, else None, whether `lane`'s growth countdown ended, whether
-    /// learning observes this call: then `lane`'s countdown stops until `observe_in`).
-    /// Without a log, it is (response, (seq, handle, user id, variant, segment key, level,
-    /// propensity)), for the caller to keep, count and observe. Short work: the GIL stays
-    /// held.
+    /// way; so is a new assignment past `log`'s room). A new decision is named
+    /// `{held's prefix}-{seq:x}`, `seq` taken from `lane`. With a `log`, it is held by
+    /// `held`, logged for the write-behind and counted by `lane`; the tuple, when the caller
+    /// has something to do, is (response, (handle, segment key) when the key is new to
+    /// `lane`, else None, whether `lane`'s growth countdown ended, whether learning observes
+    /// this call: then `lane`'s countdown stops until `observe_in`). Without a log, it is
+    /// (response, (seq, handle, user id, variant, segment key, level, propensity)), for the
+    /// caller to keep, count and observe. Short work: the GIL stays held.
     #[pyo3(signature = (engine, request, held, lane, log, now_ms, shared, region))]
     #[allow(clippy::too_many_arguments)]
     fn allocate_one<'py>(

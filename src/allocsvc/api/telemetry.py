@@ -4,13 +4,12 @@ Every unary RPC gets a request id (the client's `x-request-id` metadata when it 
 usable one, a fresh one otherwise) that every log line written while serving it carries;
 it is read from the metadata grpc looks the handler up with (`name_call`), not built again
 from the call's context, which costs a unary call about 10k instructions (bench/RESULTS.md,
-item 53). It
-goes back in the trailing metadata when the client sent it, and on every failed call (whose
-error the server logs), but not on a successful call the client did not tag: a trailer costs
-grpc about 50 µs of CPU per call, an eighth of a bare unary call (bench/RESULTS.md), and such
-a call leaves no log line to find. An RPC whose deadline has already passed when its turn
-comes is answered DEADLINE_EXCEEDED without doing the work. With metrics on, each RPC is
-counted and timed by method and status code.
+item 53). It goes back in the trailing metadata when the client sent it, and on every
+failed call (whose error the server logs), but not on a successful call the client did not
+tag: a trailer costs grpc about 50 µs of CPU per call, an eighth of a bare unary call
+(bench/RESULTS.md), and such a call leaves no log line to find. An RPC whose deadline has
+already passed when its turn comes is answered DEADLINE_EXCEEDED without doing the work.
+With metrics on, each RPC is counted and timed by method and status code.
 
 The same wrapper goes around each handler in one of two ways. `registering(server)` wraps the
 handlers once, as they are registered: no interceptor runs per call (grpc.aio's interceptor
