@@ -9,14 +9,12 @@ from typing import final
 
 __version__: str
 
-# What `BatchCatalogue.allocate_one` answers (see there).
-UnaryOutcome = (
-    bytes
-    | str
-    | tuple[bytes, tuple[int, str] | None, bool, bool]
+# What `BatchCatalogue.allocate_one` answers (see there); the tuples leave its caller work.
+UnaryFollowUp = (
+    tuple[bytes, tuple[int, str] | None, bool, bool]
     | tuple[bytes, tuple[int, int, str, int, str, int, float]]
-    | None
 )
+UnaryOutcome = bytes | str | UnaryFollowUp | None
 __all__ = [
     "ASSIGNMENT_COPY_COLUMNS",
     "RESTORE_COPY_COLUMNS",

@@ -53,7 +53,7 @@ from allocsvc.learning.features import RawFeatures
 from allocsvc.learning.sampling import ObservationGaps
 
 if TYPE_CHECKING:
-    from allocsvc._core import GivenAllocation, UnaryOutcome
+    from allocsvc._core import GivenAllocation, UnaryFollowUp, UnaryOutcome
 
 log = logging.getLogger(__name__)
 # Value used for the cluster dimension until a clustering model is deployed.
@@ -831,8 +831,7 @@ class AllocationService:
         self,
         request: bytes,
         now: int,
-        out: tuple[bytes, tuple[int, str] | None, bool, bool]
-        | tuple[bytes, tuple[int, int, str, int, str, int, float]],
+        out: UnaryFollowUp,
     ) -> bytes:
         """What is left to do of a call `allocate_one` answered: the rare calls of a new
         segment key, a growth report or a learning sample; every new assignment of a replica,
