@@ -144,15 +144,24 @@ impl<'a> Features<'a> {
         context: &'a Extracted,
         known: &KeyedMap<String, &'static str>,
     ) -> Result<Self, CoreError> {
-        Ok(Features {
+        Ok(Self::classed(
+            user_id,
+            context,
+            resolved(context, class_of(context, known))?,
+        ))
+    }
+
+    /// The same, its device class `device` known.
+    fn classed(user_id: &'a str, context: &'a Extracted, device: &'static str) -> Self {
+        Features {
             user_id,
             channel: context.channel,
-            device: resolved(context, class_of(context, known))?,
+            device,
             source: &context.source,
             hour: context.hour,
             day_of_week: context.day_of_week,
             signals: context.learned,
-        })
+        }
     }
 }
 
@@ -546,16 +555,20 @@ impl Catalogue {
         if experiment.needs_caller() {
             return OneChecked::Caller;
         }
-        match &context.device {
-            Device::UserAgent(ua) if self.device_of(ua).is_none() => {
-                OneChecked::UnknownUserAgent(ua.clone())
-            }
-            _ => OneChecked::Ready(Box::new(PreparedOne {
-                experiment,
-                user_id: raw.user_id.to_string(),
-                context,
-            })),
-        }
+        // Looked up once: deciding and learning's features take the class from here.
+        let device = match &context.device {
+            Device::Known(d) => *d,
+            Device::UserAgent(ua) => match self.device_of(ua) {
+                Some(d) => d,
+                None => return OneChecked::UnknownUserAgent(ua.clone()),
+            },
+        };
+        OneChecked::Ready(Box::new(PreparedOne {
+            experiment,
+            user_id: raw.user_id.to_string(),
+            context,
+            device,
+        }))
     }
 }
 
@@ -574,6 +587,8 @@ pub struct PreparedOne {
     experiment: Arc<ExperimentInfo>,
     user_id: String,
     context: Extracted,
+    /// The device class of `context`, given or learned for its user agent.
+    device: &'static str,
 }
 
 /// A unary decision: the encoded `AllocateResponse` and what to keep of the new assignment.
@@ -600,8 +615,8 @@ impl PreparedOne {
 
     /// What learning keeps of this request, as [`PreparedBatch::features`] gives a batch
     /// item's.
-    pub fn features(&self, catalogue: &Catalogue) -> Result<Features<'_>, CoreError> {
-        Features::of(&self.user_id, &self.context, &catalogue.devices.read())
+    pub fn features(&self) -> Features<'_> {
+        Features::classed(&self.user_id, &self.context, self.device)
     }
 
     /// The response for an earlier assignment of this user (answered as sticky).
@@ -622,14 +637,11 @@ impl PreparedOne {
     pub fn decide(
         &self,
         engine: &Engine,
-        catalogue: &Catalogue,
         region: &str,
         assignment_id: &str,
     ) -> Result<DecidedOne, CoreError> {
-        let device = class_of(&self.context, &catalogue.devices.read());
-        let device = resolved(&self.context, device)?;
         let mut values = Vec::with_capacity(self.experiment.dimensions.len());
-        segment_values(&self.experiment, &self.context, device, &mut values);
+        segment_values(&self.experiment, &self.context, self.device, &mut values);
         let d = engine.decide(self.experiment.handle, &self.user_id, &values, true)?;
         let mut response = Vec::with_capacity(256);
         encode_response(
@@ -1484,7 +1496,7 @@ mod tests {
         };
         assert_eq!((one.handle(), one.user_id(), one.sticky()), (5, "u1", true));
         seed_thread_rng(9);
-        let d = one.decide(&engine, &catalogue, "eu", "p-7").unwrap();
+        let d = one.decide(&engine, "eu", "p-7").unwrap();
 
         let (batch_engine, batch_catalogue) = setup(true);
         batch_catalogue

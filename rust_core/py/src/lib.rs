@@ -476,8 +476,7 @@ impl PyBatchCatalogue {
         let OneChecked::Ready(one) = self.inner.check_one(request, now_ms) else {
             return Ok(py.None().into_bound(py));
         };
-        let features = one.features(&self.inner).map_err(to_py)?;
-        py_features(features).into_bound_py_any(py)
+        py_features(one.features()).into_bound_py_any(py)
     }
 
     /// Unary Allocate on the wire format, in one call: None when the caller's path must
@@ -549,7 +548,7 @@ impl PyBatchCatalogue {
         allocsvc_core::held::push_hex(&mut assignment_id, seq);
         drop(store);
         let d = one
-            .decide(&engine.inner, &self.inner, region, &assignment_id)
+            .decide(&engine.inner, region, &assignment_id)
             .map_err(to_py)?;
         lane.inner.lock().take_seqs(1);
         let response = PyBytes::new(py, &d.response);
