@@ -341,9 +341,42 @@ def _samples(registry: CollectorRegistry) -> set[tuple[str, tuple[tuple[str, str
     }
 
 
-def test_rpc_metrics_expose_what_prometheus_client_would() -> None:
-    """The plain-number RpcMetrics scrape as prometheus_client's Counter and Histogram do on
-    the same observations (bounds inclusive, past the last bound only +Inf)."""
+class _Context:
+    """What the wrapper asks of a call's context, for calls made without a server."""
+
+    def __init__(self) -> None:
+        self._code: grpc.StatusCode | None = None
+
+    def time_remaining(self) -> None:
+        return None
+
+    def invocation_metadata(self) -> tuple[()]:
+        return ()
+
+    def set_trailing_metadata(self, metadata: Any) -> None:
+        pass
+
+    async def abort(self, code: grpc.StatusCode, details: str, trailers: Any = ()) -> None:
+        self._code = code
+        raise grpc.aio.AbortError()
+
+    def code(self) -> grpc.StatusCode | None:
+        return self._code
+
+    def done(self) -> bool:
+        return False
+
+
+async def _not_found(request: bytes, context: grpc.aio.ServicerContext[bytes, bytes]) -> bytes:
+    await context.abort(grpc.StatusCode.NOT_FOUND, "no such thing")
+    return b""
+
+
+async def test_rpc_metrics_expose_what_prometheus_client_would(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Calls the wrapper counted scrape as prometheus_client's Counter and Histogram do on the
+    same observations (bounds inclusive, past the last bound only +Inf)."""
     library = CollectorRegistry()
     calls = Counter("allocsvc_rpcs", "x", ["method", "code"], registry=library)
     latency = Histogram(
@@ -358,10 +391,28 @@ def test_rpc_metrics_expose_what_prometheus_client_would() -> None:
         for code in (grpc.StatusCode.OK, grpc.StatusCode.NOT_FOUND)
         for s in seconds[: 7 if code is grpc.StatusCode.NOT_FOUND else None]
     ]
+    # Each call reads the clock as it starts and as it ends: the end is `s` past the start.
+    readings: list[float] = []
+    monkeypatch.setattr(time, "perf_counter", lambda: readings.pop(0))
+    telemetry = TelemetryInterceptor(ours)
+    handlers = {
+        (method, code): telemetry.wrap(
+            f"/allocsvc.Allocator/{method}",
+            grpc.unary_unary_rpc_method_handler(
+                _echo if code is grpc.StatusCode.OK else _not_found
+            ),
+        )
+        for method, code, _ in observed
+    }
     for method, code, s in observed:
-        ours.observe(method, code, s)
+        readings += [0.0, s]
+        try:
+            await handlers[(method, code)].unary_unary(b"x", _Context())
+        except grpc.aio.AbortError:
+            assert code is grpc.StatusCode.NOT_FOUND
         calls.labels(method, code.name).inc()
         latency.labels(method, code.name).observe(s)
+    assert readings == []
     registry = CollectorRegistry()
     registry.register(ours)
     got, expected = _samples(registry), _samples(library)
