@@ -11,7 +11,7 @@ __version__: str
 
 # What `BatchCatalogue.allocate_one` answers (see there); the tuples leave its caller work.
 UnaryFollowUp = (
-    tuple[bytes, tuple[int, str] | None, bool, bool]
+    tuple[bytes, tuple[int, str] | None, bool, Features | None]
     | tuple[bytes, tuple[int, int, str, int, str, int, float]]
 )
 UnaryOutcome = bytes | str | UnaryFollowUp | None
@@ -341,7 +341,8 @@ class BatchCatalogue:
         at every level of its path. With a `log` it is held by `held`, logged and counted by
         `lane`; when the caller has something to do the answer is (response, (handle,
         segment key) when the key is new to `lane`, whether `lane`'s growth countdown ended,
-        whether learning observes this call: `lane`'s countdown then waits for `observe_in`).
+        the call's features (as `features_one` gives them) when learning observes it, else
+        None: `lane`'s countdown then waits for `observe_in`).
         Without a log: (response, (seq, handle, user id, variant, segment key, level,
         propensity)), for the caller to keep, count and observe."""
 

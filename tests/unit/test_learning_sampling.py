@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -120,6 +121,39 @@ async def test_wire_and_decoded_calls_count_down_to_the_same_sample() -> None:
         else:
             await service.allocate(convert.allocate_request(request(i)))
     assert [user for user, _ in learn._buffer] == [f"u{i}" for i in range(300)]
+
+
+async def test_a_sampled_wire_call_is_observed_with_the_features_rust_extracted() -> None:
+    # The call's own features come back with its answer (no second decode): those
+    # `features_one` gives the same request, sticky answers included.
+    learn = learning(1)
+    service = await service_with(learn)
+    sticky = convert.experiment_from_pb(
+        pb.Experiment(
+            id="sticky",
+            status=pb.EXPERIMENT_STATUS_RUNNING,
+            variants=[pb.Variant(id="A"), pb.Variant(id="B")],
+            sticky=True,
+        )
+    )
+    await service.create_experiment(sticky)
+    now = int(time.time() * 1000)
+    raws = []
+    for i in range(40):
+        message = request(i)
+        message.timestamp_unix_ms = now
+        message.channel = ("web", "email", "push")[i % 3]
+        message.context["user_agent"] = "Mozilla/5.0 (iPhone; CPU iPhone OS 17_0 like Mac OS X)"
+        if i >= 20:  # the same users again, answered their earlier sticky assignments
+            message.experiment_id = "sticky"
+            message.user_id = f"u{i % 10}"
+        raws.append(message.SerializeToString())
+    for raw in raws:
+        assert service.allocate_wire(raw, "") is not None
+    expected = [service._catalogue.features_one(raw, now) for raw in raws]
+    assert list(learn._buffer) == [(row[0], RawFeatures._make(row[1:])) for row in expected if row]
+    assert len(learn._buffer) == len(raws)
+    assert {row.channel for _, row in learn._buffer} == {"web", "email", "push"}
 
 
 def count_spread(n: int, every: int) -> float:

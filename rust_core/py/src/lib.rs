@@ -488,8 +488,9 @@ impl PyBatchCatalogue {
     /// `{held's prefix}-{seq:x}`, `seq` taken from `lane`. With a `log`, it is held by
     /// `held`, logged for the write-behind and counted by `lane`; the tuple, when the caller
     /// has something to do, is (response, (handle, segment key) when the key is new to
-    /// `lane`, else None, whether `lane`'s growth countdown ended, whether learning observes
-    /// this call: then `lane`'s countdown stops until `observe_in`). Without a log, it is
+    /// `lane`, else None, whether `lane`'s growth countdown ended, and when learning observes
+    /// this call its features as `features_one` gives them, else None: then `lane`'s
+    /// countdown stops until `observe_in`). Without a log, it is
     /// (response, (seq, handle, user id, variant, segment key, level, propensity)), for the
     /// caller to keep, count and observe. Short work: the GIL stays held.
     #[pyo3(signature = (engine, request, held, lane, log, now_ms, shared, region))]
@@ -534,7 +535,8 @@ impl PyBatchCatalogue {
                 if !lane.inner.lock().observes_next() {
                     return Ok(response.into_any());
                 }
-                return (response, py.None(), false, true).into_bound_py_any(py);
+                return (response, py.None(), false, py_features(one.features()))
+                    .into_bound_py_any(py);
             }
         }
         if log.is_some_and(|log| !log.has_room()) {
@@ -597,7 +599,8 @@ impl PyBatchCatalogue {
             return Ok(response.into_any());
         }
         let new_key = counted.new_key.then(|| (one.handle(), d.segment_key));
-        (response, new_key, counted.grow, observe).into_bound_py_any(py)
+        let features = observe.then(|| py_features(one.features()));
+        (response, new_key, counted.grow, features).into_bound_py_any(py)
     }
 }
 

@@ -53,7 +53,7 @@ from allocsvc.learning.features import RawFeatures
 from allocsvc.learning.sampling import ObservationGaps
 
 if TYPE_CHECKING:
-    from allocsvc._core import GivenAllocation, UnaryFollowUp, UnaryOutcome
+    from allocsvc._core import Features, GivenAllocation, UnaryFollowUp, UnaryOutcome
 
 log = logging.getLogger(__name__)
 # Value used for the cluster dimension until a clustering model is deployed.
@@ -360,6 +360,11 @@ class AllocationService:
             return
         row = self._catalogue.features_one(request, _now_ms())
         if row is not None:
+            self._observe_row(row)
+
+    def _observe_row(self, row: Features) -> None:
+        """Feed the learning hook a request's features as Rust extracted them."""
+        if self._learning is not None:
             self._learning.observe_features(row[0], RawFeatures._make(row[1:]))
 
     def observe_batch(self, prepared: PreparedBatch, at_most: int) -> None:
@@ -839,17 +844,17 @@ class AllocationService:
         if len(out) == 2:
             response, kept = out
             self._keep_wire(now, kept)
-            observe = self.observes_next()
-        else:
-            response, new_key, grow, observe = out
-            if new_key is not None:
-                self._register_segment(*new_key)
-            if grow:
-                self._grown(0)
-            if observe:
-                self._sample_again()
-        if observe:
-            self.observe_wire(request)
+            if self.observes_next():
+                self.observe_wire(request)
+            return response
+        response, new_key, grow, features = out
+        if new_key is not None:
+            self._register_segment(*new_key)
+        if grow:
+            self._grown(0)
+        if features is not None:
+            self._sample_again()
+            self._observe_row(features)
         return response
 
     def _keep_wire(self, now: int, kept: tuple[int, int, str, int, str, int, float]) -> None:
