@@ -144,12 +144,14 @@ async def test_a_sampled_wire_call_is_observed_with_the_features_rust_extracted(
         message.timestamp_unix_ms = now
         message.channel = ("web", "email", "push")[i % 3]
         message.context["user_agent"] = "Mozilla/5.0 (iPhone; CPU iPhone OS 17_0 like Mac OS X)"
-        if i >= 20:  # the same users again, answered their earlier sticky assignments
+        if i >= 20:  # u0-u9 twice in a sticky experiment: then answered their assignment
             message.experiment_id = "sticky"
             message.user_id = f"u{i % 10}"
         raws.append(message.SerializeToString())
-    for raw in raws:
-        assert service.allocate_wire(raw, "") is not None
+    answers = [service.allocate_wire(raw, "") for raw in raws]
+    ids = [pb.AllocateResponse.FromString(a).assignment_id for a in answers if a is not None]
+    assert len(ids) == len(raws)
+    assert ids[30:] == ids[20:30]
     expected = [service._catalogue.features_one(raw, now) for raw in raws]
     assert list(learn._buffer) == [(row[0], RawFeatures._make(row[1:])) for row in expected if row]
     assert len(learn._buffer) == len(raws)
