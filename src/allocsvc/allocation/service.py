@@ -360,12 +360,15 @@ class AllocationService:
             return
         row = self._catalogue.features_one(request, _now_ms())
         if row is not None:
-            self._observe_row(row)
+            self._observe_rows((row,))
 
-    def _observe_row(self, row: Features) -> None:
-        """Feed the learning hook a request's features as Rust extracted them."""
-        if self._learning is not None:
-            self._learning.observe_features(row[0], RawFeatures._make(row[1:]))
+    def _observe_rows(self, rows: Iterable[Features]) -> None:
+        """Feed the learning hook requests' features as Rust extracted them."""
+        if self._learning is None:
+            return
+        observe = self._learning.observe_features
+        for row in rows:
+            observe(row[0], RawFeatures._make(row[1:]))
 
     def observe_batch(self, prepared: PreparedBatch, at_most: int) -> None:
         """Feed the learning hook a sample of a finished batch's items (about one in
@@ -376,9 +379,7 @@ class AllocationService:
         positions = self._gaps.sample(len(prepared), at_most)
         if not positions:
             return
-        observe = self._learning.observe_features
-        for row in prepared.features(self._catalogue, positions):
-            observe(row[0], RawFeatures._make(row[1:]))
+        self._observe_rows(prepared.features(self._catalogue, positions))
 
     # Experiments ------------------------------------------------------------------------
 
@@ -854,7 +855,7 @@ class AllocationService:
             self._grown(0)
         if features is not None:
             self._sample_again()
-            self._observe_row(features)
+            self._observe_rows((features,))
         return response
 
     def _keep_wire(self, now: int, kept: tuple[int, int, str, int, str, int, float]) -> None:
