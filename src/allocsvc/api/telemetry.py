@@ -187,10 +187,14 @@ class TelemetryInterceptor(Interceptor):
         # What every call uses, bound here: each call then looks up no module attribute.
         request_id, clock, ok = logs.request_id, time.perf_counter, grpc.StatusCode.OK
         bucket_of = bisect.bisect_left
-        # The method's slots of `metrics` by status code (None: metrics off).
+        debug_on, debug = log.isEnabledFor, logging.DEBUG
+        # The method's slots of `metrics` by status code (None: metrics off), and its OK slot
+        # once counted: a StatusCode hashes in Python (enum's __hash__), a frame every call.
         slots = None if metrics is None else metrics.slots(short)
+        ok_slot: list[float] | None = None
 
         async def observed(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+            nonlocal ok_slot
             # Named where grpc found the handler, in this call's task (`name_call`); else here.
             rid = request_id.get()
             token = None
@@ -242,13 +246,17 @@ class TelemetryInterceptor(Interceptor):
                 elapsed = clock() - start
                 if slots is not None:
                     # Counted here, not in a method of RpcMetrics: a call less on every RPC.
-                    slot = slots.get(code)
+                    slot = ok_slot if code is ok else None
                     if slot is None:
-                        slot = slots[code] = [0.0] * (len(LATENCY_BUCKETS) + 2)
+                        slot = slots.get(code)
+                        if slot is None:
+                            slot = slots[code] = [0.0] * (len(LATENCY_BUCKETS) + 2)
+                        if code is ok:
+                            ok_slot = slot
                     slot[0] += elapsed
                     # `le` buckets: the first bound >= elapsed (past the last one: +Inf only).
                     slot[1 + bucket_of(LATENCY_BUCKETS, elapsed)] += 1
-                if log.isEnabledFor(logging.DEBUG):
+                if debug_on(debug):
                     user_id = _user_id(short, request)
                     log.debug(
                         "rpc",
