@@ -3,11 +3,14 @@ figure the host's drift does not move, where rates and CPU per call measured und
 10-20% between runs minutes apart.
 
     python bench/load/instructions.py [--calls 2000] [--setups echo,bare,constant,untraced,allocsvc]
+                                      [--metrics]
 
 The setups are unary_parts.py's: `echo` (bench/load/echo.py) and `allocsvc serve --in-memory`
 with parts taken out by bench/load/unary_parts_site (`bare`: echo's answer, no telemetry
 wrapper; `constant`: the same with the wrapper; `untraced`: the real handler without it;
-`allocsvc`: as served, h2.py's `mem`). Each runs under `valgrind --tool=callgrind` with
+`allocsvc`: as served, h2.py's `mem`). allocsvc serves no metrics unless `--metrics` is given
+(then each of its setups serves them, as h2.py's servers and production do, and counts every
+call into them). Each runs under `valgrind --tool=callgrind` with
 instrumentation off while it starts and while h2load sends it WARMUP_CALLS calls; then
 instrumentation is switched on (`callgrind_control`) for `--calls` more calls (CONNECTIONS
 connections x 1 stream) and the counts are dumped by thread. A table gives user-space
@@ -102,7 +105,9 @@ def errors_logged(log: Path) -> int:
     return sum('"level": "error"' in line for line in log.read_text().splitlines())
 
 
-def count(setup: str, server: str, part: str, calls: int, workdir: Path) -> Counted:
+def count(
+    setup: str, server: str, part: str, calls: int, workdir: Path, metrics: bool = False
+) -> Counted:
     valgrind, control = benchkit.debian_programs("valgrind", "valgrind", "callgrind_control")
     dumps = workdir / setup
     dumps.mkdir()
@@ -118,7 +123,13 @@ def count(setup: str, server: str, part: str, calls: int, workdir: Path) -> Coun
         target = run.start_echo(workdir, wrap, START_S)
     else:
         target = run.start_allocsvc(
-            setup, workdir, "", connection_age=0.0, wrap=wrap, start_s=START_S
+            setup,
+            workdir,
+            "",
+            metrics_port=run._free_port() if metrics else None,
+            connection_age=0.0,
+            wrap=wrap,
+            start_s=START_S,
         )
     try:
         if server != "echo":
@@ -150,11 +161,12 @@ def count(setup: str, server: str, part: str, calls: int, workdir: Path) -> Coun
     return Counted(setup, calls, by_thread[1], sum(by_thread.values()))
 
 
-def table(counted: list[Counted], calls: int) -> str:
+def table(counted: list[Counted], calls: int, metrics: bool = False) -> str:
     base = next((c for c in counted if c.setup == "echo"), None)
+    served = "allocsvc serving metrics" if metrics else "allocsvc without metrics"
     lines = [
         f"Instructions per unary call under callgrind (user space; {calls:,} calls after "
-        f"{WARMUP_CALLS:,} uncounted, {CONNECTIONS} connections x 1 stream):",
+        f"{WARMUP_CALLS:,} uncounted, {CONNECTIONS} connections x 1 stream; {served}):",
         "",
         "| setup | main thread | all threads | echo's main thread over this setup's |",
         "|---|---:|---:|---:|",
@@ -174,6 +186,9 @@ def main() -> None:
     parser.add_argument(
         "--setups", default=",".join(names), help="comma-separated: " + ", ".join(names)
     )
+    parser.add_argument(
+        "--metrics", action="store_true", help="allocsvc serves Prometheus metrics (as h2.py's)"
+    )
     args = parser.parse_args()
     chosen = args.setups.split(",")
     unknown = set(chosen) - set(names)
@@ -184,9 +199,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="allocsvc-instructions-") as tmp:
         for setup, server, part in unary_parts.SETUPS:
             if setup in chosen:
-                counted.append(count(setup, server, part, args.calls, Path(tmp)))
+                counted.append(count(setup, server, part, args.calls, Path(tmp), args.metrics))
                 print(f"{setup}: {counted[-1].main_per_call:,.0f} a call", file=sys.stderr)
-    print(table(counted, args.calls))
+    print(table(counted, args.calls, args.metrics))
 
 
 if __name__ == "__main__":

@@ -72,3 +72,5 @@ def test_the_table_gives_each_setup_per_call_and_its_ratio_to_echo() -> None:
     text = instructions.table(counted, 1000)
     assert "| echo | 270,000 | 300,000 | - |" in text
     assert "| allocsvc | 337,500 | 380,000 | 80% |" in text
+    assert "allocsvc without metrics" in text
+    assert "allocsvc serving metrics" in instructions.table(counted, 1000, metrics=True)
