@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import itertools
@@ -10,6 +11,7 @@ import logging
 import secrets
 import sys
 import time
+import weakref
 from contextvars import ContextVar
 from typing import Any
 
@@ -18,16 +20,44 @@ _RESERVED = set(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {"me
 # client's id as it sent it, or the number of a fresh one: formatted (`current_request_id`)
 # only when a log line or a trailer needs it, which most successful calls never do.
 request_id: ContextVar[str | int | None] = ContextVar("request_id", default=None)
+# An RPC whose fresh number nothing has asked for yet. gRPC's serving tasks hold it
+# (allocsvc.api.telemetry.start_serving), so each call's task starts with it at no cost; setting
+# a number in every call's context cost a unary call about 3k instructions (bench/RESULTS.md,
+# item 58), and most calls never need one.
+UNNAMED = 0
 # The metadata key of request ids, in both directions.
 REQUEST_ID_KEY = "x-request-id"
-# Fresh request ids: a random per-process prefix and a counter (unique, and cheap per call).
+# Fresh request ids: a random per-process prefix and a counter from 1 (unique, cheap per call).
 _ID_PREFIX = secrets.token_hex(4)
 REQUEST_NUMBERS = itertools.count(1)
+# The numbers drawn for UNNAMED calls, by their task, not set in their context: were a line
+# logged in gRPC's serving task (which holds UNNAMED for the calls it starts) given a number
+# there, every call it started after would carry that number.
+_DRAWN: weakref.WeakKeyDictionary[asyncio.Task[Any], int] = weakref.WeakKeyDictionary()
+
+
+def drawn_number() -> int:
+    """The fresh number of the UNNAMED RPC running here: drawn the first time it is asked
+    for, the same one after (for its task; outside any task, in the current context)."""
+    try:
+        task = asyncio.current_task()
+    except RuntimeError:  # no event loop in this thread
+        task = None
+    if task is None:
+        number = next(REQUEST_NUMBERS)
+        request_id.set(number)
+        return number
+    drawn = _DRAWN.get(task)
+    if drawn is None:
+        drawn = _DRAWN[task] = next(REQUEST_NUMBERS)
+    return drawn
 
 
 def current_request_id() -> str | None:
     """The current RPC's request id (None outside an RPC)."""
     rid = request_id.get()
+    if rid == UNNAMED:
+        rid = drawn_number()
     return f"{_ID_PREFIX}-{rid:x}" if isinstance(rid, int) else rid
 
 

@@ -24,7 +24,7 @@ from allocsvc.allocation.service import AllocationService, Limits
 from allocsvc.api import SERVICE_NAMES, add_services, reflection
 from allocsvc.api.auth import AuthInterceptor
 from allocsvc.api.registration import GenericOnly, ServerGroup
-from allocsvc.api.telemetry import RpcMetrics, TelemetryInterceptor
+from allocsvc.api.telemetry import RpcMetrics, TelemetryInterceptor, start_serving
 from allocsvc.config import Settings
 from allocsvc.context import ContextLimits, Extractor
 from allocsvc.dashboard import DashboardData, ShareHistory
@@ -240,7 +240,7 @@ async def start(settings: Settings) -> Running:
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable(server, (*SERVICE_NAMES, health.SERVICE_NAME))
     port = _listen(server, settings)
-    await server.start()
+    await start_serving(server)
     log.info("listening", extra={"host": settings.host, "port": port, "tls": settings.tls.enabled})
     try:
         await _load_state(stores, service, health_servicer)

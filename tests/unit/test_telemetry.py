@@ -1,6 +1,8 @@
 """The telemetry wrapper behaves the same whether it wraps handlers at registration (no
 interceptor per call, the server's default without auth; with registered methods or, as the
-server registers them, generic handlers only) or as a server interceptor."""
+server registers them, generic handlers only) or as a server interceptor, and whether the
+server was started by `start_serving` (calls begin UNNAMED, as allocsvc's server starts) or
+by its own `start`."""
 
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ from allocsvc.api.telemetry import (
     RpcMetrics,
     TelemetryInterceptor,
     _InstrumentedGeneric,
+    start_serving,
 )
 from allocsvc.errors import InvalidRequest, ResourceExhausted
 from allocsvc.logs import REQUEST_ID_KEY
@@ -42,6 +45,16 @@ async def _name(request: bytes, context: grpc.aio.ServicerContext[bytes, bytes])
     """The request id this call's log lines carry, after other calls ran meanwhile."""
     await asyncio.sleep(0.01)
     return (logs.current_request_id() or "").encode()
+
+
+async def _spawn(request: bytes, context: grpc.aio.ServicerContext[bytes, bytes]) -> bytes:
+    """The request id of this call and of a task it starts."""
+    child = await asyncio.create_task(_current())
+    return f"{logs.current_request_id()}|{child}".encode()
+
+
+async def _current() -> str | None:
+    return logs.current_request_id()
 
 
 async def _fail(request: bytes, context: grpc.aio.ServicerContext[bytes, bytes]) -> bytes:
@@ -64,6 +77,8 @@ class _TwoPart:
         self.slow_calls = 0
 
     def _first(self, request: bytes) -> bytes | None:
+        if request == b"peek":
+            return repr(logs.request_id.get()).encode()  # what the call's context holds
         if request == b"bad":
             raise InvalidRequest("user_id", "must not be empty")
         if request == b"bug":
@@ -100,6 +115,7 @@ def _handlers() -> dict[str, Any]:
         "Echo": grpc.unary_unary_rpc_method_handler(_echo),
         "Fail": grpc.unary_unary_rpc_method_handler(_fail),
         "Name": grpc.unary_unary_rpc_method_handler(_name),
+        "Spawn": grpc.unary_unary_rpc_method_handler(_spawn),
         "Refuse": grpc.unary_unary_rpc_method_handler(_Refusing().refuse),
         "Busy": grpc.unary_unary_rpc_method_handler(_Busy().refuse),
         "TwoPart": grpc.unary_unary_rpc_method_handler(TWO_PART.answer),
@@ -136,18 +152,29 @@ Build = Callable[[TelemetryInterceptor], grpc.aio.Server]
 
 
 @pytest.fixture(
-    params=[_with_registration, _generic_only, _with_interceptor],
-    ids=["registration", "generic-only", "interceptor"],
+    params=[
+        (build, unnamed)
+        for build in (_with_registration, _generic_only, _with_interceptor)
+        for unnamed in (True, False)
+    ],
+    ids=[
+        f"{build}-{start}"
+        for build in ("registration", "generic-only", "interceptor")
+        for start in ("start_serving", "start")
+    ],
 )
 async def served(
     request: pytest.FixtureRequest,
 ) -> AsyncIterator[tuple[TelemetryInterceptor, RpcMetrics, grpc.aio.Channel]]:
     metrics = RpcMetrics()
     telemetry = TelemetryInterceptor(metrics, gated=[SERVICE])
-    build: Build = request.param
+    build: Build = request.param[0]
     server = build(telemetry)
     port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
+    if request.param[1]:
+        await start_serving(server)
+    else:
+        await server.start()
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
     try:
         yield telemetry, metrics, channel
@@ -246,6 +273,60 @@ async def test_concurrent_calls_each_carry_their_own_request_id(
     assert not {f"req-{i}" for i in range(20)} & set(fresh)
     assert [_ids(await c.trailing_metadata()) for c in untagged] == [[]] * 20
     assert logs.request_id.get() is None, "nothing set in the caller's context"
+
+
+async def test_a_call_nothing_asks_about_is_not_named_and_one_that_awaits_is() -> None:
+    """Started by `start_serving`, as allocsvc's server is: a call the first try answers sets
+    no id in its context (the client's only, when it sent one); a handler that awaits has its
+    id set, so that the tasks it starts carry it."""
+    telemetry = TelemetryInterceptor(None, gated=[SERVICE])
+    telemetry.ready = True
+    server = _generic_only(telemetry)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await start_serving(server)
+    assert logs.request_id.get() is None, "nothing set in the caller's context"
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            two_part = channel.unary_unary(f"/{SERVICE}/TwoPart", None, None)
+            assert await two_part(b"peek", timeout=10) == repr(logs.UNNAMED).encode()
+            tagged = await two_part(b"peek", metadata=((REQUEST_ID_KEY, "req-5"),), timeout=10)
+            assert tagged == b"'req-5'"
+            spawn = channel.unary_unary(f"/{SERVICE}/Spawn", None, None)
+            answers = [(await spawn(b"", timeout=10)).decode().split("|") for _ in range(3)]
+    finally:
+        await server.stop(None)
+    assert all(own and own == child for own, child in answers)
+    assert len({own for own, _ in answers}) == 3
+
+
+async def test_an_unnamed_call_draws_one_number_and_leaves_its_context_unnamed() -> None:
+    """A line logged where the calls start (grpc's serving task) gets a number that no call
+    started after it shares; each call keeps the number it drew."""
+
+    async def call() -> tuple[str | None, str | None]:
+        first = logs.current_request_id()
+        await asyncio.sleep(0)
+        return first, logs.current_request_id()
+
+    async def serving() -> None:
+        logs.request_id.set(logs.UNNAMED)
+        own = logs.current_request_id()
+        assert own is not None and own == logs.current_request_id()
+        assert logs.request_id.get() == logs.UNNAMED
+        calls = await asyncio.gather(*(asyncio.create_task(call()) for _ in range(5)))
+        assert all(first is not None and first == again for first, again in calls)
+        drawn = {first for first, _ in calls}
+        assert len(drawn) == 5 and own not in drawn
+        # Outside any task (a thread given the context): drawn there, once.
+        in_thread = await asyncio.to_thread(lambda: (call_id(), call_id()))
+        assert in_thread[0] is not None and in_thread[0] == in_thread[1]
+        assert in_thread[0] not in drawn | {own}
+
+    def call_id() -> str | None:
+        return logs.current_request_id()
+
+    await asyncio.create_task(serving())
+    assert logs.request_id.get() is None
 
 
 async def test_a_failure_is_logged_and_a_call_gone_under_its_handler_is_not_unknown(

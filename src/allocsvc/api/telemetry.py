@@ -1,15 +1,18 @@
 """Per-RPC request ids, deadlines, metrics and debug logs.
 
 Every unary RPC gets a request id (the client's `x-request-id` metadata when it sends a
-usable one, a fresh one otherwise) that every log line written while serving it carries;
-it is read from the metadata grpc looks the handler up with (`name_call`), not built again
-from the call's context, which costs a unary call about 10k instructions (bench/RESULTS.md,
-item 53). It goes back in the trailing metadata when the client sent it, and on every
-failed call (whose error the server logs), but not on a successful call the client did not
-tag: a trailer costs grpc about 50 µs of CPU per call, an eighth of a bare unary call
-(bench/RESULTS.md), and such a call leaves no log line to find. An RPC whose deadline has
-already passed when its turn comes is answered DEADLINE_EXCEEDED without doing the work.
-With metrics on, each RPC is counted and timed by method and status code.
+usable one, a fresh one otherwise) that every log line written while serving it carries.
+The client's is read from the metadata grpc looks the handler up with (`client_named`), not
+built again from the call's context, which costs a unary call about 10k instructions
+(bench/RESULTS.md, item 53). A fresh one is drawn only when something asks for it: a server
+started by `start_serving` begins every call UNNAMED (allocsvc.logs), and a log line, a
+trailer or a handler that awaits (whose tasks share the call's id) draws its number. It goes
+back in the trailing metadata when the client sent it, and on every failed call (whose error
+the server logs), but not on a successful call the client did not tag: a trailer costs grpc
+about 50 µs of CPU per call, an eighth of a bare unary call (bench/RESULTS.md), and such a
+call leaves no log line to find. An RPC whose deadline has already passed when its turn
+comes is answered DEADLINE_EXCEEDED without doing the work. With metrics on, each RPC is
+counted and timed by method and status code.
 
 The same wrapper goes around each handler in one of two ways. `registering(server)` wraps the
 handlers once, as they are registered: no interceptor runs per call (grpc.aio's interceptor
@@ -136,26 +139,28 @@ class TelemetryInterceptor(Interceptor):
         self._metrics = metrics
         self._gated = tuple(f"/{name}/" for name in gated)
         self.ready = False
-        self._wrapped: dict[tuple[str, int], tuple[Handler, Handler]] = {}
+        self._wrapped: dict[tuple[str, int, bool], tuple[Handler, Handler]] = {}
 
     async def intercept_service(
         self,
         continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Handler]],
         handler_call_details: grpc.HandlerCallDetails,
     ) -> Handler:
-        name_call(handler_call_details.invocation_metadata)
+        client_named(handler_call_details.invocation_metadata)
         return self.wrap(handler_call_details.method, await continuation(handler_call_details))
 
     def registering(self, server: grpc.aio.Server) -> grpc.aio.Server:
         """`server`, except that the handlers registered through the result are wrapped."""
         return _Instrumenting(server, self)
 
-    def wrap(self, method: str, handler: Handler) -> Handler:
-        """The handler of `method` with request id, gate, deadline check and metrics."""
+    def wrap(self, method: str, handler: Handler, looked_up: bool = True) -> Handler:
+        """The handler of `method` with request id, gate, deadline check and metrics.
+        `looked_up`: found through a lookup that named the call from the client's id (the
+        generic handlers, the interceptor); grpc's registered methods are not."""
         # Handlers are long-lived objects (the service's own, or the auth interceptor's
         # refusals), a few per method; the cache keeps each one alive, so its id stays its own.
         # Looked up first: this runs on every call.
-        slot = (method, id(handler))
+        slot = (method, id(handler), looked_up)
         cached = self._wrapped.get(slot)
         if cached is not None:
             return cached[1]
@@ -165,7 +170,10 @@ class TelemetryInterceptor(Interceptor):
             return handler
         wrapped = grpc.unary_unary_rpc_method_handler(
             self._observed(
-                method, cast("Behavior", handler.unary_unary), method.startswith(self._gated)
+                method,
+                cast("Behavior", handler.unary_unary),
+                method.startswith(self._gated),
+                looked_up,
             ),
             request_deserializer=handler.request_deserializer,
             response_serializer=handler.response_serializer,
@@ -173,7 +181,7 @@ class TelemetryInterceptor(Interceptor):
         self._wrapped[slot] = (handler, wrapped)
         return wrapped
 
-    def _observed(self, method: str, behavior: Behavior, gated: bool) -> Behavior:
+    def _observed(self, method: str, behavior: Behavior, gated: bool, looked_up: bool) -> Behavior:
         metrics = self._metrics
         interceptor = self
         short = method.rsplit("/", 1)[-1]
@@ -186,6 +194,7 @@ class TelemetryInterceptor(Interceptor):
             first_try, behavior = getattr(servicer, parts[0]), parts[1].__get__(servicer)
         # What every call uses, bound here: each call then looks up no module attribute.
         request_id, clock, ok = logs.request_id, time.perf_counter, grpc.StatusCode.OK
+        unnamed, drawn_number = logs.UNNAMED, logs.drawn_number
         bucket_of = bisect.bisect_left
         debug_on, debug = log.isEnabledFor, logging.DEBUG
         # The method's slots of `metrics` by status code (None: metrics off), and its OK slot
@@ -195,11 +204,15 @@ class TelemetryInterceptor(Interceptor):
 
         async def observed(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
             nonlocal ok_slot
-            # Named where grpc found the handler, in this call's task (`name_call`); else here.
+            # The client's id was set where grpc found the handler, in this call's task
+            # (`client_named`); else the call is UNNAMED (`start_serving`), its number drawn
+            # when something asks. Without a lookup, or a server started otherwise: here.
             rid = request_id.get()
             token = None
-            if rid is None:
-                token = name_call(context.invocation_metadata())
+            if rid is None or not looked_up:
+                token = client_named(context.invocation_metadata())
+                if token is None and rid is None:
+                    token = request_id.set(next(logs.REQUEST_NUMBERS))
                 rid = request_id.get()
             if isinstance(rid, str):
                 context.set_trailing_metadata(((REQUEST_ID_KEY, rid),))
@@ -224,6 +237,9 @@ class TelemetryInterceptor(Interceptor):
                         await abort_for(exc, context, short)
                     if answer is not None:
                         return answer
+                if rid == unnamed:
+                    # Tasks the awaited part starts carry the call's id.
+                    request_id.set(drawn_number())
                 return await behavior(request, context)
             except grpc.aio.AbortError:
                 code = context.code() or grpc.StatusCode.UNKNOWN
@@ -273,9 +289,11 @@ class TelemetryInterceptor(Interceptor):
         return observed
 
 
-def name_call(metadata: Collection[tuple[str, str | bytes]] | None) -> contextvars.Token[Any]:
-    """Set the request id of the call whose metadata this is: the client's when it sent a
-    usable one, else a fresh one (a number until a log line or a trailer formats it).
+def client_named(
+    metadata: Collection[tuple[str, str | bytes]] | None,
+) -> contextvars.Token[Any] | None:
+    """Set the request id of the call whose metadata this is to the client's, when it sent a
+    usable one (None otherwise: the call keeps the id it has).
 
     grpc.aio looks a call's handler up and runs it in the same task, a context of its own:
     set while the handler is looked up, the id is the handler's and no other call's."""
@@ -284,7 +302,19 @@ def name_call(metadata: Collection[tuple[str, str | bytes]] | None) -> contextva
         for key, value in metadata:
             if key == REQUEST_ID_KEY and isinstance(value, str) and _USABLE_ID.fullmatch(value):
                 return logs.request_id.set(value)
-    return logs.request_id.set(next(logs.REQUEST_NUMBERS))
+    return None
+
+
+async def start_serving(server: grpc.aio.Server) -> None:
+    """Start `server` with every call it serves UNNAMED (allocsvc.logs): grpc.aio starts each
+    call's task from the serving task `start` creates, whose context this sets, and nothing
+    else's: the caller's context is left as it was."""
+
+    async def start() -> None:
+        logs.request_id.set(logs.UNNAMED)
+        await server.start()
+
+    await asyncio.create_task(start())
 
 
 def _ended(context: grpc.aio.ServicerContext[Any, Any]) -> grpc.StatusCode:
@@ -309,7 +339,10 @@ class _InstrumentedGeneric(Generic):
         self._by_name: dict[str, Handler] | None = {} if type(inner) is _BY_NAME else None
 
     def service(self, handler_call_details: grpc.HandlerCallDetails) -> Handler | None:
-        name_call(handler_call_details.invocation_metadata)
+        metadata = handler_call_details.invocation_metadata
+        # `client_named`'s first test, here: most calls carry no id, and need no frame more.
+        if metadata and REQUEST_ID_KEY in map(_KEY, metadata):
+            client_named(metadata)
         method = handler_call_details.method
         by_name = self._by_name
         if by_name is not None:
@@ -343,5 +376,8 @@ class _Instrumenting(ServerView):
         wrap = self._telemetry.wrap
         super().add_registered_method_handlers(
             service_name,
-            {name: wrap(f"/{service_name}/{name}", h) for name, h in method_handlers.items()},
+            {
+                name: wrap(f"/{service_name}/{name}", h, looked_up=False)
+                for name, h in method_handlers.items()
+            },
         )
