@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import operator
 import os
 import shutil
 import statistics
@@ -243,7 +244,7 @@ def report(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
             ("`this` / echo, calls/s", "this", "echo", "rps"),
             ("`base` / echo, calls/s", "base", "echo", "rps"),
         ):
-            ratios = h2.round_ratios(picked, name, base, key)
+            ratios = h2.round_ratios(picked, name, base, operator.itemgetter(key))
             calm = [x for x, contended in ratios if not contended]
             shown = ", ".join(f"{x:.2f}{' (contended)' if c else ''}" for x, c in ratios)
             median = f"{statistics.median(calm):.2f}" if calm else "none uncontended"

@@ -34,6 +34,22 @@ def test_ratios_are_taken_within_each_round_and_marked_when_contended() -> None:
     assert h2.round_ratios(rows, "w1", "echo") == [(0.8, False), (0.5, True)]
 
 
+def test_two_workers_accounted_for_h2load_are_taken_within_each_round() -> None:
+    """2 x (req/s per server core) over 1 x, per round: runs seconds apart, as every ratio
+    the harness judges (each setup's best runs are minutes apart)."""
+    rows = [
+        {"setup": "w1", "round": 0, "rps": 7000, "server_cores": 1.4, "other_cores": 0.0},
+        {"setup": "w2", "round": 0, "rps": 8000, "server_cores": 2.0, "other_cores": 0.0},
+        {"setup": "w1", "round": 1, "rps": 6000, "server_cores": 1.5, "other_cores": 0.0},
+        {"setup": "w2", "round": 1, "rps": 8000, "server_cores": 1.6, "other_cores": 0.4},
+    ]
+    for r in rows:
+        r["steal_cores"] = 0.0
+    ratios = h2.round_ratios(rows, "w2", "w1", h2.per_server_core)
+    assert ratios == [(pytest.approx(0.8), False), (pytest.approx(1.25), True)]
+    assert h2.per_server_core({"rps": 100, "server_cores": 0.0}) == 0.0
+
+
 @pytest.mark.parametrize(
     ("ratios", "median"),
     [
