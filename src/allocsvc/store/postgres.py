@@ -15,7 +15,6 @@ import itertools
 import json
 import logging
 import struct
-from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
@@ -301,18 +300,10 @@ _INSERT_STAGED_ASSIGNMENTS = """
 INSERT INTO assignments SELECT * FROM assignments_in ON CONFLICT DO NOTHING
 """
 
-_INSERT_CONVERSIONS = """
-INSERT INTO conversions (assignment_id, experiment_id, user_id, variant, segment_key, value,
-                         idempotency_key, created_at)
-SELECT c.assignment_id, c.experiment_id, c.user_id, c.variant, c.segment_key, c.value,
-       c.idempotency_key, COALESCE(c.created_at, now())
-FROM unnest($1::text[], $2::bigint[], $3::text[], $4::smallint[], $5::text[], $6::float8[],
-            $7::text[], $8::timestamptz[])
-     AS c(assignment_id, experiment_id, user_id, variant, segment_key, value, idempotency_key,
-          created_at)
-ORDER BY c.assignment_id, c.idempotency_key
-ON CONFLICT (assignment_id, idempotency_key) DO NOTHING
-RETURNING assignment_id, idempotency_key
+_RECORD_CONVERSIONS = """
+SELECT record_conversions($1::text[], $2::bigint[], $3::text[], $4::smallint[], $5::text[],
+                          $6::float8[], $7::text[], $8::timestamptz[], $9::date, $10::integer[],
+                          $11::bigint[])
 """
 
 _INSERT_SEGMENTS = """
@@ -923,17 +914,23 @@ class PostgresStore:
     async def insert_conversions(self, rows: Sequence[ConversionRow]) -> list[bool]:
         """Record conversions exactly once; return, per row, whether it was new and counted.
 
-        In one transaction: insert each row unless its (assignment, idempotency key) is known,
-        then add the new ones to their experiments' conversions of the day (`traffic_stats`)
-        and one conversion (and its value) to the counters of every level of the path of each.
-        A repeat, also within the batch, is neither stored nor counted.
+        In one statement (`record_conversions`, sql/013_record_conversions.sql), its own
+        transaction: insert each row unless its (assignment, idempotency key) is known, then
+        add the new ones to their experiments' conversions of the day (`traffic_stats`) and one
+        conversion (and its value) to the counters of every level of the path of each. A
+        repeat, also within the batch, is neither stored nor counted.
         """
         first: dict[tuple[str, str], int] = {}
         for i, r in enumerate(rows):
             first.setdefault((r.assignment_id, r.idempotency_key), i)
-        unique = [rows[i] for i in first.values()]
-        if not unique:
+        if not first:
             return []
+        positions = list(first.values())
+        unique = [rows[i] for i in positions]
+        # Each level of each row's path as (1-based row, hash); hashes checked before the
+        # database is touched.
+        path_rows = [n for n, r in enumerate(unique, 1) for _ in r.path_hashes]
+        path_hashes = [to_signed64(h) for r in unique for h in r.path_hashes]
         args = (
             [r.assignment_id for r in unique],
             [r.experiment_id for r in unique],
@@ -943,39 +940,16 @@ class PostgresStore:
             [float(r.value) for r in unique],
             [r.idempotency_key for r in unique],
             [r.created_at for r in unique],
+            datetime.now(UTC).date(),
+            path_rows,
+            path_hashes,
         )
-        deltas_for = {
-            (r.assignment_id, r.idempotency_key): [
-                (r.experiment_id, h, r.variant, 0, 1, float(r.value)) for h in r.path_hashes
-            ]
-            for r in unique
-        }
-        experiment_of = {(r.assignment_id, r.idempotency_key): r.experiment_id for r in unique}
-        today = datetime.now(UTC).date()
-        # validate hashes before touching the database
-        for deltas in deltas_for.values():
-            for d in deltas:
-                to_signed64(d[1])
 
-        async def run(conn: Any) -> set[tuple[str, str]]:
-            async with conn.transaction():
-                inserted = await conn.fetch(_INSERT_CONVERSIONS, *args)
-                new = {(str(r["assignment_id"]), str(r["idempotency_key"])) for r in inserted}
-                per_experiment = Counter(experiment_of[key] for key in new)
-                if per_experiment:
-                    conversions = {e: (0, 0, n) for e, n in per_experiment.items()}
-                    await _add_traffic(conn, today, conversions)
-                deltas = [d for key in new for d in deltas_for[key]]
-                if deltas:
-                    await conn.execute(_UPSERT_COUNTS, *_count_arrays(deltas))
-                return new
+        async def run(conn: Any) -> list[int]:
+            return list(await conn.fetchval(_RECORD_CONVERSIONS, *args))
 
-        new = await self._with_retry(run)
-        return [
-            (r.assignment_id, r.idempotency_key) in new
-            and first[(r.assignment_id, r.idempotency_key)] == i
-            for i, r in enumerate(rows)
-        ]
+        new = {positions[n - 1] for n in await self._with_retry(run)}
+        return [i in new for i in range(len(rows))]
 
     # segments
 
