@@ -48,8 +48,10 @@ def measure(args: argparse.Namespace, name: str, k: int, work: Path, postgres: A
         rows = []
 
         def convert(phase: str) -> None:
-            run.run_ghz(args.ghz, setup, conversions, 2, f"{name}{k}-{phase}-w")
-            r = run.run_ghz(args.ghz, setup, conversions, args.seconds, f"{name}{k}-{phase}")
+            run.run_ghz(args.ghz, setup, conversions, 2, f"{name}{k}-{phase}-w", args.users)
+            r = run.run_ghz(
+                args.ghz, setup, conversions, args.seconds, f"{name}{k}-{phase}", args.users
+            )
             rows.append(_row(name, k, phase, r))
             print(rows[-1], file=sys.stderr)
 

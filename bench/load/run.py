@@ -52,6 +52,9 @@ PAGE_KIB = os.sysconf("SC_PAGE_SIZE") // 1024
 EXPERIMENT = "load-web"
 # Not sticky: a batch sent again (ghz repeats one binary message) is allocated anew.
 BATCH_EXPERIMENT = "load-batch"
+# Users allocated before the conversion runs (cv-0 ...): a conversion run's calls name them in
+# turn, from the first again once all were named (each call keeps its own idempotency key).
+CONVERSION_USERS = 30_000
 
 
 # Processes ---------------------------------------------------------------------------------
@@ -320,12 +323,15 @@ class Shape:
         return (self.kind, self.concurrency, self.batch, self.rps > 0)
 
 
-def _data(shape: Shape, run: str) -> Any:
+def _data(shape: Shape, run: str, users: int = CONVERSION_USERS) -> Any:
     """JSON call data (ghz fills in the request number), or for batches a serialized message:
-    ghz builds a templated 1,000-item batch far slower than the servers answer it."""
+    ghz builds a templated 1,000-item batch far slower than the servers answer it. A
+    conversion names one of the `users` allocated first (`_preallocate`), in turn: a run of
+    more calls than users would otherwise convert users no one allocated (NOT_FOUND)."""
     n = "{{.RequestNumber}}"
     if shape.kind == "conversion":
-        return {"experiment_id": EXPERIMENT, "user_id": f"cv-{n}", "idempotency_key": f"{run}-{n}"}
+        user = f"cv-{{{{mod .RequestNumber {users}}}}}"  # ghz has sprig's functions
+        return {"experiment_id": EXPERIMENT, "user_id": user, "idempotency_key": f"{run}-{n}"}
     if shape.kind == "unary":
         return {"experiment_id": EXPERIMENT, "context": benchkit.CONTEXT, "user_id": f"{run}-{n}"}
     return pb.AllocateBatchRequest(
@@ -344,9 +350,12 @@ def _percentile(sorted_ms: list[float], q: float) -> float:
     return sorted_ms[min(len(sorted_ms) - 1, int(q * len(sorted_ms)))]
 
 
-def run_ghz(ghz: str, setup: Setup, shape: Shape, seconds: float, run: str) -> dict[str, Any]:
+def run_ghz(
+    ghz: str, setup: Setup, shape: Shape, seconds: float, run: str, users: int = CONVERSION_USERS
+) -> dict[str, Any]:
+    """`shape` for `seconds`; conversions name the first `users` users (`_data`)."""
     method = {"unary": "Allocate", "batch": "AllocateBatch", "conversion": "RecordConversion"}
-    payload = _data(shape, run)
+    payload = _data(shape, run, users)
     binary = isinstance(payload, bytes)
     with tempfile.NamedTemporaryFile("wb", suffix=".bin", delete=False) as data:
         data.write(payload if binary else json.dumps(payload).encode())
@@ -526,8 +535,9 @@ def report(results: dict[str, list[dict[str, Any]]], args: argparse.Namespace, s
         "segmented by source and device; batches are one serialized message sent again and "
         "again (ghz templating a 1,000-item batch is slower than the servers), its items in a "
         "non-sticky experiment of the same shape, so every item is allocated anew; "
-        "conversions are by experiment and user, each with a new idempotency key, answered "
-        "after their group commit. Errors are the non-OK answers, with ghz's count per gRPC "
+        f"conversions are by experiment and user, of the {CONVERSION_USERS:,} users "
+        "allocated first in turn, each with a new idempotency key, answered after their group "
+        "commit. Errors are the non-OK answers, with ghz's count per gRPC "
         "code. Latencies in ms over OK answers "
         "(p99.9 from ghz's per-request details). Server CPU is the CPU time of the server's "
         "process tree (workers included, PostgreSQL and Redis not) over the run, per request; "
@@ -683,7 +693,7 @@ def main() -> int:
                     if setup.real:
                         _create_experiments(setup)
                         _wait_known(setup)
-                        _preallocate(setup, 15_000 if args.quick else 30_000)
+                        _preallocate(setup, CONVERSION_USERS)
                     # Workers without Redis share no assignments: a conversion may reach a
                     # worker that does not know its user.
                     own = [s for s in shapes if name != "w2" or s.kind != "conversion"]

@@ -1,7 +1,8 @@
 """bench/load/run.py takes each setup's batch runs last: the durable server expands a batch
 run's assignments from blocks into rows in the background for tens of seconds after it, and
 the conversion and fixed-rate runs taken after the batches measured that expansion too (the
-conversions' rate fell by a third, bench/RESULTS.md item 61)."""
+conversions' rate fell by a third, bench/RESULTS.md item 61). Its conversion runs name the
+users allocated first, in turn (item 65)."""
 
 from __future__ import annotations
 
@@ -49,3 +50,14 @@ def test_batches_run_last_after_the_fixed_rate_and_the_conversions(
     # Each run has a name of its own: a conversion's idempotency key is made of it.
     names = [name for *_, name in taken]
     assert len(names) == len(set(names))
+
+
+def test_conversions_name_the_preallocated_users_in_turn() -> None:
+    # A conversion run of more calls than users allocated first converted users nobody had
+    # allocated (NOT_FOUND) once ghz's request number passed them: ids now wrap (sprig's mod,
+    # which ghz evaluates), while every call keeps an idempotency key of its own.
+    data = run._data(run.Shape("conversion", 32), "w1-r3", users=500)
+    assert data["user_id"] == "cv-{{mod .RequestNumber 500}}"
+    assert data["idempotency_key"] == "w1-r3-{{.RequestNumber}}"
+    default = run._data(run.Shape("conversion", 32), "w1-r4")
+    assert default["user_id"] == f"cv-{{{{mod .RequestNumber {run.CONVERSION_USERS}}}}}"
