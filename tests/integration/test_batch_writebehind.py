@@ -1,12 +1,17 @@
 """A batch's new assignments reach PostgreSQL as they are held in memory: columns in Rust,
 one binary COPY per flush, in one transaction with the flush's counts; a flush retried after
 an unacknowledged commit changes nothing, rows written under another flush are kept once; a
-user erased before the flush is never written; the analytics refresh is due by the clock."""
+user erased before the flush is never written; the analytics refresh is due by the clock; a
+flush's claim of its token reads only the expired tokens it deletes."""
 
 from __future__ import annotations
 
 import asyncio
+import json
+from collections.abc import Iterator
+from typing import Any
 
+import asyncpg
 import pytest
 from store_support import (
     COUNTRIES,
@@ -22,7 +27,7 @@ from allocsvc.allocation.service import AllocationService, Assignment
 from allocsvc.api import convert
 from allocsvc.core import copy_assignments, key_hash
 from allocsvc.store import PostgresStore
-from allocsvc.store.postgres import WriteBehind
+from allocsvc.store.postgres import _CLAIM_FLUSH, WriteBehind
 from allocsvc.store.writebehind import PostgresJournal
 
 pytestmark = pytest.mark.integration
@@ -136,3 +141,49 @@ async def test_analytics_are_refreshed_by_the_clock_when_flushes_outlast_the_int
         await journal.close()
     # Ten flushes of at least 0.05 s: at least 0.5 s, a refresh at least every second flush.
     assert refreshes >= 5
+
+
+async def test_a_flush_reads_only_the_expired_tokens_it_deletes(
+    store: PostgresStore, migrated_db: str
+) -> None:
+    # Each flush deletes the tokens older than a day, then claims its own. A process under load
+    # flushes ten times a second: a day is 864,000 tokens, which the delete read in full, every
+    # flush, until flushed_at was indexed (migration 014; bench/RESULTS.md item 66).
+    conn = await asyncpg.connect(migrated_db)
+    try:
+        await conn.execute(
+            "INSERT INTO write_behind_flushes (token, flushed_at)"
+            " SELECT 'recent-' || g, now() - interval '1 hour' FROM generate_series(1, 100000) g"
+        )
+        await conn.execute(
+            "INSERT INTO write_behind_flushes (token, flushed_at)"
+            " SELECT 'expired-' || g, now() - interval '2 days' FROM generate_series(1, 3) g"
+        )
+        await conn.execute("ANALYZE write_behind_flushes")
+        pages = await conn.fetchval(
+            "SELECT relpages FROM pg_class WHERE relname = 'write_behind_flushes'"
+        )
+        # The claim as a flush runs it, executed: the pages each step touched (a node counts
+        # its children's; the DELETE, a CTE, is an init plan the top node does not count).
+        (plan,) = json.loads(
+            await conn.fetchval("EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) " + _CLAIM_FLUSH, "one")
+        )
+        touched = max(
+            node["Shared Hit Blocks"] + node["Shared Read Blocks"] for node in _nodes(plan["Plan"])
+        )
+        assert await store.write_behind(WriteBehind("two", b"", [], {}, []))
+        tokens = await conn.fetch("SELECT token FROM write_behind_flushes")
+    finally:
+        await conn.close()
+    left = {r["token"] for r in tokens}
+    assert len(left) == 100_002 and {"one", "two", "recent-1", "recent-100000"} <= left
+    assert not any(t.startswith("expired-") for t in left)
+    # Read whole, the table is hundreds of pages; the claim reads a few index and heap pages.
+    assert pages > 500
+    assert touched < 50, (touched, pages)
+
+
+def _nodes(node: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    yield node
+    for child in node.get("Plans", []):
+        yield from _nodes(child)
