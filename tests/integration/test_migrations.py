@@ -50,6 +50,9 @@ FUNCTIONS = {
     "update_segment_stats",
     "get_segment_children",
     "get_segment_ancestors",
+    "record_conversions",
+    "add_traffic",
+    "add_counts",
 }
 GLOBAL = 3244421341483603138  # xxh3-64 of b"", also < 2**63 so signed == unsigned
 

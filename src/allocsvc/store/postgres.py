@@ -236,22 +236,10 @@ class TrafficRow:
     conversions: int
 
 
+# Counter deltas, summed per key, rows locked in key order (`sql/015_shared_counter_upserts.sql`).
 _UPSERT_COUNTS = """
-INSERT INTO segment_variant_state AS s
-    (experiment_id, segment_hash, variant, allocations, conversions, value_sum, updated_at)
-SELECT d.experiment_id, d.segment_hash, d.variant,
-       sum(d.allocations), sum(d.conversions), sum(d.value_sum), now()
-FROM unnest($1::bigint[], $2::bigint[], $3::smallint[], $4::bigint[], $5::bigint[],
-            $6::float8[]) AS d(experiment_id, segment_hash, variant, allocations, conversions,
-                               value_sum)
-GROUP BY d.experiment_id, d.segment_hash, d.variant
--- one row per key (ON CONFLICT may touch a row once per statement), locked in a fixed order
-ORDER BY d.experiment_id, d.segment_hash, d.variant
-ON CONFLICT (experiment_id, segment_hash, variant) DO UPDATE
-SET allocations = s.allocations + EXCLUDED.allocations,
-    conversions = s.conversions + EXCLUDED.conversions,
-    value_sum   = s.value_sum + EXCLUDED.value_sum,
-    updated_at  = EXCLUDED.updated_at
+SELECT add_counts($1::bigint[], $2::bigint[], $3::smallint[], $4::bigint[], $5::bigint[],
+                  $6::float8[])
 """
 
 _INSERT_VARIANTS = """
@@ -280,15 +268,10 @@ WITH old AS (
 INSERT INTO write_behind_flushes (token) VALUES ($1) ON CONFLICT DO NOTHING RETURNING token
 """
 
-# A day's traffic of several experiments, one row each (`_add_traffic`).
+# A day's traffic of several experiments, one row each (`_add_traffic`; `add_traffic` in
+# sql/015_shared_counter_upserts.sql).
 _ADD_TRAFFIC = """
-INSERT INTO traffic_stats AS t (experiment_id, day, visitors, allocations, conversions)
-SELECT e, $2, v, a, c FROM unnest($1::bigint[], $3::bigint[], $4::bigint[], $5::bigint[])
-    AS n(e, v, a, c)
-ON CONFLICT (experiment_id, day) DO UPDATE
-SET visitors = t.visitors + EXCLUDED.visitors,
-    allocations = t.allocations + EXCLUDED.allocations,
-    conversions = t.conversions + EXCLUDED.conversions
+SELECT add_traffic($1::bigint[], $2::date, $3::bigint[], $4::bigint[], $5::bigint[])
 """
 
 _ASSIGNMENTS_STAGING = """
