@@ -29,6 +29,7 @@ from allocsvc.store import (
     to_signed64,
     to_unsigned64,
 )
+from allocsvc.store import postgres as postgres_module
 
 pytestmark = pytest.mark.integration
 
@@ -426,8 +427,8 @@ async def test_traffic_audit_and_analytics(store: PostgresStore) -> None:
     assert second > first
 
     await store.apply_count_deltas([(eid, PATH[0], 0, 10, 1, 0.0), (eid, PATH[1], 0, 4, 1, 0.0)])
-    await store.refresh_analytics()
-    await store.refresh_analytics()
+    assert await store.refresh_analytics()
+    assert await store.refresh_analytics()
     async with store.pool.acquire() as conn:
         audit = await conn.fetchrow("SELECT * FROM audit_log WHERE id = $1", first)
         lift = await conn.fetchval(
@@ -488,3 +489,36 @@ async def test_close_ends_while_a_connection_is_still_held(migrated_db: str) -> 
             raise AssertionError(f"backend {backend} still there")
     finally:
         await conn.close()
+
+
+async def test_analytics_are_refreshed_by_one_process_at_a_time_and_not_again_while_fresh(
+    store: PostgresStore, migrated_db: str
+) -> None:
+    # Every process's write-behind refreshes the view; a refresh of millions of counters takes
+    # minutes, so a second one at once, or one right after another's, is skipped.
+    eid = (await store.insert_experiment(ExperimentRow(key="fresh-view", status="running"))).id
+    await store.apply_count_deltas([(eid, PATH[0], 0, 10, 1, 0.0)])
+
+    async def refreshed_at() -> Any:
+        async with store.pool.acquire() as conn:
+            return await conn.fetchval("SELECT max(refreshed_at) FROM mv_segment_analytics")
+
+    assert await store.refresh_analytics(older_than_s=60)  # empty: never refreshed with rows
+    first = await refreshed_at()
+    assert first is not None
+    assert not await store.refresh_analytics(older_than_s=60)
+    assert await refreshed_at() == first
+    # Another connection refreshing (holding the lock in its transaction): skipped, whatever
+    # the age.
+    other = await asyncpg.connect(migrated_db)
+    try:
+        async with other.transaction():
+            assert await other.fetchval(
+                "SELECT pg_try_advisory_xact_lock($1)", postgres_module._ANALYTICS_LOCK
+            )
+            assert not await store.refresh_analytics()
+    finally:
+        await other.close()
+    assert await refreshed_at() == first
+    assert await store.refresh_analytics()
+    assert await refreshed_at() > first

@@ -300,6 +300,14 @@ ORDER BY s.experiment_id, s.segment_hash
 ON CONFLICT (experiment_id, segment_hash) DO NOTHING
 """
 
+# Held by the transaction that refreshes the analytics view (`refresh_analytics`).
+_ANALYTICS_LOCK = 0x616C6C6F632D6D76  # "alloc-mv" in ASCII (the migration lock is "allocsvc")
+# Seconds since the view was refreshed (every row carries the time; None while it is empty).
+_ANALYTICS_AGE = (
+    "SELECT extract(epoch FROM clock_timestamp() - refreshed_at)::float8"
+    " FROM mv_segment_analytics LIMIT 1"
+)
+
 _INSERT_BLOCK = "INSERT INTO assignment_blocks (rows, payload, filter) VALUES ($1, $2, $3)"
 
 # The oldest block up to id $1, locked; another connection's block is skipped (the background
@@ -1096,9 +1104,19 @@ class PostgresStore:
         )
         return int(entry_id)
 
-    async def refresh_analytics(self) -> None:
-        """Refresh `mv_segment_analytics` without blocking its readers."""
-        await self._pool.execute("REFRESH MATERIALIZED VIEW CONCURRENTLY mv_segment_analytics")
+    async def refresh_analytics(self, older_than_s: float = 0.0) -> bool:
+        """Refresh `mv_segment_analytics` without blocking its readers; whether it did. Not
+        while another connection refreshes it (every process's write-behind refreshes it, and a
+        refresh of millions of counters takes minutes: a second one would only queue behind the
+        first), nor when its rows were refreshed less than `older_than_s` seconds ago."""
+        async with self._pool.acquire() as conn, conn.transaction():
+            if not await conn.fetchval("SELECT pg_try_advisory_xact_lock($1)", _ANALYTICS_LOCK):
+                return False
+            age = await conn.fetchval(_ANALYTICS_AGE)
+            if age is not None and age < older_than_s:
+                return False
+            await conn.execute("REFRESH MATERIALIZED VIEW CONCURRENTLY mv_segment_analytics")
+            return True
 
     async def _with_retry(self, run: Callable[[Any], Awaitable[_T]]) -> _T:
         # A deadlock aborts the whole transaction, so running it again cannot double-count.
