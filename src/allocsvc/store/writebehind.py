@@ -762,8 +762,8 @@ class PostgresJournal:
         """Refresh the analytics view, on a task of its own: at millions of counters a refresh
         takes minutes (bench/RESULTS.md item 69), and flushes must not wait for it, as they did
         when the flush loop ran it. The next refresh is due an interval after the last one
-        ended, and no sooner than `_REFRESH_SPACING` times as long as it took: however large the
-        view grows, refreshing it takes at most a fifth of a PostgreSQL core."""
+        ended, and no sooner than `_REFRESH_SPACING` times as long as it took after that: however
+        large the view grows, refreshing it takes at most a sixth of a PostgreSQL core."""
         wait = self._analytics_interval
         while True:
             await asyncio.sleep(wait)
