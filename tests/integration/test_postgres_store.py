@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import struct
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -30,10 +30,12 @@ from allocsvc.store import (
     to_unsigned64,
 )
 from allocsvc.store import postgres as postgres_module
+from allocsvc.store.writebehind import PostgresJournal
 
 pytestmark = pytest.mark.integration
 
 EDGE_HASHES = [0, 1, 2**63 - 1, 2**63, 2**64 - 2, 2**64 - 1]
+VARIANTS = [VariantRow(0, "blue"), VariantRow(1, "green"), VariantRow(2, "red")]
 
 
 @pytest.fixture
@@ -522,3 +524,39 @@ async def test_analytics_are_refreshed_by_one_process_at_a_time_and_not_again_wh
     assert await refreshed_at() == first
     assert await store.refresh_analytics()
     assert await refreshed_at() > first
+
+
+async def test_the_experiment_poll_reads_experiments_only_when_one_changed(
+    store: PostgresStore,
+) -> None:
+    # Each process polled every experiment every second (46 ms of its event loop at 1,000 of
+    # them, bench/RESULTS.md item 70); now a one-row fingerprint says whether to.
+    await new_experiment(store, "poll-a")
+    before = await store.experiments_fingerprint()
+    assert await store.experiments_fingerprint() == before
+    seen: list[list[str]] = []
+    journal = PostgresJournal(store, experiment_interval=0.02)
+    journal.start(lambda experiments: seen.append(sorted(e.key for e in experiments)))
+    try:
+        await _until(lambda: len(seen) == 1)
+        await asyncio.sleep(0.2)  # about ten polls, nothing changed
+        assert seen == [["poll-a"]]
+        await new_experiment(store, "poll-b")
+        await _until(lambda: len(seen) == 2)
+        assert seen[1] == ["poll-a", "poll-b"]
+        await store.update_experiment(
+            ExperimentRow(key="poll-a", name="renamed", status="paused", variants=VARIANTS)
+        )
+        await _until(lambda: len(seen) == 3)
+        await asyncio.sleep(0.2)
+        assert len(seen) == 3
+    finally:
+        await journal.close()
+    assert await store.experiments_fingerprint() != before
+
+
+async def _until(done: Callable[[], bool], seconds: float = 10.0) -> None:
+    deadline = asyncio.get_running_loop().time() + seconds
+    while not done():
+        assert asyncio.get_running_loop().time() < deadline, "timed out"
+        await asyncio.sleep(0.01)

@@ -300,6 +300,12 @@ ORDER BY s.experiment_id, s.segment_hash
 ON CONFLICT (experiment_id, segment_hash) DO NOTHING
 """
 
+_EXPERIMENTS_FINGERPRINT = (
+    "SELECT count(*) AS n, coalesce(sum(hashtextextended("
+    "id::text || '@' || (extract(epoch FROM updated_at) * 1000000)::bigint::text, 0)"
+    "::numeric), 0) % 9223372036854775807 AS h FROM experiments"
+)
+
 # Held by the transaction that refreshes the analytics view (`refresh_analytics`).
 _ANALYTICS_LOCK = 0x616C6C6F632D6D76  # "alloc-mv" in ASCII (the migration lock is "allocsvc")
 # Seconds since the view was refreshed (every row carries the time; None while it is empty).
@@ -463,6 +469,13 @@ class PostgresStore:
         if statuses is None:
             return await self._experiments("")
         return await self._experiments("WHERE status = ANY($1::text[])", list(statuses))
+
+    async def experiments_fingerprint(self) -> tuple[int, int]:
+        """(how many experiments, a sum of hashes of each one's id and `updated_at`): it
+        changes when one is created, deleted or updated (`update_experiment` sets `updated_at`),
+        whatever order the transactions commit in."""
+        row = await self._pool.fetchrow(_EXPERIMENTS_FINGERPRINT)
+        return int(row["n"]), int(row["h"])
 
     async def _experiments(self, where: str, *args: Any) -> list[ExperimentRow]:
         # `where` is one of the fixed clauses above, never built from input
