@@ -1165,9 +1165,10 @@ async def _add_traffic(
     connection: Any, day: date, per_experiment: Mapping[int, tuple[int, int, int]]
 ) -> None:
     """Add (visitors, allocations, conversions) to each experiment's traffic of `day`, in one
-    statement, experiments in ascending order: a flush (its visitors) and a conversion group
-    (its conversions) lock the rows in one order, each before its counters."""
-    handles = sorted(per_experiment)
+    statement (`add_traffic`, which takes the rows in ascending experiment order: a flush (its
+    visitors) and a conversion group (its conversions) lock them in one order, each before its
+    counters)."""
+    handles = list(per_experiment)
     columns = ([per_experiment[h][k] for h in handles] for k in range(3))
     await connection.execute(_ADD_TRAFFIC, handles, day, *columns)
 
