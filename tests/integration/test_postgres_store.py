@@ -471,6 +471,51 @@ async def test_embedded_postgres_keeps_data_across_restarts(tmp_path: Path) -> N
         await asyncio.to_thread(restarted.stop)
 
 
+async def _shown(dsn: str, name: str) -> str:
+    conn = await asyncpg.connect(dsn)
+    try:
+        return str(await conn.fetchval(f"SHOW {name}"))
+    finally:
+        await conn.close()
+
+
+async def _until_shown(dsn: str, name: str, value: str, seconds: float = 10.0) -> None:
+    # A configuration reload reaches new connections once the postmaster has read it.
+    deadline = asyncio.get_running_loop().time() + seconds
+    while (shown := await _shown(dsn, name)) != value:
+        assert asyncio.get_running_loop().time() < deadline, f"{name} is {shown}, not {value}"
+        await asyncio.sleep(0.05)
+
+
+async def test_embedded_postgres_spaces_checkpoints_unless_an_operator_set_them(
+    tmp_path: Path,
+) -> None:
+    data_dir = tmp_path / "pg"
+    server = EmbeddedPostgres(data_dir)
+    dsn = await asyncio.to_thread(server.start)
+    try:
+        await _until_shown(dsn, "max_wal_size", "4GB")
+        assert await _shown(dsn, "checkpoint_timeout") == "15min"
+        conn = await asyncpg.connect(dsn)
+        try:
+            await conn.execute("ALTER SYSTEM SET max_wal_size = '2GB'")
+        finally:
+            await conn.close()
+    finally:
+        await asyncio.to_thread(server.stop)
+    configured = (data_dir / "postgresql.conf").read_text()
+
+    restarted = EmbeddedPostgres(data_dir)
+    dsn = await asyncio.to_thread(restarted.start)
+    try:
+        # The operator's setting wins; the file is not appended to again.
+        assert await _shown(dsn, "max_wal_size") == "2GB"
+        assert await _shown(dsn, "checkpoint_timeout") == "15min"
+        assert (data_dir / "postgresql.conf").read_text() == configured
+    finally:
+        await asyncio.to_thread(restarted.stop)
+
+
 async def test_close_ends_while_a_connection_is_still_held(migrated_db: str) -> None:
     # asyncpg's Pool.close alone waits for the held connection for as long as it is held.
     store = await PostgresStore.connect(migrated_db, min_size=1, max_size=2)

@@ -8,10 +8,16 @@ counts the handles). Start and stop block for up to a few seconds: call them fro
 
 Run as root, pgserver starts postgres as a system user `pgserver` (created if missing) and opens
 read/traverse permissions on the parents of the data directory, as initdb refuses to run as root.
+
+The server's `postgresql.conf` gets `SETTINGS` (checkpoints spaced out); an operator's ALTER SYSTEM
+still overrides them.
 """
 
 from __future__ import annotations
 
+import logging
+import os
+import signal
 import warnings
 from pathlib import Path
 from types import ModuleType, TracebackType
@@ -21,6 +27,16 @@ from urllib.parse import quote
 __all__ = ["DEFAULT_DATA_DIR", "EmbeddedPostgres"]
 
 DEFAULT_DATA_DIR = Path("allocsvc-data") / "postgres"
+
+log = logging.getLogger(__name__)
+
+# PostgreSQL's defaults (1GB, 5min) checkpoint a server under load every ten seconds or so once
+# `assignments` holds millions of rows, and after each checkpoint the next change to every index
+# page writes the whole page to the WAL: 4.7 kB of WAL a stored assignment instead of 0.46, and a
+# quarter more of PostgreSQL's CPU (bench/RESULTS.md item 71). Spaced out, a crash replays more
+# WAL on the next start (at most about max_wal_size), and loses nothing more.
+SETTINGS = {"max_wal_size": "4GB", "checkpoint_timeout": "15min"}
+_SET_BY = "# set by allocsvc (allocsvc.store.embedded.SETTINGS)"
 
 
 class EmbeddedPostgres:
@@ -53,7 +69,10 @@ class EmbeddedPostgres:
         self._data_dir.parent.mkdir(parents=True, exist_ok=True)
         server = _pgserver().get_server(self._data_dir, cleanup_mode="stop")
         self._server = server
-        self._dsn = _dsn(server.get_postmaster_info(), self._database)
+        info = server.get_postmaster_info()
+        if _configure(self._data_dir / "postgresql.conf"):
+            os.kill(int(info.pid), signal.SIGHUP)  # what pg_reload_conf() does
+        self._dsn = _dsn(info, self._database)
         return self._dsn
 
     def stop(self) -> None:
@@ -83,6 +102,24 @@ def _pgserver() -> ModuleType:
         import pgserver
 
     return pgserver
+
+
+def _configure(conf: Path) -> bool:
+    """Add `SETTINGS` to the server's configuration file where missing; whether it changed. A
+    line added later wins over an earlier one, and ALTER SYSTEM (postgresql.auto.conf, read
+    last) over both."""
+    try:
+        text = conf.read_text()
+        missing = [f"{name} = '{value}'" for name, value in SETTINGS.items()]
+        missing = [line for line in missing if f"\n{line}  {_SET_BY}\n" not in text]
+        if not missing:
+            return False
+        with conf.open("a") as out:
+            out.write("".join(f"\n{line}  {_SET_BY}" for line in missing) + "\n")
+    except OSError as exc:  # the server runs as it is; only its checkpoints come sooner
+        log.warning("embedded PostgreSQL keeps its checkpoint settings: %s", exc)
+        return False
+    return True
 
 
 def _dsn(info: Any, database: str) -> str:
