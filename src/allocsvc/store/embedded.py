@@ -32,9 +32,9 @@ log = logging.getLogger(__name__)
 
 # PostgreSQL's defaults (1GB, 5min) checkpoint a server under load every ten seconds or so once
 # `assignments` holds millions of rows, and after each checkpoint the next change to every index
-# page writes the whole page to the WAL: 4.7 kB of WAL a stored assignment instead of 0.46, and a
-# quarter more of PostgreSQL's CPU (bench/RESULTS.md item 71). Spaced out, a crash replays more
-# WAL on the next start (at most about max_wal_size), and loses nothing more.
+# page writes the whole page to the WAL: at 20M stored rows 4.7 kB of WAL a new assignment instead
+# of 0.46, and a quarter more of PostgreSQL's CPU (bench/RESULTS.md item 71). Spaced out, a crash
+# replays more WAL on the next start (at most about max_wal_size), and loses nothing more.
 SETTINGS = {"max_wal_size": "4GB", "checkpoint_timeout": "15min"}
 _SET_BY = "# set by allocsvc (allocsvc.store.embedded.SETTINGS)"
 
