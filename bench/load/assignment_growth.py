@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
-import run  # bench/load/run.py: process trees and their CPU
+import run  # bench/load/run.py: PostgreSQL's processes and their CPU
 
 from allocsvc.store import PostgresStore
 from allocsvc.store.embedded import EmbeddedPostgres
@@ -119,7 +119,7 @@ async def measure_size(
         )
         await _flush_paced(store, warm, experiment, args, f"warm{size}")
 
-        pg_pids = run._tree(int((postgres.data_dir / "postmaster.pid").read_text().split()[0]))
+        pg_pids = run.postgres_pids(postgres.data_dir)
         newer = await conn.fetchval("SELECT to_regclass('pg_stat_checkpointer') IS NOT NULL")
         checkpoints = await conn.fetchval(_CHECKPOINTS[newer])
         reads = dict(await conn.fetch(_INDEX_READS))
@@ -137,7 +137,7 @@ async def measure_size(
             "stored_millions": round(stored / 1e6, 2),
             "grow_s": round(grown, 1),
             "index_mb": {
-                name: round(size / 2**20) for name, size in await conn.fetch(_INDEX_SIZES)
+                name: round(nbytes / 2**20) for name, nbytes in await conn.fetch(_INDEX_SIZES)
             },
             "rows_per_flush": args.rows,
             "flushes_per_s": per_s,

@@ -175,16 +175,6 @@ def _machine() -> tuple[float, float]:
     return busy / run.CLOCK_TICKS, values[7] / run.CLOCK_TICKS
 
 
-def _postgres_pids(target: Target) -> list[int]:
-    if target.pg_dir is None:
-        return []
-    pidfile = target.pg_dir / "postmaster.pid"
-    try:
-        return run._tree(int(pidfile.read_text().split()[0]))
-    except (OSError, ValueError, IndexError):
-        return []
-
-
 def rpc_counts(ports: list[int], method: str = "Allocate") -> list[dict[str, int]]:
     """`allocsvc_rpcs_total` of `method` by code, one mapping per worker's port."""
     per_port = []
@@ -265,7 +255,7 @@ class Accounting:
     def __init__(self, target: Target, method: str = "Allocate") -> None:
         self.target, self.method = target, method
         self.before = rpc_counts(target.metrics_ports, method) if target.metrics_ports else []
-        self.pids, self.pg_pids = target.setup.pids(), _postgres_pids(target)
+        self.pids, self.pg_pids = target.setup.pids(), run.postgres_pids(target.pg_dir)
         self.cpu0, self.pg0 = run._cpu_seconds(self.pids), run._cpu_seconds(self.pg_pids)
         self.loop0 = run._main_thread_cpu_seconds(self.pids)
         self.client0 = os.times()
@@ -604,7 +594,7 @@ def wait_quiet(target: Target, seconds: float) -> float:
     """Wait up to `seconds` for a second in which other work and steal took at most
     CONTENDED_CORES (the servers idle meanwhile); the seconds waited."""
     started = time.monotonic()
-    pids = target.setup.pids() + _postgres_pids(target)
+    pids = target.setup.pids() + run.postgres_pids(target.pg_dir)
     while True:
         machine0, ours0, wall0 = _machine(), run._cpu_seconds(pids), time.monotonic()
         time.sleep(1.0)

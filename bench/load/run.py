@@ -72,6 +72,17 @@ def _tree(pid: int) -> list[int]:
     return out
 
 
+def postgres_pids(data_dir: Path | None) -> list[int]:
+    """The processes of the PostgreSQL server running on `data_dir` (none when it is None or
+    not running)."""
+    if data_dir is None:
+        return []
+    try:
+        return _tree(int((data_dir / "postmaster.pid").read_text().split()[0]))
+    except (OSError, ValueError, IndexError):
+        return []
+
+
 def _cpu_seconds(pids: list[int]) -> float:
     return _cpu_seconds_of([f"/proc/{p}/stat" for p in pids])
 
