@@ -50,7 +50,7 @@ async def new_experiment(store: PostgresStore, key: str = "checkout-button") -> 
             key=key,
             name="Checkout button",
             status="running",
-            variants=[VariantRow(0, "blue"), VariantRow(1, "green"), VariantRow(2, "red")],
+            variants=VARIANTS,
         )
     )
     assert row.id is not None
