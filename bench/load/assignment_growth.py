@@ -103,12 +103,12 @@ async def measure_size(
     try:
         experiment = await conn.fetchval("SELECT min(id) FROM experiments")
         stored = await conn.fetchval("SELECT count(*) FROM assignments")
-        grown = time.perf_counter()
+        grow_began = time.perf_counter()
         while stored < size:
             n = min(GROW_CHUNK, size - stored)
             await conn.execute(_GROW, f"stored{size}-", experiment, stored + 1, stored + n)
             stored += n
-        grown = time.perf_counter() - grown
+        grown = time.perf_counter() - grow_began
         await conn.execute("VACUUM ANALYZE assignments")
         per_s = round(1 / args.interval)
         warm = await _streams(
@@ -157,8 +157,8 @@ async def measure_size(
         await conn.close()
 
 
-async def prepare(dsn: str, settings: dict[str, str]) -> dict[str, str]:
-    """Migrate, create the experiment, set `settings`; the server settings that matter here."""
+async def prepare(dsn: str, settings: dict[str, str]) -> None:
+    """Migrate, create the experiment, set `settings` (they take effect at the next start)."""
     await migrate(dsn)
     store = await PostgresStore.connect(dsn, min_size=1, max_size=1)
     try:
@@ -173,7 +173,6 @@ async def prepare(dsn: str, settings: dict[str, str]) -> dict[str, str]:
             await conn.execute(f"ALTER SYSTEM SET {name} = '{value}'")
     finally:
         await conn.close()
-    return settings
 
 
 async def _shown(dsn: str) -> dict[str, str]:
