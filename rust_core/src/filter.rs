@@ -29,15 +29,35 @@ pub fn id_key(id: &str) -> u64 {
     xxh3_64_with_seed(id.as_bytes(), ID_SEED)
 }
 
-/// The bits a key sets in a filter of `lines` lines: a line chosen by the key's high half, and
-/// `PROBES` bits in it, each the top 9 bits of the key multiplied once more.
-fn positions(key: u64, lines: usize) -> impl Iterator<Item = usize> {
-    let line = (((key >> 32) * lines as u64) >> 32) as usize * LINE * 8;
-    let mut h = key ^ (key >> 31);
-    (0..PROBES).map(move |_| {
-        h = h.wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        line + (h >> 55) as usize
-    })
+/// What each probe multiplies by once more.
+const MULTIPLIER: u64 = 0xbf58_476d_1ce4_e5b9;
+/// `MULTIPLIER` to the powers 1 to `PROBES` (wrapping): probe `i` multiplies the mixed key
+/// once by the `i`-th, the same bits as `i` multiplications in turn, without each probe
+/// waiting for the last.
+const POWERS: [u64; PROBES as usize] = {
+    let mut powers = [0; PROBES as usize];
+    let mut power = MULTIPLIER;
+    let mut i = 0;
+    while i < powers.len() {
+        powers[i] = power;
+        power = power.wrapping_mul(MULTIPLIER);
+        i += 1;
+    }
+    powers
+};
+
+/// Where a key's bits are in a filter of `lines` lines: the byte its line starts at, chosen by
+/// the key's high half, and `PROBES` bits in that line, each the top 9 bits of the key
+/// multiplied once more.
+fn positions(key: u64, lines: usize) -> (usize, impl Iterator<Item = usize>) {
+    let line = (((key >> 32) * lines as u64) >> 32) as usize * LINE;
+    let h = key ^ (key >> 31);
+    (
+        line,
+        POWERS
+            .iter()
+            .map(move |&p| (h.wrapping_mul(p) >> 55) as usize),
+    )
 }
 
 /// A filter being built.
@@ -62,8 +82,10 @@ impl Filter {
     }
 
     pub fn insert(&mut self, key: u64) {
-        for p in positions(key, self.bytes.len() / LINE) {
-            self.bytes[p / 8] |= 1 << (p % 8);
+        let (start, bits) = positions(key, self.bytes.len() / LINE);
+        let line: &mut [u8; LINE] = (&mut self.bytes[start..start + LINE]).try_into().unwrap();
+        for b in bits {
+            line[b / 8] |= 1 << (b % 8);
         }
     }
 
@@ -145,7 +167,9 @@ pub fn may_hold(bytes: &[u8], key: u64) -> bool {
     if bytes.is_empty() || bytes.len() % LINE != 0 {
         return true;
     }
-    positions(key, bytes.len() / LINE).all(|p| bytes[p / 8] & (1 << (p % 8)) != 0)
+    let (start, mut bits) = positions(key, bytes.len() / LINE);
+    let line = &bytes[start..start + LINE];
+    bits.all(|b| line[b / 8] & (1 << (b % 8)) != 0)
 }
 
 /// Positions in `filters` of those that may hold one of `keys` (a lookup's pass over every
