@@ -31,6 +31,7 @@ use hashbrown::HashTable;
 use xxhash_rust::xxh3::xxh3_64_with_seed;
 
 use crate::block;
+use crate::compact;
 use crate::error::CoreError;
 use crate::filter::{self, Growing};
 use crate::keyed::KeyedMap;
@@ -1053,19 +1054,6 @@ impl Made {
     /// Append the assignments as rows of PostgreSQL's binary COPY format, columns
     /// [`COPY_COLUMNS`] (see [`copy_header`] and [`copy_trailer`]).
     pub fn copy_rows(&self, out: &mut Vec<u8>) {
-        self.copy_rows_with(out, |_| {});
-    }
-
-    /// [`Made::copy_rows`], and each assignment's (experiment, user) and id put in `filter`
-    /// (see [`crate::filter`]), in one pass: each id is written once (a block's rows and its
-    /// filter, built on the write-behind's thread).
-    pub fn copy_rows_into_filter(&self, out: &mut Vec<u8>, filter: &mut crate::filter::Filter) {
-        self.copy_rows_with(out, |a| {
-            filter.insert_assignment(&a.id, a.handle, a.user_id);
-        });
-    }
-
-    fn copy_rows_with(&self, out: &mut Vec<u8>, mut each: impl FnMut(&Assignment<'_>)) {
         let hashes: Vec<u64> = self.keys.iter().map(|k| crate::keys::key_hash(k)).collect();
         out.reserve(self.len() * COPY_ROW_BYTES);
         let mut id = String::new();
@@ -1082,8 +1070,39 @@ impl Made {
                 propensity: self.propensities[k],
                 created_ms: self.created_at(k),
             };
-            each(&a);
             copy_row(out, &a, hashes[key]);
+        }
+    }
+
+    /// Its columns, as a compact block stores them (see [`crate::compact`]).
+    pub fn columns(&self) -> compact::Columns<'_> {
+        compact::Columns {
+            ids: compact::Ids::Numbered {
+                prefix: &self.id_prefix,
+                seqs: &self.seqs,
+            },
+            created_ms: self.created_ms,
+            created: &self.created,
+            handles: &self.handles,
+            users: &self.users,
+            user_ends: &self.user_ends,
+            variants: &self.variants,
+            keys: &self.keys,
+            key_of: &self.key_of,
+            levels: &self.levels,
+            propensities: &self.propensities,
+        }
+    }
+
+    /// Append its assignments to a compact stream as one group (see [`crate::compact`]), and
+    /// each one's (experiment, user) and id to `filter` (see [`crate::filter`]): a block's
+    /// stream and its filter, built on the write-behind's thread.
+    pub fn compact_into_filter(&self, out: &mut Vec<u8>, filter: &mut crate::filter::Filter) {
+        self.columns().write(out);
+        let mut id = String::new();
+        for k in 0..self.len() {
+            self.write_id(k, &mut id);
+            filter.insert_assignment(&id, self.handles[k], self.user_id(k));
         }
     }
 }
@@ -1977,7 +1996,7 @@ mod tests {
     }
 
     #[test]
-    fn rows_and_filter_in_one_pass_equal_each_built_alone() {
+    fn a_compact_group_and_its_filter_give_the_copy_rows_and_the_filter_built_alone() {
         let mut made = Made::new("p", 5);
         for seq in 0..300u64 {
             let user = format!("user-{}", seq % 97);
@@ -1985,15 +2004,27 @@ mod tests {
             made.push(seq * 7, 1 + seq % 2, &user, (seq % 5) as usize, key, 1, 0.2);
         }
         let (mut rows, mut filter) = (Vec::new(), crate::filter::Filter::for_keys(600));
+        copy_header(&mut rows);
         made.copy_rows(&mut rows);
+        copy_trailer(&mut rows);
         for k in 0..made.len() {
             filter.insert_assignment(&made.id_text(k), made.handles()[k], made.user_id(k));
         }
-        let (mut both, mut both_filter) = (Vec::new(), crate::filter::Filter::for_keys(600));
-        made.copy_rows_into_filter(&mut both, &mut both_filter);
-        assert_eq!(both, rows);
+        let (mut compact, mut both_filter) = (Vec::new(), crate::filter::Filter::for_keys(600));
+        compact::start(&mut compact);
+        made.compact_into_filter(&mut compact, &mut both_filter);
+        compact::end(&mut compact);
+        assert_eq!(compact::to_copy_stream(&compact).unwrap(), rows);
         assert_eq!(both_filter.into_bytes(), filter.into_bytes());
         assert!(rows.len() > 300 * 74);
+        // About half the COPY rows' bytes before compression (the segment key changing on
+        // two rows of three, each change a key written again).
+        assert!(
+            compact.len() * 10 < rows.len() * 6,
+            "{} of {}",
+            compact.len(),
+            rows.len()
+        );
     }
 
     #[test]

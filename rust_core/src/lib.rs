@@ -17,6 +17,7 @@ pub mod batch;
 pub mod beta;
 pub mod block;
 pub mod cascade;
+pub mod compact;
 pub mod context;
 pub mod decide;
 pub mod error;

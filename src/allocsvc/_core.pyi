@@ -91,16 +91,18 @@ def copy_assignments(
     written without the GIL."""
 
 def decompress_block(data: bytes) -> bytes:
-    """The COPY stream of a `copy_assignments(..., compressed=True)` block (without the GIL).
-    ValueError when `data` is not one."""
+    """The COPY stream of a stored block's payload, read without the GIL: of an
+    `assignment_block` block (compact) its rows as `copy_assignments` writes them; of a
+    `copy_assignments(..., compressed=True)` block (as blocks were stored before 2026-11-26)
+    that stream. ValueError when `data` is neither."""
 
 # A row of an assignment block: (id, handle, user id, variant, segment key, segment hash,
 # cascade level, propensity, created ms or None in blocks stored before rows carried it).
 BlockRow = tuple[str, int, str, int, str, int, int, float, int | None]
 
 def block_rows_of_users(data: bytes, handle: int, user_ids: list[str]) -> list[BlockRow]:
-    """The rows in experiment `handle` of `user_ids` in a `copy_assignments(...,
-    compressed=True)` block, in its order, read without expanding it (decompressed and read
+    """The rows in experiment `handle` of `user_ids` in a stored block (see
+    `decompress_block`), in its order, read without expanding it (decompressed and read
     without the GIL). ValueError when `data` is not such a block."""
 
 def block_rows_of_ids(data: bytes, ids: Sequence[str]) -> list[BlockRow]:
@@ -110,11 +112,11 @@ def block_rows_of_ids(data: bytes, ids: Sequence[str]) -> list[BlockRow]:
 def assignment_block(
     made: Sequence[MadeAssignments], singles: Sequence[HeldTuple] | None = None
 ) -> tuple[bytes, bytes]:
-    """A block of these assignments as stored: `copy_assignments(made, singles,
-    compressed=True)` and its Bloom filter, built in one pass (each id written once); those of
-    `made` without the GIL. The filter holds their (experiment, user) pairs and ids (xxh3,
-    stable across processes): it never misses an assignment put in; about 0.1% of others
-    pass."""
+    """A block of these assignments as stored: its payload, the assignments' columns in the
+    compact form of `allocsvc_core::compact` (LZ4; `decompress_block` gives the COPY stream
+    `copy_assignments(made, singles)` would), and its Bloom filter; those of `made` without
+    the GIL. The filter holds their (experiment, user) pairs and ids (xxh3, stable across
+    processes): it never misses an assignment put in; about 0.1% of others pass."""
 
 def shared_records(
     made: Sequence[MadeAssignments], key_prefix: str, singles: Sequence[HeldTuple] | None = None

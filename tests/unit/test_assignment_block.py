@@ -1,6 +1,8 @@
-"""`assignment_block` builds what the write-behind stores of a block in one pass: the compressed
-COPY stream `copy_assignments` builds, and a filter that every assignment put in passes and few
-others do (its bits are pinned by the Rust tests: stored filters must stay readable)."""
+"""`assignment_block` builds what the write-behind stores of a block in one pass: a compressed
+compact stream, whose COPY stream (`decompress_block`) is the one `copy_assignments` builds, and
+a filter that every assignment put in passes and few others do (its bits are pinned by the Rust
+tests: stored filters must stay readable). Blocks stored before, compressed COPY streams, are
+read alike."""
 
 from __future__ import annotations
 
@@ -11,6 +13,8 @@ from allocsvc._proto import allocsvc_pb2 as pb
 from allocsvc.core import (
     MadeAssignments,
     assignment_block,
+    block_rows_of_ids,
+    block_rows_of_users,
     copy_assignments,
     decompress_block,
     filter_may_hold_id,
@@ -48,9 +52,10 @@ async def test_one_pass_gives_the_stream_and_a_filter_of_its_assignments() -> No
         ("s-2", "e", 1, "single-2", 2, "", 0, 0.25, 1_700_000_000_001),
     ]
     payload, filter_ = assignment_block(made, singles)
-    assert payload == copy_assignments(made, singles, compressed=True)
+    # Stored compact, read back as the COPY stream of the same rows in the same order.
     stream = decompress_block(payload)
     assert stream == copy_assignments(made, singles)
+    assert len(payload) < len(copy_assignments(made, singles, compressed=True))
     held = [*singles, *(a for m in made for a in m.assignments())]
     assert len(held) == 602
     for a in held:
@@ -62,6 +67,31 @@ async def test_one_pass_gives_the_stream_and_a_filter_of_its_assignments() -> No
     assert _passing(filter_, others, others) < 4_000 // 100
     # Without singles, as a flush of batches only writes it: their keys are not in it.
     payload, filter_ = assignment_block(made)
-    assert payload == copy_assignments(made, compressed=True)
+    assert decompress_block(payload) == copy_assignments(made)
     assert _passing(filter_, ["single-1", "single-2"], ["s-1", "s-2"]) < 4
     assert all(filter_may_hold_id(filter_, a[0]) for m in made for a in m.assignments())
+
+
+async def test_compact_and_earlier_blocks_are_read_alike() -> None:
+    made = await _made(2, 300)
+    singles = [("s-1", "e", 1, "u1-7", 1, "", 0, 0.5, 1_700_000_000_000)]
+    compact, _ = assignment_block(made, singles)
+    earlier = copy_assignments(made, singles, compressed=True)
+    assert compact != earlier
+    users = ["u0-3", "u1-7", "nobody"]
+    found = block_rows_of_users(compact, 1, users)
+    assert found == block_rows_of_users(earlier, 1, users)
+    assert sorted(r[2] for r in found) == ["u0-3", "u1-7", "u1-7"]
+    ids = [found[-1][0], "s-1", "no-such-id"]  # a batch's row (singles come first), the single
+    assert block_rows_of_ids(compact, ids) == block_rows_of_ids(earlier, ids)
+    assert len(block_rows_of_ids(compact, ids)) == 2
+
+
+async def test_a_damaged_compact_block_is_refused() -> None:
+    payload, _ = assignment_block(await _made(1, 50))
+    stream = decompress_block(payload)
+    assert stream.startswith(b"PGCOPY")
+    # Cut short, its length in front no longer matches; a flipped byte in the stream itself.
+    for damaged in (payload[:-10], payload[:4] + b"\0" + payload[5:]):
+        with pytest.raises(ValueError, match="not an assignment block"):
+            decompress_block(damaged)

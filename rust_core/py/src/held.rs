@@ -6,6 +6,7 @@
 //! created ms).
 
 use allocsvc_core::block;
+use allocsvc_core::compact;
 use allocsvc_core::filter::{self, Filter};
 use allocsvc_core::held::{self, Assignment, Held, Made};
 use allocsvc_core::holder::Holder;
@@ -605,19 +606,12 @@ impl PyMade {
 /// The start of a COPY stream of `singles` and `made` (`copy_assignments`' arguments): its
 /// header and the rows of `singles`, with room for those of `made`; with `filter`, the singles'
 /// keys put in it.
-fn copy_singles(
-    singles: &[HeldIn<'_>],
-    made: &[&Made],
-    mut filter: Option<&mut Filter>,
-) -> Vec<u8> {
+fn copy_singles(singles: &[HeldIn<'_>], made: &[&Made]) -> Vec<u8> {
     let rows = singles.len() + made.iter().map(|m| m.len()).sum::<usize>();
     let mut out = Vec::with_capacity(19 + rows * held::COPY_ROW_BYTES);
     held::copy_header(&mut out);
     for single in singles {
         let a = assignment_of(single);
-        if let Some(f) = filter.as_deref_mut() {
-            f.insert_assignment(&a.id, a.handle, a.user_id);
-        }
         held::copy_row(&mut out, &a, keys::key_hash(a.segment_key));
     }
     out
@@ -651,7 +645,7 @@ pub(crate) fn copy_assignments<'py>(
     compressed: bool,
 ) -> Bound<'py, PyBytes> {
     let made: Vec<&Made> = made.iter().map(|m| &*m.inner).collect();
-    let mut out = copy_singles(&singles.unwrap_or_default(), &made, None);
+    let mut out = copy_singles(&singles.unwrap_or_default(), &made);
     let out = py.allow_threads(move || {
         for m in made {
             m.copy_rows(&mut out);
@@ -748,10 +742,10 @@ pub(crate) fn sticky_claims<'py>(
     Ok((PyBytes::new(py, &out), claimed))
 }
 
-/// A block of these assignments (`copy_assignments`' arguments) as stored: its compressed
-/// COPY stream (`copy_assignments(..., compressed=True)`) and its filter (see
-/// `allocsvc_core::filter`: their (experiment, user) pairs and ids), built in one pass, each id
-/// written once; those of `made` without the GIL.
+/// A block of these assignments (`copy_assignments`' arguments, in the same order) as stored:
+/// its compressed compact stream (see `allocsvc_core::compact`; `decompress_block` gives the
+/// COPY stream `copy_assignments` would) and its filter (see `allocsvc_core::filter`: their
+/// (experiment, user) pairs and ids); those of `made` without the GIL.
 #[pyfunction]
 #[pyo3(signature = (made, singles=None))]
 pub(crate) fn assignment_block<'py>(
@@ -760,15 +754,23 @@ pub(crate) fn assignment_block<'py>(
     singles: Option<Vec<HeldIn<'py>>>,
 ) -> (Bound<'py, PyBytes>, Bound<'py, PyBytes>) {
     let singles = singles.unwrap_or_default();
+    let singles: Vec<Assignment<'_>> = singles.iter().map(assignment_of).collect();
     let made: Vec<&Made> = made.iter().map(|m| &*m.inner).collect();
     let rows = singles.len() + made.iter().map(|m| m.len()).sum::<usize>();
     let mut filter = Filter::for_keys(2 * rows);
-    let mut out = copy_singles(&singles, &made, Some(&mut filter));
+    let mut out = Vec::new();
+    compact::start(&mut out);
+    if !singles.is_empty() {
+        compact::write_rows(&mut out, &singles);
+        for a in &singles {
+            filter.insert_assignment(&a.id, a.handle, a.user_id);
+        }
+    }
     let (payload, filter) = py.allow_threads(move || {
         for m in made {
-            m.copy_rows_into_filter(&mut out, &mut filter);
+            m.compact_into_filter(&mut out, &mut filter);
         }
-        held::copy_trailer(&mut out);
+        compact::end(&mut out);
         (lz4_flex::compress_prepend_size(&out), filter.into_bytes())
     });
     (PyBytes::new(py, &payload), PyBytes::new(py, &filter))
@@ -814,9 +816,14 @@ pub(crate) fn filters_may_hold_ids(
     filter::holding_any(&filters, &keys)
 }
 
-/// The COPY stream of a block `copy_assignments(..., compressed=True)` made.
+/// The binary COPY stream of a block's payload: decompressed, and if compact (as
+/// `assignment_block` builds blocks since 2026-11-26, see `allocsvc_core::compact`) turned
+/// into its rows; blocks of `copy_assignments(..., compressed=True)` are that stream already.
 fn decompressed(data: &[u8]) -> Result<Vec<u8>, String> {
     let out = lz4_flex::decompress_size_prepended(data).map_err(|e| e.to_string())?;
+    if out.starts_with(compact::MAGIC) {
+        return compact::to_copy_stream(&out).map_err(|e| e.to_string());
+    }
     // A block cut short can still decode, to fewer bytes than its length in front says.
     let declared = data
         .get(..4)

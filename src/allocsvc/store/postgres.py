@@ -140,7 +140,7 @@ class AssignmentBlock:
     """Assignments as one row of `assignment_blocks` (see `PostgresStore.expand_blocks`)."""
 
     rows: int
-    payload: bytes  # `copy_assignments(..., compressed=True)`, as `assignment_block` builds it
+    payload: bytes  # compressed, as `assignment_block` builds it (see `decompress_block`)
     filter: bytes  # the filter `assignment_block` builds with it
 
 
