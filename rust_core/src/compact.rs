@@ -1,18 +1,20 @@
 //! The compact form of an assignment block's stream, as the write-behind stores blocks since
-//! 2026-11-26 (LZ4-compressed in `assignment_blocks.payload`): each batch's columns as the
-//! batch holds them ([`crate::held::Made`]), ids as numbers after one prefix, a segment key
-//! once per run of rows, instead of the binary COPY rows that expanding the block sends to
-//! PostgreSQL. Building a block this way skips the COPY rows and gives LZ4 about half the
-//! bytes; its readers turn it back into the COPY stream ([`to_copy_stream`]), which blocks
-//! stored before are, so both are read alike.
+//! 2026-11-26 (LZ4-compressed in `assignment_blocks.payload`): each batch's columns as the batch
+//! holds them ([`crate::held::Made`]), ids as numbers after one prefix, a segment key once per run
+//! of rows, instead of the binary COPY rows that expanding the block sends to PostgreSQL. Building
+//! a block this way skips the COPY rows and gives LZ4 half the bytes, which it compresses to a
+//! third of what the COPY rows took (item 74 of bench/RESULTS.md); its readers turn it back into
+//! the COPY stream ([`to_copy_stream`]), which blocks stored before are, so both are read alike.
 //!
-//! Layout (integers little-endian, a text its length as a u32 and its UTF-8 bytes): [`MAGIC`],
-//! then groups of rows, then [`END`]. A group: its row count `n` (u32, not [`END`]); its ids
-//! (a byte 0, a prefix and `n` u64 numbers, an id being `{prefix}-{number:x}`; or a byte 1 and
-//! `n` texts); when its rows were made (a byte 0 and one i64 of Unix milliseconds; or a byte 1
-//! and `n` of them); `n` u64 experiment handles; `n` u32 lengths of user ids, then the user
-//! ids' bytes; `n` u16 variants; a u32 count of segment keys and the keys as texts, then `n`
-//! u32 positions among them; `n` u16 cascade levels; `n` f64 propensities.
+//! Layout (integers little-endian, a text its length as a u32 and its UTF-8 bytes): [`MAGIC`], then
+//! groups of rows, then [`END`]. A group: its row count `n` (u32, not [`END`]); its ids (a byte 0,
+//! a prefix and `n` u64 numbers, an id being `{prefix}-{number:x}`, each number written as its
+//! difference from the one before, wrapping, the first from 0: a batch's are consecutive, and LZ4
+//! then finds them all alike; or a byte 1 and `n` texts); when its rows were made (a byte 0 and one
+//! i64 of Unix milliseconds; or a byte 1 and `n` of them); `n` u64 experiment handles; `n` u32
+//! lengths of user ids, then the user ids' bytes; `n` u16 variants; a u32 count of segment keys and
+//! the keys as texts, then `n` u32 positions among them; `n` u16 cascade levels; `n` f64
+//! propensities.
 use std::borrow::Cow;
 
 use crate::error::CoreError;
@@ -81,8 +83,11 @@ impl Columns<'_> {
             Ids::Numbered { prefix, seqs } => {
                 out.push(0);
                 put_text(out, prefix);
-                seqs.iter()
-                    .for_each(|s| out.extend_from_slice(&s.to_le_bytes()));
+                let mut last = 0u64;
+                for &s in seqs.iter() {
+                    out.extend_from_slice(&s.wrapping_sub(last).to_le_bytes());
+                    last = s;
+                }
             }
             Ids::Each(ids) => {
                 out.push(1);
@@ -253,6 +258,7 @@ pub fn each_row(
         let levels = column(&mut fields, n, 2)?;
         let propensities = column(&mut fields, n, 8)?;
         let mut user_start = 0;
+        let mut seq = 0u64;
         for k in 0..n {
             let user_end = user_start + u32_at(lengths, k) as usize;
             let user_id = users
@@ -265,10 +271,11 @@ pub fn each_row(
             let a = Assignment {
                 id: match &ids {
                     IdColumn::Numbered(prefix, seqs) => {
+                        seq = seq.wrapping_add(u64_at(seqs, k));
                         id.clear();
                         id.push_str(prefix);
                         id.push('-');
-                        push_hex(&mut id, u64_at(seqs, k));
+                        push_hex(&mut id, seq);
                         Cow::Borrowed(id.as_str())
                     }
                     IdColumn::Each(each) => Cow::Borrowed(each[k]),
