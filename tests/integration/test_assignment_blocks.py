@@ -1,9 +1,9 @@
-"""A large write-behind flush writes its assignments as blocks (`assignment_blocks`, migration
-011); exports and erasures expand the blocks whose filter may hold the user first and find
-them as rows; a restart, and a lookup of one user or id (out of the blocks whose filter may
-hold it), read them out of the blocks without expanding them;
-the background expander empties them once flushes are small; past the bound, flushes write
-rows."""
+"""A large write-behind flush writes its assignments as blocks (`assignment_blocks`, migration 011;
+compact since migration 016, and blocks stored before are read alike); exports and erasures
+expand the blocks whose filter may hold the user first and find them as rows; a restart, and a
+lookup of one user or id (out of the blocks whose filter may hold it), read them out of the
+blocks without expanding them; the background expander empties them once flushes are small; past
+the bound, flushes write rows."""
 
 from __future__ import annotations
 
@@ -82,8 +82,12 @@ async def _flushed(store: PostgresStore, *lots: range) -> list[list[Assignment]]
     return made
 
 
-async def _in_a_block(store: PostgresStore, dsn: str) -> tuple[AllocationService, list[Assignment]]:
-    """A batch of USERS assignments flushed as one block; the assignments table empty."""
+async def _in_a_block(
+    store: PostgresStore, dsn: str, form: str = "compact"
+) -> tuple[AllocationService, list[Assignment]]:
+    """A batch of USERS assignments flushed as one block; the assignments table empty. With
+    `form` "copy", the block's payload is then stored as blocks were before migration 016: its
+    COPY stream, compressed."""
     journal = PostgresJournal(store, block_min_rows=100)
     service = await batch_service(journal)
     held = _allocate(service, range(USERS))
@@ -92,7 +96,7 @@ async def _in_a_block(store: PostgresStore, dsn: str) -> tuple[AllocationService
     assert journal.stats.unexpanded_assignments == USERS
     assert await _blocks(dsn) == [USERS]
     assert await assignment_rows(dsn, HELD_COLUMNS) == {}
-    # The payload: the rows' COPY stream, compressed.
+    # The payload, compressed, reads as the rows' COPY stream.
     conn = await asyncpg.connect(dsn)
     try:
         payload = await conn.fetchval("SELECT payload FROM assignment_blocks")
@@ -103,6 +107,8 @@ async def _in_a_block(store: PostgresStore, dsn: str) -> tuple[AllocationService
     assert stream.startswith(b"PGCOPY\n\xff\r\n\0")
     with pytest.raises(ValueError, match="not an assignment block"):
         decompress_block(payload[:-10])
+    if form == "copy":
+        await store.pool.execute("UPDATE assignment_blocks SET payload = $1", _lz4_block(stream))
     return service, held
 
 
@@ -142,11 +148,12 @@ async def _erase(store: PostgresStore, a: Assignment, dsn: str) -> object:
 Reader = Callable[[PostgresStore, Assignment, str], Awaitable[object]]
 
 
+@pytest.mark.parametrize("form", ["compact", "copy"])
 @pytest.mark.parametrize("read", [_by_id, _latest, _restart, _export, _erase])
 async def test_every_reader_finds_assignments_of_a_block(
-    store: PostgresStore, migrated_db: str, read: Reader
+    store: PostgresStore, migrated_db: str, read: Reader, form: str
 ) -> None:
-    _, held = await _in_a_block(store, migrated_db)
+    _, held = await _in_a_block(store, migrated_db, form)
     one = held[7]
     assert await read(store, one, migrated_db) == one.id
     rows = await assignment_rows(migrated_db, HELD_COLUMNS)
