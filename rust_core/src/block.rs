@@ -1,9 +1,11 @@
-//! Reading some users' or one id's assignments out of an assignment block (the binary COPY
-//! stream of [`crate::held::COPY_COLUMNS`] the write-behind stores in `assignment_blocks`)
-//! without expanding it into `assignments`: a lookup that a block's filter passes reads the
-//! block, about 20,000 rows, instead of waiting for its expansion (about 0.2 s).
+//! Reading some users' or one id's assignments out of an assignment block (its decompressed
+//! payload: a compact stream, see [`crate::compact`], or in blocks stored before, the binary
+//! COPY stream of [`crate::held::COPY_COLUMNS`]) without expanding it into `assignments`: a
+//! lookup that a block's filter passes reads the block, about 20,000 rows, instead of waiting
+//! for its expansion (about 0.2 s); a restart reads every row.
 use std::collections::HashSet;
 
+use crate::compact;
 use crate::error::CoreError;
 use crate::held::{copied_number, copied_text, unix_ms, Fields, COPY_COLUMNS};
 
@@ -19,6 +21,53 @@ pub enum Wanted<'a> {
     Ids(&'a HashSet<&'a str>),
     /// Every row (a restart holding the block's assignments).
     All,
+}
+
+impl Wanted<'_> {
+    /// Whether a row of experiment `handle`, `user_id` and `id` is wanted.
+    fn matches(&self, handle: u64, user_id: Option<&[u8]>, id: Option<&[u8]>) -> bool {
+        fn text(b: Option<&[u8]>) -> Option<&str> {
+            b.and_then(|b| std::str::from_utf8(b).ok())
+        }
+        match *self {
+            Wanted::Users {
+                handle: h,
+                user_ids,
+            } => h == handle && text(user_id).is_some_and(|u| user_ids.contains(u)),
+            Wanted::Ids(ids) => text(id).is_some_and(|i| ids.contains(i)),
+            Wanted::All => true,
+        }
+    }
+}
+
+/// Call `each` with the rows of a block's decompressed payload (compact, or a COPY stream
+/// as [`rows_of`] reads) that are `wanted`, in the block's order; a compact block's rows are
+/// read without making its COPY stream.
+pub fn each_row(
+    payload: &[u8],
+    wanted: Wanted<'_>,
+    mut each: impl FnMut(&BlockRow<'_>),
+) -> Result<(), CoreError> {
+    if !payload.starts_with(compact::MAGIC) {
+        rows_of(payload, wanted)?.iter().for_each(each);
+        return Ok(());
+    }
+    compact::each_row(payload, |a, segment_hash| {
+        let (user_id, id) = (Some(a.user_id.as_bytes()), Some(a.id.as_bytes()));
+        if wanted.matches(a.handle, user_id, id) {
+            each(&BlockRow {
+                id: &a.id,
+                handle: a.handle,
+                user_id: a.user_id,
+                variant: a.variant as i16,
+                segment_key: a.segment_key,
+                segment_hash,
+                level: a.level as i16,
+                propensity: a.propensity,
+                created_ms: Some(a.created_ms),
+            });
+        }
+    })
 }
 
 /// A row of a block: the `assignments` row its expansion would insert (context empty, region
@@ -72,22 +121,7 @@ pub fn rows_of<'d>(stream: &'d [u8], wanted: Wanted<'_>) -> Result<Vec<BlockRow<
             row;
         let column = |i: usize| COPY_COLUMNS[i];
         let handle = u64::from_be_bytes(copied_number(column(1), handle)?);
-        let hit = match wanted {
-            Wanted::Users {
-                handle: h,
-                user_ids,
-            } => {
-                h == handle
-                    && user_id
-                        .and_then(|u| std::str::from_utf8(u).ok())
-                        .is_some_and(|u| user_ids.contains(u))
-            }
-            Wanted::Ids(ids) => id
-                .and_then(|i| std::str::from_utf8(i).ok())
-                .is_some_and(|i| ids.contains(i)),
-            Wanted::All => true,
-        };
-        if !hit {
+        if !wanted.matches(handle, user_id, id) {
             continue;
         }
         out.push(BlockRow {

@@ -434,6 +434,49 @@ mod tests {
     }
 
     #[test]
+    fn its_rows_are_read_as_from_its_copy_stream_without_making_it() {
+        use crate::block::each_row as block_rows;
+        use std::collections::HashSet;
+        let compact = stream();
+        let copy = to_copy_stream(&compact).unwrap();
+        let owned = |payload: &[u8], wanted: Wanted<'_>| {
+            let mut out = Vec::new();
+            block_rows(payload, wanted, |r| {
+                out.push((
+                    r.id.to_string(),
+                    r.handle,
+                    r.user_id.to_string(),
+                    r.segment_hash,
+                ))
+            })
+            .unwrap();
+            out
+        };
+        let ann: HashSet<&str> = ["ann"].into();
+        let ids: HashSet<&str> = ["w2-100", "s-1", "w1-z"].into();
+        for wanted in [
+            Wanted::All,
+            Wanted::Users {
+                handle: 8,
+                user_ids: &ann,
+            },
+            Wanted::Ids(&ids),
+        ] {
+            assert_eq!(owned(&compact, wanted), owned(&copy, wanted), "{wanted:?}");
+        }
+        let found = owned(
+            &compact,
+            Wanted::Users {
+                handle: 8,
+                user_ids: &ann,
+            },
+        );
+        assert_eq!(found.len(), 1);
+        assert_eq!((found[0].0.as_str(), found[0].1), ("w2-ff", 8));
+        assert_eq!(owned(&compact, Wanted::Ids(&ids)).len(), 2);
+    }
+
+    #[test]
     fn a_damaged_stream_is_an_error_never_a_panic() {
         let good = stream();
         // Cut at every length, every byte changed, bytes added after its end.

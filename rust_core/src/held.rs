@@ -1385,17 +1385,17 @@ impl Held {
     }
 
     /// At a restart that leaves the assignment blocks unexpanded, take in one block's rows
-    /// (`stream`: its decompressed COPY stream; `made_ms`: when rows stored without
+    /// (`payload`: its decompressed payload, see [`block::each_row`]; `made_ms`: when rows stored without
     /// `created_at` were made), after the table's rows ([`Held::add_copied`]) and
     /// [`Held::unlisted`]. A row is held as its (experiment, user)'s latest when it was made
     /// after the latest held, or, none held, when no newer one may be stored: none of the user's
     /// was evicted (filter) and it was made after the rows of its experiment the restart left
     /// unread. Any other row is left to the store (found there by id), and when no latest is
     /// held its user may have a newer one there: the key goes in the filter. (rows, held).
-    pub fn add_block(&mut self, stream: &[u8], made_ms: i64) -> Result<(usize, usize), CoreError> {
-        let rows = block::rows_of(stream, block::Wanted::All)?;
-        let mut held = 0;
-        for r in &rows {
+    pub fn add_block(&mut self, payload: &[u8], made_ms: i64) -> Result<(usize, usize), CoreError> {
+        let (mut rows, mut held) = (0, 0);
+        block::each_row(payload, block::Wanted::All, |r| {
+            rows += 1;
             let created_ms = r.created_ms.unwrap_or(made_ms);
             let key = filter::user_key(r.handle, r.user_id);
             let (has_latest, hold) = match self.latest(r.handle, r.user_id) {
@@ -1431,8 +1431,8 @@ impl Held {
                 }
                 self.mark_evicted(r.handle);
             }
-        }
-        Ok((rows.len(), held))
+        })?;
+        Ok((rows, held))
     }
 
     /// Put the users of experiment `handle` in `data`, a piece of a binary COPY stream of one
@@ -1484,14 +1484,14 @@ impl Held {
     }
 }
 
-/// The (experiment handle, user key) of each row of a block (its decompressed COPY stream),
+/// The (experiment handle, user key) of each row of a block (its decompressed payload),
 /// for [`Held::list_keys`].
-pub fn block_user_keys(stream: &[u8]) -> Result<Vec<(u64, u64)>, CoreError> {
-    let rows = block::rows_of(stream, block::Wanted::All)?;
-    Ok(rows
-        .iter()
-        .map(|r| (r.handle, filter::user_key(r.handle, r.user_id)))
-        .collect())
+pub fn block_user_keys(payload: &[u8]) -> Result<Vec<(u64, u64)>, CoreError> {
+    let mut keys = Vec::new();
+    block::each_row(payload, block::Wanted::All, |r| {
+        keys.push((r.handle, filter::user_key(r.handle, r.user_id)))
+    })?;
+    Ok(keys)
 }
 
 /// Append `n` in lower-case hexadecimal without leading zeros (as `{:x}` writes it).

@@ -259,8 +259,8 @@ impl PyHeld {
     fn list_block(&self, py: Python<'_>, data: &[u8]) -> PyResult<usize> {
         py.allow_threads(|| {
             // Read without the store's lock: only the keys' insertion holds it.
-            let stream = decompressed(data).map_err(not_a_block)?;
-            let keys = held::block_user_keys(&stream).map_err(to_py)?;
+            let payload = decompressed(data).map_err(not_a_block)?;
+            let keys = held::block_user_keys(&payload).map_err(to_py)?;
             self.inner.lock().list_keys(&keys);
             Ok(keys.len())
         })
@@ -299,8 +299,11 @@ impl PyHeld {
     /// [`Held::add_block`]), without the GIL: (rows, rows held).
     fn add_block(&self, py: Python<'_>, data: &[u8], made_ms: i64) -> PyResult<(usize, usize)> {
         py.allow_threads(|| {
-            let stream = decompressed(data).map_err(not_a_block)?;
-            self.inner.lock().add_block(&stream, made_ms).map_err(to_py)
+            let payload = decompressed(data).map_err(not_a_block)?;
+            self.inner
+                .lock()
+                .add_block(&payload, made_ms)
+                .map_err(to_py)
         })
     }
 
@@ -816,14 +819,12 @@ pub(crate) fn filters_may_hold_ids(
     filter::holding_any(&filters, &keys)
 }
 
-/// The binary COPY stream of a block's payload: decompressed, and if compact (as
-/// `assignment_block` builds blocks since 2026-11-26, see `allocsvc_core::compact`) turned
-/// into its rows; blocks of `copy_assignments(..., compressed=True)` are that stream already.
+/// A block's payload decompressed: a compact stream (as `assignment_block` builds blocks
+/// since 2026-11-26, see `allocsvc_core::compact`) or a binary COPY stream (blocks of
+/// `copy_assignments(..., compressed=True)`, as stored before), which
+/// `allocsvc_core::block::each_row` both read.
 fn decompressed(data: &[u8]) -> Result<Vec<u8>, String> {
     let out = lz4_flex::decompress_size_prepended(data).map_err(|e| e.to_string())?;
-    if out.starts_with(compact::MAGIC) {
-        return compact::to_copy_stream(&out).map_err(|e| e.to_string());
-    }
     // A block cut short can still decode, to fewer bytes than its length in front says.
     let declared = data
         .get(..4)
@@ -841,11 +842,18 @@ fn not_a_block(e: String) -> PyErr {
     PyValueError::new_err(format!("not an assignment block: {e}"))
 }
 
-/// The COPY stream of a block `copy_assignments(..., compressed=True)` made, without the GIL.
+/// The binary COPY stream of a stored block's rows (a compact block's made from its columns),
+/// without the GIL.
 #[pyfunction]
 pub(crate) fn decompress_block<'py>(py: Python<'py>, data: &[u8]) -> PyResult<Bound<'py, PyBytes>> {
     let out = py
-        .allow_threads(|| decompressed(data))
+        .allow_threads(|| {
+            let payload = decompressed(data)?;
+            if !payload.starts_with(compact::MAGIC) {
+                return Ok(payload);
+            }
+            compact::to_copy_stream(&payload).map_err(|e| e.to_string())
+        })
         .map_err(not_a_block)?;
     Ok(PyBytes::new(py, &out))
 }
@@ -857,24 +865,23 @@ type BlockTuple = (String, u64, String, i16, String, u64, i16, f64, Option<i64>)
 /// The rows of a compressed block that are `wanted`, decompressed and read without the GIL.
 fn rows_of(py: Python<'_>, data: &[u8], wanted: block::Wanted<'_>) -> PyResult<Vec<BlockTuple>> {
     py.allow_threads(|| {
-        let stream = decompressed(data)?;
-        let rows = block::rows_of(&stream, wanted).map_err(|e| e.to_string())?;
-        Ok(rows
-            .into_iter()
-            .map(|r| {
-                (
-                    r.id.to_owned(),
-                    r.handle,
-                    r.user_id.to_owned(),
-                    r.variant,
-                    r.segment_key.to_owned(),
-                    r.segment_hash,
-                    r.level,
-                    r.propensity,
-                    r.created_ms,
-                )
-            })
-            .collect())
+        let payload = decompressed(data)?;
+        let mut rows = Vec::new();
+        block::each_row(&payload, wanted, |r| {
+            rows.push((
+                r.id.to_owned(),
+                r.handle,
+                r.user_id.to_owned(),
+                r.variant,
+                r.segment_key.to_owned(),
+                r.segment_hash,
+                r.level,
+                r.propensity,
+                r.created_ms,
+            ))
+        })
+        .map_err(|e| e.to_string())?;
+        Ok(rows)
     })
     .map_err(not_a_block)
 }
