@@ -52,9 +52,20 @@ pub fn each_row(
         rows_of(payload, wanted)?.iter().for_each(each);
         return Ok(());
     }
-    compact::each_row(payload, |a, segment_hash| {
-        let (user_id, id) = (Some(a.user_id.as_bytes()), Some(a.id.as_bytes()));
-        if wanted.matches(a.handle, user_id, id) {
+    // A user's rows are picked before their ids are made, ids once made.
+    let keep = |handle: u64, user_id: &str| match wanted {
+        Wanted::Users {
+            handle: h,
+            user_ids,
+        } => h == handle && user_ids.contains(user_id),
+        Wanted::Ids(_) | Wanted::All => true,
+    };
+    compact::each_row(payload, keep, |a, segment_hash| {
+        let id_wanted = match wanted {
+            Wanted::Ids(ids) => ids.contains(&*a.id),
+            Wanted::Users { .. } | Wanted::All => true,
+        };
+        if id_wanted {
             each(&BlockRow {
                 id: &a.id,
                 handle: a.handle,

@@ -138,7 +138,14 @@ pub fn write_rows(out: &mut Vec<u8>, rows: &[Assignment<'_>]) {
         user_ends.push(users.len());
     }
     let ids: Vec<Box<str>> = rows.iter().map(|a| a.id.as_ref().into()).collect();
-    let keys: Vec<Box<str>> = rows.iter().map(|a| a.segment_key.into()).collect();
+    // A segment key once per run of rows, as a batch keeps them: a reader hashes each once.
+    let (mut keys, mut key_of): (Vec<Box<str>>, Vec<u32>) = (Vec::new(), Vec::new());
+    for a in rows {
+        if keys.last().map(|k| &**k) != Some(a.segment_key) {
+            keys.push(a.segment_key.into());
+        }
+        key_of.push(keys.len() as u32 - 1);
+    }
     Columns {
         ids: Ids::Each(&ids),
         created_ms: 0,
@@ -148,7 +155,7 @@ pub fn write_rows(out: &mut Vec<u8>, rows: &[Assignment<'_>]) {
         user_ends: &user_ends,
         variants: &rows.iter().map(|a| a.variant as u32).collect::<Vec<_>>(),
         keys: &keys,
-        key_of: &(0..rows.len() as u32).collect::<Vec<_>>(),
+        key_of: &key_of,
         levels: &rows.iter().map(|a| a.level as u16).collect::<Vec<_>>(),
         propensities: &rows.iter().map(|a| a.propensity).collect::<Vec<_>>(),
     }
@@ -208,9 +215,12 @@ fn text<'d>(fields: &mut Fields<'d>) -> Result<&'d str, CoreError> {
         .map_err(|_| CoreError::invalid("data: a compact assignment block's text is not UTF-8"))
 }
 
-/// Call `each` with every row of a compact stream, in order, and its segment key's hash.
+/// Call `each` with the rows of a compact stream that `keep` keeps (it is given each row's
+/// experiment handle and user id, before the row's id is made), in order, and each one's
+/// segment key's hash.
 pub fn each_row(
     stream: &[u8],
+    mut keep: impl FnMut(u64, &str) -> bool,
     mut each: impl FnMut(&Assignment<'_>, u64),
 ) -> Result<(), CoreError> {
     let invalid =
@@ -268,10 +278,16 @@ pub fn each_row(
             let (segment_key, segment_hash) = *keys
                 .get(u32_at(key_of, k) as usize)
                 .ok_or_else(|| invalid("names a segment key it does not have"))?;
+            if let IdColumn::Numbered(_, seqs) = &ids {
+                seq = seq.wrapping_add(u64_at(seqs, k));
+            }
+            let handle = u64_at(handles, k);
+            if !keep(handle, user_id) {
+                continue;
+            }
             let a = Assignment {
                 id: match &ids {
-                    IdColumn::Numbered(prefix, seqs) => {
-                        seq = seq.wrapping_add(u64_at(seqs, k));
+                    IdColumn::Numbered(prefix, _) => {
                         id.clear();
                         id.push_str(prefix);
                         id.push('-');
@@ -280,7 +296,7 @@ pub fn each_row(
                     }
                     IdColumn::Each(each) => Cow::Borrowed(each[k]),
                 },
-                handle: u64_at(handles, k),
+                handle,
                 user_id,
                 variant: u16_at(variants, k) as usize,
                 segment_key,
@@ -305,9 +321,11 @@ pub fn each_row(
 pub fn to_copy_stream(stream: &[u8]) -> Result<Vec<u8>, CoreError> {
     let mut out = Vec::with_capacity(stream.len() * 3);
     copy_header(&mut out);
-    each_row(stream, |a, segment_hash| {
-        copy_row(&mut out, a, segment_hash)
-    })?;
+    each_row(
+        stream,
+        |_, _| true,
+        |a, segment_hash| copy_row(&mut out, a, segment_hash),
+    )?;
     copy_trailer(&mut out);
     Ok(out)
 }
@@ -357,19 +375,23 @@ mod tests {
     #[test]
     fn every_row_comes_back_in_order_with_its_columns() {
         let mut rows = Vec::new();
-        each_row(&stream(), |a, hash| {
-            assert_eq!(hash, key_hash(a.segment_key));
-            rows.push((
-                a.id.to_string(),
-                a.handle,
-                a.user_id.to_string(),
-                a.variant,
-                a.segment_key.to_string(),
-                a.level,
-                a.propensity,
-                a.created_ms,
-            ));
-        })
+        each_row(
+            &stream(),
+            |_, _| true,
+            |a, hash| {
+                assert_eq!(hash, key_hash(a.segment_key));
+                rows.push((
+                    a.id.to_string(),
+                    a.handle,
+                    a.user_id.to_string(),
+                    a.variant,
+                    a.segment_key.to_string(),
+                    a.level,
+                    a.propensity,
+                    a.created_ms,
+                ));
+            },
+        )
         .unwrap();
         let row = |id: &str, handle, user: &str, variant, key: &str, level, p, at| {
             (
@@ -481,19 +503,22 @@ mod tests {
         let good = stream();
         // Cut at every length, every byte changed, bytes added after its end.
         for cut in 0..good.len() {
-            assert!(each_row(&good[..cut], |_, _| {}).is_err(), "cut at {cut}");
+            assert!(
+                each_row(&good[..cut], |_, _| true, |_, _| {}).is_err(),
+                "cut at {cut}"
+            );
         }
         for at in 0..good.len() {
             for flip in [0x01u8, 0x80, 0xff] {
                 let mut bad = good.clone();
                 bad[at] ^= flip;
                 // Some changes still read (a propensity's bit); none may panic.
-                let _ = each_row(&bad, |_, _| {});
+                let _ = each_row(&bad, |_, _| true, |_, _| {});
             }
         }
         let mut longer = good.clone();
         longer.push(0);
-        assert!(each_row(&longer, |_, _| {}).is_err());
-        assert!(each_row(b"PGCOPY\n\xff\r\n\0", |_, _| {}).is_err());
+        assert!(each_row(&longer, |_, _| true, |_, _| {}).is_err());
+        assert!(each_row(b"PGCOPY\n\xff\r\n\0", |_, _| true, |_, _| {}).is_err());
     }
 }
