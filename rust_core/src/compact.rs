@@ -393,47 +393,23 @@ mod tests {
             },
         )
         .unwrap();
-        let row = |id: &str, handle, user: &str, variant, key: &str, level, p, at| {
-            (
-                id.to_string(),
-                handle,
-                user.to_string(),
-                variant,
-                key.to_string(),
-                level,
-                p,
-                at,
-            )
-        };
-        assert_eq!(
-            rows,
-            vec![
-                row(
-                    "s-1",
-                    9,
-                    "dee",
-                    2,
-                    "country:fr",
-                    1,
-                    0.125,
-                    1_600_000_000_000
-                ),
-                row("s-2", 9, "ann", 2, "country:fr", 1, 0.125, 1),
-                row("w1-a", 7, "ann", 0, "", 0, 0.5, 1_700_000_000_000),
-                row(
-                    "w1-b",
-                    7,
-                    "bøb",
-                    1,
-                    "device:mobile",
-                    1,
-                    0.25,
-                    1_700_000_000_000
-                ),
-                row("w2-ff", 8, "ann", 3, "a", 2, 1.0, 1_700_000_000_005),
-                row("w2-100", 8, "cy", 0, "a", 2, 0.75, 1_700_000_000_009),
-            ]
-        );
+        // One row a line, as a table.
+        #[rustfmt::skip]
+        let expected = [
+            ("s-1", 9, "dee", 2, "country:fr", 1, 0.125, 1_600_000_000_000),
+            ("s-2", 9, "ann", 2, "country:fr", 1, 0.125, 1),
+            ("w1-a", 7, "ann", 0, "", 0, 0.5, 1_700_000_000_000),
+            ("w1-b", 7, "bøb", 1, "device:mobile", 1, 0.25, 1_700_000_000_000),
+            ("w2-ff", 8, "ann", 3, "a", 2, 1.0, 1_700_000_000_005),
+            ("w2-100", 8, "cy", 0, "a", 2, 0.75, 1_700_000_000_009),
+        ];
+        let got: Vec<_> = rows
+            .iter()
+            .map(|(id, h, u, v, k, l, p, at)| {
+                (id.as_str(), *h, u.as_str(), *v, k.as_str(), *l, *p, *at)
+            })
+            .collect();
+        assert_eq!(got, expected);
     }
 
     #[test]

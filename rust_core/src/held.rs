@@ -1385,8 +1385,8 @@ impl Held {
     }
 
     /// At a restart that leaves the assignment blocks unexpanded, take in one block's rows
-    /// (`payload`: its decompressed payload, see [`block::each_row`]; `made_ms`: when rows stored without
-    /// `created_at` were made), after the table's rows ([`Held::add_copied`]) and
+    /// (`payload`: its decompressed payload, see [`block::each_row`]; `made_ms`: when rows
+    /// stored without `created_at` were made), after the table's rows ([`Held::add_copied`]) and
     /// [`Held::unlisted`]. A row is held as its (experiment, user)'s latest when it was made
     /// after the latest held, or, none held, when no newer one may be stored: none of the user's
     /// was evicted (filter) and it was made after the rows of its experiment the restart left

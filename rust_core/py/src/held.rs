@@ -607,8 +607,7 @@ impl PyMade {
 }
 
 /// The start of a COPY stream of `singles` and `made` (`copy_assignments`' arguments): its
-/// header and the rows of `singles`, with room for those of `made`; with `filter`, the singles'
-/// keys put in it.
+/// header and the rows of `singles`, with room for those of `made`.
 fn copy_singles(singles: &[HeldIn<'_>], made: &[&Made]) -> Vec<u8> {
     let rows = singles.len() + made.iter().map(|m| m.len()).sum::<usize>();
     let mut out = Vec::with_capacity(19 + rows * held::COPY_ROW_BYTES);
