@@ -3,8 +3,9 @@
 //! holds them ([`crate::held::Made`]), ids as numbers after one prefix, a segment key once per run
 //! of rows, instead of the binary COPY rows that expanding the block sends to PostgreSQL. Building
 //! a block this way skips the COPY rows and gives LZ4 half the bytes, which it compresses to a
-//! third of what the COPY rows took (item 74 of bench/RESULTS.md); its readers turn it back into
-//! the COPY stream ([`to_copy_stream`]), which blocks stored before are, so both are read alike.
+//! third of what the COPY rows took (item 74 of bench/RESULTS.md). Expansion turns it back into
+//! the COPY stream it sends ([`to_copy_stream`]), which blocks stored before are; lookups and
+//! restarts read its columns ([`crate::block::each_row`], which reads both forms).
 //!
 //! Layout (integers little-endian, a text its length as a u32 and its UTF-8 bytes): [`MAGIC`], then
 //! groups of rows, then [`END`]. A group: its row count `n` (u32, not [`END`]); its ids (a byte 0,
