@@ -24,17 +24,37 @@ pub enum Wanted<'a> {
 }
 
 impl Wanted<'_> {
-    /// Whether a row of experiment `handle`, `user_id` and `id` is wanted.
+    /// Whether rows of experiment `handle` and `user_id` may be wanted, their ids aside.
+    fn wants_user(&self, handle: u64, user_id: &str) -> bool {
+        match *self {
+            Wanted::Users {
+                handle: h,
+                user_ids,
+            } => h == handle && user_ids.contains(user_id),
+            Wanted::Ids(_) | Wanted::All => true,
+        }
+    }
+
+    /// Whether a row with assignment id `id` may be wanted, its user aside.
+    fn wants_id(&self, id: &str) -> bool {
+        match *self {
+            Wanted::Ids(ids) => ids.contains(id),
+            Wanted::Users { .. } | Wanted::All => true,
+        }
+    }
+
+    /// Whether a copied row of experiment `handle`, `user_id` and `id` (their bytes, `None`
+    /// for NULL) is wanted: a field that is NULL or not UTF-8 matches no user or id.
     fn matches(&self, handle: u64, user_id: Option<&[u8]>, id: Option<&[u8]>) -> bool {
         fn text(b: Option<&[u8]>) -> Option<&str> {
             b.and_then(|b| std::str::from_utf8(b).ok())
         }
         match *self {
-            Wanted::Users {
-                handle: h,
-                user_ids,
-            } => h == handle && text(user_id).is_some_and(|u| user_ids.contains(u)),
-            Wanted::Ids(ids) => text(id).is_some_and(|i| ids.contains(i)),
+            // Other experiments' rows are passed over before their user ids are read.
+            Wanted::Users { handle: h, .. } => {
+                h == handle && text(user_id).is_some_and(|u| self.wants_user(handle, u))
+            }
+            Wanted::Ids(_) => text(id).is_some_and(|i| self.wants_id(i)),
             Wanted::All => true,
         }
     }
@@ -53,19 +73,9 @@ pub fn each_row(
         return Ok(());
     }
     // A user's rows are picked before their ids are made, ids once made.
-    let keep = |handle: u64, user_id: &str| match wanted {
-        Wanted::Users {
-            handle: h,
-            user_ids,
-        } => h == handle && user_ids.contains(user_id),
-        Wanted::Ids(_) | Wanted::All => true,
-    };
+    let keep = |handle: u64, user_id: &str| wanted.wants_user(handle, user_id);
     compact::each_row(payload, keep, |a, segment_hash| {
-        let id_wanted = match wanted {
-            Wanted::Ids(ids) => ids.contains(&*a.id),
-            Wanted::Users { .. } | Wanted::All => true,
-        };
-        if id_wanted {
+        if wanted.wants_id(&a.id) {
             each(&BlockRow {
                 id: &a.id,
                 handle: a.handle,
