@@ -1095,15 +1095,34 @@ impl Made {
     }
 
     /// Append its assignments to a compact stream as one group (see [`crate::compact`]), and
-    /// each one's (experiment, user) and id to `filter` (see [`crate::filter`]): a block's
-    /// stream and its filter, built on the write-behind's thread.
+    /// each one's (experiment, user) and id to `filter` (see [`crate::filter`]; the ids as
+    /// ranges when they run in few, as a batch's do): a block's stream and its filter, built on
+    /// the write-behind's thread.
     pub fn compact_into_filter(&self, out: &mut Vec<u8>, filter: &mut crate::filter::Filter) {
         self.columns().write(out);
-        let mut id = String::new();
-        for k in 0..self.len() {
-            self.write_id(k, &mut id);
-            filter.insert_assignment(&id, self.handles[k], self.user_id(k));
+        if filter::ids_as_ranges(&self.seqs) {
+            filter.insert_id_ranges(&self.id_prefix, &self.seqs);
+        } else {
+            let mut id = String::new();
+            for k in 0..self.len() {
+                self.write_id(k, &mut id);
+                filter.insert(filter::id_key(&id));
+            }
         }
+        for k in 0..self.len() {
+            filter.insert(filter::user_key(self.handles[k], self.user_id(k)));
+        }
+    }
+
+    /// How many keys `compact_into_filter` puts in a filter: one a user, and one an id unless
+    /// its ids go in as ranges.
+    pub fn filter_keys(&self) -> usize {
+        let ids = if filter::ids_as_ranges(&self.seqs) {
+            0
+        } else {
+            self.len()
+        };
+        self.len() + ids
     }
 }
 
@@ -2025,6 +2044,37 @@ mod tests {
             compact.len(),
             rows.len()
         );
+    }
+
+    #[test]
+    fn a_batchs_ids_go_in_its_blocks_filter_as_a_range() {
+        let mut made = Made::new("p", 5);
+        for seq in 100..1_100u64 {
+            made.push(seq, 1, &format!("user-{seq}"), 0, "a", 1, 0.5);
+        }
+        // A user key each, the ids one range.
+        assert_eq!(made.filter_keys(), 1_000);
+        let mut filter = crate::filter::Filter::for_keys(made.filter_keys());
+        made.compact_into_filter(&mut Vec::new(), &mut filter);
+        let bytes = filter.into_bytes();
+        assert_eq!(bytes.len(), 2_048 + 24 + 12);
+        for k in 0..made.len() {
+            let id = crate::filter::IdProbe::new(&made.id_text(k));
+            assert!(crate::filter::may_hold_id(&bytes, &id));
+            assert!(crate::filter::may_hold(
+                &bytes,
+                filter::user_key(1, made.user_id(k))
+            ));
+        }
+        let next = crate::filter::IdProbe::new("p-44c");
+        assert!(!crate::filter::may_hold_id(&bytes, &next));
+        // Without one user's, still one range; ids apart from each other go in as keys.
+        assert_eq!(made.without_user("user-100").filter_keys(), 999);
+        let mut apart = Made::new("p", 5);
+        for seq in 0..100u64 {
+            apart.push(seq * 7, 1, "u", 0, "a", 1, 0.5);
+        }
+        assert_eq!(apart.filter_keys(), 200);
     }
 
     #[test]

@@ -95,7 +95,7 @@ class BackpressureSettings(Section):
     # Assignments waiting in the write-behind buffer; past it, allocations are refused.
     max_pending_assignments: int = Field(default=200_000, ge=1)
     # Assignments written as blocks (a flush of 10,000 or more, `sql/011_assignment_blocks.sql`;
-    # about 8 bytes each) and not yet expanded into their table; past it, flushes write rows
+    # about 6 bytes each) and not yet expanded into their table; past it, flushes write rows
     # (slower). A restart reads the blocks' rows without expanding them; a lookup of one user
     # or id reads, and an export or erasure of one user expands, only the blocks whose filter
     # may hold it. 0: never blocks.

@@ -61,10 +61,16 @@ async def test_one_pass_gives_the_stream_and_a_filter_of_its_assignments() -> No
     for a in held:
         assert filter_may_hold_id(filter_, a[0])
         assert filter_may_hold_user(filter_, a[2], a[3])
-    # 16 bits per key (an id and a user each), in lines of 64 bytes.
-    assert len(filter_) == -(-602 * 2 * 16 // 512) * 64
+    # 16 bits per key (a user each, and the singles' ids), in lines of 64 bytes; the batches'
+    # ids, which run on from one batch to the next, as one range after them (24 bytes, then
+    # the count of ranges and a tag, 12).
+    assert len(filter_) == -(-(602 + 2) * 16 // 512) * 64 + 24 + 12
+    ids = sorted(int(a[0].rsplit("-", 1)[1], 16) for m in made for a in m.assignments())
+    assert ids == list(range(ids[0], ids[0] + 600))
+    prefix = made[0].assignments()[0][0].rsplit("-", 1)[0]
     others = [f"other-{i}" for i in range(2000)]
-    assert _passing(filter_, others, others) < 4_000 // 100
+    beyond = [f"{prefix}-{n:x}" for n in range(ids[-1] + 1, ids[-1] + 201)]
+    assert _passing(filter_, others, others + beyond) < 4_200 // 100
     # Without singles, as a flush of batches only writes it: their keys are not in it.
     payload, filter_ = assignment_block(made)
     assert decompress_block(payload) == copy_assignments(made)

@@ -747,7 +747,7 @@ pub(crate) fn sticky_claims<'py>(
 /// A block of these assignments (`copy_assignments`' arguments, in the same order) as stored:
 /// its compressed compact stream (see `allocsvc_core::compact`; `decompress_block` gives the
 /// COPY stream `copy_assignments` would) and its filter (see `allocsvc_core::filter`: their
-/// (experiment, user) pairs and ids); those of `made` without the GIL.
+/// (experiment, user) pairs and ids, a batch's ids as ranges); those of `made` without the GIL.
 #[pyfunction]
 #[pyo3(signature = (made, singles=None))]
 pub(crate) fn assignment_block<'py>(
@@ -758,8 +758,8 @@ pub(crate) fn assignment_block<'py>(
     let singles = singles.unwrap_or_default();
     let singles: Vec<Assignment<'_>> = singles.iter().map(assignment_of).collect();
     let made: Vec<&Made> = made.iter().map(|m| &*m.inner).collect();
-    let rows = singles.len() + made.iter().map(|m| m.len()).sum::<usize>();
-    let mut filter = Filter::for_keys(2 * rows);
+    let keys = 2 * singles.len() + made.iter().map(|m| m.filter_keys()).sum::<usize>();
+    let mut filter = Filter::for_keys(keys);
     let mut out = Vec::new();
     compact::start(&mut out);
     if !singles.is_empty() {
@@ -788,7 +788,7 @@ pub(crate) fn filter_may_hold_user(filter: &[u8], handle: u64, user_id: &str) ->
 /// Whether a block's `filter` may hold assignment `id`; an empty filter may hold anything.
 #[pyfunction]
 pub(crate) fn filter_may_hold_id(filter: &[u8], id: &str) -> bool {
-    filter::may_hold(filter, filter::id_key(id))
+    filter::may_hold_id(filter, &filter::IdProbe::new(id))
 }
 
 /// Positions in `filters` of the blocks' filters that may hold an assignment of `handle` and
@@ -814,8 +814,8 @@ pub(crate) fn filters_may_hold_ids(
     filters: Vec<PyBackedBytes>,
     ids: Vec<PyBackedStr>,
 ) -> Vec<usize> {
-    let keys: Vec<u64> = ids.iter().map(|i| filter::id_key(i)).collect();
-    filter::holding_any(&filters, &keys)
+    let probes: Vec<filter::IdProbe> = ids.iter().map(|i| filter::IdProbe::new(i)).collect();
+    filter::holding_any_id(&filters, &probes)
 }
 
 /// A block's payload decompressed: a compact stream (as `assignment_block` builds blocks
