@@ -1,11 +1,13 @@
 """Migration 010: assignment ids and user ids compare byte by byte ("C"), and the lookups the
 server makes still bind both columns in their indexes (a parameter's default collation
-combines with the column's)."""
+combines with the column's; since migration 017 user ids through their hashes)."""
 
 from __future__ import annotations
 
 import asyncpg
 import pytest
+
+from allocsvc.store.postgres import _LATEST_ASSIGNMENTS
 
 pytestmark = pytest.mark.integration
 
@@ -32,20 +34,15 @@ async def test_assignment_keys_compare_bytewise_and_stay_indexed(migrated_db: st
         )
         await conn.execute("ANALYZE assignments")
         await conn.execute("SET enable_seqscan = off")
-        # The store's queries (PostgresStore.get_assignment, get_assignment_by_id), with text
-        # parameters as asyncpg sends them; user-41 is in experiment 1 + 41 % 3 = 3.
-        by_user = await conn.fetch(
-            "EXPLAIN SELECT id FROM assignments WHERE experiment_id = $1 AND user_id = $2"
-            " ORDER BY created_at DESC, id DESC LIMIT 1",
-            3,
-            "user-41",
-        )
-        assert "(user_id = 'user-41'::text)" in _index_conditions(by_user), by_user
+        # The store's queries (PostgresStore.get_latest_assignments, get_assignment_by_id),
+        # with text parameters as asyncpg sends them; user-41 is in experiment 1 + 41 % 3 = 3.
+        # A user's rows are found by the hash of the column's bytes (migration 017) that the
+        # parameter's hash, in its default collation, equals.
+        by_user = await conn.fetch(f"EXPLAIN {_LATEST_ASSIGNMENTS}", 3, ["user-41"])
+        assert "hashtextextended(user_id, " in _index_conditions(by_user), by_user
         by_id = await conn.fetch("EXPLAIN SELECT * FROM assignments WHERE id = $1", "a-41")
         assert "(id = 'a-41'::text)" in _index_conditions(by_id), by_id
-        row = await conn.fetchrow(
-            "SELECT id FROM assignments WHERE experiment_id = $1 AND user_id = $2", 3, "user-41"
-        )
-        assert row is not None and row["id"] == "a-41"
+        rows = await conn.fetch(_LATEST_ASSIGNMENTS, 3, ["user-41", "user-42"])
+        assert [r["id"] for r in rows] == ["a-41"]
     finally:
         await conn.close()

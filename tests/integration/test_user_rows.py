@@ -1,5 +1,5 @@
-"""One user's rows in PostgreSQL (export_user_rows / erase_user_rows) after migration 009: the
-user's assignments are found through (experiment_id, user_id) in every experiment that has any,
+"""One user's rows in PostgreSQL (export_user_rows / erase_user_rows) after migrations 009 and
+017: the user's assignments are found through the hash index on user_id, in every experiment,
 one whose experiments row is gone included, and nobody else's."""
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ import asyncpg
 import pytest
 
 from allocsvc.store import ExperimentRow, PostgresStore, VariantRow
+from allocsvc.store.postgres import _LATEST_ASSIGNMENTS
 
 pytestmark = pytest.mark.integration
 
@@ -81,16 +82,23 @@ async def test_a_users_assignments_in_every_experiment_are_exported_and_erased(
         await conn.close()
 
 
-async def test_a_users_assignments_are_found_by_index_without_a_user_id_index(
+async def test_a_users_assignments_are_found_by_the_user_hash_index(
     migrated_db: str,
 ) -> None:
     ids = await _experiments(migrated_db, 2)
     conn = await asyncpg.connect(migrated_db)
     try:
-        indexes = await conn.fetch(
-            "SELECT indexdef FROM pg_indexes WHERE tablename = 'assignments'"
-        )
-        assert not [r for r in indexes if "(user_id)" in r["indexdef"]]
+        indexes = [
+            r["indexdef"]
+            for r in await conn.fetch(
+                "SELECT indexdef FROM pg_indexes WHERE tablename = 'assignments'"
+            )
+        ]
+        # No index takes user ids themselves, only their hashes (migration 017).
+        assert [d for d in indexes if "user_id" in d] == [
+            "CREATE INDEX assignments_user_hash_idx ON public.assignments USING btree"
+            " (hashtextextended(user_id, (0)::bigint))"
+        ], indexes
 
         await conn.execute(
             "INSERT INTO assignments (id, experiment_id, user_id, variant, segment_hash)"
@@ -98,19 +106,35 @@ async def test_a_users_assignments_are_found_by_index_without_a_user_id_index(
             " FROM generate_series(1, 5000) k",
             ids,
         )
-        assert await conn.fetchval("SELECT assignment_experiment_ids()") == sorted(ids)
         await conn.execute("ANALYZE assignments")
         # With sequential scans priced out, a plan without a usable index still scans the table.
         await conn.execute("SET enable_seqscan = off")
-        plan = await conn.fetch("EXPLAIN SELECT * FROM user_assignment_ids('user-42')")
-        text = "\n".join(r[0] for r in plan)
-        assert "assignments_experiment_user_idx" in text, text
-        assert "Seq Scan" not in text, text
-        # The leading column bound (not the whole index walked with user_id as a filter).
-        conditions = [line for line in text.splitlines() if "Index Cond" in line]
-        assert any("experiment_id = ANY" in line for line in conditions), text
-        assert any("user_id = " in line for line in conditions), text
+        latest = _LATEST_ASSIGNMENTS
+        for query, args in [
+            ("SELECT * FROM user_assignment_ids('user-42')", ()),
+            # What `PostgresStore.get_latest_assignments` asks.
+            (latest, (ids[0], ["user-42", "user-43"])),
+        ]:
+            plan = await conn.fetch(f"EXPLAIN {query}", *args)
+            text = "\n".join(r[0] for r in plan)
+            assert "assignments_user_hash_idx" in text, text
+            assert "Seq Scan" not in text, text
+            conditions = [line for line in text.splitlines() if "Index Cond" in line]
+            assert any("hashtextextended(user_id, " in line for line in conditions), text
         found = await conn.fetch("SELECT * FROM user_assignment_ids('user-42')")
         assert Counter(r[0] for r in found) == Counter(["a-42"])
+        got = await conn.fetch(latest, ids[0], ["user-42", "user-43"])
+        # user-42 is in the first experiment (k % 2 == 0), user-43 in the second.
+        assert [r["id"] for r in got] == ["a-42"]
+        # One user with many assignments (a btree keeps them apart by their place in the
+        # table: no chain of pages to walk, as a hash index would have): every one found.
+        await conn.execute(
+            "INSERT INTO assignments (id, experiment_id, user_id, variant, segment_hash)"
+            " SELECT 'hot-' || k, $1, 'user-hot', 0, 7 FROM generate_series(1, 3000) k",
+            ids[1],
+        )
+        hot = await conn.fetch("SELECT * FROM user_assignment_ids('user-hot')")
+        assert len(hot) == 3000
+        assert [r["id"] for r in await conn.fetch(latest, ids[1], ["user-hot"])] == ["hot-3000"]
     finally:
         await conn.close()

@@ -351,6 +351,17 @@ _ASSIGNMENT_COLUMNS = (
     " context, region, created_at"
 )
 
+# The latest stored assignment of each of users $2 in experiment $1: their rows found through
+# the index on a hash of the user id (sql/017_assignments_user_hash_index.sql), which serves
+# only a condition on its expression; the user ids and the experiment then filter them.
+_LATEST_ASSIGNMENTS = (
+    f"SELECT DISTINCT ON (user_id) {_ASSIGNMENT_COLUMNS} FROM assignments"
+    " WHERE hashtextextended(user_id, 0) = ANY"
+    " (ARRAY(SELECT hashtextextended(u, 0) FROM unnest($2::text[]) AS u))"
+    " AND user_id = ANY($2::text[]) AND experiment_id = $1"
+    f" ORDER BY user_id, {_NEWEST_FIRST}"
+)
+
 
 class PostgresStore:
     """Typed access to the allocsvc schema through an asyncpg pool."""
@@ -794,13 +805,7 @@ class PostgresStore:
             lambda f: filters_may_hold_users(f, experiment_id, wanted),
             lambda b: block_rows_of_users(b, experiment_id, wanted),
         )
-        rows = await self._pool.fetch(
-            f"SELECT DISTINCT ON (user_id) {_ASSIGNMENT_COLUMNS} FROM assignments"
-            " WHERE experiment_id = $1 AND user_id = ANY($2::text[])"
-            f" ORDER BY user_id, {_NEWEST_FIRST}",
-            experiment_id,
-            wanted,
-        )
+        rows = await self._pool.fetch(_LATEST_ASSIGNMENTS, experiment_id, wanted)
         latest: dict[str, AssignmentRow] = {}
         for row in itertools.chain(found, map(_assignment, rows)):
             known = latest.get(row.user_id)
