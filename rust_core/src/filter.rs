@@ -260,7 +260,8 @@ fn parts(bytes: &[u8]) -> Option<(&[u8], &[u8])> {
         return None;
     }
     let count = u32::from_le_bytes(count.try_into().ok()?) as usize;
-    let (lines, ranges) = rest.split_at_checked(rest.len().checked_sub(count.checked_mul(RANGE)?)?)?;
+    let (lines, ranges) =
+        rest.split_at_checked(rest.len().checked_sub(count.checked_mul(RANGE)?)?)?;
     (lines.len() % LINE == 0).then_some((lines, ranges))
 }
 
