@@ -1,6 +1,6 @@
 """One user's rows in PostgreSQL (export_user_rows / erase_user_rows) after migrations 009 and
-017: the user's assignments are found through the hash index on user_id, in every experiment,
-one whose experiments row is gone included, and nobody else's."""
+017: the user's assignments are found through the index on a hash of user_id, in every
+experiment, one whose experiments row is gone included, and nobody else's."""
 
 from __future__ import annotations
 
