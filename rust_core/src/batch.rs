@@ -14,7 +14,7 @@
 use crate::context::{self, Clock, ContextLimits, Device, Extracted};
 use crate::decide::{Decision, Engine};
 use crate::error::CoreError;
-use crate::held::{push_hex, spread, Made};
+use crate::held::{spread, write_own_id, Made};
 use crate::keyed::KeyedMap;
 use crate::wire::{self, Reader, Value};
 use hashbrown::HashTable;
@@ -960,12 +960,8 @@ impl PreparedBatch {
         let mut values_of: Option<(usize, usize)> = None;
         let mut key = String::new();
         let mut id = String::new();
-        let write_id = |id: &mut String, k: usize| {
-            id.clear();
-            id.push_str(id_prefix);
-            id.push('-');
-            push_hex(id, first_seq + k as u64);
-        };
+        let write_id =
+            |id: &mut String, k: usize| write_own_id(id, id_prefix, first_seq + k as u64);
         for (i, item) in self.items.iter().enumerate() {
             if let Some(e) = errors.get(&i) {
                 encode_error(&mut response, &mut scratch, e);
@@ -1103,6 +1099,7 @@ mod tests {
     use super::*;
     use crate::beta::seed_thread_rng;
     use crate::decide::ExperimentConfig;
+    use crate::held::push_hex;
 
     fn request(exp: &str, user: &str, ctx: &[(&str, &str)]) -> Vec<u8> {
         let mut m = Vec::new();

@@ -19,7 +19,7 @@
 use std::borrow::Cow;
 
 use crate::error::CoreError;
-use crate::held::{copy_header, copy_row, copy_trailer, push_hex, Assignment, Fields};
+use crate::held::{copy_header, copy_row, copy_trailer, write_own_id, Assignment, Fields};
 use crate::keys::key_hash;
 
 /// How a compact stream starts (a binary COPY stream starts `PGCOPY\n`).
@@ -289,10 +289,7 @@ pub fn each_row(
             let a = Assignment {
                 id: match &ids {
                     IdColumn::Numbered(prefix, _) => {
-                        id.clear();
-                        id.push_str(prefix);
-                        id.push('-');
-                        push_hex(&mut id, seq);
+                        write_own_id(&mut id, prefix, seq);
                         Cow::Borrowed(id.as_str())
                     }
                     IdColumn::Each(each) => Cow::Borrowed(each[k]),

@@ -385,9 +385,7 @@ impl Held {
         match id {
             Id::Own(seq) => {
                 let mut out = String::with_capacity(self.prefix.len() + 17);
-                out.push_str(&self.prefix);
-                out.push('-');
-                push_hex(&mut out, *seq);
+                write_own_id(&mut out, &self.prefix, *seq);
                 Cow::Owned(out)
             }
             Id::Other(text) => Cow::Borrowed(text),
@@ -918,10 +916,7 @@ impl Made {
 
     /// The id of assignment `k`, written into `out`.
     pub fn write_id(&self, k: usize, out: &mut String) {
-        out.clear();
-        out.push_str(&self.id_prefix);
-        out.push('-');
-        push_hex(out, self.seqs[k]);
+        write_own_id(out, &self.id_prefix, self.seqs[k]);
     }
 
     /// The id of assignment `k`.
@@ -1511,6 +1506,16 @@ pub fn block_user_keys(payload: &[u8]) -> Result<Vec<(u64, u64)>, CoreError> {
         keys.push((r.handle, filter::user_key(r.handle, r.user_id)))
     })?;
     Ok(keys)
+}
+
+/// Write into `out` (cleared first) the id `{prefix}-{seq:x}` that a process whose ids have
+/// `prefix` gives its assignment number `seq`.
+#[inline]
+pub fn write_own_id(out: &mut String, prefix: &str, seq: u64) {
+    out.clear();
+    out.push_str(prefix);
+    out.push('-');
+    push_hex(out, seq);
 }
 
 /// Append `n` in lower-case hexadecimal without leading zeros (as `{:x}` writes it).

@@ -545,9 +545,7 @@ impl PyBatchCatalogue {
         }
         let seq = lane.inner.lock().peek_seq();
         let mut assignment_id = String::with_capacity(store.prefix().len() + 17);
-        assignment_id.push_str(store.prefix());
-        assignment_id.push('-');
-        allocsvc_core::held::push_hex(&mut assignment_id, seq);
+        allocsvc_core::held::write_own_id(&mut assignment_id, store.prefix(), seq);
         drop(store);
         let d = one
             .decide(&engine.inner, region, &assignment_id)
