@@ -313,6 +313,12 @@ class Settings(BaseSettings):
     max_connection_age: float = Field(
         10.0, ge=0, description="seconds before a connection is asked to reconnect (0: never)"
     )
+    # With `workers` > 1 on Linux: new connections drawn to the workers with weights from
+    # their CPU over the last second (a BPF program on the port's SO_REUSEPORT group), not by
+    # the kernel's hash alone; reconnections after `max_connection_age` then even out the split.
+    steer_connections: bool = Field(
+        True, description="send new connections to the least busy workers (Linux, workers > 1)"
+    )
     region: str = "local"
     seed: int | None = Field(None, ge=0, description="seed of the sampler (reproducible runs)")
     grace_seconds: float = Field(10.0, ge=0)

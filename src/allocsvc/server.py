@@ -32,6 +32,7 @@ from allocsvc.learning.service import Learning, build_learning
 from allocsvc.metrics import LearningJobsCollector, ServiceCollector, serve_metrics
 from allocsvc.regions import stores as regions_setup
 from allocsvc.regions.router import Regions
+from allocsvc.steering import STEER_INTERVAL_S, Steering, WorkerSlot
 from allocsvc.store import EmbeddedPostgres, PostgresStore, migrate
 from allocsvc.store.pump import DeltaPump
 from allocsvc.store.redis import RedisShared
@@ -189,7 +190,23 @@ def _listen(server: grpc.aio.Server, settings: Settings) -> int:
     return server.add_secure_port(address, credentials)
 
 
-async def start(settings: Settings) -> Running:
+async def _listen_in_turn(
+    server: grpc.aio.Server, settings: Settings, slot: WorkerSlot | None
+) -> int:
+    """Bind, a `--workers` worker only once the one before it has (steering names sockets by
+    the order they bound in)."""
+    if slot is None:
+        return _listen(server, settings)
+    await asyncio.to_thread(slot.my_turn)
+    port = 0
+    try:
+        port = _listen(server, settings)
+    finally:
+        slot.bound(port)  # 0: failed, and the next worker need not wait for this one
+    return port
+
+
+async def start(settings: Settings, slot: WorkerSlot | None = None) -> Running:
     """Serve on settings.host:settings.port (port 0 picks a free port): health and every RPC
     answer NOT_SERVING / UNAVAILABLE until the state is loaded, then SERVING."""
     if settings.seed is not None:
@@ -239,7 +256,7 @@ async def start(settings: Settings) -> Running:
     add_services(registering, service, insights, regions.map.default, regions, learning)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable(server, (*SERVICE_NAMES, health.SERVICE_NAME))
-    port = _listen(server, settings)
+    port = await _listen_in_turn(server, settings, slot)
     await start_serving(server)
     log.info("listening", extra={"host": settings.host, "port": port, "tls": settings.tls.enabled})
     try:
@@ -282,6 +299,8 @@ async def start(settings: Settings) -> Running:
         )
     await learning.load()
     scheduler = Scheduler()
+    if slot is not None:
+        scheduler.every("steering", STEER_INTERVAL_S, slot.tick)
     if publisher is not None:
         scheduler.every("metrics-snapshot", SNAPSHOT_INTERVAL_S, publisher.publish)
     scheduler.every("learning", settings.clustering.drift_interval, learning.check)
@@ -450,8 +469,8 @@ def _await_chain(task: asyncio.Task[Any]) -> list[str]:
     return chain
 
 
-async def serve_until_signalled(settings: Settings) -> None:
-    running = await start(settings)
+async def serve_until_signalled(settings: Settings, slot: WorkerSlot | None = None) -> None:
+    running = await start(settings, slot)
     if settings.gc.freeze_after_start:
         # This process only serves from now on: what start-up made lives as long as it does.
         gc.collect()
@@ -466,18 +485,18 @@ async def serve_until_signalled(settings: Settings) -> None:
     await stop(running, settings.grace_seconds)
 
 
-def _serve(settings: Settings) -> None:
+def _serve(settings: Settings, slot: WorkerSlot | None = None) -> None:
     if settings.event_loop == "uvloop":
         import uvloop
 
-        uvloop.run(serve_until_signalled(settings))
+        uvloop.run(serve_until_signalled(settings, slot))
     else:
-        asyncio.run(serve_until_signalled(settings))
+        asyncio.run(serve_until_signalled(settings, slot))
 
 
-def _worker(settings: Settings) -> None:
+def _worker(settings: Settings, slot: WorkerSlot | None) -> None:
     logs.configure(settings.log_level)
-    _serve(settings)
+    _serve(settings, slot)
 
 
 def run(settings: Settings) -> int:
@@ -494,6 +513,11 @@ def run(settings: Settings) -> int:
         embedded, dsn = start_embedded(settings)
         settings = settings.model_copy(update={"postgres_dsn": dsn})
     ctx = multiprocessing.get_context("spawn")
+    steering = (
+        Steering.for_workers(ctx, settings.workers)
+        if settings.steer_connections and Steering.supported()
+        else None
+    )
     # Each worker serves its own metrics, on metrics_port + its index.
     workers = [
         ctx.Process(
@@ -502,6 +526,7 @@ def run(settings: Settings) -> int:
                 settings
                 if settings.metrics_port is None
                 else settings.model_copy(update={"metrics_port": settings.metrics_port + i}),
+                None if steering is None else WorkerSlot(steering, i, settings.accept_loops),
             ),
         )
         for i in range(settings.workers)

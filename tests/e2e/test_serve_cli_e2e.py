@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import json
 import os
@@ -9,9 +10,11 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -165,6 +168,77 @@ def test_aged_connections_are_drawn_again_over_the_workers(tmp_path: Path, age: 
             assert sorted(by_worker) == [0, calls]
         else:
             assert min(by_worker) > 0, by_worker
+        _stop_cleanly(proc)
+
+
+def _rpcs_by_worker(metrics_port: int, method: str) -> list[float]:
+    """Each of two workers' `allocsvc_rpcs_total` of `method`."""
+    return [
+        sum(
+            value
+            for (name, labels), value in _scrape(
+                f"http://127.0.0.1:{metrics_port + i}/metrics"
+            ).items()
+            if name == "allocsvc_rpcs_total" and ("method", method) in labels
+        )
+        for i in range(2)
+    ]
+
+
+@pytest.mark.parametrize("steer", ["true", "false"])
+def test_new_connections_are_steered_to_the_idle_worker(tmp_path: Path, steer: str) -> None:
+    """One connection (never aged) keeps one worker busy with `Allocate`s for 3 s; then 40 new
+    connections make one `GetExperiment` each. Steered, the first worker gives the idle worker
+    at least 90% of new connections (busy 0.3-0.6 cores against idle: the floor's 95%), so it
+    answers 30 or more (at 95%, 11 or more on the busy one: about 1 in 10^5). The kernel's hash
+    alone (steering off) splits them evenly: 30 or more on the idle one about 1 in 1,000, so
+    that run checks only that the probes were answered. No call fails either way."""
+    from allocsvc._proto import allocsvc_pb2 as pb
+    from allocsvc._proto import allocsvc_pb2_grpc as pb_grpc
+
+    port, metrics_port = _free_port(), _free_port_pair()
+    proc, _ = _start_two_workers(
+        tmp_path / "serve.log",
+        port,
+        "--metrics-port",
+        str(metrics_port),
+        env={"ALLOCSVC_MAX_CONNECTION_AGE": "0", "ALLOCSVC_STEER_CONNECTIONS": steer},
+    )
+    with _killed_at_exit(proc):
+        stop = threading.Event()
+
+        def hammer(allocator: Any) -> None:
+            while not stop.is_set():
+                with pytest.raises(grpc.RpcError) as raised:
+                    allocator.Allocate(
+                        pb.AllocateRequest(experiment_id="none", user_id="u"), timeout=10
+                    )
+                assert raised.value.code() == grpc.StatusCode.NOT_FOUND
+
+        with (
+            grpc.insecure_channel(f"127.0.0.1:{port}") as busy,
+            concurrent.futures.ThreadPoolExecutor(4) as pool,
+        ):
+            allocator = pb_grpc.AllocatorStub(busy)  # type: ignore[no-untyped-call]
+            hammering = [pool.submit(hammer, allocator) for _ in range(4)]
+            time.sleep(3.0)  # the first worker steers each second, from the last second's CPU
+            for k in range(40):
+                options = [("grpc.use_local_subchannel_pool", 1), ("probe", k)]
+                with grpc.insecure_channel(f"127.0.0.1:{port}", options=options) as channel:
+                    admin = pb_grpc.AdminStub(channel)  # type: ignore[no-untyped-call]
+                    with pytest.raises(grpc.RpcError) as raised:
+                        admin.GetExperiment(
+                            pb.GetExperimentRequest(experiment_id="none"), timeout=10
+                        )
+                    assert raised.value.code() == grpc.StatusCode.NOT_FOUND
+            stop.set()
+            for f in hammering:
+                f.result()
+        busy_worker = max(range(2), key=lambda i: _rpcs_by_worker(metrics_port, "Allocate")[i])
+        probes = _rpcs_by_worker(metrics_port, "GetExperiment")
+        assert sum(probes) == 40
+        if steer == "true":
+            assert probes[1 - busy_worker] >= 30, probes
         _stop_cleanly(proc)
 
 
