@@ -32,18 +32,27 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from multiprocessing.context import SpawnContext
 from multiprocessing.synchronize import Event
+from pathlib import Path
 from typing import Any
 
 log = logging.getLogger(__name__)
 
-STEER_INTERVAL_S = 1.0
+# Short, so that weights follow the load as it is now: connections opened just after a busy
+# spell ended were steered by it (8 at once all to one worker, in a bench run with 1 s).
+STEER_INTERVAL_S = 0.25
 # Weights are in thousandths of the new connections.
 SCALE = 1000
-# Below this many cores of CPU per worker on average the workers are idle and drawn evenly.
+# Until the busiest worker takes this many cores, new connections are drawn evenly: below it
+# a worker has room, and the last second's CPU says little about the connections to come (in a
+# bench run, 8 connections opened together after a quiet second, steered by that second's few
+# milliseconds of CPU, put 87% of the calls on one worker).
+BUSY_CORES = 0.5
+# A worker's CPU is taken as at least this much (an idle one is not weighted infinitely).
 IDLE_CORES = 0.05
 # Every worker keeps at least this share of an even draw (a tenth: 5% of two workers'), so one
 # whose load was misread still gets new connections.
 MIN_SHARE_OF_EVEN = 0.1
+NET_TABLES = (Path("/proc/net/tcp"), Path("/proc/net/tcp6"))
 # How long a worker waits for the one before it to bind, before binding anyway (unsteered).
 TURN_TIMEOUT_S = 300.0
 
@@ -90,12 +99,12 @@ def attach(sock: socket.socket, code: bytes) -> None:
 
 def weights_for(cores: Sequence[float]) -> list[int]:
     """Each worker's thousandths of new connections from its CPU (cores) over the last
-    interval: even when all are idle, else in proportion to 1 / load**2 (a worker twice as busy
-    gets a quarter as many), each at least `MIN_SHARE_OF_EVEN` of an even share."""
+    interval: even until one takes `BUSY_CORES`, else in proportion to 1 / load**2 (a worker
+    twice as busy gets a quarter as many), each at least `MIN_SHARE_OF_EVEN` of an even share."""
     n = len(cores)
     if n == 0:
         raise ValueError("cores: at least one worker")
-    if sum(cores) < IDLE_CORES * n:
+    if max(cores) < BUSY_CORES:
         shares = [1.0 / n] * n
     else:
         inverse = [1.0 / max(c, IDLE_CORES) ** 2 for c in cores]
@@ -139,6 +148,23 @@ def listening_fds(port: int) -> list[int]:
     return list(found.values())
 
 
+def listeners_on(port: int, tables: Sequence[Path] = NET_TABLES) -> int:
+    """Listening TCP sockets on `port` in this network namespace, any process's (the kernel's
+    tables: /proc/net/tcp and tcp6)."""
+    count = 0
+    for table in tables:
+        try:
+            lines = table.read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            # "sl local_address rem_address st ...": the port in hex after the colon, 0A LISTEN
+            if fields[3] == "0A" and int(fields[1].rpartition(":")[2], 16) == port:
+                count += 1
+    return count
+
+
 def _cpu_seconds() -> float:
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return usage.ru_utime + usage.ru_stime
@@ -171,6 +197,7 @@ class WorkerSlot:
     per_worker: int
     port: int = field(default=0, init=False)
     _in_order: bool = field(default=True, init=False)
+    _checked: bool = field(default=False, init=False)
     _fds: list[int] = field(default_factory=list, init=False)
     _last: list[float] = field(default_factory=list, init=False)
     _last_at: float = field(default=0.0, init=False)
@@ -199,6 +226,21 @@ class WorkerSlot:
         self.steering.cpu[self.index] = _cpu_seconds()
         if self.index != 0 or not self._in_order or not Steering.supported():
             return
+        if not self._checked:
+            if not all(e.is_set() for e in self.steering.bound):
+                return
+            self._checked = True
+            expected = len(self.steering.bound) * self.per_worker * len(self._fds)
+            found = listeners_on(self.port)
+            if found != expected:
+                # Another process listens on the port too (gRPC sets SO_REUSEPORT): the group's
+                # indices are not only the workers'.
+                log.warning(
+                    "other sockets listen on the port: connections not steered",
+                    extra={"port": self.port, "listening": found, "workers'": expected},
+                )
+                self._in_order = False
+                return
         now = time.monotonic()
         totals = list(self.steering.cpu)
         if self._last and min(self._last) > 0:  # every worker has published twice

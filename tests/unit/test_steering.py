@@ -11,16 +11,19 @@ import socket
 import sys
 from collections import Counter
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
 from allocsvc.api.registration import ServerGroup
 from allocsvc.steering import (
+    BUSY_CORES,
     MIN_SHARE_OF_EVEN,
     SCALE,
     Steering,
     WorkerSlot,
     attach,
+    listeners_on,
     listening_fds,
     program,
     weights_for,
@@ -117,6 +120,7 @@ def test_program_refuses_weights_not_summing_to_the_scale() -> None:
 
 def test_weights_even_when_idle_and_against_the_busy() -> None:
     assert weights_for([0.0, 0.01]) == [500, 500]
+    assert weights_for([BUSY_CORES - 0.01, 0.0]) == [500, 500]  # room left: not steered
     assert weights_for([0.5, 0.5, 0.5]) == [334, 333, 333]
     # Twice as busy: a quarter of the other's share before the floor.
     busy, idle = weights_for([0.8, 0.4])
@@ -167,3 +171,41 @@ async def test_worker_slots_take_turns_and_the_first_steers() -> None:
         await first.tick()
         seen = _accepted(socks, 40)
         assert seen[0] >= 30, seen  # 95% to the idle first worker: 10 or more on the other ~1e-6
+
+
+def test_listeners_on_counts_every_processs_listening_sockets(tmp_path: Path) -> None:
+    for socks in _group(3):
+        port = socks[0].getsockname()[1]
+        assert listeners_on(port) == 3
+    table = tmp_path / "tcp6"
+    table.write_text(
+        "  sl  local_address                         remote_address                        st\n"
+        "   0: 00000000000000000000000000000000:C350 00000000000000000000000000000000:0000 0A\n"
+        "   1: 0000000000000000FFFF00000100007F:C350 0000000000000000FFFF00000100007F:9C40 01\n"
+        "   2: 0000000000000000FFFF00000100007F:C351 00000000000000000000000000000000:0000 0A\n"
+    )
+    assert listeners_on(0xC350, [table, tmp_path / "missing"]) == 1
+
+
+async def test_no_steering_when_another_socket_listens_on_the_port(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Two workers of one socket each and a third socket in the group (another process on the
+    port): the indices are not the workers', so the first worker leaves the group's program
+    alone. Here that program sends everything to index 1; steered by the CPU below, 95% would
+    go to index 0 instead."""
+    steering = Steering.for_workers(multiprocessing.get_context("spawn"), 2)
+    first, second = WorkerSlot(steering, 0, 1), WorkerSlot(steering, 1, 1)
+    for socks in _group(3):
+        port = socks[0].getsockname()[1]
+        attach(socks[0], program([0, 1000], per_worker=1))
+        first.bound(port)
+        second.bound(port)
+        steering.cpu[1] = 1.0
+        await first.tick()
+        steering.cpu[1] = 3.0
+        await asyncio.sleep(0.5)
+        await first.tick()
+        await first.tick()
+        assert "other sockets listen on the port" in caplog.text
+        assert _accepted(socks, 40) == {1: 40}
