@@ -314,10 +314,12 @@ class Settings(BaseSettings):
         10.0, ge=0, description="seconds before a connection is asked to reconnect (0: never)"
     )
     # With `workers` > 1 on Linux: new connections drawn to the workers with weights from
-    # their CPU over the last second (a BPF program on the port's SO_REUSEPORT group), not by
-    # the kernel's hash alone; reconnections after `max_connection_age` then even out the split.
+    # their CPU over the last quarter second (a BPF program on the port's SO_REUSEPORT group),
+    # not by the kernel's hash alone; reconnections after `max_connection_age` then even out
+    # the split. Off by default: on a saturated machine a worker starved of a core uses less
+    # CPU, looks idle and was sent more (bench/RESULTS.md item 77).
     steer_connections: bool = Field(
-        True, description="send new connections to the least busy workers (Linux, workers > 1)"
+        False, description="send new connections to the least busy workers (Linux, workers > 1)"
     )
     region: str = "local"
     seed: int | None = Field(None, ge=0, description="seed of the sampler (reproducible runs)")
