@@ -121,54 +121,15 @@ def test_workers_share_the_port_and_stop_on_sigterm(tmp_path: Path) -> None:
         assert sum(e.get("msg") == "stopped" for e in _log_lines(log)) == 2
 
 
-@pytest.mark.parametrize("age", ["0.25", "0"])
-def test_aged_connections_are_drawn_again_over_the_workers(tmp_path: Path, age: str) -> None:
-    """The kernel gives a connection to one worker for its life; with `max_connection_age`
-    the server asks the client to reconnect (GOAWAY), and the new connection is drawn again.
-    One channel calling for 5 s: with 0.25 s it reconnects about 18 times and reaches both
-    workers (each draw lands on either with even odds: all on one, 2 in 2^17); with 0 (never)
-    its one connection stays on one worker. No call fails either way."""
-    from allocsvc._proto import allocsvc_pb2 as pb
-    from allocsvc._proto import allocsvc_pb2_grpc as pb_grpc
-
+def _start_two_counting_workers(
+    tmp_path: Path, env: dict[str, str]
+) -> tuple[subprocess.Popen[bytes], int, int]:
+    """Two workers with metrics (on the port returned and the one after it)."""
     port, metrics_port = _free_port(), _free_port_pair()
     proc, _ = _start_two_workers(
-        tmp_path / "serve.log",
-        port,
-        "--metrics-port",
-        str(metrics_port),
-        env={"ALLOCSVC_MAX_CONNECTION_AGE": age},
+        tmp_path / "serve.log", port, "--metrics-port", str(metrics_port), env=env
     )
-    with _killed_at_exit(proc):
-        calls = 0
-        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-            allocator = pb_grpc.AllocatorStub(channel)  # type: ignore[no-untyped-call]
-            deadline = time.monotonic() + 5
-            while time.monotonic() < deadline:
-                # An experiment no worker has: NOT_FOUND, counted by the worker that answers.
-                with pytest.raises(grpc.RpcError) as raised:
-                    allocator.Allocate(
-                        pb.AllocateRequest(experiment_id="none", user_id="u"), timeout=10
-                    )
-                assert raised.value.code() == grpc.StatusCode.NOT_FOUND
-                calls += 1
-                time.sleep(0.02)
-        by_worker = [
-            sum(
-                value
-                for (name, labels), value in _scrape(
-                    f"http://127.0.0.1:{metrics_port + i}/metrics"
-                ).items()
-                if name == "allocsvc_rpcs_total" and ("method", "Allocate") in labels
-            )
-            for i in range(2)
-        ]
-        assert sum(by_worker) == calls
-        if age == "0":
-            assert sorted(by_worker) == [0, calls]
-        else:
-            assert min(by_worker) > 0, by_worker
-        _stop_cleanly(proc)
+    return proc, port, metrics_port
 
 
 def _rpcs_by_worker(metrics_port: int, method: str) -> list[float]:
@@ -185,6 +146,42 @@ def _rpcs_by_worker(metrics_port: int, method: str) -> list[float]:
     ]
 
 
+@pytest.mark.parametrize("age", ["0.25", "0"])
+def test_aged_connections_are_drawn_again_over_the_workers(tmp_path: Path, age: str) -> None:
+    """The kernel gives a connection to one worker for its life; with `max_connection_age`
+    the server asks the client to reconnect (GOAWAY), and the new connection is drawn again.
+    One channel calling for 5 s: with 0.25 s it reconnects about 18 times and reaches both
+    workers (each draw lands on either with even odds: all on one, 2 in 2^17); with 0 (never)
+    its one connection stays on one worker. No call fails either way."""
+    from allocsvc._proto import allocsvc_pb2 as pb
+    from allocsvc._proto import allocsvc_pb2_grpc as pb_grpc
+
+    proc, port, metrics_port = _start_two_counting_workers(
+        tmp_path, {"ALLOCSVC_MAX_CONNECTION_AGE": age}
+    )
+    with _killed_at_exit(proc):
+        calls = 0
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            allocator = pb_grpc.AllocatorStub(channel)  # type: ignore[no-untyped-call]
+            deadline = time.monotonic() + 5
+            while time.monotonic() < deadline:
+                # An experiment no worker has: NOT_FOUND, counted by the worker that answers.
+                with pytest.raises(grpc.RpcError) as raised:
+                    allocator.Allocate(
+                        pb.AllocateRequest(experiment_id="none", user_id="u"), timeout=10
+                    )
+                assert raised.value.code() == grpc.StatusCode.NOT_FOUND
+                calls += 1
+                time.sleep(0.02)
+        by_worker = _rpcs_by_worker(metrics_port, "Allocate")
+        assert sum(by_worker) == calls
+        if age == "0":
+            assert sorted(by_worker) == [0, calls]
+        else:
+            assert min(by_worker) > 0, by_worker
+        _stop_cleanly(proc)
+
+
 @pytest.mark.parametrize("steer", ["true", "false"])
 def test_new_connections_are_steered_to_the_idle_worker(tmp_path: Path, steer: str) -> None:
     """One connection (never aged) keeps one worker busy with `Allocate`s for 3 s; then 40 new
@@ -197,13 +194,8 @@ def test_new_connections_are_steered_to_the_idle_worker(tmp_path: Path, steer: s
     from allocsvc._proto import allocsvc_pb2 as pb
     from allocsvc._proto import allocsvc_pb2_grpc as pb_grpc
 
-    port, metrics_port = _free_port(), _free_port_pair()
-    proc, _ = _start_two_workers(
-        tmp_path / "serve.log",
-        port,
-        "--metrics-port",
-        str(metrics_port),
-        env={"ALLOCSVC_MAX_CONNECTION_AGE": "0", "ALLOCSVC_STEER_CONNECTIONS": steer},
+    proc, port, metrics_port = _start_two_counting_workers(
+        tmp_path, {"ALLOCSVC_MAX_CONNECTION_AGE": "0", "ALLOCSVC_STEER_CONNECTIONS": steer}
     )
     with _killed_at_exit(proc):
         stop = threading.Event()
