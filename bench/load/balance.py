@@ -1,7 +1,7 @@
 """How two workers share a fixed rate of unary calls on a few connections, with and without
 `max_connection_age` and steering (issue 10).
 
-    python bench/load/balance.py [--ages 0,10] [--steer on] [--rounds 3] [--rate 3200]
+    python bench/load/balance.py [--ages 0,10] [--steer off] [--rounds 3] [--rate 3200]
         [--seconds 60] [--conns 8]
 
 The kernel gives each connection to one worker (SO_REUSEPORT, a hash of its addresses) for as
@@ -70,7 +70,7 @@ def main() -> int:
     signal.signal(signal.SIGTERM, run._exit_on_sigterm)  # stop the servers and the stores
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument("--ages", default="0,10", help="max_connection_age values, seconds")
-    parser.add_argument("--steer", default="on", help="steer_connections: on, off or on,off")
+    parser.add_argument("--steer", default="off", help="steer_connections: on, off or on,off")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--rate", type=float, default=3200.0, help="calls per second")
     parser.add_argument("--seconds", type=float, default=60.0, help="measured seconds per run")

@@ -49,7 +49,7 @@ STEER_INTERVAL_S = 0.25
 # Weights are in thousandths of the new connections.
 SCALE = 1000
 # Until the busiest worker takes this many cores, new connections are drawn evenly: below it
-# a worker has room, and the last second's CPU says little about the connections to come (in a
+# a worker has room, and the last interval's CPU says little about the connections to come (in a
 # bench run, 8 connections opened together after a quiet second, steered by that second's few
 # milliseconds of CPU, put 87% of the calls on one worker).
 BUSY_CORES = 0.5
@@ -195,8 +195,8 @@ class Steering:
 
 @dataclass
 class WorkerSlot:
-    """One worker's part in steering: bind in turn, publish its CPU, and (worker 0) attach the
-    program with fresh weights each interval."""
+    """One worker's part in steering (made only where `Steering.supported()`): bind in turn,
+    publish its CPU, and (worker 0) attach the program with fresh weights each interval."""
 
     steering: Steering
     index: int
@@ -211,10 +211,10 @@ class WorkerSlot:
 
     def my_turn(self) -> None:
         """Block until the worker before this one has bound its sockets (blocking: call it off
-        the event loop). Past `TURN_TIMEOUT_S` it binds anyway and steering is off."""
+        the event loop). Past `TURN_TIMEOUT_S` it binds anyway, and the first worker, binding
+        after it, finds the order broken (`bound`) and does not steer."""
         if self.index > 0 and not self.steering.bound[self.index - 1].wait(TURN_TIMEOUT_S):
-            log.warning("the worker before did not bind in time: connections not steered")
-            self._in_order = False
+            log.warning("the worker before did not bind in time: binding out of turn")
 
     def bound(self, port: int) -> None:
         """This worker's servers listen on `port`: the next worker's turn."""
@@ -223,14 +223,14 @@ class WorkerSlot:
             # A later worker did not wait for this one: the group's order is not the workers'.
             log.warning("workers bound out of turn: connections not steered")
             self._in_order = False
-        if self.index == 0 and port and Steering.supported():
+        if self.index == 0 and port:
             self._fds = listening_fds(port)
         self.steering.bound[self.index].set()
 
     async def tick(self) -> None:
         """Publish this worker's CPU; the first worker then steers by everyone's."""
         self.steering.cpu[self.index] = _cpu_seconds()
-        if self.index != 0 or not self._in_order or not Steering.supported():
+        if self.index != 0 or not self._in_order:
             return
         if not self._checked:
             if not all(e.is_set() for e in self.steering.bound):
@@ -243,7 +243,7 @@ class WorkerSlot:
                 # indices are not only the workers'.
                 log.warning(
                     "other sockets listen on the port: connections not steered",
-                    extra={"port": self.port, "listening": found, "workers'": expected},
+                    extra={"port": self.port, "listening": found, "expected": expected},
                 )
                 self._in_order = False
                 return
