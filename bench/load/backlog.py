@@ -67,6 +67,21 @@ class Run:
     main: Counter[int] = field(default_factory=Counter)
     resumed: list[int] = field(default_factory=list)
 
+    def add_series(self, text: str) -> None:
+        """openloop's `-series` lines: due time (Unix ns), latency (ns), result, send lag."""
+        for line in text.splitlines():
+            due, latency = (int(x) for x in line.split("\t")[:2])
+            self.latencies[due // WINDOW_NS].append(latency / 1e6)
+            self.finished[(due + latency) // WINDOW_NS] += 1
+
+    def add_samples(self, script: str, offset: float) -> None:
+        """`perf script -F tid,time` lines of the main thread; `offset`: the wall clock minus
+        perf's clock."""
+        for line in script.splitlines():
+            m = SAMPLE.match(line)
+            if m:
+                self.main[int((float(m[1]) + offset) * 1e9) // WINDOW_NS] += 1
+
     def windows(self, rate: float) -> list[int]:
         floor = MIN_SHARE * rate * WINDOW_NS / 1e9
         return sorted(w for w in self.latencies if self.finished[w] >= floor)
@@ -128,20 +143,14 @@ def measure(
         perf.wait(timeout=args.seconds + 60)
         target.setup.stop()
     result = Run(resumed=[int(t * 1e9) // WINDOW_NS for t in resumed])
-    for line in series.read_text().splitlines():
-        due, latency = (int(x) for x in line.split("\t")[:2])
-        result.latencies[due // WINDOW_NS].append(latency / 1e6)
-        result.finished[(due + latency) // WINDOW_NS] += 1
+    result.add_series(series.read_text())
     script = subprocess.run(
         ["perf", "script", "-i", str(samples), "-F", "tid,time", "--tid", str(pid)],
         capture_output=True,
         text=True,
         check=True,
     ).stdout
-    for line in script.splitlines():
-        m = SAMPLE.match(line)
-        if m:
-            result.main[int((float(m[1]) + offset) * 1e9) // WINDOW_NS] += 1
+    result.add_samples(script, offset)
     return result
 
 
