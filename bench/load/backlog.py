@@ -119,9 +119,16 @@ def measure(
     target = h2.start(setup, work, postgres, database=f"backlog_{setup}")
     series, samples = work / f"{setup}.tsv", work / f"{setup}.perf"
     pid = target.setup.processes[0].pid
-    command = [str(openloop), "-target", target.setup.target, "-method", h2.PATH]
-    command += ["-body", str(message), "-rate", str(rate), "-conns", "8", "-series", str(series)]
-    command += ["-duration", f"{args.seconds}s", "-warmup", f"{WARMUP_S}s"]
+    command = h2.openloop_command(
+        openloop,
+        target.setup.target,
+        message,
+        rate,
+        h2.STEADY_CONNECTIONS,
+        args.seconds,
+        WARMUP_S,
+        series=series,
+    )
     # perf's clock (CLOCK_MONOTONIC) to the series' (the wall clock).
     offset = time.time() - time.monotonic()
     record = ["perf", "record", "-q", "-a", "-e", "cpu-clock", "-F", str(args.frequency)]

@@ -424,13 +424,32 @@ def build_openloop(workdir: Path) -> Path:
     return binary
 
 
+def openloop_command(
+    openloop: Path,
+    target: str,
+    message: Path,
+    rate: float,
+    connections: int,
+    seconds: float,
+    warmup: float,
+    series: Path | None = None,
+) -> list[str]:
+    """bench/load/openloop sending `message` to `PATH` at `rate` calls/s over `connections`
+    for `seconds` after `warmup` unmeasured; `series`: a file for each measured call's due
+    time and latency."""
+    command = [str(openloop), "-target", target, "-method", PATH, "-body", str(message)]
+    command += ["-rate", str(rate), "-conns", str(connections)]
+    command += ["-duration", f"{seconds}s", "-warmup", f"{warmup}s"]
+    return command + ([] if series is None else ["-series", str(series)])
+
+
 def run_openloop(
     openloop: Path, target: Target, message: Path, shape: Shape, seconds: float, warmup: float
 ) -> dict[str, Any]:
     """A fixed-rate run, open loop: latencies from each call's due time (bench/load/openloop)."""
-    command = [str(openloop), "-target", target.setup.target, "-method", PATH]
-    command += ["-body", str(message), "-rate", str(shape.rate), "-conns", str(shape.connections)]
-    command += ["-duration", f"{seconds}s", "-warmup", f"{warmup}s"]
+    command = openloop_command(
+        openloop, target.setup.target, message, shape.rate, shape.connections, seconds, warmup
+    )
     accounting = Accounting(target)
     done = subprocess.run(command, capture_output=True, text=True, timeout=seconds + warmup + 120)
     if done.returncode != 0:

@@ -305,10 +305,16 @@ async def measure(settings: Settings, args: argparse.Namespace, workdir: Path) -
             await asyncio.to_thread(run._wait_known, setup)
             openloop = await asyncio.to_thread(h2.build_openloop, workdir)
             _, message, _ = h2.grpc_body(workdir)
-            command = [str(openloop), "-target", setup.target, "-method", h2.PATH]
-            command += ["-body", str(message), "-rate", str(args.rate)]
-            command += ["-conns", str(args.conns), "-duration", f"{args.seconds}s"]
-            command += ["-warmup", f"{args.warmup}s", "-series", str(workdir / "series.tsv")]
+            command = h2.openloop_command(
+                openloop,
+                setup.target,
+                message,
+                args.rate,
+                args.conns,
+                args.seconds,
+                args.warmup,
+                series=workdir / "series.tsv",
+            )
             client = await asyncio.create_subprocess_exec(*command, stdout=asyncio.subprocess.PIPE)
             await asyncio.sleep(args.warmup)
             probes.recording = True
