@@ -214,7 +214,8 @@ def test_new_connections_are_steered_to_the_idle_worker(tmp_path: Path, steer: s
         ):
             allocator = pb_grpc.AllocatorStub(busy)  # type: ignore[no-untyped-call]
             hammering = [pool.submit(hammer, allocator) for _ in range(4)]
-            time.sleep(3.0)  # the first worker steers each second, from the last second's CPU
+            # The first worker steers every quarter second, from the last quarter's CPU.
+            time.sleep(3.0)
             for k in range(40):
                 options = [("grpc.use_local_subchannel_pool", 1), ("probe", k)]
                 with grpc.insecure_channel(f"127.0.0.1:{port}", options=options) as channel:
@@ -227,7 +228,8 @@ def test_new_connections_are_steered_to_the_idle_worker(tmp_path: Path, steer: s
             stop.set()
             for f in hammering:
                 f.result()
-        busy_worker = max(range(2), key=lambda i: _rpcs_by_worker(metrics_port, "Allocate")[i])
+        allocations = _rpcs_by_worker(metrics_port, "Allocate")
+        busy_worker = allocations.index(max(allocations))
         probes = _rpcs_by_worker(metrics_port, "GetExperiment")
         assert sum(probes) == 40
         if steer == "true":
