@@ -1,7 +1,7 @@
 """A server's CPU a call against how many calls wait (issue 10: the tail at 70% of saturation).
 
     python bench/load/backlog.py [--setups echo,w1] [--rates 7700,5800] [--seconds 50]
-        [--pause-ms 150 --pause-every 3]
+        [--pause-ms 150 --pause-every 3] [--probe 0.05]
 
 For each setup of h2.py (`echo`, `w1`, `mem`: one server process) at its rate: the server as
 h2.py starts it, then bench/load/openloop for `--seconds` (8 connections, calls due evenly
@@ -18,6 +18,13 @@ Windows of dearer calls may make the queue, or the queue may make calls dearer. 
 `--pause-ms`, the server is stopped (SIGSTOP) that long every `--pause-every` seconds, a queue
 made from outside, and the windows are also grouped by the time since the last pause ended:
 while its queue drains, against windows 1.5 s or more after it.
+
+With `--probe`, bench/load/hostprobe.py's probes run beside the server, one pinned to each CPU,
+each working that share of it: per window, how much dearer than usual the probe's L1-bound
+unit ran on each CPU (the window's median over the run's), weighted by the main thread's samples
+on that CPU, says how slow the host made the CPUs the main thread ran on. The windows are also
+grouped by that: if the server's calls cost more where the probe's work does, the cause is
+below the server.
 
 Needs `perf` (linux-tools) and the right to sample the whole machine. Bounded: one server at a
 time on 127.0.0.1, about `--seconds` + 20 s each.
@@ -41,6 +48,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import h2  # bench/load/h2.py
+import hostprobe  # bench/load/hostprobe.py
 import run  # bench/load/run.py
 
 WARMUP_S = 2.0
@@ -52,20 +60,25 @@ STEADY_AFTER = 15
 # Windows with fewer finished calls than this share of the rate's are left out (the run's
 # edges, the pauses themselves).
 MIN_SHARE = 0.25
-SAMPLE = re.compile(r"^\s*\d+\s+([\d.]+):")
+# Ranges of the host's slowdown of the main thread's CPUs in a window (the probe's ratio).
+SLOWDOWNS = ((0.0, 1.05), (1.05, 1.13), (1.13, 1.3), (1.3, float("inf")))
+PROBE_CPUS = (0, 1)
+SAMPLE = re.compile(r"^\s*\d+\s+(?:\[(\d+)\]\s+)?([\d.]+):")
 SETUPS = ("echo", "w1", "mem")
 
 
 @dataclass
 class Run:
     """One setup's run, per window of `WINDOW_NS`: latencies (ms) of the calls due in it,
-    calls finished in it, the main thread's perf samples in it; and the windows in which a
-    pause ended."""
+    calls finished in it, the main thread's perf samples in it (and by CPU); the windows in
+    which a pause ended; with probes, each CPU's slowdown by window."""
 
     latencies: dict[int, list[float]] = field(default_factory=lambda: defaultdict(list))
     finished: Counter[int] = field(default_factory=Counter)
     main: Counter[int] = field(default_factory=Counter)
+    main_on: Counter[tuple[int, int]] = field(default_factory=Counter)
     resumed: list[int] = field(default_factory=list)
+    slowdown: dict[int, dict[int, float]] = field(default_factory=dict)
 
     def add_series(self, text: str) -> None:
         """openloop's `-series` lines: due time (Unix ns), latency (ns), result, send lag."""
@@ -75,12 +88,26 @@ class Run:
             self.finished[(due + latency) // WINDOW_NS] += 1
 
     def add_samples(self, script: str, offset: float) -> None:
-        """`perf script -F tid,time` lines of the main thread; `offset`: the wall clock minus
-        perf's clock."""
+        """`perf script -F tid,cpu,time` (or `tid,time`) lines of the main thread; `offset`:
+        the wall clock minus perf's clock."""
         for line in script.splitlines():
             m = SAMPLE.match(line)
             if m:
-                self.main[int((float(m[1]) + offset) * 1e9) // WINDOW_NS] += 1
+                window = int((float(m[2]) + offset) * 1e9) // WINDOW_NS
+                self.main[window] += 1
+                if m[1] is not None:
+                    self.main_on[window, int(m[1])] += 1
+
+    def host_slowdown(self, window: int) -> float | None:
+        """The probes' slowdown of the CPUs the main thread ran on in `window`, weighted by its
+        samples on each; None without samples or probe figures for it."""
+        weights = {cpu: self.main_on[window, cpu] for cpu in self.slowdown}
+        if not sum(weights.values()) or any(
+            window not in self.slowdown[cpu] for cpu, n in weights.items() if n
+        ):
+            return None
+        total = sum(n * self.slowdown[cpu][window] for cpu, n in weights.items() if n)
+        return total / sum(weights.values())
 
     def windows(self, rate: float) -> list[int]:
         floor = MIN_SHARE * rate * WINDOW_NS / 1e9
@@ -133,7 +160,13 @@ def measure(
     offset = time.time() - time.monotonic()
     record = ["perf", "record", "-q", "-a", "-e", "cpu-clock", "-F", str(args.frequency)]
     record += ["-k", "CLOCK_MONOTONIC", "-o", str(samples), "--"]
-    perf = subprocess.Popen([*record, "sleep", str(args.seconds + WARMUP_S + 2)])
+    span = args.seconds + WARMUP_S + 2
+    perf = subprocess.Popen([*record, "sleep", str(span)])
+    probing = [
+        hostprobe.start(work / f"{setup}-probe-{cpu}.tsv", span, args.probe, cpu)
+        for cpu in PROBE_CPUS
+        if args.probe > 0
+    ]
     stop, resumed = threading.Event(), list[float]()
     pauser = threading.Thread(target=pauses, args=(pid, args, stop, resumed))
     if args.pause_ms > 0:
@@ -148,11 +181,18 @@ def measure(
             pauser.join()
         os.kill(pid, signal.SIGCONT)
         perf.wait(timeout=args.seconds + 60)
+        for process in probing:
+            process.wait(timeout=args.seconds + 60)
         target.setup.stop()
     result = Run(resumed=[int(t * 1e9) // WINDOW_NS for t in resumed])
     result.add_series(series.read_text())
+    for cpu, process in zip(PROBE_CPUS, probing, strict=False):
+        if process.returncode != 0:
+            raise RuntimeError(f"the probe on CPU {cpu} failed")
+        units = (work / f"{setup}-probe-{cpu}.tsv").read_text()
+        result.slowdown[cpu] = hostprobe.relative(hostprobe.medians(units)["loop"])
     script = subprocess.run(
-        ["perf", "script", "-i", str(samples), "-F", "tid,time", "--tid", str(pid)],
+        ["perf", "script", "-i", str(samples), "-F", "tid,cpu,time", "--tid", str(pid)],
         capture_output=True,
         text=True,
         check=True,
@@ -189,6 +229,22 @@ def by_pause(setup: str, rate: float, result: Run, frequency: int) -> list[str]:
     return rows
 
 
+def by_host(setup: str, rate: float, result: Run, frequency: int) -> list[str]:
+    groups: dict[tuple[float, float], list[int]] = defaultdict(list)
+    for w in result.windows(rate):
+        slowdown = result.host_slowdown(w)
+        if slowdown is not None:
+            groups[next(b for b in SLOWDOWNS if b[0] <= slowdown < b[1])].append(w)
+    rows = []
+    for low, high in SLOWDOWNS:
+        if groups[low, high]:
+            span = f"{low:.2f}-{high:.2f}x" if high != float("inf") else f"{low:.2f}x or more"
+            rows.append(
+                f"| {setup} | {rate:,.0f} | {span} | " + result.row(groups[low, high], frequency)
+            )
+    return rows
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument("--setups", default="echo,w1", help="h2.py's setups: echo, w1, mem")
@@ -197,12 +253,17 @@ def main() -> int:
     parser.add_argument("--frequency", type=int, default=499, help="perf's samples/s a core")
     parser.add_argument("--pause-ms", type=float, default=0.0, help="stop the server this long")
     parser.add_argument("--pause-every", type=float, default=3.0, help="seconds between pauses")
+    parser.add_argument(
+        "--probe", type=float, default=0.0, help="hostprobe.py beside it, this share of each CPU"
+    )
     args = parser.parse_args()
     setups, rates = args.setups.split(","), [float(r) for r in args.rates.split(",")]
     if len(setups) != len(rates):
         raise SystemExit("--rates: one rate per setup")
     if set(setups) - set(SETUPS):
         raise SystemExit(f"--setups: of {', '.join(SETUPS)} (one server process each)")
+    if not 0 <= args.probe <= 1:
+        raise SystemExit("--probe: a share of a CPU, 0 to 1")
     if shutil.which("perf") is None:
         raise SystemExit("perf not found (linux-tools)")
     columns = "| windows of 100 ms | calls finished a window | mean latency, ms "
@@ -223,6 +284,10 @@ def main() -> int:
         print(f"\n| setup | calls/s | since a {args.pause_ms:g}-ms pause ended " + columns)
         for setup, rate, result in results:
             print("\n".join(by_pause(setup, rate, result, args.frequency)))
+    if args.probe > 0:
+        print("\n| setup | calls/s | the host's slowdown of the main thread's CPUs " + columns)
+        for setup, rate, result in results:
+            print("\n".join(by_host(setup, rate, result, args.frequency)))
     return 0
 
 

@@ -53,3 +53,23 @@ def test_windows_are_grouped_by_the_time_since_a_pause_ended() -> None:
         "| echo | 400 | 0.1-0.2 s | 1 | 50 | 2.0 | 600 |",
         "| echo | 400 | 1.5 s or more (steady) | 1 | 40 | 2.0 | 750 |",
     ]
+
+
+def test_windows_are_grouped_by_the_host_slowdown_of_the_main_threads_cpus() -> None:
+    run = backlog.Run()
+    # The probes: CPU 0 at its usual speed in both windows, CPU 1 half as slow again in 201.
+    run.slowdown = {0: {200: 1.0, 201: 1.0, 202: 1.0}, 1: {200: 1.0, 201: 1.5}}
+    for window in (200, 201, 202):
+        run.add_series(series(window, 40, 2.0))
+    # Window 200 on CPU 1 (1.0x); 201: 1 sample on CPU 0, 3 on CPU 1 (1.375x); 202 on CPU 1,
+    # which the probe has no figure for: in no group.
+    run.add_samples("".join(f"  4242 [001] {20.0 + 0.01 * i:.6f}: \n" for i in range(2)), 0.0)
+    lines = [f"  4242 [00{cpu}] {20.1 + 0.01 * i:.6f}: \n" for i, cpu in enumerate((0, 1, 1, 1))]
+    run.add_samples("".join(lines), 0.0)
+    run.add_samples("  4242 [001] 20.250000: \n", 0.0)
+    assert run.host_slowdown(201) == 1.375
+    assert run.host_slowdown(202) is None
+    assert backlog.by_host("w1", 400.0, run, FREQUENCY) == [
+        "| w1 | 400 | 0.00-1.05x | 1 | 40 | 2.0 | 500 |",
+        "| w1 | 400 | 1.30x or more | 1 | 40 | 2.0 | 1000 |",
+    ]

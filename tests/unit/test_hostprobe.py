@@ -1,0 +1,56 @@
+"""bench/load/hostprobe.py: fixed work's CPU per 100 ms window, against the run's median."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+from bench_support import load_bench
+
+hostprobe = load_bench("bench_load_hostprobe", "hostprobe.py")
+
+W = hostprobe.WINDOW_NS
+
+
+def test_units_are_taken_per_window_and_kind_as_medians() -> None:
+    lines = [f"{5 * W + i}\tloop\t{cpu}" for i, cpu in enumerate((100, 300, 200))]
+    lines += [f"{6 * W}\tloop\t400", f"{6 * W}\twalk\t900"]
+    assert hostprobe.medians("\n".join(lines)) == {
+        "loop": {5: 200, 6: 400},
+        "walk": {6: 900},
+    }
+    assert hostprobe.relative({5: 200, 6: 400, 7: 300}) == {5: 200 / 300, 6: 400 / 300, 7: 1.0}
+
+
+def test_spells_are_counted_by_their_length_in_consecutive_windows() -> None:
+    ratios = {1: 1.0, 2: 1.2, 3: 1.5, 4: 1.0, 5: 1.13, 7: 1.3, 8: 1.4, 9: 1.5}
+    # 2-3 (two windows), 5 (one: 6 is missing, so 7 starts another), 7-9 (three, at the end).
+    assert hostprobe.spells(ratios) == Counter({2: 1, 1: 1, 3: 1})
+    assert hostprobe.spells({1: 1.0, 2: 1.1}) == Counter()
+
+
+def test_a_summary_row_gives_percentiles_dear_windows_and_spells() -> None:
+    windows = {w: 1000.0 for w in range(96)}
+    windows.update({96: 1500.0, 97: 1500.0, 98: 1200.0, 99: 2000.0})
+    summary = hostprobe.summarize("loop", windows)
+    assert summary.windows == 100
+    assert summary.unit_us == 1.0
+    assert summary.percentiles[:3] == (1.0, 1.0, 1.0)
+    assert summary.percentiles[4] == 2.0
+    assert summary.dear == 4
+    assert summary.spells == Counter({4: 1})
+    assert summary.row().endswith("| 4 (4.0%) | 1 x 4 |")
+
+
+def test_together_counts_windows_dear_on_every_cpu_against_independence() -> None:
+    windows = set(range(10))
+    both, expected = hostprobe.together([{1, 2, 3, 4, 5}, {4, 5, 6, 7, 8}], windows)
+    assert (both, expected) == (2, 2.5)
+
+
+def test_a_probe_writes_timed_units_of_both_kinds(tmp_path: Path) -> None:
+    out = tmp_path / "units.tsv"
+    hostprobe.probe(out, seconds=0.2, duty=1.0)
+    per_kind = hostprobe.medians(out.read_text())
+    assert set(per_kind) == set(hostprobe.KINDS)
+    assert all(m > 0 for windows in per_kind.values() for m in windows.values())
