@@ -30,6 +30,9 @@ is its own (rusage of the child), PostgreSQL's is the embedded server's process 
 machine's is /proc/stat, with the part none of these used (`other`) and the hypervisor's
 steal. Nothing is pinned. Last, one closed-loop h2load run of a pre-serialized 1,000-item
 `AllocateBatch` (each item its own user id), counted in allocations per second.
+Before the runs and after them, bench/load/hostprobe.py times fixed work on each CPU for
+`--host-probe` seconds: the share of 100-ms windows in which the host made it dearer says how
+steady the CPUs were around the run (bench/RESULTS.md item 79).
 Server start and stop, the stores, the experiments and the process accounting are run.py's.
 The table goes to bench/RESULTS.md, section "Load with h2load (issue 10)".
 """
@@ -50,7 +53,7 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -58,6 +61,7 @@ from typing import Any, TypeVar
 import benchkit  # bench/load/benchkit.py
 import echo  # bench/load/echo.py
 import grpc
+import hostprobe  # bench/load/hostprobe.py
 import run  # bench/load/run.py: the ghz harness's helpers
 
 from allocsvc._proto import allocsvc_pb2 as pb
@@ -94,6 +98,8 @@ ROUNDS = 5  # --quick: 2
 # A bar taken from alternating rounds is judged on the median of at least this many uncontended
 # rounds: one calm round was enough to call a bar met in one run and missed in the next.
 MIN_CALM_ROUNDS = 3
+# hostprobe.py before and after the runs: each probe works this share of its CPU.
+PROBE_DUTY = 0.1
 OPENLOOP = Path(__file__).resolve().parent / "openloop"
 ECHO_RESPONSE = 5 + echo.ALLOCATION.ByteSize()  # echo's one answer in its gRPC frame
 ECHO_BATCH_RESPONSE = (
@@ -886,11 +892,29 @@ def bars(
     return lines
 
 
+def host_line(host: Sequence[tuple[str, Mapping[int, float]]], args: argparse.Namespace) -> str:
+    """What bench/load/hostprobe.py found of the host, when it ran (item 79: the CPUs of this VM
+    slow down in spells, and calls cost more in them)."""
+    if not host:
+        return ""
+    found = "; ".join(
+        f"{when}, {' / '.join(f'{share:.0%}' for share in shares.values())}"
+        for when, shares in host
+    )
+    cpus = " / ".join(str(cpu) for cpu in host[0][1])
+    return (
+        f" The host's CPUs ({cpus}), by `bench/load/hostprobe.py` for {args.host_probe:g} s: "
+        f"fixed work {hostprobe.SPELL_RATIO:g}x dearer or more in this share of 100-ms windows "
+        f"(bench/RESULTS.md item 79): {found}."
+    )
+
+
 def report(
     results: dict[str, list[dict[str, Any]]],
     alternating: list[dict[str, Any]],
     args: argparse.Namespace,
     started: str,
+    host: Sequence[tuple[str, Mapping[int, float]]] = (),
 ) -> str:
     echo = _best(results.get("echo", []))
     echo_batch = _batch(results.get("echo", []))
@@ -908,7 +932,7 @@ def report(
         "`steal` columns): ratios within this run matter most.** Before each measured run "
         f"the harness waits up to {args.quiet_wait:g} s for a second in which other work and "
         f"steal take at most {CONTENDED_CORES} cores; a bar whose runs had more taken is "
-        "reported but not judged.",
+        "reported but not judged." + host_line(host, args),
         "",
         f"Warm-up {args.warmup:g} s per setup, then {args.duration:g} s per concurrency "
         f"(h2load `-t 1`, {CONNECTIONS} connections x streams in flight on each; latencies "
@@ -1097,6 +1121,12 @@ def main() -> int:
         help=f"alternating closed-loop rounds over all setups (0: none; default {ROUNDS}, "
         "--quick 2)",
     )
+    parser.add_argument(
+        "--host-probe",
+        type=float,
+        default=20.0,
+        help="seconds of bench/load/hostprobe.py before the runs and after them (0: none)",
+    )
     parser.add_argument("--no-write", action="store_true", help="print only, leave RESULTS.md")
     args = parser.parse_args()
     if args.rounds is None:
@@ -1108,10 +1138,14 @@ def main() -> int:
     started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     args.h2load = find_h2load()
     results: dict[str, list[dict[str, Any]]] = {}
+    host: list[tuple[str, Mapping[int, float]]] = []
     with tempfile.TemporaryDirectory(prefix="allocsvc-h2load-") as tmp:
         workdir = Path(tmp)
         bodies = grpc_body(workdir)
         openloop = build_openloop(workdir)
+        if args.host_probe > 0:
+            print(f"the host: {args.host_probe:g} s of hostprobe.py", file=sys.stderr)
+            host.append(("before", hostprobe.dear_shares(workdir, args.host_probe, PROBE_DUTY)))
         with run.stores(workdir) as (postgres, _redis_url), contextlib.ExitStack() as up:
             # Every setup runs from the start (idle while another is measured), so that the
             # alternating rounds can go from one to the next.
@@ -1128,7 +1162,9 @@ def main() -> int:
                 results[name] = measure(args.h2load, openloop, target, bodies, args)
                 # Done with it: its idle process would only take memory from the next ones.
                 target.setup.stop()
-    text = report(results, alternating, args, started)
+        if args.host_probe > 0:
+            host.append(("after", hostprobe.dear_shares(workdir, args.host_probe, PROBE_DUTY)))
+    text = report(results, alternating, args, started, host)
     print(text)
     if not args.no_write:
         benchkit.write_section(SECTION, text)

@@ -168,6 +168,18 @@ HEADER = (
 )
 
 
+def dear_shares(work: Path, seconds: float, duty: float) -> dict[int, float]:
+    """Probes on every CPU for `seconds`: per CPU, the share of windows in which `loop` ran
+    `SPELL_RATIO` or more times its median (h2.py says so before and after its runs)."""
+    cpus = sorted(os.sched_getaffinity(0))
+    outs = probes(work, seconds, duty, cpus)
+    shares = {}
+    for cpu, out in outs.items():
+        ratios = relative(medians(out.read_text())["loop"])
+        shares[cpu] = sum(r >= SPELL_RATIO for r in ratios.values()) / len(ratios)
+    return shares
+
+
 def together(dear: list[set[int]], windows: set[int]) -> tuple[int, float]:
     """Windows dear on every CPU at once, and how many that would be were the CPUs independent."""
     both = len(windows.intersection(*dear))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+import os
 from collections import Counter
 from pathlib import Path
 
@@ -54,3 +56,22 @@ def test_a_probe_writes_timed_units_of_both_kinds(tmp_path: Path) -> None:
     per_kind = hostprobe.medians(out.read_text())
     assert set(per_kind) == set(hostprobe.KINDS)
     assert all(m > 0 for windows in per_kind.values() for m in windows.values())
+
+
+def test_the_dear_share_of_every_cpu_is_a_share_of_its_windows(tmp_path: Path) -> None:
+    shares = hostprobe.dear_shares(tmp_path, seconds=0.3, duty=0.5)
+    assert sorted(shares) == sorted(os.sched_getaffinity(0))
+    assert all(0.0 <= share <= 1.0 for share in shares.values())
+    assert {p.name for p in tmp_path.iterdir()} == {f"probe-{cpu}.tsv" for cpu in shares}
+
+
+def test_h2_says_what_the_probes_found_before_and_after_its_runs() -> None:
+    h2 = load_bench("bench_load_h2", "h2.py")
+    args = argparse.Namespace(host_probe=20.0)
+    assert h2.host_line([], args) == ""
+    line = h2.host_line([("before", {0: 0.073, 1: 0.115}), ("after", {0: 0.148, 1: 0.1})], args)
+    assert line == (
+        " The host's CPUs (0 / 1), by `bench/load/hostprobe.py` for 20 s: fixed work 1.13x "
+        "dearer or more in this share of 100-ms windows (bench/RESULTS.md item 79): before, "
+        "7% / 12%; after, 15% / 10%."
+    )
