@@ -62,7 +62,6 @@ STEADY_AFTER = 15
 MIN_SHARE = 0.25
 # Ranges of the host's slowdown of the main thread's CPUs in a window (the probe's ratio).
 SLOWDOWNS = ((0.0, 1.05), (1.05, 1.13), (1.13, 1.3), (1.3, float("inf")))
-PROBE_CPUS = (0, 1)
 SAMPLE = re.compile(r"^\s*\d+\s+(?:\[(\d+)\]\s+)?([\d.]+):")
 SETUPS = ("echo", "w1", "mem")
 
@@ -162,10 +161,9 @@ def measure(
     record += ["-k", "CLOCK_MONOTONIC", "-o", str(samples), "--"]
     span = args.seconds + WARMUP_S + 2
     perf = subprocess.Popen([*record, "sleep", str(span)])
+    cpus = sorted(os.sched_getaffinity(0)) if args.probe > 0 else []
     probing = [
-        hostprobe.start(work / f"{setup}-probe-{cpu}.tsv", span, args.probe, cpu)
-        for cpu in PROBE_CPUS
-        if args.probe > 0
+        hostprobe.start(work / f"{setup}-probe-{cpu}.tsv", span, args.probe, cpu) for cpu in cpus
     ]
     stop, resumed = threading.Event(), list[float]()
     pauser = threading.Thread(target=pauses, args=(pid, args, stop, resumed))
@@ -186,7 +184,7 @@ def measure(
         target.setup.stop()
     result = Run(resumed=[int(t * 1e9) // WINDOW_NS for t in resumed])
     result.add_series(series.read_text())
-    for cpu, process in zip(PROBE_CPUS, probing, strict=False):
+    for cpu, process in zip(cpus, probing, strict=True):
         if process.returncode != 0:
             raise RuntimeError(f"the probe on CPU {cpu} failed")
         units = (work / f"{setup}-probe-{cpu}.tsv").read_text()
