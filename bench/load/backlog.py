@@ -20,9 +20,9 @@ made from outside, and the windows are also grouped by the time since the last p
 while its queue drains, against windows 1.5 s or more after it.
 
 With `--probe`, bench/load/hostprobe.py's probes run beside the server, one pinned to each CPU,
-each working that share of it: per window, how much dearer than usual the probe's L1-bound
-unit ran on each CPU (the window's median over the run's), weighted by the main thread's samples
-on that CPU, says how slow the host made the CPUs the main thread ran on. The windows are also
+each working that share of it: per window, how much dearer than at its fastest the probe's
+L1-bound unit ran on each CPU (hostprobe's ratio), weighted by the main thread's samples on that
+CPU, says how slow the host made the CPUs the main thread ran on. The windows are also
 grouped by that: if the server's calls cost more where the probe's work does, the cause is
 below the server.
 

@@ -892,20 +892,23 @@ def bars(
     return lines
 
 
-def host_line(host: Sequence[tuple[str, Mapping[int, float]]], args: argparse.Namespace) -> str:
+def host_line(
+    host: Sequence[tuple[str, Mapping[int, tuple[float, float]]]], args: argparse.Namespace
+) -> str:
     """What bench/load/hostprobe.py found of the host, when it ran (item 79: the CPUs of this VM
     slow down in spells, and calls cost more in them)."""
     if not host:
         return ""
     found = "; ".join(
-        f"{when}, {' / '.join(f'{share:.0%}' for share in shares.values())}"
-        for when, shares in host
+        f"{when}, {' / '.join(f'{share:.0%}' for share, _ in state.values())} "
+        f"({' / '.join(f'{us:.0f}' for _, us in state.values())} µs)"
+        for when, state in host
     )
     cpus = " / ".join(str(cpu) for cpu in host[0][1])
     return (
         f" The host's CPUs ({cpus}), by `bench/load/hostprobe.py` for {args.host_probe:g} s: "
-        f"fixed work {hostprobe.SPELL_RATIO:g}x dearer or more in this share of 100-ms windows "
-        f"(bench/RESULTS.md item 79): {found}."
+        f"the share of 100-ms windows in which fixed work took {hostprobe.SPELL_RATIO:g}x its "
+        f"fastest or more (that fastest, µs a unit; bench/RESULTS.md item 79): {found}."
     )
 
 
@@ -914,7 +917,7 @@ def report(
     alternating: list[dict[str, Any]],
     args: argparse.Namespace,
     started: str,
-    host: Sequence[tuple[str, Mapping[int, float]]] = (),
+    host: Sequence[tuple[str, Mapping[int, tuple[float, float]]]] = (),
 ) -> str:
     echo = _best(results.get("echo", []))
     echo_batch = _batch(results.get("echo", []))
@@ -1138,14 +1141,14 @@ def main() -> int:
     started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     args.h2load = find_h2load()
     results: dict[str, list[dict[str, Any]]] = {}
-    host: list[tuple[str, Mapping[int, float]]] = []
+    host: list[tuple[str, Mapping[int, tuple[float, float]]]] = []
     with tempfile.TemporaryDirectory(prefix="allocsvc-h2load-") as tmp:
         workdir = Path(tmp)
         bodies = grpc_body(workdir)
         openloop = build_openloop(workdir)
         if args.host_probe > 0:
             print(f"the host: {args.host_probe:g} s of hostprobe.py", file=sys.stderr)
-            host.append(("before", hostprobe.dear_shares(workdir, args.host_probe, PROBE_DUTY)))
+            host.append(("before", hostprobe.host_state(workdir, args.host_probe, PROBE_DUTY)))
         with run.stores(workdir) as (postgres, _redis_url), contextlib.ExitStack() as up:
             # Every setup runs from the start (idle while another is measured), so that the
             # alternating rounds can go from one to the next.
@@ -1163,7 +1166,7 @@ def main() -> int:
                 # Done with it: its idle process would only take memory from the next ones.
                 target.setup.stop()
         if args.host_probe > 0:
-            host.append(("after", hostprobe.dear_shares(workdir, args.host_probe, PROBE_DUTY)))
+            host.append(("after", hostprobe.host_state(workdir, args.host_probe, PROBE_DUTY)))
     text = report(results, alternating, args, started, host)
     print(text)
     if not args.no_write:
