@@ -44,6 +44,7 @@ import tempfile
 import threading
 import time
 from collections import Counter, defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -199,15 +200,35 @@ def measure(
     return result
 
 
-def by_latency(setup: str, rate: float, result: Run, frequency: int) -> list[str]:
-    windows = result.windows(rate)
+def in_ranges(
+    setup: str,
+    rate: float,
+    result: Run,
+    frequency: int,
+    ranges: tuple[tuple[float, float], ...],
+    value: Callable[[int], float | None],
+    span: Callable[[float, float], str],
+) -> list[str]:
+    """The table's rows: `result`'s windows grouped by `value` of each (None: in no group) into
+    `ranges` (low inclusive, high not), each range labelled `span(low, high)`."""
+    values = {w: value(w) for w in result.windows(rate)}
     rows = []
-    for low, high in BINS:
-        these = [w for w in windows if low <= statistics.mean(result.latencies[w]) < high]
+    for low, high in ranges:
+        these = [w for w, v in values.items() if v is not None and low <= v < high]
         if these:
-            span = f"{low:g}-{high:g} ms" if high != float("inf") else f"{low:g} ms or more"
-            rows.append(f"| {setup} | {rate:,.0f} | {span} | " + result.row(these, frequency))
+            label = span(low, high)
+            rows.append(f"| {setup} | {rate:,.0f} | {label} | " + result.row(these, frequency))
     return rows
+
+
+def by_latency(setup: str, rate: float, result: Run, frequency: int) -> list[str]:
+    def span(low: float, high: float) -> str:
+        return f"{low:g}-{high:g} ms" if high != float("inf") else f"{low:g} ms or more"
+
+    def latency(w: int) -> float:
+        return statistics.mean(result.latencies[w])
+
+    return in_ranges(setup, rate, result, frequency, BINS, latency, span)
 
 
 def by_pause(setup: str, rate: float, result: Run, frequency: int) -> list[str]:
@@ -228,19 +249,10 @@ def by_pause(setup: str, rate: float, result: Run, frequency: int) -> list[str]:
 
 
 def by_host(setup: str, rate: float, result: Run, frequency: int) -> list[str]:
-    groups: dict[tuple[float, float], list[int]] = defaultdict(list)
-    for w in result.windows(rate):
-        slowdown = result.host_slowdown(w)
-        if slowdown is not None:
-            groups[next(b for b in SLOWDOWNS if b[0] <= slowdown < b[1])].append(w)
-    rows = []
-    for low, high in SLOWDOWNS:
-        if groups[low, high]:
-            span = f"{low:.2f}-{high:.2f}x" if high != float("inf") else f"{low:.2f}x or more"
-            rows.append(
-                f"| {setup} | {rate:,.0f} | {span} | " + result.row(groups[low, high], frequency)
-            )
-    return rows
+    def span(low: float, high: float) -> str:
+        return f"{low:.2f}-{high:.2f}x" if high != float("inf") else f"{low:.2f}x or more"
+
+    return in_ranges(setup, rate, result, frequency, SLOWDOWNS, result.host_slowdown, span)
 
 
 def main() -> int:
