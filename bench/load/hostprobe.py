@@ -3,16 +3,16 @@ spells in which every call of a server costs more?).
 
     python bench/load/hostprobe.py [--seconds 60] [--duty 0.1] [--cpus 0,1]
 
-On each of `--cpus` a probe process (pinned to it) runs two fixed units of Python work in turn,
-each timed by its thread's CPU clock (a wait for a core does not count): `loop`, dict updates
-on a few keys (a working set in L1), and `walk`, reading tuples at random out of about 20 MiB of
-them (past a core's L2, into the L3 the host shares). It works `--duty` of the time: after a
-pair of units it sleeps so long as they took, times (1 / duty - 1). Per 100 ms window, each
-kind's median CPU a unit, over the run's fastest: the first decile of those medians (the CPU at
-full speed; the run's median would hide a run slowed throughout, as at 17:13 UTC on 11-26, when
-`loop` took 532 µs a unit against 324-356 in the hour before). Printed per CPU and kind: that
-fastest, the windows' ratios to it (percentiles), the windows `SPELL_RATIO` or more above it,
-and how many windows in a row those come (spells); then how many windows were dear on every CPU
+On each of `--cpus` (by default every CPU the process may use) a probe process (pinned to it) runs
+two fixed units of Python work in turn, each timed by its thread's CPU clock (a wait for a core does
+not count): `loop`, dict updates on a few keys (a working set in L1), and `walk`, reading tuples at
+random out of about 20 MiB of them (past a core's L2, into the L3 the host shares). It works
+`--duty` of the time: after a pair of units it sleeps so long as they took, times (1 / duty - 1).
+Per 100 ms window, each kind's median CPU a unit, over the run's fastest: the first decile of those
+medians (the CPU at full speed; the run's median would hide a run slowed throughout, as at 17:13 UTC
+on 11-26, when `loop` took 532 µs a unit against 324-356 in the hour before). Printed per CPU and
+kind: that fastest, the windows' ratios to it (percentiles), the windows `SPELL_RATIO` or more above
+it, and how many windows in a row those come (spells); then how many windows were dear on every CPU
 at once.
 
 Item 78 of bench/RESULTS.md saw one worker's calls cost 13-30% more CPU for 0.1-0.4 s at a time,
@@ -39,7 +39,8 @@ from pathlib import Path
 
 WINDOW_NS = 100_000_000
 KINDS = ("loop", "walk")
-# A window whose median is this many times the run's is a dear one (item 78's lower bound).
+# A window whose median is this many times the run's fastest is a dear one (item 78's lower
+# bound).
 SPELL_RATIO = 1.13
 LOOP_ITERATIONS = 4_000
 WALK_TUPLES = 300_000
@@ -203,12 +204,12 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=60.0)
     parser.add_argument("--duty", type=float, default=0.1, help="share of a CPU each works")
-    parser.add_argument("--cpus", default="0,1", help="a probe on each of these CPUs")
+    parser.add_argument("--cpus", help="a probe on each of these CPUs (default: all it may use)")
     parser.add_argument("--child", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if not 0 < args.duty <= 1:
         raise SystemExit("--duty: more than 0, at most 1")
-    cpus = [int(c) for c in args.cpus.split(",")]
+    cpus = [int(c) for c in args.cpus.split(",")] if args.cpus else sorted(os.sched_getaffinity(0))
     if args.child is not None:
         probe(args.child, args.seconds, args.duty, cpus[0])
         return 0
