@@ -319,8 +319,8 @@ def test_metrics_report_cascade_usage_store_health_and_write_behind(
             assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
             time.sleep(0.2)
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-            admin = pb_grpc.AdminStub(channel)
-            allocator = pb_grpc.AllocatorStub(channel)
+            admin = pb_grpc.AdminStub(channel)  # type: ignore[no-untyped-call]
+            allocator = pb_grpc.AllocatorStub(channel)  # type: ignore[no-untyped-call]
             admin.CreateExperiment(
                 pb.CreateExperimentRequest(
                     experiment=pb.Experiment(

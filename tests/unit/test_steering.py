@@ -151,11 +151,26 @@ async def test_listening_fds_finds_a_server_groups_socket() -> None:
         await group.stop(0)
 
 
+def _two_slots() -> tuple[Steering, WorkerSlot, WorkerSlot]:
+    """Two workers of one socket each, sharing one steering."""
+    steering = Steering.for_workers(multiprocessing.get_context("spawn"), 2)
+    return steering, WorkerSlot(steering, 0, 1), WorkerSlot(steering, 1, 1)
+
+
+async def _second_busy(steering: Steering, first: WorkerSlot) -> None:
+    """Both workers' CPU published, then the second's raised by 2 s of CPU (a busy worker's,
+    set by hand) before the first worker's next tick, which steers by it."""
+    steering.cpu[1] = 1.0
+    await first.tick()  # both published: the next tick steers
+    steering.cpu[1] = 3.0
+    await asyncio.sleep(0.5)
+    await first.tick()
+
+
 async def test_worker_slots_take_turns_and_the_first_steers() -> None:
     """The second worker waits for the first to bind; the first attaches weights from the
     published CPU (here the second worker's figure raised by hand, as a busy worker's)."""
-    steering = Steering.for_workers(multiprocessing.get_context("spawn"), 2)
-    first, second = WorkerSlot(steering, 0, 1), WorkerSlot(steering, 1, 1)
+    steering, first, second = _two_slots()
     waiting = asyncio.create_task(asyncio.to_thread(second.my_turn))
     await asyncio.sleep(0.1)
     assert not waiting.done()
@@ -164,11 +179,7 @@ async def test_worker_slots_take_turns_and_the_first_steers() -> None:
         first.bound(port)
         await waiting
         second.bound(port)
-        steering.cpu[1] = 1.0
-        await first.tick()  # both published: the next tick steers
-        steering.cpu[1] = 3.0  # the second worker busy for 2 s of CPU since
-        await asyncio.sleep(0.5)
-        await first.tick()
+        await _second_busy(steering, first)
         seen = _accepted(socks, 40)
         assert seen[0] >= 30, seen  # 94% to the idle first worker: under 30 about 2 in 10^5
 
@@ -194,18 +205,13 @@ async def test_no_steering_when_another_socket_listens_on_the_port(
     port): the indices are not the workers', so the first worker leaves the group's program
     alone. Here that program sends everything to index 1; steered by the CPU below, 95% would
     go to index 0 instead."""
-    steering = Steering.for_workers(multiprocessing.get_context("spawn"), 2)
-    first, second = WorkerSlot(steering, 0, 1), WorkerSlot(steering, 1, 1)
+    steering, first, second = _two_slots()
     for socks in _group(3):
         port = socks[0].getsockname()[1]
         attach(socks[0], program([0, 1000], per_worker=1))
         first.bound(port)
         second.bound(port)
-        steering.cpu[1] = 1.0
-        await first.tick()
-        steering.cpu[1] = 3.0
-        await asyncio.sleep(0.5)
-        await first.tick()
+        await _second_busy(steering, first)
         await first.tick()
         assert "other sockets listen on the port" in caplog.text
         assert _accepted(socks, 40) == {1: 40}
