@@ -23,7 +23,6 @@ server at a time, on 127.0.0.1. Prints a markdown table.
 from __future__ import annotations
 
 import argparse
-import os
 import signal
 import sys
 import tempfile
@@ -48,8 +47,10 @@ def measure(
     message: Path,
 ) -> str:
     database = f"balance_{k}_{age.replace('.', '_')}_{steer}"
-    os.environ["ALLOCSVC_STEER_CONNECTIONS"] = "true" if steer == "on" else "false"
-    target = h2.start("w2", work, postgres, database=database, connection_age=float(age))
+    steering = {"ALLOCSVC_STEER_CONNECTIONS": "true" if steer == "on" else "false"}
+    target = h2.start(
+        "w2", work, postgres, database=database, connection_age=float(age), settings=steering
+    )
     try:
         shape = h2.Shape(args.conns, 0, rate=args.rate)
         r = h2.run_openloop(openloop, target, message, shape, args.seconds, WARMUP_S)

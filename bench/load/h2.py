@@ -1064,11 +1064,13 @@ def start(
     database: str = "",
     redis: str = "",
     connection_age: float | None = None,
+    settings: Mapping[str, str] | None = None,
 ) -> Target:
     """Start a setup and make it ready to measure (experiments created, metrics up); `w1` and
     `w2` on their own database of `postgres` (`database`, else one named after the setup),
     sharing state through `redis` when given; `connection_age`: the servers'
-    `max_connection_age` (None: 0 for one worker, `TWO_WORKER_AGE_S` for two)."""
+    `max_connection_age` (None: 0 for one worker, `TWO_WORKER_AGE_S` for two); `settings`:
+    more of allocsvc's settings, as `ALLOCSVC_` environment variables."""
     pg_dir = None if postgres is None else Path(postgres.data_dir)
     if name == "echo":
         return Target(run.start_echo(workdir), [], workdir, pg_dir)
@@ -1087,6 +1089,7 @@ def start(
         metrics_port=first,
         connection_age=connection_age,
         max_unexpanded=None if name == "mem" else BENCH_MAX_UNEXPANDED,
+        settings=settings,
     )
     target = Target(setup, list(range(first, first + workers)), workdir, pg_dir)
     try:

@@ -32,7 +32,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -205,13 +205,15 @@ def start_allocsvc(
     max_unexpanded: int | None = None,
     wrap: Sequence[str] = (),
     start_s: float = 90,
+    settings: Mapping[str, str] | None = None,
 ) -> Setup:
     """`dsn` "": serve from memory only (`--in-memory`: no PostgreSQL, no write-behind).
     `metrics_port`: serve Prometheus metrics there (each worker on the next port up).
     `connection_age`: the servers' `max_connection_age`, `max_unexpanded`: their
     `backpressure.max_unexpanded_assignments` (None: their defaults). `wrap`: a command each
-    server runs under (a profiler), `start_s`: how long each may take to serve."""
-    env = server_env(event_loop, connection_age, max_unexpanded)
+    server runs under (a profiler), `start_s`: how long each may take to serve. `settings`:
+    more of the servers' settings, as `ALLOCSVC_` environment variables."""
+    env = {**server_env(event_loop, connection_age, max_unexpanded), **(settings or {})}
     setup = Setup(name, _free_port())
     for i in range(replicas):
         args = [*wrap, sys.executable, "-m", "allocsvc", "serve", "--port", str(setup.port)]
