@@ -352,6 +352,17 @@ class Settings(BaseSettings):
     data_dir: Path = Path("allocsvc-data")
     migrate: bool = True
     in_memory: bool = Field(False, description="keep all state in the process (tests, demos)")
+    # Seconds between write-behind flushes: answered assignments, their counts and traffic go
+    # to PostgreSQL in one transaction each interval, so a crash of the process (not a stop,
+    # which flushes everything) loses at most that much of them; conversions are written
+    # before they are answered, whatever this is. Each flush costs PostgreSQL CPU beside the
+    # event loop: on the 2-core bench, durable unary calls ran at 0.96-0.98 of a server without
+    # PostgreSQL with a flush every 1 s, 0.92 every 0.1 s (bench/RESULTS.md items 67, 80). Keep
+    # backpressure.max_pending_assignments above what an interval of your peak rate allocates,
+    # or allocations are refused between flushes.
+    write_behind_interval: float = Field(
+        0.1, gt=0, le=60, description="seconds between write-behind flushes (a crash's window)"
+    )
 
     auth: AuthSettings = AuthSettings()
     tls: TlsSettings = TlsSettings()

@@ -144,6 +144,7 @@ async def open_stores(settings: Settings, namespace: str = "allocsvc") -> Stores
     store = await PostgresStore.connect(dsn, min_size=2, max_size=8)
     journal = PostgresJournal(
         store,
+        flush_interval=settings.write_behind_interval,
         max_pending_assignments=settings.backpressure.max_pending_assignments,
         max_pending_conversions=settings.backpressure.max_pending_conversions,
         max_unexpanded_assignments=settings.backpressure.max_unexpanded_assignments,

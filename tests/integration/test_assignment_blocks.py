@@ -361,6 +361,22 @@ async def test_no_block_is_expanded_while_some_process_writes_blocks(
     assert len(await assignment_rows(migrated_db, HELD_COLUMNS)) == USERS
 
 
+async def test_a_long_flush_interval_still_looks_for_blocks_and_leaves_fresh_ones(
+    store: PostgresStore, migrated_db: str
+) -> None:
+    # At a minute between flushes (`write_behind_interval`) the expander still looks every
+    # tenth of a second, and a block written just now is left, however short `block_quiet_s`:
+    # under load blocks come one a flush interval, so it waits two.
+    writer = PostgresJournal(store, block_min_rows=100)
+    _allocate(await batch_service(writer), range(USERS))
+    await writer.flush()
+    slow = PostgresJournal(store, flush_interval=60, block_quiet_s=0.0)
+    await _expanding(slow, lambda: slow.stats.unexpanded_assignments == USERS)
+    assert slow.stats.unexpanded_assignments == USERS
+    assert slow.stats.assignments_expanded == 0
+    assert await _blocks(migrated_db) == [USERS]
+
+
 async def test_the_latest_is_the_one_made_last_though_an_older_one_was_in_a_block(
     store: PostgresStore, migrated_db: str
 ) -> None:

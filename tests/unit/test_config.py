@@ -45,6 +45,8 @@ def test_settings_survive_pickling_to_worker_processes(tmp_path: Path) -> None:
         ("", {"workers": 0}, "workers"),
         ("colour: blue\n", {}, "colour"),
         ("- 1\n- 2\n", {}, "mapping"),
+        ("write_behind_interval: 0\n", {}, "write_behind_interval"),
+        ("write_behind_interval: 61\n", {}, "write_behind_interval"),
     ],
 )
 def test_errors_name_the_setting(

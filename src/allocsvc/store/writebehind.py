@@ -2,8 +2,8 @@
 group-committed.
 
 - Assignments and allocation counts are buffered in memory and flushed in batches at least
-  every `flush_interval` (100 ms by default). A crash loses at most that window of them; they
-  were never promised durable.
+  every `flush_interval` (the server's `write_behind_interval`, 100 ms by default). A crash
+  loses at most that window of them; they were never promised durable.
 - A conversion is acknowledged only after the transaction that stores it (and increments its
   counters at every level of its path) has committed. Concurrent conversions wait together on
   one transaction a few milliseconds long (group commit). The unique (assignment, idempotency
@@ -75,8 +75,11 @@ from allocsvc.tasks.scheduler import stop_tasks
 log = logging.getLogger(__name__)
 _T = TypeVar("_T")
 
-# The expander looks for other processes' blocks every this many flush intervals, and waits
-# this long after a failed expansion.
+# The expander's tick: the flush interval, at most this (a longer `write_behind_interval`
+# widens what a crash may lose, not how soon blocks are expanded).
+_EXPAND_TICK_S = 0.1
+# The expander looks for other processes' blocks every this many ticks, and waits this long
+# after a failed expansion.
 _BLOCK_LOOK_TICKS = 50
 _BLOCK_RETRY_S = 1.0
 # Assignments per block, about (a batch's are not split): a lookup of a user in a block reads
@@ -383,9 +386,10 @@ class PostgresJournal:
     ) -> None:
         # A flush of at least `block_min_rows` assignments writes them as blocks of about
         # `block_max_rows` while blocks hold fewer than `max_unexpanded_assignments` (0: never).
-        # Blocks are expanded once none was written for `block_quiet_s`.
+        # Blocks are expanded once none was written for `block_quiet_s`, and never sooner than
+        # two flush intervals (blocks under load come one an interval).
         self._block_min_rows = max(1, block_min_rows)
-        self._block_quiet_s = block_quiet_s
+        self._block_quiet_s = max(block_quiet_s, 2 * flush_interval)
         self._block_max_rows = max(1, block_max_rows)
         self._max_unexpanded = max_unexpanded_assignments
         self._last_flush_block = False
@@ -788,9 +792,10 @@ class PostgresJournal:
         process knows of none."""
         idle = _BLOCK_LOOK_TICKS
         expanded = 0
+        tick = min(self._flush_interval, _EXPAND_TICK_S)
         while True:
             # At once again after a block: blocks are small (BLOCK_MAX_ROWS), the backlog not.
-            await asyncio.sleep(0 if expanded else self._flush_interval)
+            await asyncio.sleep(0 if expanded else tick)
             expanded = 0
             if self._last_flush_block:
                 continue
