@@ -340,6 +340,14 @@ async def _expanding(journal: PostgresJournal, done: Callable[[], bool]) -> None
         await journal.close()
 
 
+async def _looks_and_leaves_it(journal: PostgresJournal, dsn: str) -> None:
+    """`journal`'s expander finds the one block of USERS assignments and leaves it."""
+    await _expanding(journal, lambda: journal.stats.unexpanded_assignments == USERS)
+    assert journal.stats.unexpanded_assignments == USERS
+    assert journal.stats.assignments_expanded == 0
+    assert await _blocks(dsn) == [USERS]
+
+
 async def test_no_block_is_expanded_while_some_process_writes_blocks(
     store: PostgresStore, migrated_db: str
 ) -> None:
@@ -349,32 +357,20 @@ async def test_no_block_is_expanded_while_some_process_writes_blocks(
     _allocate(await batch_service(writer), range(USERS))
     await writer.flush()
     assert writer.stats.blocks_written == 1
-    idle = PostgresJournal(store, flush_interval=0.01, block_quiet_s=3600)
-    await _expanding(idle, lambda: idle.stats.unexpanded_assignments == USERS)
-    assert idle.stats.unexpanded_assignments == USERS  # it looked, and left the block
-    assert idle.stats.assignments_expanded == 0
-    assert await _blocks(migrated_db) == [USERS]
+    await _looks_and_leaves_it(
+        PostgresJournal(store, flush_interval=0.01, block_quiet_s=3600), migrated_db
+    )
+    # At a minute between flushes (`write_behind_interval`) the expander still looks every
+    # tenth of a second, and leaves the block however short `block_quiet_s`: under load
+    # blocks come one a flush interval, so it waits two.
+    await _looks_and_leaves_it(
+        PostgresJournal(store, flush_interval=60, block_quiet_s=0.0), migrated_db
+    )
     later = PostgresJournal(store, flush_interval=0.01, block_quiet_s=0.0)
     await _expanding(later, lambda: later.stats.assignments_expanded == USERS)
     assert later.stats.assignments_expanded == USERS
     assert await _blocks(migrated_db) == []
     assert len(await assignment_rows(migrated_db, HELD_COLUMNS)) == USERS
-
-
-async def test_a_long_flush_interval_still_looks_for_blocks_and_leaves_fresh_ones(
-    store: PostgresStore, migrated_db: str
-) -> None:
-    # At a minute between flushes (`write_behind_interval`) the expander still looks every
-    # tenth of a second, and a block written just now is left, however short `block_quiet_s`:
-    # under load blocks come one a flush interval, so it waits two.
-    writer = PostgresJournal(store, block_min_rows=100)
-    _allocate(await batch_service(writer), range(USERS))
-    await writer.flush()
-    slow = PostgresJournal(store, flush_interval=60, block_quiet_s=0.0)
-    await _expanding(slow, lambda: slow.stats.unexpanded_assignments == USERS)
-    assert slow.stats.unexpanded_assignments == USERS
-    assert slow.stats.assignments_expanded == 0
-    assert await _blocks(migrated_db) == [USERS]
 
 
 async def test_the_latest_is_the_one_made_last_though_an_older_one_was_in_a_block(
