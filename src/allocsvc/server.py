@@ -452,9 +452,12 @@ async def stop(running: Running, grace: float) -> None:
 
 def dump_tasks() -> None:
     """Log every asyncio task of this loop with the stack it waits in (on SIGUSR1): what to
-    read when the server does not answer or does not stop."""
-    for task in asyncio.all_tasks():
+    read when the server does not answer or does not stop. A last line, "tasks logged", says
+    the list is whole."""
+    tasks = asyncio.all_tasks()
+    for task in tasks:
         log.warning("task", extra={"task": task.get_name(), "awaiting": _await_chain(task)})
+    log.warning("tasks logged", extra={"tasks": len(tasks)})
 
 
 def _await_chain(task: asyncio.Task[Any]) -> list[str]:

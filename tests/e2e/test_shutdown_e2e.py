@@ -88,8 +88,10 @@ def test_sigusr1_logs_where_tasks_wait_and_a_stop_names_its_steps(
     server = launcher.start("--postgres-dsn", fresh_db, "--seed", "5")
     server.create_experiment(Server.experiment("dump"))
     server.process.send_signal(signal.SIGUSR1)
-    wait_for("the task dump", lambda: len(server.logged("task")) > 1, timeout=RPC_TIMEOUT_S)
+    # The dump's lines are written one by one: read them once its last line says it is whole.
+    wait_for("the task dump", lambda: server.logged("tasks logged"), timeout=RPC_TIMEOUT_S)
     tasks = server.logged("task")
+    assert len(tasks) == server.logged("tasks logged")[0]["tasks"], tasks
     # The main task waits for the stop signal, in serve_until_signalled (under uvloop's own
     # wrapper coroutine: the whole chain of awaits is logged).
     assert any("in serve_until_signalled" in str(t["awaiting"]) for t in tasks), tasks
