@@ -159,7 +159,12 @@ class Summary:
 def summarize(kind: str, windows: dict[int, float]) -> Summary:
     ratios = relative(windows)
     ordered = sorted(ratios.values())
-    cuts = statistics.quantiles(ordered, n=100, method="inclusive")
+    # (quantiles needs two windows; one is every percentile of itself)
+    cuts = (
+        statistics.quantiles(ordered, n=100, method="inclusive")
+        if len(ordered) > 1
+        else ordered * 99
+    )
     return Summary(
         kind=kind,
         windows=len(ordered),
@@ -185,9 +190,8 @@ def host_state(work: Path, seconds: float, duty: float) -> dict[int, tuple[float
     outs = probes(work, seconds, duty, cpus)
     state = {}
     for cpu, out in outs.items():
-        windows = medians(out.read_text())["loop"]
-        ratios = relative(windows).values()
-        state[cpu] = (sum(r >= SPELL_RATIO for r in ratios) / len(ratios), fastest(windows) / 1000)
+        loop = summarize("loop", medians(out.read_text())["loop"])
+        state[cpu] = (loop.dear / loop.windows, loop.unit_us)
     return state
 
 

@@ -50,6 +50,9 @@ def test_a_summary_row_gives_percentiles_dear_windows_and_spells() -> None:
     assert summary.dear == 4
     assert summary.spells == Counter({4: 1})
     assert summary.row().endswith("| 4 (4.0%) | 1 x 4 |")
+    # One window (a probe of a tenth of a second) is each of its percentiles.
+    alone = hostprobe.summarize("loop", {3: 500.0})
+    assert (alone.windows, alone.unit_us, alone.percentiles) == (1, 0.5, (1.0,) * 4)
 
 
 def test_together_counts_windows_dear_on_every_cpu_against_independence() -> None:
