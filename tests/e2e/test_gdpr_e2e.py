@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,7 +13,7 @@ import asyncpg
 import grpc
 import pytest
 import redis
-from e2e_support import launch_process, stop_process
+from e2e_support import launch_process, query, stop_process, wait_for
 
 from allocsvc._proto import allocsvc_pb2 as pb
 from allocsvc._proto import allocsvc_pb2_grpc as pb_grpc
@@ -119,8 +118,14 @@ def test_export_then_erase_leaves_no_trace(
     allocator.RecordConversion(
         pb.RecordConversionRequest(assignment_id=first[("gdpr-a", OTHER)]), timeout=RPC_TIMEOUT_S
     )
-    # Let the write-behind put the assignments in PostgreSQL.
-    time.sleep(1.0)
+    # The write-behind puts the four assignments in PostgreSQL, with their allocation counts
+    # in the same flush: waited for, as a fixed sleep may end first on a loaded machine.
+    stored = "SELECT count(*) FROM assignments WHERE user_id = ANY($1::text[])"
+    wait_for(
+        "the write-behind of the assignments",
+        lambda: query(dsn, stored, [USER, OTHER])[0][0] == 4,
+        timeout=30,
+    )
 
     async def rows_before() -> tuple[list[str], list[int], int]:
         conn = await asyncpg.connect(dsn)

@@ -12,7 +12,7 @@ from pathlib import Path
 import grpc
 import pytest
 import redis
-from e2e_support import fetch, launch_process, stop_process
+from e2e_support import fetch, launch_process, stop_process, wait_for
 
 from allocsvc._proto import allocsvc_pb2 as pb
 from allocsvc._proto import allocsvc_pb2_grpc as pb_grpc
@@ -136,6 +136,15 @@ def test_routing_and_sync(
             )
             return {r[0] for r in rows}
 
+        # Each region's write-behind may take longer than the sleep on a loaded machine.
+        wait_for(
+            "every user written in its region",
+            lambda: (
+                {f"US-{i}" for i in range(30)} <= users(us_dsn)
+                and {f"DE-{i}" for i in range(30)} <= users(eu_dsn)
+            ),
+            20,
+        )
         us_users, eu_users = users(us_dsn), users(eu_dsn)
         assert {u for u in us_users if u.startswith("US-")} == {f"US-{i}" for i in range(30)}
         assert {u for u in eu_users if u.startswith("DE-")} == {f"DE-{i}" for i in range(30)}

@@ -51,7 +51,11 @@ async def test_lookups_made_during_a_round_wait_for_the_next_one_together() -> N
     table.release.clear()
     rounds: Rounds[int, str, str] = Rounds(table.look_up)
     first = asyncio.create_task(rounds.find(1, ["ann"]))
-    await asyncio.sleep(0.01)
+    # The lookup starts a few loop turns later: waited for, since a sleep of 10 ms could end
+    # first on a loop held up that long.
+    async with asyncio.timeout(10):
+        while not table.calls:
+            await asyncio.sleep(0.001)
     assert table.calls == [(1, ["ann"])]
     later = [asyncio.create_task(rounds.find(1, [u])) for u in ("bob", "cat", "ann")]
     await asyncio.sleep(0.01)

@@ -14,9 +14,11 @@ pytestmark = pytest.mark.unit
 
 async def test_stop_ends_a_job_that_swallows_one_cancellation() -> None:
     swallowed: list[int] = []
+    running = asyncio.Event()
 
     async def stubborn() -> None:
         try:
+            running.set()
             await asyncio.sleep(3600)
         except asyncio.CancelledError:
             if swallowed:
@@ -27,7 +29,9 @@ async def test_stop_ends_a_job_that_swallows_one_cancellation() -> None:
 
     scheduler = Scheduler()
     scheduler.every("stubborn", 0.001, stubborn)
-    await asyncio.sleep(0.05)
+    # Stopped once the job runs (a sleep could end first on a loop held up that long: the stop
+    # would then cancel the wait before the job, which swallows nothing).
+    await asyncio.wait_for(running.wait(), timeout=30)
     # Waited on, not cancelled from outside: a stop that hangs stays pending (30 s is only
     # the bound of a hang, a stop takes about a second here).
     stopping = asyncio.create_task(scheduler.stop())

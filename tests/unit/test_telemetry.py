@@ -35,6 +35,10 @@ pytestmark = pytest.mark.unit
 
 SERVICE = "test.Gated"
 METHOD = f"/{SERVICE}/Echo"
+# The deadline of the call `_Busy` holds the loop past. Long enough for the call to reach the
+# handler on a loaded machine: a call still unsent at its deadline never reaches the server,
+# whose wrapper then counts nothing.
+BUSY_DEADLINE_S = 0.5
 
 
 async def _echo(request: bytes, context: grpc.aio.ServicerContext[bytes, bytes]) -> bytes:
@@ -104,9 +108,9 @@ class _Busy:
     async def refuse(
         self, request: bytes, context: grpc.aio.ServicerContext[bytes, bytes]
     ) -> bytes:
-        # Work that holds the event loop (as Rust's does) while the client's deadline passes;
-        # then a refusal, which can no longer be sent.
-        time.sleep(0.3)
+        # Work that holds the event loop (as Rust's does) while the client's deadline
+        # (BUSY_DEADLINE_S) passes; then a refusal, which can no longer be sent.
+        time.sleep(BUSY_DEADLINE_S + 0.25)
         raise ResourceExhausted("write-behind buffer full")
 
 
@@ -348,7 +352,7 @@ async def test_a_failure_is_logged_and_a_call_gone_under_its_handler_is_not_unkn
     # handler failure (UNKNOWN, as it was), and logs no traceback.
     with caplog.at_level(logging.ERROR, logger="allocsvc.api.telemetry"):
         with pytest.raises(grpc.aio.AioRpcError) as late:
-            await channel.unary_unary(f"/{SERVICE}/Busy", None, None)(b"", timeout=0.05)
+            await channel.unary_unary(f"/{SERVICE}/Busy", None, None)(b"", timeout=BUSY_DEADLINE_S)
         assert late.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
         assert await _counted(metrics, "Busy", "DEADLINE_EXCEEDED", 1) == 1
     assert _count(metrics, "Busy", "UNKNOWN") == 0
