@@ -41,6 +41,9 @@ from allocsvc._proto import allocsvc_pb2_grpc as pb_grpc
 START_TIMEOUT_S = 30.0
 STOP_TIMEOUT_S = 20.0
 RPC_TIMEOUT_S = 30.0
+# How long a test waits for another replica to know a new experiment: it reads experiments at
+# its next poll (1 s), so this only bounds a wait on a loaded machine.
+SEEN_S = 10.0
 LOG_TAIL_CHARS = 20_000
 SERVE = (sys.executable, "-m", "allocsvc", "serve", "--host", "127.0.0.1", "--port", "0")
 _LOG_NUMBERS = itertools.count()
@@ -190,6 +193,18 @@ class Server:
         return self.admin.CreateExperiment(
             pb.CreateExperimentRequest(experiment=experiment), timeout=RPC_TIMEOUT_S
         )
+
+    def knows(self, experiment_id: str) -> bool:
+        """Whether this server knows the experiment yet (NOT_FOUND, or no answer within 5 s on a
+        loaded machine, is "not yet"; any other failure raises)."""
+        request = pb.GetExperimentRequest(experiment_id=experiment_id)
+        try:
+            self.admin.GetExperiment(request, timeout=5.0)
+        except grpc.RpcError as exc:
+            if exc.code() in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.DEADLINE_EXCEEDED):
+                return False
+            raise
+        return True
 
 
 class Launcher:

@@ -30,14 +30,6 @@ def allocate(server: Server, experiment: str, user: str) -> pb.AllocateResponse:
     )
 
 
-def knows(server: Server, key: str) -> bool:
-    try:
-        server.admin.GetExperiment(pb.GetExperimentRequest(experiment_id=key), timeout=1.0)
-    except Exception:
-        return False
-    return True
-
-
 def rows_of(dsn: str, user: str) -> int:
     return int(query(dsn, "SELECT count(*) FROM assignments WHERE user_id = $1", user)[0][0])
 
@@ -51,7 +43,7 @@ def test_erasure_on_one_replica_reaches_the_other(
     a.create_experiment(Server.experiment("erase-sticky"))
     a.create_experiment(Server.experiment("erase-plain", sticky=False))
     for key in ("erase-sticky", "erase-plain"):
-        wait_for(f"replica B sees {key!r}", lambda k=key: knows(b, k), timeout=PROPAGATION_S)
+        wait_for(f"replica B sees {key!r}", lambda k=key: b.knows(k), timeout=PROPAGATION_S)
 
     # Both users sticky on both replicas: B holds A's assignments in its memory.
     first = {u: allocate(a, "erase-sticky", u) for u in (USER, OTHER)}

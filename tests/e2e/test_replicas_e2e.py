@@ -22,7 +22,7 @@ from counters_support import (
     experiment,
     global_counts,
 )
-from e2e_support import Launcher, Server, query, wait_for
+from e2e_support import SEEN_S, Launcher, Server, query, wait_for
 
 from allocsvc._proto import allocsvc_pb2 as pb
 
@@ -47,16 +47,6 @@ def allocate_many(server: Server, key: str, users: list[str]) -> list[Any]:
     return [r.allocation for r in reply.results]
 
 
-def knows(server: Server, key: str) -> bool:
-    try:
-        server.admin.GetExperiment(pb.GetExperimentRequest(experiment_id=key), timeout=1.0)
-    except grpc.RpcError as exc:
-        if exc.code() is grpc.StatusCode.NOT_FOUND:
-            return False
-        raise
-    return True
-
-
 def test_two_replicas_share_learning_sticky_assignments_and_counts(
     fresh_db: str, fresh_redis: str, launcher: Launcher
 ) -> None:
@@ -68,8 +58,8 @@ def test_two_replicas_share_learning_sticky_assignments_and_counts(
         experiment("sticky", ("A", "B", "C"), segment_by=("source", "device")),
         timeout=RPC_TIMEOUT_S,
     )
-    wait_for("replica two sees 'shared'", lambda: knows(two, "shared"), timeout=3)
-    wait_for("replica one sees 'sticky'", lambda: knows(one, "sticky"), timeout=3)
+    wait_for("replica two sees 'shared'", lambda: two.knows("shared"), timeout=SEEN_S)
+    wait_for("replica one sees 'sticky'", lambda: one.knows("sticky"), timeout=SEEN_S)
 
     # Sticky: a user first seen by one replica gets the same assignment from the other.
     for i in range(60):
@@ -154,7 +144,7 @@ def test_a_conversion_by_id_finds_another_replica_s_assignment_redis_does_not_ho
     # dropped its unpushed records): the replica converting it finds it in PostgreSQL.
     one, two = launcher.start_together(2, "--postgres-dsn", fresh_db, "--redis-url", fresh_redis)
     one.admin.CreateExperiment(experiment("byid", ("A", "B")), timeout=RPC_TIMEOUT_S)
-    wait_for("replica two sees 'byid'", lambda: knows(two, "byid"), timeout=3)
+    wait_for("replica two sees 'byid'", lambda: two.knows("byid"), timeout=SEEN_S)
     made = allocate_many(one, "byid", [f"byid-{i}" for i in range(3)])
     ids = [a.assignment_id for a in made]
     client = redis.Redis.from_url(fresh_redis)

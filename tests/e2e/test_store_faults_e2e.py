@@ -24,7 +24,7 @@ from pathlib import Path
 import grpc
 import pytest
 import redis
-from e2e_support import Launcher, Server, free_port, query, wait_for
+from e2e_support import SEEN_S, Launcher, Server, free_port, query, wait_for
 from grpc_health.v1 import health_pb2
 
 from allocsvc._proto import allocsvc_pb2 as pb
@@ -65,16 +65,6 @@ def create_experiment(server: Server, key: str) -> None:
         ),
         timeout=RPC_TIMEOUT_S,
     )
-
-
-def knows(server: Server, key: str) -> bool:
-    try:
-        server.admin.GetExperiment(pb.GetExperimentRequest(experiment_id=key), timeout=1.0)
-    except grpc.RpcError as exc:
-        if exc.code() is grpc.StatusCode.NOT_FOUND:
-            return False
-        raise
-    return True
 
 
 # Load ---------------------------------------------------------------------------------------
@@ -311,7 +301,7 @@ def test_redis_killed_and_restarted_under_load(
     for server in servers:
         assert health_status(server, REDIS_HEALTH) == SERVING
     create_experiment(servers[0], "outage")
-    wait_for("replica two sees the experiment", lambda: knows(servers[1], "outage"), timeout=3)
+    wait_for("replica two sees the experiment", lambda: servers[1].knows("outage"), timeout=SEEN_S)
     load = Load("outage", servers)
     load.start()
     try:
@@ -436,7 +426,7 @@ def test_postgres_stopped_and_started_under_load(
     dsn = own_postgres.dsn
     servers = launcher.start_together(2, "--postgres-dsn", dsn)
     create_experiment(servers[0], "outage")
-    wait_for("replica two sees the experiment", lambda: knows(servers[1], "outage"), timeout=3)
+    wait_for("replica two sees the experiment", lambda: servers[1].knows("outage"), timeout=SEEN_S)
     load = Load("outage", servers)
     load.start()
     try:
@@ -474,6 +464,6 @@ def test_postgres_stopped_and_started_under_load(
     assert_written_behind(dsn, "outage", load.new_assignments())
     # The replicas still pick up each other's experiments.
     create_experiment(servers[0], "after-outage")
-    wait_for("replica two sees a new experiment", lambda: knows(servers[1], "after-outage"), 3)
+    wait_for("replica two sees a new experiment", lambda: servers[1].knows("after-outage"), SEEN_S)
     for server in servers:
         assert server.stop() == 0
