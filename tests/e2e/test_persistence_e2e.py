@@ -180,7 +180,10 @@ def _blocked_rows(dsn: str) -> int:
 def test_a_restart_under_batch_load_reads_the_blocks_without_expanding_them(
     fresh_db: str, launcher: Launcher
 ) -> None:
-    first = launcher.start("--postgres-dsn", fresh_db)
+    # Flushes every 2 s, so a process expands blocks only after 4 s with none written: time
+    # enough to kill it with its block unexpanded on a loaded machine (at the default 0.1 s
+    # the quiet is 1 s, which the wait for the rows below could use up).
+    first = launcher.start("--postgres-dsn", fresh_db, env={"ALLOCSVC_WRITE_BEHIND_INTERVAL": "2"})
     request = experiment("batched", ("A", "B", "C"))
     request.experiment.sticky = True
     first.admin.CreateExperiment(request, timeout=RPC_TIMEOUT_S)
@@ -202,8 +205,7 @@ def test_a_restart_under_batch_load_reads_the_blocks_without_expanding_them(
 
     # Bursts of 24 batches of 1,000 at once (made beforehand, so that they arrive within a
     # flush interval or two), until a write-behind flush took 10,000 or more and wrote them as
-    # a block; killed at once once the rows stored caught up with the answers (a process
-    # expands blocks only after a second with none written).
+    # a block; killed at once once the rows stored caught up with the answers.
     for burst in range(8):
         parts = [[f"b{burst}-{k}-{i}" for i in range(1000)] for k in range(24)]
         threads = [threading.Thread(target=send, args=(p, batch_request(p))) for p in parts]
