@@ -18,6 +18,7 @@ from typing import Any
 
 import grpc
 import pytest
+from e2e_support import wait_for
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 pytestmark = pytest.mark.e2e
@@ -149,12 +150,12 @@ def _rpcs_by_worker(metrics_port: int, method: str) -> list[float]:
 def _rpcs_counted(metrics_port: int, method: str, calls: int) -> list[float]:
     """`_rpcs_by_worker`, once the workers' counts add up to `calls` (a bounded wait): a call's
     status reaches the client before the server's telemetry wrapper has counted it."""
-    deadline = time.monotonic() + 30
-    while sum(counted := _rpcs_by_worker(metrics_port, method)) < calls:
-        if time.monotonic() > deadline:
-            break
-        time.sleep(0.05)
-    return counted
+    wait_for(
+        f"{calls} {method} calls counted",
+        lambda: sum(_rpcs_by_worker(metrics_port, method)) >= calls,
+        timeout=30,
+    )
+    return _rpcs_by_worker(metrics_port, method)
 
 
 @pytest.mark.parametrize("age", ["0.25", "0"])
